@@ -1,0 +1,240 @@
+"""Episode store: round trips, atomicity, corruption handling, clip windows, sampler."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from worldmodel.store import (
+    ActionSpec,
+    ClipDataset,
+    EpisodeStore,
+    SeededSampler,
+    StoreError,
+    StoreWriter,
+)
+
+OBS = (8, 8, 3)
+
+
+def _episode(rng: np.random.Generator, T: int, spec: ActionSpec) -> dict:
+    d = {"frames": rng.integers(0, 256, (T, *OBS), dtype=np.uint8),
+         "rewards": rng.normal(size=T - 1).astype(np.float32),
+         "terminated": np.zeros(T - 1, bool)}
+    if T > 1:
+        d["terminated"][-1] = True
+    if spec.kind == "discrete":
+        d["actions"] = rng.integers(0, spec.n, T - 1)
+    elif spec.kind == "continuous":
+        d["actions"] = rng.normal(size=(T - 1, spec.dim)).astype(np.float32)
+    return d
+
+
+SPECS = {"discrete": ActionSpec.discrete(5), "continuous": ActionSpec.continuous(4, low=[-1] * 4, high=[1] * 4),
+         "none": ActionSpec.none()}
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
+def test_round_trip(tmp_path, kind):
+    spec = SPECS[kind]
+    rng = np.random.default_rng(0)
+    eps = [_episode(rng, T, spec) for T in (5, 9, 1, 12)]
+    with StoreWriter(tmp_path, source="test", obs_shape=OBS, action_spec=spec, fps=8.75, episodes_per_shard=3) as w:
+        ids = [w.add_episode(**e, attrs={"label": i, "name": f"e{i}"}, extras={"pos": np.arange(len(e["frames"]))})
+               for i, e in enumerate(eps)]
+    assert sorted(p.name for p in tmp_path.glob("shard-*.h5")) == ["shard-00000.h5", "shard-00001.h5"]
+    store = EpisodeStore(tmp_path)
+    assert store.meta.action_spec == spec and store.meta.obs_shape == OBS and store.meta.fps == 8.75
+    assert store.episode_ids() == sorted(ids)
+    for i, (eid, e) in enumerate(zip(ids, eps)):
+        got = store.load(eid)
+        np.testing.assert_array_equal(got.frames, e["frames"])
+        np.testing.assert_array_equal(got.rewards, e["rewards"])
+        np.testing.assert_array_equal(got.terminated, e["terminated"])
+        np.testing.assert_array_equal(got.extras["pos"], np.arange(len(e["frames"])))
+        assert got.attrs["label"] == i and got.attrs["name"] == f"e{i}"
+        if kind == "none":
+            assert got.actions is None
+        else:
+            np.testing.assert_array_equal(got.actions, e["actions"])
+            assert got.actions.dtype == (np.int64 if kind == "discrete" else np.float32)
+    meta = json.loads((tmp_path / "store.json").read_text())
+    assert meta["num_episodes"] == 4 and sum(len(v) for v in meta["splits"].values()) == 4
+
+
+def test_append_reopens_and_rejects_mismatch(tmp_path):
+    spec = SPECS["discrete"]
+    rng = np.random.default_rng(1)
+    with StoreWriter(tmp_path, source="t", obs_shape=OBS, action_spec=spec, episodes_per_shard=2) as w:
+        for _ in range(3):
+            w.add_episode(**_episode(rng, 4, spec))
+    with StoreWriter(tmp_path, source="t", obs_shape=OBS, action_spec=spec, episodes_per_shard=2) as w:
+        assert w.num_episodes == 3
+        new_id = w.add_episode(**_episode(rng, 4, spec))
+    assert new_id == "ep-0000003" and len(EpisodeStore(tmp_path)) == 4
+    with pytest.raises(StoreError, match="action_spec"):
+        StoreWriter(tmp_path, source="t", obs_shape=OBS, action_spec=ActionSpec.discrete(7))
+
+
+def test_bad_episode_inputs_raise_and_writer_stays_usable(tmp_path):
+    spec = SPECS["continuous"]
+    rng = np.random.default_rng(2)
+    w = StoreWriter(tmp_path, source="t", obs_shape=OBS, action_spec=spec)
+    good = _episode(rng, 6, spec)
+    with pytest.raises(StoreError, match=r"frames: got float64"):
+        w.add_episode(**{**good, "frames": good["frames"].astype(float)})
+    with pytest.raises(StoreError, match=r"actions: got .*expected float32 \(5, 4\)"):
+        w.add_episode(**{**good, "actions": good["actions"][:, :3]})
+    with pytest.raises(StoreError, match="NaN"):
+        w.add_episode(**{**good, "actions": np.full((5, 4), np.nan, np.float32)})
+    with pytest.raises(StoreError, match="rewards"):
+        w.add_episode(**{**good, "rewards": np.zeros(6, np.float32)})
+    wd = StoreWriter(tmp_path / "d", source="t", obs_shape=OBS, action_spec=ActionSpec.discrete(3))
+    with pytest.raises(StoreError, match=r"values must lie in \[0, 3\)"):
+        wd.add_episode(frames=good["frames"], actions=np.array([0, 1, 2, 3, 0]))
+    w.add_episode(**good)
+    w.close()
+    assert len(EpisodeStore(tmp_path)) == 1
+
+
+def _write_forever(root: str, ready) -> None:  # runs in a child process that gets SIGKILLed
+    spec = ActionSpec.discrete(5)
+    rng = np.random.default_rng(0)
+    w = StoreWriter(root, source="t", obs_shape=(64, 64, 3), action_spec=spec, episodes_per_shard=1)
+    big = {"frames": rng.integers(0, 256, (400, 64, 64, 3), dtype=np.uint8), "actions": np.zeros(399, np.int64)}
+    w.add_episode(**big)  # one complete shard
+    ready.set()
+    while True:
+        w.add_episode(**big)
+
+
+def test_crash_mid_shard_leaves_no_readable_half_shard(tmp_path):
+    ctx = mp.get_context("fork")
+    ready = ctx.Event()
+    p = ctx.Process(target=_write_forever, args=(str(tmp_path), ready))
+    p.start()
+    assert ready.wait(60)
+    # Kill while a shard is being written (its temporary file exists).
+    deadline = time.monotonic() + 30
+    while not list(tmp_path.glob(".shard-*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+    assert list(tmp_path.glob(".shard-*.tmp")), "the writer was not caught mid-shard"
+    store = EpisodeStore(tmp_path)  # must open cleanly: no half shard is ever named shard-*.h5
+    assert len(store) >= 1
+    for eid in store.episode_ids():
+        assert store.load(eid).frames.shape == (400, 64, 64, 3)
+    # Reopening for append cleans the leftover temporary file and continues numbering.
+    w = StoreWriter(tmp_path, source="t", obs_shape=(64, 64, 3), action_spec=ActionSpec.discrete(5))
+    assert not list(tmp_path.glob(".shard-*.tmp"))
+    assert w.num_episodes == len(store)
+
+
+def _make_store(root, n_eps=4, T=10, per_shard=2, spec=SPECS["discrete"]) -> list[str]:
+    rng = np.random.default_rng(3)
+    with StoreWriter(root, source="t", obs_shape=OBS, action_spec=spec, episodes_per_shard=per_shard,
+                     val_fraction=0, test_fraction=0) as w:
+        return [w.add_episode(**_episode(rng, T, spec)) for _ in range(n_eps)]
+
+
+def test_corrupt_and_missing_shard(tmp_path):
+    _make_store(tmp_path, n_eps=4, per_shard=2)
+    (tmp_path / "shard-00001.h5").write_bytes(b"not an hdf5 file at all")
+    with pytest.raises(StoreError, match="shard-00001.h5"):
+        EpisodeStore(tmp_path)
+    with pytest.warns(UserWarning, match="shard-00001.h5"):
+        store = EpisodeStore(tmp_path, skip_corrupt=True)
+    assert len(store) == 2 and store.skipped == ["shard-00001.h5"]
+    (tmp_path / "shard-00001.h5").unlink()
+    with pytest.raises(StoreError, match="shard-00001.h5: file is missing"):
+        EpisodeStore(tmp_path)
+
+
+def test_wrong_field_dtype_is_named(tmp_path):
+    ids = _make_store(tmp_path, n_eps=1, per_shard=1)
+    with h5py.File(tmp_path / "shard-00000.h5", "a") as f:
+        del f[f"episodes/{ids[0]}/actions"]
+        f[f"episodes/{ids[0]}/actions"] = np.zeros(9, np.float32)
+    with pytest.raises(StoreError, match=r"shard-00000.h5: episode 'ep-0000000': field 'actions' is float32"):
+        EpisodeStore(tmp_path)
+    (tmp_path / "store.json").unlink()
+    with pytest.raises(StoreError, match="store.json: missing"):
+        EpisodeStore(tmp_path)
+
+
+def test_clip_windows_respect_episode_boundaries(tmp_path):
+    rng = np.random.default_rng(4)
+    spec = SPECS["discrete"]
+    lengths = [3, 7, 12, 5]
+    with StoreWriter(tmp_path, source="t", obs_shape=OBS, action_spec=spec, val_fraction=0, test_fraction=0) as w:
+        for i, T in enumerate(lengths):
+            e = _episode(rng, T, spec)
+            e["frames"][:] = i  # every frame of episode i has value i: a crossing clip would mix values
+            e["actions"][:] = i % spec.n
+            w.add_episode(**e)
+    ds = ClipDataset(tmp_path, split="train", clip_len=5)
+    assert ds.num_skipped == 1  # the 3-frame episode
+    assert len(ds) == (7 - 4) + (12 - 4) + (5 - 4)
+    for k in range(len(ds)):
+        item = ds[k]
+        assert item["frames"].shape == (5, *OBS) and item["frames"].dtype == torch.uint8
+        assert item["actions"].shape == (4,) and item["rewards"].shape == (4,) and item["terminated"].dtype == torch.bool
+        vals = item["frames"].unique()
+        assert len(vals) == 1 and (item["actions"] == int(vals) % spec.n).all()
+    # Window content equals the stored episode slice.
+    eid, start = ds.locate(5)
+    ep = ds.store.load(eid)
+    np.testing.assert_array_equal(ds[5]["rewards"].numpy(), ep.rewards[start:start + 4])
+    with pytest.raises(ValueError, match="clip_len=13 is longer than every episode"):
+        ClipDataset(tmp_path, clip_len=13)
+    assert len(ClipDataset(tmp_path, clip_len=5, stride=5)) == 1 + 2 + 1
+
+
+def test_action_free_clips_and_splits(tmp_path):
+    rng = np.random.default_rng(5)
+    spec = SPECS["none"]
+    with StoreWriter(tmp_path, source="ucf", obs_shape=OBS, action_spec=spec) as w:
+        w.add_episode(**_episode(rng, 6, spec), split="test")
+        for _ in range(3):
+            w.add_episode(**_episode(rng, 6, spec), split="train")
+    ds = ClipDataset(tmp_path, split="test", clip_len=4)
+    assert "actions" not in ds[0] and len(ds) == 3
+    store = EpisodeStore(tmp_path)
+    assert len(store.episode_ids("train")) == 3 and len(store.episode_ids("test")) == 1
+
+
+def test_hash_split_is_deterministic_and_roughly_proportional(tmp_path):
+    spec = SPECS["none"]
+    frames = np.zeros((1, *OBS), np.uint8)
+    with StoreWriter(tmp_path, source="t", obs_shape=OBS, action_spec=spec, episodes_per_shard=1000,
+                     val_fraction=0.1, test_fraction=0.1) as w:
+        for _ in range(1000):
+            w.add_episode(frames)
+    store = EpisodeStore(tmp_path)
+    n_val, n_test = len(store.episode_ids("val")), len(store.episode_ids("test"))
+    assert 60 < n_val < 140 and 60 < n_test < 140
+
+
+def test_seeded_sampler_resume_and_ranks():
+    def take(s, k):
+        it = iter(s)
+        return [next(it) for _ in range(k)]
+
+    full = take(SeededSampler(10, seed=3), 35)
+    assert sorted(full[:10]) == list(range(10)) and full[:10] != full[10:20]
+    assert take(SeededSampler(10, seed=3, start=17), 18) == full[17:35]
+    assert take(SeededSampler(10, seed=4), 10) != full[:10]
+    r0 = take(SeededSampler(10, seed=3, rank=0, world_size=2), 10)
+    r1 = take(SeededSampler(10, seed=3, rank=1, world_size=2), 10)
+    assert r0 == full[0:20:2] and r1 == full[1:20:2]
+    r1_resumed = take(SeededSampler(10, seed=3, start=4, rank=1, world_size=2), 6)
+    assert r1_resumed == r1[4:]

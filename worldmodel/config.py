@@ -1,0 +1,216 @@
+"""Frozen configuration dataclasses and the named presets.
+
+Every model and training stage is built from these dataclasses only (never from an argparse
+namespace). A preset is a complete :class:`ExperimentConfig`; ``get_preset(name, scale)`` returns
+it and the CLI overrides individual fields. The resolved config is saved in the bundle's
+``config.json`` (see :mod:`worldmodel.bundle`), so ``to_dict``/``from_dict`` must round-trip.
+
+Conventions: sizes are in pixels / tokens / frames; ``stride`` is (t, h, w).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+Scale = Literal["tiny", "small", "paper"]
+SCALES: tuple[str, ...] = ("tiny", "small", "paper")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the episodes come from and how clips are cut from them."""
+
+    store: str = "data/hgs"
+    """Episode store directory (see :mod:`worldmodel.store`)."""
+    clip_len: int = 16
+    """Frames per training clip (tokenizer and prior)."""
+    resolution: int = 64
+    """Frame height and width in pixels (frames are square)."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """VQ-VAE geometry (VideoGPT §3.1 and appendix)."""
+
+    resolution: int = 64
+    """Input frame height/width in pixels."""
+    stride: tuple[int, int, int] = (1, 8, 8)
+    """Downsampling factor per axis (t, h, w); each must be a power of two."""
+    channels: int = 128
+    """Width of the conv/attention trunk."""
+    n_res_layers: int = 2
+    """Residual blocks with axial attention in encoder and decoder."""
+    n_heads: int = 2
+    """Heads of the axial attention."""
+    codebook_size: int = 512
+    """Number of codes K."""
+    embedding_dim: int = 64
+    """Dimension of each code vector."""
+    beta: float = 0.25
+    """Commitment loss weight."""
+    ema_decay: float = 0.99
+    """EMA decay of the codebook statistics."""
+    causal_time: bool = True
+    """Temporal convs pad from the past only and temporal attention is masked."""
+    max_frames: int = 16
+    """Largest clip length seen by the temporal position embedding."""
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """GPT prior over token grids (VideoGPT §3.2), with conditioning and heads."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    vocab_size: int = 512
+    """Codebook size of the tokenizer this prior models."""
+    frames: int = 16
+    """Frames in the trained context window (latent T)."""
+    tokens_h: int = 8
+    tokens_w: int = 8
+    action_kind: Literal["discrete", "continuous", "none"] = "discrete"
+    n_actions: int = 0
+    """Number of discrete actions (action_kind='discrete')."""
+    action_dim: int = 0
+    """Action vector size (action_kind='continuous')."""
+    action_cond: Literal["cond_ln", "token", "add"] = "cond_ln"
+    """How actions enter: conditional LayerNorm, a per-frame action token, or an added embedding."""
+    n_classes: int = 0
+    """Class-conditional prior (UCF-101) when > 0."""
+    n_cond_frames: int = 0
+    """Context frames read by a ResNet encoder + cross-attention (paper's BAIR setup) when > 0."""
+    reward_weight: float = 1.0
+    termination_weight: float = 1.0
+    maskgit_weight: float = 0.0
+    """Weight of the masked-token objective that enables MaskGIT decoding (0 = off)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of one training stage."""
+
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    log_every: int = 25
+    eval_every: int = 500
+    ckpt_every: int = 500
+    seed: int = 0
+    bf16: bool = False
+    """bf16 autocast (CPU and CUDA)."""
+    max_minutes: float = 0.0
+    """Stop after this many minutes of training (0 = no limit); the last checkpoint is written."""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A complete, named experiment: data + tokenizer + prior + both training stages."""
+
+    name: str = "vizdoom_hgs"
+    scale: str = "tiny"
+    env: str = "vizdoom_hgs"
+    """Real env (for collection/evaluation) or dataset source this preset reads."""
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    tokenizer_train: TrainConfig = field(default_factory=TrainConfig)
+    prior_train: TrainConfig = field(default_factory=TrainConfig)
+    collect_episodes: int = 200
+    """Episodes the main job collects when the store is missing (real-env presets)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
+        return _from_dict(cls, d)
+
+
+def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """Rebuild a (nested) frozen dataclass from ``dataclasses.asdict`` output (JSON-safe)."""
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown config fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+    for f in fields(cls):
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            v = _from_dict(t, v)
+        elif typing.get_origin(t) is tuple and isinstance(v, list):
+            v = tuple(v)
+        kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets. Each returns a full ExperimentConfig for a scale. ``tiny`` finishes in minutes on two
+# CPU cores; ``small`` is the default quality/time trade-off on CPU; ``paper`` follows the paper.
+# ----------------------------------------------------------------------------------------------
+
+
+def _vizdoom(name: str, scale: str, n_actions: int) -> ExperimentConfig:
+    tok = TokenizerConfig(resolution=64, stride=(1, 8, 8), causal_time=True)
+    prior = PriorConfig(action_kind="discrete", n_actions=n_actions, tokens_h=8, tokens_w=8)
+    if scale == "tiny":
+        tok = replace(tok, channels=64, n_res_layers=1, codebook_size=256, embedding_dim=32)
+        prior = replace(prior, n_layer=2, n_head=4, n_embd=128, frames=8, vocab_size=256, dropout=0.0, attn_dropout=0.0)
+        tt = TrainConfig(steps=300, batch_size=8, lr=1e-3, warmup_steps=20, eval_every=100, ckpt_every=100)
+        pt = TrainConfig(steps=300, batch_size=8, lr=1e-3, warmup_steps=20, eval_every=100, ckpt_every=100)
+        data = DataConfig(store=f"data/{name}", clip_len=8)
+        episodes = 40
+    elif scale == "small":
+        tok = replace(tok, channels=128, n_res_layers=2, codebook_size=512, embedding_dim=64)
+        prior = replace(prior, n_layer=4, n_head=4, n_embd=256, frames=8, vocab_size=512)
+        tt = TrainConfig(steps=4000, batch_size=16, lr=5e-4, eval_every=500, ckpt_every=500)
+        pt = TrainConfig(steps=6000, batch_size=16, lr=5e-4, eval_every=500, ckpt_every=500)
+        data = DataConfig(store=f"data/{name}", clip_len=8)
+        episodes = 400
+    else:  # paper
+        tok = replace(tok, channels=240, n_res_layers=4, codebook_size=1024, embedding_dim=256)
+        prior = replace(prior, n_layer=8, n_head=4, n_embd=512, frames=16, vocab_size=1024, dropout=0.2, attn_dropout=0.3)
+        tt = TrainConfig(steps=100_000, batch_size=32, lr=3e-4)
+        pt = TrainConfig(steps=200_000, batch_size=32, lr=3e-4)
+        data = DataConfig(store=f"data/{name}", clip_len=16)
+        episodes = 5000
+    return ExperimentConfig(name=name, scale=scale, env=name, data=data, tokenizer=tok, prior=prior,
+                            tokenizer_train=tt, prior_train=pt, collect_episodes=episodes)
+
+
+_PRESETS: dict[str, Any] = {
+    "vizdoom_hgs": lambda scale: _vizdoom("vizdoom_hgs", scale, n_actions=5),
+    "vizdoom_battle2": lambda scale: _vizdoom("vizdoom_battle2", scale, n_actions=8),
+}
+
+
+def register_preset(name: str, factory: Any) -> None:
+    """Add a preset: ``factory(scale) -> ExperimentConfig``."""
+    _PRESETS[name] = factory
+
+
+def preset_names() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def get_preset(name: str, scale: str = "tiny") -> ExperimentConfig:
+    """Return the named preset at ``scale`` ('tiny' | 'small' | 'paper')."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {preset_names()}")
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; expected one of {list(SCALES)}")
+    return _PRESETS[name](scale)

@@ -1,0 +1,613 @@
+"""Episode store: a directory of HDF5 shards plus ``store.json`` (DESIGN §4).
+
+Layout::
+
+    store/
+      store.json            schema version, source, observation shape, action spec, fps, index
+      shard-00000.h5        episodes/<id>/{frames, actions, rewards, terminated, extras/*} + attrs
+      shard-00001.h5
+      ...
+
+Alignment inside an episode of ``T`` frames: ``frames[t]`` -> ``actions[t]`` -> ``frames[t+1]``,
+``rewards[t]``, ``terminated[t]``; so ``actions``, ``rewards`` and ``terminated`` have ``T-1`` rows.
+Action-free datasets (UCF-101, TGIF) store no ``actions``.
+
+Shards are the source of truth: each is written under a temporary name and renamed into place
+only when complete, so a crash never leaves a readable half shard. ``store.json`` carries the
+schema and a convenience index that is rewritten (atomically) after every shard.
+
+The store knows nothing of models or Gymnasium.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+SCHEMA_VERSION = 1
+STORE_JSON = "store.json"
+_SHARD_RE = re.compile(r"^shard-(\d{5})\.h5$")
+SPLITS = ("train", "val", "test")
+
+
+class StoreError(Exception):
+    """A store, shard or episode is missing, corrupt, or not in the expected form."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    """Description of an action space, independent of Gymnasium.
+
+    ``kind='discrete'``: actions are int64 scalars in ``[0, n)``.
+    ``kind='continuous'``: actions are float32 vectors of length ``dim`` (bounds optional).
+    ``kind='none'``: the dataset has no actions.
+    """
+
+    kind: Literal["discrete", "continuous", "none"]
+    n: int = 0
+    dim: int = 0
+    low: tuple[float, ...] | None = None
+    high: tuple[float, ...] | None = None
+    names: tuple[str, ...] | None = None
+    """Optional human-readable action names (discrete) or dimension names (continuous)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("discrete", "continuous", "none"):
+            raise ValueError(f"ActionSpec.kind must be 'discrete', 'continuous' or 'none', got {self.kind!r}")
+        if self.kind == "discrete" and self.n < 1:
+            raise ValueError(f"discrete ActionSpec needs n >= 1, got n={self.n}")
+        if self.kind == "continuous" and self.dim < 1:
+            raise ValueError(f"continuous ActionSpec needs dim >= 1, got dim={self.dim}")
+
+    @classmethod
+    def discrete(cls, n: int, names: Sequence[str] | None = None) -> ActionSpec:
+        return cls("discrete", n=int(n), names=tuple(names) if names is not None else None)
+
+    @classmethod
+    def continuous(cls, dim: int, low: Sequence[float] | None = None, high: Sequence[float] | None = None,
+                   names: Sequence[str] | None = None) -> ActionSpec:
+        return cls("continuous", dim=int(dim), low=None if low is None else tuple(float(x) for x in low),
+                   high=None if high is None else tuple(float(x) for x in high),
+                   names=tuple(names) if names is not None else None)
+
+    @classmethod
+    def none(cls) -> ActionSpec:
+        return cls("none")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ActionSpec:
+        d = dict(d)
+        for k in ("low", "high", "names"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    def validate(self, actions: np.ndarray | None, n_steps: int, where: str = "actions") -> np.ndarray | None:
+        """Check ``actions`` for ``n_steps`` transitions and return them in the stored dtype."""
+        if self.kind == "none":
+            if actions is not None:
+                raise StoreError(f"{where}: this store has no actions (ActionSpec kind 'none') but actions were given")
+            return None
+        if actions is None:
+            raise StoreError(f"{where}: missing; expected {self.describe(n_steps)}")
+        a = np.asarray(actions)
+        if self.kind == "discrete":
+            if a.shape != (n_steps,) or not np.issubdtype(a.dtype, np.integer):
+                raise StoreError(f"{where}: got {a.dtype}{a.shape}, expected {self.describe(n_steps)}")
+            if n_steps and (a.min() < 0 or a.max() >= self.n):
+                raise StoreError(f"{where}: values must lie in [0, {self.n}), got range [{a.min()}, {a.max()}]")
+            return a.astype(np.int64)
+        if a.shape != (n_steps, self.dim) or not np.issubdtype(a.dtype, np.floating):
+            raise StoreError(f"{where}: got {a.dtype}{a.shape}, expected {self.describe(n_steps)}")
+        if not np.all(np.isfinite(a)):
+            raise StoreError(f"{where}: contains NaN or inf")
+        return a.astype(np.float32)
+
+    def describe(self, n_steps: int | str = "T-1") -> str:
+        if self.kind == "discrete":
+            return f"int64 ({n_steps},) in [0, {self.n})"
+        if self.kind == "continuous":
+            return f"float32 ({n_steps}, {self.dim})"
+        return "no actions"
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """Contents of ``store.json`` minus the index."""
+
+    source: str
+    obs_shape: tuple[int, int, int]
+    action_spec: ActionSpec
+    fps: float = 0.0
+    schema_version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form source metadata (e.g. env config, dataset version, class names)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": self.schema_version, "source": self.source, "obs_shape": list(self.obs_shape),
+                "action_spec": self.action_spec.to_dict(), "fps": self.fps, "extra": self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = STORE_JSON) -> StoreMeta:
+        try:
+            version = int(d["schema_version"])
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{where}: schema_version {version} is newer than this code supports ({SCHEMA_VERSION})")
+            shape = tuple(int(x) for x in d["obs_shape"])
+            if len(shape) != 3 or shape[2] != 3:
+                raise StoreError(f"{where}: obs_shape must be [H, W, 3], got {list(shape)}")
+            return cls(source=str(d["source"]), obs_shape=shape,  # type: ignore[arg-type]
+                       action_spec=ActionSpec.from_dict(d["action_spec"]), fps=float(d.get("fps", 0.0)),
+                       schema_version=version, extra=dict(d.get("extra", {})))
+        except KeyError as e:
+            raise StoreError(f"{where}: missing field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"{where}: malformed: {e}") from None
+
+
+@dataclass
+class Episode:
+    """One episode loaded into memory. Shapes for ``T`` frames of ``H×W``."""
+
+    id: str
+    frames: np.ndarray  # (T, H, W, 3) uint8
+    actions: np.ndarray | None  # (T-1,) int64 | (T-1, A) float32 | None
+    rewards: np.ndarray  # (T-1,) float32
+    terminated: np.ndarray  # (T-1,) bool
+    truncated: bool = False
+    split: str = "train"
+    attrs: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def split_for_id(episode_id: str, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split of an episode by a hash of its id (stable across runs and machines)."""
+    u = (zlib.crc32(episode_id.encode()) % 10_000) / 10_000.0
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def _list_shards(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if _SHARD_RE.match(p.name))
+
+
+# ----------------------------------------------------------------------------------------------
+# Writer
+# ----------------------------------------------------------------------------------------------
+
+
+class StoreWriter:
+    """Append episodes to a store; shards are written atomically every ``episodes_per_shard``.
+
+    Opening an existing store appends to it (the metadata must match). Episodes buffered but not
+    yet flushed are lost on a crash — by design, so that a store never holds half an episode or a
+    half shard; :meth:`close` (or leaving the ``with`` block) flushes them.
+
+    Args:
+        root: store directory (created if missing).
+        source: dataset/env name, e.g. ``"vizdoom_hgs"`` or ``"bair"``.
+        obs_shape: ``(H, W, 3)`` of every frame.
+        action_spec: the action space of every episode.
+        fps: frames per second of the stored frames (after frame skip).
+        episodes_per_shard: episodes per shard file.
+        val_fraction, test_fraction: share of episodes assigned to val/test by id hash when
+            :meth:`add_episode` is not given an explicit split.
+        extra: free-form metadata saved in ``store.json``.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, source: str, obs_shape: Sequence[int], action_spec: ActionSpec,
+                 fps: float = 0.0, episodes_per_shard: int = 16, val_fraction: float = 0.05,
+                 test_fraction: float = 0.05, extra: dict[str, Any] | None = None) -> None:
+        if episodes_per_shard < 1:
+            raise ValueError(f"episodes_per_shard must be >= 1, got {episodes_per_shard}")
+        if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
+            raise ValueError(f"val_fraction + test_fraction must lie in [0, 1), got {val_fraction} + {test_fraction}")
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        shape = tuple(int(x) for x in obs_shape)
+        if len(shape) != 3 or shape[2] != 3:
+            raise ValueError(f"obs_shape must be (H, W, 3), got {shape}")
+        self.meta = StoreMeta(source=source, obs_shape=shape, action_spec=action_spec, fps=float(fps),  # type: ignore[arg-type]
+                              extra=dict(extra or {}))
+        self.episodes_per_shard = episodes_per_shard
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        # Leftovers of an interrupted shard write are never readable shards; remove them.
+        for p in self.root.glob(".shard-*.tmp"):
+            p.unlink()
+        meta_path = self.root / STORE_JSON
+        self._index: dict[str, dict[str, Any]] = {}
+        if meta_path.exists():
+            existing = EpisodeStore(self.root)
+            if existing.meta.obs_shape != self.meta.obs_shape or existing.meta.action_spec != self.meta.action_spec:
+                raise StoreError(
+                    f"{meta_path}: existing store has obs_shape={existing.meta.obs_shape}, "
+                    f"action_spec={existing.meta.action_spec}; cannot append episodes with "
+                    f"obs_shape={self.meta.obs_shape}, action_spec={self.meta.action_spec}")
+            self._index = dict(existing.index)
+        shards = _list_shards(self.root)
+        self._next_shard = (int(_SHARD_RE.match(shards[-1].name).group(1)) + 1) if shards else 0  # type: ignore[union-attr]
+        self._pending: list[Episode] = []
+        self._write_meta()
+
+    # -- public ---------------------------------------------------------------------------------
+    @property
+    def num_episodes(self) -> int:
+        """Episodes durably written (in complete shards)."""
+        return len(self._index)
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._pending)
+
+    def add_episode(self, frames: np.ndarray, actions: np.ndarray | None = None, rewards: np.ndarray | None = None,
+                    terminated: np.ndarray | None = None, *, truncated: bool = False, split: str | None = None,
+                    episode_id: str | None = None, attrs: dict[str, Any] | None = None,
+                    extras: dict[str, np.ndarray] | None = None) -> str:
+        """Validate and buffer one episode; returns its id. Flushes a shard when the buffer is full.
+
+        Args:
+            frames: uint8 ``(T, H, W, 3)``, ``T >= 1``.
+            actions: see :class:`ActionSpec`; ``T-1`` rows (None for action-free stores).
+            rewards: float ``(T-1,)``; zeros if None.
+            terminated: bool ``(T-1,)``; all False if None.
+            truncated: the episode was cut by a time limit rather than ending.
+            split: ``'train' | 'val' | 'test'``; by default derived from the id hash.
+            episode_id: unique id (letters, digits, ``-_.``); default ``ep-<running number>``.
+            attrs: scalar/string metadata (e.g. ``label``); stored as HDF5 attributes.
+            extras: per-episode arrays (e.g. BAIR ``endeffector_pos`` ``(T, 3)``).
+        """
+        frames = np.asarray(frames)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or tuple(frames.shape[1:]) != self.meta.obs_shape:
+            raise StoreError(f"frames: got {frames.dtype}{tuple(frames.shape)}, expected uint8 (T, {', '.join(map(str, self.meta.obs_shape))})")
+        T = frames.shape[0]
+        if T < 1:
+            raise StoreError("frames: an episode needs at least one frame")
+        acts = self.meta.action_spec.validate(actions, T - 1)
+        rew = np.zeros(T - 1, np.float32) if rewards is None else np.asarray(rewards)
+        if rew.shape != (T - 1,) or not np.all(np.isfinite(rew)):
+            raise StoreError(f"rewards: got {rew.dtype}{rew.shape}, expected finite float32 ({T - 1},)")
+        term = np.zeros(T - 1, bool) if terminated is None else np.asarray(terminated)
+        if term.shape != (T - 1,) or term.dtype != np.bool_:
+            raise StoreError(f"terminated: got {term.dtype}{term.shape}, expected bool ({T - 1},)")
+        if episode_id is None:
+            episode_id = f"ep-{len(self._index) + len(self._pending):07d}"
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", episode_id):
+            raise StoreError(f"episode_id {episode_id!r}: use only letters, digits and -_.")
+        if episode_id in self._index or any(e.id == episode_id for e in self._pending):
+            raise StoreError(f"episode_id {episode_id!r} already exists in {self.root}")
+        if split is None:
+            split = split_for_id(episode_id, self.val_fraction, self.test_fraction)
+        if split not in SPLITS:
+            raise StoreError(f"split: got {split!r}, expected one of {SPLITS}")
+        self._pending.append(Episode(episode_id, frames, acts, rew.astype(np.float32), term, bool(truncated), split,
+                                     dict(attrs or {}), {k: np.asarray(v) for k, v in (extras or {}).items()}))
+        if len(self._pending) >= self.episodes_per_shard:
+            self.flush()
+        return episode_id
+
+    def flush(self) -> None:
+        """Write buffered episodes as one shard (atomically) and update ``store.json``."""
+        if not self._pending:
+            return
+        name = f"shard-{self._next_shard:05d}.h5"
+        final = self.root / name
+        tmp = self.root / f".{name}.tmp"
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.attrs["schema_version"] = SCHEMA_VERSION
+                grp = f.create_group("episodes")
+                for ep in self._pending:
+                    g = grp.create_group(ep.id)
+                    H, W, _ = self.meta.obs_shape
+                    # One chunk per frame: a clip read touches exactly its frames. lzf is h5py's
+                    # built-in fast compressor (gzip costs ~5x more CPU to read for ~20% less disk).
+                    g.create_dataset("frames", data=ep.frames, chunks=(1, H, W, 3), compression="lzf")
+                    if ep.actions is not None:
+                        g.create_dataset("actions", data=ep.actions)
+                    g.create_dataset("rewards", data=ep.rewards)
+                    g.create_dataset("terminated", data=ep.terminated)
+                    g.attrs["truncated"] = ep.truncated
+                    g.attrs["split"] = ep.split
+                    for k, v in ep.attrs.items():
+                        g.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
+                    if ep.extras:
+                        eg = g.create_group("extras")
+                        for k, v in ep.extras.items():
+                            eg.create_dataset(k, data=v)
+                f.flush()
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        for ep in self._pending:
+            self._index[ep.id] = {"shard": name, "length": len(ep), "split": ep.split}
+        self._pending = []
+        self._next_shard += 1
+        self._write_meta()
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        # On an exception the buffered episodes are still complete episodes: keep them.
+        self.close()
+
+    # -- internal -------------------------------------------------------------------------------
+    def _write_meta(self) -> None:
+        d = self.meta.to_dict()
+        d["num_episodes"] = len(self._index)
+        d["splits"] = {s: sorted(i for i, e in self._index.items() if e["split"] == s) for s in SPLITS}
+        d["episodes"] = self._index
+        _atomic_write_text(self.root / STORE_JSON, json.dumps(d, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reader
+# ----------------------------------------------------------------------------------------------
+
+
+class EpisodeStore:
+    """Read-only view of a store. Validates every shard on open.
+
+    Args:
+        root: store directory.
+        skip_corrupt: if True, a missing/corrupt shard is skipped with a warning (its name is in
+            :attr:`skipped`); otherwise it raises :class:`StoreError` naming the file and field.
+
+    HDF5 handles are opened lazily per process, so the store can be shared with DataLoader workers.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, skip_corrupt: bool = False) -> None:
+        self.root = Path(root)
+        meta_path = self.root / STORE_JSON
+        if not self.root.is_dir():
+            raise StoreError(f"{self.root}: store directory does not exist")
+        if not meta_path.exists():
+            raise StoreError(f"{meta_path}: missing; not an episode store (expected store.json and shard-NNNNN.h5 files)")
+        try:
+            raw = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{meta_path}: not valid JSON ({e})") from None
+        self.meta = StoreMeta.from_dict(raw, where=str(meta_path))
+        self.skipped: list[str] = []
+        self.index: dict[str, dict[str, Any]] = {}
+        listed = {e["shard"] for e in raw.get("episodes", {}).values()}
+        present = {p.name for p in _list_shards(self.root)}
+        for name in sorted(listed - present):
+            self._fail(self.root / name, "file is missing (listed in store.json)", skip_corrupt)
+        for name in sorted(present):
+            try:
+                self.index.update(self._scan_shard(self.root / name))
+            except StoreError as e:
+                self._fail(self.root / name, str(e), skip_corrupt)
+        self._handles: dict[str, h5py.File] = {}
+        self._pid = os.getpid()
+
+    def _fail(self, path: Path, why: str, skip: bool) -> None:
+        msg = f"{path}: {why}"
+        if not skip:
+            raise StoreError(msg + " (pass skip_corrupt=True to load the remaining shards)")
+        warnings.warn(f"skipping corrupt shard {msg}", stacklevel=3)
+        self.skipped.append(path.name)
+
+    def _scan_shard(self, path: Path) -> dict[str, dict[str, Any]]:
+        spec, (H, W, C) = self.meta.action_spec, self.meta.obs_shape
+        out: dict[str, dict[str, Any]] = {}
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise StoreError(f"cannot open as HDF5 ({e})") from None
+        with f:
+            if "episodes" not in f:
+                raise StoreError("missing group 'episodes'")
+            for eid, g in f["episodes"].items():
+                where = f"episode {eid!r}"
+                if "frames" not in g:
+                    raise StoreError(f"{where}: missing dataset 'frames'")
+                fr = g["frames"]
+                if fr.dtype != np.uint8 or fr.ndim != 4 or fr.shape[1:] != (H, W, C):
+                    raise StoreError(f"{where}: field 'frames' is {fr.dtype}{fr.shape}, expected uint8 (T, {H}, {W}, {C})")
+                T = fr.shape[0]
+                for key, dtype in (("rewards", np.float32), ("terminated", np.bool_)):
+                    if key not in g or g[key].shape != (T - 1,) or g[key].dtype != dtype:
+                        got = f"{g[key].dtype}{g[key].shape}" if key in g else "missing"
+                        raise StoreError(f"{where}: field {key!r} is {got}, expected {np.dtype(dtype)} ({T - 1},)")
+                if spec.kind != "none":
+                    exp = (T - 1,) if spec.kind == "discrete" else (T - 1, spec.dim)
+                    edt = np.int64 if spec.kind == "discrete" else np.float32
+                    a = g.get("actions")
+                    if a is None or a.shape != exp or a.dtype != edt:
+                        got = "missing" if a is None else f"{a.dtype}{a.shape}"
+                        raise StoreError(f"{where}: field 'actions' is {got}, expected {spec.describe(T - 1)}")
+                out[eid] = {"shard": path.name, "length": int(T), "split": str(g.attrs.get("split", "train"))}
+        return out
+
+    # -- queries --------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def episode_ids(self, split: str | None = None) -> list[str]:
+        """Episode ids, sorted; only those of ``split`` if given."""
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"split: got {split!r}, expected one of {SPLITS} or None")
+        return sorted(i for i, e in self.index.items() if split is None or e["split"] == split)
+
+    def length(self, episode_id: str) -> int:
+        return int(self._entry(episode_id)["length"])
+
+    def _entry(self, episode_id: str) -> dict[str, Any]:
+        try:
+            return self.index[episode_id]
+        except KeyError:
+            raise KeyError(f"episode {episode_id!r} not in store {self.root}") from None
+
+    def _group(self, episode_id: str) -> h5py.Group:
+        if os.getpid() != self._pid:  # forked into a DataLoader worker: never share HDF5 handles
+            self._handles, self._pid = {}, os.getpid()
+        shard = self._entry(episode_id)["shard"]
+        f = self._handles.get(shard)
+        if f is None:
+            f = self._handles[shard] = h5py.File(self.root / shard, "r")
+        return f["episodes"][episode_id]
+
+    def load(self, episode_id: str) -> Episode:
+        """Load a whole episode into memory."""
+        g = self._group(episode_id)
+        attrs = {k: v for k, v in g.attrs.items() if k not in ("truncated", "split")}
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+        extras = {k: d[()] for k, d in g["extras"].items()} if "extras" in g else {}
+        return Episode(id=episode_id, frames=g["frames"][()], actions=g["actions"][()] if "actions" in g else None,
+                       rewards=g["rewards"][()], terminated=g["terminated"][()], truncated=bool(g.attrs["truncated"]),
+                       split=str(g.attrs.get("split", "train")), attrs=attrs, extras=extras)
+
+    def read_clip(self, episode_id: str, start: int, length: int) -> dict[str, np.ndarray]:
+        """Frames ``[start, start+length)`` and the ``length-1`` transitions between them."""
+        T = self.length(episode_id)
+        if start < 0 or length < 1 or start + length > T:
+            raise ValueError(f"clip [{start}, {start + length}) out of range for episode {episode_id!r} of {T} frames")
+        g = self._group(episode_id)
+        s, e = start, start + length
+        out = {"frames": g["frames"][s:e], "rewards": g["rewards"][s:e - 1], "terminated": g["terminated"][s:e - 1]}
+        if "actions" in g:
+            out["actions"] = g["actions"][s:e - 1]
+        return out
+
+    def iter_episodes(self, split: str | None = None) -> Iterator[Episode]:
+        for i in self.episode_ids(split):
+            yield self.load(i)
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = self.__dict__.copy()
+        d["_handles"] = {}
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch dataset of clip windows
+# ----------------------------------------------------------------------------------------------
+
+
+class ClipDataset(Dataset):
+    """Fixed-length clip windows that never cross an episode boundary.
+
+    Item ``i`` is a dict of tensors for ``L = clip_len`` frames:
+    ``frames`` uint8 ``(L, H, W, 3)``, ``rewards`` float32 ``(L-1,)``, ``terminated`` bool ``(L-1,)``,
+    and ``actions`` int64 ``(L-1,)`` or float32 ``(L-1, A)`` unless the store is action-free.
+
+    Args:
+        store: an :class:`EpisodeStore` (or its path).
+        split: ``'train' | 'val' | 'test'`` or None for all episodes.
+        clip_len: frames per clip; episodes shorter than this are skipped.
+        stride: distance in frames between consecutive window starts (default 1: every window).
+    """
+
+    def __init__(self, store: EpisodeStore | str | os.PathLike, split: str | None = "train", clip_len: int = 16,
+                 stride: int = 1) -> None:
+        self.store = store if isinstance(store, EpisodeStore) else EpisodeStore(store)
+        if clip_len < 1 or stride < 1:
+            raise ValueError(f"clip_len and stride must be >= 1, got clip_len={clip_len}, stride={stride}")
+        self.clip_len, self.stride, self.split = clip_len, stride, split
+        ids = self.store.episode_ids(split)
+        if not ids:
+            raise ValueError(f"store {self.store.root} has no episodes in split {split!r}")
+        lengths = np.array([self.store.length(i) for i in ids])
+        if lengths.max() < clip_len:
+            raise ValueError(f"clip_len={clip_len} is longer than every episode in split {split!r} of "
+                             f"{self.store.root} (longest has {lengths.max()} frames)")
+        self.episode_ids = [i for i, n in zip(ids, lengths) if n >= clip_len]
+        self.num_skipped = len(ids) - len(self.episode_ids)
+        counts = np.array([(n - clip_len) // stride + 1 for n in lengths if n >= clip_len])
+        self._offsets = np.concatenate([[0], np.cumsum(counts)])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """Map a window index to ``(episode_id, start_frame)``."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"window index {index} out of range [0, {len(self)})")
+        e = int(np.searchsorted(self._offsets, index, side="right") - 1)
+        return self.episode_ids[e], int(index - self._offsets[e]) * self.stride
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        eid, start = self.locate(int(index))
+        clip = self.store.read_clip(eid, start, self.clip_len)
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in clip.items()}
+
+
+class SeededSampler(Sampler[int]):
+    """Infinite, seeded stream of dataset indices: a fresh permutation per epoch.
+
+    The order depends only on ``(seed, n)``; ``start`` skips that many samples, so a resumed run
+    that passes ``start = step * batch_size`` sees exactly the data order of an uninterrupted one.
+    With ``rank``/``world_size`` each process takes a disjoint interleaved share (DDP).
+    """
+
+    def __init__(self, n: int, seed: int = 0, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if n < 1:
+            raise ValueError("SeededSampler needs a non-empty dataset")
+        self.n, self.seed, self.start, self.rank, self.world_size = n, seed, start, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        pos = self.start * self.world_size + self.rank  # global position in the shared stream
+        epoch, offset = divmod(pos, self.n)
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+            while offset < self.n:
+                yield perm[offset]
+                offset += self.world_size
+            epoch, offset = epoch + 1, offset - self.n
+
+    def __len__(self) -> int:  # an infinite sampler; DataLoader only needs this for len(loader)
+        return 2**62
