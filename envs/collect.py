@@ -1,0 +1,174 @@
+"""Collect real-env episodes into an episode store, in parallel and resumably.
+
+Several env processes step in a Gymnasium ``AsyncVectorEnv``; each finished episode goes to a
+:class:`~worldmodel.store.StoreWriter`, which writes shards atomically. Re-running the same command
+after a kill counts the episodes already stored and collects only the rest, so the store ends with
+exactly the requested number: episodes that were in flight or buffered at the kill are dropped
+whole, never half-written or duplicated.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from tqdm.auto import tqdm
+
+from envs.vizdoom import ENV_NAMES, action_names, make_real_env_fn
+from worldmodel.store import ActionSpec, EpisodeStore, StoreWriter
+
+Policy = Callable[[np.ndarray], np.ndarray]
+"""Maps a batch of observations uint8 ``(N, H, W, 3)`` to discrete actions int64 ``(N,)``."""
+
+
+class StickyRandomPolicy:
+    """Uniform random actions, each held for a geometric number of steps (mean ``mean_repeat``).
+
+    Holding actions makes the data cover sustained turns and runs rather than jitter, which is what a
+    learned policy does and what the world model must learn to follow.
+    """
+
+    def __init__(self, n_actions: int, num_envs: int, mean_repeat: float = 4.0, seed: int | None = None) -> None:
+        if mean_repeat < 1:
+            raise ValueError(f"mean_repeat must be >= 1 step, got {mean_repeat}")
+        self.n, self.p_switch = n_actions, 1.0 / mean_repeat
+        self.rng = np.random.default_rng(seed)
+        self.current = self.rng.integers(0, n_actions, num_envs)
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        switch = self.rng.random(len(self.current)) < self.p_switch
+        self.current = np.where(switch, self.rng.integers(0, self.n, len(self.current)), self.current)
+        return self.current.copy()
+
+
+class SB3Policy:
+    """A saved Stable-Baselines3 model (zip) used as a collection policy (stochastic actions)."""
+
+    def __init__(self, path: str | os.PathLike, deterministic: bool = False) -> None:
+        import stable_baselines3 as sb3
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"policy {path}: file not found (expected an SB3 .zip or 'random')")
+        # The zip does not name its algorithm class; try the discrete-action ones SB3 ships.
+        errors = []
+        for cls_name in ("PPO", "A2C", "DQN"):
+            try:
+                self.model = getattr(sb3, cls_name).load(path, device="cpu")
+                break
+            except Exception as e:  # noqa: BLE001 - wrong algorithm class for this zip: try the next one
+                errors.append(f"{cls_name}: {e}")
+        else:
+            raise ValueError(f"policy {path}: not loadable as an SB3 PPO/A2C/DQN zip ({'; '.join(errors)})")
+        self.deterministic = deterministic
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        actions, _ = self.model.predict(obs, deterministic=self.deterministic)
+        return np.asarray(actions, dtype=np.int64).reshape(len(obs))
+
+
+@dataclass
+class CollectReport:
+    store: Path
+    requested: int
+    already_present: int
+    collected: int
+    env_steps: int
+    returns: list[float] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+
+def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Policy = "random", num_envs: int = 2,
+            seed: int = 0, mean_repeat: float = 4.0, episodes_per_shard: int = 8, env_kwargs: dict[str, Any] | None = None,
+            progress: bool = True, asynchronous: bool = True) -> CollectReport:
+    """Collect ``episodes`` episodes of the real env ``env`` into the store at ``out``.
+
+    Args:
+        env: ``"vizdoom_hgs"`` or ``"vizdoom_battle2"``.
+        out: store directory; if it already holds episodes, only the missing ones are collected.
+        episodes: total number of episodes the store should hold at the end.
+        policy: ``"random"`` (sticky random actions), a path to an SB3 zip, or a callable
+            ``obs (N,H,W,3) -> actions (N,)``.
+        num_envs: env processes stepping in parallel.
+        seed: base seed; a resumed run offsets it by the number of stored episodes.
+        mean_repeat: mean number of steps a random action is held.
+        episodes_per_shard: episodes per shard file (the most a kill can lose).
+        env_kwargs: passed to :func:`envs.vizdoom.make_real_env` (e.g. ``resolution``, ``frame_skip``,
+            ``battle2_path``).
+        asynchronous: one process per env (``AsyncVectorEnv``); False steps them in this process.
+    """
+    if env not in ENV_NAMES:
+        raise ValueError(f"env: got {env!r}, expected one of {list(ENV_NAMES)}")
+    if episodes < 1 or num_envs < 1:
+        raise ValueError(f"episodes and num_envs must be >= 1, got episodes={episodes}, num_envs={num_envs}")
+    env_kwargs = dict(env_kwargs or {})
+    out = Path(out)
+    probe = make_real_env_fn(env, **env_kwargs)()
+    obs_shape = probe.observation_space.shape
+    n_actions = int(probe.action_space.n)
+    fps = float(probe.metadata.get("render_fps", 0.0))
+    probe.close()
+    spec = ActionSpec.discrete(n_actions, names=action_names(env))
+    writer = StoreWriter(out, source=env, obs_shape=obs_shape, action_spec=spec, fps=fps,
+                         episodes_per_shard=episodes_per_shard,
+                         extra={"env": env, "env_kwargs": {k: str(v) for k, v in env_kwargs.items()},
+                                "policy": policy if isinstance(policy, str) else "callable"})
+    present = writer.num_episodes
+    report = CollectReport(store=out, requested=episodes, already_present=present, collected=0, env_steps=0)
+    if present >= episodes:
+        return report
+    todo = episodes - present
+    num_envs = min(num_envs, todo)
+    fns = [make_real_env_fn(env, **env_kwargs) for _ in range(num_envs)]
+    venv = gym.vector.AsyncVectorEnv(fns) if asynchronous else gym.vector.SyncVectorEnv(fns)
+    run_seed = seed + 100_003 * present  # a resumed run must not replay the episodes it already stored
+    if policy == "random":
+        act: Policy = StickyRandomPolicy(n_actions, num_envs, mean_repeat, seed=run_seed)
+    elif isinstance(policy, str):
+        act = SB3Policy(policy)
+    else:
+        act = policy
+    bar = tqdm(total=episodes, initial=present, desc=f"collect {env}", unit="ep", disable=not progress)
+    try:
+        obs, _ = venv.reset(seed=run_seed)
+        buf: list[dict[str, list]] = [{"frames": [o], "actions": [], "rewards": [], "terminated": []} for o in obs]
+        fresh = np.zeros(num_envs, bool)  # NEXT_STEP autoreset: this step's obs starts a new episode
+        finished = 0
+        while finished < todo:
+            actions = act(obs)
+            obs, rew, term, trunc, _ = venv.step(actions)
+            report.env_steps += int((~fresh).sum())
+            for i in range(num_envs):
+                if fresh[i]:  # the vector env ignored our action and reset this env
+                    buf[i] = {"frames": [obs[i]], "actions": [], "rewards": [], "terminated": []}
+                    continue
+                b = buf[i]
+                b["frames"].append(obs[i])
+                b["actions"].append(int(actions[i]))
+                b["rewards"].append(float(rew[i]))
+                b["terminated"].append(bool(term[i]))
+                if (term[i] or trunc[i]) and finished < todo:
+                    writer.add_episode(np.stack(b["frames"]), np.array(b["actions"], np.int64),
+                                       np.array(b["rewards"], np.float32), np.array(b["terminated"], bool),
+                                       truncated=bool(trunc[i]) and not bool(term[i]))
+                    report.returns.append(float(np.sum(b["rewards"])))
+                    report.lengths.append(len(b["frames"]))
+                    finished += 1
+                    bar.update(1)
+            fresh = term | trunc
+    finally:
+        writer.close()  # buffered episodes are complete: keep them (a SIGKILL loses at most one shard)
+        bar.close()
+        venv.close()
+    report.collected = finished
+    return report
+
+
+def open_collected(out: str | os.PathLike) -> EpisodeStore:
+    """Open a collected store (convenience for scripts)."""
+    return EpisodeStore(out)

@@ -1,0 +1,117 @@
+"""Generic trainer: checkpoints, exact resume after a simulated kill, config round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from worldmodel.checkpoint import has_weights, load_weights, read_run_config, write_run_config
+from worldmodel.config import ExperimentConfig, TrainConfig, get_preset, preset_names
+from worldmodel.store import ActionSpec, ClipDataset, StoreWriter
+from worldmodel.training import fit, lr_at
+
+
+class ToyModel(nn.Module):
+    """Predicts the mean of a clip's last frame from its first frame, with dropout (RNG-dependent)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 3, 32), nn.Dropout(0.3), nn.Linear(32, 1))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+        self.losses: list[float] = []
+
+    def compute_loss(self, batch):
+        x = batch["frames"][:, 0].float() / 255
+        y = batch["frames"][:, -1].float().mean(dim=(1, 2, 3)) / 255
+        loss = ((self.net(x).squeeze(-1) - y) ** 2).mean()
+        if self.training:
+            self.calls += 1
+            self.losses.append(loss.item())
+        return loss, {"mse": loss.item()}
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    rng = np.random.default_rng(0)
+    with StoreWriter(root, source="t", obs_shape=(4, 4, 3), action_spec=ActionSpec.discrete(3)) as w:
+        for _ in range(6):
+            w.add_episode(rng.integers(0, 256, (12, 4, 4, 3), dtype=np.uint8), rng.integers(0, 3, 11))
+    return ClipDataset(root, split=None, clip_len=4)
+
+
+class Kill(Exception):
+    pass
+
+
+def test_resume_after_kill_gives_identical_losses(tmp_path, clips):
+    cfg = TrainConfig(steps=12, batch_size=4, lr=1e-2, warmup_steps=2, ckpt_every=5, eval_every=100, log_every=1)
+    torch.manual_seed(0)
+    ref = ToyModel()
+    fit(ref, stage="toy", run_dir=tmp_path / "a", train_set=clips, val_set=None, cfg=cfg, progress=False)
+    assert len(ref.losses) == 12
+
+    def kill_at_10(model, step):
+        if step == 10:
+            raise Kill
+
+    torch.manual_seed(0)
+    first = ToyModel()
+    with pytest.raises(Kill):
+        fit(first, stage="toy", run_dir=tmp_path / "b", train_set=clips, val_set=None, cfg=cfg, progress=False,
+            on_checkpoint=kill_at_10)
+    assert first.losses == ref.losses[:10]
+    torch.manual_seed(123)  # a fresh process: different init and RNG, all restored from the checkpoint
+    resumed = ToyModel()
+    res = fit(resumed, stage="toy", run_dir=tmp_path / "b", train_set=clips, val_set=clips, cfg=cfg, progress=False)
+    assert res.step == 12 and "loss" in res.val_metrics
+    assert resumed.losses == pytest.approx(ref.losses[10:], rel=0, abs=0)
+    assert int(resumed.calls) == 12  # buffers come back with the weights
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    assert has_weights(tmp_path / "b", "toy") and not has_weights(tmp_path / "b", "prior")
+    assert (tmp_path / "b" / "tb" / "toy").is_dir()
+
+
+def test_weights_of_other_components_are_kept(tmp_path):
+    from worldmodel.checkpoint import save_weights
+
+    save_weights(tmp_path, "tokenizer", {"w": torch.ones(2)})
+    save_weights(tmp_path, "prior", {"w": torch.zeros(3)})
+    save_weights(tmp_path, "tokenizer", {"w": torch.full((2,), 2.0)})
+    assert torch.equal(load_weights(tmp_path, "tokenizer")["w"], torch.full((2,), 2.0))
+    assert torch.equal(load_weights(tmp_path, "prior")["w"], torch.zeros(3))
+    with pytest.raises(KeyError, match="--stage reward"):
+        load_weights(tmp_path, "reward")
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("name", preset_names())
+@pytest.mark.parametrize("scale", ["tiny", "small", "paper"])
+def test_presets_round_trip_through_json(tmp_path, name, scale):
+    cfg = get_preset(name, scale)
+    write_run_config(tmp_path, cfg.to_dict(), None)
+    back = ExperimentConfig.from_dict(read_run_config(tmp_path)["experiment"])
+    assert back == cfg
+    assert json.loads((tmp_path / "config.json").read_text())["format"] == "videogpt-worldmodel"
+
+
+def test_bad_preset_and_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        get_preset("nope")
+    with pytest.raises(ValueError, match="unknown scale 'huge'"):
+        get_preset("vizdoom_hgs", "huge")
+    with pytest.raises(ValueError, match="unknown config fields"):
+        ExperimentConfig.from_dict({"bogus": 1})
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        read_run_config(tmp_path)
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(100, cfg) == pytest.approx(0.1) and lr_at(55, cfg) < lr_at(20, cfg)

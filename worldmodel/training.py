@@ -1,0 +1,239 @@
+"""Generic training loop shared by the tokenizer and prior stages.
+
+A model plugs in through ``model.compute_loss(batch) -> (loss, metrics)`` (IRIS style). The loop
+adds: AdamW with warmup + cosine decay, gradient clipping, bf16 autocast, DDP under ``torchrun``
+(gloo on CPU, nccl on CUDA; only rank 0 writes files), TensorBoard scalars, a tqdm bar, periodic
+validation with a stage-specific hook, atomic checkpoints and exact resume (weights, optimizer,
+step, RNG and data order) so that a ``kill -9`` loses at most one checkpoint interval.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from worldmodel.checkpoint import load_trainer_state, load_weights, save_trainer_state, save_weights
+from worldmodel.config import TrainConfig
+from worldmodel.store import SeededSampler
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Initialise torch.distributed when launched by ``torchrun`` (env ``WORLD_SIZE`` > 1).
+
+    ``device``: "auto" (CUDA if available, else CPU), "cpu" or "cuda".
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(dev)
+        return DistInfo(rank, world, local, dev)
+    return DistInfo(device=torch.device("cuda" if use_cuda else "cpu"))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to ``cfg.lr`` then cosine decay to 10% of it at ``cfg.steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class _LossModule(nn.Module):
+    """Routes ``forward`` to ``compute_loss`` so DDP's gradient hooks see the call."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.model.compute_loss(batch)
+
+
+def _rng_state() -> dict[str, Any]:
+    # Only torch's generators drive randomness in a step (dropout, codebook restarts); data order
+    # comes from SeededSampler's own generator.
+    s = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state()
+    return s
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@dataclass
+class FitResult:
+    step: int
+    last_metrics: dict[str, float]
+    val_metrics: dict[str, float]
+    minutes: float
+
+
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, batches: int, device: torch.device,
+             bf16: bool = False, seed: int = 1234) -> dict[str, float]:
+    """Mean metrics of ``compute_loss`` over ``batches`` fixed (seeded) validation batches."""
+    sampler = SeededSampler(len(dataset), seed=seed)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for i, batch in enumerate(loader):
+            if i >= batches:
+                break
+            loss, metrics = model.compute_loss(_to_device(batch, device))
+            metrics = {"loss": float(loss), **metrics}
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+    model.train(was_training)
+    return {k: v / batches for k, v in sums.items()}
+
+
+def fit(model: nn.Module, *, stage: str, run_dir: str | os.PathLike, train_set: Dataset, val_set: Dataset | None,
+        cfg: TrainConfig, dist_info: DistInfo | None = None, resume: bool = True, val_batches: int = 8,
+        on_eval: Callable[[nn.Module, int, Any], None] | None = None,
+        on_checkpoint: Callable[[nn.Module, int], None] | None = None, progress: bool = True) -> FitResult:
+    """Train ``model`` for ``cfg.steps`` optimizer steps and checkpoint it under ``run_dir``.
+
+    Args:
+        model: has ``compute_loss(batch) -> (loss, metrics)``; its weights are saved as ``<stage>.*``
+            in ``run_dir/model.safetensors``.
+        stage: component name, e.g. ``"tokenizer"`` or ``"prior"``.
+        train_set / val_set: map-style datasets of dicts of tensors.
+        cfg: optimisation settings (``batch_size`` is per process).
+        resume: continue from ``run_dir/trainer_state/<stage>.pt`` when it exists.
+        on_eval: ``f(model, step, tensorboard_writer_or_None)`` called at every evaluation on rank 0
+            (e.g. reconstruction videos).
+        on_checkpoint: called on rank 0 after each checkpoint (e.g. to refresh the bundle).
+    """
+    di = dist_info or DistInfo()
+    run_dir = Path(run_dir)
+    torch.manual_seed(cfg.seed + di.rank)
+    model.to(di.device).train()
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    step = 0
+    state = load_trainer_state(run_dir, stage) if resume else None
+    if state is not None:
+        model.load_state_dict(load_weights(run_dir, stage))
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+    wrapped: nn.Module = _LossModule(model)
+    if di.world_size > 1:
+        wrapped = nn.parallel.DistributedDataParallel(
+            wrapped, device_ids=[di.device.index] if di.device.type == "cuda" else None, broadcast_buffers=False)
+
+    sampler = SeededSampler(len(train_set), seed=cfg.seed, start=step * cfg.batch_size, rank=di.rank,
+                            world_size=di.world_size)
+    loader = iter(DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True))
+    # Restore RNG only now: creating the DataLoader iterator above draws from torch's generator.
+    if state is not None and di.rank < len(state.get("rng", [])):
+        _set_rng_state(state["rng"][di.rank])
+    writer = None
+    if di.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tb" / stage))
+
+    def checkpoint() -> None:
+        rng = [_rng_state()]
+        if di.world_size > 1:
+            gathered: list[Any] = [None] * di.world_size
+            dist.all_gather_object(gathered, rng[0])
+            rng = gathered
+        if di.is_main:
+            save_weights(run_dir, stage, model.state_dict())
+            save_trainer_state(run_dir, stage, {"step": step, "optimizer": opt.state_dict(), "rng": rng,
+                                                "world_size": di.world_size})
+            if on_checkpoint is not None:
+                on_checkpoint(model, step)
+
+    t0 = time.monotonic()
+    metrics: dict[str, float] = {}
+    val_metrics: dict[str, float] = {}
+    bar = tqdm(total=cfg.steps, initial=step, desc=stage, disable=not (progress and di.is_main), dynamic_ncols=True)
+    stopped_early = False
+    while step < cfg.steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        batch = _to_device(next(loader), di.device)
+        with torch.autocast(di.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss, metrics = wrapped(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{stage}: loss became {float(loss)} at step {step}; lower the learning rate "
+                                     f"(--{stage}-train.lr) or disable bf16")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if writer is not None and (step % cfg.log_every == 0 or step == 1):
+            writer.add_scalar(f"{stage}/loss", float(loss), step)
+            writer.add_scalar(f"{stage}/lr", opt.param_groups[0]["lr"], step)
+            for k, v in metrics.items():
+                writer.add_scalar(f"{stage}/{k}", v, step)
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+        timed_out = cfg.max_minutes > 0 and (time.monotonic() - t0) / 60 >= cfg.max_minutes
+        if di.world_size > 1:  # every rank must agree to stop together
+            flag = torch.tensor([float(timed_out)], device=di.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            timed_out = bool(flag.item())
+        last = step == cfg.steps or timed_out
+        if (step % cfg.eval_every == 0 or last) and val_set is not None and di.is_main:
+            val_metrics = evaluate(model, val_set, cfg.batch_size, val_batches, di.device, cfg.bf16)
+            for k, v in val_metrics.items():
+                writer.add_scalar(f"{stage}/val_{k}", v, step)  # type: ignore[union-attr]
+            if on_eval is not None:
+                on_eval(model, step, writer)
+        if step % cfg.ckpt_every == 0 or last:
+            checkpoint()
+        if timed_out and step < cfg.steps:
+            stopped_early = True
+            break
+    bar.close()
+    if writer is not None:
+        writer.close()
+    minutes = (time.monotonic() - t0) / 60
+    if stopped_early and di.is_main:
+        print(f"{stage}: stopped at step {step}/{cfg.steps} after the {cfg.max_minutes}-minute budget")
+    return FitResult(step=step, last_metrics={k: float(v) for k, v in metrics.items()}, val_metrics=val_metrics,
+                     minutes=minutes)
