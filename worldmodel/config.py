@@ -98,15 +98,25 @@ class TrainConfig:
     """Optimisation settings of one training stage."""
 
     steps: int = 2000
+    """Optimizer steps."""
     batch_size: int = 16
+    """Clips per step and process (global batch = batch_size × processes)."""
     lr: float = 3e-4
+    """Peak learning rate (AdamW), reached after warmup, cosine-decayed to 10% at the end."""
     weight_decay: float = 0.0
+    """AdamW weight decay on matrices (not on biases and norms)."""
     warmup_steps: int = 100
+    """Linear learning-rate warmup steps."""
     grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
     log_every: int = 25
+    """TensorBoard scalars every this many steps."""
     eval_every: int = 500
+    """Validation (held-out episodes) and sample media every this many steps."""
     ckpt_every: int = 500
+    """Checkpoint every this many steps; a kill loses at most this much training."""
     seed: int = 0
+    """Seed of initialisation, dropout and data order."""
     bf16: bool = False
     """bf16 autocast (CPU and CUDA)."""
     max_minutes: float = 0.0
@@ -118,7 +128,9 @@ class ExperimentConfig:
     """A complete, named experiment: data + tokenizer + prior + both training stages."""
 
     name: str = "vizdoom_hgs"
+    """Preset name (recorded in the bundle)."""
     scale: str = "tiny"
+    """Preset scale: tiny | small | paper."""
     env: str = "vizdoom_hgs"
     """Real env (for collection/evaluation) or dataset source this preset reads."""
     data: DataConfig = field(default_factory=DataConfig)

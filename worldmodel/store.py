@@ -545,7 +545,9 @@ class ClipDataset(Dataset):
     and ``actions`` int64 ``(L-1,)`` or float32 ``(L-1, A)`` unless the store is action-free.
 
     Args:
-        store: an :class:`EpisodeStore` (or its path).
+        store: an :class:`EpisodeStore` (or its path), or any object with the same
+            ``episode_ids(split)``, ``length(id)``, ``read_clip(id, start, length)`` and ``root``
+            (e.g. :class:`worldmodel.token_cache.TokenCache`, whose clips hold ``tokens``).
         split: ``'train' | 'val' | 'test'`` or None for all episodes.
         clip_len: frames per clip; episodes shorter than this are skipped.
         stride: distance in frames between consecutive window starts (default 1: every window).
@@ -553,7 +555,7 @@ class ClipDataset(Dataset):
 
     def __init__(self, store: EpisodeStore | str | os.PathLike, split: str | None = "train", clip_len: int = 16,
                  stride: int = 1) -> None:
-        self.store = store if isinstance(store, EpisodeStore) else EpisodeStore(store)
+        self.store = EpisodeStore(store) if isinstance(store, (str, os.PathLike)) else store
         if clip_len < 1 or stride < 1:
             raise ValueError(f"clip_len and stride must be >= 1, got clip_len={clip_len}, stride={stride}")
         self.clip_len, self.stride, self.split = clip_len, stride, split

@@ -1,0 +1,120 @@
+"""Train a VideoGPT world model: collect (real envs) -> tokenizer -> token cache -> prior.
+
+Examples:
+    python experiments/train.py --env vizdoom_hgs --scale tiny                 # the whole pipeline
+    python experiments/train.py --env vizdoom_hgs --stage tokenizer --scale tiny
+    python experiments/train.py --env vizdoom_hgs --stage prior --config.prior.n-layer 6
+    torchrun --nproc_per_node 2 experiments/train.py --env vizdoom_hgs --stage tokenizer
+
+Every field of the preset can be overridden with a flag (``--config.<section>.<field>``); the
+resolved config is printed and saved as ``<run-dir>/config.json``. Training resumes from the last
+checkpoint of a stage unless ``--no-resume`` is given.
+
+Expected time on 2 CPU cores: ``--scale tiny`` ~10-15 min for the whole pipeline; ``small`` a few
+hours; ``paper`` is meant for GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+
+from worldmodel.config import SCALES, ExperimentConfig, get_preset, preset_names
+from worldmodel.training import setup_distributed
+
+REAL_ENVS = ("vizdoom_hgs", "vizdoom_battle2")
+
+
+@dataclass
+class Args:
+    env: str = "vizdoom_hgs"
+    """Preset name: one of the presets in worldmodel/config.py (vizdoom_hgs, vizdoom_battle2, ...)."""
+    scale: Literal["tiny", "small", "paper"] = "tiny"
+    """Size axis of the preset: tiny (minutes on 2 CPU cores), small (CPU quality), paper (the paper's)."""
+    stage: Literal["all", "collect", "tokenizer", "encode", "prior"] = "all"
+    """Which stage to run; 'all' runs every stage in order (collecting first if the store is missing)."""
+    run_dir: str | None = None
+    """Run directory = world-model bundle (default: runs/<env>-<scale>, under $WORLDMODEL_HOME if set)."""
+    resume: bool = True
+    """Continue a stage from its last checkpoint in the run directory."""
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cpu' or 'cuda'."""
+    threads: int = 0
+    """torch intra-op threads (0 = torch's default)."""
+    battle2_path: str | None = None
+    """Directory with D4_battle2.wad/.cfg, for collecting vizdoom_battle2 data."""
+    config: ExperimentConfig = ExperimentConfig()
+    """The preset's configuration; override any field, e.g. --config.prior-train.steps 500."""
+
+
+def default_run_dir(env: str, scale: str) -> Path:
+    base = Path(os.environ["WORLDMODEL_HOME"]) / "runs" if "WORLDMODEL_HOME" in os.environ else Path("runs")
+    return base / f"{env}-{scale}"
+
+
+def parse(argv: list[str] | None = None) -> Args:
+    """Two-phase parse: --env/--scale pick the preset, whose values become the flags' defaults."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--env", default="vizdoom_hgs")
+    pre.add_argument("--scale", default="tiny")
+    known, _ = pre.parse_known_args(argv)
+    if known.env not in preset_names():
+        sys.exit(f"--env {known.env!r}: unknown preset; expected one of {preset_names()}")
+    if known.scale not in SCALES:
+        sys.exit(f"--scale {known.scale!r}: expected one of {list(SCALES)}")
+    default = Args(env=known.env, scale=known.scale, config=get_preset(known.env, known.scale))
+    return tyro.cli(Args, default=default, args=argv, description=__doc__)
+
+
+def main(args: Args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    di = setup_distributed(args.device)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.env, args.scale)
+    cfg = args.config
+    if di.is_main:
+        print(f"run directory: {run_dir}\nconfig: {json.dumps(cfg.to_dict(), indent=1)}")
+
+    from worldmodel import stages
+
+    stage_list = ["collect", "tokenizer", "encode", "prior"] if args.stage == "all" else [args.stage]
+    results = {}
+    if "collect" in stage_list:
+        if args.stage == "collect" or not (Path(cfg.data.store) / "store.json").exists():
+            if cfg.env not in REAL_ENVS:
+                sys.exit(f"store {cfg.data.store} is missing and preset {args.env!r} has no real env to collect from; "
+                         f"convert a dataset first (python experiments/convert.py ...)")
+            if di.is_main:
+                from envs.collect import collect
+
+                kw = {"battle2_path": args.battle2_path} if args.battle2_path else {}
+                r = collect(cfg.env, cfg.data.store, cfg.collect_episodes, env_kwargs=kw)
+                print(f"collected {r.collected} episodes into {r.store}")
+            if di.world_size > 1:
+                torch.distributed.barrier()
+    if "tokenizer" in stage_list:
+        results["tokenizer"] = stages.train_tokenizer(cfg, run_dir, dist_info=di, resume=args.resume)
+    if "encode" in stage_list and di.is_main:
+        print(f"token cache: {stages.encode_tokens(cfg, run_dir, device=di.device)}")
+    if "prior" in stage_list:
+        results["prior"] = stages.train_prior(cfg, run_dir, dist_info=di, resume=args.resume)
+    if di.is_main:
+        print("\n== summary ==")
+        print(f"bundle:      {run_dir.resolve()}")
+        print(f"tensorboard: tensorboard --logdir {(run_dir / 'tb').resolve()}")
+        for name, r in results.items():
+            print(f"{name}: {r.step} steps in {r.minutes:.1f} min; val {json.dumps({k: round(v, 4) for k, v in r.val_metrics.items()})}")
+    if di.world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse())

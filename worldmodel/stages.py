@@ -1,0 +1,173 @@
+"""The training stages of a world model, as library functions the CLI calls.
+
+``train_tokenizer`` -> ``encode_tokens`` -> ``train_prior``; each reads the resolved
+:class:`~worldmodel.config.ExperimentConfig`, writes into one run directory (which is also the
+bundle, see :mod:`worldmodel.checkpoint`) and can be resumed.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from worldmodel.checkpoint import CONFIG_JSON, WEIGHTS, load_weights, read_run_config, write_run_config
+from worldmodel.config import ExperimentConfig
+from worldmodel.store import ClipDataset, EpisodeStore, StoreMeta
+from worldmodel.token_cache import TOKENS_FILE, TokenCache, encode_store
+from worldmodel.training import DistInfo, FitResult, fit
+from worldmodel.video import grid, save_png
+
+
+def resolve_config(cfg: ExperimentConfig, meta: StoreMeta) -> ExperimentConfig:
+    """Make the preset consistent with the data and with itself.
+
+    The tokenizer's resolution and the prior's vocabulary, token grid and action space follow from
+    the store and the tokenizer geometry, so they are derived here rather than trusted from flags.
+    """
+    H, W, _ = meta.obs_shape
+    if H != W:
+        raise ValueError(f"store frames are {H}x{W}; the tokenizer needs square frames (convert with a center crop)")
+    tok = replace(cfg.tokenizer, resolution=H)
+    st, sh, sw = tok.stride
+    if H % sh or W % sw:
+        raise ValueError(f"frame size {H}x{W} is not divisible by the tokenizer stride (h={sh}, w={sw})")
+    if cfg.data.clip_len % st:
+        raise ValueError(f"data.clip_len={cfg.data.clip_len} must be a multiple of the temporal stride {st}")
+    spec = meta.action_spec
+    prior = replace(cfg.prior, vocab_size=tok.codebook_size, tokens_h=H // sh, tokens_w=W // sw,
+                    action_kind=spec.kind, n_actions=spec.n, action_dim=spec.dim)
+    if spec.kind != "none" and st != 1:
+        raise ValueError(f"action-conditioned priors need temporal stride 1 (one latent frame per action); "
+                         f"tokenizer.stride={tok.stride}")
+    tok = replace(tok, max_frames=max(tok.max_frames, cfg.data.clip_len))
+    return replace(cfg, tokenizer=tok, prior=prior, data=replace(cfg.data, resolution=H))
+
+
+def _split_with_fallback(source: Any, split: str, clip_len: int) -> ClipDataset | None:
+    for s in (split, "test", "train"):
+        try:
+            ds = ClipDataset(source, split=s, clip_len=clip_len)
+        except ValueError:
+            continue
+        if s != split:
+            warnings.warn(f"{source.root}: no usable '{split}' episodes; validating on '{s}' instead", stacklevel=3)
+        return ds
+    return None
+
+
+def prepare_run(cfg: ExperimentConfig, run_dir: str | os.PathLike) -> tuple[ExperimentConfig, EpisodeStore]:
+    """Open the store, resolve the config against it and write ``config.json`` (the bundle config)."""
+    store = EpisodeStore(cfg.data.store)
+    cfg = resolve_config(cfg, store.meta)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / CONFIG_JSON).exists() and (run_dir / WEIGHTS).exists():
+        old = ExperimentConfig.from_dict(read_run_config(run_dir)["experiment"])
+        if old.tokenizer != cfg.tokenizer:
+            raise ValueError(f"{run_dir} holds a tokenizer trained with a different config; use a new --run-dir "
+                             f"(old: {old.tokenizer}, new: {cfg.tokenizer})")
+    meta = store.meta.to_dict()
+    meta["path"] = str(Path(cfg.data.store).resolve())
+    write_run_config(run_dir, cfg.to_dict(), meta)
+    return cfg, store
+
+
+def estimate_variance(dataset: ClipDataset, n_clips: int = 64, seed: int = 0) -> float:
+    """Variance of pixel values scaled to [-0.5, 0.5] over ``n_clips`` random clips (paper's normaliser)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(dataset), size=min(n_clips, len(dataset)), replace=False)
+    x = torch.stack([dataset[int(i)]["frames"] for i in idx]).float() / 255.0 - 0.5
+    return float(x.var())
+
+
+def train_tokenizer(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, dist_info: DistInfo | None = None,
+                    resume: bool = True, progress: bool = True) -> FitResult:
+    """Train the VQ-VAE on clips of the store; writes weights, TensorBoard logs and ``recon.png``."""
+    from worldmodel.tokenizer import VQVAE
+
+    cfg, store = prepare_run(cfg, run_dir)
+    run_dir = Path(run_dir)
+    train_set = ClipDataset(store, split="train", clip_len=cfg.data.clip_len)
+    val_set = _split_with_fallback(store, "val", cfg.data.clip_len)
+    model = VQVAE(cfg.tokenizer)
+    model.set_data_variance(estimate_variance(train_set, seed=cfg.tokenizer_train.seed))
+    di = dist_info or DistInfo()
+    sample = torch.stack([(val_set or train_set)[i]["frames"] for i in range(min(4, len(val_set or train_set)))])
+
+    def on_eval(m: torch.nn.Module, step: int, writer: Any) -> None:
+        recon = _reconstruct(m, sample.to(di.device))
+        if writer is not None:  # (N, T, C, H, W) in [0, 1]; originals on top, reconstructions below
+            vid = torch.cat([sample, recon], dim=2).permute(0, 1, 4, 2, 3).float() / 255
+            writer.add_video("tokenizer/reconstruction", vid, step, fps=4)
+        save_recon_png(sample.numpy(), recon.numpy(), run_dir / "recon.png")
+
+    return fit(model, stage="tokenizer", run_dir=run_dir, train_set=train_set, val_set=val_set,
+               cfg=cfg.tokenizer_train, dist_info=di, resume=resume, on_eval=on_eval, progress=progress)
+
+
+@torch.no_grad()
+def _reconstruct(model: Any, frames: torch.Tensor) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    out = model.decode(model.encode(frames)).cpu()
+    model.train(was)
+    return out
+
+
+def save_recon_png(originals: np.ndarray, recons: np.ndarray, path: str | os.PathLike) -> Path:
+    """Grid of originals (odd rows) over reconstructions (even rows); inputs uint8 ``(N, T, H, W, 3)``."""
+    rows = []
+    for o, r in zip(originals, recons):
+        rows += [o, r]
+    return save_png(grid(rows), path)
+
+
+def load_tokenizer(run_dir: str | os.PathLike, device: torch.device | str = "cpu") -> Any:
+    """The trained VQ-VAE of a run directory, in eval mode."""
+    from worldmodel.tokenizer import VQVAE
+
+    cfg = ExperimentConfig.from_dict(read_run_config(run_dir)["experiment"])
+    model = VQVAE(cfg.tokenizer)
+    model.load_state_dict(load_weights(run_dir, "tokenizer"))
+    return model.to(device).eval()
+
+
+def encode_tokens(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, device: str | torch.device = "cpu",
+                  force: bool = False, progress: bool = True) -> Path:
+    """Encode the whole store with the run's tokenizer into ``run_dir/tokens.h5`` (skipped if up to date)."""
+    cfg, store = prepare_run(cfg, run_dir)
+    out = Path(run_dir) / TOKENS_FILE
+    weights = Path(run_dir) / WEIGHTS
+    if out.exists() and not force:
+        cache = TokenCache(out)
+        if cache.attrs.get("weights_mtime_ns") == weights.stat().st_mtime_ns and len(cache) == len(store):
+            return out
+    tok = load_tokenizer(run_dir, device)
+    return encode_store(tok, store, out, clip_len=cfg.data.clip_len, device=device, progress=progress,
+                        meta={"weights_mtime_ns": weights.stat().st_mtime_ns})
+
+
+def train_prior(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, dist_info: DistInfo | None = None,
+                resume: bool = True, progress: bool = True) -> FitResult:
+    """Train the GPT prior on windows of the token cache (encodes it first if needed)."""
+    from worldmodel.prior import Prior
+
+    di = dist_info or DistInfo()
+    cfg, _ = prepare_run(cfg, run_dir)
+    path = Path(run_dir) / TOKENS_FILE
+    if di.is_main:
+        encode_tokens(cfg, run_dir, device=di.device, progress=progress)
+    if di.world_size > 1:
+        torch.distributed.barrier()
+    cache = TokenCache(path)
+    train_set = ClipDataset(cache, split="train", clip_len=cfg.prior.frames)
+    val_set = _split_with_fallback(cache, "val", cfg.prior.frames)
+    model = Prior(cfg.prior)
+    return fit(model, stage="prior", run_dir=run_dir, train_set=train_set, val_set=val_set, cfg=cfg.prior_train,
+               dist_info=di, resume=resume, progress=progress)
