@@ -207,11 +207,11 @@ def fit(model: nn.Module, *, stage: str, run_dir: str | os.PathLike, train_set: 
         step += 1
         bar.update(1)
         if writer is not None and (step % cfg.log_every == 0 or step == 1):
-            writer.add_scalar(f"{stage}/loss", float(loss), step)
+            writer.add_scalar(f"{stage}/loss", loss.item(), step)
             writer.add_scalar(f"{stage}/lr", opt.param_groups[0]["lr"], step)
             for k, v in metrics.items():
                 writer.add_scalar(f"{stage}/{k}", v, step)
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}")
         timed_out = cfg.max_minutes > 0 and (time.monotonic() - t0) / 60 >= cfg.max_minutes
         if di.world_size > 1:  # every rank must agree to stop together
             flag = torch.tensor([float(timed_out)], device=di.device)

@@ -1,0 +1,225 @@
+"""Real ViZDoom environments: Health Gathering Supreme and Battle2, as Gymnasium envs.
+
+Both run headless through :class:`vizdoom.DoomGame` and return RGB uint8 observations resized to
+``resolution × resolution``, with ``frame_skip`` game tics per step and a discrete action set of
+button combinations.
+
+**vizdoom_hgs** — ``health_gathering_supreme.cfg`` shipped with ViZDoom: an acid floor drains
+health, medikits restore it. Reward is the scenario's: +1 per tic alive and −100 on death, summed
+over the skipped tics (so +4 per step alive with frame skip 4). Episodes end by death
+(``terminated``) or the 2100-tic timeout (``truncated``).
+
+**vizdoom_battle2** — ``D4_battle2.{wad,cfg}``, the "D4" scenario of Dosovitskiy & Koltun,
+*Learning to Act by Predicting the Future* (ICLR 2017): a maze with monsters, medikits and ammo.
+It is not shipped with the vizdoom package; its cfg sets no reward. Our reward follows the
+objective of that paper for D4 (measurements ammo, health, frags normalised by 7.5, 30 and 1 with
+weights 0.5, 0.5, 1), applied to the change of the cfg's game variables over a step::
+
+    r_t = ΔUSER2 + 0.5 · ΔHEALTH / 30 + 0.5 · ΔAMMO2 / 7.5
+
+where USER2 is the frag (kill) counter that the map's script maintains. Dying ends the episode
+(``terminated``); the timeout truncates it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import vizdoom as vzd
+from PIL import Image
+
+ENV_NAMES = ("vizdoom_hgs", "vizdoom_battle2")
+TICRATE = 35  # ViZDoom's game tics per second
+
+# Button order is the cfg's ``available_buttons``; each action is one combination of them.
+HGS_BUTTONS = ("TURN_LEFT", "TURN_RIGHT", "MOVE_FORWARD")
+HGS_ACTIONS: tuple[tuple[str, tuple[int, ...]], ...] = (
+    ("turn_left", (1, 0, 0)),
+    ("turn_right", (0, 1, 0)),
+    ("forward", (0, 0, 1)),
+    ("forward_left", (1, 0, 1)),
+    ("forward_right", (0, 1, 1)),
+)
+BATTLE2_BUTTONS = ("MOVE_FORWARD", "MOVE_BACKWARD", "MOVE_RIGHT", "MOVE_LEFT", "TURN_LEFT", "TURN_RIGHT",
+                   "ATTACK", "SPEED")
+# Turning, running forward (SPEED held), and shooting while standing or aiming: the moves a
+# Battle2 agent needs; backward and strafing moves are left out to keep the action set small.
+BATTLE2_ACTIONS: tuple[tuple[str, tuple[int, ...]], ...] = (
+    ("turn_left", (0, 0, 0, 0, 1, 0, 0, 0)),
+    ("turn_right", (0, 0, 0, 0, 0, 1, 0, 0)),
+    ("run_forward", (1, 0, 0, 0, 0, 0, 0, 1)),
+    ("run_forward_left", (1, 0, 0, 0, 1, 0, 0, 1)),
+    ("run_forward_right", (1, 0, 0, 0, 0, 1, 0, 1)),
+    ("attack", (0, 0, 0, 0, 0, 0, 1, 0)),
+    ("attack_turn_left", (0, 0, 0, 0, 1, 0, 1, 0)),
+    ("attack_turn_right", (0, 0, 0, 0, 0, 1, 1, 0)),
+)
+BATTLE2_FILES = ("D4_battle2.wad", "D4_battle2.cfg")
+BATTLE2_REWARD_WEIGHTS = {"USER2": 1.0, "HEALTH": 0.5 / 30.0, "AMMO2": 0.5 / 7.5}
+
+
+def action_names(name: str) -> list[str]:
+    """Human-readable names of the discrete actions of env ``name``."""
+    return [a for a, _ in (HGS_ACTIONS if name == "vizdoom_hgs" else BATTLE2_ACTIONS)]
+
+
+def resolve_battle2_path(path: str | os.PathLike | None) -> Path:
+    """Directory holding ``D4_battle2.wad`` and ``D4_battle2.cfg`` (argument, else ``$VIZDOOM_BATTLE2_PATH``)."""
+    if path is None:
+        path = os.environ.get("VIZDOOM_BATTLE2_PATH")
+    if path is None:
+        raise FileNotFoundError(
+            "vizdoom_battle2 needs the map: pass battle2_path=DIR (CLI: --battle2-path DIR) or set "
+            "VIZDOOM_BATTLE2_PATH to a directory holding D4_battle2.wad and D4_battle2.cfg. The MIT-licensed "
+            "files come from the D4 scenario of 'Learning to Act by Predicting the Future' (IntelVCL/"
+            "DirectFuturePrediction), also distributed with Sample Factory and Tianshou's ViZDoom examples.")
+    p = Path(path)
+    missing = [f for f in BATTLE2_FILES if not (p / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"battle2_path {p}: missing {', '.join(missing)}; expected a directory holding "
+                                f"{' and '.join(BATTLE2_FILES)}")
+    return p
+
+
+class VizdoomEnv(gym.Env):
+    """A ViZDoom scenario as a Gymnasium env with RGB observations and a discrete action set.
+
+    Args:
+        name: ``"vizdoom_hgs"`` or ``"vizdoom_battle2"``.
+        resolution: observation height and width in pixels (frames are area-resampled from 160×120).
+        frame_skip: game tics per step (the action is held for all of them).
+        battle2_path: directory of the Battle2 map (Battle2 only).
+        max_episode_steps: truncate episodes after this many steps (None: the scenario's timeout).
+        render_mode: ``None`` or ``"rgb_array"`` (the last game screen at 160×120).
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": TICRATE / 4}
+
+    def __init__(self, name: str = "vizdoom_hgs", *, resolution: int = 64, frame_skip: int = 4,
+                 battle2_path: str | os.PathLike | None = None, max_episode_steps: int | None = None,
+                 render_mode: str | None = None) -> None:
+        if name not in ENV_NAMES:
+            raise ValueError(f"name: got {name!r}, expected one of {ENV_NAMES}")
+        if resolution < 8 or frame_skip < 1:
+            raise ValueError(f"resolution must be >= 8 and frame_skip >= 1, got {resolution}, {frame_skip}")
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode: got {render_mode!r}, expected None or 'rgb_array'")
+        self.name, self.resolution, self.frame_skip = name, resolution, frame_skip
+        self.max_episode_steps, self.render_mode = max_episode_steps, render_mode
+        self.metadata = {**self.metadata, "render_fps": TICRATE / frame_skip}
+        game = vzd.DoomGame()
+        if name == "vizdoom_hgs":
+            game.load_config(os.path.join(vzd.scenarios_path, "health_gathering_supreme.cfg"))
+            buttons, self._actions = HGS_BUTTONS, HGS_ACTIONS
+        else:
+            root = resolve_battle2_path(battle2_path)
+            game.load_config(str(root / "D4_battle2.cfg"))
+            game.set_doom_scenario_path(str(root / "D4_battle2.wad"))
+            buttons, self._actions = BATTLE2_BUTTONS, BATTLE2_ACTIONS
+        got = tuple(b.name for b in game.get_available_buttons())
+        if got != buttons:
+            raise RuntimeError(f"{name}: cfg buttons are {got}, expected {buttons}")
+        game.set_screen_format(vzd.ScreenFormat.RGB24)
+        game.set_screen_resolution(vzd.ScreenResolution.RES_160X120)
+        game.set_window_visible(False)
+        game.set_mode(vzd.Mode.PLAYER)
+        game.init()
+        self.game = game
+        self._buttons = [list(map(float, b)) for _, b in self._actions]
+        self._vars = [v.name for v in game.get_available_game_variables()]
+        self.action_space = gym.spaces.Discrete(len(self._actions))
+        self.observation_space = gym.spaces.Box(0, 255, (resolution, resolution, 3), np.uint8)
+        self._screen = np.zeros((120, 160, 3), np.uint8)
+        self._obs = np.zeros(self.observation_space.shape, np.uint8)
+        self._steps = 0
+        self._last_vars: dict[str, float] = {}
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _read_state(self) -> None:
+        state = self.game.get_state()
+        if state is not None:  # None once the episode has finished: keep the last frame
+            self._screen = np.ascontiguousarray(state.screen_buffer)
+            # Box (area) filter: every source pixel contributes, which avoids aliasing on downscale.
+            img = Image.fromarray(self._screen).resize((self.resolution, self.resolution), Image.Resampling.BOX)
+            self._obs = np.asarray(img, dtype=np.uint8)
+
+    def _game_vars(self) -> dict[str, float]:
+        return {v: float(self.game.get_game_variable(getattr(vzd.GameVariable, v))) for v in self._vars}
+
+    def _info(self) -> dict[str, Any]:
+        return {"step": self._steps, "episode_tic": int(self.game.get_episode_time()), **self._last_vars}
+
+    # -- Gymnasium API --------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.game.set_seed(int(self.np_random.integers(0, 2**31 - 1)))
+        self.game.new_episode()
+        self._steps = 0
+        self._read_state()
+        self._last_vars = self._game_vars()
+        return self._obs.copy(), self._info()
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if not self.action_space.contains(action):
+            raise ValueError(f"action: got {action!r}, expected an int in [0, {self.action_space.n}) "
+                             f"({', '.join(action_names(self.name))})")
+        if self.game.is_episode_finished():
+            raise RuntimeError("step() called after the episode ended; call reset() first")
+        reward = float(self.game.make_action(self._buttons[int(action)], self.frame_skip))
+        self._steps += 1
+        dead = self.game.is_player_dead()
+        finished = self.game.is_episode_finished()
+        if not finished:
+            self._read_state()
+        new_vars = self._game_vars() if not finished else self._last_vars
+        if self.name == "vizdoom_battle2" and not finished:
+            reward = sum(w * (new_vars[k] - self._last_vars[k]) for k, w in BATTLE2_REWARD_WEIGHTS.items())
+        self._last_vars = new_vars
+        terminated = bool(dead)
+        truncated = bool(finished and not dead)
+        if self.max_episode_steps is not None and self._steps >= self.max_episode_steps and not terminated:
+            truncated = True
+        return self._obs.copy(), reward, terminated, truncated, self._info()
+
+    def render(self) -> np.ndarray | None:
+        if self.render_mode == "rgb_array":
+            return self._screen.copy()
+        return None
+
+    def close(self) -> None:
+        if getattr(self, "game", None) is not None:
+            self.game.close()
+            self.game = None  # type: ignore[assignment]
+
+
+def make_real_env(name: str, *, resolution: int = 64, frame_skip: int = 4,
+                  battle2_path: str | os.PathLike | None = None, max_episode_steps: int | None = None,
+                  render_mode: str | None = None, seed: int | None = None) -> VizdoomEnv:
+    """Create the real env ``name`` (see :class:`VizdoomEnv`); ``seed`` seeds its first reset."""
+    env = VizdoomEnv(name, resolution=resolution, frame_skip=frame_skip, battle2_path=battle2_path,
+                     max_episode_steps=max_episode_steps, render_mode=render_mode)
+    if seed is not None:
+        env.reset(seed=seed)
+    return env
+
+
+def make_real_env_fn(name: str, **kwargs: Any) -> Callable[[], VizdoomEnv]:
+    """A picklable zero-argument factory, for ``AsyncVectorEnv`` subprocesses."""
+    if name not in ENV_NAMES:
+        raise ValueError(f"name: got {name!r}, expected one of {ENV_NAMES}")
+    if name == "vizdoom_battle2":  # fail here, in the caller's process, with the clear message
+        kwargs["battle2_path"] = str(resolve_battle2_path(kwargs.get("battle2_path")))
+    return _Factory(name, kwargs)
+
+
+class _Factory:
+    def __init__(self, name: str, kwargs: dict[str, Any]) -> None:
+        self.name, self.kwargs = name, kwargs
+
+    def __call__(self) -> VizdoomEnv:
+        return make_real_env(self.name, **self.kwargs)
