@@ -24,6 +24,7 @@ where USER2 is the frag (kill) counter that the map's script maintains. Dying en
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,8 @@ class VizdoomEnv(gym.Env):
         game.set_screen_resolution(vzd.ScreenResolution.RES_160X120)
         game.set_window_visible(False)
         game.set_mode(vzd.Mode.PLAYER)
+        # ViZDoom writes its engine ini into the working directory unless told otherwise.
+        game.set_doom_config_path(os.path.join(tempfile.gettempdir(), f"worldmodel_vizdoom_{os.getuid()}.ini"))
         game.init()
         self.game = game
         self._buttons = [list(map(float, b)) for _, b in self._actions]

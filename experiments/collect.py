@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,8 +48,11 @@ def main(args: Args) -> None:
     env_kwargs = {"resolution": args.resolution, "frame_skip": args.frame_skip}
     if args.battle2_path is not None:
         env_kwargs["battle2_path"] = args.battle2_path
-    r = collect(args.env, args.out, args.episodes, policy=args.policy, num_envs=args.num_envs, seed=args.seed,
-                mean_repeat=args.mean_repeat, episodes_per_shard=args.episodes_per_shard, env_kwargs=env_kwargs)
+    try:
+        r = collect(args.env, args.out, args.episodes, policy=args.policy, num_envs=args.num_envs, seed=args.seed,
+                    mean_repeat=args.mean_repeat, episodes_per_shard=args.episodes_per_shard, env_kwargs=env_kwargs)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
     if r.collected == 0:
         print(f"{r.store}: already holds {r.already_present} >= {r.requested} episodes; nothing to do")
         return
