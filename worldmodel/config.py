@@ -182,7 +182,7 @@ def _vizdoom(name: str, scale: str, n_actions: int) -> ExperimentConfig:
     if scale == "tiny":
         tok = replace(tok, channels=64, n_res_layers=1, codebook_size=256, embedding_dim=32)
         prior = replace(prior, n_layer=2, n_head=4, n_embd=128, frames=8, vocab_size=256, dropout=0.0, attn_dropout=0.0)
-        tt = TrainConfig(steps=300, batch_size=8, lr=1e-3, warmup_steps=20, eval_every=100, ckpt_every=100)
+        tt = TrainConfig(steps=600, batch_size=8, lr=1e-3, warmup_steps=20, eval_every=200, ckpt_every=200)
         pt = TrainConfig(steps=300, batch_size=8, lr=1e-3, warmup_steps=20, eval_every=100, ckpt_every=100)
         data = DataConfig(store=f"data/{name}", clip_len=8)
         episodes = 40

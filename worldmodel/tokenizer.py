@@ -1,0 +1,287 @@
+"""VideoGPT's VQ-VAE: 3D-conv encoder/decoder with axial-attention residual blocks and an EMA codebook.
+
+    frames uint8 (B, T, H, W, 3)
+      -> [-0.5, 0.5] float (B, 3, T, H, W)
+      -> encoder: strided 3D convs (per-axis strides) -> residual blocks with axial attention
+      -> 1x1 conv to D -> codebook -> tokens int64 (B, T/st, H/sh, W/sw)
+      -> decoder: 1x1 conv -> residual blocks -> transposed 3D convs -> (B, 3, T, H, W)
+
+With ``causal_time`` every temporal convolution pads from the past only, temporal transposed
+convolutions are cropped at the end, and temporal attention is masked: tokens of latent frame t
+depend on input frames <= t only (exactly), and the decoded frame t depends on tokens <= t.
+
+Normalisation is a per-position LayerNorm over channels, not VideoGPT's BatchNorm: batch or
+group statistics pool over time and would leak future frames into the past, and a per-position
+norm behaves identically in training and inference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from worldmodel.attention import AxialBlock
+from worldmodel.codebook import Codebook
+from worldmodel.config import TokenizerConfig
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over channels at every (t, h, w) position of ``(B, C, T, H, W)``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rearrange(self.norm(rearrange(x, "b c t h w -> b t h w c")), "b t h w c -> b c t h w")
+
+
+class Conv3d(nn.Module):
+    """3D convolution with 'same' padding in H, W and, in T, causal or 'same' padding."""
+
+    def __init__(self, cin: int, cout: int, kernel: tuple[int, int, int], stride: tuple[int, int, int] = (1, 1, 1),
+                 causal: bool = False) -> None:
+        super().__init__()
+        pads = []
+        for i, (k, s) in enumerate(zip(kernel, stride)):
+            p = k - s
+            if i == 0 and causal:
+                pads.append((p, 0))
+            else:
+                pads.append((p // 2 + p % 2, p // 2))
+        # F.pad takes the last axis first: (w_lo, w_hi, h_lo, h_hi, t_lo, t_hi)
+        self.pad = (*pads[2], *pads[1], *pads[0])
+        self.conv = nn.Conv3d(cin, cout, kernel, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, self.pad))
+
+
+class ConvTranspose3d(nn.Module):
+    """Transposed 3D convolution that exactly inverts :class:`Conv3d`'s shape change.
+
+    The output is cropped to ``input * stride``; in T with ``causal`` the crop removes only the end,
+    so output frame o depends on inputs ``<= o // stride`` only.
+    """
+
+    def __init__(self, cin: int, cout: int, kernel: tuple[int, int, int], stride: tuple[int, int, int],
+                 causal: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.ConvTranspose3d(cin, cout, kernel, stride)
+        self.crops = []
+        for i, (k, s) in enumerate(zip(kernel, stride)):
+            extra = k - s  # full output length is in*s + (k - s)
+            lo = 0 if (i == 0 and causal) else extra // 2
+            self.crops.append((lo, extra - lo))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        (t0, t1), (h0, h1), (w0, w1) = self.crops
+        return y[:, :, t0:y.shape[2] - t1, h0:y.shape[3] - h1, w0:y.shape[4] - w1]
+
+
+class AttentionResidualBlock(nn.Module):
+    """norm-ReLU-conv3-norm-ReLU-conv1-norm-ReLU-axial attention, added to the input (VideoGPT)."""
+
+    def __init__(self, dim: int, n_heads: int, spatial: tuple[int, int], max_frames: int, causal: bool) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            ChannelNorm(dim), nn.ReLU(), Conv3d(dim, dim // 2, (3, 3, 3), causal=causal),
+            ChannelNorm(dim // 2), nn.ReLU(), Conv3d(dim // 2, dim, (1, 1, 1)),
+            ChannelNorm(dim), nn.ReLU(), AxialBlock(dim, n_heads, spatial, max_frames, causal))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+def _n_halvings(stride: tuple[int, int, int]) -> list[int]:
+    out = []
+    for s in stride:
+        n = int(round(math.log2(s))) if s >= 1 else -1
+        if s < 1 or 2**n != s:
+            raise ValueError(f"tokenizer stride {stride}: every factor must be a power of two (1, 2, 4, 8, ...)")
+        out.append(n)
+    return out
+
+
+def _kernel(stride: tuple[int, ...], halvings: list[int]) -> tuple[int, int, int]:
+    """Kernel of a resampling layer: 4 along halved axes (as VideoGPT), else 3.
+
+    When the tokenizer keeps every frame (temporal stride 1) the resampling layers, which run at
+    the highest resolutions and dominate the cost, use temporal kernel 1 (3x cheaper); frames
+    still mix in time in the residual blocks (3x3x3 convs and temporal attention).
+    """
+    t = 4 if stride[0] == 2 else (1 if halvings[0] == 0 else 3)
+    return (t, 4 if stride[1] == 2 else 3, 4 if stride[2] == 2 else 3)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: TokenizerConfig) -> None:
+        super().__init__()
+        halvings = _n_halvings(cfg.stride)
+        C, causal = cfg.channels, cfg.causal_time
+        layers: list[nn.Module] = []
+        cin = 3
+        for i in range(max(halvings)):
+            stride = tuple(2 if n > i else 1 for n in halvings)
+            kernel = _kernel(stride, halvings)
+            layers += [Conv3d(cin, C, kernel, stride, causal=causal), nn.ReLU()]  # type: ignore[arg-type]
+            cin = C
+        if not layers:
+            layers += [Conv3d(3, C, (3, 3, 3), causal=causal), nn.ReLU()]
+        self.down = nn.Sequential(*layers)
+        spatial = (cfg.resolution // cfg.stride[1], cfg.resolution // cfg.stride[2])
+        max_t = max(1, cfg.max_frames // cfg.stride[0])
+        self.res = nn.Sequential(*[AttentionResidualBlock(C, cfg.n_heads, spatial, max_t, causal)
+                                   for _ in range(cfg.n_res_layers)], ChannelNorm(C), nn.ReLU())
+        self.to_code = Conv3d(C, cfg.embedding_dim, (1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, T, H, W) -> (B, D, T', h, w)
+        return self.to_code(self.res(self.down(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: TokenizerConfig) -> None:
+        super().__init__()
+        halvings = _n_halvings(cfg.stride)
+        C, causal = cfg.channels, cfg.causal_time
+        spatial = (cfg.resolution // cfg.stride[1], cfg.resolution // cfg.stride[2])
+        max_t = max(1, cfg.max_frames // cfg.stride[0])
+        self.from_code = Conv3d(cfg.embedding_dim, C, (1, 1, 1))
+        self.res = nn.Sequential(*[AttentionResidualBlock(C, cfg.n_heads, spatial, max_t, causal)
+                                   for _ in range(cfg.n_res_layers)], ChannelNorm(C), nn.ReLU())
+        layers: list[nn.Module] = []
+        n_up = max(halvings)
+        for i in range(n_up):
+            stride = tuple(2 if n > n_up - 1 - i else 1 for n in halvings)  # mirror of the encoder
+            kernel = _kernel(stride, halvings)
+            cout = 3 if i == n_up - 1 else C
+            if all(s == 1 for s in stride):
+                layers.append(Conv3d(C, cout, kernel, causal=causal))  # type: ignore[arg-type]
+            else:
+                layers.append(ConvTranspose3d(C, cout, kernel, stride, causal=causal))  # type: ignore[arg-type]
+            if i < n_up - 1:
+                layers.append(nn.ReLU())
+        if not layers:
+            layers.append(Conv3d(C, 3, (3, 3, 3), causal=causal))
+        self.up = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, D, T', h, w) -> (B, 3, T, H, W)
+        return self.up(self.res(self.from_code(z)))
+
+
+@dataclass
+class VQVAEOutput:
+    recon: torch.Tensor  # (B, 3, T, H, W) in [-0.5, 0.5] (unclamped)
+    codes: torch.Tensor  # (B, T', h, w) int64
+    recon_loss: torch.Tensor  # MSE / data variance
+    commitment: torch.Tensor
+    perplexity: torch.Tensor
+    usage: torch.Tensor
+
+
+class VQVAE(nn.Module):
+    """The tokenizer. See the module docstring for the data flow; ``cfg`` fixes the geometry."""
+
+    def __init__(self, cfg: TokenizerConfig) -> None:
+        super().__init__()
+        _n_halvings(cfg.stride)
+        if cfg.resolution % cfg.stride[1] or cfg.resolution % cfg.stride[2]:
+            raise ValueError(f"resolution {cfg.resolution} is not divisible by the spatial strides {cfg.stride[1:]}")
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.codebook = Codebook(cfg.codebook_size, cfg.embedding_dim, cfg.beta, cfg.ema_decay)
+        self.register_buffer("data_variance", torch.ones(()))
+
+    # -- shapes and validation ------------------------------------------------------------------
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Tokens per frame (h, w)."""
+        return self.cfg.resolution // self.cfg.stride[1], self.cfg.resolution // self.cfg.stride[2]
+
+    def _check_frames(self, frames: torch.Tensor) -> None:
+        r, st = self.cfg.resolution, self.cfg.stride[0]
+        if not isinstance(frames, torch.Tensor) or frames.ndim != 5 or frames.shape[-1] != 3:
+            shape = tuple(frames.shape) if hasattr(frames, "shape") else type(frames).__name__
+            raise ValueError(f"frames: got {shape}, expected a uint8 tensor (B, T, {r}, {r}, 3)")
+        if frames.dtype != torch.uint8:
+            raise ValueError(f"frames: got dtype {frames.dtype}, expected torch.uint8 (B, T, {r}, {r}, 3)")
+        B, T, H, W, _ = frames.shape
+        if (H, W) != (r, r):
+            raise ValueError(f"frames: got {H}x{W} pixels, expected {r}x{r} (the tokenizer's resolution)")
+        if T % st:
+            raise ValueError(f"frames: T={T} is not divisible by the temporal stride {st}")
+
+    def _check_codes(self, codes: torch.Tensor) -> None:
+        h, w = self.grid
+        if not isinstance(codes, torch.Tensor) or codes.ndim != 4 or tuple(codes.shape[2:]) != (h, w):
+            shape = tuple(codes.shape) if hasattr(codes, "shape") else type(codes).__name__
+            raise ValueError(f"tokens: got {shape}, expected an int64 tensor (B, T', {h}, {w})")
+        if codes.dtype not in (torch.int64, torch.int32, torch.int16):
+            raise ValueError(f"tokens: got dtype {codes.dtype}, expected an integer tensor")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.cfg.codebook_size):
+            raise ValueError(f"tokens: values must lie in [0, {self.cfg.codebook_size}), "
+                             f"got [{int(codes.min())}, {int(codes.max())}]")
+
+    @staticmethod
+    def to_float(frames: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, T, H, W, 3) -> float (B, 3, T, H, W) in [-0.5, 0.5]."""
+        return rearrange(frames, "b t h w c -> b c t h w").float() / 255.0 - 0.5
+
+    @staticmethod
+    def to_uint8(x: torch.Tensor) -> torch.Tensor:
+        """float (B, 3, T, H, W) in [-0.5, 0.5] -> uint8 (B, T, H, W, 3)."""
+        return rearrange(((x.float() + 0.5).clamp(0, 1) * 255).round().to(torch.uint8), "b c t h w -> b t h w c")
+
+    def set_data_variance(self, v: float) -> None:
+        """Variance of the training pixels in [-0.5, 0.5]; the reconstruction loss is divided by it."""
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"data variance must be a positive finite number, got {v}")
+        self.data_variance.fill_(v)
+
+    # -- model ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> VQVAEOutput:
+        """``x``: float (B, 3, T, H, W) in [-0.5, 0.5]."""
+        q = self.codebook(self.encoder(x))
+        recon = self.decoder(q.z_q)
+        recon_loss = F.mse_loss(recon.float(), x.float()) / self.data_variance
+        return VQVAEOutput(recon, q.codes, recon_loss, q.commitment, q.perplexity, q.usage)
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss on ``batch['frames']`` uint8 (B, T, H, W, 3): reconstruction / variance + commitment."""
+        frames = batch["frames"]
+        self._check_frames(frames)
+        x = self.to_float(frames)
+        out = self(x)
+        loss = out.recon_loss + out.commitment
+        with torch.no_grad():
+            mse = F.mse_loss(out.recon.float().clamp(-0.5, 0.5), x).item()
+        psnr = 10 * math.log10(1.0 / max(mse, 1e-10))
+        return loss, {"recon_loss": out.recon_loss.item(), "commitment": out.commitment.item(),
+                      "perplexity": out.perplexity.item(), "codebook_usage": out.usage.item(), "psnr": psnr}
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, T, H, W, 3) -> tokens int64 (B, T/st, H/sh, W/sw)."""
+        self._check_frames(frames)
+        z = self.encoder(self.to_float(frames.to(self.data_variance.device)))
+        B, D, T, h, w = z.shape
+        codes = self.codebook.codes_for(rearrange(z, "b d t h w -> (b t h w) d").float())
+        return rearrange(codes, "(b t h w) -> b t h w", b=B, t=T, h=h, w=w)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T', h, w) -> uint8 frames (B, T'*st, H, W, 3)."""
+        self._check_codes(tokens)
+        return self.to_uint8(self.decoder(self.codebook.lookup(tokens.long().to(self.data_variance.device))))
+
+    def decode_float(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T', h, w) -> float frames (B, 3, T, H, W) in about [-0.5, 0.5] (differentiable in the decoder)."""
+        self._check_codes(tokens)
+        return self.decoder(self.codebook.lookup(tokens.long()))
