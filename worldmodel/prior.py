@@ -1,0 +1,382 @@
+"""The GPT prior over token grids, conditioned on actions step by step (VideoGPT §3.2 + actions).
+
+Token layout. Each frame t is a block of ``1 + h*w`` positions: a *slot* followed by the frame's
+tokens in raster order; blocks follow each other frame after frame::
+
+    [slot_0, z_0[0..hw-1], slot_1, z_1[0..hw-1], ..., slot_{T-1}, z_{T-1}[...]]
+
+Position p predicts the item at p+1 when that is a token: the slot of block t predicts z_t[0],
+z_t[j] predicts z_t[j+1]. The last token position of block t (which has seen all of frame t) has
+no token to predict; it feeds the reward and termination heads for the transition into frame t.
+
+Action conditioning is causal by construction: every position of block t is conditioned on
+``a_{t-1}`` (the action that led to frame t; block 0 gets a learned start vector), so frame t's
+tokens and the transition's reward/termination see ``a_{<t}`` only. ``action_cond`` chooses how:
+
+- ``"cond_ln"`` (paper's conditional LayerNorm): every LayerNorm's gain and bias are computed from
+  the block's condition vector;
+- ``"token"``: the slot's input embedding is the action embedding (an action token per frame);
+- ``"add"``: the action embedding is added to the input of every position of the block.
+
+Class labels (UCF-101) join the condition vector; with no actions and no classes the condition
+is a constant and the model is the unconditional VideoGPT prior.
+
+Position embeddings are learned and broadcast per axis (T, H, W) and summed, as in the paper.
+Shapes: B batch, T frames, h×w tokens per frame, S = T*(1+h*w) positions, C = n_embd.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from worldmodel.config import PriorConfig
+
+
+def symlog(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def symexp(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.expm1(x.abs())
+
+
+class CondLayerNorm(nn.Module):
+    """LayerNorm whose gain and bias are affine functions of a condition vector (zero-initialised,
+    so training starts from a plain LayerNorm)."""
+
+    def __init__(self, dim: int, cond_dim: int | None) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.to_gain_bias = None
+        if cond_dim:
+            self.to_gain_bias = nn.Linear(cond_dim, 2 * dim)
+            nn.init.zeros_(self.to_gain_bias.weight)
+            nn.init.zeros_(self.to_gain_bias.bias)
+
+    def gain_bias(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(1 + gain, bias)`` for a condition (..., cond_dim); precompute once per frame when generating."""
+        g, b = self.to_gain_bias(cond).chunk(2, dim=-1)
+        return 1 + g, b
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        y = self.norm(x)
+        if self.to_gain_bias is not None and cond is not None:
+            scale, bias = cond if isinstance(cond, tuple) else self.gain_bias(cond)  # (B, S, C) each
+            y = y * scale + bias
+        return y
+
+
+class KVCache:
+    """Preallocated keys/values of every layer for B rows of up to ``capacity`` positions."""
+
+    def __init__(self, n_layer: int, B: int, n_head: int, capacity: int, head_dim: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.k = torch.zeros(n_layer, B, n_head, capacity, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.capacity = capacity
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: PriorConfig) -> None:
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.attn_dropout
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rows: torch.Tensor | None = None,
+                pos: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Causal self-attention.
+
+        Without ``cache``: full causal attention over ``x`` (B, S, C).
+        With ``cache``: ``x`` (B, n, C) are the next ``n`` positions of cache rows ``rows`` starting at
+        ``pos`` (an int shared by all rows, or (B,) per row); their keys/values are written into the
+        cache and they attend to everything before them in their row.
+        """
+        B, S, C = x.shape
+        q, k, v = rearrange(self.qkv(x), "b s (three nh hs) -> three b nh s hs", three=3, nh=self.n_head)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        elif isinstance(pos, int):  # every row at the same position: plain slicing, no mask needed
+            ck, cv = cache.k[layer], cache.v[layer]  # (B_all, nh, cap, hs)
+            if rows is None:
+                ck[:, :, pos:pos + S] = k.to(ck.dtype)
+                cv[:, :, pos:pos + S] = v.to(cv.dtype)
+                K, V = ck[:, :, : pos + S], cv[:, :, : pos + S]
+            else:
+                ck[rows, :, pos:pos + S] = k.to(ck.dtype)
+                cv[rows, :, pos:pos + S] = v.to(cv.dtype)
+                K, V = ck[rows, :, : pos + S], cv[rows, :, : pos + S]
+            if S == 1:  # one query per row: two small matmuls beat SDPA's kernel launch cost on CPU
+                att = (q @ K.to(q.dtype).transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, nh, 1, pos+1)
+                y = att.softmax(-1) @ V.to(q.dtype)
+            else:  # queries at pos..pos+S-1 see keys <= their own position: causal with a prefix offset
+                mask = torch.ones(S, pos + S, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+                y = F.scaled_dot_product_attention(q, K.to(q.dtype), V.to(q.dtype), attn_mask=mask)
+        else:  # rows at different positions (after per-row resets): per-row slots and masks
+            idx = pos[:, None] + torch.arange(S, device=x.device)[None]  # (B, S) cache slots
+            ck, cv = cache.k[layer], cache.v[layer]  # (B_all, nh, cap, hs)
+            r = (torch.arange(B, device=x.device) if rows is None else rows)[:, None].expand(B, S)
+            ck[r, :, idx] = k.transpose(1, 2).to(ck.dtype)  # (B, S, nh, hs) written per row and slot
+            cv[r, :, idx] = v.transpose(1, 2).to(cv.dtype)
+            K, V = (ck, cv) if rows is None else (ck[rows], cv[rows])  # (B, nh, cap, hs)
+            keys = torch.arange(cache.capacity, device=x.device)
+            mask = keys[None, None, :] <= idx[:, :, None]  # (B, S, cap): causal within each row
+            y = F.scaled_dot_product_attention(q, K.to(q.dtype), V.to(q.dtype), attn_mask=mask[:, None])
+        return self.resid_drop(self.proj(rearrange(y, "b nh s hs -> b s (nh hs)")))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block with (optionally conditional) LayerNorms."""
+
+    def __init__(self, cfg: PriorConfig, cond_dim: int | None) -> None:
+        super().__init__()
+        self.ln1 = CondLayerNorm(cfg.n_embd, cond_dim)
+        self.attn = SelfAttention(cfg)
+        self.ln2 = CondLayerNorm(cfg.n_embd, cond_dim)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
+                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None, cond2: object = None, **cache_kw) -> torch.Tensor:
+        """``cond``: the LayerNorm condition (B, S, C); or precomputed (scale, bias) pairs for ln1 in
+        ``cond`` and for ln2 in ``cond2``."""
+        x = x + self.attn(self.ln1(x, cond), **cache_kw)
+        return x + self.mlp(self.ln2(x, cond if cond2 is None else cond2))
+
+
+@dataclass
+class PriorOutput:
+    logits: torch.Tensor  # (B, T, h*w, V): logits of every token of every frame
+    reward: torch.Tensor  # (B, T) predicted reward of the transition into frame t (t >= 1 meaningful)
+    term_logit: torch.Tensor  # (B, T) termination logit of the transition into frame t
+
+
+class Prior(nn.Module):
+    """GPT prior; see the module docstring for the layout and conditioning."""
+
+    def __init__(self, cfg: PriorConfig) -> None:
+        super().__init__()
+        if cfg.n_embd % cfg.n_head:
+            raise ValueError(f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}")
+        if cfg.action_kind == "discrete" and cfg.n_actions < 1:
+            raise ValueError("action_kind='discrete' needs n_actions >= 1")
+        if cfg.action_kind == "continuous" and cfg.action_dim < 1:
+            raise ValueError("action_kind='continuous' needs action_dim >= 1")
+        if cfg.n_cond_frames:
+            raise NotImplementedError("frame conditioning (n_cond_frames > 0, the paper's BAIR setup) is not built yet")
+        self.cfg = cfg
+        C = cfg.n_embd
+        self.hw = cfg.tokens_h * cfg.tokens_w
+        self.block_len = 1 + self.hw
+        self.tok_emb = nn.Embedding(cfg.vocab_size, C)
+        self.pos_t = nn.Parameter(torch.zeros(cfg.frames, C))
+        self.pos_h = nn.Parameter(torch.zeros(cfg.tokens_h, C))
+        self.pos_w = nn.Parameter(torch.zeros(cfg.tokens_w, C))
+        self.slot_emb = nn.Parameter(torch.zeros(C))
+        self.start_emb = nn.Parameter(torch.zeros(C))  # the condition of block 0 (no previous action)
+        if cfg.action_kind == "discrete":
+            self.act_emb: nn.Module | None = nn.Embedding(cfg.n_actions, C)
+        elif cfg.action_kind == "continuous":
+            self.act_emb = nn.Linear(cfg.action_dim, C)
+        else:
+            self.act_emb = None
+        self.class_emb = nn.Embedding(cfg.n_classes, C) if cfg.n_classes else None
+        for p in (self.pos_t, self.pos_h, self.pos_w, self.slot_emb, self.start_emb):
+            nn.init.normal_(p, std=0.02)
+        use_cond_ln = cfg.action_cond == "cond_ln" or self.class_emb is not None
+        cond_dim = C if use_cond_ln else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg, cond_dim) for _ in range(cfg.n_layer)])
+        self.ln_f = CondLayerNorm(C, cond_dim)
+        self.head = nn.Linear(C, cfg.vocab_size, bias=False)
+        self.reward_head = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, 1))
+        self.term_head = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, 1))
+        self.apply(self._init_weights)
+        nn.init.zeros_(self.head.weight)  # uniform logits at the start
+        for blk in self.blocks:  # GPT-2 scaling of residual projections
+            nn.init.normal_(blk.attn.proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
+            nn.init.normal_(blk.mlp[2].weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        # Token pattern of a block, used to lay out position embeddings.
+        hh, ww = torch.meshgrid(torch.arange(cfg.tokens_h), torch.arange(cfg.tokens_w), indexing="ij")
+        self.register_buffer("_grid_h", hh.flatten(), persistent=False)
+        self.register_buffer("_grid_w", ww.flatten(), persistent=False)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    # -- validation ------------------------------------------------------------------------------
+    def validate(self, tokens: torch.Tensor, actions: torch.Tensor | None, class_ids: torch.Tensor | None) -> None:
+        """Raise ValueError naming the argument when an input is not of the expected form."""
+        cfg = self.cfg
+        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 4 or tuple(tokens.shape[2:]) != (cfg.tokens_h, cfg.tokens_w):
+            raise ValueError(f"tokens: got {getattr(tokens, 'shape', type(tokens))}, expected int64 (B, T, {cfg.tokens_h}, {cfg.tokens_w})")
+        if tokens.dtype not in (torch.int64, torch.int32, torch.int16):
+            raise ValueError(f"tokens: got dtype {tokens.dtype}, expected int64")
+        B, T = tokens.shape[:2]
+        if not 1 <= T <= cfg.frames:
+            raise ValueError(f"tokens: {T} frames, expected 1..{cfg.frames} (the trained context)")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size):
+            raise ValueError(f"tokens: values must lie in [0, {cfg.vocab_size})")
+        self.validate_actions(actions, B, T - 1)
+        if self.class_emb is not None:
+            if class_ids is None or class_ids.shape != (B,):
+                raise ValueError(f"class_ids: expected int64 ({B},) for a class-conditional prior, got "
+                                 f"{None if class_ids is None else tuple(class_ids.shape)}")
+            if int(class_ids.min()) < 0 or int(class_ids.max()) >= cfg.n_classes:
+                raise ValueError(f"class_ids: values must lie in [0, {cfg.n_classes})")
+
+    def validate_actions(self, actions: torch.Tensor | None, B: int, n: int) -> None:
+        """Check ``actions`` for ``n`` transitions of a batch of ``B``."""
+        cfg = self.cfg
+        if cfg.action_kind == "none":
+            return
+        if n == 0 and actions is None:
+            return
+        if not isinstance(actions, torch.Tensor):
+            raise ValueError(f"actions: got {type(actions).__name__}, expected a tensor of {self._action_form(B, n)}")
+        if cfg.action_kind == "discrete":
+            if actions.ndim != 2 or actions.shape[0] != B or actions.shape[1] < n or actions.dtype.is_floating_point:
+                raise ValueError(f"actions: got {actions.dtype}{tuple(actions.shape)}, expected {self._action_form(B, n)}")
+            a = actions[:, :n]
+            if a.numel() and (int(a.min()) < 0 or int(a.max()) >= cfg.n_actions):
+                raise ValueError(f"actions: values must lie in [0, {cfg.n_actions}), got [{int(a.min())}, {int(a.max())}]")
+        else:
+            if actions.ndim != 3 or actions.shape[0] != B or actions.shape[1] < n or actions.shape[2] != cfg.action_dim:
+                raise ValueError(f"actions: got {tuple(actions.shape)}, expected {self._action_form(B, n)}")
+            if not actions.dtype.is_floating_point or not torch.isfinite(actions[:, :n]).all():
+                raise ValueError("actions: continuous actions must be finite floats (no NaN/inf)")
+
+    def _action_form(self, B: int, n: int) -> str:
+        if self.cfg.action_kind == "discrete":
+            return f"int64 ({B}, {n}) in [0, {self.cfg.n_actions})"
+        return f"float32 ({B}, {n}, {self.cfg.action_dim})"
+
+    # -- embeddings ------------------------------------------------------------------------------
+    def block_conditions(self, actions: torch.Tensor | None, B: int, T: int,
+                         class_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Condition vector of each block: start for block 0, ``emb(a_{t-1})`` for block t. (B, T, C)."""
+        start = self.start_emb.expand(B, 1, -1)
+        if self.act_emb is not None and T > 1:
+            a = actions[:, : T - 1]
+            a = a.float() if self.cfg.action_kind == "continuous" else a.long()
+            cond = torch.cat([start, self.act_emb(a)], dim=1)
+        else:
+            cond = start.expand(B, T, -1)
+        if self.class_emb is not None:
+            cond = cond + self.class_emb(class_ids)[:, None]
+        return cond
+
+    def embed_blocks(self, tokens: torch.Tensor, cond: torch.Tensor, t0: torch.Tensor | int = 0) -> torch.Tensor:
+        """Input embeddings of whole blocks: tokens (B, T, h, w), cond (B, T, C) -> (B, T*(1+hw), C).
+
+        ``t0`` is the window index of the first block (scalar or per row (B,)).
+        """
+        B, T = tokens.shape[:2]
+        t_idx = torch.as_tensor(t0, device=tokens.device).reshape(-1, 1) + torch.arange(T, device=tokens.device)
+        pos_t = self.pos_t[t_idx].expand(B, T, -1)  # (B, T, C)
+        tok = self.tok_emb(rearrange(tokens.long(), "b t h w -> b t (h w)"))  # (B, T, hw, C)
+        tok = tok + (self.pos_h[self._grid_h] + self.pos_w[self._grid_w])[None, None] + pos_t[:, :, None]
+        slot = self.slot_emb + pos_t  # (B, T, C)
+        if self.cfg.action_cond == "token":
+            slot = slot + cond
+        x = torch.cat([slot[:, :, None], tok], dim=2)  # (B, T, 1+hw, C)
+        if self.cfg.action_cond == "add":
+            x = x + cond[:, :, None]
+        return rearrange(x, "b t l c -> b (t l) c")
+
+    def _ln_cond(self, cond: torch.Tensor) -> torch.Tensor | None:
+        """Per-position condition for conditional LayerNorms: (B, T, C) -> (B, T*(1+hw), C)."""
+        if self.ln_f.to_gain_bias is None:
+            return None
+        return repeat(cond, "b t c -> b (t l) c", l=self.block_len)
+
+    # -- full forward (training, evaluation) ----------------------------------------------------
+    def forward(self, tokens: torch.Tensor, actions: torch.Tensor | None = None,
+                class_ids: torch.Tensor | None = None) -> PriorOutput:
+        """Teacher-forced forward over whole frames. tokens (B, T, h, w); actions (B, >=T-1[, A])."""
+        self.validate(tokens, actions, class_ids)
+        B, T = tokens.shape[:2]
+        cond = self.block_conditions(actions, B, T, class_ids)
+        x = self.drop(self.embed_blocks(tokens, cond))
+        ln_cond = self._ln_cond(cond)
+        for blk in self.blocks:
+            x = blk(x, ln_cond)
+        x = self.ln_f(x, ln_cond)
+        x = rearrange(x, "b (t l) c -> b t l c", l=self.block_len)
+        logits = self.head(x[:, :, :-1])  # (B, T, hw, V): slot..z[hw-2] predict z[0..hw-1]
+        last = x[:, :, -1]  # (B, T, C): has seen all of frame t
+        return PriorOutput(logits, self.reward_head(last).squeeze(-1), self.term_head(last).squeeze(-1))
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Token cross-entropy + weighted reward (symlog MSE) and termination (BCE) losses.
+
+        ``batch``: tokens (B, T, h, w), actions (B, T-1[, A]), rewards (B, T-1), terminated (B, T-1),
+        optional class_ids (B,).
+
+        Reward head: regression on symlog(reward). HGS rewards are +4 per step and −100 on death;
+        symlog compresses that range so the rare large penalty neither dominates the loss nor is
+        ignored, and is simpler than two-hot bins for one scalar per frame.
+        """
+        tokens = batch["tokens"]
+        out = self(tokens, batch.get("actions"), batch.get("class_ids"))
+        B, T = tokens.shape[:2]
+        target = rearrange(tokens.long(), "b t h w -> b t (h w)")
+        ce = F.cross_entropy(rearrange(out.logits, "b t n v -> (b t n) v").float(), target.flatten(),
+                             reduction="none").view(B, T, -1)
+        token_loss = ce.mean()
+        loss = token_loss
+        metrics = {"nats_per_token": token_loss.item(), "bits_per_token": token_loss.item() / math.log(2),
+                   "nats_first_frame": ce[:, 0].mean().item()}
+        if T > 1:
+            metrics["nats_with_history"] = ce[:, 1:].mean().item()
+            if "rewards" in batch:
+                r = batch["rewards"][:, : T - 1].float()
+                pred = out.reward[:, 1:]
+                r_loss = F.mse_loss(pred.float(), symlog(r))
+                loss = loss + self.cfg.reward_weight * r_loss
+                metrics["reward_loss"] = r_loss.item()
+                metrics["reward_mae"] = (symexp(pred.detach().float()) - r).abs().mean().item()
+            if "terminated" in batch:
+                d = batch["terminated"][:, : T - 1].float()
+                logit = out.term_logit[:, 1:].float()
+                t_loss = F.binary_cross_entropy_with_logits(logit, d)
+                loss = loss + self.cfg.termination_weight * t_loss
+                metrics["termination_loss"] = t_loss.item()
+                metrics["termination_accuracy"] = ((logit.detach() > 0).float() == d).float().mean().item()
+        return loss, metrics
+
+    # -- incremental forward (generation) -------------------------------------------------------
+    def ln_params(self, cond: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Precomputed conditional-LayerNorm (scale, bias) of every LayerNorm, in order, for ``cond``."""
+        if self.ln_f.to_gain_bias is None:
+            return None
+        lns = [ln for blk in self.blocks for ln in (blk.ln1, blk.ln2)] + [self.ln_f]
+        return [ln.gain_bias(cond) for ln in lns]
+
+    def forward_cached(self, x: torch.Tensor, cond: torch.Tensor | list | None, cache: KVCache,
+                       rows: torch.Tensor | None, pos: torch.Tensor | int) -> torch.Tensor:
+        """Run input embeddings ``x`` (B, n, C) at cache positions ``pos..pos+n`` of ``rows`` (None: all rows).
+
+        ``cond`` is the per-position LayerNorm condition (B, n, C), or the list from
+        :meth:`ln_params`, or None. Returns the final normalised hidden states (B, n, C).
+        """
+        params = cond if isinstance(cond, list) else None
+        for i, blk in enumerate(self.blocks):
+            if params is not None:
+                x = blk(x, params[2 * i], params[2 * i + 1], cache=cache, layer=i, rows=rows, pos=pos)
+            else:
+                x = blk(x, cond, cache=cache, layer=i, rows=rows, pos=pos)
+        return self.ln_f(x, params[-1] if params is not None else cond)

@@ -1,0 +1,236 @@
+"""Fast batched generation with the prior: KV cache across frames, sliding window, per-row resets.
+
+A :class:`Rollout` holds ``B`` independent environments ("rows"). Each row has a window of at
+most ``cfg.frames`` frames whose keys/values live in a preallocated :class:`~worldmodel.prior.KVCache`;
+``step`` generates the next frame of every row at once, token by token, each token costing one
+forward of a single position per row. When a row's window is full it *slides*: the oldest frames
+are dropped and the most recent ``keep`` frames are re-encoded in one batched forward, so memory
+stays flat however long the rollout runs (re-encoding is amortised over ``frames - keep`` steps).
+A re-encoded window starts with the start condition, exactly like a training clip that starts
+mid-episode.
+
+Sampling: temperature, top-k, top-p (nucleus), with an optional seeded ``torch.Generator`` for
+exact reproducibility.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from worldmodel.prior import KVCache, Prior, symexp
+
+
+@dataclass
+class StepResult:
+    tokens: torch.Tensor  # (B, h, w) int64, the new frame
+    reward: torch.Tensor  # (B,) predicted reward of the transition
+    terminated_prob: torch.Tensor  # (B,) predicted probability that the transition ended the episode
+    entropy: torch.Tensor  # (B,) mean entropy (nats) of the sampled tokens' distributions
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus (top-p) to -inf. ``logits`` (B, V)."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
+        drop_orig = torch.zeros_like(drop).scatter(-1, order, drop)
+        logits = logits.masked_fill(drop_orig, float("-inf"))
+    return logits
+
+
+def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row; returns (tokens (B,), entropy (B,) of the unfiltered distribution)."""
+    logits = logits.float()
+    logp = logits.log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    if temperature <= 0:
+        return logits.argmax(-1), entropy
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1), entropy
+
+
+class Rollout:
+    """Batched, cached generation for ``batch_size`` rows. See the module docstring.
+
+    Args:
+        prior: a trained :class:`~worldmodel.prior.Prior` (put in eval mode here).
+        batch_size: number of rows (environments).
+        keep: frames kept when a full window slides (default ``frames // 2``).
+        bf16: run the forwards under bf16 autocast.
+    """
+
+    def __init__(self, prior: Prior, batch_size: int, keep: int | None = None, bf16: bool = False) -> None:
+        self.prior = prior.eval()
+        cfg = prior.cfg
+        if cfg.frames < 2:
+            raise ValueError("generation needs a prior trained on at least 2 frames")
+        self.B, self.cfg = batch_size, cfg
+        self.keep = keep if keep is not None else max(1, cfg.frames // 2)
+        if not 1 <= self.keep < cfg.frames:
+            raise ValueError(f"keep must lie in [1, {cfg.frames}), got {self.keep}")
+        p = next(prior.parameters())
+        self.device = p.device
+        self.bf16 = bf16
+        hs = cfg.n_embd // cfg.n_head
+        self.cache = KVCache(cfg.n_layer, batch_size, cfg.n_head, cfg.frames * prior.block_len, hs, self.device,
+                             torch.bfloat16 if bf16 else p.dtype)
+        h, w = cfg.tokens_h, cfg.tokens_w
+        self.tokens = torch.zeros(batch_size, cfg.frames, h, w, dtype=torch.long, device=self.device)
+        if cfg.action_kind == "continuous":
+            self.actions = torch.zeros(batch_size, cfg.frames, cfg.action_dim, device=self.device)
+        else:
+            self.actions = torch.zeros(batch_size, cfg.frames, dtype=torch.long, device=self.device)
+        self.class_ids = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.n_frames = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # frames in each window
+        self.started = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    # -- context --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def start(self, tokens: torch.Tensor, actions: torch.Tensor | None = None, rows: torch.Tensor | list[int] | None = None,
+              class_ids: torch.Tensor | None = None) -> None:
+        """Set the context of ``rows`` (default: all): tokens (k, Tc, h, w), actions (k, Tc-1[, A]).
+
+        Only the most recent ``frames - 1`` context frames are kept (room for the next frame).
+        """
+        rows_t = torch.arange(self.B, device=self.device) if rows is None else torch.as_tensor(rows, device=self.device).long()
+        k = len(rows_t)
+        if tokens.ndim != 4 or tokens.shape[0] != k:
+            raise ValueError(f"tokens: got {tuple(tokens.shape)}, expected ({k}, Tc, {self.cfg.tokens_h}, {self.cfg.tokens_w}) "
+                             f"for {k} rows")
+        Tc = tokens.shape[1]
+        if Tc < 1:
+            raise ValueError("tokens: the context needs at least one frame")
+        if class_ids is None and self.prior.class_emb is not None:
+            raise ValueError("class_ids: required by a class-conditional prior")
+        cut = max(0, Tc - (self.cfg.frames - 1))
+        tokens = tokens[:, cut:].to(self.device)
+        if actions is not None:
+            actions = actions[:, cut:].to(self.device)
+        self.prior.validate(tokens, actions, None if class_ids is None else class_ids.to(self.device))
+        T = tokens.shape[1]
+        self.tokens[rows_t, :T] = tokens.long()
+        if actions is not None and T > 1:
+            self.actions[rows_t, : T - 1] = actions[:, : T - 1].to(self.actions.dtype)
+        if class_ids is not None:
+            self.class_ids[rows_t] = class_ids.to(self.device).long()
+        self.n_frames[rows_t] = T
+        self.started[rows_t] = True
+        self._prefill(rows_t)
+
+    def _prefill(self, rows: torch.Tensor) -> None:
+        """Encode the stored windows of ``rows`` into the cache from position 0 (rows may differ in length:
+        they are grouped by length)."""
+        for T in torch.unique(self.n_frames[rows]).tolist():
+            r = rows[self.n_frames[rows] == T]
+            tok = self.tokens[r, :T]
+            acts = self.actions[r, : max(T - 1, 0)]
+            cls = self.class_ids[r] if self.prior.class_emb is not None else None
+            with self._autocast():
+                cond = self.prior.block_conditions(acts, len(r), T, cls)
+                x = self.prior.embed_blocks(tok, cond)
+                self.prior.forward_cached(x, self.prior._ln_cond(cond), self.cache, r, 0)
+
+    def _slide(self, rows: torch.Tensor) -> None:
+        keep, F_ = self.keep, self.cfg.frames
+        self.tokens[rows, :keep] = self.tokens[rows, F_ - keep:].clone()
+        if keep > 1:
+            self.actions[rows, : keep - 1] = self.actions[rows, F_ - keep: F_ - 1].clone()
+        self.n_frames[rows] = keep
+        self._prefill(rows)
+
+    # -- generation -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, actions: torch.Tensor | None, *, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, generator: torch.Generator | None = None) -> StepResult:
+        """Generate the next frame of every row given ``actions`` (B,) discrete or (B, A) continuous."""
+        if not bool(self.started.all()):
+            raise RuntimeError(f"rows {torch.nonzero(~self.started).flatten().tolist()} have no context; call start() first")
+        prior, cfg, B = self.prior, self.cfg, self.B
+        if cfg.action_kind != "none":
+            if not isinstance(actions, torch.Tensor):
+                raise ValueError(f"actions: got {type(actions).__name__}, expected a tensor of {B} actions")
+            prior.validate_actions(actions.to(self.device)[:, None], B, 1)
+            actions = actions.to(self.device)
+        full = self.n_frames >= cfg.frames
+        if bool(full.any()):
+            self._slide(torch.nonzero(full).flatten())
+        t_idx = self.n_frames.clone()  # window index of the new block, per row
+        if cfg.action_kind != "none":
+            self.actions[torch.arange(B, device=self.device), t_idx - 1] = actions.to(self.actions.dtype)
+        # Condition of the new block: emb(a) (+ class) — same as block_conditions() for block t_idx.
+        acts = self.actions[torch.arange(B, device=self.device), t_idx - 1][:, None]
+        with self._autocast():
+            cond = prior.block_conditions(torch.cat([acts, acts], 1) if cfg.action_kind != "none" else None, B, 2,
+                                          self.class_ids if prior.class_emb is not None else None)[:, 1:]  # (B, 1, C)
+            ln_cond = prior.ln_params(cond)  # computed once per frame, reused by all of its positions
+            pos_t = prior.pos_t[t_idx][:, None]  # (B, 1, C)
+            x = prior.slot_emb + pos_t
+            if cfg.action_cond in ("token", "add"):
+                x = x + cond
+            # rows in lockstep (the usual case) share one cache position: the fast sliced path
+            base = int(t_idx[0]) * prior.block_len if bool((t_idx == t_idx[0]).all()) else t_idx * prior.block_len
+            hw = prior.hw
+            out = torch.empty(B, hw, dtype=torch.long, device=self.device)
+            ent = torch.zeros(B, device=self.device)
+            for j in range(hw + 1):
+                h = prior.forward_cached(x, ln_cond, self.cache, None, base + j)  # (B, 1, C)
+                if j == hw:
+                    break
+                tok, e = sample_logits(prior.head(h[:, 0]), temperature, top_k, top_p, generator)
+                out[:, j] = tok
+                ent += e
+                x = prior.tok_emb(tok)[:, None] + (prior.pos_h[prior._grid_h[j]] + prior.pos_w[prior._grid_w[j]]) + pos_t
+                if cfg.action_cond == "add":
+                    x = x + cond
+            reward = symexp(prior.reward_head(h[:, 0]).squeeze(-1).float())
+            term = torch.sigmoid(prior.term_head(h[:, 0]).squeeze(-1).float())
+        frame = rearrange(out, "b (h w) -> b h w", h=cfg.tokens_h)
+        self.tokens[torch.arange(B, device=self.device), t_idx] = frame
+        self.n_frames += 1
+        return StepResult(frame, reward, term, ent / hw)
+
+    def window(self, row: int) -> torch.Tensor:
+        """Tokens currently in ``row``'s window: (n, h, w)."""
+        return self.tokens[row, : int(self.n_frames[row])].clone()
+
+
+@torch.inference_mode()
+def generate_uncached(prior: Prior, tokens: torch.Tensor, actions: torch.Tensor | None, next_action: torch.Tensor | None,
+                      *, temperature: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Reference generation of one frame by full recomputation (no cache): one whole forward per token.
+
+    tokens (B, Tc, h, w) with ``Tc < cfg.frames``; returns the new frame's tokens (B, h, w). Used by
+    tests and the benchmark as the baseline the cache must match and beat.
+    """
+    prior.eval()
+    B, Tc, h, w = tokens.shape
+    frame = torch.zeros(B, 1, h, w, dtype=torch.long, device=tokens.device)
+    if actions is not None and next_action is not None:
+        acts = torch.cat([actions[:, : Tc - 1], next_action[:, None]], 1)
+    else:
+        acts = next_action[:, None] if next_action is not None else None
+    for j in range(h * w):
+        out = prior(torch.cat([tokens, frame], 1), acts)  # later tokens of the frame are placeholders: causal
+        tok, _ = sample_logits(out.logits[:, -1, j], temperature, generator=generator)
+        frame.view(B, -1)[:, j] = tok
+    return frame[:, 0]
+
+
+def teacher_forced_nll(prior: Prior, tokens: torch.Tensor, actions: torch.Tensor | None) -> torch.Tensor:
+    """Per-frame mean token NLL (nats), (B, T), under teacher forcing."""
+    out = prior(tokens, actions)
+    target = rearrange(tokens.long(), "b t h w -> b t (h w)")
+    return F.cross_entropy(rearrange(out.logits.float(), "b t n v -> b v t n"), target, reduction="none").mean(-1)
