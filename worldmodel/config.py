@@ -189,7 +189,8 @@ def _vizdoom(name: str, scale: str, n_actions: int) -> ExperimentConfig:
     elif scale == "small":
         tok = replace(tok, channels=128, n_res_layers=2, codebook_size=512, embedding_dim=64)
         prior = replace(prior, n_layer=4, n_head=4, n_embd=256, frames=8, vocab_size=512)
-        tt = TrainConfig(steps=4000, batch_size=16, lr=5e-4, eval_every=500, ckpt_every=500)
+        tt = TrainConfig(steps=1500, batch_size=8, lr=7e-4, warmup_steps=50, eval_every=250, ckpt_every=250,
+                         max_minutes=30.0)
         pt = TrainConfig(steps=6000, batch_size=16, lr=5e-4, eval_every=500, ckpt_every=500)
         data = DataConfig(store=f"data/{name}", clip_len=8)
         episodes = 400

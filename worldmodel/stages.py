@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from worldmodel.checkpoint import CONFIG_JSON, WEIGHTS, load_weights, read_run_config, write_run_config
 from worldmodel.config import ExperimentConfig
@@ -95,6 +96,7 @@ def train_tokenizer(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, dist_i
     run_dir = Path(run_dir)
     train_set = ClipDataset(store, split="train", clip_len=cfg.data.clip_len)
     val_set = _split_with_fallback(store, "val", cfg.data.clip_len)
+    torch.manual_seed(cfg.tokenizer_train.seed)  # initial weights depend on the seed only
     model = VQVAE(cfg.tokenizer)
     model.set_data_variance(estimate_variance(train_set, seed=cfg.tokenizer_train.seed))
     di = dist_info or DistInfo()
@@ -102,10 +104,9 @@ def train_tokenizer(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, dist_i
 
     def on_eval(m: torch.nn.Module, step: int, writer: Any) -> None:
         recon = _reconstruct(m, sample.to(di.device))
-        if writer is not None:  # (N, T, C, H, W) in [0, 1]; originals on top, reconstructions below
-            vid = torch.cat([sample, recon], dim=2).permute(0, 1, 4, 2, 3).float() / 255
-            writer.add_video("tokenizer/reconstruction", vid, step, fps=4)
-        save_recon_png(sample.numpy(), recon.numpy(), run_dir / "recon.png")
+        png = save_recon_png(sample.numpy(), recon.numpy(), run_dir / "recon.png")
+        if writer is not None:  # the same grid as an image (TensorBoard's add_video needs moviepy 1.x)
+            writer.add_image("tokenizer/reconstruction", np.asarray(Image.open(png)), step, dataformats="HWC")
 
     return fit(model, stage="tokenizer", run_dir=run_dir, train_set=train_set, val_set=val_set,
                cfg=cfg.tokenizer_train, dist_info=di, resume=resume, on_eval=on_eval, progress=progress)
@@ -168,6 +169,7 @@ def train_prior(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, dist_info:
     cache = TokenCache(path)
     train_set = ClipDataset(cache, split="train", clip_len=cfg.prior.frames)
     val_set = _split_with_fallback(cache, "val", cfg.prior.frames)
+    torch.manual_seed(cfg.prior_train.seed)
     model = Prior(cfg.prior)
     return fit(model, stage="prior", run_dir=run_dir, train_set=train_set, val_set=val_set, cfg=cfg.prior_train,
                dist_info=di, resume=resume, progress=progress)

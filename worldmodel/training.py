@@ -219,11 +219,13 @@ def fit(model: nn.Module, *, stage: str, run_dir: str | os.PathLike, train_set: 
             timed_out = bool(flag.item())
         last = step == cfg.steps or timed_out
         if (step % cfg.eval_every == 0 or last) and val_set is not None and di.is_main:
-            val_metrics = evaluate(model, val_set, cfg.batch_size, val_batches, di.device, cfg.bf16)
-            for k, v in val_metrics.items():
-                writer.add_scalar(f"{stage}/val_{k}", v, step)  # type: ignore[union-attr]
-            if on_eval is not None:
-                on_eval(model, step, writer)
+            # Evaluation must not move the training RNG, or a resumed run would diverge.
+            with torch.random.fork_rng(devices=[di.device] if di.device.type == "cuda" else []):
+                val_metrics = evaluate(model, val_set, cfg.batch_size, val_batches, di.device, cfg.bf16)
+                for k, v in val_metrics.items():
+                    writer.add_scalar(f"{stage}/val_{k}", v, step)  # type: ignore[union-attr]
+                if on_eval is not None:
+                    on_eval(model, step, writer)
         if step % cfg.ckpt_every == 0 or last:
             checkpoint()
         if timed_out and step < cfg.steps:

@@ -1,0 +1,157 @@
+"""A world model = tokenizer + prior + metadata, loaded from one run directory (DESIGN §7).
+
+``WorldModel.from_pretrained(path)`` needs only ``config.json`` and ``model.safetensors``.
+``WorldModel.rollout(B)`` returns a :class:`DreamRollout`: a batch of B dream environments that
+take frames and actions in pixel space and return generated frames, rewards and terminations.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from worldmodel.checkpoint import load_weights, read_run_config, save_weights, write_run_config
+from worldmodel.config import ExperimentConfig
+from worldmodel.prior import Prior
+from worldmodel.sampling import Rollout
+from worldmodel.store import ActionSpec
+from worldmodel.tokenizer import VQVAE
+
+
+class WorldModel(nn.Module):
+    """Tokenizer + prior of one experiment, with the action space and observation shape they model."""
+
+    def __init__(self, cfg: ExperimentConfig, store_meta: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.store_meta = dict(store_meta or {})
+        self.tokenizer = VQVAE(cfg.tokenizer)
+        self.prior = Prior(cfg.prior)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> WorldModel:
+        """Load a bundle directory (a run directory whose tokenizer and prior are trained)."""
+        d = read_run_config(path)
+        wm = cls(ExperimentConfig.from_dict(d["experiment"]), d.get("store"))
+        wm.tokenizer.load_state_dict(load_weights(path, "tokenizer"))
+        wm.prior.load_state_dict(load_weights(path, "prior"))
+        wm.path = Path(path)
+        return wm.to(device).eval()
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        write_run_config(path, self.cfg.to_dict(), self.store_meta)
+        save_weights(path, "tokenizer", self.tokenizer.state_dict())
+        save_weights(path, "prior", self.prior.state_dict())
+
+    # -- metadata -------------------------------------------------------------------------------
+    @property
+    def action_spec(self) -> ActionSpec:
+        if "action_spec" in self.store_meta:
+            return ActionSpec.from_dict(self.store_meta["action_spec"])
+        p = self.cfg.prior
+        if p.action_kind == "discrete":
+            return ActionSpec.discrete(p.n_actions)
+        if p.action_kind == "continuous":
+            return ActionSpec.continuous(p.action_dim)
+        return ActionSpec.none()
+
+    @property
+    def obs_shape(self) -> tuple[int, int, int]:
+        r = self.cfg.tokenizer.resolution
+        return (r, r, 3)
+
+    @property
+    def fps(self) -> float:
+        return float(self.store_meta.get("fps", 0.0)) or 8.75
+
+    @property
+    def store_path(self) -> str | None:
+        return self.store_meta.get("path")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def rollout(self, batch_size: int, *, bf16: bool = False, decode_context: int = 4) -> DreamRollout:
+        return DreamRollout(self, batch_size, bf16=bf16, decode_context=decode_context)
+
+
+@dataclass
+class DreamStep:
+    frames: np.ndarray  # (B, H, W, 3) uint8
+    rewards: np.ndarray  # (B,) float32
+    terminated: np.ndarray  # (B,) bool (termination probability > 0.5)
+    terminated_prob: np.ndarray  # (B,) float32
+    entropy: np.ndarray  # (B,) mean token entropy of the new frame, nats
+    tokens: np.ndarray  # (B, h, w) int64
+
+
+class DreamRollout:
+    """B dream environments stepped together (one model call per token for the whole batch).
+
+    Args:
+        wm: the world model.
+        batch_size: number of environments.
+        bf16: bf16 autocast for the prior.
+        decode_context: frames of token history the decoder sees when decoding a new frame (the
+            tokenizer is causal in time, so more context can only refine the newest frame).
+    """
+
+    def __init__(self, wm: WorldModel, batch_size: int, *, bf16: bool = False, decode_context: int = 4) -> None:
+        self.wm, self.B = wm, batch_size
+        self.sampler = Rollout(wm.prior, batch_size, bf16=bf16)
+        self.decode_context = max(1, decode_context)
+        self.spec = wm.action_spec
+
+    def _actions_tensor(self, actions: Any, n: int, where: str = "actions") -> torch.Tensor | None:
+        spec = self.spec
+        if spec.kind == "none":
+            return None
+        a = torch.as_tensor(np.asarray(actions))
+        if spec.kind == "discrete":
+            if a.dtype.is_floating_point or a.dtype == torch.bool:
+                raise ValueError(f"{where}: got {a.dtype}, expected integer actions in [0, {spec.n})")
+            return a.long().to(self.wm.device)
+        return a.float().to(self.wm.device)
+
+    @torch.inference_mode()
+    def reset(self, frames: np.ndarray | torch.Tensor, actions: Any = None, rows: list[int] | None = None) -> None:
+        """Start ``rows`` (default all) from real context: frames uint8 (k, Tc, H, W, 3), actions (k, Tc-1[, A])."""
+        frames_t = torch.as_tensor(np.asarray(frames))
+        H, W, _ = self.wm.obs_shape
+        k = self.B if rows is None else len(rows)
+        if frames_t.ndim != 5 or frames_t.shape[0] != k or tuple(frames_t.shape[2:]) != (H, W, 3) or frames_t.dtype != torch.uint8:
+            raise ValueError(f"frames: got {frames_t.dtype}{tuple(frames_t.shape)}, expected uint8 ({k}, Tc, {H}, {W}, 3)")
+        tokens = self.wm.tokenizer.encode(frames_t.to(self.wm.device))
+        acts = None
+        if self.spec.kind != "none" and frames_t.shape[1] > 1:
+            if actions is None:
+                raise ValueError(f"actions: a context of {frames_t.shape[1]} frames needs {frames_t.shape[1] - 1} actions per row")
+            acts = self._actions_tensor(actions, frames_t.shape[1] - 1)
+        self.sampler.start(tokens, acts, rows=rows)
+
+    @torch.inference_mode()
+    def step(self, actions: Any, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             generator: torch.Generator | None = None) -> DreamStep:
+        """Advance every environment by one step; ``actions`` (B,) discrete or (B, A) continuous."""
+        a = self._actions_tensor(actions, 1)
+        out = self.sampler.step(a, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        frames = self.decode_latest()
+        return DreamStep(frames, out.reward.cpu().numpy().astype(np.float32), (out.terminated_prob > 0.5).cpu().numpy(),
+                         out.terminated_prob.cpu().numpy().astype(np.float32), out.entropy.cpu().numpy().astype(np.float32),
+                         out.tokens.cpu().numpy())
+
+    def decode_latest(self) -> np.ndarray:
+        """Decode the newest frame of every row with up to ``decode_context`` frames of token history."""
+        s = self.sampler
+        n = s.n_frames  # (B,)
+        ctx = int(min(self.decode_context, int(n.min())))
+        idx = n[:, None] - ctx + torch.arange(ctx, device=n.device)[None]  # (B, ctx)
+        window = s.tokens[torch.arange(self.B, device=n.device)[:, None], idx]  # (B, ctx, h, w)
+        return self.wm.tokenizer.decode(window)[:, -1].cpu().numpy()
