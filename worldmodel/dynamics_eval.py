@@ -92,3 +92,35 @@ def heldout_nll(wm: WorldModel, token_clips: list[dict], shuffle_seed: int = 0) 
     nll_shuf = teacher_forced_nll(wm.prior, tok, act[perm.to(wm.device)])
     return {"nats_first_frame": float(nll[:, 0].mean()), "nats_with_history_true": float(nll[:, 1:].mean()),
             "nats_with_history_shuffled": float(nll_shuf[:, 1:].mean())}
+
+
+@torch.inference_mode()
+def render_action_strips(wm: WorldModel, store: EpisodeStore, path: str, *, actions: list[int] | None = None,
+                         context: int = 4, horizon: int = 8, split: str = "test", seed: int = 0,
+                         upscale_factor: int = 2) -> str:
+    """PNG: one row per constant action (e.g. turn left vs turn right) rolled out from the same real
+    context; the first ``context`` columns are the real context frames. Discrete actions only."""
+    from worldmodel.video import annotate, grid, save_png, upscale
+
+    spec = wm.action_spec
+    if spec.kind != "discrete":
+        raise ValueError("action strips need a discrete action space")
+    actions = list(range(min(spec.n, 2))) if actions is None else actions
+    ids = [i for i in store.episode_ids(split) if store.length(i) >= context] or \
+        [i for i in store.episode_ids() if store.length(i) >= context]
+    if not ids:
+        raise ValueError(f"no episode of {store.root} has {context} frames")
+    eid = ids[int(np.random.default_rng(seed).integers(len(ids)))]
+    clip = store.read_clip(eid, 0, context)
+    ro = wm.rollout(len(actions))
+    ro.reset(np.repeat(clip["frames"][None], len(actions), 0), np.repeat(clip["actions"][None], len(actions), 0))
+    g = torch.Generator().manual_seed(seed)
+    gen = [ro.step(np.array(actions), temperature=0.0, generator=g).frames for _ in range(horizon)]
+    names = spec.names or tuple(str(a) for a in range(spec.n))
+    rows = []
+    for r, a in enumerate(actions):
+        row = np.concatenate([clip["frames"], np.stack([f[r] for f in gen])])
+        row = upscale(row, upscale_factor)
+        row[context] = annotate(row[context], [names[a]])
+        rows.append(row)
+    return str(save_png(grid(rows), path))

@@ -188,6 +188,13 @@ class Prior(nn.Module):
         else:
             self.act_emb = None
         self.class_emb = nn.Embedding(cfg.n_classes, C) if cfg.n_classes else None
+        k = cfg.prev_frame_kernel
+        if k and k % 2 == 0:
+            raise ValueError(f"prev_frame_kernel must be odd (or 0 = off), got {k}")
+        # Previous-frame path: position predicting z_t[j] also gets a k×k conv of the embeddings of
+        # z_{t-1} around j; block 0 (no previous frame in the window) gets a learned vector.
+        self.prev_conv = nn.Conv2d(C, C, k, padding=k // 2) if k else None
+        self.no_prev = nn.Parameter(torch.zeros(C)) if k else None
         for p in (self.pos_t, self.pos_h, self.pos_w, self.slot_emb, self.start_emb):
             nn.init.normal_(p, std=0.02)
         use_cond_ln = cfg.action_cond == "cond_ln" or self.class_emb is not None
@@ -279,6 +286,12 @@ class Prior(nn.Module):
             cond = cond + self.class_emb(class_ids)[:, None]
         return cond
 
+    def prev_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Previous-frame path features of frames ``tokens`` (B, T, h, w) -> (B, T, hw, C), for the next blocks."""
+        B, T = tokens.shape[:2]
+        e = rearrange(self.tok_emb(tokens.long()), "b t h w c -> (b t) c h w")
+        return rearrange(self.prev_conv(e), "(b t) c h w -> b t (h w) c", b=B, t=T)
+
     def embed_blocks(self, tokens: torch.Tensor, cond: torch.Tensor, t0: torch.Tensor | int = 0) -> torch.Tensor:
         """Input embeddings of whole blocks: tokens (B, T, h, w), cond (B, T, C) -> (B, T*(1+hw), C).
 
@@ -293,6 +306,9 @@ class Prior(nn.Module):
         if self.cfg.action_cond == "token":
             slot = slot + cond
         x = torch.cat([slot[:, :, None], tok], dim=2)  # (B, T, 1+hw, C)
+        if self.prev_conv is not None:  # positions 0..hw-1 of block t predict z_t[0..hw-1]: add z_{t-1} features
+            prev = torch.cat([self.no_prev.expand(B, 1, self.hw, -1), self.prev_features(tokens[:, :-1])], dim=1)
+            x = torch.cat([x[:, :, :-1] + prev, x[:, :, -1:]], dim=2)
         if self.cfg.action_cond == "add":
             x = x + cond[:, :, None]
         return rearrange(x, "b t l c -> b (t l) c")

@@ -183,9 +183,15 @@ class Rollout:
             # rows in lockstep (the usual case) share one cache position: the fast sliced path
             base = int(t_idx[0]) * prior.block_len if bool((t_idx == t_idx[0]).all()) else t_idx * prior.block_len
             hw = prior.hw
+            prev = None
+            if prior.prev_conv is not None:  # features of the window's last frame, once per frame
+                last = self.tokens[torch.arange(B, device=self.device), t_idx - 1]
+                prev = prior.prev_features(last[:, None])[:, 0]  # (B, hw, C)
             out = torch.empty(B, hw, dtype=torch.long, device=self.device)
             ent = torch.zeros(B, device=self.device)
             for j in range(hw + 1):
+                if prev is not None and j < hw:
+                    x = x + prev[:, j:j + 1]
                 h = prior.forward_cached(x, ln_cond, self.cache, None, base + j)  # (B, 1, C)
                 if j == hw:
                     break

@@ -22,7 +22,7 @@ from worldmodel.config import ExperimentConfig
 from worldmodel.store import ClipDataset, EpisodeStore, StoreMeta
 from worldmodel.token_cache import TOKENS_FILE, TokenCache, encode_store
 from worldmodel.training import DistInfo, FitResult, fit
-from worldmodel.video import grid, save_png
+from worldmodel.video import grid, save_png, tensorboard_video
 
 
 def resolve_config(cfg: ExperimentConfig, meta: StoreMeta) -> ExperimentConfig:
@@ -105,8 +105,11 @@ def train_tokenizer(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, dist_i
     def on_eval(m: torch.nn.Module, step: int, writer: Any) -> None:
         recon = _reconstruct(m, sample.to(di.device))
         png = save_recon_png(sample.numpy(), recon.numpy(), run_dir / "recon.png")
-        if writer is not None:  # the same grid as an image (TensorBoard's add_video needs moviepy 1.x)
+        if writer is not None:
             writer.add_image("tokenizer/reconstruction", np.asarray(Image.open(png)), step, dataformats="HWC")
+            # video: originals (top) over reconstructions (bottom), clips side by side
+            vid = torch.cat([torch.cat(list(sample), dim=2), torch.cat(list(recon), dim=2)], dim=1)  # (T, 2H, N*W, 3)
+            tensorboard_video(writer, "tokenizer/reconstruction_video", vid.numpy(), step)
 
     return fit(model, stage="tokenizer", run_dir=run_dir, train_set=train_set, val_set=val_set,
                cfg=cfg.tokenizer_train, dist_info=di, resume=resume, on_eval=on_eval, progress=progress)
@@ -171,5 +174,13 @@ def train_prior(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, dist_info:
     val_set = _split_with_fallback(cache, "val", cfg.prior.frames)
     torch.manual_seed(cfg.prior_train.seed)
     model = Prior(cfg.prior)
-    return fit(model, stage="prior", run_dir=run_dir, train_set=train_set, val_set=val_set, cfg=cfg.prior_train,
-               dist_info=di, resume=resume, progress=progress)
+    res = fit(model, stage="prior", run_dir=run_dir, train_set=train_set, val_set=val_set, cfg=cfg.prior_train,
+              dist_info=di, resume=resume, progress=progress)
+    if di.is_main and cfg.prior.action_kind == "discrete":
+        from worldmodel.bundle import WorldModel
+        from worldmodel.dynamics_eval import render_action_strips
+
+        wm = WorldModel.from_pretrained(run_dir)
+        render_action_strips(wm, EpisodeStore(cfg.data.store), str(Path(run_dir) / "action_strips.png"),
+                             context=min(4, cfg.prior.frames - 1))
+    return res

@@ -100,3 +100,21 @@ def annotate(frame: np.ndarray, lines: Sequence[str], color: tuple[int, int, int
         draw.text((2, y), line, fill=color, font=font)
         y = box[3] + 1
     return np.asarray(img)
+
+
+def tensorboard_video(writer: object, tag: str, frames: np.ndarray, step: int, fps: float = 4.0) -> None:
+    """Log ``frames`` uint8 (T, H, W, 3) as an animated GIF image summary to a ``SummaryWriter``.
+
+    TensorBoard shows GIF-encoded image summaries as videos. torch's ``add_video`` builds that GIF
+    with moviepy 1.x's ``moviepy.editor``, which moviepy 2 removed, so we encode it with Pillow.
+    """
+    import io
+
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    buf = io.BytesIO()
+    imgs = [Image.fromarray(f) for f in frames]
+    imgs[0].save(buf, format="GIF", save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
+    T, H, W, _ = frames.shape
+    image = Summary.Image(height=H, width=W, colorspace=3, encoded_image_string=buf.getvalue())
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)  # type: ignore[attr-defined]
