@@ -1,13 +1,13 @@
 """Prior generation and training speed for the vizdoom_hgs dream geometry. Prints one JSON line.
 
-Geometry: 64x64 frames, 8x8 tokens per frame, vocabulary 512, 5 actions, the ``small`` preset prior
-(window of 8 frames; generation starts from 7 context frames so the first step fills the window
+Geometry: 64x64 frames, 8x8 tokens per frame, vocabulary 512, 5 actions, the vizdoom_hgs preset prior
+at ``--scale`` (default ``tiny``, the default scale of experiments/train.py; window of 8 frames; generation starts from 7 context frames so the first step fills the window
 and later steps slide it). Measured in one run:
 - frames/s at batch 1 and 16, KV-cached vs full recompute (one whole forward per token), fp32 vs bf16;
 - prior training tokens/s (forward + backward + AdamW) and its achieved GFLOP/s, next to this
   machine's fp32 matmul peak measured with a 2048x2048 matmul.
 
-Usage: python benchmarks/bench_sampling.py [--steps 6] [--threads 0]
+Usage: python benchmarks/bench_sampling.py [--scale tiny|small] [--steps 6] [--threads 0]
 """
 
 from __future__ import annotations
@@ -88,13 +88,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=6, help="generated frames per row for each cached measurement")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--scale", default="tiny", choices=["tiny", "small", "paper"], help="preset scale of the prior")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = replace(get_preset("vizdoom_hgs", "small").prior, vocab_size=512, n_actions=5, dropout=0.0, attn_dropout=0.0)
+    cfg = replace(get_preset("vizdoom_hgs", args.scale).prior, vocab_size=512, n_actions=5, dropout=0.0, attn_dropout=0.0)
     torch.manual_seed(0)
     prior = Prior(cfg).eval()
-    out: dict = {"bench": "sampling", "model": f"{cfg.n_layer}x{cfg.n_embd} window {cfg.frames} frames of 8x8",
+    out: dict = {"bench": "sampling", "scale": args.scale, "model": f"{cfg.n_layer}x{cfg.n_embd} window {cfg.frames} frames of 8x8",
                  "params_M": round(sum(p.numel() for p in prior.parameters()) / 1e6, 2), "threads": torch.get_num_threads()}
     for B in (1, 16):
         out[f"cached_fps_b{B}_fp32"] = round(cached_fps(prior, B, args.steps, False), 2)
