@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 import tyro
 
 from worldmodel.config import SCALES, ExperimentConfig, get_preset, preset_names
+from worldmodel.paths import default_run_dir
 from worldmodel.training import setup_distributed
 
 REAL_ENVS = ("vizdoom_hgs", "vizdoom_battle2")
@@ -53,11 +53,6 @@ class Args:
     """Directory with D4_battle2.wad/.cfg, for collecting vizdoom_battle2 data."""
     config: ExperimentConfig = ExperimentConfig()
     """The preset's configuration; override any field, e.g. --config.prior-train.steps 500."""
-
-
-def default_run_dir(env: str, scale: str) -> Path:
-    base = Path(os.environ["WORLDMODEL_HOME"]) / "runs" if "WORLDMODEL_HOME" in os.environ else Path("runs")
-    return base / f"{env}-{scale}"
 
 
 def parse(argv: list[str] | None = None) -> Args:

@@ -8,6 +8,7 @@ take frames and actions in pixel space and return generated frames, rewards and 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,10 +139,14 @@ class DreamRollout:
 
     @torch.inference_mode()
     def step(self, actions: Any, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None) -> DreamStep:
-        """Advance every environment by one step; ``actions`` (B,) discrete or (B, A) continuous."""
+             generator: torch.Generator | Sequence[torch.Generator] | None = None, **decode_kw: Any) -> DreamStep:
+        """Advance every environment by one step; ``actions`` (B,) discrete or (B, A) continuous.
+
+        ``generator``: one generator, or B per-row generators (see :meth:`Rollout.step`);
+        ``decode_kw`` go to :meth:`Rollout.step` (e.g. ``decode="maskgit"``).
+        """
         a = self._actions_tensor(actions, 1)
-        out = self.sampler.step(a, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        out = self.sampler.step(a, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, **decode_kw)
         frames = self.decode_latest()
         return DreamStep(frames, out.reward.cpu().numpy().astype(np.float32), (out.terminated_prob > 0.5).cpu().numpy(),
                          out.terminated_prob.cpu().numpy().astype(np.float32), out.entropy.cpu().numpy().astype(np.float32),
@@ -150,8 +155,12 @@ class DreamRollout:
     def decode_latest(self) -> np.ndarray:
         """Decode the newest frame of every row with up to ``decode_context`` frames of token history."""
         s = self.sampler
-        n = s.n_frames  # (B,)
-        ctx = int(min(self.decode_context, int(n.min())))
-        idx = n[:, None] - ctx + torch.arange(ctx, device=n.device)[None]  # (B, ctx)
-        window = s.tokens[torch.arange(self.B, device=n.device)[:, None], idx]  # (B, ctx, h, w)
-        return self.wm.tokenizer.decode(window)[:, -1].cpu().numpy()
+        ctx = s.n_frames.clamp(max=self.decode_context)  # (B,) history each row has
+        H, W, _ = self.wm.obs_shape
+        out = np.empty((self.B, H, W, 3), np.uint8)
+        for c in torch.unique(ctx).tolist():  # rows with equal history decode together (one group normally)
+            rows = torch.nonzero(ctx == c).flatten()
+            idx = s.n_frames[rows, None] - c + torch.arange(c, device=rows.device)[None]  # (k, c)
+            window = s.tokens[rows[:, None], idx]  # (k, c, h, w)
+            out[rows.cpu().numpy()] = self.wm.tokenizer.decode(window)[:, -1].cpu().numpy()
+        return out

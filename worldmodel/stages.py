@@ -75,6 +75,12 @@ def prepare_run(cfg: ExperimentConfig, run_dir: str | os.PathLike) -> tuple[Expe
                              f"(old: {old.tokenizer}, new: {cfg.tokenizer})")
     meta = store.meta.to_dict()
     meta["path"] = str(Path(cfg.data.store).resolve())
+    spec = store.meta.action_spec
+    if spec.kind == "continuous" and (spec.low is None or spec.high is None):
+        # dream envs expose continuous actions normalised to [-1, 1]; record the data's range to map them back
+        acts = np.concatenate([a for e in store.episode_ids() if (a := store.load_actions(e)) is not None and len(a)])
+        meta["action_spec"]["low"] = acts.min(0).astype(float).tolist()
+        meta["action_spec"]["high"] = acts.max(0).astype(float).tolist()
     write_run_config(run_dir, cfg.to_dict(), meta)
     return cfg, store
 

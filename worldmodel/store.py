@@ -505,6 +505,11 @@ class EpisodeStore:
                        rewards=g["rewards"][()], terminated=g["terminated"][()], truncated=bool(g.attrs["truncated"]),
                        split=str(g.attrs.get("split", "train")), attrs=attrs, extras=extras)
 
+    def load_actions(self, episode_id: str) -> np.ndarray | None:
+        """An episode's actions only (T-1, ...) without reading its frames; None for action-free stores."""
+        g = self._group(episode_id)
+        return g["actions"][()] if "actions" in g else None
+
     def read_clip(self, episode_id: str, start: int, length: int) -> dict[str, np.ndarray]:
         """Frames ``[start, start+length)`` and the ``length-1`` transitions between them."""
         T = self.length(episode_id)

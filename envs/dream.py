@@ -1,0 +1,439 @@
+"""Dream environments: a trained world model stepped like a Gymnasium env.
+
+Three front ends share one batched engine, :class:`DreamCore` (N dream envs over one
+:class:`~worldmodel.bundle.WorldModel`; a step of all N is one model call per token):
+
+- :class:`DreamEnv` — ``gymnasium.Env`` (N = 1), the ``entry_point`` of ``VideoGPTDream-<Name>-v0``;
+- :class:`DreamVectorEnv` — ``gymnasium.vector.VectorEnv`` (next-step autoreset), the
+  ``vector_entry_point``, so ``gym.make_vec(id, num_envs=N)`` steps N envs per model call;
+- :class:`envs.sb3_vec.DreamVecEnv` — Stable-Baselines3 ``VecEnv`` (same-step autoreset).
+
+Semantics. Observations are the bundle's frames, ``Box(0, 255, (H, W, 3), uint8)``. ``reset``
+takes context frames (and the actions between them) from ``options`` or draws a held-out episode
+of the bundle's store (its first ``context_frames`` frames, or a random window with
+``start="random"``) and returns the last context frame. ``step`` generates the next frame and
+returns the predicted reward and termination (termination probability > 0.5); ``info`` holds
+``step`` (steps since reset), ``entropy`` (mean token entropy of the new frame in nats: high where
+the model is unsure, a dream-uncertainty signal) and ``terminated_prob``. Each env draws its
+samples from its own generator seeded from ``reset(seed=...)``, so the same seed gives the same
+episode, alone or inside a vector env. Continuous actions are exposed normalised to [-1, 1] and
+mapped linearly to the dataset's per-dimension [low, high] (recorded in the bundle).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+
+from worldmodel.bundle import WorldModel
+from worldmodel.checkpoint import CONFIG_JSON
+from worldmodel.paths import bundle_preset, find_bundles, runs_dir
+from worldmodel.store import ActionSpec, EpisodeStore, StoreError
+
+DECODES = ("autoregressive", "maskgit")
+STARTS = ("episode_start", "random")
+OPTION_KEYS = ("frames", "actions", "episode_id", "start")
+
+
+def resolve_bundle(checkpoint: str | os.PathLike | None, preset: str | None) -> Path:
+    """The bundle directory to load: ``checkpoint`` if given (checked against ``preset``), else the
+    newest complete bundle of ``preset`` under the runs directory (see :mod:`worldmodel.paths`)."""
+    train_cmd = f"python experiments/train.py --env {preset or '<preset>'}"
+    if checkpoint is None:
+        if preset is None:
+            raise ValueError("checkpoint: required when the env has no preset (pass checkpoint=<bundle dir>)")
+        found = find_bundles(preset)
+        if not found:
+            raise FileNotFoundError(f"no trained {preset!r} bundle under {runs_dir().resolve()} (or ./runs); train one "
+                                    f"with: {train_cmd}   or pass checkpoint=<bundle dir>")
+        return found[0]
+    path = Path(checkpoint)
+    if not (path / CONFIG_JSON).exists():
+        raise FileNotFoundError(f"checkpoint: {path} is not a bundle (no {CONFIG_JSON}); train one with: {train_cmd}")
+    found_preset = bundle_preset(path)
+    if found_preset is None:
+        raise ValueError(f"checkpoint: {path} has no trained prior yet; finish it with: {train_cmd} --run-dir {path}")
+    if preset is not None and found_preset != preset:
+        raise ValueError(f"checkpoint: {path} is a {found_preset!r} bundle but this env is {preset!r}; use "
+                         f"VideoGPTDream id of that preset, or train a {preset!r} bundle with: {train_cmd}")
+    return path
+
+
+def action_space_of(spec: ActionSpec) -> spaces.Space:
+    """The Gymnasium action space a dream env exposes for ``spec`` (continuous: normalised to [-1, 1])."""
+    if spec.kind == "discrete":
+        return spaces.Discrete(spec.n)
+    if spec.kind == "continuous":
+        return spaces.Box(-1.0, 1.0, (spec.dim,), np.float32)
+    raise ValueError("the bundle models action-free video; a dream env needs an action-conditioned bundle "
+                     "(presets vizdoom_hgs, vizdoom_battle2, bair, robonet)")
+
+
+class DreamCore:
+    """``num_envs`` dream environments over one world model. See the module docstring.
+
+    Args:
+        wm: the world model (shared; not copied).
+        num_envs: number of environments (rows).
+        temperature, top_k, top_p: sampling of the frame tokens (temperature 0 = greedy).
+        decode: ``"autoregressive"`` (token by token) or ``"maskgit"`` (``maskgit_steps`` parallel steps).
+        context_frames: real frames a reset starts from (1 ≤ context_frames < the prior's window).
+        start: where a drawn context starts in its episode: ``"episode_start"`` or ``"random"``.
+        bf16: bf16 autocast for the prior.
+    """
+
+    def __init__(self, wm: WorldModel, num_envs: int, *, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, decode: str = "autoregressive", maskgit_steps: int = 8,
+                 context_frames: int = 1, start: str = "episode_start", bf16: bool = False) -> None:
+        if num_envs < 1:
+            raise ValueError(f"num_envs: got {num_envs}, expected >= 1")
+        if decode not in DECODES:
+            raise ValueError(f"decode: got {decode!r}, expected one of {DECODES}")
+        if start not in STARTS:
+            raise ValueError(f"start: got {start!r}, expected one of {STARTS}")
+        if not 1 <= context_frames < wm.cfg.prior.frames:
+            raise ValueError(f"context_frames: got {context_frames}, expected 1..{wm.cfg.prior.frames - 1} "
+                             f"(the prior's window is {wm.cfg.prior.frames} frames)")
+        if temperature < 0:
+            raise ValueError(f"temperature: got {temperature}, expected >= 0")
+        self.wm, self.N = wm, num_envs
+        self.spec = wm.action_spec
+        self.observation_space = spaces.Box(0, 255, wm.obs_shape, np.uint8)
+        self.action_space = action_space_of(self.spec)
+        if self.spec.kind == "continuous":
+            if self.spec.low is None or self.spec.high is None:
+                raise ValueError("the bundle's continuous action space has no bounds (retrain with a current "
+                                 "version: prepare_run records the dataset's action range)")
+            self.a_low = np.asarray(self.spec.low, np.float32)
+            self.a_high = np.asarray(self.spec.high, np.float32)
+        self.sample_kw: dict[str, Any] = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        if decode != "autoregressive":
+            self.sample_kw.update(decode=decode, maskgit_steps=maskgit_steps)
+        self.context_frames, self.start = context_frames, start
+        self.rollout = wm.rollout(num_envs, bf16=bf16)
+        self.obs = np.zeros((num_envs, *wm.obs_shape), np.uint8)
+        self.steps = np.zeros(num_envs, np.int64)
+        self.started = np.zeros(num_envs, bool)
+        dev = wm.device
+        self.rngs = [np.random.default_rng() for _ in range(num_envs)]
+        self.gens = [torch.Generator(device=dev) for _ in range(num_envs)]
+        self._scratch = torch.Generator(device=dev)
+        for i in range(num_envs):
+            self.seed_row(i, self.rngs[i])
+        self._store: EpisodeStore | None = None
+        self._heldout: list[str] | None = None
+
+    # -- seeding and contexts -------------------------------------------------------------------
+    def seed_row(self, row: int, rng: np.random.Generator) -> None:
+        """Make ``rng`` row ``row``'s generator of contexts and seed its token sampler from it."""
+        self.rngs[row] = rng
+        self.gens[row].manual_seed(int(rng.integers(2**62)))
+
+    def _heldout_ids(self) -> list[str]:
+        if self._heldout is None:
+            path = self.wm.store_path
+            if not path or not Path(path, "store.json").exists():
+                raise FileNotFoundError(f"the bundle's store {path!r} is not available to draw reset contexts from; "
+                                        f"pass reset(options={{'frames': ..., 'actions': ...}}) instead")
+            self._store = EpisodeStore(path)
+            need = self.context_frames
+            for split in ("test", "val", "train"):
+                ids = [e for e in self._store.episode_ids(split) if self._store.length(e) >= need]
+                if ids:
+                    if split == "train":
+                        warnings.warn(f"{path}: no held-out episodes; dream resets start from training episodes",
+                                      stacklevel=4)
+                    break
+            if not ids:
+                raise ValueError(f"{path}: no episode has the {need} frames a reset context needs")
+            self._heldout = ids
+        return self._heldout
+
+    def _context(self, row: int, options: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Context frames (Tc, H, W, 3) uint8 and actions (Tc-1, ...) in the dataset's units."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(OPTION_KEYS) - {"reset_mask"})
+        if unknown:
+            raise ValueError(f"options: unknown keys {unknown}; expected some of {list(OPTION_KEYS)}")
+        H, W, _ = self.wm.obs_shape
+        if "frames" in options:
+            frames = np.asarray(options["frames"])
+            if frames.ndim == 3:
+                frames = frames[None]
+            if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (H, W, 3) or len(frames) < 1:
+                raise ValueError(f"options['frames']: got {frames.dtype}{frames.shape}, expected uint8 (Tc, {H}, {W}, 3)")
+            if len(frames) >= self.wm.cfg.prior.frames:
+                frames = frames[-(self.wm.cfg.prior.frames - 1):]
+            if len(frames) == 1:
+                return frames, None
+            if options.get("actions") is None:
+                raise ValueError(f"options['actions']: {len(frames)} context frames need {len(frames) - 1} actions "
+                                 f"({self.spec.describe(len(frames) - 1)}, in the dataset's units)")
+            try:
+                actions = self.spec.validate(np.asarray(options["actions"])[-(len(frames) - 1):], len(frames) - 1,
+                                             "options['actions']")
+            except StoreError as e:
+                raise ValueError(str(e)) from None
+            return frames, actions
+        ids = self._heldout_ids()
+        rng = self.rngs[row]
+        if "episode_id" in options:
+            eid = str(options["episode_id"])
+            if eid not in self._store.episode_ids():
+                raise ValueError(f"options['episode_id']: {eid!r} is not in the bundle's store {self.wm.store_path}")
+        else:
+            eid = ids[int(rng.integers(len(ids)))]
+        n = self._store.length(eid)
+        c = self.context_frames
+        if "start" in options:
+            t = int(options["start"])
+            if not 0 <= t <= n - c:
+                raise ValueError(f"options['start']: got {t}, expected 0..{n - c} for episode {eid!r} of {n} frames")
+        else:
+            t = 0 if self.start == "episode_start" else int(rng.integers(n - c + 1))
+        clip = self._store.read_clip(eid, t, c)
+        acts = clip.get("actions")
+        return clip["frames"], (None if acts is None or c == 1 else acts[: c - 1])
+
+    def reset_rows(self, rows: list[int], options: list[dict[str, Any] | None] | None = None) -> np.ndarray:
+        """Start ``rows`` from new contexts; returns their observations (k, H, W, 3)."""
+        options = options or [None] * len(rows)
+        ctx = [self._context(r, o) for r, o in zip(rows, options)]
+        by_len: dict[int, list[int]] = {}
+        for i, (f, _) in enumerate(ctx):
+            by_len.setdefault(len(f), []).append(i)
+        for idx in by_len.values():  # rows with equal context length are encoded in one call
+            frames = np.stack([ctx[i][0] for i in idx])
+            acts = None if ctx[idx[0]][1] is None else np.stack([ctx[i][1] for i in idx])
+            self.rollout.reset(frames, acts, rows=[rows[i] for i in idx])
+        for r, (f, _) in zip(rows, ctx):
+            self.obs[r] = f[-1]
+            self.steps[r] = 0
+            self.started[r] = True
+        return self.obs[rows].copy()
+
+    # -- stepping -------------------------------------------------------------------------------
+    def check_actions(self, actions: Any) -> np.ndarray:
+        """Validate a batch of N actions (from the exposed action space); returns them in the dataset's units."""
+        a = np.asarray(actions)
+        if self.spec.kind == "discrete":
+            if a.shape != (self.N,) or not (np.issubdtype(a.dtype, np.integer) or a.dtype == object):
+                raise ValueError(f"actions: got {a.dtype}{a.shape}, expected {self.N} integer actions in [0, {self.spec.n})")
+            a = a.astype(np.int64)
+            if a.min() < 0 or a.max() >= self.spec.n:
+                raise ValueError(f"actions: values {a.tolist()} out of range, expected integers in [0, {self.spec.n})")
+            return a
+        a = a.astype(np.float32, copy=False) if np.issubdtype(a.dtype, np.number) else a
+        if a.shape != (self.N, self.spec.dim) or not np.issubdtype(a.dtype, np.floating):
+            raise ValueError(f"actions: got {a.dtype}{a.shape}, expected float ({self.N}, {self.spec.dim}) in [-1, 1]")
+        if not np.all(np.isfinite(a)):
+            raise ValueError("actions: contain NaN or inf")
+        a = np.clip(a, -1.0, 1.0)
+        return self.a_low + (a + 1.0) * 0.5 * (self.a_high - self.a_low)
+
+    def step(self, actions: Any, skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Step every row; rows in ``skip`` (bool (N,)) are stepped with throw-away randomness because
+        the caller resets them right after (keeps each row's sample stream equal to a single env's).
+
+        Returns obs (N, H, W, 3) uint8, rewards (N,) float32, terminated (N,) bool, info arrays.
+        """
+        if not self.started.all():
+            raise RuntimeError("reset() must be called before step()")
+        a = self.check_actions(actions)
+        gens = self.gens if skip is None else [self._scratch if s else g for g, s in zip(self.gens, skip)]
+        out = self.rollout.step(a, generator=gens, **self.sample_kw)
+        self.obs[:] = out.frames
+        self.steps += 1
+        info = {"step": self.steps.copy(), "entropy": out.entropy, "terminated_prob": out.terminated_prob}
+        return self.obs.copy(), out.rewards, out.terminated, info
+
+
+def load_world_model(checkpoint: str | os.PathLike | None, preset: str | None, device: str) -> WorldModel:
+    """Load the bundle a dream env runs on (see :func:`resolve_bundle`)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return WorldModel.from_pretrained(resolve_bundle(checkpoint, preset), device=device)
+
+
+class _Viewer:
+    """A pygame window showing frames upscaled (nearest), for ``render_mode="human"``."""
+
+    def __init__(self, scale: int = 6, title: str = "VideoGPT dream") -> None:
+        import pygame  # the vizdoom dependency ships it; imported only for human rendering
+
+        self.pg, self.scale, self.title = pygame, scale, title
+        self.screen = None
+
+    def show(self, frame: np.ndarray, fps: float) -> None:
+        pg = self.pg
+        h, w, _ = frame.shape
+        if self.screen is None:
+            pg.display.init()  # display only: pg.init() would also open the audio device
+            pg.display.set_caption(self.title)
+            self.screen = pg.display.set_mode((w * self.scale, h * self.scale))
+            self.clock = pg.time.Clock()
+        surf = pg.surfarray.make_surface(np.repeat(np.repeat(frame, self.scale, 0), self.scale, 1).swapaxes(0, 1))
+        self.screen.blit(surf, (0, 0))
+        pg.event.pump()
+        pg.display.flip()
+        self.clock.tick(fps)
+
+    def close(self) -> None:
+        if self.screen is not None:
+            self.pg.display.quit()
+            self.screen = None
+
+
+class DreamEnv(gym.Env):
+    """One dream environment (the entry point of ``VideoGPTDream-<Name>-v0``). See the module docstring.
+
+    Args:
+        checkpoint: bundle directory; default: the newest bundle of ``preset`` under the runs directory.
+        preset: the preset this id stands for (set by the registration; checked against the bundle).
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        temperature, top_k, top_p, decode, maskgit_steps, context_frames, start, bf16: see :class:`DreamCore`.
+        max_episode_steps: truncate after this many steps (``gym.make`` applies its TimeLimit instead).
+        render_mode: ``None``, ``"rgb_array"`` (the current frame) or ``"human"`` (a pygame window).
+        world_model: an already loaded :class:`WorldModel` to share (then ``checkpoint`` is ignored).
+    """
+
+    metadata = {"render_modes": ["rgb_array", "human"], "render_fps": 8.75}
+
+    def __init__(self, checkpoint: str | os.PathLike | None = None, preset: str | None = None, device: str = "cpu",
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 decode: str = "autoregressive", maskgit_steps: int = 8, context_frames: int = 1,
+                 start: str = "episode_start", max_episode_steps: int | None = None, render_mode: str | None = None,
+                 bf16: bool = False, world_model: WorldModel | None = None) -> None:
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"render_mode: got {render_mode!r}, expected None or one of {self.metadata['render_modes']}")
+        wm = world_model if world_model is not None else load_world_model(checkpoint, preset, device)
+        self.core = DreamCore(wm, 1, temperature=temperature, top_k=top_k, top_p=top_p, decode=decode,
+                              maskgit_steps=maskgit_steps, context_frames=context_frames, start=start, bf16=bf16)
+        self.world_model = wm
+        self.observation_space = self.core.observation_space
+        self.action_space = self.core.action_space
+        self.max_episode_steps = max_episode_steps
+        self.render_mode = render_mode
+        self.metadata = {**self.metadata, "render_fps": wm.fps}
+        self._viewer: _Viewer | None = None
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        if seed is not None or not self.core.started[0]:
+            self.core.seed_row(0, self.np_random)
+        obs = self.core.reset_rows([0], [options])[0]
+        if self.render_mode == "human":
+            self.render()
+        return obs, {"step": 0}
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        a = np.asarray(action)
+        if self.core.spec.kind == "discrete":
+            if a.ndim != 0:
+                raise ValueError(f"action: got shape {a.shape}, expected a scalar integer in [0, {self.core.spec.n})")
+            a = a[None]
+        else:
+            a = a[None]
+        obs, rew, term, info = self.core.step(a)
+        step = int(info["step"][0])
+        truncated = self.max_episode_steps is not None and step >= self.max_episode_steps and not bool(term[0])
+        if self.render_mode == "human":
+            self.render()
+        return obs[0], float(rew[0]), bool(term[0]), truncated, {
+            "step": step, "entropy": float(info["entropy"][0]), "terminated_prob": float(info["terminated_prob"][0])}
+
+    def render(self) -> np.ndarray | None:
+        if self.render_mode == "rgb_array":
+            return self.core.obs[0].copy()
+        if self.render_mode == "human":
+            if self._viewer is None:
+                self._viewer = _Viewer()
+            self._viewer.show(self.core.obs[0], self.metadata["render_fps"])
+        return None
+
+    def close(self) -> None:
+        if self._viewer is not None:
+            self._viewer.close()
+            self._viewer = None
+
+
+class DreamVectorEnv(VectorEnv):
+    """``num_envs`` dream environments stepped in one model call (``gym.make_vec``'s vector entry point).
+
+    Autoreset is Gymnasium's default next-step mode: the step after an env terminates or truncates
+    resets it (its action is ignored) and returns the new first observation with reward 0.
+    ``reset(seed=s)`` seeds env i with ``s + i``, so env i reproduces ``DreamEnv.reset(seed=s + i)``.
+    Arguments as :class:`DreamEnv`.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 8.75, "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(self, num_envs: int = 1, checkpoint: str | os.PathLike | None = None, preset: str | None = None,
+                 device: str = "cpu", temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 decode: str = "autoregressive", maskgit_steps: int = 8, context_frames: int = 1,
+                 start: str = "episode_start", max_episode_steps: int | None = None, render_mode: str | None = None,
+                 bf16: bool = False, world_model: WorldModel | None = None) -> None:
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode: got {render_mode!r}, expected None or 'rgb_array'")
+        wm = world_model if world_model is not None else load_world_model(checkpoint, preset, device)
+        self.core = DreamCore(wm, num_envs, temperature=temperature, top_k=top_k, top_p=top_p, decode=decode,
+                              maskgit_steps=maskgit_steps, context_frames=context_frames, start=start, bf16=bf16)
+        self.world_model = wm
+        self.num_envs = num_envs
+        self.single_observation_space = self.core.observation_space
+        self.single_action_space = self.core.action_space
+        self.observation_space = spaces.Box(0, 255, (num_envs, *wm.obs_shape), np.uint8)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
+        self.max_episode_steps = max_episode_steps
+        self.render_mode = render_mode
+        self.metadata = {**self.metadata, "render_fps": wm.fps}
+        self._autoreset = np.zeros(num_envs, bool)
+
+    def reset(self, *, seed: int | list[int | None] | None = None,
+              options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        N = self.num_envs
+        seeds = [None if seed is None else seed + i for i in range(N)] if not isinstance(seed, list) else seed
+        if len(seeds) != N:
+            raise ValueError(f"seed: got {len(seeds)} seeds, expected {N}")
+        if seed is not None:
+            self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seeds[0])
+        mask = np.ones(N, bool) if options is None or "reset_mask" not in options else np.asarray(options["reset_mask"], bool)
+        rows = [i for i in range(N) if mask[i]]
+        for i in rows:
+            if seeds[i] is not None or not self.core.started[i]:
+                self.core.seed_row(i, gym.utils.seeding.np_random(seeds[i])[0])
+        self.core.reset_rows(rows, [options] * len(rows))
+        self._autoreset[rows] = False
+        return self.core.obs.copy(), {"step": self.core.steps.copy(), "_step": mask.copy()}
+
+    def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        done_before = self._autoreset.copy()
+        obs, rew, term, info = self.core.step(actions, skip=done_before if done_before.any() else None)
+        rew = rew.astype(np.float64)
+        trunc = np.zeros(self.num_envs, bool)
+        if self.max_episode_steps is not None:
+            trunc = (self.core.steps >= self.max_episode_steps) & ~term
+        if done_before.any():  # next-step autoreset: these rows start over; their step above is discarded
+            rows = np.flatnonzero(done_before).tolist()
+            obs[rows] = self.core.reset_rows(rows)
+            rew[rows], term[rows], trunc[rows] = 0.0, False, False
+            for k in ("entropy", "terminated_prob"):
+                info[k][rows] = 0.0
+            info["step"][rows] = 0
+        self._autoreset = term | trunc
+        mask = np.ones(self.num_envs, bool)
+        info.update({f"_{k}": mask for k in list(info)})
+        return obs, rew, term, trunc, info
+
+    def render(self) -> tuple[np.ndarray, ...] | None:
+        if self.render_mode == "rgb_array":
+            return tuple(self.core.obs.copy())
+        return None

@@ -1,0 +1,216 @@
+"""Dream envs: registration, checkers, seeding, vector env vs single envs, SB3 adapter and PPO, errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3 import PPO
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import envs
+from envs.collect import collect
+from envs.dream import DreamEnv
+from envs.sb3_vec import DreamVecEnv
+from tests.conftest import BATTLE2_DIR, TINY_RES, make_bundle, tiny_experiment, write_continuous_store
+
+HGS = "VideoGPTDream-VizdoomHGS-v0"
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, tiny_bundle):
+    """One bundle per registered id (random weights): HGS and Battle2 on real data, BAIR/RoboNet-like continuous."""
+    root = tmp_path_factory.mktemp("dream_bundles")
+    b2_store = root / "b2_store"
+    collect("vizdoom_battle2", b2_store, 3, num_envs=1, asynchronous=False, progress=False,
+            env_kwargs={"resolution": TINY_RES, "max_episode_steps": 12, "battle2_path": str(BATTLE2_DIR)})
+    out = {"VizdoomHGS": tiny_bundle,
+           "VizdoomBattle2": make_bundle(tiny_experiment(b2_store, name="vizdoom_battle2"), root / "b2")}
+    for name, preset, dim in (("BAIR", "bair", 4), ("RoboNet", "robonet", 5)):
+        store = write_continuous_store(root / f"{preset}_store", source=preset, dim=dim)
+        out[name] = make_bundle(tiny_experiment(store, name=preset), root / preset)
+    return out
+
+
+def _run(env, actions, seed):
+    obs, _ = env.reset(seed=seed)
+    frames, rewards = [obs], []
+    for a in actions:
+        obs, r, *_ = env.step(a)
+        frames.append(obs)
+        rewards.append(r)
+    return np.stack(frames), np.array(rewards)
+
+
+@pytest.mark.parametrize("name", list(envs.DREAM_IDS))
+def test_every_id_passes_gymnasium_checker(bundles, name):
+    env = gym.make(envs.dream_id(name), checkpoint=bundles[name])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gym_check_env(env.unwrapped, skip_render_check=True)
+    complaints = [str(w.message) for w in caught if "no held-out episodes" not in str(w.message)]  # 3-episode store
+    assert not complaints, complaints
+    spec = envs.DREAM_IDS[name]
+    assert env.spec.max_episode_steps == spec[1] and env.unwrapped.world_model.cfg.name == spec[0]
+    if name in ("BAIR", "RoboNet"):
+        assert isinstance(env.action_space, gym.spaces.Box) and env.action_space.shape == ((4,) if name == "BAIR" else (5,))
+        assert np.all(env.action_space.low == -1) and np.all(env.action_space.high == 1)
+        # [-1, 1] maps onto the data's range recorded in the bundle
+        core = env.unwrapped.core
+        assert np.allclose(core.check_actions(-np.ones((1, core.spec.dim))), core.a_low)
+        assert np.all(core.a_low < 0) and np.all(core.a_high > 0)
+    else:
+        assert isinstance(env.action_space, gym.spaces.Discrete)
+        assert env.action_space.n == (5 if name == "VizdoomHGS" else 8)
+    env.close()
+
+
+def test_sb3_checker_without_warnings(tiny_bundle64):
+    env = DreamEnv(checkpoint=tiny_bundle64, preset="vizdoom_hgs")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sb3_check_env(env)
+    assert not caught, [str(w.message) for w in caught]
+
+
+def test_same_seed_same_episode(tiny_bundle):
+    a = gym.make(HGS, checkpoint=tiny_bundle)
+    b = gym.make(HGS, checkpoint=tiny_bundle)
+    acts = [0, 1, 2, 3, 4, 2, 2, 0]
+    fa, ra = _run(a, acts, seed=7)
+    fb, rb = _run(b, acts, seed=7)
+    assert np.array_equal(fa, fb) and np.array_equal(ra, rb)
+    fc, _ = _run(a, acts, seed=8)  # another seed: another context and/or other samples
+    assert not np.array_equal(fa, fc)
+    obs, info = a.reset(seed=7)
+    assert np.array_equal(obs, fa[0]) and info["step"] == 0
+    _, _, _, _, info = a.step(1)
+    assert info["step"] == 1 and info["entropy"] > 0 and 0 <= info["terminated_prob"] <= 1
+
+
+def test_vector_env_equals_single_envs(tiny_bundle):
+    N, T, seed = 3, 8, 11
+    vec = gym.make_vec(HGS, num_envs=N, checkpoint=tiny_bundle)
+    assert type(vec).__name__ == "DreamVectorEnv"  # the vector entry point, not a SyncVectorEnv of N models
+    rng = np.random.default_rng(0)
+    actions = rng.integers(0, 5, (T, N))
+    vobs, _ = vec.reset(seed=seed)
+    v_frames, v_rew, v_done = [vobs], [], []
+    for t in range(T):
+        o, r, te, tr, _ = vec.step(actions[t])
+        v_frames.append(o)
+        v_rew.append(r)
+        v_done.append(te | tr)
+    for i in range(N):  # env i alone, seeded seed + i, with next-step autoreset done by hand
+        env = gym.make(HGS, checkpoint=tiny_bundle)
+        obs, _ = env.reset(seed=seed + i)
+        assert np.array_equal(obs, v_frames[0][i])
+        done = False
+        for t in range(T):
+            if done:
+                obs, _ = env.reset()
+                r = 0.0
+                done = False
+            else:
+                obs, r, te, tr, _ = env.step(int(actions[t, i]))
+                done = te or tr
+                assert done == v_done[t][i]
+            assert np.abs(obs.astype(int) - v_frames[t + 1][i]).max() <= 1, (i, t)  # batched vs single float rounding
+            assert r == pytest.approx(v_rew[t][i], abs=1e-4)
+
+
+def test_sb3_vecenv_autoreset_and_terminal_observation(tiny_bundle):
+    venv = DreamVecEnv(4, tiny_bundle, "vizdoom_hgs", max_episode_steps=3)
+    venv.seed(5)
+    obs = venv.reset()
+    assert obs.shape == (4, TINY_RES, TINY_RES, 3) and obs.dtype == np.uint8
+    ever_done = np.zeros(4, bool)
+    for t in range(3):
+        obs, rew, done, infos = venv.step(np.array([0, 1, 2, 3]))
+        assert rew.dtype == np.float32 and done.dtype == bool
+        for i, info in enumerate(infos):
+            assert ("terminal_observation" in info) == bool(done[i])
+            if done[i]:
+                assert info["terminal_observation"].shape == (TINY_RES, TINY_RES, 3)
+                assert info["TimeLimit.truncated"] == (info["step"] == 3 and info["terminated_prob"] <= 0.5)
+                assert venv.core.steps[i] == 0 and np.array_equal(obs[i], venv.core.obs[i])  # reset inside step_wait
+        ever_done |= done
+    assert ever_done.all()  # the 3-step limit ends every episode by step 3
+
+
+def test_ppo_trains_in_the_dream(tiny_bundle64):
+    venv = DreamVecEnv(4, tiny_bundle64, "vizdoom_hgs", max_episode_steps=20)
+    torch.manual_seed(0)
+    model = PPO("CnnPolicy", venv, n_steps=32, batch_size=64, n_epochs=2, seed=0, device="cpu")
+    before = [p.detach().clone() for p in model.policy.parameters()]
+    model.learn(total_timesteps=256)
+    assert model.num_timesteps >= 256
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.policy.parameters()))
+
+
+def test_bad_input_raises_and_env_stays_usable(tiny_bundle, tmp_path):
+    env = DreamEnv(checkpoint=tiny_bundle, preset="vizdoom_hgs")
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"out of range"):
+        env.step(7)
+    with pytest.raises(ValueError, match=r"scalar integer"):
+        env.step([1, 2])
+    with pytest.raises(ValueError, match=r"integer actions"):
+        env.step(0.5)
+    with pytest.raises(ValueError, match=r"unknown keys \['framez'\]"):
+        env.reset(options={"framez": 1})
+    with pytest.raises(ValueError, match=r"options\['frames'\].*uint8"):
+        env.reset(options={"frames": np.zeros((2, 5, 5, 3), np.uint8)})
+    with pytest.raises(ValueError, match=r"need 1 actions"):
+        env.reset(options={"frames": np.zeros((2, TINY_RES, TINY_RES, 3), np.uint8)})
+    with pytest.raises(ValueError, match=r"values must lie in \[0, 5\)"):
+        env.reset(options={"frames": np.zeros((2, TINY_RES, TINY_RES, 3), np.uint8), "actions": [9]})
+    # still usable; and options-provided contexts are honoured
+    ctx = np.full((2, TINY_RES, TINY_RES, 3), 100, np.uint8)
+    obs, _ = env.reset(seed=1, options={"frames": ctx, "actions": [2]})
+    assert np.array_equal(obs, ctx[-1])
+    obs, r, term, trunc, info = env.step(2)
+    assert obs.shape == (TINY_RES, TINY_RES, 3) and info["step"] == 1
+    with pytest.raises(ValueError, match=r"render_mode"):
+        DreamEnv(checkpoint=tiny_bundle, render_mode="video")
+    with pytest.raises(ValueError, match=r"context_frames"):
+        DreamEnv(checkpoint=tiny_bundle, context_frames=99)
+
+
+def test_missing_or_mismatched_bundle_says_how_to_train(tiny_bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLDMODEL_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"python experiments/train.py --env vizdoom_hgs"):
+        gym.make(HGS)
+    with pytest.raises(FileNotFoundError, match=r"not a bundle"):
+        gym.make(HGS, checkpoint=tmp_path)
+    with pytest.raises(ValueError, match=r"is a 'vizdoom_hgs' bundle but this env is 'vizdoom_battle2'"):
+        gym.make("VideoGPTDream-VizdoomBattle2-v0", checkpoint=tiny_bundle)
+    # default discovery: the newest complete bundle of the preset under $WORLDMODEL_HOME/runs
+    runs = tmp_path / "home" / "runs"
+    old = make_bundle(tiny_experiment(tiny_bundle_store(tiny_bundle)), runs / "old")
+    new = make_bundle(tiny_experiment(tiny_bundle_store(tiny_bundle)), runs / "new", seed=1)
+    os.utime(old / "model.safetensors", (1, 1))
+    env = gym.make(HGS)
+    assert env.unwrapped.world_model.path.resolve() == new.resolve()
+
+
+def tiny_bundle_store(bundle) -> str:
+    from worldmodel.checkpoint import read_run_config
+
+    return read_run_config(bundle)["store"]["path"]
+
+
+def test_make_with_module_prefix_in_fresh_interpreter(tiny_bundle):
+    code = ("import gymnasium as gym; e = gym.make('envs:VideoGPTDream-VizdoomHGS-v0', checkpoint=%r); "
+            "o, _ = e.reset(seed=0); o2, r, *_ = e.step(1); print(o.shape, o2.dtype)" % str(tiny_bundle))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"({TINY_RES}, {TINY_RES}, 3) uint8" in res.stdout
