@@ -15,6 +15,7 @@ exact reproducibility.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -48,15 +49,32 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row; returns (tokens (B,), entropy (B,) of the unfiltered distribution)."""
+                  top_p: float | None = None, generator: torch.Generator | None = None,
+                  gumbel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row; returns (tokens (B,), entropy (B,) of the unfiltered distribution).
+
+    With ``gumbel`` (B, V) Gumbel(0, 1) noise the sample is ``argmax(filtered logits / T + gumbel)``
+    (the Gumbel-max trick: an exact categorical sample whose randomness the caller owns per row).
+    """
     logits = logits.float()
     logp = logits.log_softmax(-1)
     entropy = -(logp.exp() * logp).sum(-1)
     if temperature <= 0:
         return logits.argmax(-1), entropy
-    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1), entropy
+    filtered = filter_logits(logits / temperature, top_k, top_p)
+    if gumbel is not None:
+        return (filtered + gumbel).argmax(-1), entropy
+    return torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1), entropy
+
+
+def row_gumbel(generators: Sequence[torch.Generator], n: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """Gumbel(0, 1) noise (B, n, V), row b drawn from ``generators[b]`` only.
+
+    Per-row generators make a row's samples independent of which other rows share the batch, so a
+    vector of N envs reproduces N single envs seeded the same way.
+    """
+    u = torch.stack([torch.rand(n, vocab, generator=g, device=g.device) for g in generators]).to(device)
+    return -torch.log(-torch.log(u.clamp_(1e-20, 1.0 - 1e-7)))
 
 
 class Rollout:
@@ -154,8 +172,18 @@ class Rollout:
     # -- generation -----------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self, actions: torch.Tensor | None, *, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, generator: torch.Generator | None = None) -> StepResult:
-        """Generate the next frame of every row given ``actions`` (B,) discrete or (B, A) continuous."""
+             top_p: float | None = None, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> StepResult:
+        """Generate the next frame of every row given ``actions`` (B,) discrete or (B, A) continuous.
+
+        ``generator``: one ``torch.Generator`` for the whole batch, or a sequence of B generators
+        (one per row; row b's samples then depend on ``generator[b]`` only).
+        """
+        row_gens = None
+        if generator is not None and not isinstance(generator, torch.Generator):
+            row_gens = list(generator)
+            if len(row_gens) != self.B:
+                raise ValueError(f"generator: got {len(row_gens)} per-row generators, expected {self.B}")
+            generator = None
         if not bool(self.started.all()):
             raise RuntimeError(f"rows {torch.nonzero(~self.started).flatten().tolist()} have no context; call start() first")
         prior, cfg, B = self.prior, self.cfg, self.B
@@ -187,6 +215,9 @@ class Rollout:
             if prior.prev_conv is not None:  # features of the window's last frame, once per frame
                 last = self.tokens[torch.arange(B, device=self.device), t_idx - 1]
                 prev = prior.prev_features(last[:, None])[:, 0]  # (B, hw, C)
+            noise = None
+            if row_gens is not None and temperature > 0:  # drawn once per frame: B calls, not B * hw
+                noise = row_gumbel(row_gens, hw, cfg.vocab_size, self.device)  # (B, hw, V)
             out = torch.empty(B, hw, dtype=torch.long, device=self.device)
             ent = torch.zeros(B, device=self.device)
             for j in range(hw + 1):
@@ -195,7 +226,8 @@ class Rollout:
                 h = prior.forward_cached(x, ln_cond, self.cache, None, base + j)  # (B, 1, C)
                 if j == hw:
                     break
-                tok, e = sample_logits(prior.head(h[:, 0]), temperature, top_k, top_p, generator)
+                tok, e = sample_logits(prior.head(h[:, 0]), temperature, top_k, top_p, generator,
+                                        None if noise is None else noise[:, j])
                 out[:, j] = tok
                 ent += e
                 x = prior.tok_emb(tok)[:, None] + (prior.pos_h[prior._grid_h[j]] + prior.pos_w[prior._grid_w[j]]) + pos_t
