@@ -30,7 +30,7 @@ from worldmodel.config import SCALES, ExperimentConfig, get_preset, preset_names
 from worldmodel.paths import default_run_dir
 from worldmodel.training import setup_distributed
 
-REAL_ENVS = ("vizdoom_hgs", "vizdoom_battle2")
+REAL_ENVS = {"vizdoom_hgs", "vizdoom_battle2"}
 
 
 @dataclass
@@ -51,8 +51,31 @@ class Args:
     """torch intra-op threads (0 = torch's default)."""
     battle2_path: str | None = None
     """Directory with D4_battle2.wad/.cfg, for collecting vizdoom_battle2 data."""
+    rollout_videos: bool = True
+    """After the whole pipeline (--stage all), render a lockstep (real · dream · |diff|) and a random-policy rollout video."""
     config: ExperimentConfig = ExperimentConfig()
     """The preset's configuration; override any field, e.g. --config.prior-train.steps 500."""
+
+
+def render_rollouts(run_dir: Path, seed: int = 0, steps: int = 64) -> dict[str, Path]:
+    """Lockstep and random-policy rollout videos of a finished bundle (see experiments/rollout.py)."""
+    from envs.dream import DreamEnv
+    from envs.policy import dream_trace, load_policy
+    from worldmodel.bundle import WorldModel
+    from worldmodel.rollout_video import lockstep_trace, render_trace
+    from worldmodel.store import EpisodeStore
+
+    wm = WorldModel.from_pretrained(run_dir)
+    store = EpisodeStore(wm.store_path)
+    ids = store.episode_ids("test") or store.episode_ids("val") or store.episode_ids()
+    eid = max(ids, key=store.length)  # the longest held-out episode: the most steps to compare
+    out = {}
+    trace = lockstep_trace(wm, store, eid, steps=steps, seed=seed)
+    out["lockstep real · dream · |diff|"] = render_trace(trace, run_dir / "rollouts" / f"lockstep-{eid}", fps=wm.fps)["mp4"]
+    env = DreamEnv(world_model=wm)
+    trace = dream_trace(env, load_policy("random", env.action_space, seed), steps, seed=seed)
+    out["random policy in the dream"] = render_trace(trace, run_dir / "rollouts" / f"random-{seed}", fps=wm.fps)["mp4"]
+    return out
 
 
 def parse(argv: list[str] | None = None) -> Args:
@@ -101,10 +124,24 @@ def main(args: Args) -> None:
         print(f"token cache: {stages.encode_tokens(cfg, run_dir, device=di.device)}")
     if "prior" in stage_list:
         results["prior"] = stages.train_prior(cfg, run_dir, dist_info=di, resume=args.resume)
+    videos: dict[str, Path] = {}
+    if args.stage == "all" and di.is_main and args.rollout_videos and cfg.prior.action_kind != "none":
+        videos = render_rollouts(run_dir, seed=cfg.prior_train.seed)
     if di.is_main:
         print("\n== summary ==")
         print(f"bundle:      {run_dir.resolve()}")
         print(f"tensorboard: tensorboard --logdir {(run_dir / 'tb').resolve()}")
+        for name, path in videos.items():
+            print(f"video:       {path}  ({name})")
+        for png in ("recon.png", "action_strips.png"):
+            if (run_dir / png).exists():
+                print(f"image:       {(run_dir / png).resolve()}")
+        from envs import DREAM_IDS, id_for_preset
+
+        if args.stage in ("all", "prior") and cfg.name in {p for p, _ in DREAM_IDS.values()}:
+            print(f"dream env:   import envs, gymnasium as gym; env = gym.make({id_for_preset(cfg.name)!r}, "
+                  f"checkpoint={str(run_dir.resolve())!r})")
+            print(f"policy:      python experiments/train_policy.py --env {cfg.name} --checkpoint {run_dir} --eval-real")
         for name, r in results.items():
             print(f"{name}: {r.step} steps in {r.minutes:.1f} min; val {json.dumps({k: round(v, 4) for k, v in r.val_metrics.items()})}")
     if di.world_size > 1:

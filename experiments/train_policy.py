@@ -1,0 +1,99 @@
+"""Train a PPO policy inside the dream of a world-model bundle, then (optionally) score it in the real env.
+
+Examples:
+    python experiments/train_policy.py --env vizdoom_hgs --timesteps 50000
+    python experiments/train_policy.py --env vizdoom_hgs --checkpoint runs/vizdoom_hgs-tiny --eval-real
+
+The policy is saved to ``<checkpoint>/policies/ppo_dream.zip`` (or ``--out``); PPO's TensorBoard
+logs go to ``<checkpoint>/tb_policy``. With ``--eval-real`` the policy and a uniform random policy
+are scored in the dream and in the real ViZDoom env, printed side by side (the dream–real gap).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import tyro
+
+from envs.dream import load_world_model
+from envs.policy import PPOConfig, save_policy, score_dream, score_real, train_ppo
+from worldmodel.checkpoint import write_json
+
+
+@dataclass
+class Args:
+    env: str = "vizdoom_hgs"
+    """Preset of the bundle (vizdoom_hgs, vizdoom_battle2, ...)."""
+    checkpoint: str | None = None
+    """Bundle directory (default: the newest bundle of --env under runs/ or $WORLDMODEL_HOME/runs)."""
+    timesteps: int = 50_000
+    """Dream env steps to train for (all envs together)."""
+    num_envs: int = 16
+    """Dream envs stepped together in one model call."""
+    max_episode_steps: int = 525
+    """Truncate dream episodes after this many steps (ViZDoom's 2100-tic timeout at frame skip 4)."""
+    temperature: float = 1.0
+    """Sampling temperature of the dream's frame tokens."""
+    top_k: int | None = None
+    """Top-k sampling of the dream's frame tokens (None = off)."""
+    context_frames: int = 1
+    """Real frames each dream episode starts from."""
+    seed: int = 0
+    """Seed of PPO, the dream's sampling and the evaluations."""
+    device: str = "auto"
+    """'auto', 'cpu' or 'cuda' (world model and policy)."""
+    threads: int = 0
+    """torch intra-op threads (0 = torch's default)."""
+    out: str | None = None
+    """Where to save the policy zip (default: <checkpoint>/policies/ppo_dream.zip)."""
+    eval_real: bool = False
+    """After training, score the policy and a random policy in the dream and in the real env."""
+    eval_episodes: int = 10
+    """Episodes per evaluation."""
+    battle2_path: str | None = None
+    """Directory with D4_battle2.wad/.cfg (real-env evaluation of vizdoom_battle2)."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO hyper-parameters."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def main(args: Args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        wm = load_world_model(args.checkpoint, args.env, args.device)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    run = Path(wm.path)
+    dream_kw = {"temperature": args.temperature, "top_k": args.top_k, "context_frames": args.context_frames}
+    model, venv = train_ppo(wm, args.timesteps, num_envs=args.num_envs, ppo=args.ppo, seed=args.seed,
+                            max_episode_steps=args.max_episode_steps, tensorboard_log=run / "tb_policy",
+                            progress_bar=args.progress, **dream_kw)
+    out = save_policy(model, args.out or run / "policies" / "ppo_dream.zip")
+    print(f"policy: {out}")
+    report: dict = {"policy": str(out), "timesteps": args.timesteps}
+    if args.eval_real:
+        H = wm.obs_shape[0]
+        kw = {"battle2_path": args.battle2_path} if args.battle2_path else {}
+        n, s = args.eval_episodes, args.seed
+        rows = {"ppo (dream-trained)": (score_dream(model, venv, n, seed=s), score_real(model, args.env, H, n, seed=s, **kw)),
+                "random": (score_dream(None, venv, n, seed=s), score_real(None, args.env, H, n, seed=s, **kw))}
+        print(f"\n{'policy':22s} {'dream return':>40s}   {'real return':>40s}   gap (dream - real)")
+        for name, (d, r) in rows.items():
+            print(f"{name:22s} {d!s:>40s}   {r!s:>40s}   {d.mean - r.mean:+.1f}")
+        report["scores"] = {k: {"dream": vars(d), "real": vars(r)} for k, (d, r) in rows.items()}
+        report["real_return_vs_random"] = rows["ppo (dream-trained)"][1].mean / max(rows["random"][1].mean, 1e-9)
+        write_json(out.with_suffix(".eval.json"), report)
+        print(json.dumps({"real_ppo": round(rows["ppo (dream-trained)"][1].mean, 1), "real_random": round(rows["random"][1].mean, 1),
+                          "dream_ppo": round(rows["ppo (dream-trained)"][0].mean, 1),
+                          "real_return_vs_random": round(report["real_return_vs_random"], 2)}))
+    return report
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, description=__doc__))
