@@ -132,7 +132,7 @@ def test_sb3_vecenv_autoreset_and_terminal_observation(tiny_bundle):
     obs = venv.reset()
     assert obs.shape == (4, TINY_RES, TINY_RES, 3) and obs.dtype == np.uint8
     ever_done = np.zeros(4, bool)
-    for t in range(3):
+    for _t in range(3):
         obs, rew, done, infos = venv.step(np.array([0, 1, 2, 3]))
         assert rew.dtype == np.float32 and done.dtype == bool
         for i, info in enumerate(infos):
@@ -209,8 +209,8 @@ def tiny_bundle_store(bundle) -> str:
 
 
 def test_make_with_module_prefix_in_fresh_interpreter(tiny_bundle):
-    code = ("import gymnasium as gym; e = gym.make('envs:VideoGPTDream-VizdoomHGS-v0', checkpoint=%r); "
-            "o, _ = e.reset(seed=0); o2, r, *_ = e.step(1); print(o.shape, o2.dtype)" % str(tiny_bundle))
+    code = (f"import gymnasium as gym; e = gym.make('envs:VideoGPTDream-VizdoomHGS-v0', checkpoint={str(tiny_bundle)!r}); "
+            "o, _ = e.reset(seed=0); o2, r, *_ = e.step(1); print(o.shape, o2.dtype)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"({TINY_RES}, {TINY_RES}, 3) uint8" in res.stdout
