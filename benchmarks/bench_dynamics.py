@@ -1,8 +1,9 @@
 """Action-following benchmark of a world-model bundle on held-out real episodes. Prints one JSON line.
 
-Open-loop PSNR (greedy decoding) at steps 1/4/8/16 with the true actions, with shuffled actions,
-for copy-last-frame and for the decode-true-tokens ceiling; plus held-out teacher-forced nats/token
-on first frames vs frames with history (true and shuffled actions).
+Open-loop PSNR and SSIM (greedy decoding) at steps 1/4/8/16 with the true actions, with shuffled
+actions, for copy-last-frame and for the decode-true-tokens ceiling (worldmodel.dynamics_eval); plus
+held-out teacher-forced nats/token on first frames vs frames with history (true and shuffled actions).
+The full report (reward, termination, FVD, bits/dim, plots) is experiments/evaluate.py.
 
 Usage: python benchmarks/bench_dynamics.py --checkpoint runs/vizdoom_hgs-tiny [--store DIR] [--n 48]
 """
@@ -38,11 +39,14 @@ def main() -> None:
     store = EpisodeStore(args.store or wm.store_path)
     rep = evaluate_dynamics(wm, store, split=args.split, n=args.n, context=args.context, horizon=args.horizon)
     pick = [s for s in (1, 4, 8, 16) if s <= args.horizon]
-    out = {"bench": "dynamics", "checkpoint": str(args.checkpoint), "split": args.split, "n": rep.n_starts,
+    out = {"bench": "dynamics", "checkpoint": str(args.checkpoint), "split": rep.extra["split"], "n": rep.n_starts,
            "context": args.context}
     for name in ("true", "shuffled", "copy_last", "ceiling"):
         vals = getattr(rep, f"psnr_{name}")
         out[f"psnr_{name}"] = {str(s): round(vals[s - 1], 2) for s in pick}
+    for name in ("true", "copy_last"):
+        vals = getattr(rep, f"ssim_{name}")
+        out[f"ssim_{name}"] = {str(s): round(vals[s - 1], 4) for s in pick}
     out["true_beats_shuffled_and_copy_at_all_steps"] = bool(all(
         rep.psnr_true[s - 1] > max(rep.psnr_shuffled[s - 1], rep.psnr_copy_last[s - 1]) for s in pick))
     cache_path = Path(args.checkpoint) / TOKENS_FILE
