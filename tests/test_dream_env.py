@@ -214,3 +214,18 @@ def test_make_with_module_prefix_in_fresh_interpreter(tiny_bundle):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"({TINY_RES}, {TINY_RES}, 3) uint8" in res.stdout
+
+
+def test_render_modes(tiny_bundle, monkeypatch):
+    env = DreamEnv(checkpoint=tiny_bundle, render_mode="rgb_array")
+    obs, _ = env.reset(seed=0)
+    assert np.array_equal(env.render(), obs)
+    obs, *_ = env.step(2)
+    assert np.array_equal(env.render(), obs) and env.metadata["render_fps"] > 0
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")  # a real pygame window, on a virtual display
+    human = DreamEnv(checkpoint=tiny_bundle, render_mode="human")
+    human.reset(seed=0)
+    human.step(1)
+    assert human._viewer is not None and human._viewer.screen.get_size() == (TINY_RES * 6, TINY_RES * 6)
+    human.close()
+    assert human._viewer is None
