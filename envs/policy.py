@@ -17,7 +17,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecNormalize
 
 from envs.dream import DreamEnv
 from envs.sb3_vec import DreamVecEnv
@@ -107,7 +107,11 @@ def train_ppo(wm: WorldModel, timesteps: int, *, num_envs: int = 16, ppo: PPOCon
     """
     venv = DreamVecEnv(num_envs, world_model=wm, max_episode_steps=max_episode_steps, **dream_kw)
     venv.seed(seed)
-    model = PPO("CnnPolicy", venv, seed=seed, device=str(wm.device), verbose=0,
+    # Returns are in the hundreds (HGS: +4 per step alive): unnormalised, the value loss swamps the
+    # policy gradient and the policy collapses to one action within a few updates. Normalise the
+    # rewards by a running std of the discounted return (SB3's VecNormalize), as for Atari/MuJoCo.
+    train_env = VecNormalize(venv, norm_obs=False, norm_reward=True, gamma=(ppo or PPOConfig()).gamma)
+    model = PPO("CnnPolicy", train_env, seed=seed, device=str(wm.device), verbose=0,
                 tensorboard_log=None if tensorboard_log is None else str(tensorboard_log), **asdict(ppo or PPOConfig()))
     model.learn(total_timesteps=timesteps, callback=callbacks, progress_bar=progress_bar)
     return model, venv

@@ -15,6 +15,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import tyro
@@ -42,6 +43,8 @@ class Args:
     """Top-k sampling of the dream's frame tokens (None = off)."""
     context_frames: int = 1
     """Real frames each dream episode starts from."""
+    termination: Literal["sample", "threshold"] = "sample"
+    """Dream episodes end by a Bernoulli draw of the predicted termination probability, or when it exceeds 0.5."""
     seed: int = 0
     """Seed of PPO, the dream's sampling and the evaluations."""
     device: str = "auto"
@@ -70,7 +73,8 @@ def main(args: Args) -> dict:
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     run = Path(wm.path)
-    dream_kw = {"temperature": args.temperature, "top_k": args.top_k, "context_frames": args.context_frames}
+    dream_kw = {"temperature": args.temperature, "top_k": args.top_k, "context_frames": args.context_frames,
+                "termination": args.termination}
     model, venv = train_ppo(wm, args.timesteps, num_envs=args.num_envs, ppo=args.ppo, seed=args.seed,
                             max_episode_steps=args.max_episode_steps, tensorboard_log=run / "tb_policy",
                             progress_bar=args.progress, **dream_kw)

@@ -127,7 +127,7 @@ def test_vector_env_equals_single_envs(tiny_bundle):
 
 
 def test_sb3_vecenv_autoreset_and_terminal_observation(tiny_bundle):
-    venv = DreamVecEnv(4, tiny_bundle, "vizdoom_hgs", max_episode_steps=3)
+    venv = DreamVecEnv(4, tiny_bundle, "vizdoom_hgs", max_episode_steps=3, termination="threshold")
     venv.seed(5)
     obs = venv.reset()
     assert obs.shape == (4, TINY_RES, TINY_RES, 3) and obs.dtype == np.uint8
@@ -229,3 +229,19 @@ def test_render_modes(tiny_bundle, monkeypatch):
     assert human._viewer is not None and human._viewer.screen.get_size() == (TINY_RES * 6, TINY_RES * 6)
     human.close()
     assert human._viewer is None
+
+
+def test_sampled_termination_follows_predicted_probability(tiny_bundle):
+    venv = DreamVecEnv(16, tiny_bundle, "vizdoom_hgs")  # default: terminated ~ Bernoulli(terminated_prob)
+    venv.seed(0)
+    venv.reset()
+    probs, ends = [], []
+    for _ in range(12):
+        _, _, done, infos = venv.step(np.zeros(16, np.int64))
+        probs += [i["terminated_prob"] for i in infos]
+        ends += [bool(d) for d in done]
+    n = len(ends)
+    expected, got = float(np.sum(probs)), float(np.sum(ends))
+    assert abs(got - expected) < 4 * np.sqrt(n * 0.25) + 1, (got, expected)  # within 4 sigma of the Bernoulli sum
+    with pytest.raises(ValueError, match="termination"):
+        DreamVecEnv(2, tiny_bundle, termination="never")

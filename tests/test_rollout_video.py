@@ -72,7 +72,7 @@ def test_lockstep_video_panels_and_playable_files(tiny_bundle, hgs_store, tmp_pa
 
 
 def test_policy_trace_stops_at_termination(tiny_bundle):
-    env = DreamEnv(checkpoint=tiny_bundle)
+    env = DreamEnv(checkpoint=tiny_bundle, termination="threshold")
     tr = dream_trace(env, load_policy("random", env.action_space, 0), 40, seed=0)
     assert tr.real is None and tr.dream.shape[0] == tr.steps + 1
     assert tr.steps == 40 or tr.term_prob[-1] > 0.5  # ran out of steps or the dream predicted the end
