@@ -53,6 +53,8 @@ class WorldModel(nn.Module):
     # -- metadata -------------------------------------------------------------------------------
     @property
     def action_spec(self) -> ActionSpec:
+        if self.cfg.prior.action_kind == "none":  # e.g. a store with actions modelled without them
+            return ActionSpec.none()
         if "action_spec" in self.store_meta:
             return ActionSpec.from_dict(self.store_meta["action_spec"])
         p = self.cfg.prior

@@ -31,6 +31,9 @@ class DataConfig:
     """Frame height and width in pixels (frames are square)."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    use_actions: bool = True
+    """Condition the prior on the store's actions; False models the frames alone (the paper's
+    BAIR setup, or action-free video presets)."""
 
 
 @dataclass(frozen=True)
@@ -210,9 +213,70 @@ def _vizdoom(name: str, scale: str, n_actions: int) -> ExperimentConfig:
                             tokenizer_train=tt, prior_train=pt, collect_episodes=episodes)
 
 
+def _robot(name: str, scale: str, action_dim: int) -> ExperimentConfig:
+    """BAIR / RoboNet as action-conditioned dreams: 64×64 frames, one latent frame per action, 8×8 tokens."""
+    base = _vizdoom(name, scale, n_actions=0)
+    prior = replace(base.prior, action_kind="continuous", n_actions=0, action_dim=action_dim)
+    clip = 16 if scale == "paper" else 8  # BAIR trajectories have 30 frames, RoboNet's ~31
+    return replace(base, prior=replace(prior, frames=clip), data=replace(base.data, clip_len=clip), collect_episodes=0)
+
+
+def _bair_paper(scale: str) -> ExperimentConfig:
+    """The paper's BAIR setup: 16 frames of 64×64, latents 4×32×32 (stride (4, 2, 2), like the official
+    ``bair_stride4x2x2`` VQ-VAE), first frame as conditioning through a ResNet + cross-attention,
+    no actions; prior as the official ``train_videogpt.py`` defaults (8 layers, 4 heads, width 576
+    rounded to 512 here, dropout 0.2, attention dropout 0.3). ``tiny`` keeps the geometry, shrinks widths."""
+    tok = TokenizerConfig(resolution=64, stride=(4, 2, 2), causal_time=False, channels=240, n_res_layers=4,
+                          codebook_size=1024, embedding_dim=256, max_frames=16)
+    prior = PriorConfig(n_layer=8, n_head=4, n_embd=512, dropout=0.2, attn_dropout=0.3, vocab_size=1024, frames=4,
+                        tokens_h=32, tokens_w=32, action_kind="none", n_cond_frames=1, prev_frame_kernel=0)
+    data = DataConfig(store="data/bair", clip_len=16, use_actions=False)
+    tt, pt = TrainConfig(steps=100_000, batch_size=32, lr=3e-4), TrainConfig(steps=200_000, batch_size=32, lr=3e-4)
+    if scale != "paper":
+        tok = replace(tok, channels=32 if scale == "tiny" else 128, n_res_layers=1 if scale == "tiny" else 2,
+                      codebook_size=256 if scale == "tiny" else 512, embedding_dim=32 if scale == "tiny" else 64)
+        prior = replace(prior, n_layer=2 if scale == "tiny" else 4, n_embd=128 if scale == "tiny" else 256,
+                        dropout=0.0, attn_dropout=0.0, vocab_size=tok.codebook_size)
+        tt = TrainConfig(steps=600 if scale == "tiny" else 3000, batch_size=4, lr=1e-3 if scale == "tiny" else 5e-4)
+        pt = TrainConfig(steps=600 if scale == "tiny" else 3000, batch_size=4, lr=1e-3 if scale == "tiny" else 5e-4)
+    return ExperimentConfig(name="bair_paper", scale=scale, env="bair", data=data, tokenizer=tok, prior=prior,
+                            tokenizer_train=tt, prior_train=pt, collect_episodes=0)
+
+
+def _video(name: str, scale: str, n_classes: int) -> ExperimentConfig:
+    """Action-free video (UCF-101 class-conditional or unconditional, TGIF): the paper's 16 frames at
+    stride (4, 4, 4) -> 4 latent frames (``paper``: 128×128 -> 4×32×32 as the official
+    ``ucf101_stride4x4x4``; ``tiny``/``small``: 64×64 -> 4×16×16)."""
+    res = 128 if scale == "paper" else 64
+    tok = TokenizerConfig(resolution=res, stride=(4, 4, 4), causal_time=False, channels=240, n_res_layers=4,
+                          codebook_size=1024, embedding_dim=256, max_frames=16)
+    prior = PriorConfig(n_layer=8, n_head=4, n_embd=512, dropout=0.2, attn_dropout=0.3, vocab_size=1024, frames=4,
+                        tokens_h=res // 4, tokens_w=res // 4, action_kind="none", n_classes=n_classes, prev_frame_kernel=0)
+    tt, pt = TrainConfig(steps=100_000, batch_size=32, lr=3e-4), TrainConfig(steps=200_000, batch_size=32, lr=3e-4)
+    if scale != "paper":
+        tiny = scale == "tiny"
+        tok = replace(tok, channels=32 if tiny else 128, n_res_layers=1 if tiny else 2, codebook_size=256 if tiny else 512,
+                      embedding_dim=32 if tiny else 64)
+        prior = replace(prior, n_layer=2 if tiny else 4, n_embd=128 if tiny else 256, dropout=0.0, attn_dropout=0.0,
+                        vocab_size=tok.codebook_size)
+        tt = TrainConfig(steps=600 if tiny else 3000, batch_size=4, lr=1e-3 if tiny else 5e-4)
+        pt = TrainConfig(steps=600 if tiny else 3000, batch_size=4, lr=1e-3 if tiny else 5e-4)
+    store = "data/ucf101" if name.startswith("ucf101") else f"data/{name}"
+    return ExperimentConfig(name=name, scale=scale, env=name.split("_")[0], data=DataConfig(store=store, clip_len=16,
+                            resolution=res, use_actions=False), tokenizer=tok, prior=prior, tokenizer_train=tt,
+                            prior_train=pt, collect_episodes=0)
+
+
 _PRESETS: dict[str, Any] = {
     "vizdoom_hgs": lambda scale: _vizdoom("vizdoom_hgs", scale, n_actions=5),
     "vizdoom_battle2": lambda scale: _vizdoom("vizdoom_battle2", scale, n_actions=8),
+    "bair": lambda scale: replace(_robot("bair", scale, 4), data=replace(_robot("bair", scale, 4).data, store="data/bair")),
+    "robonet": lambda scale: replace(_robot("robonet", scale, 5),
+                                     data=replace(_robot("robonet", scale, 5).data, store="data/robonet")),
+    "bair_paper": _bair_paper,
+    "ucf101": lambda scale: _video("ucf101", scale, n_classes=101),
+    "ucf101_uncond": lambda scale: _video("ucf101_uncond", scale, n_classes=0),
+    "tgif": lambda scale: _video("tgif", scale, n_classes=0),
 }
 
 

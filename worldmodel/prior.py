@@ -347,7 +347,9 @@ class Prior(nn.Module):
         ignored, and is simpler than two-hot bins for one scalar per frame.
         """
         tokens = batch["tokens"]
-        out = self(tokens, batch.get("actions"), batch.get("class_ids"))
+        # a store's actions / labels are ignored by a prior configured without them (DataConfig.use_actions)
+        actions = batch.get("actions") if self.cfg.action_kind != "none" else None
+        out = self(tokens, actions, batch.get("class_ids") if self.class_emb is not None else None)
         B, T = tokens.shape[:2]
         target = rearrange(tokens.long(), "b t h w -> b t (h w)")
         ce = F.cross_entropy(rearrange(out.logits, "b t n v -> (b t n) v").float(), target.flatten(),

@@ -19,7 +19,7 @@ from PIL import Image
 
 from worldmodel.checkpoint import CONFIG_JSON, WEIGHTS, load_weights, read_run_config, write_run_config
 from worldmodel.config import ExperimentConfig
-from worldmodel.store import ClipDataset, EpisodeStore, StoreMeta
+from worldmodel.store import ActionSpec, ClipDataset, EpisodeStore, StoreMeta
 from worldmodel.token_cache import TOKENS_FILE, TokenCache, encode_store
 from worldmodel.training import DistInfo, FitResult, fit
 from worldmodel.video import grid, save_png, tensorboard_video
@@ -40,7 +40,7 @@ def resolve_config(cfg: ExperimentConfig, meta: StoreMeta) -> ExperimentConfig:
         raise ValueError(f"frame size {H}x{W} is not divisible by the tokenizer stride (h={sh}, w={sw})")
     if cfg.data.clip_len % st:
         raise ValueError(f"data.clip_len={cfg.data.clip_len} must be a multiple of the temporal stride {st}")
-    spec = meta.action_spec
+    spec = meta.action_spec if cfg.data.use_actions else ActionSpec.none()
     prior = replace(cfg.prior, vocab_size=tok.codebook_size, tokens_h=H // sh, tokens_w=W // sw,
                     action_kind=spec.kind, n_actions=spec.n, action_dim=spec.dim)
     if spec.kind != "none" and st != 1:
@@ -76,7 +76,7 @@ def prepare_run(cfg: ExperimentConfig, run_dir: str | os.PathLike) -> tuple[Expe
     meta = store.meta.to_dict()
     meta["path"] = str(Path(cfg.data.store).resolve())
     spec = store.meta.action_spec
-    if spec.kind == "continuous" and (spec.low is None or spec.high is None):
+    if cfg.data.use_actions and spec.kind == "continuous" and (spec.low is None or spec.high is None):
         # dream envs expose continuous actions normalised to [-1, 1]; record the data's range to map them back
         acts = np.concatenate([a for e in store.episode_ids() if (a := store.load_actions(e)) is not None and len(a)])
         meta["action_spec"]["low"] = acts.min(0).astype(float).tolist()

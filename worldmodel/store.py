@@ -589,7 +589,8 @@ class ClipDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         eid, start = self.locate(int(index))
         clip = self.store.read_clip(eid, start, self.clip_len)
-        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in clip.items()}
+        # np.ascontiguousarray turns 0-d arrays (e.g. a clip's class id) into 1-d ones: keep scalars scalar
+        return {k: torch.from_numpy(np.ascontiguousarray(v) if np.ndim(v) else np.asarray(v)) for k, v in clip.items()}
 
 
 class SeededSampler(Sampler[int]):

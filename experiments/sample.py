@@ -1,0 +1,104 @@
+"""Sample videos from a bundle and write them as an mp4 (and gif) grid.
+
+Examples:
+    python experiments/sample.py --checkpoint runs/ucf101-tiny --n 8 --class-id 3     # class-conditional
+    python experiments/sample.py --checkpoint runs/tgif-tiny --n 8                    # unconditional
+    python experiments/sample.py --checkpoint runs/bair-tiny --n 4 --from-store       # continue held-out episodes
+
+With ``--from-store`` (required for action-conditioned bundles) each sample starts from
+``--context`` real frames of a held-out episode of the bundle's store and, for action-conditioned
+bundles, replays that episode's actions; the real frames are shown in the top row for comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+
+from worldmodel.bundle import WorldModel
+from worldmodel.checkpoint import read_run_config
+from worldmodel.store import EpisodeStore
+from worldmodel.video import grid, upscale, write_video
+from worldmodel.video_sampling import sample_videos
+
+
+@dataclass
+class Args:
+    checkpoint: str
+    """Bundle directory."""
+    n: int = 4
+    """Number of videos (columns of the grid)."""
+    class_id: list[int] | None = None
+    """Class label(s) for a class-conditional bundle: one for all samples, or one per sample."""
+    from_store: bool = False
+    """Start from real context frames (and actions) of held-out store episodes."""
+    context: int = 1
+    """Real frames of context with --from-store (latent frames when the tokenizer's temporal stride is 1)."""
+    frames: int | None = None
+    """Latent frames per video (default: the prior's window)."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_k: int | None = None
+    """Top-k sampling (None = off)."""
+    seed: int = 0
+    """Seed of the sampling and of the choice of episodes."""
+    upscale: int = 2
+    """Nearest-neighbour upscaling of the grid."""
+    out: str | None = None
+    """Output path stem (default: <checkpoint>/samples/sample-<seed>)."""
+    gif: bool = True
+    """Also write a gif."""
+
+
+def main(args: Args) -> dict[str, str]:
+    try:
+        read_run_config(args.checkpoint)
+        wm = WorldModel.from_pretrained(args.checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    cfg = wm.cfg.prior
+    class_ids = None
+    if args.class_id is not None:
+        class_ids = np.array(args.class_id * args.n if len(args.class_id) == 1 else args.class_id)
+    elif cfg.n_classes:
+        class_ids = np.random.default_rng(args.seed).integers(0, cfg.n_classes, args.n)
+    context = actions = real = None
+    total = args.frames or cfg.frames
+    if args.from_store or cfg.action_kind != "none":
+        store = EpisodeStore(wm.store_path)
+        st = wm.cfg.tokenizer.stride[0]
+        length = total * st
+        ids = [e for s in ("test", "val", "train") for e in store.episode_ids(s) if store.length(e) >= length]
+        if len(ids) < 1:
+            sys.exit(f"error: no episode of {store.root} has the {length} frames a sample needs")
+        pick = np.random.default_rng(args.seed).choice(len(ids), size=args.n, replace=len(ids) < args.n)
+        clips = [store.read_clip(ids[i], 0, length) for i in pick]
+        real = np.stack([c["frames"] for c in clips])
+        context = real[:, : args.context * st]
+        if cfg.action_kind != "none":
+            actions = np.stack([c["actions"] for c in clips])
+    try:
+        videos = sample_videos(wm, args.n, class_ids=class_ids, context=context, actions=actions, frames=total,
+                               temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    T = videos.shape[1]
+    frames = [upscale(grid([videos[:, t]] if real is None else [real[:, t], videos[:, t]]), args.upscale) for t in range(T)]
+    stem = Path(args.out) if args.out else Path(args.checkpoint) / "samples" / f"sample-{args.seed}"
+    paths = {"mp4": str(write_video(frames, stem.with_suffix(".mp4"), fps=wm.fps))}
+    if args.gif:
+        paths["gif"] = str(write_video(frames, stem.with_suffix(".gif"), fps=wm.fps))
+    paths["frames"] = str(videos.shape[1])
+    print(json.dumps(paths))
+    return paths
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main(tyro.cli(Args, description=__doc__))
