@@ -5,7 +5,7 @@ Examples:
     python experiments/sample.py --checkpoint runs/tgif-tiny --n 8                    # unconditional
     python experiments/sample.py --checkpoint runs/bair-tiny --n 4 --from-store       # continue held-out episodes
 
-With ``--from-store`` (required for action-conditioned bundles) each sample starts from
+With ``--from-store`` (implied for action- and frame-conditioned bundles) each sample starts from
 ``--context`` real frames of a held-out episode of the bundle's store and, for action-conditioned
 bundles, replays that episode's actions; the real frames are shown in the top row for comparison.
 """
@@ -70,17 +70,18 @@ def main(args: Args) -> dict[str, str]:
         class_ids = np.random.default_rng(args.seed).integers(0, cfg.n_classes, args.n)
     context = actions = real = None
     total = args.frames or cfg.frames
-    if args.from_store or cfg.action_kind != "none":
+    k = cfg.n_cond_frames  # a frame-conditioned prior takes its conditioning frames from the store
+    if args.from_store or cfg.action_kind != "none" or k:
         store = EpisodeStore(wm.store_path)
         st = wm.cfg.tokenizer.stride[0]
-        length = total * st
+        length = (total + k) * st
         ids = [e for s in ("test", "val", "train") for e in store.episode_ids(s) if store.length(e) >= length]
         if len(ids) < 1:
             sys.exit(f"error: no episode of {store.root} has the {length} frames a sample needs")
         pick = np.random.default_rng(args.seed).choice(len(ids), size=args.n, replace=len(ids) < args.n)
         clips = [store.read_clip(ids[i], 0, length) for i in pick]
         real = np.stack([c["frames"] for c in clips])
-        context = real[:, : args.context * st]
+        context = real[:, : max(args.context, k) * st]
         if cfg.action_kind != "none":
             actions = np.stack([c["actions"] for c in clips])
     try:

@@ -18,6 +18,7 @@ from worldmodel.bundle import WorldModel
 from worldmodel.config import get_preset, preset_names
 from worldmodel.sources import bair, robonet, tgif, ucf101
 from worldmodel.stages import train_prior, train_tokenizer
+from worldmodel.store import EpisodeStore
 from worldmodel.video_sampling import sample_videos
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,11 +63,13 @@ def test_every_dataset_preset_has_three_scales():
     assert get_preset("bair", "tiny").prior.action_dim == 4 and get_preset("robonet", "tiny").prior.action_dim == 5
 
 
-@pytest.mark.parametrize("name", ["bair", "robonet", "ucf101", "ucf101_uncond", "tgif"])
+@pytest.mark.parametrize("name", ["bair", "robonet", "bair_paper", "ucf101", "ucf101_uncond", "tgif"])
 def test_preset_trains_and_samples(name, tmp_path):
     store = _convert(name, tmp_path)
     action = name in ("bair", "robonet")
     cfg = shrink(get_preset(name, "tiny"), store, clip_len=4 if action else 16)
+    if name == "bair_paper":  # 1 conditioning latent frame (4 pixel frames) + 3 modelled = the paper's 16 frames
+        cfg = replace(cfg, prior=replace(cfg.prior, frames=3))
     run = tmp_path / "run"
     assert train_tokenizer(cfg, run, progress=False).step == 2
     res = train_prior(cfg, run, progress=False)
@@ -74,7 +77,15 @@ def test_preset_trains_and_samples(name, tmp_path):
     wm = WorldModel.from_pretrained(run)
     assert wm.cfg.prior.action_kind == ("continuous" if action else "none")
     assert wm.cfg.prior.n_classes == (101 if name == "ucf101" else 0)
-    if not action:  # unconditional / class-conditional clips from nothing
+    if name == "bair_paper":  # the first latent frame of real context conditions through cross-attention
+        st_ = EpisodeStore(store)
+        a, b = (st_.read_clip(e, 0, 16)["frames"][:4] for e in st_.episode_ids()[:2])
+        v = sample_videos(wm, 2, context=np.stack([a, b]), seed=1)
+        assert v.shape == (2, 16, 64, 64, 3)
+        same = sample_videos(wm, 2, context=np.stack([a, a]), seed=1)
+        assert np.array_equal(same[0], v[0])  # seeded, row 0 unchanged
+        assert not np.array_equal(same[1, 4:], v[1, 4:])  # the generated frames depend on the conditioning frame
+    elif not action:  # unconditional / class-conditional clips from nothing
         kw = {"class_ids": [0, 3]} if name == "ucf101" else {}
         v = sample_videos(wm, 2, seed=1, **kw)
         assert v.shape == (2, 16, 32, 32, 3) and v.dtype == np.uint8
@@ -87,8 +98,9 @@ def test_preset_trains_and_samples(name, tmp_path):
     with av.open(str(out.with_suffix(".mp4"))) as c:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
     H = wm.obs_shape[0]
+    from_store = action or name == "bair_paper"
     assert len(frames) == (4 if action else 16)
-    assert frames[0].shape[:2] == ((2 * H + 6 if action else H + 4), 2 * H + 6)  # (real row +) sample row, 2 columns
+    assert frames[0].shape[:2] == ((2 * H + 6 if from_store else H + 4), 2 * H + 6)  # (real row +) sample row, 2 columns
 
 
 def test_bair_converted_trained_and_stepped_as_dream_env(tmp_path):

@@ -133,21 +133,79 @@ class SelfAttention(nn.Module):
         return self.resid_drop(self.proj(rearrange(y, "b nh s hs -> b s (nh hs)")))
 
 
+class CrossAttention(nn.Module):
+    """Attention from the sequence to the conditioning frames' features (the paper's frame conditioning)."""
+
+    def __init__(self, cfg: PriorConfig) -> None:
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.attn_dropout
+        self.q = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.kv = nn.Linear(cfg.n_embd, 2 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory (B, M, C) -> keys, values (B, nh, M, hs); computed once per row when generating."""
+        k, v = rearrange(self.kv(memory), "b m (two nh hs) -> two b nh m hs", two=2, nh=self.n_head)
+        return k, v
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        k, v = memory if isinstance(memory, tuple) else self.keys_values(memory)
+        q = rearrange(self.q(x), "b s (nh hs) -> b nh s hs", nh=self.n_head)
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(rearrange(y, "b nh s hs -> b s (nh hs)")))
+
+
+class FrameCondEncoder(nn.Module):
+    """ResNet over the conditioning frames' token embeddings -> memory (B, k*h*w, C) for cross-attention.
+
+    The paper encodes the conditioning *pixels* with a ResNet; our prior trains on the token cache
+    only, so the ResNet reads the tokens' embeddings (which carry what the tokenizer kept of the
+    pixels) — no pixels need to be stored next to the tokens.
+    """
+
+    def __init__(self, cfg: PriorConfig, n_blocks: int = 2) -> None:
+        super().__init__()
+        C = cfg.n_embd
+        groups = 8 if C % 8 == 0 else 1
+        self.blocks = nn.ModuleList([nn.Sequential(nn.GroupNorm(groups, C), nn.GELU(), nn.Conv2d(C, C, 3, padding=1),
+                                                   nn.GroupNorm(groups, C), nn.GELU(), nn.Conv2d(C, C, 3, padding=1))
+                                     for _ in range(n_blocks)])
+        self.pos_f = nn.Parameter(torch.zeros(cfg.n_cond_frames, C))
+        nn.init.normal_(self.pos_f, std=0.02)
+        self.ln = nn.LayerNorm(C)
+
+    def forward(self, emb: torch.Tensor, pos_hw: torch.Tensor) -> torch.Tensor:
+        """emb (B, k, h, w, C) token embeddings, pos_hw (h*w, C) -> memory (B, k*h*w, C)."""
+        B, k, h, w, C = emb.shape
+        x = rearrange(emb, "b k h w c -> (b k) c h w")
+        for blk in self.blocks:
+            x = x + blk(x)
+        x = rearrange(x, "(b k) c h w -> b k (h w) c", b=B) + pos_hw[None, None] + self.pos_f[None, :, None]
+        return self.ln(rearrange(x, "b k n c -> b (k n) c"))
+
+
 class Block(nn.Module):
-    """Pre-LN transformer block with (optionally conditional) LayerNorms."""
+    """Pre-LN transformer block with (optionally conditional) LayerNorms and optional cross-attention."""
 
     def __init__(self, cfg: PriorConfig, cond_dim: int | None) -> None:
         super().__init__()
         self.ln1 = CondLayerNorm(cfg.n_embd, cond_dim)
         self.attn = SelfAttention(cfg)
+        self.ln_x = nn.LayerNorm(cfg.n_embd) if cfg.n_cond_frames else None
+        self.xattn = CrossAttention(cfg) if cfg.n_cond_frames else None
         self.ln2 = CondLayerNorm(cfg.n_embd, cond_dim)
         self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
                                  nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None, cond2: object = None, **cache_kw) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None, cond2: object = None, memory: object = None,
+                **cache_kw) -> torch.Tensor:
         """``cond``: the LayerNorm condition (B, S, C); or precomputed (scale, bias) pairs for ln1 in
-        ``cond`` and for ln2 in ``cond2``."""
+        ``cond`` and for ln2 in ``cond2``. ``memory``: conditioning-frame features (B, M, C) or their
+        precomputed (keys, values), for the cross-attention."""
         x = x + self.attn(self.ln1(x, cond), **cache_kw)
+        if self.xattn is not None:
+            x = x + self.xattn(self.ln_x(x), memory)
         return x + self.mlp(self.ln2(x, cond if cond2 is None else cond2))
 
 
@@ -169,8 +227,6 @@ class Prior(nn.Module):
             raise ValueError("action_kind='discrete' needs n_actions >= 1")
         if cfg.action_kind == "continuous" and cfg.action_dim < 1:
             raise ValueError("action_kind='continuous' needs action_dim >= 1")
-        if cfg.n_cond_frames:
-            raise NotImplementedError("frame conditioning (n_cond_frames > 0, the paper's BAIR setup) is not built yet")
         self.cfg = cfg
         C = cfg.n_embd
         self.hw = cfg.tokens_h * cfg.tokens_w
@@ -188,6 +244,7 @@ class Prior(nn.Module):
         else:
             self.act_emb = None
         self.class_emb = nn.Embedding(cfg.n_classes, C) if cfg.n_classes else None
+        self.cond_encoder = FrameCondEncoder(cfg) if cfg.n_cond_frames else None
         k = cfg.prev_frame_kernel
         if k and k % 2 == 0:
             raise ValueError(f"prev_frame_kernel must be odd (or 0 = off), got {k}")
@@ -209,6 +266,8 @@ class Prior(nn.Module):
         nn.init.zeros_(self.head.weight)  # uniform logits at the start
         for blk in self.blocks:  # GPT-2 scaling of residual projections
             nn.init.normal_(blk.attn.proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
+            if blk.xattn is not None:
+                nn.init.normal_(blk.xattn.proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
             nn.init.normal_(blk.mlp[2].weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
         # Token pattern of a block, used to lay out position embeddings.
         hh, ww = torch.meshgrid(torch.arange(cfg.tokens_h), torch.arange(cfg.tokens_w), indexing="ij")
@@ -319,17 +378,39 @@ class Prior(nn.Module):
             return None
         return repeat(cond, "b t c -> b (t l) c", l=self.block_len)
 
+    def cond_memory(self, cond_tokens: torch.Tensor | None, B: int) -> torch.Tensor | None:
+        """Conditioning-frame features (B, k*h*w, C) from their tokens (B, k, h, w); None without frame conditioning."""
+        cfg = self.cfg
+        if self.cond_encoder is None:
+            if cond_tokens is not None:
+                raise ValueError("cond_tokens: this prior has no frame conditioning (n_cond_frames = 0)")
+            return None
+        shape = (B, cfg.n_cond_frames, cfg.tokens_h, cfg.tokens_w)
+        if cond_tokens is None or tuple(cond_tokens.shape) != shape:
+            raise ValueError(f"cond_tokens: expected int64 {shape} (the conditioning frames' tokens), got "
+                             f"{None if cond_tokens is None else tuple(cond_tokens.shape)}")
+        if int(cond_tokens.min()) < 0 or int(cond_tokens.max()) >= cfg.vocab_size:
+            raise ValueError(f"cond_tokens: values must lie in [0, {cfg.vocab_size})")
+        pos_hw = self.pos_h[self._grid_h] + self.pos_w[self._grid_w]  # (hw, C)
+        return self.cond_encoder(self.tok_emb(cond_tokens.long()), pos_hw)
+
+    def memory_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each block's cross-attention keys/values of ``memory`` (computed once per row when generating)."""
+        return [blk.xattn.keys_values(memory) for blk in self.blocks]
+
     # -- full forward (training, evaluation) ----------------------------------------------------
     def forward(self, tokens: torch.Tensor, actions: torch.Tensor | None = None,
-                class_ids: torch.Tensor | None = None) -> PriorOutput:
-        """Teacher-forced forward over whole frames. tokens (B, T, h, w); actions (B, >=T-1[, A])."""
+                class_ids: torch.Tensor | None = None, cond_tokens: torch.Tensor | None = None) -> PriorOutput:
+        """Teacher-forced forward over whole frames. tokens (B, T, h, w); actions (B, >=T-1[, A]);
+        ``cond_tokens`` (B, n_cond_frames, h, w) for a frame-conditioned prior."""
         self.validate(tokens, actions, class_ids)
         B, T = tokens.shape[:2]
+        memory = self.cond_memory(cond_tokens, B)
         cond = self.block_conditions(actions, B, T, class_ids)
         x = self.drop(self.embed_blocks(tokens, cond))
         ln_cond = self._ln_cond(cond)
         for blk in self.blocks:
-            x = blk(x, ln_cond)
+            x = blk(x, ln_cond, memory=memory)
         x = self.ln_f(x, ln_cond)
         x = rearrange(x, "b (t l) c -> b t l c", l=self.block_len)
         logits = self.head(x[:, :, :-1])  # (B, T, hw, V): slot..z[hw-2] predict z[0..hw-1]
@@ -349,7 +430,13 @@ class Prior(nn.Module):
         tokens = batch["tokens"]
         # a store's actions / labels are ignored by a prior configured without them (DataConfig.use_actions)
         actions = batch.get("actions") if self.cfg.action_kind != "none" else None
-        out = self(tokens, actions, batch.get("class_ids") if self.class_emb is not None else None)
+        k = self.cfg.n_cond_frames  # frame conditioning: the clip's first k frames condition, the rest are modelled
+        cond_tokens = tokens[:, :k] if k else None
+        if k:
+            tokens = tokens[:, k:]
+            actions = None if actions is None else actions[:, k:]
+            batch = {**batch, **{n: batch[n][:, k:] for n in ("rewards", "terminated") if n in batch}}
+        out = self(tokens, actions, batch.get("class_ids") if self.class_emb is not None else None, cond_tokens)
         B, T = tokens.shape[:2]
         target = rearrange(tokens.long(), "b t h w -> b t (h w)")
         ce = F.cross_entropy(rearrange(out.logits, "b t n v -> (b t n) v").float(), target.flatten(),
@@ -385,16 +472,20 @@ class Prior(nn.Module):
         return [ln.gain_bias(cond) for ln in lns]
 
     def forward_cached(self, x: torch.Tensor, cond: torch.Tensor | list | None, cache: KVCache,
-                       rows: torch.Tensor | None, pos: torch.Tensor | int) -> torch.Tensor:
+                       rows: torch.Tensor | None, pos: torch.Tensor | int,
+                       memory_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """Run input embeddings ``x`` (B, n, C) at cache positions ``pos..pos+n`` of ``rows`` (None: all rows).
 
         ``cond`` is the per-position LayerNorm condition (B, n, C), or the list from
-        :meth:`ln_params`, or None. Returns the final normalised hidden states (B, n, C).
+        :meth:`ln_params`, or None. ``memory_kv``: per-block cross-attention keys/values of these
+        rows (:meth:`memory_kv`) for a frame-conditioned prior. Returns the final normalised hidden
+        states (B, n, C).
         """
         params = cond if isinstance(cond, list) else None
         for i, blk in enumerate(self.blocks):
+            mem = None if memory_kv is None else memory_kv[i]
             if params is not None:
-                x = blk(x, params[2 * i], params[2 * i + 1], cache=cache, layer=i, rows=rows, pos=pos)
+                x = blk(x, params[2 * i], params[2 * i + 1], memory=mem, cache=cache, layer=i, rows=rows, pos=pos)
             else:
-                x = blk(x, cond, cache=cache, layer=i, rows=rows, pos=pos)
+                x = blk(x, cond, memory=mem, cache=cache, layer=i, rows=rows, pos=pos)
         return self.ln_f(x, params[-1] if params is not None else cond)

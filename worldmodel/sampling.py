@@ -109,6 +109,11 @@ class Rollout:
         else:
             self.actions = torch.zeros(batch_size, cfg.frames, dtype=torch.long, device=self.device)
         self.class_ids = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.mem_k = self.mem_v = None  # frame conditioning: cross-attention keys/values per layer and row
+        if prior.cond_encoder is not None:
+            M = cfg.n_cond_frames * cfg.tokens_h * cfg.tokens_w
+            self.mem_k = torch.zeros(cfg.n_layer, batch_size, cfg.n_head, M, hs, device=self.device, dtype=p.dtype)
+            self.mem_v = torch.zeros_like(self.mem_k)
         self.n_frames = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # frames in each window
         self.started = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
 
@@ -118,8 +123,9 @@ class Rollout:
     # -- context --------------------------------------------------------------------------------
     @torch.inference_mode()
     def start(self, tokens: torch.Tensor, actions: torch.Tensor | None = None, rows: torch.Tensor | list[int] | None = None,
-              class_ids: torch.Tensor | None = None) -> None:
-        """Set the context of ``rows`` (default: all): tokens (k, Tc, h, w), actions (k, Tc-1[, A]).
+              class_ids: torch.Tensor | None = None, cond_tokens: torch.Tensor | None = None) -> None:
+        """Set the context of ``rows`` (default: all): tokens (k, Tc, h, w), actions (k, Tc-1[, A]);
+        ``cond_tokens`` (k, n_cond_frames, h, w) for a frame-conditioned prior.
 
         Only the most recent ``frames - 1`` context frames are kept (room for the next frame).
         """
@@ -144,9 +150,20 @@ class Rollout:
             self.actions[rows_t, : T - 1] = actions[:, : T - 1].to(self.actions.dtype)
         if class_ids is not None:
             self.class_ids[rows_t] = class_ids.to(self.device).long()
+        memory = self.prior.cond_memory(None if cond_tokens is None else cond_tokens.to(self.device), k)
+        if memory is not None:
+            for i, (mk, mv) in enumerate(self.prior.memory_kv(memory)):
+                self.mem_k[i, rows_t], self.mem_v[i, rows_t] = mk.to(self.mem_k.dtype), mv.to(self.mem_v.dtype)
         self.n_frames[rows_t] = T
         self.started[rows_t] = True
         self._prefill(rows_t)
+
+    def _memory(self, rows: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        if self.mem_k is None:
+            return None
+        if rows is None:
+            return list(zip(self.mem_k, self.mem_v))
+        return [(mk[rows], mv[rows]) for mk, mv in zip(self.mem_k, self.mem_v)]
 
     def _prefill(self, rows: torch.Tensor) -> None:
         """Encode the stored windows of ``rows`` into the cache from position 0 (rows may differ in length:
@@ -159,7 +176,7 @@ class Rollout:
             with self._autocast():
                 cond = self.prior.block_conditions(acts, len(r), T, cls)
                 x = self.prior.embed_blocks(tok, cond)
-                self.prior.forward_cached(x, self.prior._ln_cond(cond), self.cache, r, 0)
+                self.prior.forward_cached(x, self.prior._ln_cond(cond), self.cache, r, 0, self._memory(r))
 
     def _slide(self, rows: torch.Tensor) -> None:
         keep, F_ = self.keep, self.cfg.frames
@@ -218,12 +235,13 @@ class Rollout:
             noise = None
             if row_gens is not None and temperature > 0:  # drawn once per frame: B calls, not B * hw
                 noise = row_gumbel(row_gens, hw, cfg.vocab_size, self.device)  # (B, hw, V)
+            memory = self._memory(None)
             out = torch.empty(B, hw, dtype=torch.long, device=self.device)
             ent = torch.zeros(B, device=self.device)
             for j in range(hw + 1):
                 if prev is not None and j < hw:
                     x = x + prev[:, j:j + 1]
-                h = prior.forward_cached(x, ln_cond, self.cache, None, base + j)  # (B, 1, C)
+                h = prior.forward_cached(x, ln_cond, self.cache, None, base + j, memory)  # (B, 1, C)
                 if j == hw:
                     break
                 tok, e = sample_logits(prior.head(h[:, 0]), temperature, top_k, top_p, generator,

@@ -176,8 +176,9 @@ def train_prior(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, dist_info:
     if di.world_size > 1:
         torch.distributed.barrier()
     cache = TokenCache(path)
-    train_set = ClipDataset(cache, split="train", clip_len=cfg.prior.frames)
-    val_set = _split_with_fallback(cache, "val", cfg.prior.frames)
+    clip = cfg.prior.frames + cfg.prior.n_cond_frames  # conditioning frames come first in each clip
+    train_set = ClipDataset(cache, split="train", clip_len=clip)
+    val_set = _split_with_fallback(cache, "val", clip)
     torch.manual_seed(cfg.prior_train.seed)
     model = Prior(cfg.prior)
     res = fit(model, stage="prior", run_dir=run_dir, train_set=train_set, val_set=val_set, cfg=cfg.prior_train,

@@ -18,7 +18,8 @@ from worldmodel.sampling import Rollout, sample_logits
 
 
 @torch.inference_mode()
-def sample_first_frame(prior: Prior, B: int, *, class_ids: torch.Tensor | None = None, temperature: float = 1.0,
+def sample_first_frame(prior: Prior, B: int, *, class_ids: torch.Tensor | None = None,
+                       cond_tokens: torch.Tensor | None = None, temperature: float = 1.0,
                        top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw the tokens of a first frame with no context: (B, 1, h, w) int64.
 
@@ -29,7 +30,7 @@ def sample_first_frame(prior: Prior, B: int, *, class_ids: torch.Tensor | None =
     frame = torch.zeros(B, 1, cfg.tokens_h, cfg.tokens_w, dtype=torch.long, device=next(prior.parameters()).device)
     flat = frame.view(B, -1)
     for j in range(cfg.tokens_h * cfg.tokens_w):
-        logits = prior(frame, None, class_ids).logits[:, 0, j]  # (B, V)
+        logits = prior(frame, None, class_ids, cond_tokens).logits[:, 0, j]  # (B, V)
         flat[:, j] = sample_logits(logits, temperature, top_k, generator=generator)[0]
     return frame
 
@@ -46,7 +47,9 @@ def sample_videos(wm: WorldModel, n: int, *, class_ids: list[int] | np.ndarray |
             start from nothing (action-free priors only).
         actions: for action-conditioned priors, (n, Tc - 1 + steps[, A]) actions in the data's units:
             those between the context frames, then one per generated latent frame.
-        frames: latent frames in the output (default: the prior's window, ``prior.frames``).
+        frames: latent frames generated after any conditioning frames (default: the prior's window).
+            A frame-conditioned prior (``n_cond_frames``) takes its conditioning frames from the
+            first latent frames of ``context``; they are prepended to the output.
     """
     prior, cfg = wm.prior, wm.cfg.prior
     dev = wm.device
@@ -61,13 +64,21 @@ def sample_videos(wm: WorldModel, n: int, *, class_ids: list[int] | np.ndarray |
         raise ValueError("class_ids: this prior is not class-conditional")
     if cfg.action_kind != "none" and (context is None or actions is None):
         raise ValueError("an action-conditioned prior needs context frames and actions")
+    cond_tokens = None
     if context is not None:
         ctx = torch.as_tensor(np.asarray(context), device=dev)
         if ctx.ndim != 5 or ctx.shape[0] != n or ctx.dtype != torch.uint8:
             raise ValueError(f"context: got {ctx.dtype}{tuple(ctx.shape)}, expected uint8 ({n}, Tc, H, W, 3)")
         tokens = wm.tokenizer.encode(ctx)  # (n, Tc', h, w)
-    else:
-        tokens = sample_first_frame(prior, n, class_ids=cls, temperature=temperature, top_k=top_k, generator=g)
+        if cfg.n_cond_frames:  # the first latent frames condition (cross-attention); the sequence starts after them
+            if tokens.shape[1] < cfg.n_cond_frames:
+                raise ValueError(f"context: a frame-conditioned prior needs {cfg.n_cond_frames} latent frames of context")
+            cond_tokens, tokens = tokens[:, : cfg.n_cond_frames], tokens[:, cfg.n_cond_frames:]
+    elif cfg.n_cond_frames:
+        raise ValueError(f"context: a frame-conditioned prior needs {cfg.n_cond_frames} latent frames of context")
+    if tokens.shape[1] == 0:
+        tokens = sample_first_frame(prior, n, class_ids=cls, cond_tokens=cond_tokens, temperature=temperature,
+                                    top_k=top_k, generator=g)
     acts = None if actions is None else torch.as_tensor(np.asarray(actions), device=dev)
     Tc = tokens.shape[1]
     if Tc >= total:
@@ -77,10 +88,10 @@ def sample_videos(wm: WorldModel, n: int, *, class_ids: list[int] | np.ndarray |
             raise ValueError(f"actions: got {tuple(acts.shape)}, expected ({n}, {total - 1}[, A]) for {total} latent frames")
         acts = acts.long() if cfg.action_kind == "discrete" else acts.float()
     ro = Rollout(prior, n)
-    ro.start(tokens, None if acts is None else acts[:, : Tc - 1], class_ids=cls)
+    ro.start(tokens, None if acts is None else acts[:, : Tc - 1], class_ids=cls, cond_tokens=cond_tokens)
     out = [tokens]
     for t in range(Tc, total):
         step = ro.step(None if acts is None else acts[:, t - 1], temperature=temperature, top_k=top_k, generator=g)
         out.append(step.tokens[:, None])
-    all_tokens = torch.cat(out, 1)  # (n, total, h, w)
+    all_tokens = torch.cat(([] if cond_tokens is None else [cond_tokens]) + out, 1)  # (n, [k +] total, h, w)
     return wm.tokenizer.decode(all_tokens).cpu().numpy()  # (n, total * stride_t, H, W, 3)
