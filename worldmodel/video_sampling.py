@@ -65,6 +65,7 @@ def sample_videos(wm: WorldModel, n: int, *, class_ids: list[int] | np.ndarray |
     if cfg.action_kind != "none" and (context is None or actions is None):
         raise ValueError("an action-conditioned prior needs context frames and actions")
     cond_tokens = None
+    tokens = torch.zeros(n, 0, cfg.tokens_h, cfg.tokens_w, dtype=torch.long, device=dev)  # no context frames yet
     if context is not None:
         ctx = torch.as_tensor(np.asarray(context), device=dev)
         if ctx.ndim != 5 or ctx.shape[0] != n or ctx.dtype != torch.uint8:
