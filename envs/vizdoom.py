@@ -97,13 +97,16 @@ class VizdoomEnv(gym.Env):
         battle2_path: directory of the Battle2 map (Battle2 only).
         max_episode_steps: truncate episodes after this many steps (None: the scenario's timeout).
         render_mode: ``None`` or ``"rgb_array"`` (the last game screen at 160×120).
+        health_bar: draw the player's health (0-100) as a red bar over the bottom ``resolution // 16``
+            rows of the observation: a HUD that stays legible at 64×64 (Doom's own status bar does
+            not), so that a world model can see what death depends on.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": TICRATE / 4}
 
     def __init__(self, name: str = "vizdoom_hgs", *, resolution: int = 64, frame_skip: int = 4,
                  battle2_path: str | os.PathLike | None = None, max_episode_steps: int | None = None,
-                 render_mode: str | None = None) -> None:
+                 render_mode: str | None = None, health_bar: bool = False) -> None:
         if name not in ENV_NAMES:
             raise ValueError(f"name: got {name!r}, expected one of {ENV_NAMES}")
         if resolution < 8 or frame_skip < 1:
@@ -111,6 +114,7 @@ class VizdoomEnv(gym.Env):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode: got {render_mode!r}, expected None or 'rgb_array'")
         self.name, self.resolution, self.frame_skip = name, resolution, frame_skip
+        self.health_bar = health_bar
         self.max_episode_steps, self.render_mode = max_episode_steps, render_mode
         self.metadata = {**self.metadata, "render_fps": TICRATE / frame_skip}
         game = vzd.DoomGame()
@@ -150,6 +154,13 @@ class VizdoomEnv(gym.Env):
             # Box (area) filter: every source pixel contributes, which avoids aliasing on downscale.
             img = Image.fromarray(self._screen).resize((self.resolution, self.resolution), Image.Resampling.BOX)
             self._obs = np.asarray(img, dtype=np.uint8)
+            if self.health_bar:
+                self._obs = self._obs.copy()
+                rows = max(1, self.resolution // 16)
+                health = float(self.game.get_game_variable(vzd.GameVariable.HEALTH))
+                width = int(round(self.resolution * min(max(health, 0.0), 100.0) / 100.0))
+                self._obs[-rows:] = 0
+                self._obs[-rows:, :width] = (255, 0, 0)
 
     def _game_vars(self) -> dict[str, float]:
         return {v: float(self.game.get_game_variable(getattr(vzd.GameVariable, v))) for v in self._vars}
@@ -202,10 +213,10 @@ class VizdoomEnv(gym.Env):
 
 def make_real_env(name: str, *, resolution: int = 64, frame_skip: int = 4,
                   battle2_path: str | os.PathLike | None = None, max_episode_steps: int | None = None,
-                  render_mode: str | None = None, seed: int | None = None) -> VizdoomEnv:
+                  render_mode: str | None = None, seed: int | None = None, health_bar: bool = False) -> VizdoomEnv:
     """Create the real env ``name`` (see :class:`VizdoomEnv`); ``seed`` seeds its first reset."""
     env = VizdoomEnv(name, resolution=resolution, frame_skip=frame_skip, battle2_path=battle2_path,
-                     max_episode_steps=max_episode_steps, render_mode=render_mode)
+                     max_episode_steps=max_episode_steps, render_mode=render_mode, health_bar=health_bar)
     if seed is not None:
         env.reset(seed=seed)
     return env

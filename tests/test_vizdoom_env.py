@@ -114,3 +114,20 @@ def test_bad_action_raises_and_env_stays_usable():
     env.close()
     with pytest.raises(ValueError, match="expected one of"):
         VizdoomEnv("doom3")
+
+
+def test_health_bar_shows_health():
+    env = make_real_env("vizdoom_hgs", health_bar=True, seed=0)
+    plain = make_real_env("vizdoom_hgs", seed=0)
+    obs, info = env.reset(seed=3)
+    ref, _ = plain.reset(seed=3)
+    for _ in range(12):  # the acid floor drains health: the bar shrinks
+        obs, _, term, trunc, info = env.step(2)
+        ref, *_ = plain.step(2)
+    bar = obs[-4:]  # 64 // 16 rows
+    width = int(round(64 * info["HEALTH"] / 100))
+    assert 0 < width < 64
+    assert (bar[:, :width] == (255, 0, 0)).all() and (bar[:, width:] == 0).all()
+    assert np.array_equal(obs[:-4], ref[:-4])  # the rest of the frame is the plain observation
+    env.close()
+    plain.close()
