@@ -55,6 +55,18 @@ def _score(model: BaseAlgorithm | None, venv: VecEnv, episodes: int, determinist
     return Score(float(np.mean(returns)), float(np.std(returns)), float(np.mean(lengths)), len(returns))
 
 
+def real_env_kwargs(wm: WorldModel) -> dict[str, Any]:
+    """The real-env settings the bundle's data was collected with (frame skip, health bar), so that a
+    policy trained in the dream is scored in the same real env; resolution is the bundle's."""
+    recorded = wm.store_meta.get("extra", {}).get("env_kwargs", {})
+    out: dict[str, Any] = {}
+    if "frame_skip" in recorded:
+        out["frame_skip"] = int(recorded["frame_skip"])
+    if "health_bar" in recorded:
+        out["health_bar"] = str(recorded["health_bar"]) == "True"
+    return out
+
+
 def real_vec_env(env: str, resolution: int, num_envs: int = 1, **env_kwargs: Any) -> VecEnv:
     """The real ViZDoom env ``env`` at the bundle's resolution, as an SB3 VecEnv (in-process)."""
     if env not in ENV_NAMES:

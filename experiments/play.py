@@ -67,6 +67,7 @@ class Session:
     """The two envs (dream, real), the active one, and the recording."""
 
     def __init__(self, args: Args) -> None:
+        from envs.policy import real_env_kwargs
         from envs.vizdoom import make_real_env
 
         wm = load_world_model(args.checkpoint, args.env, args.device)
@@ -75,7 +76,9 @@ class Session:
             raise ValueError(f"play needs a bundle with named discrete actions; {wm.path} has {spec.kind} actions")
         self.names = spec.names
         self.dream = DreamEnv(world_model=wm, temperature=args.temperature)
-        kw = {"battle2_path": args.battle2_path} if args.battle2_path else {}
+        kw = real_env_kwargs(wm)  # the real env the bundle's data came from (frame skip, health bar)
+        if args.battle2_path:
+            kw["battle2_path"] = args.battle2_path
         self.real = make_real_env(args.env, resolution=wm.obs_shape[0], **kw)
         self.envs = {"dream": self.dream, "real": self.real}
         self.mode, self.seed, self.fps = "dream", args.seed, wm.fps

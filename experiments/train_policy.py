@@ -21,7 +21,7 @@ import torch
 import tyro
 
 from envs.dream import load_world_model
-from envs.policy import PPOConfig, save_policy, score_dream, score_real, train_ppo
+from envs.policy import PPOConfig, real_env_kwargs, save_policy, score_dream, score_real, train_ppo
 from worldmodel.checkpoint import write_json
 
 
@@ -83,7 +83,9 @@ def main(args: Args) -> dict:
     report: dict = {"policy": str(out), "timesteps": args.timesteps}
     if args.eval_real:
         H = wm.obs_shape[0]
-        kw = {"battle2_path": args.battle2_path} if args.battle2_path else {}
+        kw = real_env_kwargs(wm)  # the real env the bundle's data came from (frame skip, health bar)
+        if args.battle2_path:
+            kw["battle2_path"] = args.battle2_path
         n, s = args.eval_episodes, args.seed
         rows = {"ppo (dream-trained)": (score_dream(model, venv, n, seed=s), score_real(model, args.env, H, n, seed=s, **kw)),
                 "random": (score_dream(None, venv, n, seed=s), score_real(None, args.env, H, n, seed=s, **kw))}
