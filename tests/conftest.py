@@ -42,6 +42,17 @@ def make_bundle(cfg: ExperimentConfig, run_dir: str | Path, seed: int = 0) -> Pa
     return Path(run_dir)
 
 
+@pytest.fixture()
+def one_thread():
+    """Tiny models run far faster single-threaded on a shared 2-core machine (no oversubscribed OpenMP)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def hgs_store(tmp_path_factory) -> Path:
     """Eight real HGS episodes (random policy) at 32×32, at most 24 steps each."""

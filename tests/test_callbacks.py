@@ -9,7 +9,6 @@ import warnings
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.logger import configure
 
@@ -20,13 +19,6 @@ from envs.vizdoom import make_real_env
 STEPS = 6  # episode cap in both envs
 HGS_LIVING_REWARD = 4.0  # +1 per tic at frame skip 4; no agent dies within 6 steps of a fresh HGS episode
 
-
-@pytest.fixture()
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def dream(bundle):

@@ -36,14 +36,6 @@ from worldmodel.store import EpisodeStore
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture()
-def one_thread():
-    """Tiny models run far faster single-threaded on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def dying_store(tmp_path_factory) -> Path:
