@@ -149,4 +149,10 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(parse())
+    from worldmodel.store import StoreError
+
+    try:
+        main(parse())
+    except (StoreError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}\n(collect with experiments/collect.py or convert a dataset with experiments/convert.py, "
+                 f"then pass --config.data.store DIR)")
