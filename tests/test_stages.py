@@ -114,3 +114,10 @@ def test_cli_rejects_unknown_preset():
     res = subprocess.run([sys.executable, str(ROOT / "experiments" / "train.py"), "--env", "nope"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "unknown preset" in res.stderr
+
+
+def test_cli_missing_store_is_a_clear_error(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "train.py"), "--env", "ucf101", "--stage", "tokenizer",
+                          "--run-dir", str(tmp_path / "run"), "--config.data.store", str(tmp_path / "nope")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "store directory does not exist" in res.stderr and "Traceback" not in res.stderr
