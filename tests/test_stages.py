@@ -67,6 +67,8 @@ def test_pipeline_to_bundle(tmp_path, store):
 
     res = train_prior(cfg, run, progress=False)
     assert res.step == 6 and "nats_per_token" in res.val_metrics
+    encode_tokens(cfg, run, progress=False)  # saving the prior rewrote model.safetensors, not the tokenizer
+    assert (run / "tokens.h5").stat().st_mtime_ns == mtime
     wm = WorldModel.from_pretrained(run)
     assert wm.action_spec.n == 5 and wm.obs_shape == (32, 32, 3)
     ro = wm.rollout(2)

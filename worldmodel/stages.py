@@ -153,14 +153,27 @@ def encode_tokens(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, device: 
     """Encode the whole store with the run's tokenizer into ``run_dir/tokens.h5`` (skipped if up to date)."""
     cfg, store = prepare_run(cfg, run_dir)
     out = Path(run_dir) / TOKENS_FILE
-    weights = Path(run_dir) / WEIGHTS
+    # Keyed to the tokenizer's weights themselves: model.safetensors also changes whenever the prior
+    # is saved, which must not trigger a re-encode.
+    digest = tokenizer_digest(run_dir)
     if out.exists() and not force:
         cache = TokenCache(out)
-        if cache.attrs.get("weights_mtime_ns") == weights.stat().st_mtime_ns and len(cache) == len(store):
+        if cache.attrs.get("tokenizer_sha1") == digest and len(cache) == len(store):
             return out
     tok = load_tokenizer(run_dir, device)
     return encode_store(tok, store, out, clip_len=cfg.data.clip_len, device=device, progress=progress,
-                        meta={"weights_mtime_ns": weights.stat().st_mtime_ns})
+                        meta={"tokenizer_sha1": digest})
+
+
+def tokenizer_digest(run_dir: str | os.PathLike) -> str:
+    """SHA-1 of the run's tokenizer weights (names, shapes and bytes)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, t in sorted(load_weights(run_dir, "tokenizer").items()):
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def train_prior(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, dist_info: DistInfo | None = None,
