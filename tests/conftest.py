@@ -7,11 +7,19 @@ unless a test trains them; shapes, spaces, determinism and error paths do not ne
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from worldmodel.config import DataConfig, ExperimentConfig, PriorConfig, TokenizerConfig, TrainConfig
+# One intra-op thread in the tests and in the CLIs they start: the models here are tiny, and on a
+# 2-core machine with anything else running, 2 OpenMP threads per process made the suite over 5x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from worldmodel.config import DataConfig, ExperimentConfig, PriorConfig, TokenizerConfig, TrainConfig  # noqa: E402
 
 TINY_RES = 32
 
