@@ -223,46 +223,62 @@ def _robot(name: str, scale: str, action_dim: int) -> ExperimentConfig:
     return replace(base, prior=replace(prior, frames=clip), data=replace(base.data, clip_len=clip), collect_episodes=0)
 
 
+# The paper's own configs (wilson1yan/VideoGPT-Paper, videogpt/config_model.py; the appendix tables):
+# VQ-VAE 240 hidden units, 4 residual layers, 1024 codes of dim 256, axial attention with 2 heads;
+# BAIR "16×64×64 -> 8×32×32" (stride 2, 2, 2) with gpt_small (8 layers, 4 heads, width 512, dropout
+# 0.2); UCF-101 128×128 and TGIF 64×64 "-> 4×32×32" (strides 4, 4, 4 and 4, 2, 2) with gpt_large
+# (20 layers, 8 heads, width 1024, dropout 0.2); batch 32. The tiny/small scales keep the conditioning
+# and the 16-frame clips but halve the latents and shrink the widths so they run on 2 CPU cores.
+_PAPER_TOKENIZER = TokenizerConfig(channels=240, n_res_layers=4, n_heads=2, codebook_size=1024, embedding_dim=256,
+                                   causal_time=False, max_frames=16)
+_PAPER_GPT_SMALL = PriorConfig(n_layer=8, n_head=4, n_embd=512, dropout=0.2, attn_dropout=0.0, vocab_size=1024,
+                               action_kind="none", prev_frame_kernel=0)
+_PAPER_GPT_LARGE = replace(_PAPER_GPT_SMALL, n_layer=20, n_head=8, n_embd=1024)
+
+
+def _shrunk(tok: TokenizerConfig, prior: PriorConfig, scale: str) -> tuple[TokenizerConfig, PriorConfig, TrainConfig]:
+    """tiny/small widths of an action-free paper preset (geometry and conditioning unchanged)."""
+    tiny = scale == "tiny"
+    tok = replace(tok, channels=32 if tiny else 128, n_res_layers=1 if tiny else 2, codebook_size=256 if tiny else 512,
+                  embedding_dim=32 if tiny else 64)
+    prior = replace(prior, n_layer=2 if tiny else 4, n_head=4, n_embd=128 if tiny else 256, dropout=0.0, attn_dropout=0.0,
+                    vocab_size=tok.codebook_size)
+    return tok, prior, TrainConfig(steps=600 if tiny else 3000, batch_size=4, lr=1e-3 if tiny else 5e-4)
+
+
 def _bair_paper(scale: str) -> ExperimentConfig:
-    """The paper's BAIR setup: 16 frames of 64×64, latents 4×32×32 (stride (4, 2, 2), like the official
-    ``bair_stride4x2x2`` VQ-VAE), first frame as conditioning through a ResNet + cross-attention,
-    no actions; prior as the official ``train_videogpt.py`` defaults (8 layers, 4 heads, width 576
-    rounded to 512 here, dropout 0.2, attention dropout 0.3). ``tiny`` keeps the geometry, shrinks widths."""
-    tok = TokenizerConfig(resolution=64, stride=(4, 2, 2), causal_time=False, channels=240, n_res_layers=4,
-                          codebook_size=1024, embedding_dim=256, max_frames=16)
-    prior = PriorConfig(n_layer=8, n_head=4, n_embd=512, dropout=0.2, attn_dropout=0.3, vocab_size=1024, frames=4,
-                        tokens_h=32, tokens_w=32, action_kind="none", n_cond_frames=1, prev_frame_kernel=0)
-    data = DataConfig(store="data/bair", clip_len=16, use_actions=False)
+    """The paper's BAIR setup: 16 frames of 64×64, no actions, the start of the clip conditions the rest
+    through a ResNet + cross-attention (``n_cond_frames=1`` latent frame: its 2 pixel frames at the paper's
+    stride (2, 2, 2), 4 at the tiny/small scales' stride (4, 2, 2) -- the official ``bair_stride4x2x2``
+    VQ-VAE). The prior models the remaining latent frames: ``frames = 16 / stride_t - 1``."""
+    paper = scale == "paper"
+    tok = replace(_PAPER_TOKENIZER, resolution=64, stride=(2, 2, 2) if paper else (4, 2, 2))
+    n_latent = 16 // tok.stride[0]
+    prior = replace(_PAPER_GPT_SMALL, frames=n_latent - 1, tokens_h=32, tokens_w=32, n_cond_frames=1)
     tt, pt = TrainConfig(steps=100_000, batch_size=32, lr=3e-4), TrainConfig(steps=200_000, batch_size=32, lr=3e-4)
-    if scale != "paper":
-        tok = replace(tok, channels=32 if scale == "tiny" else 128, n_res_layers=1 if scale == "tiny" else 2,
-                      codebook_size=256 if scale == "tiny" else 512, embedding_dim=32 if scale == "tiny" else 64)
-        prior = replace(prior, n_layer=2 if scale == "tiny" else 4, n_embd=128 if scale == "tiny" else 256,
-                        dropout=0.0, attn_dropout=0.0, vocab_size=tok.codebook_size)
-        tt = TrainConfig(steps=600 if scale == "tiny" else 3000, batch_size=4, lr=1e-3 if scale == "tiny" else 5e-4)
-        pt = TrainConfig(steps=600 if scale == "tiny" else 3000, batch_size=4, lr=1e-3 if scale == "tiny" else 5e-4)
-    return ExperimentConfig(name="bair_paper", scale=scale, env="bair", data=data, tokenizer=tok, prior=prior,
-                            tokenizer_train=tt, prior_train=pt, collect_episodes=0)
+    if not paper:
+        tok, prior, tt = _shrunk(tok, prior, scale)
+        pt = tt
+    return ExperimentConfig(name="bair_paper", scale=scale, env="bair", data=DataConfig(store="data/bair", clip_len=16,
+                            use_actions=False), tokenizer=tok, prior=prior, tokenizer_train=tt, prior_train=pt,
+                            collect_episodes=0)
 
 
 def _video(name: str, scale: str, n_classes: int) -> ExperimentConfig:
-    """Action-free video (UCF-101 class-conditional or unconditional, TGIF): the paper's 16 frames at
-    stride (4, 4, 4) -> 4 latent frames (``paper``: 128×128 -> 4×32×32 as the official
-    ``ucf101_stride4x4x4``; ``tiny``/``small``: 64×64 -> 4×16×16)."""
-    res = 128 if scale == "paper" else 64
-    tok = TokenizerConfig(resolution=res, stride=(4, 4, 4), causal_time=False, channels=240, n_res_layers=4,
-                          codebook_size=1024, embedding_dim=256, max_frames=16)
-    prior = PriorConfig(n_layer=8, n_head=4, n_embd=512, dropout=0.2, attn_dropout=0.3, vocab_size=1024, frames=4,
-                        tokens_h=res // 4, tokens_w=res // 4, action_kind="none", n_classes=n_classes, prev_frame_kernel=0)
+    """Action-free 16-frame video, 4 latent frames: UCF-101 (class-conditional through conditional
+    LayerNorm, or unconditional) at 128×128 with stride (4, 4, 4) -> 4×32×32 as the paper (and the
+    official ``ucf101_stride4x4x4``); TGIF at 64×64 with stride (4, 2, 2) -> 4×32×32 as the paper.
+    tiny/small: 64×64 at stride (4, 4, 4) -> 4×16×16 for both. Convert with ``--resolution`` = the
+    preset's resolution (the store's frame size decides the tokenizer's)."""
+    paper = scale == "paper"
+    res, stride = (128, (4, 4, 4)) if paper and name.startswith("ucf101") else (64, (4, 2, 2) if paper else (4, 4, 4))
+    tok = replace(_PAPER_TOKENIZER, resolution=res, stride=stride)
+    prior = replace(_PAPER_GPT_LARGE, frames=16 // stride[0], tokens_h=res // stride[1], tokens_w=res // stride[2],
+                    n_classes=n_classes)
     tt, pt = TrainConfig(steps=100_000, batch_size=32, lr=3e-4), TrainConfig(steps=200_000, batch_size=32, lr=3e-4)
-    if scale != "paper":
-        tiny = scale == "tiny"
-        tok = replace(tok, channels=32 if tiny else 128, n_res_layers=1 if tiny else 2, codebook_size=256 if tiny else 512,
-                      embedding_dim=32 if tiny else 64)
-        prior = replace(prior, n_layer=2 if tiny else 4, n_embd=128 if tiny else 256, dropout=0.0, attn_dropout=0.0,
-                        vocab_size=tok.codebook_size)
-        tt = TrainConfig(steps=600 if tiny else 3000, batch_size=4, lr=1e-3 if tiny else 5e-4)
-        pt = TrainConfig(steps=600 if tiny else 3000, batch_size=4, lr=1e-3 if tiny else 5e-4)
+    if not paper:
+        tok, prior, tt = _shrunk(tok, prior, scale)
+        pt = tt
     store = "data/ucf101" if name.startswith("ucf101") else f"data/{name}"
     return ExperimentConfig(name=name, scale=scale, env=name.split("_")[0], data=DataConfig(store=store, clip_len=16,
                             resolution=res, use_actions=False), tokenizer=tok, prior=prior, tokenizer_train=tt,
@@ -272,9 +288,8 @@ def _video(name: str, scale: str, n_classes: int) -> ExperimentConfig:
 _PRESETS: dict[str, Any] = {
     "vizdoom_hgs": lambda scale: _vizdoom("vizdoom_hgs", scale, n_actions=5),
     "vizdoom_battle2": lambda scale: _vizdoom("vizdoom_battle2", scale, n_actions=8),
-    "bair": lambda scale: replace(_robot("bair", scale, 4), data=replace(_robot("bair", scale, 4).data, store="data/bair")),
-    "robonet": lambda scale: replace(_robot("robonet", scale, 5),
-                                     data=replace(_robot("robonet", scale, 5).data, store="data/robonet")),
+    "bair": lambda scale: _robot("bair", scale, action_dim=4),  # store data/bair
+    "robonet": lambda scale: _robot("robonet", scale, action_dim=5),  # store data/robonet
     "bair_paper": _bair_paper,
     "ucf101": lambda scale: _video("ucf101", scale, n_classes=101),
     "ucf101_uncond": lambda scale: _video("ucf101_uncond", scale, n_classes=0),

@@ -128,6 +128,9 @@ class Rollout:
         ``cond_tokens`` (k, n_cond_frames, h, w) for a frame-conditioned prior.
 
         Only the most recent ``frames - 1`` context frames are kept (room for the next frame).
+        ``Tc = 0`` starts rows from nothing: their next ``step`` draws a first frame conditioned on the
+        start vector (+ class, + conditioning frames) like block 0 of a training clip, ignoring that
+        step's action (video sampling from scratch).
         """
         rows_t = torch.arange(self.B, device=self.device) if rows is None else torch.as_tensor(rows, device=self.device).long()
         k = len(rows_t)
@@ -135,15 +138,15 @@ class Rollout:
             raise ValueError(f"tokens: got {tuple(tokens.shape)}, expected ({k}, Tc, {self.cfg.tokens_h}, {self.cfg.tokens_w}) "
                              f"for {k} rows")
         Tc = tokens.shape[1]
-        if Tc < 1:
-            raise ValueError("tokens: the context needs at least one frame")
         if class_ids is None and self.prior.class_emb is not None:
             raise ValueError("class_ids: required by a class-conditional prior")
         cut = max(0, Tc - (self.cfg.frames - 1))
         tokens = tokens[:, cut:].to(self.device)
         if actions is not None:
             actions = actions[:, cut:].to(self.device)
-        self.prior.validate(tokens, actions, None if class_ids is None else class_ids.to(self.device))
+        # an empty context (Tc = 0) is validated as one placeholder frame: class ids and token grid
+        check = tokens if Tc else torch.zeros(k, 1, *tokens.shape[2:], dtype=torch.long, device=self.device)
+        self.prior.validate(check, actions if Tc else None, None if class_ids is None else class_ids.to(self.device))
         T = tokens.shape[1]
         self.tokens[rows_t, :T] = tokens.long()
         if actions is not None and T > 1:
@@ -169,6 +172,8 @@ class Rollout:
         """Encode the stored windows of ``rows`` into the cache from position 0 (rows may differ in length:
         they are grouped by length)."""
         for T in torch.unique(self.n_frames[rows]).tolist():
+            if T == 0:  # started from nothing: no context to encode
+                continue
             r = rows[self.n_frames[rows] == T]
             tok = self.tokens[r, :T]
             acts = self.actions[r, : max(T - 1, 0)]
@@ -216,10 +221,14 @@ class Rollout:
         if cfg.action_kind != "none":
             self.actions[torch.arange(B, device=self.device), t_idx - 1] = actions.to(self.actions.dtype)
         # Condition of the new block: emb(a) (+ class) — same as block_conditions() for block t_idx.
-        acts = self.actions[torch.arange(B, device=self.device), t_idx - 1][:, None]
+        first = t_idx == 0  # rows started from nothing: block 0 gets the start condition
+        acts = self.actions[torch.arange(B, device=self.device), (t_idx - 1).clamp(min=0)][:, None]
         with self._autocast():
+            cls = self.class_ids if prior.class_emb is not None else None
             cond = prior.block_conditions(torch.cat([acts, acts], 1) if cfg.action_kind != "none" else None, B, 2,
-                                          self.class_ids if prior.class_emb is not None else None)[:, 1:]  # (B, 1, C)
+                                          cls)[:, 1:]  # (B, 1, C)
+            if bool(first.any()):
+                cond = torch.where(first[:, None, None], prior.block_conditions(None, B, 1, cls), cond)
             ln_cond = prior.ln_params(cond)  # computed once per frame, reused by all of its positions
             pos_t = prior.pos_t[t_idx][:, None]  # (B, 1, C)
             x = prior.slot_emb + pos_t
@@ -230,8 +239,10 @@ class Rollout:
             hw = prior.hw
             prev = None
             if prior.prev_conv is not None:  # features of the window's last frame, once per frame
-                last = self.tokens[torch.arange(B, device=self.device), t_idx - 1]
+                last = self.tokens[torch.arange(B, device=self.device), (t_idx - 1).clamp(min=0)]
                 prev = prior.prev_features(last[:, None])[:, 0]  # (B, hw, C)
+                if bool(first.any()):  # no previous frame: the learned vector of block 0
+                    prev = torch.where(first[:, None, None], prior.no_prev.to(prev.dtype).expand_as(prev), prev)
             noise = None
             if row_gens is not None and temperature > 0:  # drawn once per frame: B calls, not B * hw
                 noise = row_gumbel(row_gens, hw, cfg.vocab_size, self.device)  # (B, hw, V)

@@ -2,9 +2,9 @@
 
 The paper's video setups (UCF-101, TGIF, BAIR without actions) generate whole clips of
 ``prior.frames`` latent frames that the tokenizer decodes at once (temporal stride may be > 1).
-The first latent frame of an unconditional clip has no context, so it is drawn token by token with
-full forwards of a one-frame sequence (:func:`sample_first_frame`); the rest use the KV-cached
-:class:`~worldmodel.sampling.Rollout`.
+Every frame is drawn with the KV-cached :class:`~worldmodel.sampling.Rollout`; a clip without real
+context starts from an empty window, whose first frame is conditioned on the prior's start vector
+(+ class label, + conditioning frames) exactly like block 0 of a training clip.
 """
 
 from __future__ import annotations
@@ -13,26 +13,7 @@ import numpy as np
 import torch
 
 from worldmodel.bundle import WorldModel
-from worldmodel.prior import Prior
-from worldmodel.sampling import Rollout, sample_logits
-
-
-@torch.inference_mode()
-def sample_first_frame(prior: Prior, B: int, *, class_ids: torch.Tensor | None = None,
-                       cond_tokens: torch.Tensor | None = None, temperature: float = 1.0,
-                       top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw the tokens of a first frame with no context: (B, 1, h, w) int64.
-
-    Each of the h*w tokens costs one forward of the one-frame sequence; later positions of the
-    frame are placeholders that causal attention never lets the current position see.
-    """
-    cfg = prior.cfg
-    frame = torch.zeros(B, 1, cfg.tokens_h, cfg.tokens_w, dtype=torch.long, device=next(prior.parameters()).device)
-    flat = frame.view(B, -1)
-    for j in range(cfg.tokens_h * cfg.tokens_w):
-        logits = prior(frame, None, class_ids, cond_tokens).logits[:, 0, j]  # (B, V)
-        flat[:, j] = sample_logits(logits, temperature, top_k, generator=generator)[0]
-    return frame
+from worldmodel.sampling import Rollout
 
 
 @torch.inference_mode()
@@ -55,6 +36,12 @@ def sample_videos(wm: WorldModel, n: int, *, class_ids: list[int] | np.ndarray |
     dev = wm.device
     g = torch.Generator(device=dev).manual_seed(seed)
     total = frames or cfg.frames
+    tok_cfg = wm.cfg.tokenizer
+    n_out = (cfg.n_cond_frames + total) * tok_cfg.stride[0]
+    if not tok_cfg.causal_time and n_out > tok_cfg.max_frames:  # decoded as one clip with learned time positions
+        raise ValueError(f"frames: {cfg.n_cond_frames} + {total} latent frames decode to {n_out} frames, more than "
+                         f"the tokenizer's max_frames={tok_cfg.max_frames}; ask for at most "
+                         f"{tok_cfg.max_frames // tok_cfg.stride[0] - cfg.n_cond_frames}")
     cls = None
     if cfg.n_classes:
         if class_ids is None or len(class_ids) != n:
@@ -77,9 +64,6 @@ def sample_videos(wm: WorldModel, n: int, *, class_ids: list[int] | np.ndarray |
             cond_tokens, tokens = tokens[:, : cfg.n_cond_frames], tokens[:, cfg.n_cond_frames:]
     elif cfg.n_cond_frames:
         raise ValueError(f"context: a frame-conditioned prior needs {cfg.n_cond_frames} latent frames of context")
-    if tokens.shape[1] == 0:
-        tokens = sample_first_frame(prior, n, class_ids=cls, cond_tokens=cond_tokens, temperature=temperature,
-                                    top_k=top_k, generator=g)
     acts = None if actions is None else torch.as_tensor(np.asarray(actions), device=dev)
     Tc = tokens.shape[1]
     if Tc >= total:
@@ -89,9 +73,9 @@ def sample_videos(wm: WorldModel, n: int, *, class_ids: list[int] | np.ndarray |
             raise ValueError(f"actions: got {tuple(acts.shape)}, expected ({n}, {total - 1}[, A]) for {total} latent frames")
         acts = acts.long() if cfg.action_kind == "discrete" else acts.float()
     ro = Rollout(prior, n)
-    ro.start(tokens, None if acts is None else acts[:, : Tc - 1], class_ids=cls, cond_tokens=cond_tokens)
+    ro.start(tokens, None if acts is None else acts[:, : max(Tc - 1, 0)], class_ids=cls, cond_tokens=cond_tokens)
     out = [tokens]
-    for t in range(Tc, total):
+    for t in range(Tc, total):  # t = 0 only without context: an action-free first frame
         step = ro.step(None if acts is None else acts[:, t - 1], temperature=temperature, top_k=top_k, generator=g)
         out.append(step.tokens[:, None])
     all_tokens = torch.cat(([] if cond_tokens is None else [cond_tokens]) + out, 1)  # (n, [k +] total, h, w)
