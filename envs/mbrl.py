@@ -1,32 +1,74 @@
 """Model-based RL loop: collect real data with the current policy -> update the world model ->
 train PPO in the batched dream -> score it in the real env; repeat.
 
+One iteration ``k`` (0-based) of :func:`run_mbrl`:
+
+1. collect ``episodes_per_iteration`` real episodes into the store (iteration 0: sticky random
+   actions; later: the current PPO policy, stochastic);
+2. continue the world model on the grown store: the tokenizer is trained once (its preset budget)
+   and optionally continued for ``tokenizer_steps_per_iteration`` more steps per later iteration;
+   the token cache is re-encoded (it is keyed to the tokenizer's weights and the store's size); the
+   prior resumes from its checkpoint for ``prior_steps_per_iteration`` more steps. The training
+   step counter continues, so iteration k trains up to ``preset steps + k * per-iteration steps``;
+3. continue the same PPO model for ``ppo_steps_per_iteration`` steps in the batched dream of the
+   updated model (reward-normalisation statistics carried over);
+4. score the policy in the real env and in the dream (``eval_episodes`` each).
+
 At the end the loop's policy is compared with a uniform random policy and with PPO trained
 directly in the real env for as many real steps as the loop consumed (the sample-efficiency
-question a world model has to answer). Per-iteration numbers go to TensorBoard
-(``<run>/tb_mbrl``) and to ``<run>/mbrl.csv``; the final report to ``<run>/mbrl_report.json``.
+question a world model has to answer). "Real env steps" are the transitions the loop added to the
+store -- what the world model learnt from; evaluation episodes are the measurement (every method is
+scored on the same episodes) and are not counted.
+
+Files in the run directory: ``mbrl.csv`` (one row per iteration, rewritten atomically),
+TensorBoard scalars under ``tb_mbrl/`` (PPO's own curves under ``tb_mbrl/PPO_0``),
+``policies/mbrl-iterNNN.zip`` (the policy after each iteration), ``policies/ppo_mbrl.zip`` (final),
+``mbrl_state.json`` (what a killed run resumes from) and ``mbrl_report.json`` (the final report).
+Re-running with the same run directory and budgets resumes after the last finished iteration;
+raising ``iterations`` continues a finished run.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
+import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecNormalize
+from tqdm.auto import tqdm
 
+from envs.callbacks import DreamExploitWarning
 from envs.collect import collect
-from envs.policy import PPOConfig, Score, real_vec_env, score_dream, score_real, train_ppo
+from envs.policy import PPOConfig, Score, real_vec_env, save_policy, score_dream, score_real
 from envs.sb3_vec import DreamVecEnv
+from envs.vizdoom import ENV_NAMES
 from worldmodel.bundle import WorldModel
 from worldmodel.checkpoint import atomic_replace, write_json
 from worldmodel.config import ExperimentConfig
 from worldmodel.stages import encode_tokens, train_prior, train_tokenizer
 from worldmodel.store import EpisodeStore
+
+STATE_FILE = "mbrl_state.json"
+CSV_FILE = "mbrl.csv"
+REPORT_FILE = "mbrl_report.json"
+STATE_SCHEMA = 1
+
+CSV_FIELDS = ("iteration", "episodes", "real_env_steps", "new_real_steps", "collect_return", "tokenizer_steps",
+              "prior_steps", "ppo_timesteps", "real_return", "real_return_std", "real_length", "dream_return",
+              "dream_return_std", "dream_length", "gap", "eval_episodes", "minutes")
+"""Columns of ``mbrl.csv``: real/dream returns are means over ``eval_episodes`` episodes; ``gap`` is
+dream minus real; ``real_env_steps`` the store's transitions after collection (cumulative);
+``collect_return`` the mean return of the episodes collected this iteration (the behaviour policy;
+empty when a resumed iteration found them already collected)."""
 
 
 @dataclass
@@ -34,9 +76,11 @@ class MBRLConfig:
     """Budgets of the loop (every one a CLI flag in experiments/mbrl.py)."""
 
     iterations: int = 3
-    """Collect -> update -> PPO -> evaluate rounds."""
+    """Collect -> update -> PPO -> evaluate rounds (raise it to continue a finished run)."""
     episodes_per_iteration: int = 100
-    """Real episodes collected per round (round 0 with the random policy)."""
+    """Real episodes collected per round (round 0 with sticky random actions)."""
+    tokenizer_steps_per_iteration: int = 0
+    """Extra tokenizer steps per round after the first (0 = the tokenizer is trained once, in round 0)."""
     prior_steps_per_iteration: int = 1000
     """Extra prior optimizer steps per round after the first (round 0 trains the preset's budget)."""
     ppo_steps_per_iteration: int = 10_000
@@ -44,107 +88,287 @@ class MBRLConfig:
     eval_episodes: int = 10
     """Real (and dream) episodes per evaluation."""
     num_envs: int = 16
-    """Dream envs stepped together."""
+    """Dream envs stepped together by PPO."""
     max_episode_steps: int = 525
-    """Dream episode time limit."""
+    """Dream episode time limit, in env steps (525 = HGS's real 2100-tic timeout at frame skip 4)."""
     direct_ppo_baseline: bool = True
-    """Also train PPO in the real env for the loop's number of real steps, for comparison."""
+    """Also train PPO directly in the real env for the loop's number of real steps, for comparison."""
+    direct_ppo_envs: int = 2
+    """Real envs the direct-PPO baseline steps together."""
+    exploit_factor: float = 2.0
+    """Warn when the dream return exceeds this many times the real return (the policy may exploit the model)."""
     seed: int = 0
+    """Seed of collection, PPO and evaluation episodes."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO hyperparameters (used in the dream and by the direct baseline)."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first budget out of range."""
+        for name, lo in (("iterations", 1), ("episodes_per_iteration", 1), ("tokenizer_steps_per_iteration", 0),
+                         ("prior_steps_per_iteration", 0), ("ppo_steps_per_iteration", 1), ("eval_episodes", 1),
+                         ("num_envs", 1), ("max_episode_steps", 1), ("direct_ppo_envs", 1)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"mbrl.{name}: got {getattr(self, name)}, expected an integer >= {lo}")
+        if self.exploit_factor <= 0:
+            raise ValueError(f"mbrl.exploit_factor: got {self.exploit_factor}, expected > 0")
+
+
+# The budgets that fix what each iteration trains to; a resumed run must keep them.
+_FIXED_BUDGETS = ("episodes_per_iteration", "tokenizer_steps_per_iteration", "prior_steps_per_iteration",
+                  "ppo_steps_per_iteration", "num_envs", "max_episode_steps", "seed", "ppo")
 
 
 def store_transitions(store: str | os.PathLike) -> int:
-    """Real env steps held by a store (transitions = frames - 1 per episode)."""
+    """Real env steps held by a store (transitions = frames - 1 per episode); 0 if there is no store."""
     if not Path(store, "store.json").exists():
         return 0
     st = EpisodeStore(store)
     return sum(st.length(e) - 1 for e in st.episode_ids())
 
 
-def _append_csv(path: Path, row: dict[str, Any]) -> None:
-    """Append ``row`` by rewriting the whole CSV atomically (a kill never leaves a half line)."""
-    old = path.read_text() if path.exists() else ""
+def _store_episodes(store: str | os.PathLike) -> int:
+    return len(EpisodeStore(store)) if Path(store, "store.json").exists() else 0
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
+    """Write ``rows`` (dicts with :data:`CSV_FIELDS`) as a CSV atomically: a kill never leaves a half line."""
+    path = Path(path)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(row))
-    if not old:
-        w.writeheader()
-    w.writerow(row)
+    w = csv.DictWriter(buf, fieldnames=list(CSV_FIELDS))
+    w.writeheader()
+    w.writerows(rows)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(old + buf.getvalue())
+    tmp.write_text(buf.getvalue())
     atomic_replace(tmp, path)
+    return path
+
+
+class _TqdmProgress(BaseCallback):
+    """PPO progress bar with plain tqdm (SB3's own bar needs ``rich``, which is not a dependency here)."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        super().__init__()
+        self.total, self.desc = total, desc
+        self.bar: Any = None
+
+    def _on_training_start(self) -> None:
+        self.bar = tqdm(total=self.total, desc=self.desc, unit="step", dynamic_ncols=True)
+
+    def _on_step(self) -> bool:
+        self.bar.update(self.training_env.num_envs)
+        return True
+
+    def _on_training_end(self) -> None:
+        self.bar.close()
+
+
+def _load_state(run: Path, cfg: ExperimentConfig, m: MBRLConfig) -> dict[str, Any] | None:
+    path = run / STATE_FILE
+    if not path.exists():
+        return None
+    state = json.loads(path.read_text())
+    if state.get("schema") != STATE_SCHEMA:
+        raise ValueError(f"{path}: schema {state.get('schema')!r}, expected {STATE_SCHEMA}; use a new run directory")
+    now = _budgets(cfg, m)
+    for k, v in now.items():
+        if state["budgets"].get(k) != v:
+            raise ValueError(f"run directory {run} holds an MBRL run with {k}={state['budgets'].get(k)!r}, but got "
+                             f"{k}={v!r}; resume with the same budgets (only iterations, eval_episodes, "
+                             f"direct_ppo_baseline, direct_ppo_envs and exploit_factor may change) or use a new run directory")
+    return state
+
+
+def _budgets(cfg: ExperimentConfig, m: MBRLConfig) -> dict[str, Any]:
+    out = {k: asdict(m)[k] for k in _FIXED_BUDGETS}
+    out.update(env=cfg.env, store=str(Path(cfg.data.store).resolve()), tokenizer_steps=cfg.tokenizer_train.steps,
+               prior_steps=cfg.prior_train.steps)
+    return out
+
+
+def _save_state(run: Path, state: dict[str, Any]) -> None:
+    write_json(run / STATE_FILE, state)
+
+
+def _score_from_row(row: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {"mean": row[f"{prefix}_return"], "std": row[f"{prefix}_return_std"], "mean_length": row[f"{prefix}_length"],
+            "episodes": row["eval_episodes"]}
+
+
+def _dream_ppo(model: PPO | None, wm: WorldModel, m: MBRLConfig, it: int, tb_dir: Path,
+               ret_rms: dict[str, float] | None, progress: bool) -> tuple[PPO, DreamVecEnv, VecNormalize]:
+    """Create (round 0) or continue the PPO model for ``m.ppo_steps_per_iteration`` steps in the dream of ``wm``."""
+    venv = DreamVecEnv(m.num_envs, world_model=wm, max_episode_steps=m.max_episode_steps)
+    venv.seed(m.seed + it)
+    # Rewards normalised by a running std of the discounted return, as in envs.policy.train_ppo (HGS
+    # returns are in the hundreds); the statistics continue across rounds like the policy does.
+    norm = VecNormalize(venv, norm_obs=False, norm_reward=True, gamma=m.ppo.gamma)
+    if ret_rms is not None:
+        norm.ret_rms.mean, norm.ret_rms.var = np.float64(ret_rms["mean"]), np.float64(ret_rms["var"])
+        norm.ret_rms.count = float(ret_rms["count"])
+    if model is None:
+        model = PPO("CnnPolicy", norm, seed=m.seed, device="cpu", verbose=0, tensorboard_log=str(tb_dir),
+                    **asdict(m.ppo))
+    else:
+        model.set_env(norm)
+    cb = [_TqdmProgress(m.ppo_steps_per_iteration, f"PPO in the dream (round {it})")] if progress else []
+    model.learn(m.ppo_steps_per_iteration, reset_num_timesteps=False, callback=cb, tb_log_name="PPO")
+    return model, venv, norm
 
 
 def run_mbrl(cfg: ExperimentConfig, run_dir: str | os.PathLike, m: MBRLConfig, *,
              env_kwargs: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run the loop for the real-env preset ``cfg`` in ``run_dir``; returns the final report."""
+    """Run (or resume) the loop for the real-env preset ``cfg`` in ``run_dir``; returns the final report.
+
+    Args:
+        cfg: a preset whose ``env`` is a real env (``vizdoom_hgs`` / ``vizdoom_battle2``); its
+            ``data.store`` is the store the loop collects into (created if missing, grown otherwise: a
+            store that already holds episodes counts them as real data used) and its training
+            budgets are round 0's.
+        run_dir: the world-model bundle and all loop outputs (see the module docstring).
+        m: the loop's budgets.
+        env_kwargs: real-env options for collection, evaluation and the direct baseline
+            (``health_bar``, ``frame_skip``, ``battle2_path``, ``max_episode_steps``); the resolution
+            is ``cfg.data.resolution``.
+
+    Returns:
+        ``{"env", "iterations": [CSV rows], "real_env_steps", "mbrl": score, "random": score,
+        "direct_ppo": score + "real_env_steps" (if enabled), "mbrl_vs_random", "mbrl_vs_direct_ppo",
+        "minutes" (wall time of this call)}`` where a score is ``{"mean", "std", "mean_length", "episodes"}`` of real returns.
+    """
     from torch.utils.tensorboard import SummaryWriter
 
+    if cfg.env not in ENV_NAMES:
+        raise ValueError(f"cfg.env: got {cfg.env!r}; the loop needs a real env, one of {list(ENV_NAMES)}")
+    m.validate()
+    env_kwargs = dict(env_kwargs or {})
+    if "resolution" in env_kwargs:
+        raise ValueError("env_kwargs: 'resolution' is set by cfg.data.resolution; remove it from env_kwargs")
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    env_kwargs = dict(env_kwargs or {})
-    store = cfg.data.store
+    store, H = cfg.data.store, cfg.data.resolution
+    t_start = time.monotonic()
+
+    state = _load_state(run, cfg, m)
+    if state is None:
+        state = {"schema": STATE_SCHEMA, "budgets": _budgets(cfg, m), "base_episodes": _store_episodes(store),
+                 "rows": [], "policy": None, "ret_rms": None, "baselines": None}
+    rows: list[dict[str, Any]] = state["rows"]
+    model: PPO | None = PPO.load(run / state["policy"], device="cpu") if state["policy"] else None
     writer = SummaryWriter(str(run / "tb_mbrl"))
-    if m.iterations < 1:
-        raise ValueError(f"iterations: got {m.iterations}, expected >= 1")
-    model: PPO | None = None
-    rows = []
-    for it in range(m.iterations):
-        # 1. real data from the current policy (round 0: sticky random actions)
-        before = store_transitions(store)
-        policy: Any = "random" if model is None else (lambda obs, mdl=model: mdl.predict(obs, deterministic=False)[0])
-        collect(cfg.env, store, m.episodes_per_iteration * (it + 1), policy=policy, seed=m.seed + 1000 * it,
-                env_kwargs={"resolution": cfg.data.resolution, **env_kwargs}, progress=progress, asynchronous=False,
-                num_envs=1)
-        real_steps = store_transitions(store)
-        # 2. world model: tokenizer once (round 0), prior continued with a raised step budget
-        if it == 0:
-            train_tokenizer(cfg, run, progress=progress)
-        encode_tokens(cfg, run, progress=progress)
-        steps = cfg.prior_train.steps + it * m.prior_steps_per_iteration
-        train_prior(replace(cfg, prior_train=replace(cfg.prior_train, steps=steps)), run, progress=progress)
-        wm = WorldModel.from_pretrained(run)
-        # 3. PPO in the dream of the updated model (the same policy continues)
-        if model is None:
-            model, venv = train_ppo(wm, m.ppo_steps_per_iteration, num_envs=m.num_envs, ppo=m.ppo, seed=m.seed,
-                                    max_episode_steps=m.max_episode_steps, progress_bar=progress)
-        else:
-            venv = DreamVecEnv(m.num_envs, world_model=wm, max_episode_steps=m.max_episode_steps)
-            venv.seed(m.seed + it)
-            model.set_env(VecNormalize(venv, norm_obs=False, norm_reward=True, gamma=m.ppo.gamma))
-            model.learn(m.ppo_steps_per_iteration, reset_num_timesteps=False, progress_bar=progress)
-        # 4. evaluate in the dream and in reality
-        H = wm.obs_shape[0]
-        real = score_real(model, cfg.env, H, m.eval_episodes, seed=m.seed, **env_kwargs)
-        dream = score_dream(model, venv, m.eval_episodes, seed=m.seed)
-        row = {"iteration": it, "real_env_steps": real_steps, "new_real_steps": real_steps - before,
-               "prior_steps": steps, "ppo_timesteps": int(model.num_timesteps), "real_return": real.mean,
-               "dream_return": dream.mean, "gap": dream.mean - real.mean}
-        rows.append(row)
-        _append_csv(run / "mbrl.csv", row)
-        for k in ("real_return", "dream_return", "gap", "real_env_steps"):
-            writer.add_scalar(f"mbrl/{k}", row[k], it)
-        writer.flush()
-    model.save(run / "policies" / "ppo_mbrl.zip")
-    H = cfg.data.resolution
-    random_score = score_real(None, cfg.env, H, m.eval_episodes, seed=m.seed, **env_kwargs)
-    report: dict[str, Any] = {"iterations": rows, "real_env_steps": rows[-1]["real_env_steps"],
-                              "mbrl": asdict(real), "random": asdict(random_score)}
-    if m.direct_ppo_baseline:
-        direct, used = _direct_ppo(cfg.env, H, rows[-1]["real_env_steps"], m, env_kwargs)
-        report["direct_ppo"] = {**asdict(direct), "real_env_steps": used}
-    report["mbrl_vs_random"] = report["mbrl"]["mean"] / max(report["random"]["mean"], 1e-9)
-    write_json(run / "mbrl_report.json", report)
-    writer.close()
+    try:
+        for it in range(len(rows), m.iterations):
+            t0 = time.monotonic()
+            # 1. real data from the current policy (round 0: sticky random actions); collect() tops the
+            # store up to a total count, so a killed round resumes without duplicating episodes
+            before = store_transitions(store)
+            policy: Any = "random" if model is None else (lambda obs, mdl=model: mdl.predict(obs, deterministic=False)[0])
+            rep = collect(cfg.env, store, state["base_episodes"] + m.episodes_per_iteration * (it + 1), policy=policy,
+                          seed=m.seed + 1000 * it, env_kwargs={"resolution": H, **env_kwargs}, progress=progress,
+                          asynchronous=False, num_envs=1)  # one env: no in-flight episode is dropped uncounted
+            real_steps = store_transitions(store)
+            # 2. world model, continued: the step counters persist, so each round raises the targets
+            tok_steps = cfg.tokenizer_train.steps + it * m.tokenizer_steps_per_iteration
+            prior_steps = cfg.prior_train.steps + it * m.prior_steps_per_iteration
+            cfg_it = replace(cfg, tokenizer_train=replace(cfg.tokenizer_train, steps=tok_steps),
+                             prior_train=replace(cfg.prior_train, steps=prior_steps))
+            if it == 0 or m.tokenizer_steps_per_iteration:
+                train_tokenizer(cfg_it, run, progress=progress)
+            encode_tokens(cfg_it, run, progress=progress)  # re-encodes: the store grew (or the tokenizer changed)
+            train_prior(cfg_it, run, progress=progress)
+            wm = WorldModel.from_pretrained(run)
+            # 3. PPO in the dream of the updated model (the same policy continues)
+            model, venv, norm = _dream_ppo(model, wm, m, it, run / "tb_mbrl", state["ret_rms"], progress)
+            # 4. evaluate in reality and in the dream (the same seeds every round: comparable rows)
+            real = score_real(model, cfg.env, H, m.eval_episodes, seed=m.seed, **env_kwargs)
+            dream = score_dream(model, venv, m.eval_episodes, seed=m.seed)
+            venv.close()
+            if dream.mean > m.exploit_factor * real.mean:
+                warnings.warn(f"round {it}: dream return {dream.mean:.1f} > {m.exploit_factor} x real return "
+                              f"{real.mean:.1f}: the policy may be exploiting errors of the world model",
+                              DreamExploitWarning, stacklevel=2)
+            row = {"iteration": it, "episodes": _store_episodes(store), "real_env_steps": real_steps,
+                   "new_real_steps": real_steps - before,
+                   # None when a resumed round found its episodes already collected
+                   "collect_return": float(np.mean(rep.returns)) if rep.returns else None,
+                   "tokenizer_steps": tok_steps, "prior_steps": prior_steps, "ppo_timesteps": int(model.num_timesteps),
+                   "real_return": real.mean, "real_return_std": real.std, "real_length": real.mean_length,
+                   "dream_return": dream.mean, "dream_return_std": dream.std, "dream_length": dream.mean_length,
+                   "gap": dream.mean - real.mean, "eval_episodes": real.episodes,
+                   "minutes": round((time.monotonic() - t0) / 60, 3)}
+            # the policy file first, then the state naming it: a kill in between repeats this round's PPO
+            # from the previous policy instead of training it twice
+            state["policy"] = str(save_policy(model, run / "policies" / f"mbrl-iter{it:03d}.zip").relative_to(run))
+            state["ret_rms"] = {"mean": float(norm.ret_rms.mean), "var": float(norm.ret_rms.var),
+                                "count": float(norm.ret_rms.count)}
+            rows.append(row)
+            _save_state(run, state)
+            write_csv(run / CSV_FILE, rows)
+            for k in ("real_return", "dream_return", "gap", "real_env_steps", "collect_return"):
+                if row[k] is not None:
+                    writer.add_scalar(f"mbrl/{k}", row[k], it)
+            writer.add_scalar("mbrl_by_real_steps/real_return", row["real_return"], real_steps)
+            writer.flush()
+            if progress:
+                print(f"round {it}: {real_steps} real steps, real return {real.mean:.1f}, dream {dream.mean:.1f}, "
+                      f"gap {dream.mean - real.mean:+.1f} ({row['minutes']:.1f} min)")
+        assert model is not None  # iterations >= 1
+        save_policy(model, run / "policies" / "ppo_mbrl.zip")
+        report = _report(cfg, run, m, state, env_kwargs, progress)
+        for k in ("random", "direct_ppo"):
+            if k in report:
+                writer.add_scalar(f"mbrl/{k}_return", report[k]["mean"], len(rows) - 1)
+    finally:
+        writer.close()
+    report["minutes"] = round((time.monotonic() - t_start) / 60, 2)
+    write_json(run / REPORT_FILE, report)
     return report
 
 
-def _direct_ppo(env: str, resolution: int, steps: int, m: MBRLConfig, env_kwargs: dict[str, Any]) -> tuple[Score, int]:
-    """PPO trained in the real env for ``steps`` steps (the loop's real-data budget, rounded up to whole
-    rollouts by SB3), then scored there; returns the score and the training steps actually taken."""
-    venv = real_vec_env(env, resolution, num_envs=2, **env_kwargs)
-    ppo = replace(m.ppo, n_steps=min(m.ppo.n_steps, max(8, steps // 2)), batch_size=min(m.ppo.batch_size, max(8, steps)))
+def _report(cfg: ExperimentConfig, run: Path, m: MBRLConfig, state: dict[str, Any], env_kwargs: dict[str, Any],
+            progress: bool) -> dict[str, Any]:
+    """The loop's last real score against random and direct-PPO baselines (cached in the state per budget)."""
+    rows, H = state["rows"], cfg.data.resolution
+    steps = int(rows[-1]["real_env_steps"])
+    key = {"real_env_steps": steps, "eval_episodes": m.eval_episodes, "direct_ppo": m.direct_ppo_baseline,
+           "direct_ppo_envs": m.direct_ppo_envs}
+    cached = state.get("baselines") or {}
+    if cached.get("key") != key:
+        cached = {"key": key, "random": asdict(score_real(None, cfg.env, H, m.eval_episodes, seed=m.seed, **env_kwargs))}
+        if m.direct_ppo_baseline:
+            direct, used = direct_ppo(cfg.env, H, steps, m, env_kwargs, progress=progress)
+            cached["direct_ppo"] = {**asdict(direct), "real_env_steps": used}
+        state["baselines"] = cached
+        _save_state(run, state)
+    report: dict[str, Any] = {"env": cfg.env, "iterations": rows, "real_env_steps": steps,
+                              "mbrl": _score_from_row(rows[-1], "real"), "random": cached["random"]}
+    if "direct_ppo" in cached:
+        report["direct_ppo"] = cached["direct_ppo"]
+    report["mbrl_vs_random"] = report["mbrl"]["mean"] / max(report["random"]["mean"], 1e-9)
+    if "direct_ppo" in report:
+        report["mbrl_vs_direct_ppo"] = report["mbrl"]["mean"] / max(report["direct_ppo"]["mean"], 1e-9)
+    return report
+
+
+def direct_ppo(env: str, resolution: int, steps: int, m: MBRLConfig, env_kwargs: dict[str, Any] | None = None, *,
+               progress: bool = False) -> tuple[Score, int]:
+    """SB3 PPO (``CnnPolicy``, the loop's hyperparameters) trained in the real env for ``steps`` env steps, then
+    scored there for ``m.eval_episodes`` episodes.
+
+    SB3 trains on whole rollouts of ``n_steps × direct_ppo_envs`` steps, so the budget is rounded up to
+    the next rollout (the baseline gets at most one rollout more real data than the loop). Returns the
+    score and the real env steps actually taken.
+    """
+    if steps < 1:
+        raise ValueError(f"steps: got {steps}, expected >= 1 real env steps")
+    env_kwargs = dict(env_kwargs or {})
+    n = m.direct_ppo_envs
+    venv = real_vec_env(env, resolution, num_envs=n, **env_kwargs)
+    # a short budget still gets several updates: at most a quarter of it per rollout (>= 8 steps per env)
+    n_steps = min(m.ppo.n_steps, max(8, steps // (4 * n)))
+    ppo = replace(m.ppo, n_steps=n_steps, batch_size=min(m.ppo.batch_size, n_steps * n))
     model = PPO("CnnPolicy", VecNormalize(venv, norm_obs=False, norm_reward=True, gamma=ppo.gamma), seed=m.seed,
                 device="cpu", verbose=0, **asdict(ppo))
-    model.learn(total_timesteps=steps)
+    cb = [_TqdmProgress(steps, "PPO in the real env (baseline)")] if progress else []
+    model.learn(total_timesteps=steps, callback=cb)
     venv.close()
     return score_real(model, env, resolution, m.eval_episodes, seed=m.seed, **env_kwargs), int(model.num_timesteps)

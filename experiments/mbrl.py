@@ -2,12 +2,21 @@
 
 Examples:
     python experiments/mbrl.py --env vizdoom_hgs
-    python experiments/mbrl.py --env vizdoom_hgs --mbrl.iterations 5 --mbrl.ppo-steps-per-iteration 20000 --health-bar
+    python experiments/mbrl.py --env vizdoom_hgs --health-bar --mbrl.iterations 5 --mbrl.ppo-steps-per-iteration 20000
 
-Writes ``<run-dir>/mbrl.csv`` (one row per iteration: real env steps, real and dream return, gap),
-TensorBoard scalars under ``<run-dir>/tb_mbrl`` and ``<run-dir>/mbrl_report.json`` comparing the loop's
-policy with a random policy and with PPO trained directly on as many real steps. With the defaults
-(3 iterations of 100 episodes, tiny world model, 10k PPO steps each) expect about an hour on 2 CPU cores.
+Each iteration collects real episodes with the current policy (the first with random actions),
+continues the world model on the grown store (prior resumed, token cache re-encoded), continues
+the same PPO policy in the batched dream and scores it in the real env and in the dream. Writes
+``<run-dir>/mbrl.csv`` (one row per iteration: real env steps, real and dream return, gap),
+TensorBoard scalars under ``<run-dir>/tb_mbrl`` and ``<run-dir>/mbrl_report.json`` comparing the
+loop's policy with a random policy and with PPO trained directly in the real env on as many real
+steps; the last line printed is the report as one JSON line. A killed run resumes after its last
+finished iteration when started again with the same flags; a larger ``--mbrl.iterations``
+continues a finished one.
+
+Expected time on 2 CPU cores with the defaults (3 iterations of 100 episodes, tiny world model
+trained 600 + 3000 steps then +1000 prior steps per iteration, 10k dream PPO steps per iteration):
+about 45 minutes; see the README's results for a measured run.
 """
 
 from __future__ import annotations
@@ -16,13 +25,14 @@ import json
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import tyro
 
 from envs.mbrl import MBRLConfig, run_mbrl
 from worldmodel.config import get_preset
+from worldmodel.paths import runs_dir
 
 
 @dataclass
@@ -32,52 +42,71 @@ class Args:
     scale: Literal["tiny", "small", "paper"] = "tiny"
     """World-model size (preset scale)."""
     run_dir: str | None = None
-    """Run directory (default: runs/<env>-mbrl). The store goes to <run-dir>/data unless --store."""
+    """Run directory = world-model bundle (default: runs/<env>-<scale>-mbrl, under $WORLDMODEL_HOME if set)."""
     store: str | None = None
-    """Episode store the loop collects into."""
+    """Episode store the loop collects into (default: <run-dir>/data). Episodes already in it count as real steps used."""
     health_bar: bool = False
     """Collect and evaluate with the health bar drawn into the frames (lets the model see what death depends on)."""
     battle2_path: str | None = None
     """Directory with D4_battle2.wad/.cfg (vizdoom_battle2)."""
+    real_max_episode_steps: int | None = None
+    """Truncate real episodes (collection, evaluation, baselines) after this many steps (None: the env's own limit)."""
     tokenizer_steps: int | None = None
-    """Override the preset's tokenizer steps (round 0 only)."""
+    """Tokenizer steps of iteration 0 (default: the preset's)."""
     prior_steps: int | None = None
-    """Override the preset's prior steps of round 0."""
-    threads: int = 0
-    """torch intra-op threads (0 = torch's default)."""
+    """Prior steps of iteration 0 (default: the preset's)."""
+    threads: int = 1
+    """torch intra-op threads; 1 is fastest for tiny models on a shared 2-core machine (0 = torch's default)."""
     progress: bool = True
     """Progress bars."""
     mbrl: MBRLConfig = field(default_factory=MBRLConfig)
     """Loop budgets."""
 
 
-def main(args: Args) -> dict:
+def print_report(report: dict[str, Any]) -> None:
+    """Per-iteration table, the comparison table, then the report as one JSON line (printed last)."""
+    print(f"\n{'iteration':>9} {'real steps':>10} {'real return':>12} {'dream return':>13} {'gap':>9}")
+    for r in report["iterations"]:
+        print(f"{r['iteration']:>9} {r['real_env_steps']:>10} {r['real_return']:>12.1f} {r['dream_return']:>13.1f} "
+              f"{r['gap']:>+9.1f}")
+    n = report["real_env_steps"]
+    print(f"\n{'policy (real env)':<34} {'real steps':>10} {'return':>18} {'length':>7}")
+    lines = [("model-based loop (PPO in the dream)", n, report["mbrl"]), ("random", 0, report["random"])]
+    if "direct_ppo" in report:
+        lines.append(("PPO directly in the real env", report["direct_ppo"]["real_env_steps"], report["direct_ppo"]))
+    for name, steps, s in lines:
+        print(f"{name:<34} {steps:>10} {s['mean']:>10.1f} ± {s['std']:>5.1f} {s['mean_length']:>7.0f}")
+    summary = {"env": report["env"], "real_env_steps": n, "mbrl": round(report["mbrl"]["mean"], 1),
+               "random": round(report["random"]["mean"], 1),
+               "direct_ppo": round(report["direct_ppo"]["mean"], 1) if "direct_ppo" in report else None,
+               "direct_ppo_steps": report["direct_ppo"]["real_env_steps"] if "direct_ppo" in report else None,
+               "mbrl_vs_random": round(report["mbrl_vs_random"], 3),
+               "mbrl_vs_direct_ppo": round(report["mbrl_vs_direct_ppo"], 3) if "mbrl_vs_direct_ppo" in report else None,
+               "iterations": len(report["iterations"]), "minutes": report["minutes"]}
+    print(json.dumps(summary))
+
+
+def main(args: Args) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = Path(args.run_dir or f"runs/{args.env}-mbrl")
+    run = Path(args.run_dir) if args.run_dir else runs_dir() / f"{args.env}-{args.scale}-mbrl"
     cfg = get_preset(args.env, args.scale)
     cfg = replace(cfg, data=replace(cfg.data, store=args.store or str(run / "data")))
     if args.tokenizer_steps is not None:
         cfg = replace(cfg, tokenizer_train=replace(cfg.tokenizer_train, steps=args.tokenizer_steps))
     if args.prior_steps is not None:
         cfg = replace(cfg, prior_train=replace(cfg.prior_train, steps=args.prior_steps))
-    kw: dict = {"health_bar": args.health_bar} if args.health_bar else {}
+    kw: dict[str, Any] = {"health_bar": True} if args.health_bar else {}
     if args.battle2_path:
         kw["battle2_path"] = args.battle2_path
+    if args.real_max_episode_steps is not None:
+        kw["max_episode_steps"] = args.real_max_episode_steps
+    print(f"run directory: {run}\nstore: {cfg.data.store}")
     try:
         report = run_mbrl(cfg, run, args.mbrl, env_kwargs=kw, progress=args.progress)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print(f"\n{'iteration':>9} {'real steps':>10} {'real return':>12} {'dream return':>13} {'gap':>9}")
-    for r in report["iterations"]:
-        print(f"{r['iteration']:>9} {r['real_env_steps']:>10} {r['real_return']:>12.1f} {r['dream_return']:>13.1f} {r['gap']:>+9.1f}")
-    print(f"\nreal return after {report['real_env_steps']} real steps: mbrl {report['mbrl']['mean']:.1f}, random "
-          f"{report['random']['mean']:.1f}" + (f", PPO directly on real {report['direct_ppo']['mean']:.1f}"
-                                              if "direct_ppo" in report else ""))
-    print(json.dumps({"real_env_steps": report["real_env_steps"], "mbrl": round(report["mbrl"]["mean"], 1),
-                      "random": round(report["random"]["mean"], 1),
-                      "direct_ppo": round(report["direct_ppo"]["mean"], 1) if "direct_ppo" in report else None,
-                      "mbrl_vs_random": round(report["mbrl_vs_random"], 2)}))
+    print_report(report)
     return report
 
 

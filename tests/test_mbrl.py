@@ -1,4 +1,5 @@
-"""The model-based RL loop: one short iteration end to end on the real HGS env."""
+"""The model-based RL loop on the real HGS env: one short iteration through the CLI, and a resumed
+second iteration that continues the world model and the policy instead of starting over."""
 
 from __future__ import annotations
 
@@ -6,31 +7,97 @@ import csv
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from envs.mbrl import store_transitions
+import pytest
+import torch
+
+from envs.mbrl import CSV_FIELDS, MBRLConfig, run_mbrl, store_transitions
+from envs.policy import PPOConfig
+from tests.conftest import tiny_experiment
+from worldmodel.checkpoint import trainer_state_path
+from worldmodel.store import EpisodeStore
+from worldmodel.token_cache import TOKENS_FILE, TokenCache
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_one_short_iteration(tmp_path):
+def trained_steps(run: Path, stage: str) -> int:
+    return int(torch.load(trainer_state_path(run, stage), weights_only=True)["step"])
+
+
+def test_cli_one_short_iteration(tmp_path):
     run = tmp_path / "mbrl"
     args = [sys.executable, str(ROOT / "experiments" / "mbrl.py"), "--env", "vizdoom_hgs", "--run-dir", str(run),
-            "--no-progress", "--threads", "1", "--tokenizer-steps", "2", "--prior-steps", "2",
-            "--mbrl.iterations", "1", "--mbrl.episodes-per-iteration", "2", "--mbrl.ppo-steps-per-iteration", "64",
-            "--mbrl.eval-episodes", "1", "--mbrl.num-envs", "2", "--mbrl.max-episode-steps", "16",
-            "--mbrl.ppo.n-steps", "16", "--mbrl.ppo.batch-size", "32", "--mbrl.ppo.n-epochs", "1"]
-    res = subprocess.run(args, capture_output=True, text=True, timeout=600)
+            "--no-progress", "--threads", "1", "--tokenizer-steps", "2", "--prior-steps", "3",
+            "--real-max-episode-steps", "40", "--mbrl.iterations", "1", "--mbrl.episodes-per-iteration", "2",
+            "--mbrl.ppo-steps-per-iteration", "64", "--mbrl.eval-episodes", "2", "--mbrl.num-envs", "2",
+            "--mbrl.max-episode-steps", "16", "--mbrl.ppo.n-steps", "16", "--mbrl.ppo.batch-size", "32",
+            "--mbrl.ppo.n-epochs", "1"]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = list(csv.DictReader((run / "mbrl.csv").open()))
-    assert len(rows) == 1
+
+    with (run / "mbrl.csv").open() as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == CSV_FIELDS and len(rows) == 1
+    row = rows[0]
     steps = store_transitions(run / "data")
-    assert int(rows[0]["real_env_steps"]) == int(rows[0]["new_real_steps"]) == steps > 0  # every real step counted
-    assert float(rows[0]["gap"]) == float(rows[0]["dream_return"]) - float(rows[0]["real_return"])
+    assert len(EpisodeStore(run / "data")) == int(row["episodes"]) == 2
+    assert int(row["real_env_steps"]) == int(row["new_real_steps"]) == steps > 0  # every real step counted
+    assert float(row["gap"]) == float(row["dream_return"]) - float(row["real_return"])
+    assert int(row["prior_steps"]) == trained_steps(run, "prior") == 3
+    assert int(row["ppo_timesteps"]) == 64 and int(row["eval_episodes"]) == 2
+    assert 1 <= float(row["real_length"]) <= 40  # the real-episode limit reached evaluation
+
     report = json.loads((run / "mbrl_report.json").read_text())
-    assert report["real_env_steps"] == steps and set(report) >= {"mbrl", "random", "direct_ppo", "mbrl_vs_random"}
-    assert report["mbrl"]["mean"] == float(rows[0]["real_return"])
-    assert steps <= report["direct_ppo"]["real_env_steps"] < steps + 2 * 16  # same budget, up to one rollout
+    assert report["real_env_steps"] == steps
+    assert report["mbrl"]["mean"] == float(row["real_return"])
+    # the direct baseline trained on the same real budget, rounded up to whole rollouts of 2 envs x n_steps
+    n_steps = max(8, steps // 8)
+    assert steps <= report["direct_ppo"]["real_env_steps"] < steps + 2 * n_steps
+    assert report["mbrl_vs_random"] == pytest.approx(report["mbrl"]["mean"] / report["random"]["mean"])
     assert (run / "policies" / "ppo_mbrl.zip").exists() and any((run / "tb_mbrl").iterdir())
+
     last = json.loads(res.stdout.strip().splitlines()[-1])
-    assert last["real_env_steps"] == steps and last["random"] > 0
+    assert last["real_env_steps"] == steps and last["random"] == round(report["random"]["mean"], 1) > 0
+    assert last["direct_ppo_steps"] == report["direct_ppo"]["real_env_steps"]
+    assert "PPO directly in the real env" in res.stdout  # the comparison table
+
+
+@pytest.mark.filterwarnings("ignore:.*(no usable 'val' episodes|no held-out episodes)")
+def test_resume_continues_world_model_and_policy(tmp_path, one_thread):
+    """Iteration 1, started after a finished iteration 0, grows the store, continues the tokenizer,
+    prior and PPO from their step counters and leaves iteration 0's row as it was."""
+    run = tmp_path / "run"
+    cfg = tiny_experiment(tmp_path / "data", steps=3)
+    cfg = replace(cfg, data=replace(cfg.data, resolution=64), tokenizer=replace(cfg.tokenizer, resolution=64))
+    m = MBRLConfig(iterations=1, episodes_per_iteration=2, tokenizer_steps_per_iteration=2, prior_steps_per_iteration=4,
+                   ppo_steps_per_iteration=64, eval_episodes=1, num_envs=2, max_episode_steps=12,
+                   direct_ppo_baseline=False, ppo=PPOConfig(n_steps=16, batch_size=32, n_epochs=1))
+    kw = {"max_episode_steps": 24}  # real episodes of at most 24 steps (64x64: SB3's CnnPolicy needs >= 36 px)
+    first = run_mbrl(cfg, run, m, env_kwargs=kw, progress=False)
+    steps0 = store_transitions(cfg.data.store)
+    assert first["real_env_steps"] == steps0 and "direct_ppo" not in first
+
+    with pytest.raises(ValueError, match="prior_steps_per_iteration"):
+        run_mbrl(cfg, run, replace(m, iterations=2, prior_steps_per_iteration=5), env_kwargs=kw, progress=False)
+
+    second = run_mbrl(cfg, run, replace(m, iterations=2), env_kwargs=kw, progress=False)
+    r0, r1 = second["iterations"]
+    assert r0 == first["iterations"][0]  # not redone
+    assert len(EpisodeStore(cfg.data.store)) == r1["episodes"] == 4
+    assert r1["real_env_steps"] == store_transitions(cfg.data.store) == steps0 + r1["new_real_steps"]
+    assert r1["new_real_steps"] > 0 and r1["collect_return"] is not None
+    # world model continued: the step counters went on from round 0's (3) by the per-iteration budgets
+    assert (r1["tokenizer_steps"], r1["prior_steps"]) == (3 + 2, 3 + 4)
+    assert trained_steps(run, "tokenizer") == 5 and trained_steps(run, "prior") == 7
+    assert len(TokenCache(run / TOKENS_FILE)) == 4  # re-encoded after the store grew
+    # the same PPO model continued (its timestep counter too)
+    assert (r0["ppo_timesteps"], r1["ppo_timesteps"]) == (64, 128)
+    assert second["real_env_steps"] == r1["real_env_steps"] and second["mbrl"]["mean"] == r1["real_return"]
+    with (run / "mbrl.csv").open() as fh:
+        assert [int(r["iteration"]) for r in csv.DictReader(fh)] == [0, 1]
+    state = json.loads((run / "mbrl_state.json").read_text())
+    assert state["policy"] == "policies/mbrl-iter001.zip" and (run / state["policy"]).exists()
