@@ -3,7 +3,9 @@
 Geometry: 64x64 frames, 8x8 tokens per frame, vocabulary 512, 5 actions, the vizdoom_hgs preset prior
 at ``--scale`` (default ``tiny``, the default scale of experiments/train.py; window of 8 frames; generation starts from 7 context frames so the first step fills the window
 and later steps slide it). Measured in one run:
-- frames/s at batch 1 and 16, KV-cached vs full recompute (one whole forward per token), fp32 vs bf16;
+- frames/s at batch 1 and 16, KV-cached vs full recompute (one whole forward per token), fp32 vs bf16,
+  token-by-token vs MaskGIT decoding (``--maskgit-steps``: K = 8 and 4 refinements; the prior carries the
+  MaskGIT stream, which adds two vectors and does not change the token-by-token cost);
 - prior training tokens/s (forward + backward + AdamW) and its achieved GFLOP/s, next to this
   machine's fp32 matmul peak measured with a 2048x2048 matmul.
 
@@ -33,16 +35,16 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def cached_fps(prior: Prior, B: int, steps: int, bf16: bool) -> float:
+def cached_fps(prior: Prior, B: int, steps: int, bf16: bool, **decode_kw) -> float:
     cfg = prior.cfg
     g = torch.Generator().manual_seed(0)
     r = Rollout(prior, B, bf16=bf16)
     r.start(torch.randint(0, cfg.vocab_size, (B, cfg.frames - 1, cfg.tokens_h, cfg.tokens_w), generator=g),
             torch.randint(0, cfg.n_actions, (B, cfg.frames - 2), generator=g))
-    r.step(torch.zeros(B, dtype=torch.long), generator=g)  # warm-up (fills the window)
+    r.step(torch.zeros(B, dtype=torch.long), generator=g, **decode_kw)  # warm-up (fills the window)
     t0 = time.perf_counter()
     for _ in range(steps):
-        r.step(torch.randint(0, cfg.n_actions, (B,), generator=g), generator=g)
+        r.step(torch.randint(0, cfg.n_actions, (B,), generator=g), generator=g, **decode_kw)
     return B * steps / (time.perf_counter() - t0)
 
 
@@ -89,10 +91,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="generated frames per row for each cached measurement")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--scale", default="tiny", choices=["tiny", "small", "paper"], help="preset scale of the prior")
+    p.add_argument("--maskgit-steps", type=int, nargs="+", default=[8, 4], help="MaskGIT refinement steps per frame (K)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = replace(get_preset("vizdoom_hgs", args.scale).prior, vocab_size=512, n_actions=5, dropout=0.0, attn_dropout=0.0)
+    cfg = replace(get_preset("vizdoom_hgs", args.scale).prior, vocab_size=512, n_actions=5, dropout=0.0, attn_dropout=0.0,
+                  maskgit_weight=1.0)
     torch.manual_seed(0)
     prior = Prior(cfg).eval()
     out: dict = {"bench": "sampling", "scale": args.scale, "model": f"{cfg.n_layer}x{cfg.n_embd} window {cfg.frames} frames of 8x8",
@@ -102,6 +106,10 @@ def main() -> None:
         out[f"cached_fps_b{B}_bf16"] = round(cached_fps(prior, B, args.steps, True), 2)
         out[f"uncached_fps_b{B}_fp32"] = round(uncached_fps(prior, B), 3)
         out[f"cache_speedup_b{B}"] = round(out[f"cached_fps_b{B}_fp32"] / out[f"uncached_fps_b{B}_fp32"], 1)
+        for K in args.maskgit_steps:  # vs token by token, both cached
+            fps = cached_fps(prior, B, args.steps, False, decode="maskgit", maskgit_steps=K)
+            out[f"maskgit{K}_fps_b{B}_fp32"] = round(fps, 2)
+            out[f"maskgit{K}_speedup_b{B}"] = round(fps / out[f"cached_fps_b{B}_fp32"], 2)
     tps, gflops = training_speed(prior)
     out["train_tokens_per_s"] = round(tps, 1)
     out["train_gflops"] = round(gflops, 1)

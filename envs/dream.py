@@ -38,9 +38,9 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from worldmodel.bundle import WorldModel
 from worldmodel.checkpoint import CONFIG_JSON
 from worldmodel.paths import bundle_preset, find_bundles, runs_dir
+from worldmodel.sampling import DECODES
 from worldmodel.store import ActionSpec, EpisodeStore, StoreError
 
-DECODES = ("autoregressive", "maskgit")
 STARTS = ("episode_start", "random")
 TERMINATIONS = ("sample", "threshold")
 OPTION_KEYS = ("frames", "actions", "episode_id", "start")
@@ -106,6 +106,11 @@ class DreamCore:
             raise ValueError(f"num_envs: got {num_envs}, expected >= 1")
         if decode not in DECODES:
             raise ValueError(f"decode: got {decode!r}, expected one of {DECODES}")
+        if decode == "maskgit" and not wm.prior.maskgit:
+            raise ValueError("decode='maskgit': this bundle's prior was trained without the MaskGIT objective "
+                             "(train with --config.prior.maskgit-weight 1.0), use decode='autoregressive'")
+        if decode == "maskgit" and not 1 <= maskgit_steps <= wm.prior.hw:
+            raise ValueError(f"maskgit_steps: got {maskgit_steps}, expected 1..{wm.prior.hw} (tokens per frame)")
         if start not in STARTS:
             raise ValueError(f"start: got {start!r}, expected one of {STARTS}")
         if not 1 <= context_frames < wm.cfg.prior.frames:

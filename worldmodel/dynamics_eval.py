@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,7 +129,7 @@ class OpenLoopRollout:
 
 @torch.inference_mode()
 def open_loop(wm: WorldModel, frames: np.ndarray, actions: np.ndarray, *, context: int, horizon: int,
-              temperature: float = 0.0, seed: int = 0) -> OpenLoopRollout:
+              temperature: float = 0.0, seed: int = 0, **decode_kw: Any) -> OpenLoopRollout:
     """Start from ``frames[:, :context]`` (with ``actions[:, :context-1]``) and generate ``horizon`` frames
     replaying ``actions[:, context-1 : context-1+horizon]``.
 
@@ -137,6 +138,7 @@ def open_loop(wm: WorldModel, frames: np.ndarray, actions: np.ndarray, *, contex
         actions: (n, >= context-1+horizon[, A]) actions in the dataset's units.
         temperature: token sampling temperature (0 = greedy, deterministic).
         seed: seed of the sampler when ``temperature > 0``.
+        decode_kw: passed to :meth:`Rollout.step` (``decode="maskgit"``, ``maskgit_steps``).
     """
     n = len(frames)
     if context < 1 or horizon < 1:
@@ -148,7 +150,8 @@ def open_loop(wm: WorldModel, frames: np.ndarray, actions: np.ndarray, *, contex
     ro = wm.rollout(n)
     ro.reset(frames[:, :context], actions[:, : context - 1])
     g = torch.Generator(device=wm.device).manual_seed(seed)
-    steps = [ro.step(actions[:, context - 1 + k], temperature=temperature, generator=g) for k in range(horizon)]
+    steps = [ro.step(actions[:, context - 1 + k], temperature=temperature, generator=g, **decode_kw)
+             for k in range(horizon)]
     seconds = time.perf_counter() - t0
     return OpenLoopRollout(np.stack([s.frames for s in steps], 1), np.stack([s.rewards for s in steps], 1),
                            np.stack([s.terminated_prob for s in steps], 1), np.stack([s.entropy for s in steps], 1),
@@ -178,11 +181,13 @@ def _per_step(fn, a: np.ndarray, b: np.ndarray) -> list[float]:
 
 
 def evaluate_dynamics_on(wm: WorldModel, clips: HeldoutClips, *, context: int = 4, horizon: int = 16,
-                         temperature: float = 0.0, seed: int = 0, reconstruction: np.ndarray | None = None) -> DynamicsReport:
+                         temperature: float = 0.0, seed: int = 0, reconstruction: np.ndarray | None = None,
+                         **decode_kw: Any) -> DynamicsReport:
     """Open-loop PSNR/SSIM per step for true vs shuffled actions vs copy-last vs decode-ceiling on ``clips``.
 
     ``clips`` must hold at least ``context + horizon`` frames; ``reconstruction`` (optional) is
-    :func:`reconstruct` of ``clips.frames``, reused for the ceiling when the caller has it already.
+    :func:`reconstruct` of ``clips.frames``, reused for the ceiling when the caller has it already;
+    ``decode_kw`` choose the decoding (see :func:`open_loop`).
     """
     n, L = clips.frames.shape[:2]
     if L < context + horizon:
@@ -194,7 +199,7 @@ def evaluate_dynamics_on(wm: WorldModel, clips: HeldoutClips, *, context: int = 
         if name == "shuffled":  # only the *future* actions are swapped; the context keeps its own actions
             acts = np.concatenate([clips.actions[:, : context - 1], acts[:, context - 1:]], 1)
         rollouts[name] = open_loop(wm, clips.frames, acts, context=context, horizon=horizon,
-                                   temperature=temperature, seed=seed)
+                                   temperature=temperature, seed=seed, **decode_kw)
     copy = np.repeat(clips.frames[:, context - 1: context], horizon, 1)
     recon = reconstruct(wm, clips.frames) if reconstruction is None else reconstruction
     ceiling = recon[:, context: context + horizon]
@@ -207,10 +212,11 @@ def evaluate_dynamics_on(wm: WorldModel, clips: HeldoutClips, *, context: int = 
 
 
 def evaluate_dynamics(wm: WorldModel, store: EpisodeStore, *, split: str = "test", n: int = 32, context: int = 4,
-                      horizon: int = 16, seed: int = 0, temperature: float = 0.0) -> DynamicsReport:
+                      horizon: int = 16, seed: int = 0, temperature: float = 0.0, **decode_kw: Any) -> DynamicsReport:
     """:func:`evaluate_dynamics_on` ``n`` clips drawn from ``store``'s held-out episodes with ``seed``."""
     clips = sample_clips(store, split=split, n=n, length=context + horizon, seed=seed)
-    rep = evaluate_dynamics_on(wm, clips, context=context, horizon=horizon, temperature=temperature, seed=seed)
+    rep = evaluate_dynamics_on(wm, clips, context=context, horizon=horizon, temperature=temperature, seed=seed,
+                               **decode_kw)
     rep.extra.update(split=clips.split, clips=[[e, s] for e, s in zip(clips.episode_ids, clips.starts)])
     return rep
 
