@@ -109,6 +109,8 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
     env_kwargs = dict(env_kwargs or {})
     out = Path(out)
     probe = make_real_env_fn(env, **env_kwargs)()
+    u = probe.unwrapped  # record the effective settings, defaults included, so evaluation can rebuild this env
+    env_kwargs = {**env_kwargs, "resolution": u.resolution, "frame_skip": u.frame_skip, "health_bar": u.health_bar}
     obs_shape = probe.observation_space.shape
     n_actions = int(probe.action_space.n)
     fps = float(probe.metadata.get("render_fps", 0.0))

@@ -13,7 +13,8 @@ takes context frames (and the actions between them) from ``options`` or draws a 
 of the bundle's store (its first ``context_frames`` frames, or a random window with
 ``start="random"``) and returns the last context frame. ``step`` generates the next frame and
 returns the predicted reward and termination — by default drawn as a Bernoulli of the predicted
-termination probability (``termination="sample"``; ``"threshold"`` ends only when it exceeds 0.5,
+termination probability (``termination="sample"``; ``"threshold"`` ends only when it exceeds
+``termination_threshold``, default 0.5 -- evaluate.py reports one tuned on validation episodes,
 which for rare, barely predictable events such as an HGS death never happens); ``info`` holds
 ``step`` (steps since reset), ``entropy`` (mean token entropy of the new frame in nats: high where
 the model is unsure, a dream-uncertainty signal) and ``terminated_prob``. Each env draws its
@@ -91,17 +92,20 @@ class DreamCore:
         context_frames: real frames a reset starts from (1 ≤ context_frames < the prior's window).
         start: where a drawn context starts in its episode: ``"episode_start"`` or ``"random"``.
         termination: ``"sample"`` (Bernoulli of the predicted probability, from the row's generator)
-            or ``"threshold"`` (probability > 0.5).
+            or ``"threshold"`` (probability > ``termination_threshold``; ``eval.json``'s
+            ``termination.tuned.threshold`` is one chosen on validation episodes).
         bf16: bf16 autocast for the prior.
     """
 
     def __init__(self, wm: WorldModel, num_envs: int, *, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, decode: str = "autoregressive", maskgit_steps: int = 8,
                  context_frames: int = 1, start: str = "episode_start", termination: str = "sample",
-                 bf16: bool = False) -> None:
+                 termination_threshold: float = 0.5, bf16: bool = False) -> None:
         if termination not in TERMINATIONS:
             raise ValueError(f"termination: got {termination!r}, expected one of {TERMINATIONS}")
-        self.termination = termination
+        if not 0 < termination_threshold < 1:
+            raise ValueError(f"termination_threshold: got {termination_threshold}, expected a probability in (0, 1)")
+        self.termination, self.termination_threshold = termination, termination_threshold
         if num_envs < 1:
             raise ValueError(f"num_envs: got {num_envs}, expected >= 1")
         if decode not in DECODES:
@@ -271,7 +275,7 @@ class DreamCore:
             u = np.array([1.0 if skip is not None and skip[i] else self.rngs[i].random() for i in range(self.N)])
             terminated = u < out.terminated_prob
         else:
-            terminated = out.terminated
+            terminated = out.terminated_prob > self.termination_threshold
         return self.obs.copy(), out.rewards, terminated, info
 
 
@@ -318,7 +322,8 @@ class DreamEnv(gym.Env):
         checkpoint: bundle directory; default: the newest bundle of ``preset`` under the runs directory.
         preset: the preset this id stands for (set by the registration; checked against the bundle).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
-        temperature, top_k, top_p, decode, maskgit_steps, context_frames, start, termination, bf16: see
+        temperature, top_k, top_p, decode, maskgit_steps, context_frames, start, termination,
+            termination_threshold, bf16: see
             :class:`DreamCore`.
         max_episode_steps: truncate after this many steps (``gym.make`` applies its TimeLimit instead).
         render_mode: ``None``, ``"rgb_array"`` (the current frame) or ``"human"`` (a pygame window).
@@ -330,14 +335,15 @@ class DreamEnv(gym.Env):
     def __init__(self, checkpoint: str | os.PathLike | None = None, preset: str | None = None, device: str = "cpu",
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  decode: str = "autoregressive", maskgit_steps: int = 8, context_frames: int = 1,
-                 start: str = "episode_start", termination: str = "sample", max_episode_steps: int | None = None,
+                 start: str = "episode_start", termination: str = "sample", termination_threshold: float = 0.5,
+                 max_episode_steps: int | None = None,
                  render_mode: str | None = None, bf16: bool = False, world_model: WorldModel | None = None) -> None:
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(f"render_mode: got {render_mode!r}, expected None or one of {self.metadata['render_modes']}")
         wm = world_model if world_model is not None else load_world_model(checkpoint, preset, device)
         self.core = DreamCore(wm, 1, temperature=temperature, top_k=top_k, top_p=top_p, decode=decode,
                               maskgit_steps=maskgit_steps, context_frames=context_frames, start=start,
-                              termination=termination, bf16=bf16)
+                              termination=termination, termination_threshold=termination_threshold, bf16=bf16)
         self.world_model = wm
         self.observation_space = self.core.observation_space
         self.action_space = self.core.action_space
@@ -400,14 +406,15 @@ class DreamVectorEnv(VectorEnv):
     def __init__(self, num_envs: int = 1, checkpoint: str | os.PathLike | None = None, preset: str | None = None,
                  device: str = "cpu", temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  decode: str = "autoregressive", maskgit_steps: int = 8, context_frames: int = 1,
-                 start: str = "episode_start", termination: str = "sample", max_episode_steps: int | None = None,
+                 start: str = "episode_start", termination: str = "sample", termination_threshold: float = 0.5,
+                 max_episode_steps: int | None = None,
                  render_mode: str | None = None, bf16: bool = False, world_model: WorldModel | None = None) -> None:
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode: got {render_mode!r}, expected None or 'rgb_array'")
         wm = world_model if world_model is not None else load_world_model(checkpoint, preset, device)
         self.core = DreamCore(wm, num_envs, temperature=temperature, top_k=top_k, top_p=top_p, decode=decode,
                               maskgit_steps=maskgit_steps, context_frames=context_frames, start=start,
-                              termination=termination, bf16=bf16)
+                              termination=termination, termination_threshold=termination_threshold, bf16=bf16)
         self.world_model = wm
         self.num_envs = num_envs
         self.single_observation_space = self.core.observation_space

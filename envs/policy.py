@@ -62,8 +62,8 @@ def real_env_kwargs(wm: WorldModel) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "frame_skip" in recorded:
         out["frame_skip"] = int(recorded["frame_skip"])
-    if "health_bar" in recorded:
-        out["health_bar"] = str(recorded["health_bar"]) == "True"
+    # stores from before the health bar was recorded were collected without it
+    out["health_bar"] = str(recorded.get("health_bar", False)) == "True"
     return out
 
 

@@ -40,8 +40,9 @@ class Args:
     """Game tics per env step (ViZDoom runs at 35 tics/s)."""
     battle2_path: str | None = None
     """Directory holding D4_battle2.wad and D4_battle2.cfg (Battle2 only; or set VIZDOOM_BATTLE2_PATH)."""
-    health_bar: bool = False
-    """Draw the player's health as a red bar over the bottom rows of each frame (a HUD legible at 64×64)."""
+    health_bar: bool = True
+    """Draw the player's health as a red bar over the bottom rows of each frame (a HUD legible at 64×64;
+    the dream needs it to predict deaths). --no-health-bar collects the raw scenario frames."""
     episodes_per_shard: int = 8
     """Episodes per HDF5 shard; a kill loses at most the episodes of one unfinished shard."""
 

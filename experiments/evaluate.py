@@ -69,7 +69,10 @@ def main(args: Args) -> None:
     print(json.dumps({
         "eval_json": str(path), "recon_psnr": round(report["reconstruction"]["psnr"], 2),
         f"psnr_step{ol['step']}": round(ol["psnr_model"], 2), f"copy_last_step{ol['step']}": round(ol["psnr_copy_last"], 2),
-        "termination_recall": report["termination"]["recall"], "bits_per_dim": report["bits"].get("bits_per_dim"),
+        "termination_recall": report["termination"]["recall"],
+        "termination_recall_tuned": report["termination"]["tuned"].get("recall"),
+        "termination_threshold_tuned": report["termination"]["tuned"]["threshold"],
+        "bits_per_dim": report["bits"].get("bits_per_dim"),
         "fvd": report["fvd"], "fvd_reason": report["fvd_info"].get("reason"),
         "frames_per_s": round(report["sampling"]["frames_per_s"], 1), "seconds": round(report["seconds"], 1)}))
 

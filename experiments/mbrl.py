@@ -45,7 +45,7 @@ class Args:
     """Run directory = world-model bundle (default: runs/<env>-<scale>-mbrl, under $WORLDMODEL_HOME if set)."""
     store: str | None = None
     """Episode store the loop collects into (default: <run-dir>/data). Episodes already in it count as real steps used."""
-    health_bar: bool = False
+    health_bar: bool = True
     """Collect and evaluate with the health bar drawn into the frames (lets the model see what death depends on)."""
     battle2_path: str | None = None
     """Directory with D4_battle2.wad/.cfg (vizdoom_battle2)."""
@@ -96,7 +96,7 @@ def main(args: Args) -> dict[str, Any]:
         cfg = replace(cfg, tokenizer_train=replace(cfg.tokenizer_train, steps=args.tokenizer_steps))
     if args.prior_steps is not None:
         cfg = replace(cfg, prior_train=replace(cfg.prior_train, steps=args.prior_steps))
-    kw: dict[str, Any] = {"health_bar": True} if args.health_bar else {}
+    kw: dict[str, Any] = {"health_bar": args.health_bar}
     if args.battle2_path:
         kw["battle2_path"] = args.battle2_path
     if args.real_max_episode_steps is not None:

@@ -245,3 +245,17 @@ def test_sampled_termination_follows_predicted_probability(tiny_bundle):
     assert abs(got - expected) < 4 * np.sqrt(n * 0.25) + 1, (got, expected)  # within 4 sigma of the Bernoulli sum
     with pytest.raises(ValueError, match="termination"):
         DreamVecEnv(2, tiny_bundle, termination="never")
+
+
+def test_termination_threshold(bundles):
+    def first_step_terminated(threshold):
+        env = gym.make(HGS, checkpoint=bundles["VizdoomHGS"], termination="threshold", termination_threshold=threshold)
+        env.reset(seed=0)
+        _, _, terminated, _, info = env.step(0)
+        return terminated, info["terminated_prob"]
+
+    low, p = first_step_terminated(1e-9)
+    high, p2 = first_step_terminated(1 - 1e-9)
+    assert p == p2 and 0 < p < 1 and low and not high
+    with pytest.raises(ValueError, match="termination_threshold"):
+        gym.make(HGS, checkpoint=bundles["VizdoomHGS"], termination_threshold=1.5)

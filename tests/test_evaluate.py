@@ -28,7 +28,7 @@ from worldmodel.dynamics_eval import (
     teacher_forced_episodes,
     window_starts,
 )
-from worldmodel.evaluation import EvalSettings, binary_scores, fvd_section, heads_sections
+from worldmodel.evaluation import EvalSettings, binary_scores, choose_threshold, fvd_section, heads_sections
 from worldmodel.metrics import default_i3d_weights_path, psnr, ssim
 from worldmodel.prior import symlog
 from worldmodel.store import EpisodeStore
@@ -91,6 +91,10 @@ def test_evaluate_cli_writes_report_with_direct_baselines(tiny_bundle, hgs_store
 
     term = rep["termination"]
     assert term["n_transitions"] == sum(store.length(e) - 1 for e in term["episode_ids"])
+    tuned = term["tuned"]  # a threshold chosen on 'val' episodes, or the reason there is none
+    assert (tuned["threshold"] is None) == ("reason" in tuned)
+    if tuned["threshold"] is not None:
+        assert 0 < tuned["threshold"] < 1 and tuned["n_transitions"] == term["n_transitions"]
     assert rep["sampling"]["frames_per_s"] > 0 and rep["sampling"]["batch_size"] == n
     if default_i3d_weights_path().is_file():  # FVD with the real Kinetics-400 I3D
         assert rep["fvd_info"]["reason"] is None and rep["fvd_info"]["n_clips"] == n
@@ -189,3 +193,12 @@ def test_open_loop_replays_actions_and_rejects_short_input(tiny_bundle, hgs_stor
         open_loop(wm, clips.frames, clips.actions[:, :4], context=3, horizon=5)
     with pytest.raises(ValueError, match="n_episodes"):
         EvalSettings(n_episodes=0).validate()
+
+
+def test_choose_threshold_maximises_f1_between_scores():
+    prob = np.array([0.05, 0.1, 0.3, 0.35, 0.4])
+    true = np.array([False, False, True, False, True])
+    # accepting >= 0.4: F1 2/3; >= 0.3: 2 of 3 predicted, F1 0.8 -> midway between 0.3 and 0.1
+    assert choose_threshold(prob, true) == pytest.approx(0.2)
+    assert binary_scores(prob > choose_threshold(prob, true), true)["recall"] == 1.0
+    assert choose_threshold(prob, np.zeros(5, bool)) is None

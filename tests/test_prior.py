@@ -255,3 +255,21 @@ def test_frame_conditioning_cached_equals_full_and_is_learned():
         loss.backward()
         opt.step()
     assert m["nats_per_token"] < 0.3 * torch.log(torch.tensor(float(cfg.vocab_size))).item()
+
+
+def test_context_noise_corrupts_inputs_in_training_only():
+    noisy_cfg = replace(CFG, context_noise=0.5)
+    p, ref = randomized(noisy_cfg), randomized(CFG)  # same seed: same weights
+    tok, act = clip(T=4)
+    batch = {"tokens": tok, "actions": act}
+    with torch.no_grad():
+        p.eval()
+        assert p.compute_loss(batch)[0] == ref.eval().compute_loss(batch)[0]  # evaluation sees clean inputs
+        p.train()
+        torch.manual_seed(0)
+        a = p.compute_loss(batch)[0]
+        torch.manual_seed(1)
+        b = p.compute_loss(batch)[0]
+    assert a != b and a != ref.train().compute_loss(batch)[0]  # fresh random corruption in every training step
+    with pytest.raises(ValueError, match="context_noise"):
+        Prior(replace(CFG, context_noise=1.0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from envs.collect import collect
 from worldmodel.bundle import WorldModel
@@ -67,6 +69,13 @@ def test_pipeline_to_bundle(tmp_path, store):
 
     res = train_prior(cfg, run, progress=False)
     assert res.step == 6 and "nats_per_token" in res.val_metrics
+    # TensorBoard: an open-loop video at every evaluation, 8 steps of 2 clips, real over dream
+    ea = EventAccumulator(str(run / "tb" / "prior"), size_guidance={"images": 0})
+    ea.Reload()
+    videos = ea.Images("prior/open_loop")
+    assert [v.step for v in videos] == [3, 6]
+    gif = Image.open(io.BytesIO(videos[-1].encoded_image_string))
+    assert gif.size == (2 * 32, 2 * 32) and gif.n_frames == 8
     encode_tokens(cfg, run, progress=False)  # saving the prior rewrote model.safetensors, not the tokenizer
     assert (run / "tokens.h5").stat().st_mtime_ns == mtime
     wm = WorldModel.from_pretrained(run)

@@ -118,7 +118,7 @@ def test_bad_action_raises_and_env_stays_usable():
 
 def test_health_bar_shows_health():
     env = make_real_env("vizdoom_hgs", health_bar=True, seed=0)
-    plain = make_real_env("vizdoom_hgs", seed=0)
+    plain = make_real_env("vizdoom_hgs", health_bar=False, seed=0)
     obs, info = env.reset(seed=3)
     ref, _ = plain.reset(seed=3)
     for _ in range(12):  # the acid floor drains health: the bar shrinks

@@ -259,6 +259,10 @@ class Prior(nn.Module):
             raise ValueError("action_kind='discrete' needs n_actions >= 1")
         if cfg.action_kind == "continuous" and cfg.action_dim < 1:
             raise ValueError("action_kind='continuous' needs action_dim >= 1")
+        if not 0 <= cfg.context_noise < 1:
+            raise ValueError(f"context_noise: got {cfg.context_noise}, expected a probability in [0, 1)")
+        if cfg.maskgit_weight < 0:
+            raise ValueError(f"maskgit_weight: got {cfg.maskgit_weight}, expected >= 0")
         self.cfg = cfg
         C = cfg.n_embd
         self.hw = cfg.tokens_h * cfg.tokens_w
@@ -552,7 +556,11 @@ class Prior(nn.Module):
         if self.maskgit:  # the masked stream runs on a random quarter of the frames (it costs ~2.6x when on all)
             mask = self.sample_mask(B, T)
             frames = torch.randperm(T, device=tokens.device)[: max(1, T // 4)].sort().values
-        out = self(tokens, actions, batch.get("class_ids") if self.class_emb is not None else None, cond_tokens,
+        inputs = tokens
+        if self.training and self.cfg.context_noise > 0:  # corrupt inputs only; the targets below stay clean
+            noisy = torch.rand(tokens.shape, device=tokens.device) < self.cfg.context_noise
+            inputs = torch.where(noisy, torch.randint_like(tokens, self.cfg.vocab_size), tokens)
+        out = self(inputs, actions, batch.get("class_ids") if self.class_emb is not None else None, cond_tokens,
                    mask, frames)
         target = rearrange(tokens.long(), "b t h w -> b t (h w)")
         ce = F.cross_entropy(rearrange(out.logits, "b t n v -> (b t n) v").float(), target.flatten(),

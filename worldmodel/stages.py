@@ -176,6 +176,46 @@ def tokenizer_digest(run_dir: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _prior_video_hook(cfg: ExperimentConfig, run_dir: str | os.PathLike, n: int = 2, horizon: int = 8):
+    """``on_eval`` of the prior stage: an open-loop TensorBoard video (``prior/open_loop``) of ``n``
+    held-out clips -- real context then greedy dream frames under the real actions, real (top) over
+    dream (bottom), clips side by side. Action-conditioned priors without frame conditioning only;
+    skipped with one warning when the store has no clip long enough."""
+    from worldmodel.bundle import WorldModel
+    from worldmodel.dynamics_eval import open_loop, sample_clips
+
+    if cfg.prior.action_kind == "none" or cfg.prior.n_cond_frames:
+        return None
+    context = min(4, cfg.prior.frames - 1)
+    state: dict[str, Any] = {}
+
+    def on_eval(m: torch.nn.Module, step: int, writer: Any) -> None:
+        if writer is None or state.get("skip"):
+            return
+        if "wm" not in state:
+            try:
+                clips = sample_clips(EpisodeStore(cfg.data.store), split="val", n=n, length=context + horizon, seed=0)
+            except ValueError as e:
+                warnings.warn(f"prior stage: no open-loop video in TensorBoard ({e})", stacklevel=2)
+                state["skip"] = True
+                return
+            wm = WorldModel(cfg, read_run_config(run_dir)["store"])
+            wm.tokenizer.load_state_dict(load_weights(run_dir, "tokenizer"))
+            state.update(wm=wm.to(next(m.parameters()).device).eval(), clips=clips)
+        wm, clips = state["wm"], state["clips"]
+        wm.prior = m  # the weights being trained, no copy
+        was_training = m.training
+        try:
+            dream = open_loop(wm, clips.frames, clips.actions, context=context, horizon=horizon).frames  # (n, H, h, w, 3)
+        finally:
+            m.train(was_training)
+        real = clips.frames[:, context: context + horizon]
+        video = np.concatenate([np.concatenate(list(real), axis=2), np.concatenate(list(dream), axis=2)], axis=1)
+        tensorboard_video(writer, "prior/open_loop", video, step)  # (horizon, 2h, n*w, 3)
+
+    return on_eval
+
+
 def train_prior(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, dist_info: DistInfo | None = None,
                 resume: bool = True, progress: bool = True) -> FitResult:
     """Train the GPT prior on windows of the token cache (encodes it first if needed)."""
@@ -195,7 +235,7 @@ def train_prior(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, dist_info:
     torch.manual_seed(cfg.prior_train.seed)
     model = Prior(cfg.prior)
     res = fit(model, stage="prior", run_dir=run_dir, train_set=train_set, val_set=val_set, cfg=cfg.prior_train,
-              dist_info=di, resume=resume, progress=progress)
+              dist_info=di, resume=resume, progress=progress, on_eval=_prior_video_hook(cfg, run_dir))
     if di.is_main and cfg.prior.action_kind == "discrete":
         from worldmodel.bundle import WorldModel
         from worldmodel.dynamics_eval import render_action_strips
