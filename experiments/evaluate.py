@@ -48,6 +48,10 @@ class Args:
     """I3D Kinetics-400 checkpoint for FVD (default: $WORLDMODEL_HOME/weights/i3d-kinetics-400.ckpt)."""
     fvd: bool = True
     """Compute FVD/FVD* (--no-fvd skips it: I3D at 224x224 costs about 1-3 CPU-seconds per clip, 3 sets of n-episodes clips)."""
+    dream_episodes: int = 16
+    """Dream rollouts from held-out first frames under a sticky random policy, for the dream episode lengths (0 = skip)."""
+    dream_max_steps: int = 0
+    """Cut a dream rollout that has not terminated after this many steps (0 = twice the longest real episode)."""
     device: str = "cpu"
     """Torch device of the world model and I3D."""
     threads: int = 0
@@ -59,7 +63,8 @@ def main(args: Args) -> None:
         torch.set_num_threads(args.threads)
     settings = EvalSettings(split=args.split, n_episodes=args.n_episodes, context=args.context, horizon=args.horizon,
                             temperature=args.temperature, seed=args.seed, fvd=args.fvd,
-                            i3d_weights=args.i3d_weights)
+                            i3d_weights=args.i3d_weights, dream_episodes=args.dream_episodes,
+                            dream_max_steps=args.dream_max_steps)
     try:
         report, path = evaluate_checkpoint(args.checkpoint, store=args.store, out=args.out, settings=settings,
                                            device=args.device)
@@ -72,6 +77,8 @@ def main(args: Args) -> None:
         "termination_recall": report["termination"]["recall"],
         "termination_recall_tuned": report["termination"]["tuned"].get("recall"),
         "termination_threshold_tuned": report["termination"]["tuned"]["threshold"],
+        "dream_mean_length": report["dream_episodes"].get("sample", {}).get("mean_length"),
+        "real_mean_length": report["dream_episodes"].get("real_mean_length"),
         "bits_per_dim": report["bits"].get("bits_per_dim"),
         "fvd": report["fvd"], "fvd_reason": report["fvd_info"].get("reason"),
         "frames_per_s": round(report["sampling"]["frames_per_s"], 1), "seconds": round(report["seconds"], 1)}))

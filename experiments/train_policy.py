@@ -44,7 +44,14 @@ class Args:
     context_frames: int = 1
     """Real frames each dream episode starts from."""
     termination: Literal["sample", "threshold"] = "sample"
-    """Dream episodes end by a Bernoulli draw of the predicted termination probability, or when it exceeds 0.5."""
+    """Dream episodes end by a Bernoulli draw of the predicted termination probability, or when it exceeds
+    --termination-threshold."""
+    termination_threshold: float = 0.5
+    """Threshold of --termination threshold (evaluate.py's eval.json reports one tuned on validation episodes)."""
+    decode: Literal["autoregressive", "maskgit"] = "autoregressive"
+    """Token-by-token decoding, or MaskGIT (bundles trained with --config.prior.maskgit-weight > 0)."""
+    maskgit_steps: int = 8
+    """MaskGIT refinement steps per dream frame (--decode maskgit)."""
     seed: int = 0
     """Seed of PPO, the dream's sampling and the evaluations."""
     device: str = "auto"
@@ -74,7 +81,8 @@ def main(args: Args) -> dict:
         sys.exit(f"error: {e}")
     run = Path(wm.path)
     dream_kw = {"temperature": args.temperature, "top_k": args.top_k, "context_frames": args.context_frames,
-                "termination": args.termination}
+                "termination": args.termination, "termination_threshold": args.termination_threshold,
+                "decode": args.decode, "maskgit_steps": args.maskgit_steps}
     model, venv = train_ppo(wm, args.timesteps, num_envs=args.num_envs, ppo=args.ppo, seed=args.seed,
                             max_episode_steps=args.max_episode_steps, tensorboard_log=run / "tb_policy",
                             progress_bar=args.progress, **dream_kw)

@@ -249,6 +249,17 @@ class TeacherForced:
     token_windows: list[dict] = field(default_factory=list, repr=False)  # full prior windows, for heldout_nll
 
 
+def encoded_episode(wm: WorldModel, store: EpisodeStore, eid: str) -> tuple[Any, torch.Tensor, torch.Tensor] | None:
+    """(episode, tokens (T, h, w), actions (T-1[, A]) on the model's device) of a stored episode, or
+    None when it has fewer than 2 frames (no transition); raises when it has no actions."""
+    ep = store.load(eid)
+    if len(ep) < 2:
+        return None
+    if ep.actions is None:
+        raise ValueError(f"episode {eid!r} of {store.root} has no actions")
+    return ep, encode_windows(wm, ep.frames[None])[0], torch.as_tensor(ep.actions).to(wm.device)
+
+
 @torch.inference_mode()
 def teacher_forced_episodes(wm: WorldModel, store: EpisodeStore, episode_ids: list[str],
                             batch_size: int = 16) -> TeacherForced:
@@ -262,14 +273,11 @@ def teacher_forced_episodes(wm: WorldModel, store: EpisodeStore, episode_ids: li
     F = wm.cfg.prior.frames
     out = TeacherForced([], [], [], [], [])
     for eid in episode_ids:
-        ep = store.load(eid)
-        T = len(ep)
-        if T < 2:
+        loaded = encoded_episode(wm, store, eid)
+        if loaded is None:
             continue
-        if ep.actions is None:
-            raise ValueError(f"episode {eid!r} of {store.root} has no actions")
-        tokens = encode_windows(wm, ep.frames[None])[0]  # (T, h, w)
-        acts = torch.as_tensor(ep.actions).to(wm.device)
+        ep, tokens, acts = loaded
+        T = len(ep)
         starts = window_starts(T, F)
         L = min(F, T)
         tok = torch.stack([tokens[s: s + L] for s in starts])  # (nw, L, h, w)

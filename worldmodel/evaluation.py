@@ -9,10 +9,22 @@ store has none — then ``split`` says so):
   and the decode-real-tokens ceiling (:mod:`worldmodel.dynamics_eval`); predicted-reward MAE and
   token entropy per step.
 - ``reward`` / ``termination``: the prior's heads teacher forced on whole held-out episodes (those
-  ending in termination first): reward MAE (with the best-constant baseline), termination
-  precision/recall/F1 at probability 0.5, and (``termination.tuned``) at a threshold chosen on the
-  ``val`` split (max F1, :func:`choose_threshold`) when the report is on ``test``: terminations are
-  rare (about 1 transition in 100 in HGS), so a BCE-trained head ranks them well but stays below 0.5.
+  ending in termination first), each transition read at the window position the dream env reads it
+  at (:func:`dream_schedule_windows`: the sampler's sliding window, which keeps ``keep`` frames when
+  it slides, so transitions land on positions ``keep .. frames-1``, not only on the last one): reward
+  MAE (with the best-constant baseline), termination precision/recall/F1 at probability 0.5, the
+  calibration check ``expected_terminations`` (sum of the predicted probabilities, to compare with
+  ``n_positive``), and (``termination.tuned``) the scores at a threshold chosen on the ``val`` split
+  (max F1, :func:`choose_threshold`) when the report is on ``test``. A calibrated head cannot reach a
+  high recall at 0.5 when the step of an event is itself uncertain (an HGS death is visible a step or
+  two ahead but its exact step is not); the tuned threshold is the one to give the dream env
+  (``termination="threshold"``), the calibrated probability is what its default Bernoulli draw needs.
+- ``dream_episodes``: episode lengths of dream rollouts started from the first frame of the
+  held-out episodes under a sticky random policy (the collection policy of the vizdoom stores),
+  ending at the first termination drawn as Bernoulli(p) (the dream env's default), at p > 0.5, and
+  at p > the tuned threshold, against the real mean length: how well the termination head ends
+  dream episodes, including what teacher forcing cannot see (generated frames drifting from real
+  ones).
 - ``bits``: held-out nats/token, bits/token and VideoGPT bits/dim; first frames vs frames with
   history, true vs shuffled actions.
 - ``fvd``: FVD (I3D, :mod:`worldmodel.metrics.fvd` protocol) of the 16-step dream clips vs the real
@@ -41,6 +53,8 @@ from worldmodel.checkpoint import write_json
 from worldmodel.dynamics_eval import (
     DynamicsReport,
     HeldoutClips,
+    TeacherForced,
+    encoded_episode,
     evaluate_dynamics_on,
     heldout_episode_ids,
     heldout_nll,
@@ -80,6 +94,13 @@ class EvalSettings:
     """I3D checkpoint (default: $WORLDMODEL_HOME/weights/i3d-kinetics-400.ckpt)."""
     fvd_batch_size: int = 8
     """Clips per I3D forward."""
+    dream_episodes: int = 16
+    """Dream rollouts for the ``dream_episodes`` section (0 = skip it)."""
+    dream_max_steps: int = 0
+    """Steps after which a dream rollout that has not terminated is cut (counted as censored at that
+    length); 0 = twice the longest real episode it starts from."""
+    dream_temperature: float = 1.0
+    """Token sampling temperature of the dream rollouts (the dream env's default, 1.0)."""
 
     def validate(self) -> None:
         if self.n_episodes < 1:
@@ -88,6 +109,11 @@ class EvalSettings:
             raise ValueError(f"context and horizon: got {self.context}, {self.horizon}, expected both >= 1")
         if self.temperature < 0:
             raise ValueError(f"temperature: got {self.temperature}, expected >= 0")
+        if self.dream_episodes < 0 or self.dream_max_steps < 0:
+            raise ValueError(f"dream_episodes and dream_max_steps: got {self.dream_episodes}, {self.dream_max_steps}, "
+                             "expected both >= 0")
+        if self.dream_temperature < 0:
+            raise ValueError(f"dream_temperature: got {self.dream_temperature}, expected >= 0")
 
 
 def binary_scores(pred: np.ndarray, true: np.ndarray) -> dict[str, float | int | None]:
@@ -156,6 +182,65 @@ def choose_episodes(store: EpisodeStore, split: str, n: int) -> tuple[list[str],
     return ordered, used, sum(ends[e] for e in ordered)
 
 
+def dream_schedule_windows(T: int, frames: int, keep: int) -> list[tuple[int, int, int]]:
+    """The prior windows a dream rollout started from frame 0 of a ``T``-frame episode reads its
+    transitions in: ``(start, n, first)`` = a window of frames ``start .. start+n-1`` whose frames
+    ``start+first .. start+n-1`` are predicted in it (each frame ``m >= 1`` exactly once).
+
+    This mirrors :class:`~worldmodel.sampling.Rollout`: the window fills to ``frames`` frames, then
+    slides, keeping its last ``keep`` frames at positions ``0 .. keep-1``, so new frames land on
+    positions ``keep .. frames-1`` (a teacher-forced evaluation that only read the last position, or
+    a training set whose terminal transitions only sit on the last position, would miss that).
+    """
+    if not 1 <= keep < frames:
+        raise ValueError(f"keep: got {keep}, expected 1 <= keep < frames={frames}")
+    out = [(0, min(frames, T), 1)] if T >= 2 else []
+    s = frames - keep
+    while s + keep < T:
+        out.append((s, min(frames, T - s), keep))
+        s += frames - keep
+    return out
+
+
+@torch.inference_mode()
+def heads_on_dream_schedule(wm: WorldModel, store: EpisodeStore, episode_ids: list[str],
+                            batch_size: int = 16) -> TeacherForced:
+    """Reward and termination heads on every transition of ``episode_ids``, teacher forced (real frames
+    and actions) in the windows of :func:`dream_schedule_windows` (the sampler's ``keep``), i.e. with the
+    history and at the window position the dream env would read each transition with."""
+    from worldmodel.prior import symexp
+    from worldmodel.sampling import Rollout
+
+    F = wm.cfg.prior.frames
+    keep = Rollout(wm.prior, 1).keep  # the sampler's own setting, so both stay in step
+    out = TeacherForced([], [], [], [], [])
+    for eid in episode_ids:
+        loaded = encoded_episode(wm, store, eid)
+        if loaded is None:
+            continue
+        ep, tokens, acts = loaded  # tokens (T, h, w)
+        T = len(ep)
+        r_pred, p_term = np.full(T - 1, np.nan, np.float32), np.full(T - 1, np.nan, np.float32)
+        wins = dream_schedule_windows(T, F, keep)
+        for n in sorted({n for _, n, _ in wins}):  # windows of equal length go through the prior together
+            group = [(s, first) for s, m, first in wins if m == n]
+            for i in range(0, len(group), batch_size):
+                part = group[i: i + batch_size]
+                res = wm.prior(torch.stack([tokens[s: s + n] for s, _ in part]),
+                               torch.stack([acts[s: s + n - 1] for s, _ in part]))
+                reward = symexp(res.reward.float()).cpu().numpy()  # (b, n): [j] = transition into frame s+j
+                term = torch.sigmoid(res.term_logit.float()).cpu().numpy()
+                for k, (s, first) in enumerate(part):
+                    r_pred[s + first - 1: s + n - 1] = reward[k, first:]
+                    p_term[s + first - 1: s + n - 1] = term[k, first:]
+        out.episode_ids.append(eid)
+        out.reward_pred.append(r_pred)
+        out.term_prob.append(p_term)
+        out.rewards.append(ep.rewards.astype(np.float32))
+        out.terminated.append(ep.terminated.astype(bool))
+    return out
+
+
 def tuned_termination(wm: WorldModel, store: EpisodeStore, split: str, n: int, p_term: np.ndarray,
                       d_true: np.ndarray) -> dict[str, Any]:
     """Scores on (p_term, d_true) at a threshold chosen on up to ``n`` ``val`` episodes (never the
@@ -165,27 +250,31 @@ def tuned_termination(wm: WorldModel, store: EpisodeStore, split: str, n: int, p
     ids, used, n_term = choose_episodes(store, "val", n)
     if used != "val" or n_term == 0:
         return {"threshold": None, "reason": "no 'val' episode ends in termination"}
-    tf = teacher_forced_episodes(wm, store, ids)
+    tf = heads_on_dream_schedule(wm, store, ids)
     thr = choose_threshold(np.concatenate(tf.term_prob), np.concatenate(tf.terminated))
     return {**binary_scores(p_term > thr, d_true), "threshold": thr, "chosen_on": "val", "n_val_episodes": len(ids),
             "n_val_terminating": n_term}
 
 
 def heads_sections(wm: WorldModel, store: EpisodeStore, split: str, n: int) -> tuple[dict, dict, dict]:
-    """(reward, termination, bits) sections from the prior teacher forced on whole held-out episodes."""
+    """(reward, termination, bits) sections from the prior teacher forced on whole held-out episodes
+    (heads: :func:`heads_on_dream_schedule`; bits: the windows of ``teacher_forced_episodes``)."""
     ids, used, n_term = choose_episodes(store, split, n)
-    tf = teacher_forced_episodes(wm, store, ids)
-    r_pred, r_true = np.concatenate(tf.reward_pred), np.concatenate(tf.rewards)
-    p_term, d_true = np.concatenate(tf.term_prob), np.concatenate(tf.terminated)
-    where = {"split": used, "n_episodes": len(tf.episode_ids), "episode_ids": tf.episode_ids}
+    hs = heads_on_dream_schedule(wm, store, ids)
+    r_pred, r_true = np.concatenate(hs.reward_pred), np.concatenate(hs.rewards)
+    p_term, d_true = np.concatenate(hs.term_prob), np.concatenate(hs.terminated)
+    where = {"split": used, "n_episodes": len(hs.episode_ids), "episode_ids": hs.episode_ids}
     reward = {"mae_teacher_forced": _mean(np.abs(r_pred - r_true)),
               "mae_constant_baseline": _mean(np.abs(np.median(r_true) - r_true)),
               "mean_abs_reward": _mean(np.abs(r_true)), **where}
+    if d_true.any():  # the rare rewards that come with termination (HGS: the death penalty)
+        reward["mae_on_terminal"] = _mean(np.abs(r_pred[d_true] - r_true[d_true]))
     termination = {**binary_scores(p_term > TERMINATION_THRESHOLD, d_true), "threshold": TERMINATION_THRESHOLD,
-                   "n_terminating_episodes": n_term, **where}
+                   "expected_terminations": float(p_term.sum()), "n_terminating_episodes": n_term, **where}
     if n_term == 0:
         termination["note"] = "no held-out episode ends in termination: recall is undefined"
     termination["tuned"] = tuned_termination(wm, store, used, n, p_term, d_true)
+    tf = teacher_forced_episodes(wm, store, ids)
     bits: dict[str, Any] = {"n_windows": len(tf.token_windows), "window_frames": wm.cfg.prior.frames}
     if tf.token_windows:
         nll = heldout_nll(wm, tf.token_windows)
@@ -197,6 +286,65 @@ def heads_sections(wm: WorldModel, store: EpisodeStore, split: str, n: int) -> t
     else:
         bits["note"] = f"no held-out episode has the {wm.cfg.prior.frames} frames of a prior window"
     return reward, termination, bits
+
+
+def sticky_random_actions(n_actions: int, rows: int, steps: int, rng: np.random.Generator,
+                          mean_repeat: float = 4.0) -> np.ndarray:
+    """(steps, rows) int64 uniform random actions, each held for a geometric number of steps (mean
+    ``mean_repeat``): the random policy the vizdoom stores are collected with (``envs.collect``, which
+    library code may not import)."""
+    out = np.empty((steps, rows), np.int64)
+    cur = rng.integers(0, n_actions, rows)
+    for t in range(steps):
+        cur = np.where(rng.random(rows) < 1.0 / mean_repeat, rng.integers(0, n_actions, rows), cur)
+        out[t] = cur
+    return out
+
+
+@torch.inference_mode()
+def dream_episode_section(wm: WorldModel, store: EpisodeStore, episode_ids: list[str], *, rows: int,
+                          max_steps: int = 0, thresholds: dict[str, float | None] | None = None,
+                          temperature: float = 1.0, seed: int = 0) -> dict[str, Any]:
+    """Lengths (steps) of ``rows`` dream episodes started from the first frame of ``episode_ids``
+    (cycled) under :func:`sticky_random_actions`, for several ways of ending them on one rollout:
+    ``sample`` (the first step whose Bernoulli(p) draw says terminated, the dream env's default) and
+    ``p > threshold`` for each of ``thresholds`` (name -> threshold; None entries are skipped).
+    Rollouts that have not ended by ``max_steps`` count as that long (``n_censored``; the mean is then
+    a lower bound). ``real_mean_length`` is over the starting episodes (steps = frames - 1)."""
+    spec = wm.action_spec
+    ids = [e for e in episode_ids if store.length(e) >= 2]
+    if spec.kind != "discrete":
+        return {"reason": f"needs a discrete action space (the sticky random policy); got {spec.kind!r}"}
+    if not ids or rows < 1:
+        return {"reason": "no held-out episode to start from" if not ids else "disabled (dream_episodes=0)"}
+    starts = [ids[i % len(ids)] for i in range(rows)]
+    real = np.array([store.length(e) - 1 for e in ids], np.float64)
+    max_steps = max_steps or int(2 * real.max())
+    rules = {"sample": None, **{k: v for k, v in (thresholds or {}).items() if v is not None}}
+    ended = {k: np.full(rows, -1) for k in rules}
+    rng = np.random.default_rng(seed)
+    actions = sticky_random_actions(spec.n, rows, max_steps, rng)
+    gens = [torch.Generator(device=wm.device).manual_seed(seed * 1_000_003 + i) for i in range(rows)]
+    ro = wm.rollout(rows)
+    ro.reset(np.stack([store.read_clip(e, 0, 1)["frames"] for e in starts]))
+    t0, steps = time.perf_counter(), 0
+    for t in range(max_steps):
+        p = ro.step(actions[t], temperature=temperature, generator=gens).terminated_prob
+        u = rng.random(rows)
+        steps = t + 1
+        for k, thr in rules.items():
+            hit = (u < p) if thr is None else (p > thr)
+            ended[k][(ended[k] < 0) & hit] = steps
+        if all((v >= 0).all() for v in ended.values()):
+            break
+    out: dict[str, Any] = {"policy": "sticky random (mean repeat 4)", "n_episodes": rows, "max_steps": max_steps,
+                           "temperature": temperature, "real_mean_length": float(real.mean()),
+                           "real_n_episodes": len(ids), "steps_run": steps, "seconds": time.perf_counter() - t0}
+    for k, thr in rules.items():
+        lengths = np.where(ended[k] < 0, max_steps, ended[k])
+        out[k] = {"mean_length": float(lengths.mean()), "median_length": float(np.median(lengths)),
+                  "n_censored": int((ended[k] < 0).sum()), **({} if thr is None else {"threshold": thr})}
+    return out
 
 
 def fvd_section(real: np.ndarray, recon: np.ndarray, dream: np.ndarray, *, weights: str | None,
@@ -297,6 +445,10 @@ def evaluate_world_model(wm: WorldModel, store: EpisodeStore, settings: EvalSett
                                seed=s.seed, reconstruction=recon)
     open_loop = open_loop_section(rep, clips, s.context)
     reward, termination, bits = heads_sections(wm, store, s.split, s.n_episodes)
+    dream_eps = dream_episode_section(
+        wm, store, termination["episode_ids"], rows=s.dream_episodes, max_steps=s.dream_max_steps,
+        thresholds={"threshold_0.5": TERMINATION_THRESHOLD, "tuned": termination["tuned"]["threshold"]},
+        temperature=s.dream_temperature, seed=s.seed)
     dream = rep.rollouts["true"]
     reward["mae_open_loop"] = _mean(np.abs(dream.rewards - clips.rewards[:, s.context - 1: s.context - 1 + s.horizon]))
     real_future = clips.frames[:, s.context: s.context + s.horizon]
@@ -311,7 +463,7 @@ def evaluate_world_model(wm: WorldModel, store: EpisodeStore, settings: EvalSett
         "clips": [[e, st] for e, st in zip(clips.episode_ids, clips.starts)],
         "reconstruction": {**reconstruction_section(clips, recon), "seconds": t_recon},
         "open_loop": open_loop,
-        "reward": reward, "termination": termination, "bits": bits, **fvd,
+        "reward": reward, "termination": termination, "dream_episodes": dream_eps, "bits": bits, **fvd,
         "sampling": {"frames_per_s": dream.frames.shape[0] * dream.frames.shape[1] / dream.seconds,
                      "batch_size": int(dream.frames.shape[0]), "seconds": dream.seconds,
                      "temperature": s.temperature, "includes": "context encoding, prior sampling, frame decoding"},

@@ -536,7 +536,11 @@ class Prior(nn.Module):
         """Token cross-entropy + weighted reward (symlog MSE) and termination (BCE) losses.
 
         ``batch``: tokens (B, T, h, w), actions (B, T-1[, A]), rewards (B, T-1), terminated (B, T-1),
-        optional class_ids (B,).
+        optional class_ids (B,) and valid (B, T) bool: False on padding frames after an episode's end
+        (no loss there; the model is causal, so padding never changes the predictions before it).
+        Training windows that run past the end put an episode's last transition on every window
+        position, not only the last (``worldmodel.stages.EndPaddedClips``); without them the heads learn
+        that nothing ever ends before the last position, where the dream's sliding window rarely reads.
 
         Reward head: regression on symlog(reward). HGS rewards are +4 per step and −100 on death;
         symlog compresses that range so the rare large penalty neither dominates the loss nor is
@@ -550,7 +554,7 @@ class Prior(nn.Module):
         if k:
             tokens = tokens[:, k:]
             actions = None if actions is None else actions[:, k:]
-            batch = {**batch, **{n: batch[n][:, k:] for n in ("rewards", "terminated") if n in batch}}
+            batch = {**batch, **{n: batch[n][:, k:] for n in ("rewards", "terminated", "valid") if n in batch}}
         B, T = tokens.shape[:2]
         mask = frames = None
         if self.maskgit:  # the masked stream runs on a random quarter of the frames (it costs ~2.6x when on all)
@@ -565,33 +569,38 @@ class Prior(nn.Module):
         target = rearrange(tokens.long(), "b t h w -> b t (h w)")
         ce = F.cross_entropy(rearrange(out.logits, "b t n v -> (b t n) v").float(), target.flatten(),
                              reduction="none").view(B, T, -1)
-        token_loss = ce.mean()
+        valid = batch.get("valid")
+        valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device) if valid is None else valid.bool()  # (B, T)
+        token_loss = ce[valid].mean()
         loss = token_loss
         metrics = {"nats_per_token": token_loss.item(), "bits_per_token": token_loss.item() / math.log(2),
                    "nats_first_frame": ce[:, 0].mean().item()}
         if mask is not None:  # MaskGIT objective: cross-entropy of the hidden tokens only
-            m = rearrange(mask[:, frames], "b t h w -> b t (h w)").float()
+            m = rearrange(mask[:, frames], "b t h w -> b t (h w)").float() * valid[:, frames, None]
             ce_m = F.cross_entropy(rearrange(out.mask_logits, "b t n v -> b v t n").float(), target[:, frames],
                                    reduction="none")
             mg_loss = (ce_m * m).sum() / m.sum()
             loss = loss + self.cfg.maskgit_weight * mg_loss
             metrics["maskgit_nats"] = mg_loss.item()
         if T > 1:
-            metrics["nats_with_history"] = ce[:, 1:].mean().item()
+            metrics["nats_with_history"] = ce[:, 1:][valid[:, 1:]].mean().item()
+            tv = valid[:, 1:].float()  # (B, T-1) real transitions (into a real frame)
+            n_tv = tv.sum().clamp(min=1)
             if "rewards" in batch:
                 r = batch["rewards"][:, : T - 1].float()
-                pred = out.reward[:, 1:]
-                r_loss = F.mse_loss(pred.float(), symlog(r))
+                pred = out.reward[:, 1:].float()
+                r_loss = ((pred - symlog(r)) ** 2 * tv).sum() / n_tv
                 loss = loss + self.cfg.reward_weight * r_loss
                 metrics["reward_loss"] = r_loss.item()
-                metrics["reward_mae"] = (symexp(pred.detach().float()) - r).abs().mean().item()
+                metrics["reward_mae"] = (((symexp(pred.detach()) - r).abs() * tv).sum() / n_tv).item()
             if "terminated" in batch:
                 d = batch["terminated"][:, : T - 1].float()
                 logit = out.term_logit[:, 1:].float()
-                t_loss = F.binary_cross_entropy_with_logits(logit, d)
+                pw = torch.tensor(self.cfg.termination_pos_weight, device=logit.device)  # 1 = calibrated BCE
+                t_loss = (F.binary_cross_entropy_with_logits(logit, d, pos_weight=pw, reduction="none") * tv).sum() / n_tv
                 loss = loss + self.cfg.termination_weight * t_loss
                 metrics["termination_loss"] = t_loss.item()
-                metrics["termination_accuracy"] = ((logit.detach() > 0).float() == d).float().mean().item()
+                metrics["termination_accuracy"] = ((((logit.detach() > 0).float() == d).float() * tv).sum() / n_tv).item()
         return loss, metrics
 
     # -- incremental forward (generation) -------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
 from worldmodel.checkpoint import CONFIG_JSON, WEIGHTS, load_weights, read_run_config, write_run_config
 from worldmodel.config import ExperimentConfig
@@ -176,6 +177,51 @@ def tokenizer_digest(run_dir: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+class EndPaddedClips(Dataset):
+    """Prior training windows: every ``clip_len``-frame window inside an episode (a
+    :class:`~worldmodel.store.ClipDataset`), plus, per episode, the windows that start in its last
+    ``clip_len - 2`` transitions and run past its end, padded, so its last transition sits on every
+    window position ``1 .. clip_len-1`` and not only on the last one.
+
+    Why: inside-episode windows hold a terminal transition only at their last position, so the
+    termination and reward heads learn that episodes never end (nor pay their terminal reward) at an
+    earlier position -- and the dream's sliding window reads new frames at positions
+    ``keep .. frames-1`` (:class:`~worldmodel.sampling.Rollout`), where such a head never fires: on 300
+    HGS episodes the teacher-forced recall at the dream's positions was 0 of 13.
+
+    Items are the store's clip dicts plus ``valid`` (clip_len,) bool, False on the padding frames
+    (copies of the last frame; actions 0, rewards 0, not terminated), which the prior's loss ignores.
+    The padding is causal-safe: a prior's predictions for a frame never depend on later frames.
+    """
+
+    def __init__(self, source: Any, split: str, clip_len: int) -> None:
+        self.inside = ClipDataset(source, split=split, clip_len=clip_len)
+        self.source, self.clip_len = source, clip_len
+        self.padded = [(e, s) for e in source.episode_ids(split)
+                       for n in [source.length(e)] if n >= 2 for s in range(max(0, n - clip_len + 1), n - 1)]
+
+    def __len__(self) -> int:
+        return len(self.inside) + len(self.padded)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        L = self.clip_len
+        if index < len(self.inside):
+            return {**self.inside[index], "valid": torch.ones(L, dtype=torch.bool)}
+        eid, start = self.padded[index - len(self.inside)]
+        n = self.source.length(eid) - start  # real frames in the window, 2 <= n < L
+        clip = self.source.read_clip(eid, start, n)
+        out = {}
+        for k, v in clip.items():
+            v = np.asarray(v)
+            if k in ("rewards", "terminated", "actions"):  # per transition: L-1
+                v = np.concatenate([v, np.zeros((L - n, *v.shape[1:]), v.dtype)])
+            elif v.ndim and len(v) == n:  # per frame (tokens / frames): repeat the last one
+                v = np.concatenate([v, np.repeat(v[-1:], L - n, 0)])
+            out[k] = torch.from_numpy(np.ascontiguousarray(v) if v.ndim else v)
+        out["valid"] = torch.arange(L) < n
+        return out
+
+
 def _prior_video_hook(cfg: ExperimentConfig, run_dir: str | os.PathLike, n: int = 2, horizon: int = 8):
     """``on_eval`` of the prior stage: an open-loop TensorBoard video (``prior/open_loop``) of ``n``
     held-out clips -- real context then greedy dream frames under the real actions, real (top) over
@@ -230,8 +276,12 @@ def train_prior(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, dist_info:
         torch.distributed.barrier()
     cache = TokenCache(path)
     clip = cfg.prior.frames + cfg.prior.n_cond_frames  # conditioning frames come first in each clip
-    train_set = ClipDataset(cache, split="train", clip_len=clip)
-    val_set = _split_with_fallback(cache, "val", clip)
+    if cfg.prior.n_cond_frames or not cfg.data.pad_episode_ends:  # frame-conditioned priors need real conditioning frames
+        train_set, val_set = ClipDataset(cache, split="train", clip_len=clip), _split_with_fallback(cache, "val", clip)
+    else:
+        train_set = EndPaddedClips(cache, "train", clip)
+        val = _split_with_fallback(cache, "val", clip)
+        val_set = None if val is None else EndPaddedClips(cache, val.split, clip)
     torch.manual_seed(cfg.prior_train.seed)
     model = Prior(cfg.prior)
     res = fit(model, stage="prior", run_dir=run_dir, train_set=train_set, val_set=val_set, cfg=cfg.prior_train,
