@@ -208,6 +208,34 @@ def test_valid_mask_ignores_padding_frames_entirely():
         ((model(short["tokens"], short["actions"]).reward[:, 1:] - symlog(short["rewards"])) ** 2).mean().item(), rel=1e-5)
 
 
+def test_termination_only_windows_train_the_termination_head_alone():
+    torch.manual_seed(0)
+    model = Prior(CFG).eval()
+    for head in (model.head, model.term_head[-1]):
+        torch.nn.init.normal_(head.weight, std=0.5)
+    g = torch.Generator().manual_seed(2)
+    batch = {"tokens": torch.randint(0, 4, (4, L, 2, 2), generator=g), "actions": torch.randint(0, 2, (4, L - 1), generator=g),
+             "rewards": torch.randn(4, L - 1, generator=g), "terminated": torch.rand(4, L - 1, generator=g) < 0.5,
+             "valid": torch.ones(4, L, dtype=torch.bool), "termination_only": torch.tensor([False, False, True, True])}
+    inside = {k: v[:2] for k, v in batch.items()}
+    _, m_all = model.compute_loss(batch)
+    _, m_in = model.compute_loss(inside)
+    for k in ("nats_per_token", "nats_with_history", "nats_first_frame", "reward_loss", "reward_mae"):  # inside only
+        assert m_all[k] == pytest.approx(m_in[k], rel=1e-5), k
+    logit = model(batch["tokens"], batch["actions"]).term_logit[:, 1:]
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logit, batch["terminated"].float())
+    assert m_all["termination_loss"] == pytest.approx(bce.item(), rel=1e-5)  # heads: all four windows
+    assert m_all["termination_loss"] != pytest.approx(m_in["termination_loss"], rel=1e-3)
+
+
+def test_end_padded_clips_mark_padded_windows_termination_only(hgs_store):
+    store = EpisodeStore(hgs_store)
+    for flag in (True, False):
+        ds = EndPaddedClips(store, "train", L, termination_only=flag)
+        n_in = len(ds.inside)
+        assert not bool(ds[0]["termination_only"]) and bool(ds[n_in]["termination_only"]) is flag
+
+
 @pytest.mark.parametrize("field,value", [("termination_pos_weight", 0.0), ("termination_pos_weight", float("nan")),
                                          ("termination_pos_weight", -1.0), ("reward_weight", -0.5),
                                          ("termination_weight", float("nan"))])

@@ -536,8 +536,10 @@ class Prior(nn.Module):
         """Token cross-entropy + weighted reward (symlog MSE) and termination (BCE) losses.
 
         ``batch``: tokens (B, T, h, w), actions (B, T-1[, A]), rewards (B, T-1), terminated (B, T-1),
-        optional class_ids (B,) and valid (B, T) bool: False on padding frames after an episode's end
-        (no loss there; the model is causal, so padding never changes the predictions before it).
+        optional class_ids (B,), valid (B, T) bool: False on padding frames after an episode's end
+        (no loss there; the model is causal, so padding never changes the predictions before it), and
+        termination_only (B,) bool: windows that train only the termination head (no token or reward
+        loss; on HGS, scoring the death penalty of every padded window again cost 0.2 nats per token).
         Training windows that run past the end put an episode's last transition on every window
         position, not only the last (``worldmodel.stages.EndPaddedClips``); without them the heads learn
         that nothing ever ends before the last position, where the dream's sliding window rarely reads.
@@ -571,28 +573,36 @@ class Prior(nn.Module):
                              reduction="none").view(B, T, -1)
         valid = batch.get("valid")
         valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device) if valid is None else valid.bool()  # (B, T)
-        token_loss = ce[valid].mean()
+        tok_valid = valid  # (B, T) frames whose tokens are scored
+        if "termination_only" in batch:  # windows that train the termination head only (end-padded windows)
+            tok_valid = valid & ~batch["termination_only"].bool().view(B, 1)
+        n_tok = tok_valid.sum().clamp(min=1) * ce.shape[-1]
+        token_loss = (ce * tok_valid[..., None]).sum() / n_tok
         loss = token_loss
         metrics = {"nats_per_token": token_loss.item(), "bits_per_token": token_loss.item() / math.log(2),
-                   "nats_first_frame": ce[:, 0].mean().item()}
+                   "nats_first_frame": ((ce[:, 0] * tok_valid[:, :1]).sum()
+                                        / (tok_valid[:, 0].sum() * ce.shape[-1]).clamp(min=1)).item()}
         if mask is not None:  # MaskGIT objective: cross-entropy of the hidden tokens only
-            m = rearrange(mask[:, frames], "b t h w -> b t (h w)").float() * valid[:, frames, None]
+            m = rearrange(mask[:, frames], "b t h w -> b t (h w)").float() * tok_valid[:, frames, None]
             ce_m = F.cross_entropy(rearrange(out.mask_logits, "b t n v -> b v t n").float(), target[:, frames],
                                    reduction="none")
-            mg_loss = (ce_m * m).sum() / m.sum()
+            mg_loss = (ce_m * m).sum() / m.sum().clamp(min=1)
             loss = loss + self.cfg.maskgit_weight * mg_loss
             metrics["maskgit_nats"] = mg_loss.item()
         if T > 1:
-            metrics["nats_with_history"] = ce[:, 1:][valid[:, 1:]].mean().item()
+            th = tok_valid[:, 1:, None].float()
+            metrics["nats_with_history"] = ((ce[:, 1:] * th).sum() / (th.sum() * ce.shape[-1]).clamp(min=1)).item()
             tv = valid[:, 1:].float()  # (B, T-1) real transitions (into a real frame)
             n_tv = tv.sum().clamp(min=1)
             if "rewards" in batch:
+                rv = tok_valid[:, 1:].float()  # termination-only windows add no reward loss
+                n_rv = rv.sum().clamp(min=1)
                 r = batch["rewards"][:, : T - 1].float()
                 pred = out.reward[:, 1:].float()
-                r_loss = ((pred - symlog(r)) ** 2 * tv).sum() / n_tv
+                r_loss = ((pred - symlog(r)) ** 2 * rv).sum() / n_rv
                 loss = loss + self.cfg.reward_weight * r_loss
                 metrics["reward_loss"] = r_loss.item()
-                metrics["reward_mae"] = (((symexp(pred.detach()) - r).abs() * tv).sum() / n_tv).item()
+                metrics["reward_mae"] = (((symexp(pred.detach()) - r).abs() * rv).sum() / n_rv).item()
             if "terminated" in batch:
                 d = batch["terminated"][:, : T - 1].float()
                 logit = out.term_logit[:, 1:].float()

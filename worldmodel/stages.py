@@ -187,16 +187,20 @@ class EndPaddedClips(Dataset):
     termination and reward heads learn that episodes never end (nor pay their terminal reward) at an
     earlier position -- and the dream's sliding window reads new frames at positions
     ``keep .. frames-1`` (:class:`~worldmodel.sampling.Rollout`), where such a head never fires: on 300
-    HGS episodes the teacher-forced recall at the dream's positions was 0 of 13.
+    HGS episodes the teacher-forced recall (p > 0.5) at the dream's positions was 0 of 13.
 
     Items are the store's clip dicts plus ``valid`` (clip_len,) bool, False on the padding frames
-    (copies of the last frame; actions 0, rewards 0, not terminated), which the prior's loss ignores.
+    (copies of the last frame; actions 0, rewards 0, not terminated), which the prior's loss ignores,
+    and ``termination_only`` (bool): True on the padded windows when ``termination_only`` is set, so
+    they train the termination head but add no token or reward loss (their frames and rewards already
+    appear in inside windows; scoring them again over-weights episode ends and the death penalty --
+    on HGS, with tokens and rewards scored, that cost 0.17 bits per token).
     The padding is causal-safe: a prior's predictions for a frame never depend on later frames.
     """
 
-    def __init__(self, source: Any, split: str, clip_len: int) -> None:
+    def __init__(self, source: Any, split: str, clip_len: int, termination_only: bool = True) -> None:
         self.inside = ClipDataset(source, split=split, clip_len=clip_len)
-        self.source, self.clip_len = source, clip_len
+        self.source, self.clip_len, self.termination_only = source, clip_len, termination_only
         self.padded = [(e, s) for e in source.episode_ids(split)
                        for n in [source.length(e)] if n >= 2 for s in range(max(0, n - clip_len + 1), n - 1)]
 
@@ -206,7 +210,7 @@ class EndPaddedClips(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         L = self.clip_len
         if index < len(self.inside):
-            return {**self.inside[index], "valid": torch.ones(L, dtype=torch.bool)}
+            return {**self.inside[index], "valid": torch.ones(L, dtype=torch.bool), "termination_only": torch.tensor(False)}
         eid, start = self.padded[index - len(self.inside)]
         n = self.source.length(eid) - start  # real frames in the window, 2 <= n < L
         clip = self.source.read_clip(eid, start, n)
@@ -219,6 +223,7 @@ class EndPaddedClips(Dataset):
                 v = np.concatenate([v, np.repeat(v[-1:], L - n, 0)])
             out[k] = torch.from_numpy(np.ascontiguousarray(v) if v.ndim else v)
         out["valid"] = torch.arange(L) < n
+        out["termination_only"] = torch.tensor(self.termination_only)
         return out
 
 
