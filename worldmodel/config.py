@@ -34,13 +34,14 @@ class DataConfig:
     use_actions: bool = True
     """Condition the prior on the store's actions; False models the frames alone (the paper's
     BAIR setup, or action-free video presets)."""
-    pad_episode_ends: bool = False
+    pad_episode_ends: bool = True
     """Prior training also reads windows that run past an episode's end (padded, masked out of the
     loss; they train the termination head only), so terminal transitions sit on every window
     position, where the dream's sliding window reads them (``worldmodel.stages.EndPaddedClips``).
-    Off by default until more seeds confirm it: on 300 HGS episodes (3000 steps, seed 1) it cost 0.06
-    bits per token, left tuned termination recall at 0.92, raised precision 0.13 -> 0.19 and brought
-    dream episode lengths to the real ones (README "Results"). Ignored by frame-conditioned priors."""
+    On 300 HGS episodes (3000 steps, seed 1) it cost 0.06 bits per token, left tuned termination recall
+    at 0.92, raised precision 0.13 -> 0.19, brought dream episode lengths to the real ones, and PPO
+    trained 30k steps in that dream scored 1.12x random in the real env against 1.01x without it
+    (README "Results"). Ignored by frame-conditioned priors."""
 
 
 @dataclass(frozen=True)
