@@ -20,30 +20,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from envs.vizdoom import ENV_NAMES, action_names, make_real_env_fn
+from worldmodel.random_policy import StickyRandomPolicy
 from worldmodel.store import ActionSpec, EpisodeStore, StoreWriter
 
 Policy = Callable[[np.ndarray], np.ndarray]
 """Maps a batch of observations uint8 ``(N, H, W, 3)`` to discrete actions int64 ``(N,)``."""
-
-
-class StickyRandomPolicy:
-    """Uniform random actions, each held for a geometric number of steps (mean ``mean_repeat``).
-
-    Holding actions makes the data cover sustained turns and runs rather than jitter, which is what a
-    learned policy does and what the world model must learn to follow.
-    """
-
-    def __init__(self, n_actions: int, num_envs: int, mean_repeat: float = 4.0, seed: int | None = None) -> None:
-        if mean_repeat < 1:
-            raise ValueError(f"mean_repeat must be >= 1 step, got {mean_repeat}")
-        self.n, self.p_switch = n_actions, 1.0 / mean_repeat
-        self.rng = np.random.default_rng(seed)
-        self.current = self.rng.integers(0, n_actions, num_envs)
-
-    def __call__(self, obs: np.ndarray) -> np.ndarray:
-        switch = self.rng.random(len(self.current)) < self.p_switch
-        self.current = np.where(switch, self.rng.integers(0, self.n, len(self.current)), self.current)
-        return self.current.copy()
 
 
 class SB3Policy:

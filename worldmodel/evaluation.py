@@ -60,10 +60,11 @@ from worldmodel.dynamics_eval import (
     heldout_nll,
     reconstruct,
     sample_clips,
-    teacher_forced_episodes,
+    window_starts,
 )
 from worldmodel.metrics.bits import bits_per_dim, bits_per_token
 from worldmodel.metrics.image import psnr, ssim
+from worldmodel.random_policy import StickyRandomPolicy
 from worldmodel.store import EpisodeStore
 
 EVAL_JSON = "eval.json"
@@ -207,7 +208,9 @@ def heads_on_dream_schedule(wm: WorldModel, store: EpisodeStore, episode_ids: li
                             batch_size: int = 16) -> TeacherForced:
     """Reward and termination heads on every transition of ``episode_ids``, teacher forced (real frames
     and actions) in the windows of :func:`dream_schedule_windows` (the sampler's ``keep``), i.e. with the
-    history and at the window position the dream env would read each transition with."""
+    history and at the window position the dream env would read each transition with. ``token_windows``
+    holds each episode's full prior windows (:func:`~worldmodel.dynamics_eval.window_starts`), for
+    :func:`~worldmodel.dynamics_eval.heldout_nll`, from the same encoding."""
     from worldmodel.prior import symexp
     from worldmodel.sampling import Rollout
 
@@ -238,6 +241,9 @@ def heads_on_dream_schedule(wm: WorldModel, store: EpisodeStore, episode_ids: li
         out.term_prob.append(p_term)
         out.rewards.append(ep.rewards.astype(np.float32))
         out.terminated.append(ep.terminated.astype(bool))
+        if T >= F:
+            out.token_windows += [{"tokens": tokens[s: s + F].cpu(), "actions": acts[s: s + F - 1].cpu()}
+                                  for s in window_starts(T, F)]
     return out
 
 
@@ -258,7 +264,7 @@ def tuned_termination(wm: WorldModel, store: EpisodeStore, split: str, n: int, p
 
 def heads_sections(wm: WorldModel, store: EpisodeStore, split: str, n: int) -> tuple[dict, dict, dict]:
     """(reward, termination, bits) sections from the prior teacher forced on whole held-out episodes
-    (heads: :func:`heads_on_dream_schedule`; bits: the windows of ``teacher_forced_episodes``)."""
+    (:func:`heads_on_dream_schedule`: heads at the dream's window positions, bits on full windows)."""
     ids, used, n_term = choose_episodes(store, split, n)
     hs = heads_on_dream_schedule(wm, store, ids)
     r_pred, r_true = np.concatenate(hs.reward_pred), np.concatenate(hs.rewards)
@@ -274,10 +280,9 @@ def heads_sections(wm: WorldModel, store: EpisodeStore, split: str, n: int) -> t
     if n_term == 0:
         termination["note"] = "no held-out episode ends in termination: recall is undefined"
     termination["tuned"] = tuned_termination(wm, store, used, n, p_term, d_true)
-    tf = teacher_forced_episodes(wm, store, ids)
-    bits: dict[str, Any] = {"n_windows": len(tf.token_windows), "window_frames": wm.cfg.prior.frames}
-    if tf.token_windows:
-        nll = heldout_nll(wm, tf.token_windows)
+    bits: dict[str, Any] = {"n_windows": len(hs.token_windows), "window_frames": wm.cfg.prior.frames}
+    if hs.token_windows:
+        nll = heldout_nll(wm, hs.token_windows)
         h, w = wm.cfg.prior.tokens_h, wm.cfg.prior.tokens_w
         H, W, C = wm.obs_shape
         F = wm.cfg.prior.frames
@@ -288,25 +293,12 @@ def heads_sections(wm: WorldModel, store: EpisodeStore, split: str, n: int) -> t
     return reward, termination, bits
 
 
-def sticky_random_actions(n_actions: int, rows: int, steps: int, rng: np.random.Generator,
-                          mean_repeat: float = 4.0) -> np.ndarray:
-    """(steps, rows) int64 uniform random actions, each held for a geometric number of steps (mean
-    ``mean_repeat``): the random policy the vizdoom stores are collected with (``envs.collect``, which
-    library code may not import)."""
-    out = np.empty((steps, rows), np.int64)
-    cur = rng.integers(0, n_actions, rows)
-    for t in range(steps):
-        cur = np.where(rng.random(rows) < 1.0 / mean_repeat, rng.integers(0, n_actions, rows), cur)
-        out[t] = cur
-    return out
-
-
 @torch.inference_mode()
 def dream_episode_section(wm: WorldModel, store: EpisodeStore, episode_ids: list[str], *, rows: int,
                           max_steps: int = 0, thresholds: dict[str, float | None] | None = None,
                           temperature: float = 1.0, seed: int = 0) -> dict[str, Any]:
     """Lengths (steps) of ``rows`` dream episodes started from the first frame of ``episode_ids``
-    (cycled) under :func:`sticky_random_actions`, for several ways of ending them on one rollout:
+    (cycled) under a :class:`~worldmodel.random_policy.StickyRandomPolicy`, for several ways of ending them on one rollout:
     ``sample`` (the first step whose Bernoulli(p) draw says terminated, the dream env's default) and
     ``p > threshold`` for each of ``thresholds`` (name -> threshold; None entries are skipped).
     Rollouts that have not ended by ``max_steps`` count as that long (``n_censored``; the mean is then
@@ -323,13 +315,13 @@ def dream_episode_section(wm: WorldModel, store: EpisodeStore, episode_ids: list
     rules = {"sample": None, **{k: v for k, v in (thresholds or {}).items() if v is not None}}
     ended = {k: np.full(rows, -1) for k in rules}
     rng = np.random.default_rng(seed)
-    actions = sticky_random_actions(spec.n, rows, max_steps, rng)
+    policy = StickyRandomPolicy(spec.n, rows, seed=seed)
     gens = [torch.Generator(device=wm.device).manual_seed(seed * 1_000_003 + i) for i in range(rows)]
     ro = wm.rollout(rows)
     ro.reset(np.stack([store.read_clip(e, 0, 1)["frames"] for e in starts]))
     t0, steps = time.perf_counter(), 0
     for t in range(max_steps):
-        p = ro.step(actions[t], temperature=temperature, generator=gens).terminated_prob
+        p = ro.step(policy(), temperature=temperature, generator=gens).terminated_prob
         u = rng.random(rows)
         steps = t + 1
         for k, thr in rules.items():

@@ -46,6 +46,12 @@ def symexp(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.expm1(x.abs())
 
 
+def masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over the entries where ``keep`` (bool, broadcast to ``x``) is True; 0 when none is."""
+    w = keep.expand_as(x).to(x.dtype)
+    return (x * w).sum() / w.sum().clamp(min=1)
+
+
 class CondLayerNorm(nn.Module):
     """LayerNorm whose gain and bias are affine functions of a condition vector (zero-initialised,
     so training starts from a plain LayerNorm)."""
@@ -573,44 +579,38 @@ class Prior(nn.Module):
                              reduction="none").view(B, T, -1)
         valid = batch.get("valid")
         valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device) if valid is None else valid.bool()  # (B, T)
-        tok_valid = valid  # (B, T) frames whose tokens are scored
+        tok_valid = valid  # (B, T) frames whose tokens (and rewards) are scored
         if "termination_only" in batch:  # windows that train the termination head only (end-padded windows)
             tok_valid = valid & ~batch["termination_only"].bool().view(B, 1)
-        n_tok = tok_valid.sum().clamp(min=1) * ce.shape[-1]
-        token_loss = (ce * tok_valid[..., None]).sum() / n_tok
+        token_loss = masked_mean(ce, tok_valid[..., None])
         loss = token_loss
         metrics = {"nats_per_token": token_loss.item(), "bits_per_token": token_loss.item() / math.log(2),
-                   "nats_first_frame": ((ce[:, 0] * tok_valid[:, :1]).sum()
-                                        / (tok_valid[:, 0].sum() * ce.shape[-1]).clamp(min=1)).item()}
+                   "nats_first_frame": masked_mean(ce[:, 0], tok_valid[:, :1]).item()}
         if mask is not None:  # MaskGIT objective: cross-entropy of the hidden tokens only
-            m = rearrange(mask[:, frames], "b t h w -> b t (h w)").float() * tok_valid[:, frames, None]
+            m = rearrange(mask[:, frames], "b t h w -> b t (h w)") & tok_valid[:, frames, None]
             ce_m = F.cross_entropy(rearrange(out.mask_logits, "b t n v -> b v t n").float(), target[:, frames],
                                    reduction="none")
-            mg_loss = (ce_m * m).sum() / m.sum().clamp(min=1)
+            mg_loss = masked_mean(ce_m, m)
             loss = loss + self.cfg.maskgit_weight * mg_loss
             metrics["maskgit_nats"] = mg_loss.item()
         if T > 1:
-            th = tok_valid[:, 1:, None].float()
-            metrics["nats_with_history"] = ((ce[:, 1:] * th).sum() / (th.sum() * ce.shape[-1]).clamp(min=1)).item()
-            tv = valid[:, 1:].float()  # (B, T-1) real transitions (into a real frame)
-            n_tv = tv.sum().clamp(min=1)
+            metrics["nats_with_history"] = masked_mean(ce[:, 1:], tok_valid[:, 1:, None]).item()
+            tv, rv = valid[:, 1:], tok_valid[:, 1:]  # (B, T-1) transitions into a real frame; those scored for reward
             if "rewards" in batch:
-                rv = tok_valid[:, 1:].float()  # termination-only windows add no reward loss
-                n_rv = rv.sum().clamp(min=1)
                 r = batch["rewards"][:, : T - 1].float()
                 pred = out.reward[:, 1:].float()
-                r_loss = ((pred - symlog(r)) ** 2 * rv).sum() / n_rv
+                r_loss = masked_mean((pred - symlog(r)) ** 2, rv)
                 loss = loss + self.cfg.reward_weight * r_loss
                 metrics["reward_loss"] = r_loss.item()
-                metrics["reward_mae"] = (((symexp(pred.detach()) - r).abs() * rv).sum() / n_rv).item()
+                metrics["reward_mae"] = masked_mean((symexp(pred.detach()) - r).abs(), rv).item()
             if "terminated" in batch:
                 d = batch["terminated"][:, : T - 1].float()
                 logit = out.term_logit[:, 1:].float()
                 pw = torch.tensor(self.cfg.termination_pos_weight, device=logit.device)  # 1 = calibrated BCE
-                t_loss = (F.binary_cross_entropy_with_logits(logit, d, pos_weight=pw, reduction="none") * tv).sum() / n_tv
+                t_loss = masked_mean(F.binary_cross_entropy_with_logits(logit, d, pos_weight=pw, reduction="none"), tv)
                 loss = loss + self.cfg.termination_weight * t_loss
                 metrics["termination_loss"] = t_loss.item()
-                metrics["termination_accuracy"] = ((((logit.detach() > 0).float() == d).float() * tv).sum() / n_tv).item()
+                metrics["termination_accuracy"] = masked_mean(((logit.detach() > 0).float() == d).float(), tv).item()
         return loss, metrics
 
     # -- incremental forward (generation) -------------------------------------------------------
