@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from worldmodel.config import PriorConfig
-from worldmodel.prior import Prior
+from worldmodel.fast_decode import TokenDecoder
+from worldmodel.prior import KVCache, Prior
 from worldmodel.sampling import Rollout, generate_uncached, teacher_forced_nll
 
 CFG = PriorConfig(n_layer=2, n_head=2, n_embd=32, dropout=0.0, attn_dropout=0.0, vocab_size=16, frames=4,
@@ -51,6 +52,43 @@ def test_cached_generation_equals_full_forward(cond):
         assert torch.allclose(symexp_(full.reward[:, -1]), got.reward, atol=1e-4)
         window_tok = torch.cat([window_tok, ref[:, None]], 1)
         window_act = torch.cat([window_act, a[:, None]], 1)
+
+
+@pytest.mark.parametrize("kw", [dict(action_cond="cond_ln"), dict(action_cond="token"),
+                                dict(action_cond="add", prev_frame_kernel=3), dict(n_classes=3)])
+def test_fused_token_decoder_equals_forward_cached_and_follows_weight_updates(kw):
+    p = randomized(replace(CFG, **kw))
+    B, hs = 3, CFG.n_embd // CFG.n_head
+    tok, act = clip(B=B, T=2)
+    cls = torch.tensor([0, 2, 1]) if p.class_emb is not None else None
+    dec = TokenDecoder(p)
+    for round_ in range(2):  # the second round after an optimizer step changed every weight in place
+        caches = [KVCache(CFG.n_layer, B, CFG.n_head, CFG.frames * p.block_len, hs, torch.device("cpu"), torch.float32)
+                  for _ in range(2)]
+        with torch.no_grad():
+            cond = p.block_conditions(act[:, :1], B, 2, cls)
+            for c in caches:  # the same context in both caches
+                p.forward_cached(p.embed_blocks(tok, cond), p._ln_cond(cond), c, None, 0)
+            a = torch.tensor([[2, 2], [0, 0], [1, 1]])  # the next block's action
+            new = p.block_conditions(a, B, 2, cls)[:, 1:]  # (B, 1, C)
+            ln = p.ln_params(new)
+            assert TokenDecoder.supported(p, torch.float32, None)
+            norms = dec.frame_norms(ln, B)
+            x = torch.randn(B, CFG.n_embd, generator=torch.Generator().manual_seed(round_))
+            for pos in range(2 * p.block_len, 2 * p.block_len + 4):
+                ref = p.forward_cached(x[:, None], ln if ln is not None else new, caches[0], None, pos)[:, 0]
+                got = dec(x, norms, caches[1], pos)
+                assert torch.allclose(got, ref, atol=1e-5), (round_, pos, (got - ref).abs().max())
+                assert torch.allclose(caches[1].kt, caches[0].kt, atol=1e-6) and torch.allclose(caches[1].v, caches[0].v, atol=1e-6)
+                x = ref + 0.1
+        p.train()
+        opt = torch.optim.SGD(p.parameters(), lr=0.5)
+        loss, _ = p.compute_loss({"tokens": tok, "actions": act[:, :1], **({"class_ids": cls} if cls is not None else {})})
+        loss.backward()
+        opt.step()
+        p.eval()
+    assert not TokenDecoder.supported(p.train(), torch.float32, None), "dropout in training mode: the fused path must not apply"
+    assert not TokenDecoder.supported(p.eval(), torch.bfloat16, None)
 
 
 def symexp_(x):

@@ -154,6 +154,9 @@ class SelfAttention(nn.Module):
                 Kt = K.transpose(-1, -2)  # (B, nh, hs, pos+1): contiguous rows of the transposed store
                 att = (q * q.shape[-1] ** -0.5) @ Kt.to(q.dtype)  # (B, nh, 1, pos+1)
                 y = att.softmax(-1) @ V.to(q.dtype)
+            elif pos == 0:  # a window encoded from its start: its own keys, plain causal (SDPA's fused kernel
+                # needs unit-stride keys, which the transposed key store is not; ~2x the masked path)
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:  # queries at pos..pos+S-1 see keys <= their own position: causal with a prefix offset
                 mask = torch.ones(S, pos + S, dtype=torch.bool, device=x.device).tril(diagonal=pos)
                 y = F.scaled_dot_product_attention(q, K.to(q.dtype), V.to(q.dtype), attn_mask=mask)

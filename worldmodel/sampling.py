@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from worldmodel.fast_decode import TokenDecoder
 from worldmodel.prior import KVCache, Prior, symexp
 
 DECODES = ("autoregressive", "maskgit")
@@ -135,6 +136,7 @@ class Rollout:
             M = cfg.n_cond_frames * cfg.tokens_h * cfg.tokens_w
             self.mem_k = torch.zeros(cfg.n_layer, batch_size, cfg.n_head, M, hs, device=self.device, dtype=p.dtype)
             self.mem_v = torch.zeros_like(self.mem_k)
+        self.decoder = TokenDecoder(prior)  # fused single-position forward of the token loop
         self.n_frames = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # frames in each window
         self.started = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
 
@@ -199,10 +201,12 @@ class Rollout:
             tok = self.tokens[r, :T]
             acts = self.actions[r, : max(T - 1, 0)]
             cls = self.class_ids[r] if self.prior.class_emb is not None else None
+            every_row = len(r) == self.B and bool((r == torch.arange(self.B, device=self.device)).all())  # plain slicing
             with self._autocast():
                 cond = self.prior.block_conditions(acts, len(r), T, cls)
                 x = self.prior.embed_blocks(tok, cond)
-                self.prior.forward_cached(x, self.prior._ln_cond(cond), self.cache, r, 0, self._memory(r))
+                self.prior.forward_cached(x, self.prior._ln_cond(cond), self.cache, None if every_row else r, 0,
+                                          self._memory(None if every_row else r))
 
     def _slide(self, rows: torch.Tensor) -> None:
         keep, F_ = self.keep, self.cfg.frames
@@ -282,28 +286,45 @@ class Rollout:
                                                        temperature, top_k, top_p, generator, row_gens)
                 return self._finish(t_idx, out, h_last, ent)
             noise = None  # drawn once per frame (one call, not one per token)
-            if temperature > 0:
-                noise = frame_gumbel(B, hw, cfg.vocab_size, self.device, generator, row_gens)  # (B, hw, V)
-            out = torch.empty(B, hw, dtype=torch.long, device=self.device)
-            all_logits = torch.empty(B, hw, cfg.vocab_size, device=self.device)  # entropy computed once per frame
-            pos_hw = prior.pos_h[prior._grid_h] + prior.pos_w[prior._grid_w] + pos_t  # (B, hw, C)
+            if temperature > 0:  # (hw, B, V): noise[j] is contiguous
+                noise = frame_gumbel(B, hw, cfg.vocab_size, self.device, generator, row_gens).transpose(0, 1).contiguous()
+            out = torch.empty(hw, B, dtype=torch.long, device=self.device)
+            all_logits = torch.empty(hw, B, cfg.vocab_size, device=self.device)  # entropy computed once per frame
+            pos_hw = (prior.pos_h[prior._grid_h] + prior.pos_w[prior._grid_w])[:, None] + pos_t[:, 0]  # (hw, B, C)
+            if cfg.action_cond == "add":
+                pos_hw = pos_hw + cond[:, 0]
+            x = x[:, 0]  # (B, C)
+            if isinstance(base, int) and TokenDecoder.supported(prior, self.cache.kt.dtype, memory):
+                norms = self.decoder.frame_norms(ln_cond, B)  # the fused single-position path
+
+                def forward(x: torch.Tensor, pos: int) -> torch.Tensor:
+                    return self.decoder(x, norms, self.cache, pos)
+
+                def head(h: torch.Tensor, j: int) -> torch.Tensor:
+                    return torch.mm(h, self.decoder.head_t, out=all_logits[j])
+            else:
+                def forward(x: torch.Tensor, pos: torch.Tensor | int) -> torch.Tensor:
+                    return prior.forward_cached(x[:, None], ln_cond, self.cache, None, pos, memory)[:, 0]
+
+                def head(h: torch.Tensor, j: int) -> torch.Tensor:
+                    all_logits[j] = prior.head(h).float()
+                    return all_logits[j]
             for j in range(hw + 1):
                 if prev is not None and j < hw:
-                    x = x + prev[:, j:j + 1]
-                h = prior.forward_cached(x, ln_cond, self.cache, None, base + j, memory)  # (B, 1, C)
+                    x = x + prev[:, j]
+                h = forward(x, base + j)  # (B, C)
                 if j == hw:
                     break
-                logits = prior.head(h[:, 0]).float()  # (B, V)
-                all_logits[:, j] = logits
+                logits = head(h, j)  # (B, V)
                 if noise is None:
                     tok = logits.argmax(-1)
                 else:
-                    tok = (filter_logits(logits / temperature, top_k, top_p) + noise[:, j]).argmax(-1)
-                out[:, j] = tok
-                x = prior.tok_emb(tok)[:, None] + pos_hw[:, j:j + 1]
-                if cfg.action_cond == "add":
-                    x = x + cond
-            return self._finish(t_idx, out, h[:, 0], mean_entropy(all_logits))
+                    if temperature != 1.0:
+                        logits = logits / temperature
+                    tok = (filter_logits(logits, top_k, top_p) + noise[j]).argmax(-1)
+                out[j] = tok
+                x = prior.tok_emb.weight.index_select(0, tok) + pos_hw[j]
+            return self._finish(t_idx, out.t(), h, mean_entropy(all_logits.transpose(0, 1)))
 
     def _finish(self, t_idx: torch.Tensor, out: torch.Tensor, h_last: torch.Tensor, entropy: torch.Tensor) -> StepResult:
         """Store the new frames ``out`` (B, hw) at window index ``t_idx`` and read the reward/termination
