@@ -15,9 +15,14 @@ of the bundle's store (its first ``context_frames`` frames, or a random window w
 returns the predicted reward and termination — by default drawn as a Bernoulli of the predicted
 termination probability (``termination="sample"``; ``"threshold"`` ends only when it exceeds
 ``termination_threshold``, default 0.5 -- evaluate.py reports one tuned on validation episodes,
-which for rare, barely predictable events such as an HGS death never happens); ``info`` holds
-``step`` (steps since reset), ``entropy`` (mean token entropy of the new frame in nats: high where
-the model is unsure, a dream-uncertainty signal) and ``terminated_prob``. Each env draws its
+which for rare, barely predictable events such as an HGS death never happens). The reward is the
+one the bundle predicts for the outcome drawn: ``reward_if_terminated`` on a terminating step,
+``reward_if_not_terminated`` otherwise (the same value for bundles with a one-output reward head,
+``PriorConfig.reward_given_termination`` False), so an ending dream episode carries the terminal
+reward (HGS: the death penalty). ``info`` holds ``step`` (steps since reset), ``entropy`` (mean token
+entropy of the new frame in nats: high where the model is unsure, a dream-uncertainty signal),
+``terminated_prob``, both rewards and ``expected_reward`` (their mix weighted by
+``terminated_prob``, the reward to expect before termination is drawn). Each env draws its
 samples from its own generator seeded from ``reset(seed=...)``, so the same seed gives the same
 episode, alone or inside a vector env. Continuous actions are exposed normalised to [-1, 1] and
 mapped linearly to the dataset's per-dimension [low, high] (recorded in the bundle).
@@ -45,6 +50,8 @@ from worldmodel.store import ActionSpec, EpisodeStore, StoreError
 STARTS = ("episode_start", "random")
 TERMINATIONS = ("sample", "threshold")
 OPTION_KEYS = ("frames", "actions", "episode_id", "start")
+# per-step float entries of ``info`` besides "step" (see the module docstring)
+STEP_INFO_FLOATS = ("entropy", "terminated_prob", "reward_if_terminated", "reward_if_not_terminated", "expected_reward")
 
 
 def resolve_bundle(checkpoint: str | os.PathLike | None, preset: str | None) -> Path:
@@ -270,13 +277,17 @@ class DreamCore:
         out = self.rollout.step(a, generator=gens, **self.sample_kw)
         self.obs[:] = out.frames
         self.steps += 1
-        info = {"step": self.steps.copy(), "entropy": out.entropy, "terminated_prob": out.terminated_prob}
+        info = {"step": self.steps.copy(), "entropy": out.entropy, "terminated_prob": out.terminated_prob,
+                "reward_if_terminated": out.rewards_if_terminated, "reward_if_not_terminated": out.rewards,
+                "expected_reward": out.expected_rewards}
         if self.termination == "sample":  # skipped rows draw nothing: their streams stay those of single envs
             u = np.array([1.0 if skip is not None and skip[i] else self.rngs[i].random() for i in range(self.N)])
             terminated = u < out.terminated_prob
         else:
             terminated = out.terminated_prob > self.termination_threshold
-        return self.obs.copy(), out.rewards, terminated, info
+        # the reward of the outcome drawn: a dream episode that ends carries the terminal reward (HGS: the death penalty)
+        rewards = np.where(terminated, out.rewards_if_terminated, out.rewards).astype(np.float32)
+        return self.obs.copy(), rewards, terminated, info
 
 
 def load_world_model(checkpoint: str | os.PathLike | None, preset: str | None, device: str) -> WorldModel:
@@ -375,7 +386,7 @@ class DreamEnv(gym.Env):
         if self.render_mode == "human":
             self.render()
         return obs[0], float(rew[0]), bool(term[0]), truncated, {
-            "step": step, "entropy": float(info["entropy"][0]), "terminated_prob": float(info["terminated_prob"][0])}
+            "step": step, **{k: float(info[k][0]) for k in STEP_INFO_FLOATS}}
 
     def render(self) -> np.ndarray | None:
         if self.render_mode == "rgb_array":
@@ -454,7 +465,7 @@ class DreamVectorEnv(VectorEnv):
             rows = np.flatnonzero(done_before).tolist()
             obs[rows] = self.core.reset_rows(rows)
             rew[rows], term[rows], trunc[rows] = 0.0, False, False
-            for k in ("entropy", "terminated_prob"):
+            for k in STEP_INFO_FLOATS:
                 info[k][rows] = 0.0
             info["step"][rows] = 0
         self._autoreset = term | trunc

@@ -16,7 +16,7 @@ import numpy as np
 from gymnasium.utils import seeding
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
 
-from envs.dream import DreamCore, load_world_model
+from envs.dream import STEP_INFO_FLOATS, DreamCore, load_world_model
 from worldmodel.bundle import WorldModel
 
 
@@ -73,9 +73,8 @@ class DreamVecEnv(VecEnv):
         if self.max_episode_steps is not None:
             trunc = (self.core.steps >= self.max_episode_steps) & ~term
         done = term | trunc
-        infos = [{"step": int(info["step"][i]), "entropy": float(info["entropy"][i]),
-                  "terminated_prob": float(info["terminated_prob"][i]), "TimeLimit.truncated": bool(trunc[i])}
-                 for i in range(self.num_envs)]
+        infos = [{"step": int(info["step"][i]), **{k: float(info[k][i]) for k in STEP_INFO_FLOATS},
+                  "TimeLimit.truncated": bool(trunc[i])} for i in range(self.num_envs)]
         rows = np.flatnonzero(done).tolist()
         if rows:
             for i in rows:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 
 import gymnasium as gym
 import numpy as np
@@ -20,6 +21,9 @@ from envs.collect import collect
 from envs.dream import DreamEnv
 from envs.sb3_vec import DreamVecEnv
 from tests.conftest import BATTLE2_DIR, TINY_RES, make_bundle, tiny_experiment, write_continuous_store
+from worldmodel.bundle import WorldModel
+from worldmodel.prior import symlog
+from worldmodel.store import EpisodeStore
 
 HGS = "VideoGPTDream-VizdoomHGS-v0"
 
@@ -37,6 +41,15 @@ def bundles(tmp_path_factory, tiny_bundle):
         store = write_continuous_store(root / f"{preset}_store", source=preset, dim=dim)
         out[name] = make_bundle(tiny_experiment(store, name=preset), root / preset)
     return out
+
+
+@pytest.fixture(scope="module")
+def split_bundle(tmp_path_factory, hgs_store):
+    """A vizdoom_hgs bundle (random weights) whose reward head predicts a reward for each outcome of a step
+    (``reward_given_termination``, as the ViZDoom presets)."""
+    cfg = tiny_experiment(hgs_store)
+    return make_bundle(replace(cfg, prior=replace(cfg.prior, reward_given_termination=True)),
+                       tmp_path_factory.mktemp("split_bundle") / "vizdoom_hgs-tiny")
 
 
 def _run(env, actions, seed):
@@ -72,6 +85,62 @@ def test_every_id_passes_gymnasium_checker(bundles, name):
     env.close()
 
 
+def test_gymnasium_checker_with_split_reward_head(split_bundle):
+    env = gym.make(HGS, checkpoint=split_bundle)
+    assert env.unwrapped.world_model.prior.reward_head[-1].out_features == 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gym_check_env(env.unwrapped, skip_render_check=True)
+    assert not [str(w.message) for w in caught], [str(w.message) for w in caught]
+    env.reset(seed=0)
+    _, r, terminated, _, info = env.step(0)
+    assert r == (info["reward_if_terminated"] if terminated else info["reward_if_not_terminated"])
+    env.close()
+
+
+def test_dream_reward_is_the_terminal_reward_exactly_when_terminated(split_bundle):
+    """The env reports the bundle's reward of the outcome it drew: forced termination (p ~ 1) gives the
+    bundle's terminal reward, forced continuation (p ~ 0) the other one, p = 0.5 each where it falls."""
+    wm = WorldModel.from_pretrained(split_bundle)
+    term = wm.prior.term_head[-1]
+    with torch.no_grad():  # outputs ~ +4 / ~ -100 (random weights on top), and a constant termination logit
+        wm.prior.reward_head[-1].bias.copy_(symlog(torch.tensor([4.0, -100.0])))
+        term.weight.zero_()
+    store = EpisodeStore(wm.store_path)
+    ctx = store.read_clip(store.episode_ids()[0], 0, 1)["frames"]  # (1, H, W, 3)
+    for bias, mode in ((20.0, "sample"), (20.0, "threshold"), (-20.0, "sample")):
+        with torch.no_grad():
+            term.bias.fill_(bias)
+        env = DreamEnv(world_model=wm, temperature=0.0, termination=mode)
+        ref = wm.rollout(1)  # the bundle stepped directly, greedy: the same dream as the env's
+        for a in (0, 3, 1, 4):
+            env.reset(seed=a, options={"frames": ctx})
+            ref.reset(ctx[None])
+            obs, r, terminated, _, info = env.step(a)
+            want = ref.step(np.array([a]), temperature=0.0)
+            assert np.array_equal(obs, want.frames[0]) and terminated is (bias > 0), (bias, mode, a)
+            r_term, r_cont = float(want.rewards_if_terminated[0]), float(want.rewards[0])
+            assert r_term < -50 and r_cont > 2
+            assert r == (r_term if terminated else r_cont)  # exactly the bundle's value
+            assert (info["reward_if_terminated"], info["reward_if_not_terminated"]) == (r_term, r_cont)
+            p = info["terminated_prob"]
+            assert info["expected_reward"] == pytest.approx(p * r_term + (1 - p) * r_cont, rel=1e-5)
+    with torch.no_grad():
+        term.bias.fill_(0.0)  # p = 0.5: both outcomes, row by row, in the SB3 adapter PPO trains on
+    venv = DreamVecEnv(16, world_model=wm)
+    venv.seed(0)
+    venv.reset()
+    ends = []
+    for _ in range(3):
+        _, rew, done, infos = venv.step(np.zeros(16, np.int64))
+        for i, info in enumerate(infos):
+            assert info["terminated_prob"] == 0.5
+            assert rew[i] == np.float32(info["reward_if_terminated"] if done[i] else info["reward_if_not_terminated"])
+            assert (rew[i] < -50) == bool(done[i])
+        ends += done.tolist()
+    assert 0 < sum(ends) < len(ends)
+
+
 def test_sb3_checker_without_warnings(tiny_bundle64):
     env = DreamEnv(checkpoint=tiny_bundle64, preset="vizdoom_hgs")
     with warnings.catch_warnings(record=True) as caught:
@@ -95,7 +164,9 @@ def test_same_seed_same_episode(tiny_bundle):
     assert info["step"] == 1 and info["entropy"] > 0 and 0 <= info["terminated_prob"] <= 1
 
 
-def test_vector_env_equals_single_envs(tiny_bundle):
+@pytest.mark.parametrize("bundle", ["tiny_bundle", "split_bundle"])
+def test_vector_env_equals_single_envs(bundle, request):
+    tiny_bundle = request.getfixturevalue(bundle)
     N, T, seed = 3, 8, 11
     vec = gym.make_vec(HGS, num_envs=N, checkpoint=tiny_bundle)
     assert type(vec).__name__ == "DreamVectorEnv"  # the vector entry point, not a SyncVectorEnv of N models

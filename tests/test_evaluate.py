@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,43 @@ def test_teacher_forced_heads_are_aligned_with_the_store(tiny_bundle, dying_stor
         reward, term, _ = heads_sections(wm, store, "test", n=1)  # one episode: the terminating one comes first
         assert term["recall"] == 0.0 and term["precision"] is None and term["n_episodes"] == 1
         assert reward["mae_teacher_forced"] == pytest.approx(np.abs(tf.rewards[0] + 100.0).mean(), rel=1e-5)
+
+
+def test_reward_scores_read_the_output_of_the_real_outcome(tiny_bundle, dying_store, one_thread):
+    """With a reward per outcome (``reward_given_termination``), the teacher-forced MAEs score the output
+    matching the real termination and the ``*_expected`` ones the p(terminated)-weighted mix."""
+    base = WorldModel.from_pretrained(tiny_bundle)
+    wm = WorldModel(replace(base.cfg, prior=replace(base.cfg.prior, reward_given_termination=True)), base.store_meta)
+    wm.tokenizer.load_state_dict(base.tokenizer.state_dict())
+    wm.eval()
+    p = 0.1
+    with torch.no_grad():
+        for head, bias in ((wm.prior.reward_head[-1], symlog(torch.tensor([4.0, -100.0]))),
+                           (wm.prior.term_head[-1], torch.tensor([math.log(p / (1 - p))]))):
+            head.weight.zero_()
+            head.bias.copy_(bias)
+    store = EpisodeStore(dying_store)
+    eps = [store.load(e) for e in store.episode_ids()]
+    r = np.concatenate([ep.rewards for ep in eps])
+    d = np.concatenate([ep.terminated for ep in eps]).astype(bool)
+    assert d.sum() == len(eps) and r[d].max() < -90  # HGS deaths: about -100
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the two episodes may all be in the train split (fallback warns)
+        reward, _, _ = heads_sections(wm, store, "test", n=5)
+    expected = p * -100.0 + (1 - p) * 4.0
+    assert reward["reward_given_termination"] is True
+    assert reward["mae_teacher_forced"] == pytest.approx(np.abs(np.where(d, -100.0, 4.0) - r).mean(), rel=1e-4)
+    assert reward["mae_on_terminal"] == pytest.approx(np.abs(-100.0 - r[d]).mean(), rel=1e-4)
+    assert reward["mae_on_terminal"] < 10  # the one-output head's measured ~96-100 on HGS
+    assert reward["mae_teacher_forced_expected"] == pytest.approx(np.abs(expected - r).mean(), rel=1e-4)
+    assert reward["mae_on_terminal_expected"] == pytest.approx(np.abs(expected - r[d]).mean(), rel=1e-4)
+    # open loop: both outputs, picked by the real termination or mixed by p
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clips = sample_clips(store, n=2, length=4, seed=0)
+    ro = open_loop(wm, clips.frames, clips.actions, context=1, horizon=3)
+    np.testing.assert_allclose(ro.rewards_given(clips.terminated), np.where(clips.terminated, -100.0, 4.0), rtol=1e-5)
+    np.testing.assert_allclose(ro.expected_rewards, np.full((2, 3), expected), rtol=1e-5)
 
 
 def test_open_loop_replays_actions_and_rejects_short_input(tiny_bundle, hgs_store, one_thread):

@@ -1,4 +1,5 @@
-"""Termination and reward heads: pos_weight, end-padded training windows, the dream-schedule evaluation.
+"""Termination and reward heads: pos_weight, end-padded training windows, the dream-schedule evaluation,
+the reward head's split by termination (``reward_given_termination``).
 
 Synthetic token worlds (2×2 tokens, vocabulary 4) make the termination rule known exactly; the
 priors are tiny and train for a few hundred steps on one thread.
@@ -6,17 +7,21 @@ priors are tiny and train for a few hundred steps on one thread.
 
 from __future__ import annotations
 
+import json
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tests.conftest import make_bundle, tiny_experiment
 from worldmodel.bundle import WorldModel
+from worldmodel.checkpoint import CONFIG_JSON
 from worldmodel.config import PriorConfig
 from worldmodel.evaluation import dream_episode_section, dream_schedule_windows, heads_on_dream_schedule
-from worldmodel.prior import Prior, symlog
+from worldmodel.prior import Prior, symexp, symlog
 from worldmodel.sampling import Rollout
 from worldmodel.stages import EndPaddedClips
 from worldmodel.store import ClipDataset, EpisodeStore, SeededSampler
@@ -89,23 +94,27 @@ def term_prob_at(model: Prior, ep: dict[str, np.ndarray], t: int, pos: int) -> f
 
 class NoisySignalWindows(Dataset):
     """Fixed-length windows of random tokens in {1, 2, 3}; each frame after the first is all SIGNAL with
-    probability 1/2, and a transition into a SIGNAL frame is labelled terminated with probability
-    ``hazard`` (label noise: the frames alone cannot tell which SIGNAL transitions end)."""
+    probability ``p_signal``, and a transition into a SIGNAL frame is labelled terminated with probability
+    ``hazard`` (label noise: the frames alone cannot tell which SIGNAL transitions end). Rewards are 0, or
+    ``rewards = (step, terminal)``: ``terminal`` on terminated transitions and ``step`` on the others."""
 
-    def __init__(self, n: int, hazard: float, seed: int) -> None:
+    def __init__(self, n: int, hazard: float, seed: int, p_signal: float = 0.5,
+                 rewards: tuple[float, float] | None = None) -> None:
         rng = np.random.default_rng(seed)
         self.tokens = rng.integers(1, 4, (n, L, 2, 2))
-        signal = rng.random((n, L - 1)) < 0.5
-        self.tokens[:, 1:] = np.where(signal[..., None, None], SIGNAL, self.tokens[:, 1:])
-        self.terminated = signal & (rng.random((n, L - 1)) < hazard)
+        self.signal = rng.random((n, L - 1)) < p_signal
+        self.tokens[:, 1:] = np.where(self.signal[..., None, None], SIGNAL, self.tokens[:, 1:])
+        self.terminated = self.signal & (rng.random((n, L - 1)) < hazard)
         self.actions = rng.integers(0, 2, (n, L - 1))
+        step, terminal = rewards or (0.0, 0.0)
+        self.rewards = np.where(self.terminated, terminal, step).astype(np.float32)
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"tokens": torch.as_tensor(self.tokens[i]), "actions": torch.as_tensor(self.actions[i]),
-                "terminated": torch.as_tensor(self.terminated[i]), "rewards": torch.zeros(L - 1)}
+                "terminated": torch.as_tensor(self.terminated[i]), "rewards": torch.as_tensor(self.rewards[i])}
 
 
 def test_pos_weight_lifts_recall_where_plain_bce_stays_below_half(one_thread):
@@ -289,3 +298,112 @@ def test_dream_episode_lengths_follow_the_termination_head(tiny_bundle, hgs_stor
             hs = heads_on_dream_schedule(wm, store, ids)
         assert [len(p) for p in hs.term_prob] == [store.length(e) - 1 for e in ids]
         assert np.allclose(np.concatenate(hs.term_prob), 1 / (1 + np.exp(20.0)))
+
+
+SPLIT_CFG = replace(CFG, reward_given_termination=True)
+
+
+def test_split_reward_head_learns_the_rare_terminal_reward(one_thread):
+    """HGS in miniature: +4 per step, -100 on the ~3% of transitions that end, and which SIGNAL transition
+    ends is chance (hazard 0.3), so termination cannot be predicted exactly. With ``reward_given_termination``
+    the terminal output learns -100 on terminal transitions and the other output stays at +4 even on the
+    SIGNAL transitions that did not end. The one-output head, same data and steps, is the contrast:
+    it regresses to the (symlog) mean on SIGNAL transitions, about -0.2 (measured: terminal-transition
+    MAE 99.8 and -0.19 on non-terminal SIGNAL transitions, against 0.77 and 3.97 with the split), so
+    the tolerances below fail for it."""
+    data = NoisySignalWindows(2000, 0.3, seed=0, p_signal=0.1, rewards=(4.0, -100.0))
+    held = NoisySignalWindows(256, 0.3, seed=1, p_signal=0.1, rewards=(4.0, -100.0))
+    tok, act = torch.as_tensor(held.tokens), torch.as_tensor(held.actions)
+    d, signal = torch.as_tensor(held.terminated), torch.as_tensor(held.signal)
+    assert 0.01 < data.terminated.mean() < 0.05 and d.sum() >= 15 and (signal & ~d).sum() >= 30
+    got = {}
+    for split in (True, False):
+        model = train(replace(CFG, reward_given_termination=split), data, steps=300)
+        assert model.reward_head[-1].out_features == (2 if split else 1)
+        with torch.no_grad():
+            out = model(tok, act)
+            _, m = model.compute_loss({"tokens": tok, "actions": act, "terminated": d,
+                                       "rewards": torch.as_tensor(held.rewards)})
+        r_cont, r_term = symexp(out.reward[:, 1:]), symexp(out.reward_if_terminated[:, 1:])  # (256, L-1)
+        got[split] = {"mae_terminal": (r_term[d] + 100).abs().mean().item(),
+                      "cont_nonterminal": r_cont[~d].mean().item(),
+                      "cont_signal_nonterminal": r_cont[signal & ~d].mean().item(), "metrics": m}
+    on, off = got[True], got[False]
+    assert on["mae_terminal"] < 10.0, got  # within 10 of -100 on every terminal transition, on average
+    assert abs(on["cont_nonterminal"] - 4.0) < 0.5 and abs(on["cont_signal_nonterminal"] - 4.0) < 0.5, got
+    assert on["metrics"]["reward_mae_terminal"] == pytest.approx(on["mae_terminal"], rel=1e-4)
+    # the same tolerances fail for the one-output head (the contrast that makes the split worth having)
+    assert off["mae_terminal"] > 50.0 and abs(off["cont_signal_nonterminal"] - 4.0) > 0.5, got
+    assert "reward_mae_terminal" not in off["metrics"]
+
+
+def test_split_reward_loss_scores_each_output_on_its_own_transitions():
+    torch.manual_seed(0)
+    model = Prior(SPLIT_CFG).eval()
+    for head in (model.reward_head[-1], model.term_head[-1]):  # non-trivial outputs
+        torch.nn.init.normal_(head.weight, std=0.5)
+    g = torch.Generator().manual_seed(3)
+    B = 6
+    batch = {"tokens": torch.randint(0, 4, (B, L, 2, 2), generator=g), "actions": torch.randint(0, 2, (B, L - 1), generator=g),
+             "rewards": 10 * torch.randn(B, L - 1, generator=g), "terminated": torch.rand(B, L - 1, generator=g) < 0.3,
+             "valid": torch.arange(L).expand(B, L) < torch.tensor([L, L, L, 3, 3, 2])[:, None],
+             "termination_only": torch.tensor([False, False, False, False, True, True])}
+    loss, m = model.compute_loss(batch)
+    with torch.no_grad():
+        out = model(batch["tokens"], batch["actions"])
+    rc, rt, r, d = out.reward[:, 1:], out.reward_if_terminated[:, 1:], batch["rewards"], batch["terminated"]
+    scored = batch["valid"][:, 1:] & ~batch["termination_only"][:, None]  # as the one-output loss scores rewards
+    assert (scored & d).sum() >= 2 and (scored & ~d).sum() >= 2 and (~scored & d).any()
+    loss_c = ((rc - symlog(r)) ** 2)[scored & ~d].mean()
+    loss_t = ((rt - symlog(r)) ** 2)[scored & d].mean()
+    assert m["reward_loss"] == pytest.approx((loss_c + loss_t).item(), rel=1e-5)
+    assert m["reward_loss_terminal"] == pytest.approx(loss_t.item(), rel=1e-5)
+    matching = symexp(torch.where(d, rt, rc))
+    assert m["reward_mae"] == pytest.approx((matching - r).abs()[scored].mean().item(), rel=1e-5)
+    assert m["reward_mae_terminal"] == pytest.approx((symexp(rt) - r).abs()[scored & d].mean().item(), rel=1e-5)
+
+    # no scored terminal transition (none at all, or only in termination-only windows): the terminal
+    # output's loss is 0 (not NaN) and it gets no gradient
+    for name, term in (("none", torch.zeros_like(d)), ("termination_only", d & batch["termination_only"][:, None])):
+        model.zero_grad()
+        loss, m = model.compute_loss({**batch, "terminated": term})
+        loss.backward()
+        assert torch.isfinite(loss) and m["reward_loss_terminal"] == 0.0 and "reward_mae_terminal" not in m, name
+        w, b = model.reward_head[-1].weight.grad, model.reward_head[-1].bias.grad
+        assert not w[1].any() and b[1] == 0 and w[0].abs().sum() > 0, name
+    with pytest.raises(ValueError, match="terminated"):
+        model.compute_loss({k: v for k, v in batch.items() if k != "terminated"})
+
+
+def test_bundle_saved_before_the_split_loads_with_one_reward_output(hgs_store, tmp_path, one_thread):
+    """A config.json without ``reward_given_termination`` (bundles from before the field) loads with the
+    one-output head its weights have, and dreams with the same reward for both outcomes; a bundle saved
+    with the flag round-trips with two outputs."""
+    old = make_bundle(tiny_experiment(hgs_store), tmp_path / "old")
+    conf = json.loads((old / CONFIG_JSON).read_text())
+    assert conf["experiment"]["prior"].pop("reward_given_termination") is False
+    (old / CONFIG_JSON).write_text(json.dumps(conf))
+    cfg = tiny_experiment(hgs_store)
+    new = make_bundle(replace(cfg, prior=replace(cfg.prior, reward_given_termination=True)), tmp_path / "new")
+    assert json.loads((new / CONFIG_JSON).read_text())["experiment"]["prior"]["reward_given_termination"] is True
+    store = EpisodeStore(hgs_store)
+    frames = np.stack([store.read_clip(e, 0, 1)["frames"] for e in store.episode_ids()[:2]])  # (2, 1, H, W, 3)
+    for path, n_out in ((old, 1), (new, 2)):
+        wm = WorldModel.from_pretrained(path)
+        assert wm.cfg.prior.reward_given_termination is (n_out == 2)
+        assert wm.prior.reward_head[-1].out_features == n_out
+        with torch.no_grad():  # distinct biases: a 2-output head then predicts two different rewards
+            wm.prior.reward_head[-1].bias.copy_(torch.tensor([1.0, -2.0][:n_out]))
+        ro = wm.rollout(2)
+        ro.reset(frames)
+        for _ in range(3):
+            step = ro.step(np.array([0, 3]), generator=torch.Generator().manual_seed(0))
+            assert step.rewards.shape == step.rewards_if_terminated.shape == (2,) and np.isfinite(step.rewards).all()
+            if n_out == 1:
+                np.testing.assert_array_equal(step.rewards_if_terminated, step.rewards)
+                np.testing.assert_array_equal(step.expected_rewards, step.rewards)
+            else:
+                assert (step.rewards_if_terminated < step.rewards).all()
+                p = step.terminated_prob
+                np.testing.assert_allclose(step.expected_rewards, p * step.rewards_if_terminated + (1 - p) * step.rewards,
+                                           rtol=1e-6)

@@ -12,7 +12,7 @@ from torch import nn
 from worldmodel.checkpoint import has_weights, load_weights, read_run_config, write_run_config
 from worldmodel.config import ExperimentConfig, TrainConfig, get_preset, preset_names
 from worldmodel.store import ActionSpec, ClipDataset, StoreWriter
-from worldmodel.training import fit, lr_at
+from worldmodel.training import evaluate, fit, lr_at
 
 
 class ToyModel(nn.Module):
@@ -98,6 +98,30 @@ def test_presets_round_trip_through_json(tmp_path, name, scale):
     back = ExperimentConfig.from_dict(read_run_config(tmp_path)["experiment"])
     assert back == cfg
     assert json.loads((tmp_path / "config.json").read_text())["format"] == "videogpt-worldmodel"
+
+
+def test_reward_split_is_on_in_the_vizdoom_presets_and_off_by_default():
+    for name in preset_names():
+        for scale in ("tiny", "small", "paper"):  # rewards and deaths: ViZDoom only (BAIR/RoboNet/video have neither)
+            assert get_preset(name, scale).prior.reward_given_termination is name.startswith("vizdoom"), (name, scale)
+    d = get_preset("vizdoom_hgs").to_dict()
+    del d["prior"]["reward_given_termination"]  # a config.json from before the field
+    assert ExperimentConfig.from_dict(d).prior.reward_given_termination is False
+
+
+def test_validation_averages_a_metric_over_the_batches_that_report_it(clips):
+    class Sparse(nn.Module):  # reports "rare" on every other batch only, as the prior's reward_mae_terminal
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+            self.n = 0
+
+        def compute_loss(self, batch):
+            self.n += 1
+            return self.w + 1.0, {"every": float(self.n), **({"rare": 10.0 * self.n} if self.n % 2 == 0 else {})}
+
+    m = evaluate(Sparse(), clips, batch_size=2, batches=4, device=torch.device("cpu"))
+    assert m == {"loss": 1.0, "every": 2.5, "rare": 30.0}  # rare: (20 + 40) / 2, not / 4
 
 
 def test_bad_preset_and_config_errors(tmp_path):

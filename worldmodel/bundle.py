@@ -87,12 +87,24 @@ class WorldModel(nn.Module):
 
 @dataclass
 class DreamStep:
+    """One step of B dreams. The reward head gives a reward for each outcome of the step
+    (``PriorConfig.reward_given_termination``; both are the same with a one-output head): a consumer
+    that decides termination picks the matching one (the dream env: ``np.where(terminated_drawn,
+    rewards_if_terminated, rewards)``), one that does not uses :attr:`expected_rewards`."""
+
     frames: np.ndarray  # (B, H, W, 3) uint8
-    rewards: np.ndarray  # (B,) float32
+    rewards: np.ndarray  # (B,) float32 reward if the step did not end the episode
     terminated: np.ndarray  # (B,) bool (termination probability > 0.5)
     terminated_prob: np.ndarray  # (B,) float32
     entropy: np.ndarray  # (B,) mean token entropy of the new frame, nats
     tokens: np.ndarray  # (B, h, w) int64
+    rewards_if_terminated: np.ndarray  # (B,) float32 reward if the step ended the episode
+
+    @property
+    def expected_rewards(self) -> np.ndarray:
+        """(B,) float32 ``p * rewards_if_terminated + (1 - p) * rewards``, p = ``terminated_prob``."""
+        p = self.terminated_prob
+        return (p * self.rewards_if_terminated + (1 - p) * self.rewards).astype(np.float32)
 
 
 class DreamRollout:
@@ -152,9 +164,11 @@ class DreamRollout:
         a = self._actions_tensor(actions, 1)
         out = self.sampler.step(a, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, **decode_kw)
         frames = self.decode_latest()
-        return DreamStep(frames, out.reward.cpu().numpy().astype(np.float32), (out.terminated_prob > 0.5).cpu().numpy(),
-                         out.terminated_prob.cpu().numpy().astype(np.float32), out.entropy.cpu().numpy().astype(np.float32),
-                         out.tokens.cpu().numpy())
+        return DreamStep(frames=frames, rewards=out.reward.cpu().numpy().astype(np.float32),
+                         terminated=(out.terminated_prob > 0.5).cpu().numpy(),
+                         terminated_prob=out.terminated_prob.cpu().numpy().astype(np.float32),
+                         entropy=out.entropy.cpu().numpy().astype(np.float32), tokens=out.tokens.cpu().numpy(),
+                         rewards_if_terminated=out.reward_if_terminated.cpu().numpy().astype(np.float32))
 
     def decode_latest(self) -> np.ndarray:
         """Decode the newest frame of every row with up to ``decode_context`` frames of token history."""

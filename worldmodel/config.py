@@ -100,6 +100,17 @@ class PriorConfig:
     """Context frames read by a ResNet encoder + cross-attention (paper's BAIR setup) when > 0."""
     reward_weight: float = 1.0
     """Weight of the reward head's loss (symlog MSE)."""
+    reward_given_termination: bool = False
+    """The reward head predicts two rewards per frame, in the env's reward units: the reward of the
+    transition if it did *not* end the episode, and the reward if it *did*; each output is trained
+    (symlog MSE) only on transitions of its kind. Why: where the terminal reward differs from the
+    others and termination is rare and hard to predict (HGS: +4 per step alive, about -100 on the
+    death step, ~1 transition in 120), one regression output predicts about the mean on terminal
+    transitions (measured MAE ~96-100 there), and a dream episode that the termination head ends
+    carries no death penalty. With two outputs the dream env reports the one that matches the
+    termination it drew. False (one output, the behaviour before the split) is the default so that
+    bundles whose config.json predates the field load with the head their weights have; the
+    ViZDoom presets set it True."""
     termination_weight: float = 1.0
     """Weight of the termination head's loss (BCE)."""
     termination_pos_weight: float = 1.0
@@ -214,7 +225,10 @@ def _vizdoom(name: str, scale: str, n_actions: int) -> ExperimentConfig:
     # trades 0.4 dB at open-loop step 1 (25.47 -> 25.07) for +0.4 dB at step 16 (20.00 -> 20.36, copy-last
     # 20.11): errors compound less in long rollouts, which is what a dream env is for. Held-out
     # nats/token with history 2.45 -> 2.50; the gap to shuffled actions stays (0.40 -> 0.34 nats).
-    prior = PriorConfig(action_kind="discrete", n_actions=n_actions, tokens_h=8, tokens_w=8, context_noise=0.1)
+    # reward_given_termination: death ends HGS and Battle2 episodes with a reward unlike any other step's
+    # (HGS: -100 vs +4; Battle2: the health lost), which one regression output averages away.
+    prior = PriorConfig(action_kind="discrete", n_actions=n_actions, tokens_h=8, tokens_w=8, context_noise=0.1,
+                        reward_given_termination=True)
     if scale == "tiny":
         tok = replace(tok, channels=64, n_res_layers=1, codebook_size=256, embedding_dim=32)
         prior = replace(prior, n_layer=2, n_head=4, n_embd=128, frames=8, vocab_size=256, dropout=0.0, attn_dropout=0.0)
@@ -249,7 +263,9 @@ def _vizdoom(name: str, scale: str, n_actions: int) -> ExperimentConfig:
 def _robot(name: str, scale: str, action_dim: int) -> ExperimentConfig:
     """BAIR / RoboNet as action-conditioned dreams: 64×64 frames, one latent frame per action, 8×8 tokens."""
     base = _vizdoom(name, scale, n_actions=0)
-    prior = replace(base.prior, action_kind="continuous", n_actions=0, action_dim=action_dim)
+    # BAIR/RoboNet stores carry no rewards and no terminations: a terminal-reward output would never train
+    prior = replace(base.prior, action_kind="continuous", n_actions=0, action_dim=action_dim,
+                    reward_given_termination=False)
     clip = 16 if scale == "paper" else 8  # BAIR trajectories have 30 frames, RoboNet's ~31
     return replace(base, prior=replace(prior, frames=clip), data=replace(base.data, clip_len=clip), collect_episodes=0)
 

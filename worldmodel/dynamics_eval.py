@@ -121,10 +121,21 @@ class OpenLoopRollout:
     """``horizon`` generated steps of ``n`` dream rows."""
 
     frames: np.ndarray  # (n, horizon, H, W, 3) uint8
-    rewards: np.ndarray  # (n, horizon) predicted reward of each transition
+    rewards: np.ndarray  # (n, horizon) predicted reward of each transition if it did not end the episode
     terminated_prob: np.ndarray  # (n, horizon)
     entropy: np.ndarray  # (n, horizon) mean token entropy of each generated frame, nats
     seconds: float  # wall time of the reset (context encoding) and all steps, including decoding
+    rewards_if_terminated: np.ndarray  # (n, horizon) predicted reward if it ended the episode (see DreamStep)
+
+    def rewards_given(self, terminated: np.ndarray) -> np.ndarray:
+        """(n, horizon) the predicted reward of the outcome ``terminated`` (bool (n, horizon), e.g. the real one)."""
+        return np.where(terminated, self.rewards_if_terminated, self.rewards)
+
+    @property
+    def expected_rewards(self) -> np.ndarray:
+        """(n, horizon) rewards of both outcomes weighted by the predicted termination probability."""
+        p = self.terminated_prob
+        return p * self.rewards_if_terminated + (1 - p) * self.rewards
 
 
 @torch.inference_mode()
@@ -155,7 +166,7 @@ def open_loop(wm: WorldModel, frames: np.ndarray, actions: np.ndarray, *, contex
     seconds = time.perf_counter() - t0
     return OpenLoopRollout(np.stack([s.frames for s in steps], 1), np.stack([s.rewards for s in steps], 1),
                            np.stack([s.terminated_prob for s in steps], 1), np.stack([s.entropy for s in steps], 1),
-                           seconds)
+                           seconds, np.stack([s.rewards_if_terminated for s in steps], 1))
 
 
 @dataclass
@@ -242,11 +253,21 @@ class TeacherForced:
     """The prior's heads, teacher forced, on whole episodes; per-episode arrays over transitions (T-1,)."""
 
     episode_ids: list[str]
-    reward_pred: list[np.ndarray]  # predicted reward of each transition
+    reward_pred: list[np.ndarray]  # predicted reward of each transition if it did not end the episode
     term_prob: list[np.ndarray]  # predicted termination probability of each transition
     rewards: list[np.ndarray]  # the real rewards
     terminated: list[np.ndarray]  # the real terminations
     token_windows: list[dict] = field(default_factory=list, repr=False)  # full prior windows, for heldout_nll
+    reward_pred_if_terminated: list[np.ndarray] = field(default_factory=list)  # ... if it ended the episode
+
+    def reward_pred_given_truth(self) -> list[np.ndarray]:
+        """Per episode, the predicted reward of the outcome that really happened (the output matching
+        the real termination; the one output of a one-output head)."""
+        return [np.where(d, rt, rc) for rc, rt, d in zip(self.reward_pred, self.reward_pred_if_terminated, self.terminated)]
+
+    def expected_reward_pred(self) -> list[np.ndarray]:
+        """Per episode, both predicted rewards weighted by the predicted termination probability."""
+        return [p * rt + (1 - p) * rc for rc, rt, p in zip(self.reward_pred, self.reward_pred_if_terminated, self.term_prob)]
 
 
 def encoded_episode(wm: WorldModel, store: EpisodeStore, eid: str) -> tuple[Any, torch.Tensor, torch.Tensor] | None:
@@ -282,19 +303,22 @@ def teacher_forced_episodes(wm: WorldModel, store: EpisodeStore, episode_ids: li
         L = min(F, T)
         tok = torch.stack([tokens[s: s + L] for s in starts])  # (nw, L, h, w)
         act = torch.stack([acts[s: s + L - 1] for s in starts])  # (nw, L-1[, A])
-        reward, term = [], []
+        reward, reward_t, term = [], [], []
         for i in range(0, len(starts), batch_size):
             res = wm.prior(tok[i: i + batch_size], act[i: i + batch_size])
             reward.append(symexp(res.reward[:, 1:].float()).cpu().numpy())  # (b, L-1): transitions s .. s+L-2
+            reward_t.append(symexp(res.reward_if_terminated[:, 1:].float()).cpu().numpy())
             term.append(torch.sigmoid(res.term_logit[:, 1:].float()).cpu().numpy())
-        reward, term = np.concatenate(reward), np.concatenate(term)
-        r_pred, p_term = np.full(T - 1, np.nan, np.float32), np.full(T - 1, np.nan, np.float32)
+        reward, reward_t, term = np.concatenate(reward), np.concatenate(reward_t), np.concatenate(term)
+        r_pred, r_pred_t, p_term = (np.full(T - 1, np.nan, np.float32) for _ in range(3))
         for i, s in enumerate(starts):
             new = np.isnan(r_pred[s: s + L - 1])  # the first window that covers a transition predicts it
             r_pred[s: s + L - 1][new] = reward[i][new]
+            r_pred_t[s: s + L - 1][new] = reward_t[i][new]
             p_term[s: s + L - 1][new] = term[i][new]
         out.episode_ids.append(eid)
         out.reward_pred.append(r_pred)
+        out.reward_pred_if_terminated.append(r_pred_t)
         out.term_prob.append(p_term)
         out.rewards.append(ep.rewards.astype(np.float32))
         out.terminated.append(ep.terminated.astype(bool))

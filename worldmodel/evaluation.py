@@ -12,7 +12,12 @@ store has none — then ``split`` says so):
   ending in termination first), each transition read at the window position the dream env reads it
   at (:func:`dream_schedule_windows`: the sampler's sliding window, which keeps ``keep`` frames when
   it slides, so transitions land on positions ``keep .. frames-1``, not only on the last one): reward
-  MAE (with the best-constant baseline), termination precision/recall/F1 at probability 0.5, the
+  MAE (with the best-constant baseline) of the reward predicted for the real outcome (with
+  ``reward_given_termination`` the head predicts a reward for each outcome; ``mae_teacher_forced`` and
+  ``mae_on_terminal`` score the one matching the real termination, as the dream env reads it once it
+  has drawn termination, and the ``*_expected`` variants their mix weighted by the predicted
+  termination probability; both equal for one-output heads; ``open_loop.reward_mae`` and
+  ``reward.mae_open_loop`` follow the same rule), termination precision/recall/F1 at probability 0.5, the
   calibration check ``expected_terminations`` (sum of the predicted probabilities, to compare with
   ``n_positive``), and (``termination.tuned``) the scores at a threshold chosen on the ``val`` split
   (max F1, :func:`choose_threshold`) when the report is on ``test``. A calibrated head cannot reach a
@@ -159,6 +164,7 @@ def reconstruction_section(clips: HeldoutClips, recon: np.ndarray) -> dict[str, 
 def open_loop_section(rep: DynamicsReport, clips: HeldoutClips, context: int) -> dict[str, Any]:
     H = len(rep.steps)
     real_r = clips.rewards[:, context - 1: context - 1 + H]  # rewards of the generated transitions
+    real_d = clips.terminated[:, context - 1: context - 1 + H]
     ro = rep.rollouts["true"]
     return {
         "steps": rep.steps,
@@ -167,7 +173,7 @@ def open_loop_section(rep: DynamicsReport, clips: HeldoutClips, context: int) ->
         "ssim": {"model": rep.ssim_true, "shuffled_actions": rep.ssim_shuffled, "copy_last": rep.ssim_copy_last,
                  "ceiling": rep.ssim_ceiling},
         "psnr_gain_over_copy_last": [m - c for m, c in zip(rep.psnr_true, rep.psnr_copy_last)],
-        "reward_mae": [float(x) for x in np.abs(ro.rewards - real_r).mean(0)],
+        "reward_mae": [float(x) for x in np.abs(ro.rewards_given(real_d) - real_r).mean(0)],
         "token_entropy": [float(x) for x in ro.entropy.mean(0)],
         "at_horizon": {"step": H, "psnr_model": rep.psnr_true[-1], "psnr_copy_last": rep.psnr_copy_last[-1],
                        "gain_db": rep.psnr_true[-1] - rep.psnr_copy_last[-1],
@@ -223,7 +229,7 @@ def heads_on_dream_schedule(wm: WorldModel, store: EpisodeStore, episode_ids: li
             continue
         ep, tokens, acts = loaded  # tokens (T, h, w)
         T = len(ep)
-        r_pred, p_term = np.full(T - 1, np.nan, np.float32), np.full(T - 1, np.nan, np.float32)
+        r_pred, r_pred_t, p_term = (np.full(T - 1, np.nan, np.float32) for _ in range(3))
         wins = dream_schedule_windows(T, F, keep)
         for n in sorted({n for _, n, _ in wins}):  # windows of equal length go through the prior together
             group = [(s, first) for s, m, first in wins if m == n]
@@ -232,12 +238,15 @@ def heads_on_dream_schedule(wm: WorldModel, store: EpisodeStore, episode_ids: li
                 res = wm.prior(torch.stack([tokens[s: s + n] for s, _ in part]),
                                torch.stack([acts[s: s + n - 1] for s, _ in part]))
                 reward = symexp(res.reward.float()).cpu().numpy()  # (b, n): [j] = transition into frame s+j
+                reward_t = symexp(res.reward_if_terminated.float()).cpu().numpy()
                 term = torch.sigmoid(res.term_logit.float()).cpu().numpy()
                 for k, (s, first) in enumerate(part):
                     r_pred[s + first - 1: s + n - 1] = reward[k, first:]
+                    r_pred_t[s + first - 1: s + n - 1] = reward_t[k, first:]
                     p_term[s + first - 1: s + n - 1] = term[k, first:]
         out.episode_ids.append(eid)
         out.reward_pred.append(r_pred)
+        out.reward_pred_if_terminated.append(r_pred_t)
         out.term_prob.append(p_term)
         out.rewards.append(ep.rewards.astype(np.float32))
         out.terminated.append(ep.terminated.astype(bool))
@@ -267,14 +276,19 @@ def heads_sections(wm: WorldModel, store: EpisodeStore, split: str, n: int) -> t
     (:func:`heads_on_dream_schedule`: heads at the dream's window positions, bits on full windows)."""
     ids, used, n_term = choose_episodes(store, split, n)
     hs = heads_on_dream_schedule(wm, store, ids)
-    r_pred, r_true = np.concatenate(hs.reward_pred), np.concatenate(hs.rewards)
+    r_true = np.concatenate(hs.rewards)
+    r_pred = np.concatenate(hs.reward_pred_given_truth())  # the output for the real outcome (as the dream env reads it)
+    r_exp = np.concatenate(hs.expected_reward_pred())  # before termination is known: weighted by p(terminated)
     p_term, d_true = np.concatenate(hs.term_prob), np.concatenate(hs.terminated)
     where = {"split": used, "n_episodes": len(hs.episode_ids), "episode_ids": hs.episode_ids}
-    reward = {"mae_teacher_forced": _mean(np.abs(r_pred - r_true)),
+    reward = {"reward_given_termination": wm.cfg.prior.reward_given_termination,
+              "mae_teacher_forced": _mean(np.abs(r_pred - r_true)),
+              "mae_teacher_forced_expected": _mean(np.abs(r_exp - r_true)),
               "mae_constant_baseline": _mean(np.abs(np.median(r_true) - r_true)),
               "mean_abs_reward": _mean(np.abs(r_true)), **where}
     if d_true.any():  # the rare rewards that come with termination (HGS: the death penalty)
         reward["mae_on_terminal"] = _mean(np.abs(r_pred[d_true] - r_true[d_true]))
+        reward["mae_on_terminal_expected"] = _mean(np.abs(r_exp[d_true] - r_true[d_true]))
     termination = {**binary_scores(p_term > TERMINATION_THRESHOLD, d_true), "threshold": TERMINATION_THRESHOLD,
                    "expected_terminations": float(p_term.sum()), "n_terminating_episodes": n_term, **where}
     if n_term == 0:
@@ -442,7 +456,10 @@ def evaluate_world_model(wm: WorldModel, store: EpisodeStore, settings: EvalSett
         thresholds={"threshold_0.5": TERMINATION_THRESHOLD, "tuned": termination["tuned"]["threshold"]},
         temperature=s.dream_temperature, seed=s.seed)
     dream = rep.rollouts["true"]
-    reward["mae_open_loop"] = _mean(np.abs(dream.rewards - clips.rewards[:, s.context - 1: s.context - 1 + s.horizon]))
+    real_r = clips.rewards[:, s.context - 1: s.context - 1 + s.horizon]
+    reward["mae_open_loop"] = _mean(np.abs(dream.rewards_given(clips.terminated[:, s.context - 1: s.context - 1 + s.horizon])
+                                           - real_r))
+    reward["mae_open_loop_expected"] = _mean(np.abs(dream.expected_rewards - real_r))
     real_future = clips.frames[:, s.context: s.context + s.horizon]
     if s.fvd:
         fvd = fvd_section(real_future, recon[:, s.context: s.context + s.horizon], dream.frames,

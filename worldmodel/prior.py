@@ -9,6 +9,13 @@ Position p predicts the item at p+1 when that is a token: the slot of block t pr
 z_t[j] predicts z_t[j+1]. The last token position of block t (which has seen all of frame t) has
 no token to predict; it feeds the reward and termination heads for the transition into frame t.
 
+Heads (an MLP each on that position's hidden state). Termination: one logit, BCE. Reward: symlog
+regression, one output per frame, or with ``reward_given_termination`` two -- the reward if the
+transition did not end the episode and the reward if it did, each trained only on transitions of its
+kind -- so a rare terminal reward (HGS: about -100 on death against +4 per step) is not averaged into
+the others. Consumers pick the output matching the termination they know (training, evaluation) or
+draw (the dream env), or weight both by the predicted termination probability.
+
 Action conditioning is causal by construction: every position of block t is conditioned on
 ``a_{t-1}`` (the action that led to frame t; block 0 gets a learned start vector), so frame t's
 tokens and the transition's reward/termination see ``a_{<t}`` only. ``action_cond`` chooses how:
@@ -252,8 +259,10 @@ class Block(nn.Module):
 @dataclass
 class PriorOutput:
     logits: torch.Tensor  # (B, T, h*w, V): logits of every token of every frame
-    reward: torch.Tensor  # (B, T) predicted reward of the transition into frame t (t >= 1 meaningful)
+    reward: torch.Tensor  # (B, T) symlog reward of the transition into frame t if it did not end the episode (t >= 1)
     term_logit: torch.Tensor  # (B, T) termination logit of the transition into frame t
+    reward_if_terminated: torch.Tensor  # (B, T) symlog reward of that transition if it ended the episode (== reward
+    #                                     for a one-output head, PriorConfig.reward_given_termination False)
     mask_logits: torch.Tensor | None = None  # (B, T, h*w, V): MaskGIT stream's logits (forward with ``mask``)
 
 
@@ -310,7 +319,8 @@ class Prior(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, cond_dim) for _ in range(cfg.n_layer)])
         self.ln_f = CondLayerNorm(C, cond_dim)
         self.head = nn.Linear(C, cfg.vocab_size, bias=False)
-        self.reward_head = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, 1))
+        # outputs: symlog reward [if not terminated, if terminated] (reward_given_termination) or one for both
+        self.reward_head = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, 2 if cfg.reward_given_termination else 1))
         self.term_head = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, 1))
         self.apply(self._init_weights)
         nn.init.zeros_(self.head.weight)  # uniform logits at the start
@@ -530,7 +540,14 @@ class Prior(nn.Module):
         mask_logits = None
         if mask is not None:
             mask_logits = self.head(rearrange(x[:, S:], "b (t n) c -> b t n c", n=self.hw))  # (B, T, hw, V)
-        return PriorOutput(logits, self.reward_head(last).squeeze(-1), self.term_head(last).squeeze(-1), mask_logits)
+        reward, reward_term = self.rewards(last)
+        return PriorOutput(logits, reward, self.term_head(last).squeeze(-1), reward_term, mask_logits)
+
+    def rewards(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Symlog rewards (if not terminated, if terminated), each (...,), read by the reward head from
+        hidden states ``h`` (..., C); both are the one output of a one-output head."""
+        r = self.reward_head(h)  # (..., 1 or 2)
+        return r[..., 0], r[..., -1]
 
     def sample_mask(self, B: int, T: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """MaskGIT training masks (B, T, h, w) bool: per frame a ratio r = cos(pi/2 * u), u ~ U(0, 1), of
@@ -555,7 +572,15 @@ class Prior(nn.Module):
 
         Reward head: regression on symlog(reward). HGS rewards are +4 per step and −100 on death;
         symlog compresses that range so the rare large penalty neither dominates the loss nor is
-        ignored, and is simpler than two-hot bins for one scalar per frame.
+        ignored, and is simpler than two-hot bins for one scalar per frame. With
+        ``reward_given_termination`` the head's two outputs are scored on disjoint transitions: the
+        "not terminated" output's symlog MSE averaged over the scored non-terminal transitions plus the
+        "terminated" output's averaged over the scored terminal ones (0 in a batch without any), so the
+        rare terminal reward is learned at the rate of the common one instead of ~1/120 of it (HGS).
+        Metrics: ``reward_loss`` is the reward term of the loss (before ``reward_weight``),
+        ``reward_mae`` the MAE of the output matching the true termination over all scored transitions,
+        ``reward_loss_terminal`` / ``reward_mae_terminal`` the terminal output's on terminal transitions
+        (the MAE only in batches that hold one).
         """
         tokens = batch["tokens"]
         # a store's actions / labels are ignored by a prior configured without them (DataConfig.use_actions)
@@ -601,8 +626,21 @@ class Prior(nn.Module):
             tv, rv = valid[:, 1:], tok_valid[:, 1:]  # (B, T-1) transitions into a real frame; those scored for reward
             if "rewards" in batch:
                 r = batch["rewards"][:, : T - 1].float()
-                pred = out.reward[:, 1:].float()
-                r_loss = masked_mean((pred - symlog(r)) ** 2, rv)
+                pred = out.reward[:, 1:].float()  # (B, T-1) symlog reward if not terminated
+                if self.cfg.reward_given_termination:
+                    if "terminated" not in batch:
+                        raise ValueError("batch: prior.reward_given_termination needs 'terminated' (B, T-1) with 'rewards'")
+                    d = batch["terminated"][:, : T - 1].bool()
+                    pred_t = out.reward_if_terminated[:, 1:].float()
+                    # each output on the transitions of its kind, each a mean over its own (0 when there are none)
+                    r_loss_t = masked_mean((pred_t - symlog(r)) ** 2, rv & d)
+                    r_loss = masked_mean((pred - symlog(r)) ** 2, rv & ~d) + r_loss_t
+                    pred = torch.where(d, pred_t, pred)  # the output matching the true termination
+                    metrics["reward_loss_terminal"] = r_loss_t.item()
+                    if bool((rv & d).any()):  # absent, not 0, from batches without a scored terminal transition
+                        metrics["reward_mae_terminal"] = masked_mean((symexp(pred.detach()) - r).abs(), rv & d).item()
+                else:
+                    r_loss = masked_mean((pred - symlog(r)) ** 2, rv)
                 loss = loss + self.cfg.reward_weight * r_loss
                 metrics["reward_loss"] = r_loss.item()
                 metrics["reward_mae"] = masked_mean((symexp(pred.detach()) - r).abs(), rv).item()

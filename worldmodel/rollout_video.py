@@ -28,7 +28,8 @@ class RolloutTrace:
 
     dream: np.ndarray  # (T+1, H, W, 3) uint8: last context frame, then the generated frames
     actions: np.ndarray  # (T,) or (T, A)
-    reward_pred: np.ndarray  # (T,) float32
+    reward_pred: np.ndarray  # (T,) float32: a dream env's reward (that of the outcome it drew); lockstep (no
+    #                          termination is drawn, the real episode sets the length): the expected reward
     term_prob: np.ndarray  # (T,) float32
     entropy: np.ndarray  # (T,) float32, mean token entropy in nats
     real: np.ndarray | None = None  # (T+1, H, W, 3) uint8 in lockstep mode
@@ -78,7 +79,7 @@ def lockstep_trace(wm: WorldModel, store: EpisodeStore, episode_id: str, *, star
     for t in range(steps):
         out = ro.step(acts[None, context - 1 + t], temperature=temperature, top_k=top_k, generator=g)
         dream.append(out.frames[0])
-        rew.append(out.rewards[0])
+        rew.append(out.expected_rewards[0])  # p(term)-weighted: this replay never draws a termination
         term.append(out.terminated_prob[0])
         ent.append(out.entropy[0])
     names = wm.action_spec.names

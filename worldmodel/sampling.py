@@ -33,9 +33,11 @@ DECODES = ("autoregressive", "maskgit")
 @dataclass
 class StepResult:
     tokens: torch.Tensor  # (B, h, w) int64, the new frame
-    reward: torch.Tensor  # (B,) predicted reward of the transition
+    reward: torch.Tensor  # (B,) predicted reward of the transition if it did not end the episode
     terminated_prob: torch.Tensor  # (B,) predicted probability that the transition ended the episode
     entropy: torch.Tensor  # (B,) mean entropy (nats) of the sampled tokens' distributions
+    reward_if_terminated: torch.Tensor  # (B,) predicted reward if it ended the episode (== reward for a
+    #                                     one-output reward head, PriorConfig.reward_given_termination False)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -330,12 +332,12 @@ class Rollout:
         """Store the new frames ``out`` (B, hw) at window index ``t_idx`` and read the reward/termination
         heads from ``h_last`` (B, C), the hidden state of each new block's last position."""
         prior = self.prior
-        reward = symexp(prior.reward_head(h_last).squeeze(-1).float())
+        reward, reward_term = (symexp(r.float()) for r in prior.rewards(h_last))  # (B,) each
         term = torch.sigmoid(prior.term_head(h_last).squeeze(-1).float())
         frame = rearrange(out, "b (h w) -> b h w", h=self.cfg.tokens_h)
         self.tokens[torch.arange(self.B, device=self.device), t_idx] = frame
         self.n_frames += 1
-        return StepResult(frame, reward, term, entropy)
+        return StepResult(frame, reward, term, entropy, reward_term)
 
     def _maskgit_frame(self, x_slot: torch.Tensor, cond: torch.Tensor, ln_cond: list | None, t_idx: torch.Tensor,
                        pos_t: torch.Tensor, prev: torch.Tensor | None, base: torch.Tensor | int, memory: list | None,

@@ -106,12 +106,14 @@ class FitResult:
 
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, batches: int, device: torch.device,
              bf16: bool = False, seed: int = 1234) -> dict[str, float]:
-    """Mean metrics of ``compute_loss`` over ``batches`` fixed (seeded) validation batches."""
+    """Mean metrics of ``compute_loss`` over ``batches`` fixed (seeded) validation batches; a metric that
+    only some batches report (e.g. the prior's ``reward_mae_terminal``) is averaged over those."""
     sampler = SeededSampler(len(dataset), seed=seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for i, batch in enumerate(loader):
             if i >= batches:
@@ -120,8 +122,9 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, batches: int, 
             metrics = {"loss": float(loss), **metrics}
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+                counts[k] = counts.get(k, 0) + 1
     model.train(was_training)
-    return {k: v / batches for k, v in sums.items()}
+    return {k: v / counts[k] for k, v in sums.items()}
 
 
 def fit(model: nn.Module, *, stage: str, run_dir: str | os.PathLike, train_set: Dataset, val_set: Dataset | None,
