@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -75,6 +76,17 @@ def test_resume_after_kill_gives_identical_losses(tmp_path, clips):
         assert torch.equal(v, resumed.state_dict()[k]), k
     assert has_weights(tmp_path / "b", "toy") and not has_weights(tmp_path / "b", "prior")
     assert (tmp_path / "b" / "tb" / "toy").is_dir()
+
+
+def test_resuming_a_checkpoint_of_another_architecture_names_the_config_change(tmp_path, clips):
+    cfg = TrainConfig(steps=4, batch_size=4, lr=1e-2, warmup_steps=1, ckpt_every=2, eval_every=100, log_every=1)
+    fit(ToyModel(), stage="toy", run_dir=tmp_path, train_set=clips, val_set=None, cfg=replace(cfg, steps=2), progress=False)
+    wider = ToyModel()
+    wider.net[1], wider.net[3] = nn.Linear(4 * 4 * 3, 64), nn.Linear(64, 1)  # a config change: another width
+    with pytest.raises(ValueError, match=r"(?s)'toy' checkpoint does not fit the configured model.*--no-resume.*net\.1\.weight"):
+        fit(wider, stage="toy", run_dir=tmp_path, train_set=clips, val_set=None, cfg=cfg, progress=False)
+    res = fit(wider, stage="toy", run_dir=tmp_path, train_set=clips, val_set=None, cfg=cfg, progress=False, resume=False)
+    assert res.step == 4
 
 
 def test_weights_of_other_components_are_kept(tmp_path):

@@ -11,6 +11,10 @@ mid-episode.
 
 Sampling: temperature, top-k, top-p (nucleus), with an optional seeded ``torch.Generator`` for
 exact reproducibility.
+
+The token loop's one-position forward runs through :class:`~worldmodel.fast_decode.TokenDecoder`
+(fp32 rows in lockstep, no cross-attention memory) and otherwise through ``Prior.forward_cached``;
+both compute the same function (tested).
 """
 
 from __future__ import annotations

@@ -155,7 +155,13 @@ def fit(model: nn.Module, *, stage: str, run_dir: str | os.PathLike, train_set: 
     step = 0
     state = load_trainer_state(run_dir, stage) if resume else None
     if state is not None:
-        model.load_state_dict(load_weights(run_dir, stage))
+        try:
+            model.load_state_dict(load_weights(run_dir, stage))
+        except RuntimeError as e:  # missing/unexpected keys or shape mismatches, one line each
+            raise ValueError(
+                f"{run_dir}: the '{stage}' checkpoint does not fit the configured model -- the config changed since it "
+                f"was saved (e.g. a newer preset default such as prior.reward_given_termination). Pass the old setting "
+                f"as a flag to resume, or --no-resume / a new --run-dir to start over. Details: {e}") from None
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
     wrapped: nn.Module = _LossModule(model)
