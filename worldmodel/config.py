@@ -236,7 +236,7 @@ def _vizdoom(name: str, scale: str, n_actions: int) -> ExperimentConfig:
         tt = TrainConfig(steps=600, batch_size=8, lr=1e-3, warmup_steps=20, eval_every=200, ckpt_every=200)
         # On ~300 random-policy HGS episodes (benchmarks/bench_dynamics.py, context 4), without context
         # noise: after 1800 prior steps true actions beat shuffled ones at every open-loop step but
-        # copy-last-frame only up to step 4; after 3000 (8 min on 2 cores, what fits the tiny scale's
+        # copy-last-frame only up to step 4; after 3000 (8-10 min on 2 cores, what fits the tiny scale's
         # 10-minute budget) up to step 8 (16: -0.1 dB); after 5000 at steps 1-16 (+0.6 dB at 16).
         # With context_noise 0.1, 3000 steps beat both at steps 1-16 (+0.25 dB over copy-last at 16).
         pt = TrainConfig(steps=3000, batch_size=8, lr=1e-3, warmup_steps=20, eval_every=1000, ckpt_every=500)
