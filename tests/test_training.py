@@ -83,8 +83,11 @@ def test_resuming_a_checkpoint_of_another_architecture_names_the_config_change(t
     fit(ToyModel(), stage="toy", run_dir=tmp_path, train_set=clips, val_set=None, cfg=replace(cfg, steps=2), progress=False)
     wider = ToyModel()
     wider.net[1], wider.net[3] = nn.Linear(4 * 4 * 3, 64), nn.Linear(64, 1)  # a config change: another width
+    before = {k: v.clone() for k, v in wider.state_dict().items()}
     with pytest.raises(ValueError, match=r"(?s)'toy' checkpoint does not fit the configured model.*--no-resume.*net\.1\.weight"):
         fit(wider, stage="toy", run_dir=tmp_path, train_set=clips, val_set=None, cfg=cfg, progress=False)
+    # nothing of the old checkpoint was copied in (not even the tensors whose shapes match)
+    assert all(torch.equal(v, before[k]) for k, v in wider.state_dict().items())
     res = fit(wider, stage="toy", run_dir=tmp_path, train_set=clips, val_set=None, cfg=cfg, progress=False, resume=False)
     assert res.step == 4
 

@@ -155,13 +155,18 @@ def fit(model: nn.Module, *, stage: str, run_dir: str | os.PathLike, train_set: 
     step = 0
     state = load_trainer_state(run_dir, stage) if resume else None
     if state is not None:
-        try:
-            model.load_state_dict(load_weights(run_dir, stage))
-        except RuntimeError as e:  # missing/unexpected keys or shape mismatches, one line each
+        saved, own = load_weights(run_dir, stage), model.state_dict()
+        # checked before loading: load_state_dict copies the matching tensors before it raises, which would
+        # leave the model half-overwritten for a caller that then starts over with resume=False
+        misfit = sorted((saved.keys() ^ own.keys()) | {k for k in saved.keys() & own.keys()
+                                                        if saved[k].shape != own[k].shape})
+        if misfit:
             raise ValueError(
                 f"{run_dir}: the '{stage}' checkpoint does not fit the configured model -- the config changed since it "
                 f"was saved (e.g. a newer preset default such as prior.reward_given_termination). Pass the old setting "
-                f"as a flag to resume, or --no-resume / a new --run-dir to start over. Details: {e}") from None
+                f"as a flag to resume, or --no-resume / a new --run-dir to start over. Missing, unexpected or "
+                f"differently shaped: {', '.join(misfit)}")
+        model.load_state_dict(saved)
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
     wrapped: nn.Module = _LossModule(model)
