@@ -1,4 +1,4 @@
-"""Real ViZDoom environments: Health Gathering Supreme and Battle2, as Gymnasium envs.
+"""Real ViZDoom environments: Health Gathering Supreme, Battle2 and Take Cover, as Gymnasium envs.
 
 Both run headless through :class:`vizdoom.DoomGame` and return RGB uint8 observations resized to
 ``resolution × resolution``, with ``frame_skip`` game tics per step and a discrete action set of
@@ -11,7 +11,8 @@ over the skipped tics (so +4 per step alive with frame skip 4). Episodes end by 
 
 **vizdoom_battle2** — ``D4_battle2.{wad,cfg}``, the "D4" scenario of Dosovitskiy & Koltun,
 *Learning to Act by Predicting the Future* (ICLR 2017): a maze with monsters, medikits and ammo.
-It is not shipped with the vizdoom package; its cfg sets no reward. Our reward follows the
+It is not shipped with the vizdoom package; ours ships it as package data (``envs/assets/vizdoom_battle2``,
+MIT, from the DirectFuturePrediction repository). Its cfg sets no reward. Our reward follows the
 objective of that paper for D4 (measurements ammo, health, frags normalised by 7.5, 30 and 1 with
 weights 0.5, 0.5, 1), applied to the change of the cfg's game variables over a step::
 
@@ -19,6 +20,12 @@ weights 0.5, 0.5, 1), applied to the change of the cfg's game variables over a s
 
 where USER2 is the frag (kill) counter that the map's script maintains. Dying ends the episode
 (``terminated``); the timeout truncates it.
+
+**vizdoom_take_cover** — ``take_cover.cfg`` shipped with ViZDoom, the World Models (Ha & Schmidhuber,
+2018) benchmark: monsters across the room throw fireballs; the agent can only move left or right.
+Reward +1 per tic alive (+4 per step at frame skip 4), so the return is the number of tics survived.
+The scenario has no timeout; we end episodes after 2100 tics (``truncated``), as World Models did
+(their dream-trained agent: 1092 ± 556 tics; "solved" is a mean of 750 over 100 episodes).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +42,7 @@ import numpy as np
 import vizdoom as vzd
 from PIL import Image
 
-ENV_NAMES = ("vizdoom_hgs", "vizdoom_battle2")
+ENV_NAMES = ("vizdoom_hgs", "vizdoom_battle2", "vizdoom_take_cover")
 TICRATE = 35  # ViZDoom's game tics per second
 
 # Button order is the cfg's ``available_buttons``; each action is one combination of them.
@@ -60,30 +68,42 @@ BATTLE2_ACTIONS: tuple[tuple[str, tuple[int, ...]], ...] = (
     ("attack_turn_left", (0, 0, 0, 0, 1, 0, 1, 0)),
     ("attack_turn_right", (0, 0, 0, 0, 0, 1, 1, 0)),
 )
+TAKE_COVER_BUTTONS = ("MOVE_LEFT", "MOVE_RIGHT")
+TAKE_COVER_ACTIONS: tuple[tuple[str, tuple[int, ...]], ...] = (("move_left", (1, 0)), ("move_right", (0, 1)))
+TAKE_COVER_TIMEOUT = 2100  # tics (60 s), World Models' episode cap
 BATTLE2_FILES = ("D4_battle2.wad", "D4_battle2.cfg")
 BATTLE2_REWARD_WEIGHTS = {"USER2": 1.0, "HEALTH": 0.5 / 30.0, "AMMO2": 0.5 / 7.5}
 
 
+_ACTIONS = {"vizdoom_hgs": HGS_ACTIONS, "vizdoom_battle2": BATTLE2_ACTIONS, "vizdoom_take_cover": TAKE_COVER_ACTIONS}
+
+
 def action_names(name: str) -> list[str]:
     """Human-readable names of the discrete actions of env ``name``."""
-    return [a for a, _ in (HGS_ACTIONS if name == "vizdoom_hgs" else BATTLE2_ACTIONS)]
+    if name not in _ACTIONS:
+        raise ValueError(f"name: got {name!r}, expected one of {ENV_NAMES}")
+    return [a for a, _ in _ACTIONS[name]]
+
+
+def packaged_battle2_path() -> Path:
+    """The Battle2 map shipped inside this package (``envs/assets/vizdoom_battle2``: wad, cfg, MIT LICENSE)."""
+    return Path(str(resources.files("envs") / "assets" / "vizdoom_battle2"))
 
 
 def resolve_battle2_path(path: str | os.PathLike | None) -> Path:
-    """Directory holding ``D4_battle2.wad`` and ``D4_battle2.cfg`` (argument, else ``$VIZDOOM_BATTLE2_PATH``)."""
+    """Directory holding ``D4_battle2.wad`` and ``D4_battle2.cfg``.
+
+    The argument wins, then ``$VIZDOOM_BATTLE2_PATH``, then the copy shipped with the package (the D4
+    scenario of Dosovitskiy & Koltun's DirectFuturePrediction repository, MIT-licensed).
+    """
     if path is None:
-        path = os.environ.get("VIZDOOM_BATTLE2_PATH")
-    if path is None:
-        raise FileNotFoundError(
-            "vizdoom_battle2 needs the map: pass battle2_path=DIR (CLI: --battle2-path DIR) or set "
-            "VIZDOOM_BATTLE2_PATH to a directory holding D4_battle2.wad and D4_battle2.cfg. The MIT-licensed "
-            "files come from the D4 scenario of 'Learning to Act by Predicting the Future' (IntelVCL/"
-            "DirectFuturePrediction), also distributed with Sample Factory and Tianshou's ViZDoom examples.")
+        path = os.environ.get("VIZDOOM_BATTLE2_PATH") or packaged_battle2_path()
     p = Path(path)
     missing = [f for f in BATTLE2_FILES if not (p / f).is_file()]
     if missing:
         raise FileNotFoundError(f"battle2_path {p}: missing {', '.join(missing)}; expected a directory holding "
-                                f"{' and '.join(BATTLE2_FILES)}")
+                                f"{' and '.join(BATTLE2_FILES)} (CLI: --battle2-path DIR; leave it unset to use "
+                                f"the map shipped with the package)")
     return p
 
 
@@ -91,10 +111,10 @@ class VizdoomEnv(gym.Env):
     """A ViZDoom scenario as a Gymnasium env with RGB observations and a discrete action set.
 
     Args:
-        name: ``"vizdoom_hgs"`` or ``"vizdoom_battle2"``.
+        name: ``"vizdoom_hgs"``, ``"vizdoom_battle2"`` or ``"vizdoom_take_cover"``.
         resolution: observation height and width in pixels (frames are area-resampled from 160×120).
         frame_skip: game tics per step (the action is held for all of them).
-        battle2_path: directory of the Battle2 map (Battle2 only).
+        battle2_path: directory of the Battle2 map (Battle2 only; default: the copy shipped with the package).
         max_episode_steps: truncate episodes after this many steps (None: the scenario's timeout).
         render_mode: ``None`` or ``"rgb_array"`` (the last game screen at 160×120).
         health_bar: draw the player's health (0-100) as a red bar over the bottom ``resolution // 16``
@@ -123,6 +143,10 @@ class VizdoomEnv(gym.Env):
         if name == "vizdoom_hgs":
             game.load_config(os.path.join(vzd.scenarios_path, "health_gathering_supreme.cfg"))
             buttons, self._actions = HGS_BUTTONS, HGS_ACTIONS
+        elif name == "vizdoom_take_cover":
+            game.load_config(os.path.join(vzd.scenarios_path, "take_cover.cfg"))
+            game.set_episode_timeout(TAKE_COVER_TIMEOUT)
+            buttons, self._actions = TAKE_COVER_BUTTONS, TAKE_COVER_ACTIONS
         else:
             root = resolve_battle2_path(battle2_path)
             game.load_config(str(root / "D4_battle2.cfg"))
@@ -229,7 +253,7 @@ def make_real_env_fn(name: str, **kwargs: Any) -> Callable[[], VizdoomEnv]:
     if name not in ENV_NAMES:
         raise ValueError(f"name: got {name!r}, expected one of {ENV_NAMES}")
     if name == "vizdoom_battle2":  # fail here, in the caller's process, with the clear message
-        kwargs["battle2_path"] = str(resolve_battle2_path(kwargs.get("battle2_path")))
+        resolve_battle2_path(kwargs.get("battle2_path"))
     return _Factory(name, kwargs)
 
 

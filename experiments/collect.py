@@ -2,8 +2,7 @@
 
 Example:
     python experiments/collect.py --env vizdoom_hgs --episodes 20 --out data/hgs
-    python experiments/collect.py --env vizdoom_battle2 --episodes 20 --out data/battle2 \
-        --battle2-path ../shared/data/vizdoom_battle2
+    python experiments/collect.py --env vizdoom_battle2 --episodes 20 --out data/battle2   # the packaged map
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ class Args:
     frame_skip: int = 4
     """Game tics per env step (ViZDoom runs at 35 tics/s)."""
     battle2_path: str | None = None
-    """Directory holding D4_battle2.wad and D4_battle2.cfg (Battle2 only; or set VIZDOOM_BATTLE2_PATH)."""
+    """Directory holding D4_battle2.wad and D4_battle2.cfg (Battle2 only; or set VIZDOOM_BATTLE2_PATH; default: the map shipped with the package)."""
     health_bar: bool = True
     """Draw the player's health as a red bar over the bottom rows of each frame (a HUD legible at 64×64;
     the dream needs it to predict deaths). --no-health-bar collects the raw scenario frames."""

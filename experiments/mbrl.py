@@ -48,7 +48,7 @@ class Args:
     health_bar: bool = True
     """Collect and evaluate with the health bar drawn into the frames (lets the model see what death depends on)."""
     battle2_path: str | None = None
-    """Directory with D4_battle2.wad/.cfg (vizdoom_battle2)."""
+    """Directory with D4_battle2.wad/.cfg (vizdoom_battle2) (default: the map shipped with the package)."""
     real_max_episode_steps: int | None = None
     """Truncate real episodes (collection, evaluation, baselines) after this many steps (None: the env's own limit)."""
     tokenizer_steps: int | None = None

@@ -58,7 +58,7 @@ class Args:
     """Scripted session instead of the keyboard: comma-separated steps, each key names joined by '+'
     (up, left, right, space) or one of tab / reset; the program exits at the end."""
     battle2_path: str | None = None
-    """Directory with D4_battle2.wad/.cfg (real env of vizdoom_battle2)."""
+    """Directory with D4_battle2.wad/.cfg (real env of vizdoom_battle2) (default: the map shipped with the package)."""
     device: str = "auto"
     """'auto', 'cpu' or 'cuda'."""
 

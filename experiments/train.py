@@ -50,7 +50,7 @@ class Args:
     threads: int = 0
     """torch intra-op threads (0 = torch's default)."""
     battle2_path: str | None = None
-    """Directory with D4_battle2.wad/.cfg, for collecting vizdoom_battle2 data."""
+    """Directory with D4_battle2.wad/.cfg, for collecting vizdoom_battle2 data (default: the map shipped with the package)."""
     rollout_videos: bool = True
     """After the whole pipeline (--stage all), render a lockstep (real · dream · |diff|) and a random-policy rollout video."""
     config: ExperimentConfig = ExperimentConfig()

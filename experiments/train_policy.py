@@ -65,7 +65,7 @@ class Args:
     eval_episodes: int = 10
     """Episodes per evaluation."""
     battle2_path: str | None = None
-    """Directory with D4_battle2.wad/.cfg (real-env evaluation of vizdoom_battle2)."""
+    """Directory with D4_battle2.wad/.cfg (real-env evaluation of vizdoom_battle2) (default: the map shipped with the package)."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """PPO hyper-parameters."""
     progress: bool = True

@@ -78,9 +78,6 @@ def tiny_bundle(tmp_path_factory, hgs_store) -> Path:
     return make_bundle(tiny_experiment(hgs_store), tmp_path_factory.mktemp("bundle") / "vizdoom_hgs-tiny")
 
 
-BATTLE2_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "vizdoom_battle2"
-
-
 @pytest.fixture(scope="session")
 def hgs_store64(tmp_path_factory) -> Path:
     """Six real HGS episodes at the default 64×64 (what SB3's CnnPolicy needs), at most 24 steps each."""

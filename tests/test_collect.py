@@ -12,7 +12,6 @@ import pytest
 from envs.collect import StickyRandomPolicy, collect
 from worldmodel.store import ClipDataset, EpisodeStore
 
-BATTLE2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "vizdoom_battle2"
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -41,7 +40,7 @@ def test_collect_hgs_produces_valid_store(tmp_path):
 
 def test_collect_battle2(tmp_path):
     r = collect("vizdoom_battle2", tmp_path / "b", 2, num_envs=1, progress=False, asynchronous=False,
-                env_kwargs={"battle2_path": str(BATTLE2), "max_episode_steps": 20})
+                env_kwargs={"max_episode_steps": 20})
     store = EpisodeStore(tmp_path / "b")
     assert len(store) == 2 == r.collected and store.meta.action_spec.n == 8
     assert all(len(e) == 21 for e in store.iter_episodes())

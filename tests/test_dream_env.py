@@ -20,7 +20,7 @@ import envs
 from envs.collect import collect
 from envs.dream import DreamEnv
 from envs.sb3_vec import DreamVecEnv
-from tests.conftest import BATTLE2_DIR, TINY_RES, make_bundle, tiny_experiment, write_continuous_store
+from tests.conftest import TINY_RES, make_bundle, tiny_experiment, write_continuous_store
 from worldmodel.bundle import WorldModel
 from worldmodel.prior import symlog
 from worldmodel.store import EpisodeStore
@@ -34,7 +34,7 @@ def bundles(tmp_path_factory, tiny_bundle):
     root = tmp_path_factory.mktemp("dream_bundles")
     b2_store = root / "b2_store"
     collect("vizdoom_battle2", b2_store, 3, num_envs=1, asynchronous=False, progress=False,
-            env_kwargs={"resolution": TINY_RES, "max_episode_steps": 12, "battle2_path": str(BATTLE2_DIR)})
+            env_kwargs={"resolution": TINY_RES, "max_episode_steps": 12})
     out = {"VizdoomHGS": tiny_bundle,
            "VizdoomBattle2": make_bundle(tiny_experiment(b2_store, name="vizdoom_battle2"), root / "b2")}
     for name, preset, dim in (("BAIR", "bair", 4), ("RoboNet", "robonet", 5)):

@@ -9,10 +9,17 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from envs.vizdoom import BATTLE2_REWARD_WEIGHTS, VizdoomEnv, action_names, make_real_env, make_real_env_fn
+import envs
+from envs.vizdoom import (
+    BATTLE2_REWARD_WEIGHTS,
+    VizdoomEnv,
+    action_names,
+    make_real_env,
+    make_real_env_fn,
+    packaged_battle2_path,
+)
 
-BATTLE2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "vizdoom_battle2"
-KW = {"vizdoom_hgs": {}, "vizdoom_battle2": {"battle2_path": BATTLE2}}
+KW = {"vizdoom_hgs": {}, "vizdoom_battle2": {}}  # Battle2: the map shipped with the package
 
 
 @pytest.mark.parametrize("name", ["vizdoom_hgs", "vizdoom_battle2"])
@@ -91,14 +98,22 @@ def test_battle2_reward_follows_game_variable_formula():
 
 def test_battle2_missing_map_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("VIZDOOM_BATTLE2_PATH", raising=False)
-    with pytest.raises(FileNotFoundError, match="--battle2-path"):
-        make_real_env("vizdoom_battle2")
-    with pytest.raises(FileNotFoundError, match="missing D4_battle2.wad, D4_battle2.cfg"):
+    with pytest.raises(FileNotFoundError, match="missing D4_battle2.wad, D4_battle2.cfg.*--battle2-path"):
         make_real_env("vizdoom_battle2", battle2_path=tmp_path)
     with pytest.raises(FileNotFoundError, match="missing"):
         make_real_env_fn("vizdoom_battle2", battle2_path=tmp_path)
-    monkeypatch.setenv("VIZDOOM_BATTLE2_PATH", str(BATTLE2))
-    env = make_real_env("vizdoom_battle2")
+    monkeypatch.setenv("VIZDOOM_BATTLE2_PATH", str(tmp_path))  # the environment variable is honoured too
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        make_real_env("vizdoom_battle2")
+
+
+def test_battle2_map_ships_with_the_package(monkeypatch):
+    monkeypatch.delenv("VIZDOOM_BATTLE2_PATH", raising=False)
+    root = packaged_battle2_path()
+    assert root.is_relative_to(Path(envs.__file__).parent)
+    assert {"D4_battle2.wad", "D4_battle2.cfg", "LICENSE"} <= {p.name for p in root.iterdir()}
+    assert "MIT" in (root / "LICENSE").read_text()
+    env = make_real_env("vizdoom_battle2")  # no path anywhere: the packaged map
     assert env.action_space.n == 8
     env.close()
 
