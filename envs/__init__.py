@@ -14,11 +14,13 @@ arguments: see :class:`envs.dream.DreamEnv`.
 
 import gymnasium as gym
 
-# id name -> (preset, max_episode_steps). ViZDoom: the scenarios' 2100-tic timeout at frame skip 4;
+# id name -> (preset, max_episode_steps). ViZDoom: the scenarios' 2100-tic timeout at frame skip 4 (Take Cover:
+# World Models' 2100-tic cap);
 # BAIR / RoboNet: the datasets' 30-frame trajectories.
 DREAM_IDS: dict[str, tuple[str, int]] = {
     "VizdoomHGS": ("vizdoom_hgs", 525),
     "VizdoomBattle2": ("vizdoom_battle2", 525),
+    "VizdoomTakeCover": ("vizdoom_take_cover", 525),
     "BAIR": ("bair", 30),
     "RoboNet": ("robonet", 30),
 }

@@ -85,7 +85,7 @@ def action_space_of(spec: ActionSpec) -> spaces.Space:
     if spec.kind == "continuous":
         return spaces.Box(-1.0, 1.0, (spec.dim,), np.float32)
     raise ValueError("the bundle models action-free video; a dream env needs an action-conditioned bundle "
-                     "(presets vizdoom_hgs, vizdoom_battle2, bair, robonet)")
+                     "(presets vizdoom_hgs, vizdoom_battle2, vizdoom_take_cover, bair, robonet)")
 
 
 class DreamCore:

@@ -37,7 +37,7 @@ from worldmodel.paths import runs_dir
 
 @dataclass
 class Args:
-    env: Literal["vizdoom_hgs", "vizdoom_battle2"] = "vizdoom_hgs"
+    env: Literal["vizdoom_hgs", "vizdoom_battle2", "vizdoom_take_cover"] = "vizdoom_hgs"
     """Real env (and preset) to run the loop on."""
     scale: Literal["tiny", "small", "paper"] = "tiny"
     """World-model size (preset scale)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,11 +27,12 @@ from typing import Literal
 import torch
 import tyro
 
+from worldmodel.checkpoint import write_json
 from worldmodel.config import SCALES, ExperimentConfig, get_preset, preset_names
 from worldmodel.paths import default_run_dir
 from worldmodel.training import setup_distributed
 
-REAL_ENVS = {"vizdoom_hgs", "vizdoom_battle2"}
+REAL_ENVS = {"vizdoom_hgs", "vizdoom_battle2", "vizdoom_take_cover"}  # envs.vizdoom.ENV_NAMES
 
 
 @dataclass
@@ -78,6 +80,15 @@ def render_rollouts(run_dir: Path, seed: int = 0, steps: int = 64) -> dict[str, 
     return out
 
 
+def record_minutes(run_dir: Path, stage: str, minutes: float) -> None:
+    """Add ``stage``'s wall-clock minutes (this run's; a resumed stage counts only its own part) to
+    ``<run_dir>/timings.json``, which benchmarks read to report what a bundle cost."""
+    path = run_dir / "timings.json"
+    d = json.loads(path.read_text()) if path.exists() else {}
+    d[stage] = round(minutes, 2)
+    write_json(path, d)
+
+
 def parse(argv: list[str] | None = None) -> Args:
     """Two-phase parse: --env/--scale pick the preset, whose values become the flags' defaults."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -114,16 +125,23 @@ def main(args: Args) -> None:
                 from envs.collect import collect
 
                 kw = {"battle2_path": args.battle2_path} if args.battle2_path else {}
+                t0 = time.monotonic()
                 r = collect(cfg.env, cfg.data.store, cfg.collect_episodes, env_kwargs=kw)
+                record_minutes(run_dir, "collect", (time.monotonic() - t0) / 60)
                 print(f"collected {r.collected} episodes into {r.store}")
             if di.world_size > 1:
                 torch.distributed.barrier()
     if "tokenizer" in stage_list:
         results["tokenizer"] = stages.train_tokenizer(cfg, run_dir, dist_info=di, resume=args.resume)
     if "encode" in stage_list and di.is_main:
+        t0 = time.monotonic()
         print(f"token cache: {stages.encode_tokens(cfg, run_dir, device=di.device)}")
+        record_minutes(run_dir, "encode", (time.monotonic() - t0) / 60)
     if "prior" in stage_list:
         results["prior"] = stages.train_prior(cfg, run_dir, dist_info=di, resume=args.resume)
+    if di.is_main:
+        for name, r in results.items():
+            record_minutes(run_dir, name, r.minutes)
     videos: dict[str, Path] = {}
     if args.stage == "all" and di.is_main and args.rollout_videos and cfg.prior.action_kind != "none":
         videos = render_rollouts(run_dir, seed=cfg.prior_train.seed)

@@ -1,12 +1,18 @@
-"""Train a PPO policy inside the dream of a world-model bundle, then (optionally) score it in the real env.
+"""Train a policy inside the dream of a world-model bundle, then (optionally) score it in the real env.
 
 Examples:
     python experiments/train_policy.py --env vizdoom_hgs --timesteps 50000
     python experiments/train_policy.py --env vizdoom_hgs --checkpoint runs/vizdoom_hgs-tiny --eval-real
+    python experiments/train_policy.py --env vizdoom_take_cover --algo cmaes --eval-real
 
-The policy is saved to ``<checkpoint>/policies/ppo_dream.zip`` (or ``--out``); PPO's TensorBoard
-logs go to ``<checkpoint>/tb_policy``. With ``--eval-real`` the policy and a uniform random policy
-are scored in the dream and in the real ViZDoom env, printed side by side (the dream–real gap).
+Two learners: ``--algo ppo`` (SB3 PPO ``CnnPolicy`` on the dream's pixels) and ``--algo cmaes`` (World
+Models' recipe: a linear controller on the tokenizer's features, evolved by CMA-ES; see
+envs/controller.py). ``--algo auto`` (default) picks the one measured best for the preset: cmaes for
+vizdoom_take_cover (README Results), ppo otherwise. The PPO policy is saved to
+``<checkpoint>/policies/ppo_dream.zip``, the controller to ``<checkpoint>/policies/cmaes_dream/``
+(or ``--out``); TensorBoard logs go to ``<checkpoint>/tb_policy``. With ``--eval-real`` the policy
+and a uniform random policy are scored in the dream and in the real ViZDoom env, side by side (the
+dream–real gap).
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from typing import Literal
 import torch
 import tyro
 
-from envs.dream import load_world_model
+from envs.controller import CMAESConfig, save_controller, train_cmaes
+from envs.dream import DreamVectorEnv, load_world_model
 from envs.policy import PPOConfig, real_env_kwargs, save_policy, score_dream, score_real, train_ppo
+from envs.sb3_vec import DreamVecEnv
 from worldmodel.checkpoint import write_json
 
 
@@ -31,8 +39,10 @@ class Args:
     """Preset of the bundle (vizdoom_hgs, vizdoom_battle2, ...)."""
     checkpoint: str | None = None
     """Bundle directory (default: the newest bundle of --env under runs/ or $WORLDMODEL_HOME/runs)."""
+    algo: Literal["auto", "ppo", "cmaes"] = "auto"
+    """Learner: PPO on pixels, CMA-ES linear controller on token features, or auto (cmaes for vizdoom_take_cover)."""
     timesteps: int = 50_000
-    """Dream env steps to train for (all envs together)."""
+    """Dream env steps to train for (all envs together; PPO)."""
     num_envs: int = 16
     """Dream envs stepped together in one model call."""
     max_episode_steps: int = 525
@@ -68,6 +78,8 @@ class Args:
     """Directory with D4_battle2.wad/.cfg (real-env evaluation of vizdoom_battle2) (default: the map shipped with the package)."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """PPO hyper-parameters."""
+    cmaes: CMAESConfig = field(default_factory=CMAESConfig)
+    """CMA-ES hyper-parameters (--algo cmaes); its max_episode_steps caps dream episodes during evolution."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -83,28 +95,43 @@ def main(args: Args) -> dict:
     dream_kw = {"temperature": args.temperature, "top_k": args.top_k, "context_frames": args.context_frames,
                 "termination": args.termination, "termination_threshold": args.termination_threshold,
                 "decode": args.decode, "maskgit_steps": args.maskgit_steps}
-    model, venv = train_ppo(wm, args.timesteps, num_envs=args.num_envs, ppo=args.ppo, seed=args.seed,
-                            max_episode_steps=args.max_episode_steps, tensorboard_log=run / "tb_policy",
-                            progress_bar=args.progress, **dream_kw)
-    out = save_policy(model, args.out or run / "policies" / "ppo_dream.zip")
+    algo = args.algo if args.algo != "auto" else ("cmaes" if args.env == "vizdoom_take_cover" else "ppo")
+    if algo == "ppo":
+        model, venv = train_ppo(wm, args.timesteps, num_envs=args.num_envs, ppo=args.ppo, seed=args.seed,
+                                max_episode_steps=args.max_episode_steps, tensorboard_log=run / "tb_policy",
+                                progress_bar=args.progress, **dream_kw)
+        out = save_policy(model, args.out or run / "policies" / "ppo_dream.zip")
+    else:
+        c = args.cmaes
+        evo_env = DreamVectorEnv(c.popsize * c.episodes, world_model=wm, max_episode_steps=c.max_episode_steps, **dream_kw)
+
+        def log(row: dict[str, float]) -> None:
+            if args.progress:
+                print(f"generation {row['generation']:3d}: mean {row['mean_return']:7.1f}  best {row['best_return']:7.1f}  "
+                      f"length {row['mean_length']:5.1f}  sigma {row['sigma']:.3f}  ({row['seconds']:.1f} s)")
+
+        model, history = train_cmaes(wm, evo_env, c, seed=args.seed, log=log)
+        out = save_controller(model, args.out or run / "policies" / "cmaes_dream", {"history": history})
+        venv = DreamVecEnv(args.num_envs, world_model=wm, max_episode_steps=args.max_episode_steps, **dream_kw)
     print(f"policy: {out}")
-    report: dict = {"policy": str(out), "timesteps": args.timesteps}
+    report: dict = {"policy": str(out), "algo": algo, "timesteps": args.timesteps}
     if args.eval_real:
         H = wm.obs_shape[0]
         kw = real_env_kwargs(wm)  # the real env the bundle's data came from (frame skip, health bar)
         if args.battle2_path:
             kw["battle2_path"] = args.battle2_path
         n, s = args.eval_episodes, args.seed
-        rows = {"ppo (dream-trained)": (score_dream(model, venv, n, seed=s), score_real(model, args.env, H, n, seed=s, **kw)),
+        rows = {f"{algo} (dream-trained)": (score_dream(model, venv, n, seed=s), score_real(model, args.env, H, n, seed=s, **kw)),
                 "random": (score_dream(None, venv, n, seed=s), score_real(None, args.env, H, n, seed=s, **kw))}
         print(f"\n{'policy':22s} {'dream return':>40s}   {'real return':>40s}   gap (dream - real)")
         for name, (d, r) in rows.items():
             print(f"{name:22s} {d!s:>40s}   {r!s:>40s}   {d.mean - r.mean:+.1f}")
         report["scores"] = {k: {"dream": vars(d), "real": vars(r)} for k, (d, r) in rows.items()}
-        report["real_return_vs_random"] = rows["ppo (dream-trained)"][1].mean / max(rows["random"][1].mean, 1e-9)
-        write_json(out.with_suffix(".eval.json"), report)
-        print(json.dumps({"real_ppo": round(rows["ppo (dream-trained)"][1].mean, 1), "real_random": round(rows["random"][1].mean, 1),
-                          "dream_ppo": round(rows["ppo (dream-trained)"][0].mean, 1),
+        report["real_return_vs_random"] = rows[f"{algo} (dream-trained)"][1].mean / max(rows["random"][1].mean, 1e-9)
+        write_json(out.with_suffix(".eval.json") if out.is_file() else out / "eval.json", report)
+        trained = rows[f"{algo} (dream-trained)"]
+        print(json.dumps({f"real_{algo}": round(trained[1].mean, 1), "real_random": round(rows["random"][1].mean, 1),
+                          f"dream_{algo}": round(trained[0].mean, 1),
                           "real_return_vs_random": round(report["real_return_vs_random"], 2)}))
     return report
 

@@ -30,13 +30,17 @@ HGS = "VideoGPTDream-VizdoomHGS-v0"
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory, tiny_bundle):
-    """One bundle per registered id (random weights): HGS and Battle2 on real data, BAIR/RoboNet-like continuous."""
+    """One bundle per registered id (random weights): HGS, Battle2, Take Cover on real data, BAIR/RoboNet-like continuous."""
     root = tmp_path_factory.mktemp("dream_bundles")
     b2_store = root / "b2_store"
     collect("vizdoom_battle2", b2_store, 3, num_envs=1, asynchronous=False, progress=False,
             env_kwargs={"resolution": TINY_RES, "max_episode_steps": 12})
+    tc_store = root / "tc_store"
+    collect("vizdoom_take_cover", tc_store, 3, num_envs=1, asynchronous=False, progress=False,
+            env_kwargs={"resolution": TINY_RES, "max_episode_steps": 12})
     out = {"VizdoomHGS": tiny_bundle,
-           "VizdoomBattle2": make_bundle(tiny_experiment(b2_store, name="vizdoom_battle2"), root / "b2")}
+           "VizdoomBattle2": make_bundle(tiny_experiment(b2_store, name="vizdoom_battle2"), root / "b2"),
+           "VizdoomTakeCover": make_bundle(tiny_experiment(tc_store, name="vizdoom_take_cover"), root / "tc")}
     for name, preset, dim in (("BAIR", "bair", 4), ("RoboNet", "robonet", 5)):
         store = write_continuous_store(root / f"{preset}_store", source=preset, dim=dim)
         out[name] = make_bundle(tiny_experiment(store, name=preset), root / preset)
@@ -81,7 +85,7 @@ def test_every_id_passes_gymnasium_checker(bundles, name):
         assert np.all(core.a_low < 0) and np.all(core.a_high > 0)
     else:
         assert isinstance(env.action_space, gym.spaces.Discrete)
-        assert env.action_space.n == (5 if name == "VizdoomHGS" else 8)
+        assert env.action_space.n == {"VizdoomHGS": 5, "VizdoomTakeCover": 2}.get(name, 8)
     env.close()
 
 

@@ -19,10 +19,11 @@ from envs.vizdoom import (
     packaged_battle2_path,
 )
 
-KW = {"vizdoom_hgs": {}, "vizdoom_battle2": {}}  # Battle2: the map shipped with the package
+KW = {"vizdoom_hgs": {}, "vizdoom_battle2": {}, "vizdoom_take_cover": {}}  # Battle2: the map shipped with the package
+N_ACTIONS = {"vizdoom_hgs": 5, "vizdoom_battle2": 8, "vizdoom_take_cover": 2}
 
 
-@pytest.mark.parametrize("name", ["vizdoom_hgs", "vizdoom_battle2"])
+@pytest.mark.parametrize("name", list(KW))
 def test_env_checker_passes_without_warnings(name):
     env = make_real_env(name, **KW[name], render_mode="rgb_array")
     try:
@@ -32,20 +33,20 @@ def test_env_checker_passes_without_warnings(name):
         ours = [w for w in caught if "envs" in str(w.filename) or "gymnasium" in str(w.filename)]
         assert not ours, [str(w.message) for w in ours]
         assert env.observation_space.shape == (64, 64, 3) and env.observation_space.dtype == np.uint8
-        assert env.action_space.n == len(action_names(name)) == (5 if name == "vizdoom_hgs" else 8)
+        assert env.action_space.n == len(action_names(name)) == N_ACTIONS[name]
         assert env.render().shape == (120, 160, 3)
     finally:
         env.close()
 
 
-@pytest.mark.parametrize("name", ["vizdoom_hgs", "vizdoom_battle2"])
+@pytest.mark.parametrize("name", list(KW))
 def test_same_seed_same_trajectory(name):
     def run(seed):
         env = make_real_env(name, **KW[name], resolution=32)
         obs, _ = env.reset(seed=seed)
         frames = [obs]
         for a in [2, 2, 0, 3, 4, 1, 2, 2]:
-            frames.append(env.step(a)[0])
+            frames.append(env.step(a % N_ACTIONS[name])[0])
         env.close()
         return np.stack(frames)
 
@@ -146,3 +147,22 @@ def test_health_bar_shows_health():
     assert np.array_equal(obs[:-4], ref[:-4])  # the rest of the frame is the plain observation
     env.close()
     plain.close()
+
+
+def test_take_cover_rewards_death_and_cap():
+    """+1 per tic alive (×4 per step); standing still, fireballs kill well before the 2100-tic cap."""
+    env = make_real_env("vizdoom_take_cover")
+    assert action_names("vizdoom_take_cover") == ["move_left", "move_right"]
+    lengths = []
+    for seed in range(3):
+        env.reset(seed=seed)
+        rewards, term, trunc = [], False, False
+        while not (term or trunc):
+            _, r, term, trunc, info = env.step(len(rewards) % 2)  # left, right, left...: about in place
+            rewards.append(r)
+        assert term and not trunc  # death ends the episode
+        np.testing.assert_allclose(rewards[:-1], 4.0)
+        lengths.append(len(rewards))
+    assert env.game.get_episode_timeout() == 2100  # World Models' cap; the scenario itself has none
+    env.close()
+    assert max(lengths) < 2100 // 4 and len(set(lengths)) > 1  # seeds give different games

@@ -336,6 +336,7 @@ def _video(name: str, scale: str, n_classes: int) -> ExperimentConfig:
 _PRESETS: dict[str, Any] = {
     "vizdoom_hgs": lambda scale: _vizdoom("vizdoom_hgs", scale, n_actions=5),
     "vizdoom_battle2": lambda scale: _vizdoom("vizdoom_battle2", scale, n_actions=8),
+    "vizdoom_take_cover": lambda scale: _vizdoom("vizdoom_take_cover", scale, n_actions=2),
     "bair": lambda scale: _robot("bair", scale, action_dim=4),  # store data/bair
     "robonet": lambda scale: _robot("robonet", scale, action_dim=5),  # store data/robonet
     "bair_paper": _bair_paper,

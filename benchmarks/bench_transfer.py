@@ -1,0 +1,155 @@
+"""Dream-to-real transfer: policies trained only in a bundle's dream, scored in the real game. One JSON line.
+
+For each seed, the learner (``--algo cmaes``: World Models' linear controller on token features,
+evolved by CMA-ES; envs/controller.py) trains in the dream only, then plays ``--real-episodes``
+real episodes and ``--dream-episodes`` dream episodes. In the same run: a uniform random policy,
+an "alternate every 10 steps" policy, and (``--real-baseline``) the same learner with the same
+budget trained directly in the real game. Reported: real and dream return per seed (mean ± standard
+error), their mean over seeds (± standard error over seeds), real/dream ratio, the real env steps
+behind the world model (its store) and behind each learner, and CPU minutes of each part (the world
+model's from ``<bundle>/timings.json``, written by experiments/train.py).
+
+Usage:
+    python benchmarks/bench_transfer.py --env vizdoom_take_cover [--checkpoint runs/vizdoom_take_cover-tiny]
+        [--seeds 0 1 2] [--real-episodes 100] [--real-baseline]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from envs.controller import CMAESConfig, LinearController, train_cmaes
+from envs.dream import DreamVectorEnv, load_world_model
+from envs.policy import real_env_kwargs
+from envs.vizdoom import make_real_env_fn
+from worldmodel.store import EpisodeStore
+
+
+def _stats(x: np.ndarray) -> dict[str, float]:
+    x = np.asarray(x, np.float64)
+    return {"mean": round(float(x.mean()), 1), "se": round(float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0, 1),
+            "n": len(x)}
+
+
+def play(venv: gym.vector.VectorEnv, act, episodes: int, seed: int, max_steps: int) -> np.ndarray:
+    """Returns of ``episodes`` episodes of ``act(obs, t) -> actions`` in ``venv`` (rows play in parallel)."""
+    out: list[float] = []
+    n = venv.num_envs
+    k = 0
+    while len(out) < episodes:
+        obs, _ = venv.reset(seed=[seed + k * n + i for i in range(n)])
+        k += 1
+        ret, done = np.zeros(n), np.zeros(n, bool)
+        if hasattr(act, "reset"):
+            act.reset()
+        for t in range(max_steps):
+            obs, r, term, trunc, _ = venv.step(act(obs, t))
+            ret += np.where(done, 0.0, r)
+            done |= np.asarray(term) | np.asarray(trunc)
+            if done.all():
+                break
+        out.extend(ret[: episodes - len(out)].tolist())
+    return np.asarray(out)
+
+
+class _Controller:
+    def __init__(self, c: LinearController) -> None:
+        self.c = c
+
+    def reset(self) -> None:
+        self.c.reset()
+
+    def __call__(self, obs: np.ndarray, t: int) -> np.ndarray:
+        return self.c.act(obs)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", default="vizdoom_take_cover", help="preset with a real env (vizdoom_take_cover, vizdoom_hgs)")
+    p.add_argument("--checkpoint", help="bundle (default: the newest bundle of --env under runs/)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="learner seeds")
+    p.add_argument("--real-episodes", type=int, default=100, help="real episodes per policy")
+    p.add_argument("--dream-episodes", type=int, default=32, help="dream episodes per dream-trained policy")
+    p.add_argument("--real-envs", type=int, default=4, help="real envs played in parallel during scoring")
+    p.add_argument("--max-steps", type=int, default=525, help="steps per scored episode (525 = 2100 tics)")
+    p.add_argument("--generations", type=int, default=CMAESConfig.generations, help="CMA-ES generations")
+    p.add_argument("--popsize", type=int, default=CMAESConfig.popsize, help="CMA-ES candidates per generation")
+    p.add_argument("--episodes", type=int, default=CMAESConfig.episodes, help="episodes per candidate")
+    p.add_argument("--train-max-steps", type=int, default=CMAESConfig.max_episode_steps,
+                   help="episode cap while evolving (dream and real baseline alike)")
+    p.add_argument("--temperature", type=float, default=1.0, help="dream sampling temperature")
+    p.add_argument("--real-baseline", action="store_true", help="also evolve the learner in the real game (seed 0)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models on 2 cores)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    wm = load_world_model(args.checkpoint, args.env, "cpu")
+    H = wm.obs_shape[0]
+    kw = real_env_kwargs(wm)
+    cfg = CMAESConfig(generations=args.generations, popsize=args.popsize, episodes=args.episodes,
+                      max_episode_steps=args.train_max_steps)
+    real = gym.vector.SyncVectorEnv([make_real_env_fn(args.env, resolution=H, **kw) for _ in range(args.real_envs)])
+    store = EpisodeStore(wm.store_path)
+    out: dict = {"bench": "transfer", "env": args.env, "checkpoint": str(wm.path), "algo": "cmaes",
+                 "cmaes": asdict(cfg),
+                 "world_model_real_steps": int(sum(store.length(e) - 1 for e in store.episode_ids()))}
+    timings = Path(wm.path) / "timings.json"
+    out["world_model_minutes"] = json.loads(timings.read_text()) if timings.exists() else None
+
+    t0 = time.process_time()
+    out["real_random"] = _stats(play(real, lambda o, t: np.array([real.single_action_space.sample() for _ in o]),
+                                     args.real_episodes, 10_000, args.max_steps))
+    out["real_alternate10"] = _stats(play(real, lambda o, t: np.full(len(o), (t // 10) % 2), args.real_episodes, 20_000,
+                                          args.max_steps))
+    out["baselines_cpu_minutes"] = round((time.process_time() - t0) / 60, 2)
+
+    dream = DreamVectorEnv(cfg.popsize * cfg.episodes, world_model=wm, max_episode_steps=cfg.max_episode_steps,
+                           temperature=args.temperature)
+    score_dream = DreamVectorEnv(min(args.dream_episodes, 16), world_model=wm, max_episode_steps=args.max_steps,
+                                 temperature=args.temperature)
+    per_seed = []
+    for s in args.seeds:
+        t0 = time.process_time()
+        ctrl, hist = train_cmaes(wm, dream, cfg, seed=s)
+        train_min = (time.process_time() - t0) / 60
+        steps = int(sum(h["mean_length"] for h in hist) * cfg.popsize * cfg.episodes)
+        t0 = time.process_time()
+        r = play(real, _Controller(ctrl), args.real_episodes, 1_000_000 * (s + 1), args.max_steps)
+        d = play(score_dream, _Controller(ctrl), args.dream_episodes, 1_000_000 * (s + 1), args.max_steps)
+        per_seed.append({"seed": s, "real": _stats(r), "dream": _stats(d), "dream_agent_steps": steps,
+                         "train_cpu_minutes": round(train_min, 2),
+                         "score_cpu_minutes": round((time.process_time() - t0) / 60, 2),
+                         "last_generation": hist[-1]})
+        print(json.dumps({"seed_done": per_seed[-1]}), flush=True)
+    out["per_seed"] = per_seed
+    reals = np.array([x["real"]["mean"] for x in per_seed])
+    dreams = np.array([x["dream"]["mean"] for x in per_seed])
+    out["real_dream_trained"] = _stats(reals)
+    out["dream_dream_trained"] = _stats(dreams)
+    out["real_over_dream"] = round(float(reals.mean() / max(dreams.mean(), 1e-9)), 3)
+    out["real_over_random"] = round(float(reals.mean() / out["real_random"]["mean"]), 3)
+    out["every_seed_at_least_750"] = bool((reals >= 750).all())
+    if args.real_baseline:
+        t0 = time.process_time()
+        rv = gym.vector.SyncVectorEnv([make_real_env_fn(args.env, resolution=H, **kw)
+                                       for _ in range(cfg.popsize * cfg.episodes)])
+        ctrl, hist = train_cmaes(wm, rv, cfg, seed=args.seeds[0])
+        r = play(real, _Controller(ctrl), args.real_episodes, 7_000_000, args.max_steps)
+        out["real_trained"] = {"seed": args.seeds[0], "real": _stats(r),
+                               "real_agent_steps": int(sum(h["mean_length"] for h in hist) * cfg.popsize * cfg.episodes),
+                               "cpu_minutes": round((time.process_time() - t0) / 60, 2)}
+        out["dream_over_real_trained"] = round(float(reals.mean() / max(r.mean(), 1e-9)), 3)
+        rv.close()
+    real.close()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""The World Models controller: token features, linear policies, CMA-ES, save/load, and the transfer benchmark."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from envs.controller import (
+    CMAESConfig,
+    ControllerConfig,
+    LinearController,
+    TokenFeatures,
+    is_controller,
+    load_controller,
+    save_controller,
+    train_cmaes,
+)
+from tests.conftest import TINY_RES, make_bundle, tiny_experiment
+from worldmodel.bundle import WorldModel
+from worldmodel.store import EpisodeStore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tc_bundle(tmp_path_factory):
+    """A vizdoom_take_cover bundle (random weights) over 6 short real Take Cover episodes at 32×32."""
+    from envs.collect import collect
+
+    root = tmp_path_factory.mktemp("take_cover")
+    collect("vizdoom_take_cover", root / "store", 6, num_envs=1, asynchronous=False, progress=False,
+            env_kwargs={"resolution": TINY_RES, "max_episode_steps": 16})
+    return make_bundle(tiny_experiment(root / "store", name="vizdoom_take_cover"), root / "vizdoom_take_cover-tiny")
+
+
+class BrightnessEnv(gym.Env):
+    """Each step shows a bright or a dark frame (random); reward 1 when the action names it (1 = bright)."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self) -> None:
+        self.observation_space = gym.spaces.Box(0, 255, (TINY_RES, TINY_RES, 3), np.uint8)
+        self.action_space = gym.spaces.Discrete(2)
+
+    def _frame(self) -> np.ndarray:
+        self.bright = bool(self.np_random.integers(2))
+        return np.full((TINY_RES, TINY_RES, 3), 220 if self.bright else 30, np.uint8)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self._frame(), {}
+
+    def step(self, action):
+        r = float(int(action) == int(self.bright))
+        return self._frame(), r, False, False, {}
+
+
+def test_features_shape_and_normalisation(tc_bundle):
+    wm = WorldModel.from_pretrained(tc_bundle)
+    feats = TokenFeatures(wm, n_components=3)
+    h, w = wm.tokenizer.grid
+    assert feats.dim == w * 3
+    store = EpisodeStore(wm.store_path)
+    feats.fit(store, n_frames=64)
+    frames = store.read_clip(store.episode_ids()[0], 0, 8)["frames"]
+    f = feats(frames)
+    assert f.shape == (8, w * 3) and f.dtype == np.float32
+    assert np.all(np.isfinite(f)) and np.all(feats.std > 0)
+    np.testing.assert_allclose(feats(frames), f)  # deterministic
+    assert not np.allclose(feats(255 - frames), f)  # the features see the pixels
+
+
+def test_linear_controller_actions_follow_weights(tc_bundle):
+    wm = WorldModel.from_pretrained(tc_bundle)
+    feats = TokenFeatures(wm)
+    cfg = ControllerConfig(n_features=feats.dim, n_actions=2, n_components=feats.n_components)
+    assert cfg.n_params == 2 * feats.dim + 1
+    frames = np.random.default_rng(0).integers(0, 256, (3, TINY_RES, TINY_RES, 3), dtype=np.uint8)
+    bias_only = np.zeros(cfg.n_params, np.float32)
+    bias_only[-1] = 1.0
+    assert LinearController(cfg, feats, bias_only).act(frames).tolist() == [1, 1, 1]
+    # one policy per row: rows 0 and 2 prefer action 0, row 1 action 1
+    rows = np.stack([-bias_only, bias_only, -bias_only])
+    assert LinearController(cfg, feats, rows).act(frames).tolist() == [0, 1, 0]
+    cfg3 = ControllerConfig(n_features=feats.dim, n_actions=3)
+    p = np.zeros((3, cfg3.n_inputs), np.float32)
+    p[2, -1] = 1.0  # the bias of action 2's output
+    assert LinearController(cfg3, feats, p.reshape(-1)).act(frames).tolist() == [2, 2, 2]
+    with pytest.raises(ValueError, match="params"):
+        LinearController(cfg, feats, np.zeros(5))
+
+
+def test_motion_input_resets_at_episode_start(tc_bundle):
+    wm = WorldModel.from_pretrained(tc_bundle)
+    feats = TokenFeatures(wm)
+    cfg = ControllerConfig(n_features=feats.dim, n_actions=2)
+    p = np.zeros(cfg.n_params, np.float32)
+    p[feats.dim:2 * feats.dim] = 1.0  # reads only the difference f_t - f_{t-1}
+    ctrl = LinearController(cfg, feats, p)
+    a, b = (np.full((1, TINY_RES, TINY_RES, 3), v, np.uint8) for v in (0, 255))
+    assert ctrl.predict(a, episode_start=np.array([True]))[0].tolist() == [0]  # no previous frame: difference 0
+    moved = ctrl.predict(b, episode_start=np.array([False]))[0]
+    diff = feats(b) - feats(a)
+    assert moved.tolist() == [int(diff.sum() > 0)]
+    assert ctrl.predict(b, episode_start=np.array([True]))[0].tolist() == [0]  # a new episode forgets the old frame
+
+
+def test_save_load_roundtrip_without_pickle(tc_bundle, tmp_path):
+    wm = WorldModel.from_pretrained(tc_bundle)
+    feats = TokenFeatures(wm).fit(EpisodeStore(wm.store_path), n_frames=32)
+    cfg = ControllerConfig(n_features=feats.dim, n_actions=2, n_components=feats.n_components)
+    params = np.random.default_rng(1).normal(size=cfg.n_params).astype(np.float32)
+    ctrl = LinearController(cfg, feats, params)
+    out = save_controller(ctrl, tmp_path / "c", {"note": "x"})
+    assert is_controller(out) and sorted(p.name for p in out.iterdir()) == ["controller.json", "controller.safetensors"]
+    back = load_controller(out, wm)
+    frames = np.random.default_rng(2).integers(0, 256, (6, TINY_RES, TINY_RES, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(back.act(frames), LinearController(cfg, feats, params).act(frames))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "controller.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a controller"):
+        load_controller(tmp_path / "bad", wm)
+
+
+def test_cmaes_learns_a_pixel_rule(tc_bundle):
+    """In a toy env where the reward names the frame's brightness, evolution beats chance clearly."""
+    wm = WorldModel.from_pretrained(tc_bundle)
+    cfg = CMAESConfig(generations=6, popsize=8, episodes=1, max_episode_steps=20, sigma0=1.0)
+    venv = gym.vector.SyncVectorEnv([BrightnessEnv for _ in range(cfg.popsize * cfg.episodes)])
+    ctrl, hist = train_cmaes(wm, venv, cfg, seed=0)
+    assert len(hist) == 6 and all(h["mean_length"] == 20 for h in hist)
+    test_env = gym.vector.SyncVectorEnv([BrightnessEnv for _ in range(4)])
+    obs, _ = test_env.reset(seed=123)
+    correct = 0
+    for _ in range(25):
+        a = ctrl.act(obs)
+        obs, r, *_ = test_env.step(a)
+        correct += int(r.sum())
+    assert correct >= 0.9 * 100, correct  # chance is 50 %
+    with pytest.raises(ValueError, match="popsize"):
+        train_cmaes(wm, test_env, cfg)
+
+
+def test_train_policy_cmaes_cli_and_bench_transfer(tc_bundle, tmp_path):
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "train_policy.py"), "--env", "vizdoom_take_cover",
+         "--checkpoint", str(tc_bundle), "--out", str(tmp_path / "ctrl"), "--eval-real", "--eval-episodes", "2",
+         "--num-envs", "2", "--max-episode-steps", "8", "--cmaes.generations", "2", "--cmaes.popsize", "4",
+         "--cmaes.episodes", "1", "--cmaes.max-episode-steps", "6", "--no-progress"],
+        capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert {"real_cmaes", "dream_cmaes", "real_random"} <= set(report)  # --algo auto picks cmaes for Take Cover
+    assert is_controller(tmp_path / "ctrl") and (tmp_path / "ctrl" / "eval.json").exists()
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_transfer.py"), "--env", "vizdoom_take_cover",
+         "--checkpoint", str(tc_bundle), "--seeds", "0", "1", "--real-episodes", "2", "--dream-episodes", "2",
+         "--real-envs", "2", "--max-steps", "10", "--generations", "1", "--popsize", "2", "--episodes", "1",
+         "--train-max-steps", "5", "--real-baseline"],
+        capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert [s["seed"] for s in out["per_seed"]] == [0, 1]
+    assert out["real_dream_trained"]["n"] == 2 and out["real_random"]["n"] == 2 and out["real_alternate10"]["n"] == 2
+    assert out["world_model_real_steps"] == sum(len(e) - 1 for e in EpisodeStore(out_store(tc_bundle)).iter_episodes())
+    assert 0 < out["real_trained"]["real_agent_steps"] <= 1 * 2 * 1 * 5
+
+
+def out_store(bundle: Path) -> str:
+    return WorldModel.from_pretrained(bundle).store_path
