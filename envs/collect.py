@@ -28,24 +28,18 @@ Policy = Callable[[np.ndarray], np.ndarray]
 
 
 class SB3Policy:
-    """A saved Stable-Baselines3 model (zip) used as a collection policy (stochastic actions)."""
+    """A saved Stable-Baselines3 policy used as a collection policy (stochastic actions).
 
-    def __init__(self, path: str | os.PathLike, deterministic: bool = False) -> None:
-        import stable_baselines3 as sb3
+    ``path`` is a policy file (``envs.policy.save_policy``: safetensors + JSON, nothing executed on load).
+    An SB3 ``.zip`` is loaded only with ``trust_pickle=True``, as algorithm ``algo``: unpickling it runs
+    any code it holds.
+    """
 
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"policy {path}: file not found (expected an SB3 .zip or 'random')")
-        # The zip does not name its algorithm class; try the discrete-action ones SB3 ships.
-        errors = []
-        for cls_name in ("PPO", "A2C", "DQN"):
-            try:
-                self.model = getattr(sb3, cls_name).load(path, device="cpu")
-                break
-            except Exception as e:  # noqa: BLE001 - wrong algorithm class for this zip: try the next one
-                errors.append(f"{cls_name}: {e}")
-        else:
-            raise ValueError(f"policy {path}: not loadable as an SB3 PPO/A2C/DQN zip ({'; '.join(errors)})")
+    def __init__(self, path: str | os.PathLike, deterministic: bool = False, *, trust_pickle: bool = False,
+                 algo: str = "PPO") -> None:
+        from envs.policy_file import open_policy
+
+        self.model = open_policy(Path(path), trust_pickle=trust_pickle, algo=algo)
         self.deterministic = deterministic
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
@@ -66,15 +60,15 @@ class CollectReport:
 
 def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Policy = "random", num_envs: int = 2,
             seed: int = 0, mean_repeat: float = 4.0, episodes_per_shard: int = 8, env_kwargs: dict[str, Any] | None = None,
-            progress: bool = True, asynchronous: bool = True) -> CollectReport:
+            progress: bool = True, asynchronous: bool = True, trust_pickle: bool = False) -> CollectReport:
     """Collect ``episodes`` episodes of the real env ``env`` into the store at ``out``.
 
     Args:
         env: ``"vizdoom_hgs"`` or ``"vizdoom_battle2"``.
         out: store directory; if it already holds episodes, only the missing ones are collected.
         episodes: total number of episodes the store should hold at the end.
-        policy: ``"random"`` (sticky random actions), a path to an SB3 zip, or a callable
-            ``obs (N,H,W,3) -> actions (N,)``.
+        policy: ``"random"`` (sticky random actions), the path of a policy file (``envs.policy.save_policy``),
+            or a callable ``obs (N,H,W,3) -> actions (N,)``.
         num_envs: env processes stepping in parallel.
         seed: base seed; a resumed run offsets it by the number of stored episodes.
         mean_repeat: mean number of steps a random action is held.
@@ -82,6 +76,8 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
         env_kwargs: passed to :func:`envs.vizdoom.make_real_env` (e.g. ``resolution``, ``frame_skip``,
             ``battle2_path``).
         asynchronous: one process per env (``AsyncVectorEnv``); False steps them in this process.
+        trust_pickle: also accept an SB3 PPO ``.zip`` as ``policy`` -- loading one unpickles it and runs any
+            code it holds; only for zips of trusted origin.
     """
     if env not in ENV_NAMES:
         raise ValueError(f"env: got {env!r}, expected one of {list(ENV_NAMES)}")
@@ -89,6 +85,8 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
         raise ValueError(f"episodes and num_envs must be >= 1, got episodes={episodes}, num_envs={num_envs}")
     env_kwargs = dict(env_kwargs or {})
     out = Path(out)
+    # load a policy file before any engine starts: a bad file fails here, with no process to clean up
+    loaded = SB3Policy(policy, trust_pickle=trust_pickle) if isinstance(policy, str) and policy != "random" else None
     probe = make_real_env_fn(env, **env_kwargs)()
     u = probe.unwrapped  # record the effective settings, defaults included, so evaluation can rebuild this env
     env_kwargs = {**env_kwargs, "resolution": u.resolution, "frame_skip": u.frame_skip, "health_bar": u.health_bar}
@@ -112,8 +110,8 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
     run_seed = seed + 100_003 * present  # a resumed run must not replay the episodes it already stored
     if policy == "random":
         act: Policy = StickyRandomPolicy(n_actions, num_envs, mean_repeat, seed=run_seed)
-    elif isinstance(policy, str):
-        act = SB3Policy(policy)
+    elif loaded is not None:
+        act = loaded
     else:
         act = policy
     bar = tqdm(total=episodes, initial=present, desc=f"collect {env}", unit="ep", disable=not progress)

@@ -27,7 +27,10 @@ class Args:
     out: str = "data/hgs"
     """Episode store directory (created, or appended to when it exists)."""
     policy: str = "random"
-    """'random' (sticky random actions) or the path of a Stable-Baselines3 policy zip."""
+    """'random' (sticky random actions) or the path of a policy file (train_policy.py's .safetensors)."""
+    trust_pickle: bool = False
+    """Also accept an SB3 PPO .zip as --policy. Loading a zip unpickles it: it RUNS ANY CODE the file holds.
+    Only for zips of trusted origin."""
     num_envs: int = 2
     """Env processes stepping in parallel (one per CPU core is a good start)."""
     seed: int = 0
@@ -53,7 +56,8 @@ def main(args: Args) -> None:
         env_kwargs["battle2_path"] = args.battle2_path
     try:
         r = collect(args.env, args.out, args.episodes, policy=args.policy, num_envs=args.num_envs, seed=args.seed,
-                    mean_repeat=args.mean_repeat, episodes_per_shard=args.episodes_per_shard, env_kwargs=env_kwargs)
+                    mean_repeat=args.mean_repeat, episodes_per_shard=args.episodes_per_shard, env_kwargs=env_kwargs,
+                    trust_pickle=args.trust_pickle)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if r.collected == 0:

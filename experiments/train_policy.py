@@ -4,7 +4,8 @@ Examples:
     python experiments/train_policy.py --env vizdoom_hgs --timesteps 50000
     python experiments/train_policy.py --env vizdoom_hgs --checkpoint runs/vizdoom_hgs-tiny --eval-real
 
-The policy is saved to ``<checkpoint>/policies/ppo_dream.zip`` (or ``--out``); PPO's TensorBoard
+The policy is saved to ``<checkpoint>/policies/ppo_dream.safetensors`` (or ``--out``; a policy
+file: safetensors + JSON settings, no pickle); PPO's TensorBoard
 logs go to ``<checkpoint>/tb_policy``. With ``--eval-real`` the policy and a uniform random policy
 are scored in the dream and in the real ViZDoom env, printed side by side (the dream–real gap).
 """
@@ -59,7 +60,7 @@ class Args:
     threads: int = 0
     """torch intra-op threads (0 = torch's default)."""
     out: str | None = None
-    """Where to save the policy zip (default: <checkpoint>/policies/ppo_dream.zip)."""
+    """Where to save the policy file, ending in .safetensors (default: <checkpoint>/policies/ppo_dream.safetensors)."""
     eval_real: bool = False
     """After training, score the policy and a random policy in the dream and in the real env."""
     eval_episodes: int = 10
@@ -75,6 +76,8 @@ class Args:
 def main(args: Args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.out is not None and not args.out.endswith(".safetensors"):  # checked before training, not after
+        sys.exit(f"error: --out {args.out!r}: a policy file is safetensors; expected a name ending in '.safetensors'")
     try:
         wm = load_world_model(args.checkpoint, args.env, args.device)
     except (FileNotFoundError, ValueError) as e:
@@ -86,7 +89,7 @@ def main(args: Args) -> dict:
     model, venv = train_ppo(wm, args.timesteps, num_envs=args.num_envs, ppo=args.ppo, seed=args.seed,
                             max_episode_steps=args.max_episode_steps, tensorboard_log=run / "tb_policy",
                             progress_bar=args.progress, **dream_kw)
-    out = save_policy(model, args.out or run / "policies" / "ppo_dream.zip")
+    out = save_policy(model, args.out or run / "policies" / "ppo_dream.safetensors")
     print(f"policy: {out}")
     report: dict = {"policy": str(out), "timesteps": args.timesteps}
     if args.eval_real:
