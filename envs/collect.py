@@ -60,7 +60,7 @@ class CollectReport:
 
 def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Policy = "random", num_envs: int = 2,
             seed: int = 0, mean_repeat: float = 4.0, episodes_per_shard: int = 8, env_kwargs: dict[str, Any] | None = None,
-            progress: bool = True, asynchronous: bool = True, trust_pickle: bool = False) -> CollectReport:
+            progress: bool = True, asynchronous: bool = True, trust_pickle: bool = False, merge: bool = False) -> CollectReport:
     """Collect ``episodes`` episodes of the real env ``env`` into the store at ``out``.
 
     Args:
@@ -78,6 +78,8 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
         asynchronous: one process per env (``AsyncVectorEnv``); False steps them in this process.
         trust_pickle: also accept an SB3 PPO ``.zip`` as ``policy`` -- loading one unpickles it and runs any
             code it holds; only for zips of trusted origin.
+        merge: append to a store collected with other settings (``env``, ``env_kwargs``); without it that
+            is a :class:`~worldmodel.store.StoreError` naming the differing keys.
     """
     if env not in ENV_NAMES:
         raise ValueError(f"env: got {env!r}, expected one of {list(ENV_NAMES)}")
@@ -97,8 +99,8 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
     spec = ActionSpec.discrete(n_actions, names=action_names(env))
     writer = StoreWriter(out, source=env, obs_shape=obs_shape, action_spec=spec, fps=fps,
                          episodes_per_shard=episodes_per_shard,
-                         extra={"env": env, "env_kwargs": {k: str(v) for k, v in env_kwargs.items()},
-                                "policy": policy if isinstance(policy, str) else "callable"})
+                         extra={"env": env, "env_kwargs": {k: str(v) for k, v in env_kwargs.items()}}, merge=merge)
+    policy_name = policy if isinstance(policy, str) else "callable"  # per episode: a store may grow under several
     present = writer.num_episodes
     report = CollectReport(store=out, requested=episodes, already_present=present, collected=0, env_steps=0)
     if present >= episodes:
@@ -136,7 +138,7 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
                 if (term[i] or trunc[i]) and finished < todo:
                     writer.add_episode(np.stack(b["frames"]), np.array(b["actions"], np.int64),
                                        np.array(b["rewards"], np.float32), np.array(b["terminated"], bool),
-                                       truncated=bool(trunc[i]) and not bool(term[i]))
+                                       truncated=bool(trunc[i]) and not bool(term[i]), attrs={"policy": policy_name})
                     report.returns.append(float(np.sum(b["rewards"])))
                     report.lengths.append(len(b["frames"]))
                     finished += 1

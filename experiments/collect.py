@@ -16,6 +16,7 @@ import numpy as np
 import tyro
 
 from envs.collect import collect
+from worldmodel.store import StoreError
 
 
 @dataclass
@@ -46,6 +47,9 @@ class Args:
     health_bar: bool = True
     """Draw the player's health as a red bar over the bottom rows of each frame (a HUD legible at 64×64;
     the dream needs it to predict deaths). --no-health-bar collects the raw scenario frames."""
+    merge: bool = False
+    """Append to a store collected with other settings (env, frame skip, resolution, health bar); without it
+    that is an error naming the differing settings."""
     episodes_per_shard: int = 8
     """Episodes per HDF5 shard; a kill loses at most the episodes of one unfinished shard."""
 
@@ -57,8 +61,8 @@ def main(args: Args) -> None:
     try:
         r = collect(args.env, args.out, args.episodes, policy=args.policy, num_envs=args.num_envs, seed=args.seed,
                     mean_repeat=args.mean_repeat, episodes_per_shard=args.episodes_per_shard, env_kwargs=env_kwargs,
-                    trust_pickle=args.trust_pickle)
-    except (FileNotFoundError, ValueError) as e:
+                    trust_pickle=args.trust_pickle, merge=args.merge)
+    except (FileNotFoundError, ValueError, StoreError) as e:
         sys.exit(f"error: {e}")
     if r.collected == 0:
         print(f"{r.store}: already holds {r.already_present} >= {r.requested} episodes; nothing to do")

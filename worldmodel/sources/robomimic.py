@@ -138,7 +138,7 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: str
             resolution: int | tuple[int, int] | None = None, train_filter: str | None = "train",
             val_filter: str | None = "valid", test_filter: str | None = None, val_fraction: float = 0.05,
             use_next_obs: bool = True, max_demos: int | None = None, fps: float = 20.0,
-            episodes_per_shard: int = 32, skip_corrupt: bool = False, progress: bool = True) -> ConvertReport:
+            episodes_per_shard: int = 32, skip_corrupt: bool = False, merge: bool = False, progress: bool = True) -> ConvertReport:
     """Convert a robomimic hdf5 file into an episode store (resumable; id ``<file stem>-<demo>``).
 
     Args:
@@ -153,6 +153,7 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: str
         fps: frame rate recorded in the store (robosuite's control rate is 20 Hz).
         episodes_per_shard: episodes per HDF5 shard.
         skip_corrupt: skip (and report) broken demos instead of raising.
+        merge: append to a store whose metadata (source, fps, extra) differs (see ``StoreWriter``).
         progress: show a tqdm bar.
 
     Raises:
@@ -192,7 +193,7 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: str
                  "filters": {"train": train_filter, "val": val_filter, "test": test_filter}}
         with StoreWriter(out, source="robomimic", obs_shape=(*hw, 3), action_spec=ActionSpec.continuous(A), fps=fps,
                          episodes_per_shard=episodes_per_shard, val_fraction=val_fraction, test_fraction=0.0,
-                         extra=extra) as writer:
+                         extra=extra, merge=merge) as writer:
             for demo in tqdm(demos, desc="robomimic", unit="demo", disable=not progress):
                 split = splits[demo]
                 if split is None:

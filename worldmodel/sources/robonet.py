@@ -237,7 +237,7 @@ def read_file(path: str | os.PathLike, *, camera: int = 0, resolution: int | tup
 def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: int = 0,
             robots: tuple[str, ...] | None = None, resolution: int | tuple[int, int] = 64, action_dim: int = 5,
             val_fraction: float = 0.05, test_fraction: float = 0.05, max_files: int | None = None,
-            fps: float = 0.0, episodes_per_shard: int = 32, skip_corrupt: bool = False,
+            fps: float = 0.0, episodes_per_shard: int = 32, skip_corrupt: bool = False, merge: bool = False,
             progress: bool = True) -> ConvertReport:
     """Convert RoboNet hdf5 files into an episode store (resumable; episode id = file stem).
 
@@ -254,6 +254,7 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: int
         fps: frame rate recorded in the store; RoboNet's varies by robot (0.0 = unknown).
         episodes_per_shard: episodes per HDF5 shard.
         skip_corrupt: skip (and report) corrupt files instead of raising.
+        merge: append to a store whose metadata (source, fps, extra) differs (see ``StoreWriter``).
         progress: show a tqdm bar.
 
     Raises:
@@ -272,7 +273,7 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: int
              "action_dim": action_dim}
     with StoreWriter(out, source="robonet", obs_shape=(*size, 3), action_spec=spec, fps=fps,
                      episodes_per_shard=episodes_per_shard, val_fraction=val_fraction,
-                     test_fraction=test_fraction, extra=extra) as writer:
+                     test_fraction=test_fraction, extra=extra, merge=merge) as writer:
         bar = tqdm(files, desc="robonet", unit="file", disable=not progress)
         for path in bar:
             eid = episode_id(path.stem)
