@@ -45,8 +45,8 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 
 from worldmodel.bundle import WorldModel
-from worldmodel.checkpoint import CONFIG_JSON
-from worldmodel.paths import bundle_preset, find_bundles, runs_dir
+from worldmodel.checkpoint import CONFIG_JSON, BundleError
+from worldmodel.paths import BundleSkippedWarning, bundle_preset, find_bundles, runs_dir
 from worldmodel.sampling import DECODES
 from worldmodel.store import ActionSpec, EpisodeStore
 
@@ -55,6 +55,11 @@ TERMINATIONS = ("sample", "threshold")
 OPTION_KEYS = ("frames", "actions", "episode_id", "start")
 # per-step float entries of ``info`` besides "step" (see the module docstring)
 STEP_INFO_FLOATS = ("entropy", "terminated_prob", "reward_if_terminated", "reward_if_not_terminated", "expected_reward")
+
+
+def _no_bundle(preset: str) -> FileNotFoundError:
+    return FileNotFoundError(f"no trained {preset!r} bundle under {runs_dir().resolve()} (or ./runs); train one "
+                             f"with: python experiments/train.py --env {preset}   or pass checkpoint=<bundle dir>")
 
 
 def resolve_bundle(checkpoint: str | os.PathLike | None, preset: str | None) -> Path:
@@ -66,8 +71,7 @@ def resolve_bundle(checkpoint: str | os.PathLike | None, preset: str | None) -> 
             raise ValueError("checkpoint: required when the env has no preset (pass checkpoint=<bundle dir>)")
         found = find_bundles(preset)
         if not found:
-            raise FileNotFoundError(f"no trained {preset!r} bundle under {runs_dir().resolve()} (or ./runs); train one "
-                                    f"with: {train_cmd}   or pass checkpoint=<bundle dir>")
+            raise _no_bundle(preset)
         return found[0]
     path = Path(checkpoint)
     if not (path / CONFIG_JSON).exists():
@@ -385,10 +389,23 @@ class DreamCore:
 
 
 def load_world_model(checkpoint: str | os.PathLike | None, preset: str | None, device: str) -> WorldModel:
-    """Load the bundle a dream env runs on (see :func:`resolve_bundle`)."""
+    """Load the bundle a dream env runs on (see :func:`resolve_bundle`). Without ``checkpoint``, discovered
+    bundles are tried newest first: one that fails to load is skipped with a warning naming its path."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return WorldModel.from_pretrained(resolve_bundle(checkpoint, preset), device=device)
+    if checkpoint is not None or preset is None:
+        return WorldModel.from_pretrained(resolve_bundle(checkpoint, preset), device=device)
+    found = find_bundles(preset)
+    if not found:
+        raise _no_bundle(preset)
+    for path in found:
+        try:
+            return WorldModel.from_pretrained(path, device=device)
+        except (BundleError, OSError) as e:
+            warnings.warn(f"skipping bundle {path}: {e}", BundleSkippedWarning, stacklevel=2)
+    raise FileNotFoundError(f"no loadable {preset!r} bundle under {runs_dir().resolve()} (or ./runs) -- every one "
+                            f"found failed to load (see the warnings); train one with: python experiments/train.py "
+                            f"--env {preset}   or pass checkpoint=<bundle dir>")
 
 
 class _Viewer:
