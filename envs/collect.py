@@ -90,12 +90,14 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
     # load a policy file before any engine starts: a bad file fails here, with no process to clean up
     loaded = SB3Policy(policy, trust_pickle=trust_pickle) if isinstance(policy, str) and policy != "random" else None
     probe = make_real_env_fn(env, **env_kwargs)()
-    u = probe.unwrapped  # record the effective settings, defaults included, so evaluation can rebuild this env
-    env_kwargs = {**env_kwargs, "resolution": u.resolution, "frame_skip": u.frame_skip, "health_bar": u.health_bar}
-    obs_shape = probe.observation_space.shape
-    n_actions = int(probe.action_space.n)
-    fps = float(probe.metadata.get("render_fps", 0.0))
-    probe.close()
+    try:
+        u = probe.unwrapped  # record the effective settings, defaults included, so evaluation can rebuild this env
+        env_kwargs = {**env_kwargs, "resolution": u.resolution, "frame_skip": u.frame_skip, "health_bar": u.health_bar}
+        obs_shape = probe.observation_space.shape
+        n_actions = int(probe.action_space.n)
+        fps = float(probe.metadata.get("render_fps", 0.0))
+    finally:
+        probe.close()
     spec = ActionSpec.discrete(n_actions, names=action_names(env))
     writer = StoreWriter(out, source=env, obs_shape=obs_shape, action_spec=spec, fps=fps,
                          episodes_per_shard=episodes_per_shard,
@@ -103,25 +105,29 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
     policy_name = policy if isinstance(policy, str) else "callable"  # per episode: a store may grow under several
     present = writer.num_episodes
     report = CollectReport(store=out, requested=episodes, already_present=present, collected=0, env_steps=0)
-    if present >= episodes:
-        return report
-    todo = episodes - present
-    num_envs = min(num_envs, todo)
-    fns = [make_real_env_fn(env, **env_kwargs) for _ in range(num_envs)]
-    venv = gym.vector.AsyncVectorEnv(fns) if asynchronous else gym.vector.SyncVectorEnv(fns)
-    run_seed = seed + 100_003 * present  # a resumed run must not replay the episodes it already stored
-    if policy == "random":
-        act: Policy = StickyRandomPolicy(n_actions, num_envs, mean_repeat, seed=run_seed)
-    elif loaded is not None:
-        act = loaded
-    else:
-        act = policy
-    bar = tqdm(total=episodes, initial=present, desc=f"collect {env}", unit="ep", disable=not progress)
+    venv: gym.vector.VectorEnv | None = None
+    bar: Any = None
+    finished = 0
+    # every exit path (an error, Ctrl-C, SIGTERM under the CLI) closes the writer (keeping complete
+    # buffered episodes) and every engine process
     try:
+        if present >= episodes:
+            return report
+        todo = episodes - present
+        num_envs = min(num_envs, todo)
+        fns = [make_real_env_fn(env, **env_kwargs) for _ in range(num_envs)]
+        venv = gym.vector.AsyncVectorEnv(fns) if asynchronous else gym.vector.SyncVectorEnv(fns)
+        run_seed = seed + 100_003 * present  # a resumed run must not replay the episodes it already stored
+        if policy == "random":
+            act: Policy = StickyRandomPolicy(n_actions, num_envs, mean_repeat, seed=run_seed)
+        elif loaded is not None:
+            act = loaded
+        else:
+            act = policy
+        bar = tqdm(total=episodes, initial=present, desc=f"collect {env}", unit="ep", disable=not progress)
         obs, _ = venv.reset(seed=run_seed)
         buf: list[dict[str, list]] = [{"frames": [o], "actions": [], "rewards": [], "terminated": []} for o in obs]
         fresh = np.zeros(num_envs, bool)  # NEXT_STEP autoreset: this step's obs starts a new episode
-        finished = 0
         while finished < todo:
             actions = act(obs)
             obs, rew, term, trunc, _ = venv.step(actions)
@@ -145,9 +151,13 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
                     bar.update(1)
             fresh = term | trunc
     finally:
-        writer.close()  # buffered episodes are complete: keep them (a SIGKILL loses at most one shard)
-        bar.close()
-        venv.close()
+        try:
+            writer.close()  # buffered episodes are complete: keep them (a SIGKILL loses at most one shard)
+        finally:
+            if bar is not None:
+                bar.close()
+            if venv is not None:
+                venv.close()
     report.collected = finished
     return report
 

@@ -386,9 +386,11 @@ def direct_ppo(env: str, resolution: int, steps: int, m: MBRLConfig, env_kwargs:
     # a short budget still gets several updates: at most a quarter of it per rollout (>= 8 steps per env)
     n_steps = min(m.ppo.n_steps, max(8, steps // (4 * n)))
     ppo = replace(m.ppo, n_steps=n_steps, batch_size=min(m.ppo.batch_size, n_steps * n))
-    model = PPO("CnnPolicy", VecNormalize(venv, norm_obs=False, norm_reward=True, gamma=ppo.gamma), seed=m.seed,
-                device="cpu", verbose=0, **asdict(ppo))
-    cb = [_TqdmProgress(steps, "PPO in the real env (baseline)")] if progress else []
-    model.learn(total_timesteps=steps, callback=cb)
-    venv.close()
+    try:  # the engines are closed on every exit path
+        model = PPO("CnnPolicy", VecNormalize(venv, norm_obs=False, norm_reward=True, gamma=ppo.gamma), seed=m.seed,
+                    device="cpu", verbose=0, **asdict(ppo))
+        cb = [_TqdmProgress(steps, "PPO in the real env (baseline)")] if progress else []
+        model.learn(total_timesteps=steps, callback=cb)
+    finally:
+        venv.close()
     return score_real(model, env, resolution, m.eval_episodes, seed=m.seed, **env_kwargs), int(model.num_timesteps)

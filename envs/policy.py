@@ -72,7 +72,16 @@ def real_vec_env(env: str, resolution: int, num_envs: int = 1, **env_kwargs: Any
     """The real ViZDoom env ``env`` at the bundle's resolution, as an SB3 VecEnv (in-process)."""
     if env not in ENV_NAMES:
         raise ValueError(f"env: {env!r} has no real env here; expected one of {list(ENV_NAMES)}")
-    return DummyVecEnv([make_real_env_fn(env, resolution=resolution, **env_kwargs) for _ in range(num_envs)])
+    fn = make_real_env_fn(env, resolution=resolution, **env_kwargs)
+    made: list[Any] = []
+    try:  # if the k-th engine fails to start, the ones already started are closed
+        for _ in range(num_envs):
+            made.append(fn())
+    except BaseException:
+        for e in made:
+            e.close()
+        raise
+    return DummyVecEnv([lambda e=e: e for e in made])
 
 
 def score_real(model: BaseAlgorithm | None, env: str, resolution: int, episodes: int = 10, *, deterministic: bool = False,

@@ -16,6 +16,7 @@ import numpy as np
 import tyro
 
 from envs.collect import collect
+from envs.vizdoom import sigterm_exits
 from worldmodel.store import StoreError
 
 
@@ -55,6 +56,7 @@ class Args:
 
 
 def main(args: Args) -> None:
+    sigterm_exits()  # SIGTERM runs the cleanup (every ViZDoom engine closed) instead of killing outright
     env_kwargs = {"resolution": args.resolution, "frame_skip": args.frame_skip, "health_bar": args.health_bar}
     if args.battle2_path is not None:
         env_kwargs["battle2_path"] = args.battle2_path

@@ -31,6 +31,7 @@ import torch
 import tyro
 
 from envs.mbrl import MBRLConfig, run_mbrl
+from envs.vizdoom import sigterm_exits
 from worldmodel.config import get_preset
 from worldmodel.paths import runs_dir
 
@@ -90,6 +91,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def main(args: Args) -> dict[str, Any]:
+    sigterm_exits()  # SIGTERM runs the cleanup (every ViZDoom engine closed) instead of killing outright
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Path(args.run_dir) if args.run_dir else runs_dir() / f"{args.env}-{args.scale}-mbrl"

@@ -23,6 +23,7 @@ import tyro
 
 from envs.dream import load_world_model
 from envs.policy import PPOConfig, real_env_kwargs, save_policy, score_dream, score_real, train_ppo
+from envs.vizdoom import sigterm_exits
 from worldmodel.checkpoint import write_json
 
 
@@ -74,6 +75,7 @@ class Args:
 
 
 def main(args: Args) -> dict:
+    sigterm_exits()  # SIGTERM runs the cleanup (every ViZDoom engine closed) instead of killing outright
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.out is not None and not args.out.endswith(".safetensors"):  # checked before training, not after
