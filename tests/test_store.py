@@ -330,3 +330,25 @@ def test_seeded_sampler_resume_and_ranks():
     assert r0 == full[0:20:2] and r1 == full[1:20:2]
     r1_resumed = take(SeededSampler(10, seed=3, start=4, rank=1, world_size=2), 6)
     assert r1_resumed == r1[4:]
+
+
+def test_flipped_bytes_in_a_frame_chunk_fail_naming_shard_and_episode(tmp_path):
+    spec = SPECS["discrete"]
+    rng = np.random.default_rng(5)
+    with StoreWriter(tmp_path, source="t", obs_shape=OBS, action_spec=spec, episodes_per_shard=2,
+                     val_fraction=0, test_fraction=0) as w:
+        ids = [w.add_episode(**_episode(rng, 6, spec)) for _ in range(2)]
+    shard = tmp_path / "shard-00000.h5"
+    with h5py.File(shard, "r") as f:
+        d = f["episodes"][ids[1]]["frames"]
+        assert d.fletcher32
+        info = d.id.get_chunk_info(3)
+    data = bytearray(shard.read_bytes())
+    data[info.byte_offset + info.size // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    store = EpisodeStore(tmp_path)
+    assert store.load(ids[0]).frames.shape == (6, *OBS)  # the other episode still reads
+    for read in (lambda: store.load(ids[1]), lambda: store.read_clip(ids[1], 2, 3)):
+        with pytest.raises(StoreError, match=rf"shard-00000\.h5: episode '{ids[1]}': reading .* failed"):
+            read()
+    assert store.read_clip(ids[1], 0, 2)["frames"].shape == (2, *OBS)  # undamaged chunks still read

@@ -441,11 +441,13 @@ class StoreWriter:
                     H, W, _ = self.meta.obs_shape
                     # One chunk per frame: a clip read touches exactly its frames. lzf is h5py's
                     # built-in fast compressor (gzip costs ~5x more CPU to read for ~20% less disk).
-                    g.create_dataset("frames", data=ep.frames, chunks=(1, H, W, 3), compression="lzf")
+                    # fletcher32: every chunk carries a checksum, so flipped bytes fail to read instead of
+                    # loading silently (read errors name the shard and the episode)
+                    g.create_dataset("frames", data=ep.frames, chunks=(1, H, W, 3), compression="lzf", fletcher32=True)
                     if ep.actions is not None:
-                        g.create_dataset("actions", data=ep.actions)
-                    g.create_dataset("rewards", data=ep.rewards)
-                    g.create_dataset("terminated", data=ep.terminated)
+                        g.create_dataset("actions", data=ep.actions, fletcher32=True)
+                    g.create_dataset("rewards", data=ep.rewards, fletcher32=True)
+                    g.create_dataset("terminated", data=ep.terminated, fletcher32=True)
                     g.attrs["truncated"] = ep.truncated
                     g.attrs["split"] = ep.split
                     for k, v in ep.attrs.items():
@@ -453,7 +455,7 @@ class StoreWriter:
                     if ep.extras:
                         eg = g.create_group("extras")
                         for k, v in ep.extras.items():
-                            eg.create_dataset(k, data=v)
+                            eg.create_dataset(k, data=v, fletcher32=bool(np.asarray(v).ndim))
                 f.flush()
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -611,8 +613,22 @@ class EpisodeStore:
             f = self._handles[shard] = h5py.File(self.root / shard, "r")
         return f["episodes"][episode_id]
 
+    def _read_error(self, episode_id: str, what: str, e: BaseException) -> StoreError:
+        shard = self.index.get(episode_id, {}).get("shard", "?")
+        return StoreError(f"{self.root / shard}: episode {episode_id!r}: reading {what} failed ({type(e).__name__}: {e}); "
+                          f"the shard is damaged (checksum or structure); re-create it or open the store with "
+                          f"skip_corrupt=True after removing it")
+
     def load(self, episode_id: str) -> Episode:
-        """Load a whole episode into memory."""
+        """Load a whole episode into memory (``StoreError`` naming the shard and episode if it cannot be read)."""
+        try:
+            return self._load(episode_id)
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            if isinstance(e, KeyError) and episode_id not in self.index:
+                raise
+            raise self._read_error(episode_id, "the episode", e) from None
+
+    def _load(self, episode_id: str) -> Episode:
         g = self._group(episode_id)
         attrs = {k: v for k, v in g.attrs.items() if k not in ("truncated", "split")}
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
@@ -623,19 +639,25 @@ class EpisodeStore:
 
     def load_actions(self, episode_id: str) -> np.ndarray | None:
         """An episode's actions only (T-1, ...) without reading its frames; None for action-free stores."""
-        g = self._group(episode_id)
-        return g["actions"][()] if "actions" in g else None
+        try:
+            g = self._group(episode_id)
+            return g["actions"][()] if "actions" in g else None
+        except (OSError, ValueError, RuntimeError) as e:
+            raise self._read_error(episode_id, "actions", e) from None
 
     def read_clip(self, episode_id: str, start: int, length: int) -> dict[str, np.ndarray]:
         """Frames ``[start, start+length)`` and the ``length-1`` transitions between them."""
         T = self.length(episode_id)
         if start < 0 or length < 1 or start + length > T:
             raise ValueError(f"clip [{start}, {start + length}) out of range for episode {episode_id!r} of {T} frames")
-        g = self._group(episode_id)
         s, e = start, start + length
-        out = {"frames": g["frames"][s:e], "rewards": g["rewards"][s:e - 1], "terminated": g["terminated"][s:e - 1]}
-        if "actions" in g:
-            out["actions"] = g["actions"][s:e - 1]
+        try:
+            g = self._group(episode_id)
+            out = {"frames": g["frames"][s:e], "rewards": g["rewards"][s:e - 1], "terminated": g["terminated"][s:e - 1]}
+            if "actions" in g:
+                out["actions"] = g["actions"][s:e - 1]
+        except (OSError, ValueError, RuntimeError) as err:
+            raise self._read_error(episode_id, f"frames [{s}, {e})", err) from None
         return out
 
     def iter_episodes(self, split: str | None = None) -> Iterator[Episode]:
