@@ -222,6 +222,44 @@ def split_for_id(episode_id: str, val_fraction: float, test_fraction: float) -> 
     return "train"
 
 
+def external_references(f: h5py.File) -> list[str]:
+    """Every place where HDF5 file ``f`` would read outside itself: external links, datasets with external
+    storage (raw bytes in another file) and virtual datasets (mapped from other files). Empty for a
+    self-contained file. Links are inspected without being followed."""
+    found: list[str] = []
+
+    def walk(group: h5py.Group, prefix: str) -> None:
+        for name in group:
+            path = f"{prefix}/{name}"
+            link = group.get(name, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                found.append(f"{path} (external link to {link.filename}:{link.path})")
+                continue
+            if isinstance(link, h5py.SoftLink):
+                continue  # points inside this file; its target is visited where it lives
+            obj = group.get(name)
+            if isinstance(obj, h5py.Group):
+                walk(obj, path)
+            elif isinstance(obj, h5py.Dataset):
+                if obj.is_virtual:
+                    found.append(f"{path} (virtual dataset from {sorted({m.file_name for m in obj.virtual_sources()})})")
+                elif obj.external:
+                    found.append(f"{path} (external storage in {sorted({str(e[0]) for e in obj.external})})")
+
+    walk(f, "")
+    return found
+
+
+def refuse_external(f: h5py.File, path: str | os.PathLike, error: type[Exception] | None = None) -> None:
+    """Raise (``error``, default :class:`StoreError`) naming ``path`` if ``f`` reads data from outside itself:
+    an input could otherwise pull arbitrary local files into a store (see :func:`external_references`)."""
+    refs = external_references(f)
+    if refs:
+        shown = "; ".join(refs[:5]) + (f"; ... ({len(refs)} in all)" if len(refs) > 5 else "")
+        raise (error or StoreError)(f"{path}: refers to data outside the file ({shown}); only self-contained HDF5 "
+                                    f"files are read (no external links, external storage or virtual datasets)")
+
+
 def _list_shards(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if _SHARD_RE.match(p.name))
 
@@ -561,6 +599,9 @@ class EpisodeStore:
         except OSError as e:
             raise StoreError(f"cannot open as HDF5 ({e})") from None
         with f:
+            refs = external_references(f)
+            if refs:
+                raise StoreError(f"refers to data outside the file ({'; '.join(refs[:5])}); a shard must be self-contained")
             if "episodes" not in f:
                 raise StoreError("missing group 'episodes'")
             for eid, g in f["episodes"].items():

@@ -48,7 +48,7 @@ from worldmodel.sources._common import (
 )
 from worldmodel.sources._download import download_file
 from worldmodel.sources._video import as_path, parse_size, resize
-from worldmodel.store import ActionSpec, StoreWriter, split_for_id
+from worldmodel.store import ActionSpec, StoreWriter, refuse_external, split_for_id
 
 URL_TEMPLATE = "http://downloads.cs.stanford.edu/downloads/rt_benchmark/{task}/{dataset_type}/{hdf5_type}.hdf5"
 """robomimic v0.1 release links (``task``: lift, can, square, transport, tool_hang; ``dataset_type``:
@@ -170,6 +170,7 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: str
     out = as_path(out_store)
     report = ConvertReport(out, "robomimic")
     with f:
+        refuse_external(f, path, SourceError)
         if "data" not in f:
             raise SourceError(f"{path}: missing group 'data' (not a robomimic dataset)")
         data = f["data"]

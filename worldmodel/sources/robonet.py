@@ -68,7 +68,7 @@ from worldmodel.sources._common import (
     json_safe,
 )
 from worldmodel.sources._video import VideoDecodeError, as_path, iter_frames, parse_size, resize
-from worldmodel.store import ActionSpec, StoreWriter, split_for_id
+from worldmodel.store import ActionSpec, StoreWriter, external_references, split_for_id
 
 GDRIVE_FULL = "1BkqHzfRkfzgzCfc73NbNnPMK_rg3i1n9"
 """Google Drive id of ``robonet_v3.tar.gz`` (36 GB), from the RoboNet wiki."""
@@ -215,6 +215,10 @@ def read_file(path: str | os.PathLike, *, camera: int = 0, resolution: int | tup
         except OSError as e:
             raise _Corrupt(f"cannot open as HDF5 ({e})") from None
         with f:
+            refs = external_references(f)
+            if refs:
+                raise _Corrupt(f"refers to data outside the file ({'; '.join(refs[:5])}); only self-contained HDF5 "
+                               f"files are read (no external links, external storage or virtual datasets)")
             meta = file_metadata(f)
             if not meta["ncam"]:
                 raise _Corrupt("no cameras (env attr n_cams is 0 or missing)")
