@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from worldmodel.sources._common import ConvertReport, SourceError, episode_id, existing_episode_ids, fail
-from worldmodel.sources._download import download_file, extract
+from worldmodel.sources._download import download_file, extract_once
 from worldmodel.sources._video import as_path
 from worldmodel.sources.tfrecord import TFRecordError, iter_records, parse_example
 from worldmodel.store import ActionSpec, StoreWriter, split_for_id
@@ -180,7 +180,7 @@ def download(dest: str | os.PathLike, *, dry_run: bool = False, progress: bool =
     plan = [(URL, tar)]
     if dry_run:
         return plan
-    if not (dest / "softmotion30_44k").is_dir():
+    if not (dest / f".{tar.name}.extracted").exists():  # a marker written after a complete extraction
         download_file(URL, tar, progress=progress)
-        extract(tar, dest)
+        extract_once(tar, dest)
     return plan

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from worldmodel.sources._common import ConvertReport, SourceError, episode_id, existing_episode_ids, fail
-from worldmodel.sources._download import download_file, extract, which
+from worldmodel.sources._download import download_file, extract_once, which
 from worldmodel.sources._video import VideoDecodeError, as_path, decode_video, resize_center_crop
 from worldmodel.store import ActionSpec, StoreWriter, split_for_id
 
@@ -180,13 +180,14 @@ def download(dest: str | os.PathLike, *, dry_run: bool = False, progress: bool =
         return plan
     for url, target in plan:
         download_file(url, target, progress=progress)
-    if not (dest / "ucfTrainTestlist").is_dir():
-        extract(zp, dest)
-    if not (dest / "UCF-101").is_dir():
+    extract_once(zp, dest)  # redone unless a previous extraction completed (marker file)
+    rar_done = dest / f".{rar.name}.extracted"
+    if not rar_done.exists():
         for tool, args in (("unrar", ["x", "-o+", str(rar), str(dest) + os.sep]), ("7z", ["x", "-y", f"-o{dest}", str(rar)]),
                            ("bsdtar", ["-xf", str(rar), "-C", str(dest)])):
             if which(tool):
                 subprocess.run([tool, *args], check=True)
+                rar_done.write_text(f"{rar.name}\n")  # only after the tool finished: a partial unpack is redone
                 break
         else:
             raise SourceError(f"{rar}: downloaded; unpack it with `unrar x {rar} {dest}` (apt-get install unrar-free "
