@@ -28,24 +28,18 @@ Policy = Callable[[np.ndarray], np.ndarray]
 
 
 class SB3Policy:
-    """A saved Stable-Baselines3 model (zip) used as a collection policy (stochastic actions)."""
+    """A saved Stable-Baselines3 policy used as a collection policy (stochastic actions).
 
-    def __init__(self, path: str | os.PathLike, deterministic: bool = False) -> None:
-        import stable_baselines3 as sb3
+    ``path`` is a policy file (``envs.policy.save_policy``: safetensors + JSON, nothing executed on load).
+    An SB3 ``.zip`` is loaded only with ``trust_pickle=True``, as algorithm ``algo``: unpickling it runs
+    any code it holds.
+    """
 
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"policy {path}: file not found (expected an SB3 .zip or 'random')")
-        # The zip does not name its algorithm class; try the discrete-action ones SB3 ships.
-        errors = []
-        for cls_name in ("PPO", "A2C", "DQN"):
-            try:
-                self.model = getattr(sb3, cls_name).load(path, device="cpu")
-                break
-            except Exception as e:  # noqa: BLE001 - wrong algorithm class for this zip: try the next one
-                errors.append(f"{cls_name}: {e}")
-        else:
-            raise ValueError(f"policy {path}: not loadable as an SB3 PPO/A2C/DQN zip ({'; '.join(errors)})")
+    def __init__(self, path: str | os.PathLike, deterministic: bool = False, *, trust_pickle: bool = False,
+                 algo: str = "PPO") -> None:
+        from envs.policy_file import open_policy
+
+        self.model = open_policy(Path(path), trust_pickle=trust_pickle, algo=algo)
         self.deterministic = deterministic
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
@@ -66,15 +60,15 @@ class CollectReport:
 
 def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Policy = "random", num_envs: int = 2,
             seed: int = 0, mean_repeat: float = 4.0, episodes_per_shard: int = 8, env_kwargs: dict[str, Any] | None = None,
-            progress: bool = True, asynchronous: bool = True) -> CollectReport:
+            progress: bool = True, asynchronous: bool = True, trust_pickle: bool = False, merge: bool = False) -> CollectReport:
     """Collect ``episodes`` episodes of the real env ``env`` into the store at ``out``.
 
     Args:
         env: ``"vizdoom_hgs"`` or ``"vizdoom_battle2"``.
         out: store directory; if it already holds episodes, only the missing ones are collected.
         episodes: total number of episodes the store should hold at the end.
-        policy: ``"random"`` (sticky random actions), a path to an SB3 zip, or a callable
-            ``obs (N,H,W,3) -> actions (N,)``.
+        policy: ``"random"`` (sticky random actions), the path of a policy file (``envs.policy.save_policy``),
+            or a callable ``obs (N,H,W,3) -> actions (N,)``.
         num_envs: env processes stepping in parallel.
         seed: base seed; a resumed run offsets it by the number of stored episodes.
         mean_repeat: mean number of steps a random action is held.
@@ -82,6 +76,10 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
         env_kwargs: passed to :func:`envs.vizdoom.make_real_env` (e.g. ``resolution``, ``frame_skip``,
             ``battle2_path``).
         asynchronous: one process per env (``AsyncVectorEnv``); False steps them in this process.
+        trust_pickle: also accept an SB3 PPO ``.zip`` as ``policy`` -- loading one unpickles it and runs any
+            code it holds; only for zips of trusted origin.
+        merge: append to a store collected with other settings (``env``, ``env_kwargs``); without it that
+            is a :class:`~worldmodel.store.StoreError` naming the differing keys.
     """
     if env not in ENV_NAMES:
         raise ValueError(f"env: got {env!r}, expected one of {list(ENV_NAMES)}")
@@ -89,39 +87,47 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
         raise ValueError(f"episodes and num_envs must be >= 1, got episodes={episodes}, num_envs={num_envs}")
     env_kwargs = dict(env_kwargs or {})
     out = Path(out)
+    # load a policy file before any engine starts: a bad file fails here, with no process to clean up
+    loaded = SB3Policy(policy, trust_pickle=trust_pickle) if isinstance(policy, str) and policy != "random" else None
     probe = make_real_env_fn(env, **env_kwargs)()
-    u = probe.unwrapped  # record the effective settings, defaults included, so evaluation can rebuild this env
-    env_kwargs = {**env_kwargs, "resolution": u.resolution, "frame_skip": u.frame_skip, "health_bar": u.health_bar}
-    obs_shape = probe.observation_space.shape
-    n_actions = int(probe.action_space.n)
-    fps = float(probe.metadata.get("render_fps", 0.0))
-    probe.close()
+    try:
+        u = probe.unwrapped  # record the effective settings, defaults included, so evaluation can rebuild this env
+        env_kwargs = {**env_kwargs, "resolution": u.resolution, "frame_skip": u.frame_skip, "health_bar": u.health_bar}
+        obs_shape = probe.observation_space.shape
+        n_actions = int(probe.action_space.n)
+        fps = float(probe.metadata.get("render_fps", 0.0))
+    finally:
+        probe.close()
     spec = ActionSpec.discrete(n_actions, names=action_names(env))
     writer = StoreWriter(out, source=env, obs_shape=obs_shape, action_spec=spec, fps=fps,
                          episodes_per_shard=episodes_per_shard,
-                         extra={"env": env, "env_kwargs": {k: str(v) for k, v in env_kwargs.items()},
-                                "policy": policy if isinstance(policy, str) else "callable"})
+                         extra={"env": env, "env_kwargs": {k: str(v) for k, v in env_kwargs.items()}}, merge=merge)
+    policy_name = policy if isinstance(policy, str) else "callable"  # per episode: a store may grow under several
     present = writer.num_episodes
     report = CollectReport(store=out, requested=episodes, already_present=present, collected=0, env_steps=0)
-    if present >= episodes:
-        return report
-    todo = episodes - present
-    num_envs = min(num_envs, todo)
-    fns = [make_real_env_fn(env, **env_kwargs) for _ in range(num_envs)]
-    venv = gym.vector.AsyncVectorEnv(fns) if asynchronous else gym.vector.SyncVectorEnv(fns)
-    run_seed = seed + 100_003 * present  # a resumed run must not replay the episodes it already stored
-    if policy == "random":
-        act: Policy = StickyRandomPolicy(n_actions, num_envs, mean_repeat, seed=run_seed)
-    elif isinstance(policy, str):
-        act = SB3Policy(policy)
-    else:
-        act = policy
-    bar = tqdm(total=episodes, initial=present, desc=f"collect {env}", unit="ep", disable=not progress)
+    venv: gym.vector.VectorEnv | None = None
+    bar: Any = None
+    finished = 0
+    # every exit path (an error, Ctrl-C, SIGTERM under the CLI) closes the writer (keeping complete
+    # buffered episodes) and every engine process
     try:
+        if present >= episodes:
+            return report
+        todo = episodes - present
+        num_envs = min(num_envs, todo)
+        fns = [make_real_env_fn(env, **env_kwargs) for _ in range(num_envs)]
+        venv = gym.vector.AsyncVectorEnv(fns) if asynchronous else gym.vector.SyncVectorEnv(fns)
+        run_seed = seed + 100_003 * present  # a resumed run must not replay the episodes it already stored
+        if policy == "random":
+            act: Policy = StickyRandomPolicy(n_actions, num_envs, mean_repeat, seed=run_seed)
+        elif loaded is not None:
+            act = loaded
+        else:
+            act = policy
+        bar = tqdm(total=episodes, initial=present, desc=f"collect {env}", unit="ep", disable=not progress)
         obs, _ = venv.reset(seed=run_seed)
         buf: list[dict[str, list]] = [{"frames": [o], "actions": [], "rewards": [], "terminated": []} for o in obs]
         fresh = np.zeros(num_envs, bool)  # NEXT_STEP autoreset: this step's obs starts a new episode
-        finished = 0
         while finished < todo:
             actions = act(obs)
             obs, rew, term, trunc, _ = venv.step(actions)
@@ -138,16 +144,20 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
                 if (term[i] or trunc[i]) and finished < todo:
                     writer.add_episode(np.stack(b["frames"]), np.array(b["actions"], np.int64),
                                        np.array(b["rewards"], np.float32), np.array(b["terminated"], bool),
-                                       truncated=bool(trunc[i]) and not bool(term[i]))
+                                       truncated=bool(trunc[i]) and not bool(term[i]), attrs={"policy": policy_name})
                     report.returns.append(float(np.sum(b["rewards"])))
                     report.lengths.append(len(b["frames"]))
                     finished += 1
                     bar.update(1)
             fresh = term | trunc
     finally:
-        writer.close()  # buffered episodes are complete: keep them (a SIGKILL loses at most one shard)
-        bar.close()
-        venv.close()
+        try:
+            writer.close()  # buffered episodes are complete: keep them (a SIGKILL loses at most one shard)
+        finally:
+            if bar is not None:
+                bar.close()
+            if venv is not None:
+                venv.close()
     report.collected = finished
     return report
 

@@ -25,7 +25,10 @@ entropy of the new frame in nats: high where the model is unsure, a dream-uncert
 ``terminated_prob``, the reward to expect before termination is drawn). Each env draws its
 samples from its own generator seeded from ``reset(seed=...)``, so the same seed gives the same
 episode, alone or inside a vector env. Continuous actions are exposed normalised to [-1, 1] and
-mapped linearly to the dataset's per-dimension [low, high] (recorded in the bundle).
+mapped linearly to the dataset's per-dimension [low, high] (recorded in the bundle); values outside
+[-1, 1] raise ``ValueError`` unless the env was made with ``clip_actions=True``. Every bad action, option
+or setting raises ``TypeError``/``ValueError`` naming the argument, the value and what is accepted, before
+any state changes, so the env stays usable.
 """
 
 from __future__ import annotations
@@ -42,16 +45,21 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 
 from worldmodel.bundle import WorldModel
-from worldmodel.checkpoint import CONFIG_JSON
-from worldmodel.paths import bundle_preset, find_bundles, runs_dir
+from worldmodel.checkpoint import CONFIG_JSON, BundleError
+from worldmodel.paths import BundleSkippedWarning, bundle_preset, find_bundles, runs_dir
 from worldmodel.sampling import DECODES
-from worldmodel.store import ActionSpec, EpisodeStore, StoreError
+from worldmodel.store import ActionSpec, EpisodeStore
 
 STARTS = ("episode_start", "random")
 TERMINATIONS = ("sample", "threshold")
 OPTION_KEYS = ("frames", "actions", "episode_id", "start")
 # per-step float entries of ``info`` besides "step" (see the module docstring)
 STEP_INFO_FLOATS = ("entropy", "terminated_prob", "reward_if_terminated", "reward_if_not_terminated", "expected_reward")
+
+
+def _no_bundle(preset: str) -> FileNotFoundError:
+    return FileNotFoundError(f"no trained {preset!r} bundle under {runs_dir().resolve()} (or ./runs); train one "
+                             f"with: python experiments/train.py --env {preset}   or pass checkpoint=<bundle dir>")
 
 
 def resolve_bundle(checkpoint: str | os.PathLike | None, preset: str | None) -> Path:
@@ -63,8 +71,7 @@ def resolve_bundle(checkpoint: str | os.PathLike | None, preset: str | None) -> 
             raise ValueError("checkpoint: required when the env has no preset (pass checkpoint=<bundle dir>)")
         found = find_bundles(preset)
         if not found:
-            raise FileNotFoundError(f"no trained {preset!r} bundle under {runs_dir().resolve()} (or ./runs); train one "
-                                    f"with: {train_cmd}   or pass checkpoint=<bundle dir>")
+            raise _no_bundle(preset)
         return found[0]
     path = Path(checkpoint)
     if not (path / CONFIG_JSON).exists():
@@ -88,6 +95,62 @@ def action_space_of(spec: ActionSpec) -> spaces.Space:
                      "(presets vizdoom_hgs, vizdoom_battle2, vizdoom_take_cover, bair, robonet)")
 
 
+def _show(value: Any) -> str:
+    """A short repr of a user-supplied value for error messages."""
+    if isinstance(value, np.ndarray):
+        text = np.array2string(value, threshold=8, edgeitems=2)
+        return f"{value.dtype}{value.shape} {text}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def int_actions(values: Any, n: int, where: str, shape: tuple[int, ...], expected: str) -> np.ndarray:
+    """``values`` as int64 actions of ``shape`` in ``[0, n)``: ``TypeError`` for non-integers (floats, bools,
+    ``Decimal``, ``None``, strings: nothing is truncated), ``ValueError`` for a wrong shape or range; both name
+    ``where``, the value and ``expected``."""
+    a = np.asarray(values)
+    if a.dtype == object:  # Python ints too large for int64, Decimals, None, mixed lists ...
+        for v in a.reshape(-1):
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{where}: got {_show(values)} (an element of type {type(v).__name__}), expected {expected}")
+        if a.size and any(not 0 <= int(v) < n for v in a.reshape(-1)):
+            raise ValueError(f"{where}: got {_show(values)}, out of range; expected {expected}")
+        a = a.astype(np.int64)
+    elif not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{where}: got {_show(values)} of dtype {a.dtype}, expected {expected}")
+    if a.shape != shape:
+        raise ValueError(f"{where}: got {_show(values)} of shape {a.shape}, expected {expected}")
+    if a.size and (a.min() < 0 or a.max() >= n):
+        raise ValueError(f"{where}: got {_show(values)}, out of range; expected {expected}")
+    return a.astype(np.int64)
+
+
+def float_actions(values: Any, where: str, shape: tuple[int, ...], expected: str) -> np.ndarray:
+    """``values`` as finite float32 actions of ``shape``: ``TypeError`` for non-real values (complex, bool,
+    objects, strings), ``ValueError`` for a wrong shape or NaN/inf; both name ``where``, the value and ``expected``."""
+    a = np.asarray(values)
+    if a.dtype == np.bool_ or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise TypeError(f"{where}: got {_show(values)} of dtype {a.dtype}, expected {expected}")
+    if a.shape != shape:
+        raise ValueError(f"{where}: got {_show(values)} of shape {a.shape}, expected {expected}")
+    a = a.astype(np.float32)
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{where}: got {_show(values)}, which contains NaN or inf; expected {expected}")
+    return a
+
+
+def _check_number(name: str, value: Any, *, integer: bool, low: float | None = None, high: float | None = None,
+                  what: str = "") -> None:
+    """``TypeError``/``ValueError`` naming ``name`` unless ``value`` is a real number (an int if ``integer``) in
+    ``[low, high]``."""
+    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    expected = what or f"{'an integer' if integer else 'a number'} in [{low}, {high}]"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, kinds):
+        raise TypeError(f"{name}: got {_show(value)}, expected {expected}")
+    if (low is not None and value < low) or (high is not None and value > high) or value != value:
+        raise ValueError(f"{name}: got {_show(value)}, expected {expected}")
+
+
 class DreamCore:
     """``num_envs`` dream environments over one world model. See the module docstring.
 
@@ -102,12 +165,29 @@ class DreamCore:
             or ``"threshold"`` (probability > ``termination_threshold``; ``eval.json``'s
             ``termination.tuned.threshold`` is one chosen on validation episodes).
         bf16: bf16 autocast for the prior.
+        clip_actions: continuous actions outside [-1, 1] (and reset context actions outside the data's
+            range) are clipped; by default they raise ``ValueError``.
     """
 
     def __init__(self, wm: WorldModel, num_envs: int, *, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, decode: str = "autoregressive", maskgit_steps: int = 8,
                  context_frames: int = 1, start: str = "episode_start", termination: str = "sample",
-                 termination_threshold: float = 0.5, bf16: bool = False) -> None:
+                 termination_threshold: float = 0.5, bf16: bool = False, clip_actions: bool = False) -> None:
+        _check_number("num_envs", num_envs, integer=True, low=1, what="an integer >= 1")
+        _check_number("context_frames", context_frames, integer=True, what="an integer >= 1")
+        _check_number("maskgit_steps", maskgit_steps, integer=True, what="an integer >= 1")
+        _check_number("temperature", temperature, integer=False, low=0, what="a number >= 0")
+        _check_number("termination_threshold", termination_threshold, integer=False,
+                      what="a probability in (0, 1)")
+        if top_k is not None:
+            _check_number("top_k", top_k, integer=True, low=1, what="None or an integer >= 1")
+        if top_p is not None:
+            _check_number("top_p", top_p, integer=False, what="None or a probability in (0, 1]")
+            if not 0 < top_p <= 1:
+                raise ValueError(f"top_p: got {top_p!r}, expected None or a probability in (0, 1]")
+        if not isinstance(clip_actions, (bool, np.bool_)):
+            raise TypeError(f"clip_actions: got {_show(clip_actions)}, expected True or False")
+        self.clip_actions = bool(clip_actions)
         if termination not in TERMINATIONS:
             raise ValueError(f"termination: got {termination!r}, expected one of {TERMINATIONS}")
         if not 0 < termination_threshold < 1:
@@ -202,12 +282,7 @@ class DreamCore:
             if options.get("actions") is None:
                 raise ValueError(f"options['actions']: {len(frames)} context frames need {len(frames) - 1} actions "
                                  f"({self.spec.describe(len(frames) - 1)}, in the dataset's units)")
-            try:
-                actions = self.spec.validate(np.asarray(options["actions"])[-(len(frames) - 1):], len(frames) - 1,
-                                             "options['actions']")
-            except StoreError as e:
-                raise ValueError(str(e)) from None
-            return frames, actions
+            return frames, self._context_actions(options["actions"], len(frames) - 1)
         ids = self._heldout_ids()
         rng = self.rngs[row]
         if "episode_id" in options:
@@ -219,14 +294,36 @@ class DreamCore:
         n = self._store.length(eid)
         c = self.context_frames
         if "start" in options:
-            t = int(options["start"])
-            if not 0 <= t <= n - c:
-                raise ValueError(f"options['start']: got {t}, expected 0..{n - c} for episode {eid!r} of {n} frames")
+            t = options["start"]
+            _check_number("options['start']", t, integer=True, low=0, high=n - c,
+                          what=f"an integer frame index in 0..{n - c} for episode {eid!r} of {n} frames")
+            t = int(t)
         else:
             t = 0 if self.start == "episode_start" else int(rng.integers(n - c + 1))
         clip = self._store.read_clip(eid, t, c)
         acts = clip.get("actions")
         return clip["frames"], (None if acts is None or c == 1 else acts[: c - 1])
+
+    def _context_actions(self, values: Any, k: int) -> np.ndarray:
+        """The ``k`` actions between context frames, in the dataset's units (the last ``k`` if more are given)."""
+        where, spec = "options['actions']", self.spec
+        a = np.asarray(values)
+        if a.ndim == 0:
+            raise ValueError(f"{where}: got the scalar {_show(values)}; expected a sequence of {spec.describe(k)}")
+        a = a[-k:]
+        if spec.kind == "discrete":
+            return int_actions(a, spec.n, where, (k,), f"{spec.describe(k)}")
+        lo, hi = self.a_low, self.a_high
+        out = float_actions(a, where, (k, spec.dim), f"{spec.describe(k)} within the data's range [{lo.tolist()}, "
+                                                     f"{hi.tolist()}]")
+        tol = 1e-6 * np.maximum(1.0, np.abs(hi - lo))
+        if self.clip_actions:
+            return np.clip(out, lo, hi)
+        if np.any(out < lo - tol) or np.any(out > hi + tol):
+            raise ValueError(f"{where}: got {_show(values)}, outside the data's range low={lo.tolist()}, "
+                             f"high={hi.tolist()} (the actions the world model was trained on); make the env with "
+                             f"clip_actions=True to clip them")
+        return out
 
     def reset_rows(self, rows: list[int], options: list[dict[str, Any] | None] | None = None) -> np.ndarray:
         """Start ``rows`` from new contexts; returns their observations (k, H, W, 3)."""
@@ -246,25 +343,26 @@ class DreamCore:
         return self.obs[rows].copy()
 
     # -- stepping -------------------------------------------------------------------------------
-    def check_actions(self, actions: Any) -> np.ndarray:
-        """Validate a batch of N actions (from the exposed action space); returns them in the dataset's units."""
-        a = np.asarray(actions)
+    def check_actions(self, actions: Any, where: str = "actions") -> np.ndarray:
+        """Validate a batch of N actions (from the exposed action space); returns them in the dataset's units.
+
+        Discrete: N integers in ``[0, n)`` (no float, bool or ``Decimal`` is truncated). Continuous: real
+        ``(N, dim)`` in ``[-1, 1]``; values outside raise unless the env was made with ``clip_actions=True``.
+        ``TypeError``/``ValueError`` name ``where``, the value and what is accepted.
+        """
         if self.spec.kind == "discrete":
-            if a.shape != (self.N,) or not (np.issubdtype(a.dtype, np.integer) or a.dtype == object):
-                raise ValueError(f"actions: got {a.dtype}{a.shape}, expected {self.N} integer actions in [0, {self.spec.n})")
-            a = a.astype(np.int64)
-            if a.min() < 0 or a.max() >= self.spec.n:
-                raise ValueError(f"actions: values {a.tolist()} out of range, expected integers in [0, {self.spec.n})")
-            return a
-        a = a.astype(np.float32, copy=False) if np.issubdtype(a.dtype, np.number) else a
-        if a.shape != (self.N, self.spec.dim) or not np.issubdtype(a.dtype, np.floating):
-            raise ValueError(f"actions: got {a.dtype}{a.shape}, expected float ({self.N}, {self.spec.dim}) in [-1, 1]")
-        if not np.all(np.isfinite(a)):
-            raise ValueError("actions: contain NaN or inf")
-        a = np.clip(a, -1.0, 1.0)
+            return int_actions(actions, self.spec.n, where, (self.N,), f"{self.N} integer action(s) in [0, {self.spec.n})")
+        expected = f"real actions of shape ({self.N}, {self.spec.dim}) in [-1, 1]"
+        a = float_actions(actions, where, (self.N, self.spec.dim), expected)
+        if self.clip_actions:
+            a = np.clip(a, -1.0, 1.0)
+        elif np.any(np.abs(a) > 1.0):
+            raise ValueError(f"{where}: got {_show(np.asarray(actions))}, outside [-1, 1]; expected {expected} "
+                             f"(make the env with clip_actions=True to clip them)")
         return self.a_low + (a + 1.0) * 0.5 * (self.a_high - self.a_low)
 
-    def step(self, actions: Any, skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    def step(self, actions: Any, skip: np.ndarray | None = None,
+             where: str = "actions") -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Step every row; rows in ``skip`` (bool (N,)) are stepped with throw-away randomness because
         the caller resets them right after (keeps each row's sample stream equal to a single env's).
 
@@ -272,7 +370,7 @@ class DreamCore:
         """
         if not self.started.all():
             raise RuntimeError("reset() must be called before step()")
-        a = self.check_actions(actions)
+        a = self.check_actions(actions, where)
         gens = self.gens if skip is None else [self._scratch if s else g for g, s in zip(self.gens, skip)]
         out = self.rollout.step(a, generator=gens, **self.sample_kw)
         self.obs[:] = out.frames
@@ -291,10 +389,23 @@ class DreamCore:
 
 
 def load_world_model(checkpoint: str | os.PathLike | None, preset: str | None, device: str) -> WorldModel:
-    """Load the bundle a dream env runs on (see :func:`resolve_bundle`)."""
+    """Load the bundle a dream env runs on (see :func:`resolve_bundle`). Without ``checkpoint``, discovered
+    bundles are tried newest first: one that fails to load is skipped with a warning naming its path."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return WorldModel.from_pretrained(resolve_bundle(checkpoint, preset), device=device)
+    if checkpoint is not None or preset is None:
+        return WorldModel.from_pretrained(resolve_bundle(checkpoint, preset), device=device)
+    found = find_bundles(preset)
+    if not found:
+        raise _no_bundle(preset)
+    for path in found:
+        try:
+            return WorldModel.from_pretrained(path, device=device)
+        except (BundleError, OSError) as e:
+            warnings.warn(f"skipping bundle {path}: {e}", BundleSkippedWarning, stacklevel=2)
+    raise FileNotFoundError(f"no loadable {preset!r} bundle under {runs_dir().resolve()} (or ./runs) -- every one "
+                            f"found failed to load (see the warnings); train one with: python experiments/train.py "
+                            f"--env {preset}   or pass checkpoint=<bundle dir>")
 
 
 class _Viewer:
@@ -334,8 +445,7 @@ class DreamEnv(gym.Env):
         preset: the preset this id stands for (set by the registration; checked against the bundle).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         temperature, top_k, top_p, decode, maskgit_steps, context_frames, start, termination,
-            termination_threshold, bf16: see
-            :class:`DreamCore`.
+            termination_threshold, bf16, clip_actions: see :class:`DreamCore`.
         max_episode_steps: truncate after this many steps (``gym.make`` applies its TimeLimit instead).
         render_mode: ``None``, ``"rgb_array"`` (the current frame) or ``"human"`` (a pygame window).
         world_model: an already loaded :class:`WorldModel` to share (then ``checkpoint`` is ignored).
@@ -347,14 +457,15 @@ class DreamEnv(gym.Env):
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  decode: str = "autoregressive", maskgit_steps: int = 8, context_frames: int = 1,
                  start: str = "episode_start", termination: str = "sample", termination_threshold: float = 0.5,
-                 max_episode_steps: int | None = None,
-                 render_mode: str | None = None, bf16: bool = False, world_model: WorldModel | None = None) -> None:
+                 max_episode_steps: int | None = None, render_mode: str | None = None, bf16: bool = False,
+                 world_model: WorldModel | None = None, clip_actions: bool = False) -> None:
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(f"render_mode: got {render_mode!r}, expected None or one of {self.metadata['render_modes']}")
         wm = world_model if world_model is not None else load_world_model(checkpoint, preset, device)
         self.core = DreamCore(wm, 1, temperature=temperature, top_k=top_k, top_p=top_p, decode=decode,
                               maskgit_steps=maskgit_steps, context_frames=context_frames, start=start,
-                              termination=termination, termination_threshold=termination_threshold, bf16=bf16)
+                              termination=termination, termination_threshold=termination_threshold, bf16=bf16,
+                              clip_actions=clip_actions)
         self.world_model = wm
         self.observation_space = self.core.observation_space
         self.action_space = self.core.action_space
@@ -373,14 +484,13 @@ class DreamEnv(gym.Env):
         return obs, {"step": 0}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        a = np.asarray(action)
-        if self.core.spec.kind == "discrete":
-            if a.ndim != 0:
-                raise ValueError(f"action: got shape {a.shape}, expected a scalar integer in [0, {self.core.spec.n})")
-            a = a[None]
+        spec = self.core.spec
+        if spec.kind == "discrete":
+            a = int_actions(action, spec.n, "action", (), f"a scalar integer in [0, {spec.n})")[None]
+            obs, rew, term, info = self.core.step(a)
         else:
-            a = a[None]
-        obs, rew, term, info = self.core.step(a)
+            a = float_actions(action, "action", (spec.dim,), f"real actions of shape ({spec.dim},) in [-1, 1]")
+            obs, rew, term, info = self.core.step(a[None], where="action")
         step = int(info["step"][0])
         truncated = self.max_episode_steps is not None and step >= self.max_episode_steps and not bool(term[0])
         if self.render_mode == "human":
@@ -418,14 +528,15 @@ class DreamVectorEnv(VectorEnv):
                  device: str = "cpu", temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  decode: str = "autoregressive", maskgit_steps: int = 8, context_frames: int = 1,
                  start: str = "episode_start", termination: str = "sample", termination_threshold: float = 0.5,
-                 max_episode_steps: int | None = None,
-                 render_mode: str | None = None, bf16: bool = False, world_model: WorldModel | None = None) -> None:
+                 max_episode_steps: int | None = None, render_mode: str | None = None, bf16: bool = False,
+                 world_model: WorldModel | None = None, clip_actions: bool = False) -> None:
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode: got {render_mode!r}, expected None or 'rgb_array'")
         wm = world_model if world_model is not None else load_world_model(checkpoint, preset, device)
         self.core = DreamCore(wm, num_envs, temperature=temperature, top_k=top_k, top_p=top_p, decode=decode,
                               maskgit_steps=maskgit_steps, context_frames=context_frames, start=start,
-                              termination=termination, termination_threshold=termination_threshold, bf16=bf16)
+                              termination=termination, termination_threshold=termination_threshold, bf16=bf16,
+                              clip_actions=clip_actions)
         self.world_model = wm
         self.num_envs = num_envs
         self.single_observation_space = self.core.observation_space
@@ -440,12 +551,23 @@ class DreamVectorEnv(VectorEnv):
     def reset(self, *, seed: int | list[int | None] | None = None,
               options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         N = self.num_envs
+        if seed is not None and not isinstance(seed, list):
+            _check_number("seed", seed, integer=True, low=0, what="None, an integer >= 0 or a list of num_envs of them")
         seeds = [None if seed is None else seed + i for i in range(N)] if not isinstance(seed, list) else seed
         if len(seeds) != N:
             raise ValueError(f"seed: got {len(seeds)} seeds, expected {N}")
+        for i, s_i in enumerate(seeds):
+            if s_i is not None:
+                _check_number(f"seed[{i}]", s_i, integer=True, low=0, what="None or an integer >= 0")
+        mask = np.ones(N, bool)
+        if options is not None and "reset_mask" in options:
+            m = np.asarray(options["reset_mask"])
+            if m.dtype != np.bool_ or m.shape != (N,):
+                raise ValueError(f"options['reset_mask']: got {_show(options['reset_mask'])}, expected {N} booleans "
+                                 f"(one per env)")
+            mask = m.copy()
         if seed is not None:
             self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seeds[0])
-        mask = np.ones(N, bool) if options is None or "reset_mask" not in options else np.asarray(options["reset_mask"], bool)
         rows = [i for i in range(N) if mask[i]]
         for i in rows:
             if seeds[i] is not None or not self.core.started[i]:

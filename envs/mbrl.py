@@ -22,7 +22,8 @@ scored on the same episodes) and are not counted.
 
 Files in the run directory: ``mbrl.csv`` (one row per iteration, rewritten atomically),
 TensorBoard scalars under ``tb_mbrl/`` (PPO's own curves under ``tb_mbrl/PPO_0``),
-``policies/mbrl-iterNNN.zip`` (the policy after each iteration), ``policies/ppo_mbrl.zip`` (final),
+``policies/mbrl-iterNNN.safetensors`` (the policy after each iteration), ``policies/ppo_mbrl.safetensors`` (final;
+policy files of :mod:`envs.policy_file`: safetensors + JSON, no pickle),
 ``mbrl_state.json`` (what a killed run resumes from) and ``mbrl_report.json`` (the final report).
 Re-running with the same run directory and budgets resumes after the last finished iteration;
 raising ``iterations`` continues a finished run.
@@ -49,6 +50,7 @@ from tqdm.auto import tqdm
 from envs.callbacks import DreamExploitWarning
 from envs.collect import collect
 from envs.policy import PPOConfig, Score, real_vec_env, save_policy, score_dream, score_real
+from envs.policy_file import is_zip, load_algorithm, load_sb3_zip, resolve_in_dir
 from envs.sb3_vec import DreamVecEnv
 from envs.vizdoom import ENV_NAMES
 from worldmodel.bundle import WorldModel
@@ -215,8 +217,24 @@ def _dream_ppo(model: PPO | None, wm: WorldModel, m: MBRLConfig, it: int, tb_dir
     return model, venv, norm
 
 
+def _load_loop_policy(run: Path, rel: str, trust_pickle: bool) -> PPO:
+    """The loop's PPO model named by the run state: a path inside ``run``; an SB3 zip (runs from before
+    policy files) only with ``trust_pickle``."""
+    path = resolve_in_dir(run, rel, f"{run / STATE_FILE}: 'policy'")
+    if not path.is_file():
+        raise FileNotFoundError(f"{run / STATE_FILE}: 'policy' names {rel!r}, which is not a file in {run}")
+    if is_zip(path):
+        model = load_sb3_zip(path, trust_pickle=trust_pickle, algo="PPO", device="cpu")
+        model.tensorboard_log = str(run / "tb_mbrl")
+    else:
+        model = load_algorithm(path, device="cpu", tensorboard_log=str(run / "tb_mbrl"))
+    if not isinstance(model, PPO):
+        raise ValueError(f"{path}: holds {type(model).__name__}, expected the loop's PPO")
+    return model
+
+
 def run_mbrl(cfg: ExperimentConfig, run_dir: str | os.PathLike, m: MBRLConfig, *,
-             env_kwargs: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+             env_kwargs: dict[str, Any] | None = None, progress: bool = True, trust_pickle: bool = False) -> dict[str, Any]:
     """Run (or resume) the loop for the real-env preset ``cfg`` in ``run_dir``; returns the final report.
 
     Args:
@@ -229,6 +247,8 @@ def run_mbrl(cfg: ExperimentConfig, run_dir: str | os.PathLike, m: MBRLConfig, *
         env_kwargs: real-env options for collection, evaluation and the direct baseline
             (``health_bar``, ``frame_skip``, ``battle2_path``, ``max_episode_steps``); the resolution
             is ``cfg.data.resolution``.
+        trust_pickle: resume a run whose state names an SB3 ``.zip`` policy (written before policy files);
+            loading one unpickles it and runs any code it holds.
 
     Returns:
         ``{"env", "iterations": [CSV rows], "real_env_steps", "mbrl": score, "random": score,
@@ -253,7 +273,7 @@ def run_mbrl(cfg: ExperimentConfig, run_dir: str | os.PathLike, m: MBRLConfig, *
         state = {"schema": STATE_SCHEMA, "budgets": _budgets(cfg, m), "base_episodes": _store_episodes(store),
                  "rows": [], "policy": None, "ret_rms": None, "baselines": None}
     rows: list[dict[str, Any]] = state["rows"]
-    model: PPO | None = PPO.load(run / state["policy"], device="cpu") if state["policy"] else None
+    model: PPO | None = _load_loop_policy(run, state["policy"], trust_pickle) if state["policy"] else None
     writer = SummaryWriter(str(run / "tb_mbrl"))
     try:
         for it in range(len(rows), m.iterations):
@@ -297,7 +317,7 @@ def run_mbrl(cfg: ExperimentConfig, run_dir: str | os.PathLike, m: MBRLConfig, *
                    "minutes": round((time.monotonic() - t0) / 60, 3)}
             # the policy file first, then the state naming it: a kill in between repeats this round's PPO
             # from the previous policy instead of training it twice
-            state["policy"] = str(save_policy(model, run / "policies" / f"mbrl-iter{it:03d}.zip").relative_to(run))
+            state["policy"] = str(save_policy(model, run / "policies" / f"mbrl-iter{it:03d}.safetensors").relative_to(run))
             state["ret_rms"] = {"mean": float(norm.ret_rms.mean), "var": float(norm.ret_rms.var),
                                 "count": float(norm.ret_rms.count)}
             rows.append(row)
@@ -312,7 +332,7 @@ def run_mbrl(cfg: ExperimentConfig, run_dir: str | os.PathLike, m: MBRLConfig, *
                 print(f"round {it}: {real_steps} real steps, real return {real.mean:.1f}, dream {dream.mean:.1f}, "
                       f"gap {dream.mean - real.mean:+.1f} ({row['minutes']:.1f} min)")
         assert model is not None  # iterations >= 1
-        save_policy(model, run / "policies" / "ppo_mbrl.zip")
+        save_policy(model, run / "policies" / "ppo_mbrl.safetensors")
         report = _report(cfg, run, m, state, env_kwargs, progress)
         for k in ("random", "direct_ppo"):
             if k in report:
@@ -366,9 +386,11 @@ def direct_ppo(env: str, resolution: int, steps: int, m: MBRLConfig, env_kwargs:
     # a short budget still gets several updates: at most a quarter of it per rollout (>= 8 steps per env)
     n_steps = min(m.ppo.n_steps, max(8, steps // (4 * n)))
     ppo = replace(m.ppo, n_steps=n_steps, batch_size=min(m.ppo.batch_size, n_steps * n))
-    model = PPO("CnnPolicy", VecNormalize(venv, norm_obs=False, norm_reward=True, gamma=ppo.gamma), seed=m.seed,
-                device="cpu", verbose=0, **asdict(ppo))
-    cb = [_TqdmProgress(steps, "PPO in the real env (baseline)")] if progress else []
-    model.learn(total_timesteps=steps, callback=cb)
-    venv.close()
+    try:  # the engines are closed on every exit path
+        model = PPO("CnnPolicy", VecNormalize(venv, norm_obs=False, norm_reward=True, gamma=ppo.gamma), seed=m.seed,
+                    device="cpu", verbose=0, **asdict(ppo))
+        cb = [_TqdmProgress(steps, "PPO in the real env (baseline)")] if progress else []
+        model.learn(total_timesteps=steps, callback=cb)
+    finally:
+        venv.close()
     return score_real(model, env, resolution, m.eval_episodes, seed=m.seed, **env_kwargs), int(model.num_timesteps)

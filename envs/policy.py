@@ -20,6 +20,7 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecNormalize
 
 from envs.dream import DreamEnv
+from envs.policy_file import open_policy, save_policy_file
 from envs.sb3_vec import DreamVecEnv
 from envs.vizdoom import ENV_NAMES, make_real_env_fn
 from worldmodel.bundle import WorldModel
@@ -71,7 +72,16 @@ def real_vec_env(env: str, resolution: int, num_envs: int = 1, **env_kwargs: Any
     """The real ViZDoom env ``env`` at the bundle's resolution, as an SB3 VecEnv (in-process)."""
     if env not in ENV_NAMES:
         raise ValueError(f"env: {env!r} has no real env here; expected one of {list(ENV_NAMES)}")
-    return DummyVecEnv([make_real_env_fn(env, resolution=resolution, **env_kwargs) for _ in range(num_envs)])
+    fn = make_real_env_fn(env, resolution=resolution, **env_kwargs)
+    made: list[Any] = []
+    try:  # if the k-th engine fails to start, the ones already started are closed
+        for _ in range(num_envs):
+            made.append(fn())
+    except BaseException:
+        for e in made:
+            e.close()
+        raise
+    return DummyVecEnv([lambda e=e: e for e in made])
 
 
 def score_real(model: BaseAlgorithm | None, env: str, resolution: int, episodes: int = 10, *, deterministic: bool = False,
@@ -130,24 +140,21 @@ def train_ppo(wm: WorldModel, timesteps: int, *, num_envs: int = 16, ppo: PPOCon
 
 
 def save_policy(model: BaseAlgorithm, path: str | os.PathLike) -> Path:
-    """Save an SB3 model atomically (temporary zip + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.zip")
-    model.save(tmp)
-    os.replace(tmp, path)
-    return path
+    """Save an SB3 PPO/A2C model as a policy file atomically: safetensors + a JSON of its settings and spaces,
+    no pickle (:mod:`envs.policy_file`). ``path`` must end in ``.safetensors``."""
+    return save_policy_file(model, path)
 
 
-def load_policy(spec: str, action_space: Any, seed: int = 0) -> Callable[[np.ndarray], Any]:
-    """An ``obs (H, W, 3) -> action`` function: ``"random"`` or the path of an SB3 zip (stochastic actions)."""
+def load_policy(spec: str, action_space: Any, seed: int = 0, *, trust_pickle: bool = False) -> Callable[[np.ndarray], Any]:
+    """An ``obs (H, W, 3) -> action`` function: ``"random"`` or the path of a policy file (stochastic actions).
+
+    An SB3 PPO ``.zip`` is accepted only with ``trust_pickle=True``: loading it runs any code it holds.
+    """
     if spec == "random":
         action_space.seed(seed)
         return lambda obs: action_space.sample()
-    from envs.collect import SB3Policy
-
-    pol = SB3Policy(spec)
-    return lambda obs: pol.model.predict(obs, deterministic=False)[0]
+    pol = open_policy(spec, trust_pickle=trust_pickle)
+    return lambda obs: pol.predict(obs, deterministic=False)[0]
 
 
 def dream_trace(env: DreamEnv, policy: Callable[[np.ndarray], Any], steps: int, *, seed: int = 0,

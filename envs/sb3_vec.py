@@ -66,8 +66,8 @@ class DreamVecEnv(VecEnv):
         if self._actions is None:
             raise RuntimeError("step_wait() without step_async()")
         a, self._actions = self._actions, None
-        if self.core.spec.kind == "discrete":
-            a = a.reshape(self.num_envs)
+        if self.core.spec.kind == "discrete" and a.size == self.num_envs:
+            a = a.reshape(self.num_envs)  # SB3 may pass (N, 1); anything else is named by DreamCore.check_actions
         obs, rew, term, info = self.core.step(a)
         trunc = np.zeros(self.num_envs, bool)
         if self.max_episode_steps is not None:

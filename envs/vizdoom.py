@@ -30,8 +30,12 @@ The scenario has no timeout; we end episodes after 2100 tics (``truncated``), as
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 import tempfile
+import threading
+import weakref
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -161,8 +165,15 @@ class VizdoomEnv(gym.Env):
         game.set_mode(vzd.Mode.PLAYER)
         # ViZDoom writes its engine ini into the working directory unless told otherwise.
         game.set_doom_config_path(os.path.join(tempfile.gettempdir(), f"worldmodel_vizdoom_{os.getuid()}.ini"))
-        game.init()
+        try:
+            game.init()  # starts the engine process
+        except BaseException:
+            _close_game(game)
+            raise
         self.game = game
+        # the engine is closed by close(), and otherwise when this env is garbage-collected or the
+        # interpreter exits (a sys.exit, an uncaught exception, SIGTERM turned into SystemExit)
+        self._finalizer = weakref.finalize(self, _close_game, game)
         self._buttons = [list(map(float, b)) for _, b in self._actions]
         self._vars = [v.name for v in game.get_available_game_variables()]
         self.action_space = gym.spaces.Discrete(len(self._actions))
@@ -232,9 +243,30 @@ class VizdoomEnv(gym.Env):
         return None
 
     def close(self) -> None:
+        """Stop the engine process (idempotent)."""
         if getattr(self, "game", None) is not None:
-            self.game.close()
+            self._finalizer()
             self.game = None  # type: ignore[assignment]
+
+
+def _close_game(game: vzd.DoomGame) -> None:
+    try:
+        game.close()
+    except Exception:  # noqa: BLE001 - closing is best effort: the engine may already be gone
+        pass
+
+
+def _sigterm_to_system_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def sigterm_exits() -> None:
+    """Make SIGTERM raise ``SystemExit`` in this process (main thread only, only if SIGTERM still has its
+    default action), so ``finally`` blocks and finalizers run and every ViZDoom engine is closed -- by
+    default SIGTERM kills the interpreter outright and leaves engines running. The CLIs call it; env
+    worker processes call it themselves (:func:`make_real_env_fn`)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm_to_system_exit)
 
 
 def make_real_env(name: str, *, resolution: int = 64, frame_skip: int = 4,
@@ -262,4 +294,8 @@ class _Factory:
         self.name, self.kwargs = name, kwargs
 
     def __call__(self) -> VizdoomEnv:
+        if multiprocessing.parent_process() is not None:
+            # an env worker (AsyncVectorEnv): multiprocessing SIGTERMs daemon workers when the parent exits;
+            # as SystemExit, the worker's ``finally: env.close()`` stops the engine instead of orphaning it
+            sigterm_exits()
         return make_real_env(self.name, **self.kwargs)

@@ -15,6 +15,8 @@ import numpy as np
 import tyro
 
 from envs.collect import collect
+from envs.vizdoom import sigterm_exits
+from worldmodel.store import StoreError
 
 
 @dataclass
@@ -26,7 +28,10 @@ class Args:
     out: str = "data/hgs"
     """Episode store directory (created, or appended to when it exists)."""
     policy: str = "random"
-    """'random' (sticky random actions) or the path of a Stable-Baselines3 policy zip."""
+    """'random' (sticky random actions) or the path of a policy file (train_policy.py's .safetensors)."""
+    trust_pickle: bool = False
+    """Also accept an SB3 PPO .zip as --policy. Loading a zip unpickles it: it RUNS ANY CODE the file holds.
+    Only for zips of trusted origin."""
     num_envs: int = 2
     """Env processes stepping in parallel (one per CPU core is a good start)."""
     seed: int = 0
@@ -42,18 +47,23 @@ class Args:
     health_bar: bool = True
     """Draw the player's health as a red bar over the bottom rows of each frame (a HUD legible at 64×64;
     the dream needs it to predict deaths). --no-health-bar collects the raw scenario frames."""
+    merge: bool = False
+    """Append to a store collected with other settings (env, frame skip, resolution, health bar); without it
+    that is an error naming the differing settings."""
     episodes_per_shard: int = 8
     """Episodes per HDF5 shard; a kill loses at most the episodes of one unfinished shard."""
 
 
 def main(args: Args) -> None:
+    sigterm_exits()  # SIGTERM runs the cleanup (every ViZDoom engine closed) instead of killing outright
     env_kwargs = {"resolution": args.resolution, "frame_skip": args.frame_skip, "health_bar": args.health_bar}
     if args.battle2_path is not None:
         env_kwargs["battle2_path"] = args.battle2_path
     try:
         r = collect(args.env, args.out, args.episodes, policy=args.policy, num_envs=args.num_envs, seed=args.seed,
-                    mean_repeat=args.mean_repeat, episodes_per_shard=args.episodes_per_shard, env_kwargs=env_kwargs)
-    except (FileNotFoundError, ValueError) as e:
+                    mean_repeat=args.mean_repeat, episodes_per_shard=args.episodes_per_shard, env_kwargs=env_kwargs,
+                    trust_pickle=args.trust_pickle, merge=args.merge)
+    except (FileNotFoundError, ValueError, StoreError) as e:
         sys.exit(f"error: {e}")
     if r.collected == 0:
         print(f"{r.store}: already holds {r.already_present} >= {r.requested} episodes; nothing to do")

@@ -21,8 +21,8 @@ from typing import Annotated
 import tyro
 
 from worldmodel.sources import bair, robomimic, robonet, tgif, ucf101
-from worldmodel.sources._common import SourceError
 from worldmodel.sources._download import DownloadError
+from worldmodel.store import StoreError
 
 
 @dataclass
@@ -35,6 +35,8 @@ class Common:
     """Skip corrupt files/records (listed at the end) instead of stopping at the first one."""
     episodes_per_shard: int = 32
     """Episodes per HDF5 shard; a kill loses at most the episodes of one unfinished shard."""
+    merge: bool = False
+    """Append to a store whose metadata (source, fps, camera, fold, ...) differs; without it that is an error."""
     download: bool = False
     """Fetch the dataset from its public URL into SRC instead of converting (resumable)."""
     dry_run: bool = False
@@ -172,7 +174,7 @@ def fetch(args: Common) -> None:
 
 
 def convert(args: Common):
-    kw = {"skip_corrupt": args.skip_corrupt, "episodes_per_shard": args.episodes_per_shard}
+    kw = {"skip_corrupt": args.skip_corrupt, "episodes_per_shard": args.episodes_per_shard, "merge": args.merge}
     if isinstance(args, Bair):
         return bair.convert(args.src, args.out, camera=args.camera, val_fraction=args.val_fraction,
                             max_files=args.max_files, max_episodes=args.max_episodes, **kw)
@@ -201,7 +203,7 @@ def main(args: Common) -> None:
         if not args.out:
             sys.exit("error: --out is required (the episode store directory)")
         report = convert(args)
-    except (SourceError, DownloadError, FileNotFoundError, ValueError) as e:
+    except (StoreError, DownloadError, FileNotFoundError, ValueError) as e:  # SourceError is a StoreError
         sys.exit(f"error: {e}")
     print(report)
     for s in report.skipped:

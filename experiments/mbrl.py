@@ -31,6 +31,7 @@ import torch
 import tyro
 
 from envs.mbrl import MBRLConfig, run_mbrl
+from envs.vizdoom import sigterm_exits
 from worldmodel.config import get_preset
 from worldmodel.paths import runs_dir
 
@@ -59,6 +60,9 @@ class Args:
     """torch intra-op threads; 1 is fastest for tiny models on a shared 2-core machine (0 = torch's default)."""
     progress: bool = True
     """Progress bars."""
+    trust_pickle: bool = False
+    """Resume a run whose state names an SB3 .zip policy (runs from before safetensors policy files). Loading a
+    zip unpickles it: it RUNS ANY CODE the file holds. Only for runs of trusted origin."""
     mbrl: MBRLConfig = field(default_factory=MBRLConfig)
     """Loop budgets."""
 
@@ -87,6 +91,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def main(args: Args) -> dict[str, Any]:
+    sigterm_exits()  # SIGTERM runs the cleanup (every ViZDoom engine closed) instead of killing outright
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Path(args.run_dir) if args.run_dir else runs_dir() / f"{args.env}-{args.scale}-mbrl"
@@ -103,7 +108,7 @@ def main(args: Args) -> dict[str, Any]:
         kw["max_episode_steps"] = args.real_max_episode_steps
     print(f"run directory: {run}\nstore: {cfg.data.store}")
     try:
-        report = run_mbrl(cfg, run, args.mbrl, env_kwargs=kw, progress=args.progress)
+        report = run_mbrl(cfg, run, args.mbrl, env_kwargs=kw, progress=args.progress, trust_pickle=args.trust_pickle)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     print_report(report)

@@ -22,6 +22,7 @@ import numpy as np
 import tyro
 
 from envs.dream import DreamEnv, load_world_model
+from envs.vizdoom import sigterm_exits
 from worldmodel.video import annotate, upscale, write_video
 
 # key -> the words of an action name it stands for ("turn_left", "run_forward_right", "attack", ...)
@@ -174,6 +175,7 @@ def run_interactive(s: Session, record: str | None) -> None:
 
 
 def main(args: Args) -> None:
+    sigterm_exits()  # SIGTERM runs the cleanup (every ViZDoom engine closed) instead of killing outright
     try:
         s = Session(args)
     except (FileNotFoundError, ValueError) as e:

@@ -3,8 +3,8 @@
 Examples:
     # lockstep: replay a held-out real episode's actions from the same context -> real · dream · |diff|
     python experiments/rollout.py --env vizdoom_hgs --policy episode
-    # a policy acting in the dream (SB3 zip or random) -> dream panel with overlays
-    python experiments/rollout.py --env vizdoom_hgs --policy runs/vizdoom_hgs-tiny/policies/ppo_dream.zip
+    # a policy acting in the dream (policy file or random) -> dream panel with overlays
+    python experiments/rollout.py --env vizdoom_hgs --policy runs/vizdoom_hgs-tiny/policies/ppo_dream.safetensors
 
 Overlays: step, action, predicted reward (and the real one in lockstep), termination probability,
 mean token entropy (dream uncertainty). Files go to ``<checkpoint>/rollouts/`` unless ``--out``.
@@ -32,7 +32,11 @@ class Args:
     checkpoint: str | None = None
     """Bundle directory (default: the newest bundle of --env under runs/ or $WORLDMODEL_HOME/runs)."""
     policy: str = "episode"
-    """'episode' (lockstep replay of a recorded real episode), 'random', or the path of an SB3 policy zip."""
+    """'episode' (lockstep replay of a recorded real episode), 'random', or the path of a policy file
+    (train_policy.py's .safetensors)."""
+    trust_pickle: bool = False
+    """Also accept an SB3 PPO .zip as --policy. Loading a zip unpickles it: it RUNS ANY CODE the file holds.
+    Only for zips of trusted origin."""
     episode_id: str | None = None
     """Lockstep: the store episode to replay (default: one drawn from the held-out split with --seed)."""
     store: str | None = None
@@ -85,7 +89,7 @@ def main(args: Args) -> dict[str, str]:
     else:
         env = DreamEnv(world_model=wm, temperature=args.temperature, top_k=args.top_k, context_frames=args.context)
         try:
-            pol = load_policy(args.policy, env.action_space, args.seed)
+            pol = load_policy(args.policy, env.action_space, args.seed, trust_pickle=args.trust_pickle)
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
         trace = dream_trace(env, pol, args.steps, seed=args.seed)

@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 import tyro
 
+from envs.vizdoom import sigterm_exits
 from worldmodel.checkpoint import write_json
 from worldmodel.config import SCALES, ExperimentConfig, get_preset, preset_names
 from worldmodel.paths import default_run_dir
@@ -104,6 +105,7 @@ def parse(argv: list[str] | None = None) -> Args:
 
 
 def main(args: Args) -> None:
+    sigterm_exits()  # SIGTERM runs the cleanup (every ViZDoom engine closed) instead of killing outright
     if args.threads:
         torch.set_num_threads(args.threads)
     di = setup_distributed(args.device)

@@ -9,7 +9,7 @@ Two learners: ``--algo ppo`` (SB3 PPO ``CnnPolicy`` on the dream's pixels) and `
 Models' recipe: a linear controller on the tokenizer's features, evolved by CMA-ES; see
 envs/controller.py). ``--algo auto`` (default) picks the one measured best for the preset: cmaes for
 vizdoom_take_cover (README Results), ppo otherwise. The PPO policy is saved to
-``<checkpoint>/policies/ppo_dream.zip``, the controller to ``<checkpoint>/policies/cmaes_dream/``
+``<checkpoint>/policies/ppo_dream.safetensors`` (a policy file: safetensors + JSON settings, no pickle), the controller to ``<checkpoint>/policies/cmaes_dream/``
 (or ``--out``); TensorBoard logs go to ``<checkpoint>/tb_policy``. With ``--eval-real`` the policy
 and a uniform random policy are scored in the dream and in the real ViZDoom env, side by side (the
 dream–real gap).
@@ -30,6 +30,7 @@ from envs.controller import CMAESConfig, save_controller, train_cmaes
 from envs.dream import DreamVectorEnv, load_world_model
 from envs.policy import PPOConfig, real_env_kwargs, save_policy, score_dream, score_real, train_ppo
 from envs.sb3_vec import DreamVecEnv
+from envs.vizdoom import sigterm_exits
 from worldmodel.checkpoint import write_json
 
 
@@ -69,7 +70,7 @@ class Args:
     threads: int = 0
     """torch intra-op threads (0 = torch's default)."""
     out: str | None = None
-    """Where to save the policy zip (default: <checkpoint>/policies/ppo_dream.zip)."""
+    """Where to save: PPO, a policy file ending in .safetensors (default <checkpoint>/policies/ppo_dream.safetensors); CMA-ES, a directory (default <checkpoint>/policies/cmaes_dream)."""
     eval_real: bool = False
     """After training, score the policy and a random policy in the dream and in the real env."""
     eval_episodes: int = 10
@@ -85,8 +86,11 @@ class Args:
 
 
 def main(args: Args) -> dict:
+    sigterm_exits()  # SIGTERM runs the cleanup (every ViZDoom engine closed) instead of killing outright
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.out is not None and not args.out.endswith(".safetensors"):  # checked before training, not after
+        sys.exit(f"error: --out {args.out!r}: a policy file is safetensors; expected a name ending in '.safetensors'")
     try:
         wm = load_world_model(args.checkpoint, args.env, args.device)
     except (FileNotFoundError, ValueError) as e:
@@ -100,7 +104,7 @@ def main(args: Args) -> dict:
         model, venv = train_ppo(wm, args.timesteps, num_envs=args.num_envs, ppo=args.ppo, seed=args.seed,
                                 max_episode_steps=args.max_episode_steps, tensorboard_log=run / "tb_policy",
                                 progress_bar=args.progress, **dream_kw)
-        out = save_policy(model, args.out or run / "policies" / "ppo_dream.zip")
+        out = save_policy(model, args.out or run / "policies" / "ppo_dream.safetensors")
     else:
         c = args.cmaes
         evo_env = DreamVectorEnv(c.popsize * c.episodes, world_model=wm, max_episode_steps=c.max_episode_steps, **dream_kw)

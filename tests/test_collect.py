@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from envs.collect import StickyRandomPolicy, collect
-from worldmodel.store import ClipDataset, EpisodeStore
+from worldmodel.store import ClipDataset, EpisodeStore, StoreError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,3 +92,19 @@ def test_collect_bad_args(tmp_path):
         collect("pong", tmp_path, 1)
     with pytest.raises(ValueError, match="episodes"):
         collect("vizdoom_hgs", tmp_path, 0)
+
+
+def test_resume_with_other_env_settings_is_refused_unless_merged(tmp_path):
+    kw = {"progress": False, "asynchronous": False, "num_envs": 1}
+    out = tmp_path / "s"
+    collect("vizdoom_hgs", out, 1, env_kwargs={"resolution": 32, "max_episode_steps": 8, "frame_skip": 4}, **kw)
+    before = (out / "store.json").read_text()
+    with pytest.raises(StoreError, match=r"extra\.env_kwargs\.frame_skip: store has '4', got '2'"):
+        collect("vizdoom_hgs", out, 2, env_kwargs={"resolution": 32, "max_episode_steps": 8, "frame_skip": 2}, **kw)
+    assert (out / "store.json").read_text() == before
+    r = collect("vizdoom_hgs", out, 2, env_kwargs={"resolution": 32, "max_episode_steps": 8, "frame_skip": 2},
+                merge=True, **kw)
+    store = EpisodeStore(out)
+    assert r.collected == 1 and len(store) == 2 and store.meta.extra["env_kwargs"]["frame_skip"] == "4"
+    assert store.meta.extra["appended_with"] == [{"fps": 17.5, "extra.env_kwargs.frame_skip": "2"}]  # 35 tics/s / 2
+    assert {store.load(e).attrs["policy"] for e in store.episode_ids()} == {"random"}

@@ -237,7 +237,7 @@ def test_bad_input_raises_and_env_stays_usable(tiny_bundle, tmp_path):
         env.step(7)
     with pytest.raises(ValueError, match=r"scalar integer"):
         env.step([1, 2])
-    with pytest.raises(ValueError, match=r"integer actions"):
+    with pytest.raises(TypeError, match=r"action: got 0\.5 of dtype float64, expected a scalar integer in \[0, 5\)"):
         env.step(0.5)
     with pytest.raises(ValueError, match=r"unknown keys \['framez'\]"):
         env.reset(options={"framez": 1})
@@ -245,7 +245,7 @@ def test_bad_input_raises_and_env_stays_usable(tiny_bundle, tmp_path):
         env.reset(options={"frames": np.zeros((2, 5, 5, 3), np.uint8)})
     with pytest.raises(ValueError, match=r"need 1 actions"):
         env.reset(options={"frames": np.zeros((2, TINY_RES, TINY_RES, 3), np.uint8)})
-    with pytest.raises(ValueError, match=r"values must lie in \[0, 5\)"):
+    with pytest.raises(ValueError, match=r"options\['actions'\]: got .*\[9\], out of range; expected int64 \(1,\) in \[0, 5\)"):
         env.reset(options={"frames": np.zeros((2, TINY_RES, TINY_RES, 3), np.uint8), "actions": [9]})
     # still usable; and options-provided contexts are honoured
     ctx = np.full((2, TINY_RES, TINY_RES, 3), 100, np.uint8)
@@ -257,6 +257,103 @@ def test_bad_input_raises_and_env_stays_usable(tiny_bundle, tmp_path):
         DreamEnv(checkpoint=tiny_bundle, render_mode="video")
     with pytest.raises(ValueError, match=r"context_frames"):
         DreamEnv(checkpoint=tiny_bundle, context_frames=99)
+
+
+def _step_ok(env, action) -> None:
+    obs, *_ = env.step(action)
+    assert obs.shape == env.observation_space.shape
+
+
+def test_discrete_inputs_are_checked_not_truncated(tiny_bundle):
+    """Item 9 of issue 16: each bad input raises TypeError/ValueError naming the argument, the value and what
+    is accepted, and the env steps normally afterwards."""
+    from decimal import Decimal
+
+    env = DreamEnv(checkpoint=tiny_bundle, preset="vizdoom_hgs")
+    env.reset(seed=0)
+    two = np.zeros((2, TINY_RES, TINY_RES, 3), np.uint8)
+    cases = [
+        (lambda: env.step(Decimal("1.9")), TypeError, r"action: got Decimal\('1\.9'\).*expected a scalar integer in \[0, 5\)"),
+        (lambda: env.step(np.array(1.9, dtype=object)), TypeError, r"action: got .*1\.9.*type float.*integer in \[0, 5\)"),
+        (lambda: env.step(None), TypeError, r"action: got None.*NoneType.*integer in \[0, 5\)"),
+        (lambda: env.step(2**70), ValueError, r"action: got 1180591620717411303424.*out of range.*\[0, 5\)"),
+        (lambda: env.step(1 + 2j), TypeError, r"action: got .*complex.*integer in \[0, 5\)"),
+        (lambda: env.step(True), TypeError, r"action: got .*bool.*integer in \[0, 5\)"),
+        (lambda: env.step("1"), TypeError, r"action: got .*'1'.*integer in \[0, 5\)"),
+        (lambda: env.reset(options={"frames": two, "actions": 2}), ValueError,
+         r"options\['actions'\]: got the scalar 2; expected a sequence of int64 \(1,\)"),
+        (lambda: env.reset(options={"frames": two, "actions": [Decimal("1.9")]}), TypeError,
+         r"options\['actions'\]: got .*Decimal.*int64 \(1,\) in \[0, 5\)"),
+        (lambda: env.reset(options={"frames": two, "actions": [10**9]}), ValueError, r"options\['actions'\].*out of range"),
+        (lambda: env.reset(options={"start": "x"}), TypeError, r"options\['start'\]: got 'x', expected an integer frame index in 0\.\.\d+"),
+        (lambda: env.reset(options={"start": 10**6}), ValueError, r"options\['start'\]: got 1000000, expected an integer frame index"),
+    ]
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()
+        _step_ok(env, 1)
+    for kw, exc, match in (({"temperature": None}, TypeError, r"temperature: got None, expected a number >= 0"),
+                           ({"context_frames": 1.5}, TypeError, r"context_frames: got 1\.5, expected an integer"),
+                           ({"top_k": 0}, ValueError, r"top_k: got 0, expected None or an integer >= 1"),
+                           ({"clip_actions": "yes"}, TypeError, r"clip_actions: got 'yes', expected True or False")):
+        with pytest.raises(exc, match=match):
+            DreamEnv(checkpoint=tiny_bundle, **kw)
+
+    venv = gym.make_vec(HGS, num_envs=2, checkpoint=tiny_bundle, vectorization_mode="vector_entry_point")
+    venv.reset(seed=0)
+    for mask in ([True, True, True], [True], [1, 0], np.ones(3, bool)):
+        with pytest.raises(ValueError, match=r"options\['reset_mask'\]: got .*expected 2 booleans"):
+            venv.reset(options={"reset_mask": mask})
+    with pytest.raises(TypeError, match=r"actions: got .*Decimal.*2 integer action\(s\) in \[0, 5\)"):
+        venv.step(np.array([Decimal("1.9"), 1], dtype=object))
+    with pytest.raises(ValueError, match=r"actions: got .*shape \(3,\), expected 2 integer action"):
+        venv.step(np.array([1, 1, 1]))
+    obs, *_ = venv.step(np.array([1, 2]))
+    assert obs.shape == (2, TINY_RES, TINY_RES, 3)
+    venv.reset(options={"reset_mask": np.array([True, False])})
+    sb3 = DreamVecEnv(2, tiny_bundle)
+    sb3.reset()
+    with pytest.raises(ValueError, match=r"actions: got .*shape \(3,\)"):
+        sb3.step(np.array([0, 1, 2]))
+    sb3.step(np.array([0, 1]))
+
+
+def test_continuous_inputs_are_checked_and_clipped_only_on_request(tmp_path):
+    from decimal import Decimal
+
+    store = write_continuous_store(tmp_path / "store", source="bair", dim=4)
+    bundle = make_bundle(tiny_experiment(store, name="bair"), tmp_path / "bair")
+    env = DreamEnv(checkpoint=bundle)
+    env.reset(seed=0)
+    spec = env.core.spec
+    two = np.zeros((2, TINY_RES, TINY_RES, 3), np.uint8)
+    cases = [
+        (lambda: env.step(np.array([1.5, 0, 0, 0], np.float32)), ValueError,
+         r"action: got .*1\.5.*outside \[-1, 1\].*clip_actions=True"),
+        (lambda: env.step(np.array([0.5j, 0, 0, 0])), TypeError, r"action: got .*complex128.*real actions of shape \(4,\)"),
+        (lambda: env.step([Decimal("0.5")] * 4), TypeError, r"action: got .*dtype object.*real actions"),
+        (lambda: env.step(None), TypeError, r"action: got None.*real actions of shape \(4,\)"),
+        (lambda: env.step(np.zeros(3)), ValueError, r"action: got .*shape \(3,\), expected real actions of shape \(4,\)"),
+        (lambda: env.step(np.array([np.nan, 0, 0, 0])), ValueError, r"action: .*NaN or inf"),
+        (lambda: env.reset(options={"frames": two, "actions": [[1e9, 0, 0, 0]]}), ValueError,
+         r"options\['actions'\]: got \[\[1000000000\.0, 0, 0, 0\]\], outside the data's range low="),
+        (lambda: env.reset(options={"frames": two, "actions": 0.5}), ValueError, r"options\['actions'\]: got the scalar"),
+    ]
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()
+        _step_ok(env, np.zeros(4, np.float32))
+    # clip_actions=True: an out-of-range action acts exactly as the clipped one
+    clip = DreamEnv(world_model=env.world_model, clip_actions=True)
+    a = np.array([1.5, -3.0, 0.25, 1.0], np.float32)
+    clip.reset(seed=3)
+    got = clip.step(a)[0]
+    env.reset(seed=3)
+    want = env.step(np.clip(a, -1, 1))[0]
+    assert np.array_equal(got, want)
+    lo = np.asarray(spec.low, np.float32)
+    obs, _ = clip.reset(seed=3, options={"frames": two, "actions": [lo - 5]})  # clipped to the data's range
+    assert np.array_equal(obs, two[-1])
 
 
 def test_missing_or_mismatched_bundle_says_how_to_train(tiny_bundle, tmp_path, monkeypatch):

@@ -58,7 +58,7 @@ def test_cli_one_short_iteration(tmp_path):
     n_steps = max(8, steps // 8)
     assert steps <= report["direct_ppo"]["real_env_steps"] < steps + 2 * n_steps
     assert report["mbrl_vs_random"] == pytest.approx(report["mbrl"]["mean"] / report["random"]["mean"])
-    assert (run / "policies" / "ppo_mbrl.zip").exists() and any((run / "tb_mbrl").iterdir())
+    assert (run / "policies" / "ppo_mbrl.safetensors").exists() and any((run / "tb_mbrl").iterdir())
 
     last = json.loads(res.stdout.strip().splitlines()[-1])
     assert last["real_env_steps"] == steps and last["random"] == round(report["random"]["mean"], 1) > 0
@@ -100,4 +100,4 @@ def test_resume_continues_world_model_and_policy(tmp_path, one_thread):
     with (run / "mbrl.csv").open() as fh:
         assert [int(r["iteration"]) for r in csv.DictReader(fh)] == [0, 1]
     state = json.loads((run / "mbrl_state.json").read_text())
-    assert state["policy"] == "policies/mbrl-iter001.zip" and (run / state["policy"]).exists()
+    assert state["policy"] == "policies/mbrl-iter001.safetensors" and (run / state["policy"]).exists()

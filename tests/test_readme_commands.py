@@ -23,7 +23,6 @@ import shlex
 import socket
 import subprocess
 import sys
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -209,10 +208,12 @@ def check_snippet(root: Path, r: Result) -> None:
 
 
 def check_train_policy(root: Path, r: Result) -> None:
-    policy = root / HGS / "policies/ppo_dream.zip"
-    assert policy in _new(root, r, f"{HGS}/policies/*.zip")
-    with zipfile.ZipFile(policy) as z:
-        assert "policy.pth" in z.namelist()
+    from envs.policy_file import read_policy_file
+
+    policy = root / HGS / "policies/ppo_dream.safetensors"
+    assert policy in _new(root, r, f"{HGS}/policies/*.safetensors")
+    meta, tensors = read_policy_file(policy)  # a policy file (no pickle) holding PPO's weights
+    assert meta["algo"] == "PPO" and tensors
     report = _last_json(r)  # --eval-real: the policy and a random one in the dream and in the real env
     assert report["real_random"] > 0 and {"real_ppo", "dream_ppo", "real_return_vs_random"} <= set(report)
 
@@ -280,7 +281,7 @@ def check_mbrl(root: Path, r: Result) -> None:
     assert len(rows) == 2  # header + one iteration
     report = json.loads((run / "mbrl_report.json").read_text())
     assert report["real_env_steps"] > 0 and report["random"]["mean"] > 0
-    assert (run / "policies/ppo_mbrl.zip").is_file() and (run / "model.safetensors").is_file()
+    assert (run / "policies/ppo_mbrl.safetensors").is_file() and (run / "model.safetensors").is_file()
     _store(run / "data", 2, 5)
 
 
@@ -317,7 +318,7 @@ CASES: dict[str, Case] = {
     "python experiments/train.py --env vizdoom_hgs": Case(train_micro(2), check_main_job),
     SNIPPET: Case([], check_snippet),
     "python experiments/train_policy.py --env vizdoom_hgs --timesteps 50000 --eval-real": Case(POLICY_MICRO, check_train_policy),
-    "python experiments/rollout.py --env vizdoom_hgs --policy runs/vizdoom_hgs-tiny/policies/ppo_dream.zip":
+    "python experiments/rollout.py --env vizdoom_hgs --policy runs/vizdoom_hgs-tiny/policies/ppo_dream.safetensors":
         Case(ROLLOUT_MICRO, check_rollout_policy),
     "python experiments/rollout.py --env vizdoom_hgs --policy episode": Case(ROLLOUT_MICRO, check_rollout_episode),
     "python experiments/play.py --env vizdoom_hgs": Case(PLAY_MICRO, check_play),

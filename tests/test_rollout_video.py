@@ -80,7 +80,7 @@ def test_policy_trace_stops_at_termination(tiny_bundle):
 
 
 def test_rollout_cli_lockstep_and_policy(tiny_bundle64, tmp_path):
-    policy = tmp_path / "ppo.zip"
+    policy = tmp_path / "ppo.safetensors"
     res = subprocess.run([sys.executable, str(ROOT / "experiments" / "train_policy.py"), "--checkpoint", str(tiny_bundle64),
                           "--timesteps", "64", "--num-envs", "2", "--ppo.n-steps", "32", "--ppo.batch-size", "32",
                           "--ppo.n-epochs", "1", "--out", str(policy), "--no-progress", "--eval-real",

@@ -99,3 +99,57 @@ def test_matches_robomimic_sequence_dataset(rm_file, tmp_path):
             np.testing.assert_array_equal(item["next_obs"]["agentview_image"][0], ep.frames[t + 1])
             np.testing.assert_allclose(item["actions"][0], ep.actions[t], rtol=1e-6)
             assert item["rewards"][0] == ep.rewards[t] and bool(item["dones"][0]) == ep.terminated[t]
+
+
+def _replace_with(path, key: str, make) -> None:
+    with h5py.File(path, "a") as f:
+        parent, name = key.rsplit("/", 1)
+        old = f[key]
+        shape, dtype = old.shape, old.dtype
+        del f[key]
+        make(f[parent], name, shape, dtype)
+
+
+def test_inputs_that_read_outside_the_file_are_refused(rm_file, tmp_path):
+    """An image dataset stored externally in a local file (or reached through an external link or a virtual
+    dataset) must not be converted with that file's bytes as frames."""
+    path, _ = rm_file
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"local secret " * 20_000)
+    other = tmp_path / "other.hdf5"
+    with h5py.File(other, "w") as g:
+        g.create_dataset("x", data=np.zeros((5, 84, 84, 3), np.uint8))
+    key = "data/demo_0/obs/agentview_image"
+
+    def external(grp, name, shape, dtype):
+        grp.create_dataset(name, shape=shape, dtype=dtype, external=[(str(secret), 0, int(np.prod(shape)))])
+
+    def link(grp, name, shape, dtype):
+        grp[name] = h5py.ExternalLink(str(other), "/x")
+
+    def virtual(grp, name, shape, dtype):
+        layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+        layout[:] = h5py.VirtualSource(str(other), "x", shape=shape)
+        grp.create_virtual_dataset(name, layout)
+
+    for make, what in ((external, "external storage in"), (link, "external link to"), (virtual, "virtual dataset from")):
+        bad = tmp_path / f"bad-{make.__name__}.hdf5"
+        bad.write_bytes(path.read_bytes())
+        _replace_with(bad, key, make)
+        with pytest.raises(SourceError, match=rf"bad-{make.__name__}\.hdf5: refers to data outside the file .*{what}"):
+            robomimic.convert(bad, tmp_path / f"s-{make.__name__}", progress=False)
+        assert not (tmp_path / f"s-{make.__name__}" / "store.json").exists()
+
+
+def test_a_shard_that_reads_outside_itself_is_refused(tmp_path):
+    from worldmodel.store import ActionSpec, StoreError, StoreWriter
+
+    with StoreWriter(tmp_path / "s", source="t", obs_shape=(8, 8, 3), action_spec=ActionSpec.none()) as w:
+        eid = w.add_episode(np.zeros((3, 8, 8, 3), np.uint8))
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(bytes(range(256)) * 10)
+    _replace_with(tmp_path / "s" / "shard-00000.h5", f"episodes/{eid}/frames",
+                  lambda grp, name, shape, dtype: grp.create_dataset(
+                      name, shape=shape, dtype=dtype, external=[(str(secret), 0, int(np.prod(shape)))]))
+    with pytest.raises(StoreError, match=r"shard-00000\.h5: refers to data outside the file"):
+        EpisodeStore(tmp_path / "s")

@@ -68,6 +68,8 @@ def test_corrupt_gif_and_hash_split_without_split_files(tmp_path):
 class _Server:
     def __init__(self, files: dict[str, bytes]):
         self.files, self.requests, self.fail_next = files, [], {}
+        self.no_length: set[str] = set()  # paths answered without Content-Length
+        self.wrong_range: set[str] = set()  # paths whose 206 answers start at byte 0 whatever was asked
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -86,13 +88,16 @@ class _Server:
                     return
                 rng = self.headers.get("Range")
                 if rng:
-                    start = int(rng.removeprefix("bytes=").split("-")[0])
+                    start = 0 if self.path in owner.wrong_range else int(rng.removeprefix("bytes=").split("-")[0])
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                     body = body[start:]
                 else:
                     self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
+                if self.path not in owner.no_length:
+                    self.send_header("Content-Length", str(len(body)))
+                else:
+                    self.close_connection = True
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -156,10 +161,67 @@ def test_file_url_download_and_server_ignoring_range_restarts(tmp_path):
     dest = tmp_path / "local" / "remote.gif"
     dest.parent.mkdir()
     dest.with_name("remote.gif.part").write_bytes(b"stale bytes")  # file:// ignores Range: must start over
-    assert download_file(src.as_uri(), dest).read_bytes() == data
+    with pytest.raises(DownloadError, match="scheme 'file' refused"):  # a URL list must not copy local files
+        download_file(src.as_uri(), dest)
+    assert download_file(src.as_uri(), dest, allow_file=True).read_bytes() == data
+    # TGIF URLs come from a downloaded list: file:// ones are reported, never fetched
+    rep = tgif.download_gifs([src.as_uri()], tmp_path / "gifs", progress=False, sleep=lambda s: None)
+    assert list(rep.failed) == [src.as_uri()] and "refused" in rep.failed[src.as_uri()]
+    assert not (tmp_path / "gifs" / "remote.gif").exists()
+
+
+def test_length_checksum_and_resume_offset_are_verified(tmp_path):
+    import hashlib
+
+    body = bytes(range(256)) * 40
+    with _Server({"/a.bin": body, "/b.bin": body}) as srv:
+        srv.no_length.add("/a.bin")
+        with pytest.raises(DownloadError, match="no Content-Length"):
+            download_file(srv.url("/a.bin"), tmp_path / "a.bin", retries=0)
+        assert not (tmp_path / "a.bin").exists()
+        good = hashlib.sha256(body).hexdigest()
+        assert download_file(srv.url("/a.bin"), tmp_path / "a.bin", sha256=good).read_bytes() == body
+        with pytest.raises(DownloadError, match="does not match the pinned"):
+            download_file(srv.url("/b.bin"), tmp_path / "b.bin", sha256="0" * 64, retries=0)
+        assert not (tmp_path / "b.bin").exists() and not (tmp_path / "b.bin.part").exists()
+        # a 206 for another range than asked: the download restarts instead of appending the wrong bytes
+        srv.wrong_range.add("/b.bin")
+        (tmp_path / "b.bin.part").write_bytes(body[:100])
+        assert download_file(srv.url("/b.bin"), tmp_path / "b.bin").read_bytes() == body
 
 
 def test_download_dry_run_lists_metadata_files(tmp_path):
     plan = tgif.download(tmp_path, dry_run=True)
     assert plan[0] == (tgif.TSV_URL, tmp_path / "tgif-v1.0.tsv")
     assert [p.name for _, p in plan[1:]] == ["train.txt", "val.txt", "test.txt"] and not any(tmp_path.iterdir())
+
+
+def test_extract_once_redoes_a_partial_extraction_and_refuses_bad_members(tmp_path):
+    import io
+    import tarfile
+
+    from worldmodel.sources._download import extract_once
+
+    tar = tmp_path / "data.tar"
+    with tarfile.open(tar, "w") as t:
+        for name, data in (("top/a.txt", b"a" * 100), ("top/b.txt", b"b" * 100)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    into = tmp_path / "out"
+    (into / "top").mkdir(parents=True)
+    (into / "top" / "a.txt").write_bytes(b"a" * 10)  # a killed extraction: the top folder exists, files are partial
+    extract_once(tar, into)
+    assert (into / "top" / "a.txt").read_bytes() == b"a" * 100 and (into / "top" / "b.txt").exists()
+    assert (into / ".data.tar.extracted").exists()
+    (into / "top" / "b.txt").unlink()
+    extract_once(tar, into)  # completed before: not redone
+    assert not (into / "top" / "b.txt").exists()
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as t:
+        info = tarfile.TarInfo("link")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        t.addfile(info)
+    with pytest.raises(DownloadError, match="evil.tar"):
+        extract_once(evil, tmp_path / "evil")
+    assert not (tmp_path / "evil" / ".evil.tar.extracted").exists()

@@ -19,6 +19,7 @@ from worldmodel.store import (
     EpisodeStore,
     SeededSampler,
     StoreError,
+    StoreLockedError,
     StoreWriter,
 )
 
@@ -139,6 +140,97 @@ def test_crash_mid_shard_leaves_no_readable_half_shard(tmp_path):
     assert w.num_episodes == len(store)
 
 
+def _hold_writer(root: str, ready, release) -> None:  # child process: holds the store's writer lock
+    w = StoreWriter(root, source="t", obs_shape=OBS, action_spec=ActionSpec.discrete(3))
+    ready.set()
+    release.wait(60)
+    w.close()
+
+
+def test_second_writer_is_refused_naming_the_holder(tmp_path):
+    ctx = mp.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=_hold_writer, args=(str(tmp_path), ready, release))
+    p.start()
+    try:
+        assert ready.wait(60)
+        with pytest.raises(StoreLockedError, match=rf"pid {p.pid}\b.*\.writer\.lock"):
+            StoreWriter(tmp_path, source="t", obs_shape=OBS, action_spec=ActionSpec.discrete(3))
+    finally:
+        release.set()
+        p.join(60)
+    # the holder is gone: writing works again, and in this process one writer still excludes a second
+    w = StoreWriter(tmp_path, source="t", obs_shape=OBS, action_spec=ActionSpec.discrete(3))
+    with pytest.raises(StoreLockedError, match=rf"pid {os.getpid()}\b"):
+        StoreWriter(tmp_path, source="t", obs_shape=OBS, action_spec=ActionSpec.discrete(3))
+    w.close()
+    w.close()  # idempotent
+    with pytest.raises(StoreError, match="closed"):
+        w.add_episode(np.zeros((2, *OBS), np.uint8), np.zeros(1, np.int64))
+    StoreWriter(tmp_path, source="t", obs_shape=OBS, action_spec=ActionSpec.discrete(3)).close()
+
+
+def test_a_shard_name_taken_meanwhile_is_never_overwritten(tmp_path):
+    """Shard names are claimed with a no-replace link: a shard that appeared after the writer opened
+    (a writer that ignored the lock) keeps its bytes, and the new shard takes the next free name."""
+    spec = ActionSpec.discrete(3)
+    rng = np.random.default_rng(0)
+    w = StoreWriter(tmp_path, source="t", obs_shape=OBS, action_spec=spec, episodes_per_shard=1)
+    other = tmp_path / "other"
+    with StoreWriter(other, source="t", obs_shape=OBS, action_spec=spec, episodes_per_shard=1) as o:
+        theirs = o.add_episode(**_episode(rng, 5, spec), episode_id="theirs")
+    os.link(other / "shard-00000.h5", tmp_path / "shard-00000.h5")
+    before = (tmp_path / "shard-00000.h5").read_bytes()
+    mine = w.add_episode(**_episode(rng, 5, spec), episode_id="mine")
+    w.close()
+    assert (tmp_path / "shard-00000.h5").read_bytes() == before
+    store = EpisodeStore(tmp_path)
+    assert store.index[mine]["shard"] == "shard-00001.h5" and store.index[theirs]["shard"] == "shard-00000.h5"
+    assert not list(tmp_path.glob(".shard-*"))
+
+
+def test_append_with_other_metadata_names_the_keys_unless_merged(tmp_path):
+    spec = ActionSpec.none()
+    rng = np.random.default_rng(0)
+    ucf = {"dataset": "UCF-101", "fold": 1, "class_names": ["A", "B"], "env_kwargs": {"frame_skip": "4"}}
+    with StoreWriter(tmp_path, source="ucf101", obs_shape=OBS, action_spec=spec, fps=25.0, extra=ucf) as w:
+        w.add_episode(**_episode(rng, 4, spec))
+    before = (tmp_path / "store.json").read_text()
+    cases = [({"source": "tgif"}, ["source"]), ({"fps": 10.0}, ["fps"]),
+             ({"extra": {**ucf, "fold": 2}}, ["extra.fold"]),
+             ({"extra": {**ucf, "class_names": ["A", "C"]}}, ["extra.class_names"]),
+             ({"extra": {**ucf, "env_kwargs": {"frame_skip": "2"}}}, ["extra.env_kwargs.frame_skip"]),
+             ({"extra": {**ucf, "resolution": 64}}, ["extra.resolution"])]
+    for change, keys in cases:
+        kw = {"source": "ucf101", "fps": 25.0, "extra": ucf, **change}
+        with pytest.raises(StoreError, match="merge") as e:
+            StoreWriter(tmp_path, obs_shape=OBS, action_spec=spec, **kw)
+        for k in keys:
+            assert f"{k}: store has" in str(e.value)
+        assert (tmp_path / "store.json").read_text() == before  # nothing rewritten
+    # the same settings (tuples vs JSON lists, keys the store has and the caller omits) append fine
+    with StoreWriter(tmp_path, source="ucf101", obs_shape=OBS, action_spec=spec, fps=25.0,
+                     extra={"fold": 1, "class_names": ("A", "B")}) as w:
+        w.add_episode(**_episode(rng, 4, spec))
+    with StoreWriter(tmp_path, source="tgif", obs_shape=OBS, action_spec=spec, fps=10.0,
+                     extra={"dataset": "TGIF-v1.0"}, merge=True) as w:
+        w.add_episode(**_episode(rng, 4, spec))
+    store = EpisodeStore(tmp_path)
+    assert len(store) == 3 and store.meta.source == "ucf101" and store.meta.fps == 25.0
+    assert store.meta.extra["fold"] == 1 and store.meta.extra["dataset"] == "UCF-101"
+    assert store.meta.extra["appended_with"] == [{"source": "tgif", "fps": 10.0, "extra.dataset": "TGIF-v1.0"}]
+
+
+def test_files_get_the_users_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        _make_store(tmp_path / "s", n_eps=2, per_shard=1)
+    finally:
+        os.umask(old)
+    for p in [tmp_path / "s" / "store.json", *(tmp_path / "s").glob("shard-*.h5")]:
+        assert p.stat().st_mode & 0o777 == 0o644, p
+
+
 def _make_store(root, n_eps=4, T=10, per_shard=2, spec=SPECS["discrete"]) -> list[str]:
     rng = np.random.default_rng(3)
     with StoreWriter(root, source="t", obs_shape=OBS, action_spec=spec, episodes_per_shard=per_shard,
@@ -238,3 +330,25 @@ def test_seeded_sampler_resume_and_ranks():
     assert r0 == full[0:20:2] and r1 == full[1:20:2]
     r1_resumed = take(SeededSampler(10, seed=3, start=4, rank=1, world_size=2), 6)
     assert r1_resumed == r1[4:]
+
+
+def test_flipped_bytes_in_a_frame_chunk_fail_naming_shard_and_episode(tmp_path):
+    spec = SPECS["discrete"]
+    rng = np.random.default_rng(5)
+    with StoreWriter(tmp_path, source="t", obs_shape=OBS, action_spec=spec, episodes_per_shard=2,
+                     val_fraction=0, test_fraction=0) as w:
+        ids = [w.add_episode(**_episode(rng, 6, spec)) for _ in range(2)]
+    shard = tmp_path / "shard-00000.h5"
+    with h5py.File(shard, "r") as f:
+        d = f["episodes"][ids[1]]["frames"]
+        assert d.fletcher32
+        info = d.id.get_chunk_info(3)
+    data = bytearray(shard.read_bytes())
+    data[info.byte_offset + info.size // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    store = EpisodeStore(tmp_path)
+    assert store.load(ids[0]).frames.shape == (6, *OBS)  # the other episode still reads
+    for read in (lambda: store.load(ids[1]), lambda: store.read_clip(ids[1], 2, 3)):
+        with pytest.raises(StoreError, match=rf"shard-00000\.h5: episode '{ids[1]}': reading .* failed"):
+            read()
+    assert store.read_clip(ids[1], 0, 2)["frames"].shape == (2, *OBS)  # undamaged chunks still read

@@ -17,7 +17,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from worldmodel.checkpoint import load_weights, read_run_config, save_weights, write_run_config
+from worldmodel.checkpoint import (
+    CONFIG_JSON,
+    WEIGHTS,
+    BundleError,
+    load_weights,
+    read_experiment_config,
+    read_run_config,
+    save_weights,
+    write_run_config,
+)
 from worldmodel.config import ExperimentConfig
 from worldmodel.prior import Prior
 from worldmodel.sampling import Rollout
@@ -37,11 +46,19 @@ class WorldModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> WorldModel:
-        """Load a bundle directory (a run directory whose tokenizer and prior are trained)."""
+        """Load a bundle directory (a run directory whose tokenizer and prior are trained).
+
+        Raises ``FileNotFoundError`` for a missing file and :class:`~worldmodel.checkpoint.BundleError`
+        (a ``ValueError``) naming the file for an unreadable config or weights, a config field of the wrong
+        type, or weights that do not fit the config."""
         d = read_run_config(path)
-        wm = cls(ExperimentConfig.from_dict(d["experiment"]), d.get("store"))
-        wm.tokenizer.load_state_dict(load_weights(path, "tokenizer"))
-        wm.prior.load_state_dict(load_weights(path, "prior"))
+        wm = cls(read_experiment_config(path), d.get("store"))
+        for name, module in (("tokenizer", wm.tokenizer), ("prior", wm.prior)):
+            try:
+                module.load_state_dict(load_weights(path, name))
+            except RuntimeError as e:  # missing/unexpected keys or shapes: weights of another config
+                raise BundleError(f"{Path(path) / WEIGHTS}: the {name} weights do not fit the {name} config in "
+                                  f"{Path(path) / CONFIG_JSON} ({str(e)[:300]})") from None
         wm.path = Path(path)
         return wm.to(device).eval()
 

@@ -190,28 +190,72 @@ class ExperimentConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
-        return _from_dict(cls, d)
+        """Rebuild from :meth:`to_dict` output; ``ValueError`` naming the field (``prior.n_layer``) and the
+        expected type for anything else (a wrong type, an unknown field, a value outside a ``Literal``)."""
+        return _from_dict(cls, d, "")
 
 
-def _from_dict(cls: type, d: dict[str, Any]) -> Any:
-    """Rebuild a (nested) frozen dataclass from ``dataclasses.asdict`` output (JSON-safe)."""
+def _typename(t: Any) -> str:
+    return repr(t).replace("typing.", "") if typing.get_origin(t) else getattr(t, "__name__", repr(t))
+
+
+def _checked(value: Any, t: Any, where: str) -> Any:
+    """``value`` (from JSON) as the type ``t`` of a config field, or ``ValueError`` naming ``where``."""
+    def bad(expected: str) -> ValueError:
+        return ValueError(f"{where}: got {value!r} ({type(value).__name__}), expected {expected}")
+
+    if dataclasses.is_dataclass(t):
+        return _from_dict(t, value, where)
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is Literal:
+        if value not in args or type(value) is bool:
+            raise bad(f"one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad(f"a list ({_typename(t)})")
+        items = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(items) != len(value):
+            raise bad(f"a list of {len(items)} values ({_typename(t)})")
+        return tuple(_checked(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, items)))
+    if t is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if t is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if t is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    return value
+
+
+def _from_dict(cls: type, d: Any, where: str = "") -> Any:
+    """Rebuild a (nested) frozen dataclass from ``dataclasses.asdict`` output (JSON-safe), checking every
+    field's type; errors name the field path (``tokenizer.channels``)."""
+    name = where or cls.__name__
+    if not isinstance(d, dict):
+        raise ValueError(f"{name}: got {type(d).__name__} {d!r:.80}, expected a JSON object of {cls.__name__} fields")
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     known = {f.name for f in fields(cls)}
     unknown = set(d) - known
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown config fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+        raise ValueError(f"{name}: unknown config fields {sorted(unknown)}; expected a subset of {sorted(known)}")
     for f in fields(cls):
-        if f.name not in d:
-            continue
-        v = d[f.name]
-        t = hints[f.name]
-        if dataclasses.is_dataclass(t):
-            v = _from_dict(t, v)
-        elif typing.get_origin(t) is tuple and isinstance(v, list):
-            v = tuple(v)
-        kwargs[f.name] = v
-    return cls(**kwargs)
+        if f.name in d:
+            kwargs[f.name] = _checked(d[f.name], hints[f.name], f"{where}.{f.name}" if where else f.name)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:  # a dataclass's own range checks (__post_init__)
+        raise ValueError(f"{name}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------

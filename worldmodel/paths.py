@@ -6,11 +6,11 @@ Runs go to ``$WORLDMODEL_HOME/runs/<preset>-<scale>`` when ``WORLDMODEL_HOME`` i
 
 from __future__ import annotations
 
-import json
 import os
+import warnings
 from pathlib import Path
 
-from worldmodel.checkpoint import CONFIG_JSON, WEIGHTS, has_weights
+from worldmodel.checkpoint import CONFIG_JSON, WEIGHTS, BundleError, has_weights, read_experiment_config
 
 
 def runs_dir() -> Path:
@@ -30,18 +30,33 @@ def _search_roots() -> list[Path]:
 
 
 def bundle_preset(path: str | os.PathLike) -> str | None:
-    """The preset name recorded in a bundle's ``config.json`` (None if it is not a complete bundle)."""
+    """The preset name recorded in a bundle's ``config.json``; None if the directory is not a complete
+    bundle (no config, no weights, or no trained prior yet). A bundle that is there but broken (config
+    not valid JSON or of the wrong types, unreadable weights) raises :class:`BundleError` naming the file."""
     path = Path(path)
-    try:
-        d = json.loads((path / CONFIG_JSON).read_text())
-    except (OSError, ValueError):
+    if not (path / CONFIG_JSON).exists() or not (path / WEIGHTS).exists():
         return None
+    cfg = read_experiment_config(path)
     if not has_weights(path, "prior"):  # the prior is trained last: a bundle has both components
         return None
-    return d.get("experiment", {}).get("name")
+    return cfg.name
 
 
 def find_bundles(preset: str) -> list[Path]:
-    """Bundles of ``preset`` under the runs directories, newest (by weights' mtime) first."""
-    found = [d for root in _search_roots() for d in root.iterdir() if d.is_dir() and bundle_preset(d) == preset]
+    """Bundles of ``preset`` under the runs directories, newest (by weights' mtime) first. A directory whose
+    bundle cannot be read is skipped with a warning naming its path (one broken bundle never hides the others)."""
+    found = []
+    for root in _search_roots():
+        for d in sorted(root.iterdir()):
+            if not d.is_dir():
+                continue
+            try:
+                if bundle_preset(d) == preset:
+                    found.append(d)
+            except (BundleError, OSError) as e:
+                warnings.warn(f"skipping bundle {d}: {e}", BundleSkippedWarning, stacklevel=2)
     return sorted(found, key=lambda d: (d / WEIGHTS).stat().st_mtime, reverse=True)
+
+
+class BundleSkippedWarning(UserWarning):
+    """Discovery skipped a run directory whose bundle cannot be read."""

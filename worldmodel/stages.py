@@ -18,7 +18,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from worldmodel.checkpoint import CONFIG_JSON, WEIGHTS, load_weights, read_run_config, write_run_config
+from worldmodel.checkpoint import (
+    CONFIG_JSON,
+    WEIGHTS,
+    has_weights,
+    load_weights,
+    read_experiment_config,
+    read_run_config,
+    write_run_config,
+)
 from worldmodel.config import ExperimentConfig
 from worldmodel.store import ActionSpec, ClipDataset, EpisodeStore, StoreMeta
 from worldmodel.token_cache import TOKENS_FILE, TokenCache, encode_store
@@ -63,17 +71,63 @@ def _split_with_fallback(source: Any, split: str, clip_len: int) -> ClipDataset 
     return None
 
 
+_BUDGET_FIELDS = ("steps", "max_minutes", "log_every", "eval_every", "ckpt_every")
+"""Fields of a stage's TrainConfig that a resumed or continued run may change (how long and how often, not
+what is trained: the MBRL loop raises ``steps`` every iteration)."""
+
+
+def _diff(old: Any, new: Any, prefix: str, out: list[str]) -> None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            _diff(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}.{k}" if prefix else k, out)
+    elif old != new:
+        out.append(f"{prefix}: {old!r} -> {new!r}")
+
+
+def run_config_differences(run_dir: str | os.PathLike, cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
+    """``(trained stages, differences)`` between the config of the stages already trained in ``run_dir`` and
+    ``cfg`` (resolved): the preset's identity (``name``, ``scale``, ``env``), ``data`` (store compared as a
+    resolved path; ``num_workers`` ignored), and for each trained stage its model config and its
+    TrainConfig except the budget fields :data:`_BUDGET_FIELDS`. Differences read ``key: old -> new``."""
+    run_dir = Path(run_dir)
+    trained = [s for s in ("tokenizer", "prior") if has_weights(run_dir, s)]
+    if not trained:
+        return [], []
+    old_cfg = read_experiment_config(run_dir)
+    old_store = (read_run_config(run_dir).get("store") or {}).get("path")
+
+    def view(c: ExperimentConfig, store_path: str | None) -> dict[str, Any]:
+        d = c.to_dict()
+        out: dict[str, Any] = {k: d[k] for k in ("name", "scale", "env")}
+        out["data"] = {k: v for k, v in d["data"].items() if k not in ("num_workers", "store")}
+        out["data"]["store"] = store_path
+        for stage in trained:
+            out[stage] = d[stage]
+            out[f"{stage}_train"] = {k: v for k, v in d[f"{stage}_train"].items() if k not in _BUDGET_FIELDS}
+        return out
+
+    diffs: list[str] = []
+    _diff(view(old_cfg, old_store), view(cfg, str(Path(cfg.data.store).resolve())), "", diffs)
+    return trained, diffs
+
+
 def prepare_run(cfg: ExperimentConfig, run_dir: str | os.PathLike) -> tuple[ExperimentConfig, EpisodeStore]:
-    """Open the store, resolve the config against it and write ``config.json`` (the bundle config)."""
+    """Open the store, resolve the config against it and write ``config.json`` (the bundle config).
+
+    If ``run_dir`` already holds trained weights, the config of every trained stage is compared first
+    (:func:`run_config_differences`) and a difference raises ``ValueError`` listing the differing keys,
+    before anything in ``run_dir`` is written: training another config into a run would leave a bundle
+    whose config no longer describes its weights."""
     store = EpisodeStore(cfg.data.store)
     cfg = resolve_config(cfg, store.meta)
     run_dir = Path(run_dir)
+    trained, diffs = run_config_differences(run_dir, cfg) if (run_dir / WEIGHTS).exists() else ([], [])
+    if diffs:
+        shown = "; ".join(diffs[:12]) + (f"; ... ({len(diffs)} in all)" if len(diffs) > 12 else "")
+        raise ValueError(f"{run_dir} holds a trained {' and '.join(trained)} of another config ({shown}); nothing was "
+                         f"changed there. Use a new --run-dir, or the config the run was trained with "
+                         f"({run_dir / CONFIG_JSON})")
     run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / CONFIG_JSON).exists() and (run_dir / WEIGHTS).exists():
-        old = ExperimentConfig.from_dict(read_run_config(run_dir)["experiment"])
-        if old.tokenizer != cfg.tokenizer:
-            raise ValueError(f"{run_dir} holds a tokenizer trained with a different config; use a new --run-dir "
-                             f"(old: {old.tokenizer}, new: {cfg.tokenizer})")
     meta = store.meta.to_dict()
     meta["path"] = str(Path(cfg.data.store).resolve())
     spec = store.meta.action_spec
@@ -143,7 +197,7 @@ def load_tokenizer(run_dir: str | os.PathLike, device: torch.device | str = "cpu
     """The trained VQ-VAE of a run directory, in eval mode."""
     from worldmodel.tokenizer import VQVAE
 
-    cfg = ExperimentConfig.from_dict(read_run_config(run_dir)["experiment"])
+    cfg = read_experiment_config(run_dir)
     model = VQVAE(cfg.tokenizer)
     model.load_state_dict(load_weights(run_dir, "tokenizer"))
     return model.to(device).eval()

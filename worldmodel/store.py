@@ -21,6 +21,7 @@ The store knows nothing of models or Gymnasium.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -30,7 +31,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import h5py
 import numpy as np
@@ -41,10 +42,23 @@ SCHEMA_VERSION = 1
 STORE_JSON = "store.json"
 _SHARD_RE = re.compile(r"^shard-(\d{5})\.h5$")
 SPLITS = ("train", "val", "test")
+LOCK_FILE = ".writer.lock"
+"""Lock file of a store directory: a :class:`StoreWriter` holds an exclusive ``flock`` on it (and writes its pid)."""
 
 
 class StoreError(Exception):
     """A store, shard or episode is missing, corrupt, or not in the expected form."""
+
+
+class StoreLockedError(StoreError):
+    """Another :class:`StoreWriter` (another process, or another writer in this one) holds the store."""
+
+
+def default_file_mode() -> int:
+    """``0o666`` minus the process umask: the mode ``open()`` would give a new file (``mkstemp`` gives 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,6 +201,7 @@ class Episode:
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -207,8 +222,93 @@ def split_for_id(episode_id: str, val_fraction: float, test_fraction: float) -> 
     return "train"
 
 
+def external_references(f: h5py.File) -> list[str]:
+    """Every place where HDF5 file ``f`` would read outside itself: external links, datasets with external
+    storage (raw bytes in another file) and virtual datasets (mapped from other files). Empty for a
+    self-contained file. Links are inspected without being followed."""
+    found: list[str] = []
+
+    def walk(group: h5py.Group, prefix: str) -> None:
+        for name in group:
+            path = f"{prefix}/{name}"
+            link = group.get(name, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                found.append(f"{path} (external link to {link.filename}:{link.path})")
+                continue
+            if isinstance(link, h5py.SoftLink):
+                continue  # points inside this file; its target is visited where it lives
+            obj = group.get(name)
+            if isinstance(obj, h5py.Group):
+                walk(obj, path)
+            elif isinstance(obj, h5py.Dataset):
+                if obj.is_virtual:
+                    found.append(f"{path} (virtual dataset from {sorted({m.file_name for m in obj.virtual_sources()})})")
+                elif obj.external:
+                    found.append(f"{path} (external storage in {sorted({str(e[0]) for e in obj.external})})")
+
+    walk(f, "")
+    return found
+
+
+def refuse_external(f: h5py.File, path: str | os.PathLike, error: type[Exception] | None = None) -> None:
+    """Raise (``error``, default :class:`StoreError`) naming ``path`` if ``f`` reads data from outside itself:
+    an input could otherwise pull arbitrary local files into a store (see :func:`external_references`)."""
+    refs = external_references(f)
+    if refs:
+        shown = "; ".join(refs[:5]) + (f"; ... ({len(refs)} in all)" if len(refs) > 5 else "")
+        raise (error or StoreError)(f"{path}: refers to data outside the file ({shown}); only self-contained HDF5 "
+                                    f"files are read (no external links, external storage or virtual datasets)")
+
+
 def _list_shards(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if _SHARD_RE.match(p.name))
+
+
+def _acquire_writer_lock(root: Path) -> IO[str]:
+    """Take the store's exclusive writer lock (non-blocking) and write our pid into the lock file."""
+    path = root / LOCK_FILE
+    fh = open(path, "a+")  # noqa: SIM115 - held open for the writer's lifetime (the lock lives with the descriptor)
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise StoreLockedError(f"{root}: another writer is appending to this store (pid {holder}, lock file {path}); "
+                               f"wait for it to finish, or write to another directory") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def _json_value(v: Any) -> Any:
+    return json.loads(json.dumps(v))  # tuples -> lists, numpy scalars are rejected by json here
+
+
+def meta_differences(existing: StoreMeta, new: StoreMeta) -> dict[str, tuple[Any, Any]]:
+    """``{key: (existing value, new value)}`` for ``source``, ``fps`` and every ``extra`` key (nested keys as
+    ``extra.a.b``) that ``new`` sets to a value other than the existing store's. Keys only the existing
+    store has are not differences (appending says nothing about them)."""
+    out: dict[str, tuple[Any, Any]] = {}
+    if existing.source != new.source:
+        out["source"] = (existing.source, new.source)
+    if float(existing.fps) != float(new.fps):
+        out["fps"] = (existing.fps, new.fps)
+
+    def walk(prefix: str, old: dict[str, Any], now: dict[str, Any]) -> None:
+        for k, v in now.items():
+            name = f"{prefix}.{k}"
+            if k not in old:
+                out[name] = ("<absent>", _json_value(v))
+            elif isinstance(v, dict) and isinstance(old[k], dict):
+                walk(name, old[k], v)
+            elif _json_value(old[k]) != _json_value(v):
+                out[name] = (old[k], _json_value(v))
+
+    walk("extra", existing.extra, new.extra)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,11 +333,20 @@ class StoreWriter:
         val_fraction, test_fraction: share of episodes assigned to val/test by id hash when
             :meth:`add_episode` is not given an explicit split.
         extra: free-form metadata saved in ``store.json``.
+        merge: appending to a store whose ``source``, ``fps`` or ``extra`` differ from these is a
+            :class:`StoreError` naming the differing keys; with ``merge=True`` it is allowed, the store
+            keeps its metadata and records the differing values in ``extra["appended_with"]``.
+            (``obs_shape`` and ``action_spec`` must always match.)
+
+    One writer per store at a time: the writer holds an exclusive lock on ``<root>/.writer.lock``
+    (containing its pid) from construction to :meth:`close`; a second writer gets
+    :class:`StoreLockedError` naming the holder. Shard names are claimed with an atomic no-replace
+    link, so even without the lock two writers could never write the same shard.
     """
 
     def __init__(self, root: str | os.PathLike, *, source: str, obs_shape: Sequence[int], action_spec: ActionSpec,
                  fps: float = 0.0, episodes_per_shard: int = 16, val_fraction: float = 0.05,
-                 test_fraction: float = 0.05, extra: dict[str, Any] | None = None) -> None:
+                 test_fraction: float = 0.05, extra: dict[str, Any] | None = None, merge: bool = False) -> None:
         if episodes_per_shard < 1:
             raise ValueError(f"episodes_per_shard must be >= 1, got {episodes_per_shard}")
         if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
@@ -251,11 +360,21 @@ class StoreWriter:
                               extra=dict(extra or {}))
         self.episodes_per_shard = episodes_per_shard
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        # Leftovers of an interrupted shard write are never readable shards; remove them.
-        for p in self.root.glob(".shard-*.tmp"):
-            p.unlink()
-        meta_path = self.root / STORE_JSON
+        self._pending: list[Episode] = []
         self._index: dict[str, dict[str, Any]] = {}
+        self._lock: IO[str] | None = _acquire_writer_lock(self.root)
+        try:
+            self._open_existing(merge)
+        except BaseException:
+            self._release()
+            raise
+
+    def _open_existing(self, merge: bool) -> None:
+        # Leftovers of an interrupted shard write are never readable shards; remove them (we hold the lock,
+        # so no other writer is writing one now).
+        for p in self.root.glob(".shard-*.tmp"):
+            p.unlink(missing_ok=True)
+        meta_path = self.root / STORE_JSON
         if meta_path.exists():
             existing = EpisodeStore(self.root)
             if existing.meta.obs_shape != self.meta.obs_shape or existing.meta.action_spec != self.meta.action_spec:
@@ -263,11 +382,26 @@ class StoreWriter:
                     f"{meta_path}: existing store has obs_shape={existing.meta.obs_shape}, "
                     f"action_spec={existing.meta.action_spec}; cannot append episodes with "
                     f"obs_shape={self.meta.obs_shape}, action_spec={self.meta.action_spec}")
+            diffs = meta_differences(existing.meta, self.meta)
+            if diffs and not merge:
+                listed = "; ".join(f"{k}: store has {a!r}, got {b!r}" for k, (a, b) in diffs.items())
+                raise StoreError(f"{meta_path}: cannot append, the metadata differs ({listed}); write to another "
+                                 f"store, or pass merge=True (CLI: --merge) to append anyway")
+            extra = dict(existing.meta.extra)
+            if diffs:  # merge: the store keeps its metadata and records what the appended episodes came with
+                extra["appended_with"] = [*extra.get("appended_with", []), {k: b for k, (_, b) in diffs.items()}]
+            self.meta = StoreMeta(source=existing.meta.source, obs_shape=self.meta.obs_shape,
+                                  action_spec=self.meta.action_spec, fps=existing.meta.fps, extra=extra)
             self._index = dict(existing.index)
         shards = _list_shards(self.root)
         self._next_shard = (int(_SHARD_RE.match(shards[-1].name).group(1)) + 1) if shards else 0  # type: ignore[union-attr]
-        self._pending: list[Episode] = []
         self._write_meta()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -296,6 +430,8 @@ class StoreWriter:
             attrs: scalar/string metadata (e.g. ``label``); stored as HDF5 attributes.
             extras: per-episode arrays (e.g. BAIR ``endeffector_pos`` ``(T, 3)``).
         """
+        if self._lock is None:
+            raise StoreError(f"{self.root}: this writer is closed; open a new StoreWriter to append")
         frames = np.asarray(frames)
         if frames.dtype != np.uint8 or frames.ndim != 4 or tuple(frames.shape[1:]) != self.meta.obs_shape:
             raise StoreError(f"frames: got {frames.dtype}{tuple(frames.shape)}, expected uint8 (T, {', '.join(map(str, self.meta.obs_shape))})")
@@ -329,9 +465,11 @@ class StoreWriter:
         """Write buffered episodes as one shard (atomically) and update ``store.json``."""
         if not self._pending:
             return
-        name = f"shard-{self._next_shard:05d}.h5"
-        final = self.root / name
-        tmp = self.root / f".{name}.tmp"
+        if self._lock is None:
+            raise StoreError(f"{self.root}: this writer is closed; open a new StoreWriter to append")
+        fd, tmp_name = tempfile.mkstemp(dir=self.root, prefix=".shard-", suffix=".h5.tmp")  # unique per writer
+        os.close(fd)
+        tmp = Path(tmp_name)
         try:
             with h5py.File(tmp, "w") as f:
                 f.attrs["schema_version"] = SCHEMA_VERSION
@@ -341,11 +479,13 @@ class StoreWriter:
                     H, W, _ = self.meta.obs_shape
                     # One chunk per frame: a clip read touches exactly its frames. lzf is h5py's
                     # built-in fast compressor (gzip costs ~5x more CPU to read for ~20% less disk).
-                    g.create_dataset("frames", data=ep.frames, chunks=(1, H, W, 3), compression="lzf")
+                    # fletcher32: every chunk carries a checksum, so flipped bytes fail to read instead of
+                    # loading silently (read errors name the shard and the episode)
+                    g.create_dataset("frames", data=ep.frames, chunks=(1, H, W, 3), compression="lzf", fletcher32=True)
                     if ep.actions is not None:
-                        g.create_dataset("actions", data=ep.actions)
-                    g.create_dataset("rewards", data=ep.rewards)
-                    g.create_dataset("terminated", data=ep.terminated)
+                        g.create_dataset("actions", data=ep.actions, fletcher32=True)
+                    g.create_dataset("rewards", data=ep.rewards, fletcher32=True)
+                    g.create_dataset("terminated", data=ep.terminated, fletcher32=True)
                     g.attrs["truncated"] = ep.truncated
                     g.attrs["split"] = ep.split
                     for k, v in ep.attrs.items():
@@ -353,22 +493,38 @@ class StoreWriter:
                     if ep.extras:
                         eg = g.create_group("extras")
                         for k, v in ep.extras.items():
-                            eg.create_dataset(k, data=v)
+                            eg.create_dataset(k, data=v, fletcher32=bool(np.asarray(v).ndim))
                 f.flush()
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except BaseException:
+            os.chmod(tmp, default_file_mode())
+            name = self._claim_shard_name(tmp)
+        finally:
             tmp.unlink(missing_ok=True)
-            raise
         for ep in self._pending:
             self._index[ep.id] = {"shard": name, "length": len(ep), "split": ep.split}
         self._pending = []
         self._next_shard += 1
         self._write_meta()
 
+    def _claim_shard_name(self, tmp: Path) -> str:
+        """Give the finished temporary shard the next free ``shard-NNNNN.h5`` name without ever replacing a
+        shard: ``os.link`` fails if the name exists, and then the next number is tried."""
+        while True:
+            name = f"shard-{self._next_shard:05d}.h5"
+            try:
+                os.link(tmp, self.root / name)
+                return name
+            except FileExistsError:
+                self._next_shard += 1
+
     def close(self) -> None:
-        self.flush()
+        """Flush buffered episodes and release the store's writer lock (idempotent)."""
+        try:
+            if self._lock is not None:
+                self.flush()
+        finally:
+            self._release()
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -443,6 +599,9 @@ class EpisodeStore:
         except OSError as e:
             raise StoreError(f"cannot open as HDF5 ({e})") from None
         with f:
+            refs = external_references(f)
+            if refs:
+                raise StoreError(f"refers to data outside the file ({'; '.join(refs[:5])}); a shard must be self-contained")
             if "episodes" not in f:
                 raise StoreError("missing group 'episodes'")
             for eid, g in f["episodes"].items():
@@ -495,8 +654,22 @@ class EpisodeStore:
             f = self._handles[shard] = h5py.File(self.root / shard, "r")
         return f["episodes"][episode_id]
 
+    def _read_error(self, episode_id: str, what: str, e: BaseException) -> StoreError:
+        shard = self.index.get(episode_id, {}).get("shard", "?")
+        return StoreError(f"{self.root / shard}: episode {episode_id!r}: reading {what} failed ({type(e).__name__}: {e}); "
+                          f"the shard is damaged (checksum or structure); re-create it or open the store with "
+                          f"skip_corrupt=True after removing it")
+
     def load(self, episode_id: str) -> Episode:
-        """Load a whole episode into memory."""
+        """Load a whole episode into memory (``StoreError`` naming the shard and episode if it cannot be read)."""
+        try:
+            return self._load(episode_id)
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            if isinstance(e, KeyError) and episode_id not in self.index:
+                raise
+            raise self._read_error(episode_id, "the episode", e) from None
+
+    def _load(self, episode_id: str) -> Episode:
         g = self._group(episode_id)
         attrs = {k: v for k, v in g.attrs.items() if k not in ("truncated", "split")}
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
@@ -507,19 +680,25 @@ class EpisodeStore:
 
     def load_actions(self, episode_id: str) -> np.ndarray | None:
         """An episode's actions only (T-1, ...) without reading its frames; None for action-free stores."""
-        g = self._group(episode_id)
-        return g["actions"][()] if "actions" in g else None
+        try:
+            g = self._group(episode_id)
+            return g["actions"][()] if "actions" in g else None
+        except (OSError, ValueError, RuntimeError) as e:
+            raise self._read_error(episode_id, "actions", e) from None
 
     def read_clip(self, episode_id: str, start: int, length: int) -> dict[str, np.ndarray]:
         """Frames ``[start, start+length)`` and the ``length-1`` transitions between them."""
         T = self.length(episode_id)
         if start < 0 or length < 1 or start + length > T:
             raise ValueError(f"clip [{start}, {start + length}) out of range for episode {episode_id!r} of {T} frames")
-        g = self._group(episode_id)
         s, e = start, start + length
-        out = {"frames": g["frames"][s:e], "rewards": g["rewards"][s:e - 1], "terminated": g["terminated"][s:e - 1]}
-        if "actions" in g:
-            out["actions"] = g["actions"][s:e - 1]
+        try:
+            g = self._group(episode_id)
+            out = {"frames": g["frames"][s:e], "rewards": g["rewards"][s:e - 1], "terminated": g["terminated"][s:e - 1]}
+            if "actions" in g:
+                out["actions"] = g["actions"][s:e - 1]
+        except (OSError, ValueError, RuntimeError) as err:
+            raise self._read_error(episode_id, f"frames [{s}, {e})", err) from None
         return out
 
     def iter_episodes(self, split: str | None = None) -> Iterator[Episode]:

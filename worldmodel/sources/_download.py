@@ -5,15 +5,23 @@ A file is fetched into ``<dest>.part`` and renamed to ``dest`` only when complet
 HTTP ``Range`` request when the server honours it (status 206), else restarted. Transient failures
 (connection errors, timeouts, HTTP 5xx/429, a body shorter than its ``Content-Length``) are retried
 with exponential backoff; permanent ones (HTTP 4xx, e.g. a dead TGIF link) are not.
+
+Only ``http``/``https`` URLs are fetched (``file://`` only with ``allow_file=True``: a dataset list must
+not make the downloader copy local files). A body is accepted only if its length is known and reached
+(``Content-Length``) or its SHA-256 matches a pinned ``sha256``; a 206 resume must start at the offset
+asked for (``Content-Range``), else the download restarts. :func:`extract_once` writes a completion
+marker after an archive is fully unpacked, so an interrupted extraction is redone, never taken as done.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tarfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Callable, Iterable
@@ -33,7 +41,15 @@ class DownloadError(Exception):
         self.url, self.why, self.permanent = url, why, permanent
 
 
-def _fetch_once(url: str, part: Path, timeout: float, chunk: int, bar: tqdm | None) -> None:
+def check_url(url: str, allow_file: bool = False) -> None:
+    """``DownloadError`` (permanent) unless ``url`` is ``http(s)://`` (or ``file://`` with ``allow_file``)."""
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    allowed = ("http", "https", "file") if allow_file else ("http", "https")
+    if scheme not in allowed:
+        raise DownloadError(url, f"scheme {scheme or '(none)'!r} refused; expected one of {list(allowed)}", permanent=True)
+
+
+def _fetch_once(url: str, part: Path, timeout: float, chunk: int, bar: tqdm | None, need_length: bool) -> None:
     offset = part.stat().st_size if part.exists() else 0
     req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     if offset:
@@ -46,12 +62,16 @@ def _fetch_once(url: str, part: Path, timeout: float, chunk: int, bar: tqdm | No
         raise DownloadError(url, f"HTTP {e.code} {e.reason}", permanent=400 <= e.code < 500 and e.code != 429) from None
     with resp:
         status = resp.getcode() or 200  # file:// URLs have no status
-        if status == 206:
+        content_range = resp.headers.get("Content-Range") or ""
+        if status == 206 and content_range.removeprefix("bytes ").split("-")[0].strip() == str(offset):
             mode = "ab"
-        else:  # server ignored the Range header: start over
+        else:  # server ignored the Range header (or answered another range): start over
             mode, offset = "wb", 0
         length = resp.headers.get("Content-Length")
         expected = int(length) if length is not None and length.isdigit() else None
+        if expected is None and need_length:
+            raise DownloadError(url, "the server sent no Content-Length, so a cut-off body cannot be told from a "
+                                     "complete one; pass sha256= to verify the file instead", permanent=True)
         if bar is not None and expected is not None:
             bar.reset(total=offset + expected)
             bar.update(offset)
@@ -71,11 +91,12 @@ def _fetch_once(url: str, part: Path, timeout: float, chunk: int, bar: tqdm | No
 
 def download_file(url: str, dest: str | os.PathLike, *, retries: int = 3, timeout: float = 60.0,
                   backoff: float = 1.0, chunk: int = 1 << 20, progress: bool = False,
-                  sleep: Callable[[float], None] = time.sleep) -> Path:
+                  sleep: Callable[[float], None] = time.sleep, sha256: str | None = None,
+                  allow_file: bool = False) -> Path:
     """Fetch ``url`` to ``dest`` (skipped if ``dest`` exists), resuming a previous ``.part``.
 
     Args:
-        url: ``http://``, ``https://`` or ``file://`` URL.
+        url: ``http://`` or ``https://`` URL (``file://`` only with ``allow_file``).
         dest: final file path (parent directories are created).
         retries: extra attempts after a transient failure (total attempts ``retries + 1``).
         timeout: seconds of socket inactivity before an attempt fails.
@@ -83,6 +104,9 @@ def download_file(url: str, dest: str | os.PathLike, *, retries: int = 3, timeou
         chunk: bytes per read.
         progress: show a tqdm byte counter.
         sleep: the function used to wait between retries (tests pass a no-op).
+        sha256: the file's published SHA-256 (hex): verified before ``dest`` is written (a mismatch deletes the
+            download and raises); without it the response must carry a ``Content-Length``.
+        allow_file: also accept ``file://`` URLs (local mirrors, tests).
 
     Returns:
         ``dest``.
@@ -90,6 +114,7 @@ def download_file(url: str, dest: str | os.PathLike, *, retries: int = 3, timeou
     Raises:
         DownloadError: after the last failed attempt, or at once for a permanent (4xx) failure.
     """
+    check_url(url, allow_file)
     dest = Path(dest)
     if dest.exists():
         return dest
@@ -99,9 +124,18 @@ def download_file(url: str, dest: str | os.PathLike, *, retries: int = 3, timeou
     try:
         for attempt in range(retries + 1):
             try:
-                _fetch_once(url, part, timeout, chunk, bar)
+                _fetch_once(url, part, timeout, chunk, bar, need_length=sha256 is None)
                 if not part.exists():  # empty body
                     part.touch()
+                if sha256 is not None:
+                    h = hashlib.sha256()
+                    with open(part, "rb") as fh:
+                        for block in iter(lambda: fh.read(1 << 20), b""):
+                            h.update(block)
+                    if h.hexdigest() != sha256.lower():
+                        part.unlink()
+                        raise DownloadError(url, f"SHA-256 {h.hexdigest()} does not match the pinned {sha256}; "
+                                                 f"the download was deleted", permanent=True)
                 os.replace(part, dest)
                 return dest
             except DownloadError as e:
@@ -161,7 +195,10 @@ def extract(archive: str | os.PathLike, into: str | os.PathLike) -> Path:
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as t:
             if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 / 3.10.12
-                t.extractall(into, filter="data")
+                try:
+                    t.extractall(into, filter="data")
+                except tarfile.FilterError as e:
+                    raise DownloadError(str(archive), f"refused member: {e}", permanent=True) from None
             else:
                 for m in t.getmembers():
                     if m.issym() or m.islnk() or not (into / m.name).resolve().is_relative_to(into.resolve()):
@@ -169,6 +206,18 @@ def extract(archive: str | os.PathLike, into: str | os.PathLike) -> Path:
                 t.extractall(into)
     else:
         raise DownloadError(str(archive), "not a zip or tar archive; extract it by hand", permanent=True)
+    return into
+
+
+def extract_once(archive: str | os.PathLike, into: str | os.PathLike) -> Path:
+    """:func:`extract` unless a previous call completed it: a marker ``.<archive name>.extracted`` is written
+    into ``into`` only after every member is unpacked, so a killed extraction is redone on the next call."""
+    archive, into = Path(archive), Path(into)
+    marker = into / f".{archive.name}.extracted"
+    if marker.exists():
+        return into
+    extract(archive, into)
+    marker.write_text(f"{archive.name}\n")
     return into
 
 

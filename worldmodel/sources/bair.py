@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from worldmodel.sources._common import ConvertReport, SourceError, episode_id, existing_episode_ids, fail
-from worldmodel.sources._download import download_file, extract
+from worldmodel.sources._download import download_file, extract_once
 from worldmodel.sources._video import as_path
 from worldmodel.sources.tfrecord import TFRecordError, iter_records, parse_example
 from worldmodel.store import ActionSpec, StoreWriter, split_for_id
@@ -103,7 +103,7 @@ def decode_example(data: bytes, camera: str = "image_aux1") -> dict[str, np.ndar
 def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: str = "image_aux1",
             val_fraction: float = 0.05, splits: tuple[str, ...] = ("train", "test"), max_files: int | None = None,
             max_episodes: int | None = None, fps: float = 0.0, episodes_per_shard: int = 64,
-            skip_corrupt: bool = False, progress: bool = True) -> ConvertReport:
+            skip_corrupt: bool = False, merge: bool = False, progress: bool = True) -> ConvertReport:
     """Convert BAIR TFRecords into an episode store (resumable: ids are ``<split>-<file stem>-<record>``).
 
     Args:
@@ -118,6 +118,7 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: str
         episodes_per_shard: episodes per HDF5 shard.
         skip_corrupt: skip corrupt records (a data-CRC failure skips one record; a broken length
             field or truncation skips the rest of that file) instead of raising.
+        merge: append to a store whose metadata (source, fps, extra) differs (see ``StoreWriter``).
         progress: show a tqdm bar over files.
 
     Raises:
@@ -138,7 +139,7 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: str
              "action_alignment": "actions[t] = '{t}/action' for t < T-1; the last action is dropped"}
     with StoreWriter(out, source="bair", obs_shape=FRAME_SHAPE, action_spec=spec, fps=fps,
                      episodes_per_shard=episodes_per_shard, val_fraction=val_fraction, test_fraction=0.0,
-                     extra=extra) as writer:
+                     extra=extra, merge=merge) as writer:
         bar = tqdm(todo, desc="bair", unit="file", disable=not progress)
         for split, path in bar:
             rel = f"{split}/{path.name}"
@@ -179,7 +180,7 @@ def download(dest: str | os.PathLike, *, dry_run: bool = False, progress: bool =
     plan = [(URL, tar)]
     if dry_run:
         return plan
-    if not (dest / "softmotion30_44k").is_dir():
+    if not (dest / f".{tar.name}.extracted").exists():  # a marker written after a complete extraction
         download_file(URL, tar, progress=progress)
-        extract(tar, dest)
+        extract_once(tar, dest)
     return plan

@@ -48,7 +48,7 @@ from worldmodel.sources._common import (
 )
 from worldmodel.sources._download import download_file
 from worldmodel.sources._video import as_path, parse_size, resize
-from worldmodel.store import ActionSpec, StoreWriter, split_for_id
+from worldmodel.store import ActionSpec, StoreWriter, refuse_external, split_for_id
 
 URL_TEMPLATE = "http://downloads.cs.stanford.edu/downloads/rt_benchmark/{task}/{dataset_type}/{hdf5_type}.hdf5"
 """robomimic v0.1 release links (``task``: lift, can, square, transport, tool_hang; ``dataset_type``:
@@ -138,7 +138,7 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: str
             resolution: int | tuple[int, int] | None = None, train_filter: str | None = "train",
             val_filter: str | None = "valid", test_filter: str | None = None, val_fraction: float = 0.05,
             use_next_obs: bool = True, max_demos: int | None = None, fps: float = 20.0,
-            episodes_per_shard: int = 32, skip_corrupt: bool = False, progress: bool = True) -> ConvertReport:
+            episodes_per_shard: int = 32, skip_corrupt: bool = False, merge: bool = False, progress: bool = True) -> ConvertReport:
     """Convert a robomimic hdf5 file into an episode store (resumable; id ``<file stem>-<demo>``).
 
     Args:
@@ -153,6 +153,7 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: str
         fps: frame rate recorded in the store (robosuite's control rate is 20 Hz).
         episodes_per_shard: episodes per HDF5 shard.
         skip_corrupt: skip (and report) broken demos instead of raising.
+        merge: append to a store whose metadata (source, fps, extra) differs (see ``StoreWriter``).
         progress: show a tqdm bar.
 
     Raises:
@@ -169,6 +170,7 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: str
     out = as_path(out_store)
     report = ConvertReport(out, "robomimic")
     with f:
+        refuse_external(f, path, SourceError)
         if "data" not in f:
             raise SourceError(f"{path}: missing group 'data' (not a robomimic dataset)")
         data = f["data"]
@@ -192,7 +194,7 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: str
                  "filters": {"train": train_filter, "val": val_filter, "test": test_filter}}
         with StoreWriter(out, source="robomimic", obs_shape=(*hw, 3), action_spec=ActionSpec.continuous(A), fps=fps,
                          episodes_per_shard=episodes_per_shard, val_fraction=val_fraction, test_fraction=0.0,
-                         extra=extra) as writer:
+                         extra=extra, merge=merge) as writer:
             for demo in tqdm(demos, desc="robomimic", unit="demo", disable=not progress):
                 split = splits[demo]
                 if split is None:

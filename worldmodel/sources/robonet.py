@@ -68,7 +68,7 @@ from worldmodel.sources._common import (
     json_safe,
 )
 from worldmodel.sources._video import VideoDecodeError, as_path, iter_frames, parse_size, resize
-from worldmodel.store import ActionSpec, StoreWriter, split_for_id
+from worldmodel.store import ActionSpec, StoreWriter, external_references, split_for_id
 
 GDRIVE_FULL = "1BkqHzfRkfzgzCfc73NbNnPMK_rg3i1n9"
 """Google Drive id of ``robonet_v3.tar.gz`` (36 GB), from the RoboNet wiki."""
@@ -215,6 +215,10 @@ def read_file(path: str | os.PathLike, *, camera: int = 0, resolution: int | tup
         except OSError as e:
             raise _Corrupt(f"cannot open as HDF5 ({e})") from None
         with f:
+            refs = external_references(f)
+            if refs:
+                raise _Corrupt(f"refers to data outside the file ({'; '.join(refs[:5])}); only self-contained HDF5 "
+                               f"files are read (no external links, external storage or virtual datasets)")
             meta = file_metadata(f)
             if not meta["ncam"]:
                 raise _Corrupt("no cameras (env attr n_cams is 0 or missing)")
@@ -237,7 +241,7 @@ def read_file(path: str | os.PathLike, *, camera: int = 0, resolution: int | tup
 def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: int = 0,
             robots: tuple[str, ...] | None = None, resolution: int | tuple[int, int] = 64, action_dim: int = 5,
             val_fraction: float = 0.05, test_fraction: float = 0.05, max_files: int | None = None,
-            fps: float = 0.0, episodes_per_shard: int = 32, skip_corrupt: bool = False,
+            fps: float = 0.0, episodes_per_shard: int = 32, skip_corrupt: bool = False, merge: bool = False,
             progress: bool = True) -> ConvertReport:
     """Convert RoboNet hdf5 files into an episode store (resumable; episode id = file stem).
 
@@ -254,6 +258,7 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: int
         fps: frame rate recorded in the store; RoboNet's varies by robot (0.0 = unknown).
         episodes_per_shard: episodes per HDF5 shard.
         skip_corrupt: skip (and report) corrupt files instead of raising.
+        merge: append to a store whose metadata (source, fps, extra) differs (see ``StoreWriter``).
         progress: show a tqdm bar.
 
     Raises:
@@ -272,7 +277,7 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: int
              "action_dim": action_dim}
     with StoreWriter(out, source="robonet", obs_shape=(*size, 3), action_spec=spec, fps=fps,
                      episodes_per_shard=episodes_per_shard, val_fraction=val_fraction,
-                     test_fraction=test_fraction, extra=extra) as writer:
+                     test_fraction=test_fraction, extra=extra, merge=merge) as writer:
         bar = tqdm(files, desc="robonet", unit="file", disable=not progress)
         for path in bar:
             eid = episode_id(path.stem)

@@ -19,6 +19,7 @@ in none goes to train); without split files, by a hash of the id with ``val_frac
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import urllib.parse
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from worldmodel.sources._common import ConvertReport, SourceError, episode_id, existing_episode_ids, fail
 from worldmodel.sources._download import DownloadReport, download_file, download_many
 from worldmodel.sources._video import VideoDecodeError, as_path, decode_video, resize_center_crop
-from worldmodel.store import ActionSpec, StoreWriter, split_for_id
+from worldmodel.store import STORE_JSON, ActionSpec, StoreMeta, StoreWriter, split_for_id
 
 REPO_RAW = "https://raw.githubusercontent.com/raingo/TGIF-Release/master/data"
 TSV_URL = f"{REPO_RAW}/tgif-v1.0.tsv"
@@ -88,7 +89,7 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, gif_dir: st
             tsv: str | os.PathLike | None = None, splits_dir: str | os.PathLike | None = None, resolution: int = 64,
             frame_skip: int = 1, max_frames: int | None = None, min_frames: int = 2, val_fraction: float = 0.05,
             test_fraction: float = 0.05, max_videos: int | None = None, fps: float | None = None,
-            episodes_per_shard: int = 64, skip_corrupt: bool = False, progress: bool = True) -> ConvertReport:
+            episodes_per_shard: int = 64, skip_corrupt: bool = False, merge: bool = False, progress: bool = True) -> ConvertReport:
     """Convert downloaded TGIF GIFs into an action-free store (resumable; id = GIF basename stem).
 
     Args:
@@ -106,6 +107,7 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, gif_dir: st
         fps: frame rate recorded in the store (GIF rates vary; None: the first GIF's rate).
         episodes_per_shard: episodes per HDF5 shard.
         skip_corrupt: skip (and report) undecodable GIFs instead of raising.
+        merge: append to a store whose metadata (source, fps, extra) differs (see ``StoreWriter``).
         progress: show a tqdm bar.
 
     Raises:
@@ -124,6 +126,9 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, gif_dir: st
     report.filtered += sum(p is None for _, p in todo)
     todo = [(u, p) for u, p in todo if p is not None][:max_videos]
     writer: StoreWriter | None = None
+    # a resumed conversion keeps the rate its store recorded (another first GIF may have another rate)
+    meta_path = out / STORE_JSON
+    stored_fps = StoreMeta.from_dict(json.loads(meta_path.read_text()), str(meta_path)).fps if meta_path.exists() else None
     extra = {"dataset": "TGIF-v1.0", "resolution": resolution, "frame_skip": frame_skip,
              "split_source": "split files" if split_of else "id hash"}
     try:
@@ -141,11 +146,11 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, gif_dir: st
             if len(video.frames) < max(1, min_frames):
                 report.filtered += 1
                 continue
-            if writer is None:  # the store's fps comes from the first GIF unless given
-                rate = fps if fps is not None else video.fps / frame_skip
+            if writer is None:  # the store's fps comes from the first GIF unless given (or already recorded)
+                rate = fps if fps is not None else (stored_fps if stored_fps is not None else video.fps / frame_skip)
                 writer = StoreWriter(out, source="tgif", obs_shape=(resolution, resolution, 3),
                                      action_spec=ActionSpec.none(), fps=rate, episodes_per_shard=episodes_per_shard,
-                                     val_fraction=val_fraction, test_fraction=test_fraction, extra=extra)
+                                     val_fraction=val_fraction, test_fraction=test_fraction, extra=extra, merge=merge)
             split = split_of.get(url, "train") if split_of else split_for_id(eid, val_fraction, test_fraction)
             writer.add_episode(np.ascontiguousarray(video.frames), split=split, episode_id=eid,
                                attrs={"captions": captions[url], "url": url, "source_file": path.name,

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from worldmodel.sources._common import ConvertReport, SourceError, episode_id, existing_episode_ids, fail
-from worldmodel.sources._download import download_file, extract, which
+from worldmodel.sources._download import download_file, extract_once, which
 from worldmodel.sources._video import VideoDecodeError, as_path, decode_video, resize_center_crop
 from worldmodel.store import ActionSpec, StoreWriter, split_for_id
 
@@ -78,7 +78,7 @@ def read_split(lists: Path, fold: int, which_list: str) -> list[str]:
 def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, fold: int = 1, resolution: int = 64,
             frame_skip: int = 1, max_frames: int | None = None, val_fraction: float = 0.0,
             classes: tuple[str, ...] | None = None, max_videos: int | None = None, episodes_per_shard: int = 32,
-            skip_corrupt: bool = False, progress: bool = True) -> ConvertReport:
+            skip_corrupt: bool = False, merge: bool = False, progress: bool = True) -> ConvertReport:
     """Convert UCF-101 clips of one official fold into an action-free store (resumable; id = clip name).
 
     Args:
@@ -93,6 +93,7 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, fold: int =
         max_videos: convert at most this many clips (train list first, then test; None: all).
         episodes_per_shard: episodes per HDF5 shard.
         skip_corrupt: skip (and report) undecodable or missing clips instead of raising.
+        merge: append to a store whose metadata (source, fps, extra) differs (see ``StoreWriter``).
         progress: show a tqdm bar.
 
     Raises:
@@ -120,7 +121,7 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, fold: int =
              "resolution": resolution, "url": VIDEOS_URL}
     with StoreWriter(out, source="ucf101", obs_shape=(resolution, resolution, 3), action_spec=ActionSpec.none(),
                      fps=NOMINAL_FPS / frame_skip, episodes_per_shard=episodes_per_shard,
-                     val_fraction=val_fraction, test_fraction=0.0, extra=extra) as writer:
+                     val_fraction=val_fraction, test_fraction=0.0, extra=extra, merge=merge) as writer:
         n_seen = 0
         bar = tqdm(items, desc=f"ucf101 fold {fold}", unit="clip", disable=not progress)
         for rel, list_split in bar:
@@ -179,13 +180,14 @@ def download(dest: str | os.PathLike, *, dry_run: bool = False, progress: bool =
         return plan
     for url, target in plan:
         download_file(url, target, progress=progress)
-    if not (dest / "ucfTrainTestlist").is_dir():
-        extract(zp, dest)
-    if not (dest / "UCF-101").is_dir():
+    extract_once(zp, dest)  # redone unless a previous extraction completed (marker file)
+    rar_done = dest / f".{rar.name}.extracted"
+    if not rar_done.exists():
         for tool, args in (("unrar", ["x", "-o+", str(rar), str(dest) + os.sep]), ("7z", ["x", "-y", f"-o{dest}", str(rar)]),
                            ("bsdtar", ["-xf", str(rar), "-C", str(dest)])):
             if which(tool):
                 subprocess.run([tool, *args], check=True)
+                rar_done.write_text(f"{rar.name}\n")  # only after the tool finished: a partial unpack is redone
                 break
         else:
             raise SourceError(f"{rar}: downloaded; unpack it with `unrar x {rar} {dest}` (apt-get install unrar-free "
