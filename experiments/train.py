@@ -30,7 +30,7 @@ from worldmodel.config import SCALES, ExperimentConfig, get_preset, preset_names
 from worldmodel.paths import default_run_dir
 from worldmodel.training import setup_distributed
 
-REAL_ENVS = {"vizdoom_hgs", "vizdoom_battle2"}
+REAL_ENVS = {"vizdoom_hgs", "vizdoom_battle2", "vizdoom_take_cover"}
 
 
 @dataclass
