@@ -124,6 +124,12 @@ def main(args: Args) -> None:
         print(f"token cache: {stages.encode_tokens(cfg, run_dir, device=di.device)}")
     if "prior" in stage_list:
         results["prior"] = stages.train_prior(cfg, run_dir, dist_info=di, resume=args.resume)
+    if di.is_main and results:  # minutes per stage, read by benchmarks/bench_tokenizer.py
+        from worldmodel.checkpoint import write_json
+
+        path = run_dir / "timings.json"
+        timings = json.loads(path.read_text()) if path.exists() else {}
+        write_json(path, {**timings, **{k: round(r.minutes, 2) for k, r in results.items()}})
     videos: dict[str, Path] = {}
     if args.stage == "all" and di.is_main and args.rollout_videos and cfg.prior.action_kind != "none":
         videos = render_rollouts(run_dir, seed=cfg.prior_train.seed)
