@@ -19,7 +19,7 @@ from envs.collect import collect
 
 @dataclass
 class Args:
-    env: Literal["vizdoom_hgs", "vizdoom_battle2"] = "vizdoom_hgs"
+    env: Literal["vizdoom_hgs", "vizdoom_battle2", "vizdoom_take_cover"] = "vizdoom_hgs"
     """Real environment to play."""
     episodes: int = 20
     """Total episodes the store should hold when done (already stored ones count)."""
