@@ -126,13 +126,15 @@ class VizdoomEnv(gym.Env):
             not), so that a world model can see what death depends on. On by default: without it a
             dream cannot predict HGS deaths (termination recall 0.0 vs 1.0 with it, README Results);
             ``False`` gives the raw scenario frames.
+        labels: ViZDoom's labels buffer on; ``info["objects"]`` lists the visible objects' boxes in
+            observation pixels (:class:`envs.objects.ObjectBox`).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": TICRATE / 4}
 
     def __init__(self, name: str = "vizdoom_hgs", *, resolution: int = 64, frame_skip: int = 4,
                  battle2_path: str | os.PathLike | None = None, max_episode_steps: int | None = None,
-                 render_mode: str | None = None, health_bar: bool = True) -> None:
+                 render_mode: str | None = None, health_bar: bool = True, labels: bool = False) -> None:
         if name not in ENV_NAMES:
             raise ValueError(f"name: got {name!r}, expected one of {ENV_NAMES}")
         if resolution < 8 or frame_skip < 1:
@@ -140,7 +142,8 @@ class VizdoomEnv(gym.Env):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode: got {render_mode!r}, expected None or 'rgb_array'")
         self.name, self.resolution, self.frame_skip = name, resolution, frame_skip
-        self.health_bar = health_bar
+        self.health_bar, self.labels = health_bar, labels
+        self._objects: list = []
         self.max_episode_steps, self.render_mode = max_episode_steps, render_mode
         self.metadata = {**self.metadata, "render_fps": TICRATE / frame_skip}
         game = vzd.DoomGame()
@@ -163,6 +166,7 @@ class VizdoomEnv(gym.Env):
         game.set_screen_resolution(vzd.ScreenResolution.RES_160X120)
         game.set_window_visible(False)
         game.set_mode(vzd.Mode.PLAYER)
+        game.set_labels_buffer_enabled(labels)
         # ViZDoom writes its engine ini into the working directory unless told otherwise.
         game.set_doom_config_path(os.path.join(tempfile.gettempdir(), f"worldmodel_vizdoom_{os.getuid()}.ini"))
         try:
@@ -188,6 +192,10 @@ class VizdoomEnv(gym.Env):
         state = self.game.get_state()
         if state is not None:  # None once the episode has finished: keep the last frame
             self._screen = np.ascontiguousarray(state.screen_buffer)
+            if self.labels:
+                from envs.objects import screen_boxes
+
+                self._objects = screen_boxes(state.labels, self.resolution)
             # Box (area) filter: every source pixel contributes, which avoids aliasing on downscale.
             img = Image.fromarray(self._screen).resize((self.resolution, self.resolution), Image.Resampling.BOX)
             self._obs = np.asarray(img, dtype=np.uint8)
@@ -203,7 +211,10 @@ class VizdoomEnv(gym.Env):
         return {v: float(self.game.get_game_variable(getattr(vzd.GameVariable, v))) for v in self._vars}
 
     def _info(self) -> dict[str, Any]:
-        return {"step": self._steps, "episode_tic": int(self.game.get_episode_time()), **self._last_vars}
+        info = {"step": self._steps, "episode_tic": int(self.game.get_episode_time()), **self._last_vars}
+        if self.labels:
+            info["objects"] = list(self._objects)  # envs.objects.ObjectBox, observation pixels
+        return info
 
     # -- Gymnasium API --------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:

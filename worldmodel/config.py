@@ -70,6 +70,41 @@ class TokenizerConfig:
     """Temporal convs pad from the past only and temporal attention is masked."""
     max_frames: int = 16
     """Largest clip length seen by the temporal position embedding."""
+    # -- training objective (not geometry: the bundle's encode/decode never read these) ------------
+    recon_loss: Literal["mse", "l1", "l1+mse"] = "mse"
+    """Pixel reconstruction term: ``mse`` (the paper's: MSE / data variance), ``l1`` (mean absolute error /
+    data standard deviation: the median, not the mean, of what the tokens leave uncertain, so less
+    averaging into blur) or ``l1+mse`` (their sum)."""
+    perceptual_weight: float = 0.0
+    """Weight of a feature-space L1 term between reconstruction and frame, per frame (0 = off). The
+    features are a small *fixed random* conv net (``worldmodel.perceptual.RandomFeatures``, seeded, no
+    download): they re-weight the error toward local structure (edges, small high-contrast objects) that
+    a pixel MSE averages away. Not a learned perceptual metric (no LPIPS/VGG offline): measure it."""
+    adv_weight: float = 0.0
+    """Weight of the adversarial (hinge) term from a 2D PatchGAN discriminator on single frames
+    (``worldmodel.discriminator``; 0 = off, no discriminator is built). Trained jointly, from scratch."""
+    adv_start_step: int = 0
+    """Tokenizer training step from which the discriminator trains and the adversarial term applies
+    (VQGAN's ``disc_start``): start it once the autoencoder roughly reconstructs (e.g. half the steps)."""
+    adv_adaptive: bool = True
+    """Scale the adversarial term by VQGAN's adaptive weight ||grad L_rec|| / ||grad L_adv|| at the
+    decoder's last layer (clamped to [0, 1e4]), so ``adv_weight`` is relative to the reconstruction."""
+    disc_channels: int = 32
+    """Width of the discriminator's first layer (doubling per layer, at most 4x)."""
+    disc_layers: int = 3
+    """Stride-2 layers of the discriminator (3: 70x70-pixel patches at 64x64 in, 6x6 logits out)."""
+
+    def __post_init__(self) -> None:
+        if self.recon_loss not in ("mse", "l1", "l1+mse"):
+            raise ValueError(f"tokenizer.recon_loss: got {self.recon_loss!r}, expected 'mse', 'l1' or 'l1+mse'")
+        for name in ("perceptual_weight", "adv_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"tokenizer.{name}: got {getattr(self, name)}, expected a weight >= 0 (0 = off)")
+        if self.adv_start_step < 0:
+            raise ValueError(f"tokenizer.adv_start_step: got {self.adv_start_step}, expected a step >= 0")
+        if self.disc_channels < 1 or self.disc_layers < 1:
+            raise ValueError(f"tokenizer.disc_channels / disc_layers: got {self.disc_channels}, {self.disc_layers}, "
+                             "expected both >= 1")
 
 
 @dataclass(frozen=True)

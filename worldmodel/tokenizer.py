@@ -28,6 +28,8 @@ from torch import nn
 from worldmodel.attention import AxialBlock
 from worldmodel.codebook import Codebook
 from worldmodel.config import TokenizerConfig
+from worldmodel.discriminator import Adversary
+from worldmodel.perceptual import RandomFeatures
 
 
 class ChannelNorm(nn.Module):
@@ -171,6 +173,11 @@ class Decoder(nn.Module):
             layers.append(Conv3d(C, 3, (3, 3, 3), causal=causal))
         self.up = nn.Sequential(*layers)
 
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Weight of the conv that outputs pixels (for the adversarial term's adaptive weight)."""
+        return self.up[-1].conv.weight
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, D, T', h, w) -> (B, 3, T, H, W)
         return self.up(self.res(self.from_code(z)))
 
@@ -179,7 +186,7 @@ class Decoder(nn.Module):
 class VQVAEOutput:
     recon: torch.Tensor  # (B, 3, T, H, W) in [-0.5, 0.5] (unclamped)
     codes: torch.Tensor  # (B, T', h, w) int64
-    recon_loss: torch.Tensor  # MSE / data variance
+    recon_loss: torch.Tensor  # cfg.recon_loss: MSE / data variance, L1 / data std, or their sum
     commitment: torch.Tensor
     perplexity: torch.Tensor
     usage: torch.Tensor
@@ -198,6 +205,17 @@ class VQVAE(nn.Module):
         self.decoder = Decoder(cfg)
         self.codebook = Codebook(cfg.codebook_size, cfg.embedding_dim, cfg.beta, cfg.ema_decay)
         self.register_buffer("data_variance", torch.ones(()))
+        # Training-only loss modules, built after the autoencoder so that its initial weights do not depend
+        # on them; never run by encode/decode (see worldmodel/discriminator.py for the design).
+        self.perceptual = RandomFeatures() if cfg.perceptual_weight > 0 else None
+        self.adversary = None
+        if cfg.adv_weight > 0:
+            self.adversary = Adversary(cfg.adv_weight, cfg.adv_start_step, cfg.adv_adaptive, cfg.disc_channels,
+                                       cfg.disc_layers)
+            if cfg.resolution < self.adversary.net.min_resolution():
+                raise ValueError(f"tokenizer.disc_layers={cfg.disc_layers}: the discriminator needs frames of at "
+                                 f"least {self.adversary.net.min_resolution()} pixels, got {cfg.resolution}; "
+                                 "use fewer layers")
 
     # -- shapes and validation ------------------------------------------------------------------
     @property
@@ -246,25 +264,57 @@ class VQVAE(nn.Module):
         self.data_variance.fill_(v)
 
     # -- model ----------------------------------------------------------------------------------
+    def pixel_loss(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``cfg.recon_loss`` between float videos (B, 3, T, H, W), normalised by the data's spread: MSE / variance
+        (the paper's), L1 / standard deviation, or their sum (``l1+mse``); scalar."""
+        recon, x = recon.float(), x.float()
+        loss = recon.new_zeros(())
+        if self.cfg.recon_loss in ("mse", "l1+mse"):
+            loss = loss + F.mse_loss(recon, x) / self.data_variance
+        if self.cfg.recon_loss in ("l1", "l1+mse"):
+            loss = loss + F.l1_loss(recon, x) / self.data_variance.sqrt()
+        return loss
+
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
         """``x``: float (B, 3, T, H, W) in [-0.5, 0.5]."""
         q = self.codebook(self.encoder(x))
         recon = self.decoder(q.z_q)
-        recon_loss = F.mse_loss(recon.float(), x.float()) / self.data_variance
-        return VQVAEOutput(recon, q.codes, recon_loss, q.commitment, q.perplexity, q.usage)
+        return VQVAEOutput(recon, q.codes, self.pixel_loss(recon, x), q.commitment, q.perplexity, q.usage)
+
+    def optimizer_param_sets(self) -> dict[str, list[nn.Parameter]]:
+        """Parameter sets that :func:`worldmodel.training.fit` optimises with their own gradient-norm clip:
+        the autoencoder, and the discriminator when there is one (its gradient must not shrink the
+        autoencoder's step). One set without a discriminator, i.e. fit's default."""
+        adv = {id(p) for p in self.adversary.parameters()} if self.adversary is not None else set()
+        sets = {"tokenizer": [p for p in self.parameters() if id(p) not in adv]}
+        if self.adversary is not None:
+            sets["discriminator"] = list(self.adversary.parameters())
+        return sets
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss on ``batch['frames']`` uint8 (B, T, H, W, 3): reconstruction / variance + commitment."""
+        """Loss on ``batch['frames']`` uint8 (B, T, H, W, 3): pixel loss (``cfg.recon_loss``) + commitment,
+        + ``perceptual_weight`` x random-feature L1, + the adversarial terms (generator and discriminator
+        hinge, from ``adv_start_step``) when configured."""
         frames = batch["frames"]
         self._check_frames(frames)
         x = self.to_float(frames)
         out = self(x)
-        loss = out.recon_loss + out.commitment
+        rec = out.recon_loss
+        metrics: dict[str, float] = {}
+        if self.perceptual is not None:
+            perc = self.perceptual(out.recon.float(), x)
+            rec = rec + self.cfg.perceptual_weight * perc
+            metrics["perceptual"] = perc.item()
+        loss = rec + out.commitment
+        if self.adversary is not None:
+            adv, adv_metrics = self.adversary(x, out.recon.float(), rec, self.decoder.last_layer)
+            loss = loss + adv
+            metrics.update(adv_metrics)
         with torch.no_grad():
             mse = F.mse_loss(out.recon.float().clamp(-0.5, 0.5), x).item()
         psnr = 10 * math.log10(1.0 / max(mse, 1e-10))
         return loss, {"recon_loss": out.recon_loss.item(), "commitment": out.commitment.item(),
-                      "perplexity": out.perplexity.item(), "codebook_usage": out.usage.item(), "psnr": psnr}
+                      "perplexity": out.perplexity.item(), "codebook_usage": out.usage.item(), "psnr": psnr, **metrics}
 
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> torch.Tensor:

@@ -148,10 +148,17 @@ def fit(model: nn.Module, *, stage: str, run_dir: str | os.PathLike, train_set: 
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed + di.rank)
     model.to(di.device).train()
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    # A model may split its parameters into sets (``optimizer_param_sets() -> {name: [params]}``, e.g. the
+    # tokenizer and its discriminator): each set gets its decay / no-decay groups and its own gradient-norm
+    # clip. Default: one set of all parameters (two groups, one clip).
+    param_sets = model.optimizer_param_sets() if hasattr(model, "optimizer_param_sets") else {"model": list(model.parameters())}
+    groups, clip_sets = [], []
+    for params in param_sets.values():
+        params = [p for p in params if p.requires_grad]
+        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        clip_sets.append(params)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     step = 0
     state = load_trainer_state(run_dir, stage) if resume else None
     if state is not None:
@@ -216,7 +223,8 @@ def fit(model: nn.Module, *, stage: str, run_dir: str | os.PathLike, train_set: 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            for params in clip_sets:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         step += 1
         bar.update(1)

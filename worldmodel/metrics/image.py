@@ -85,3 +85,40 @@ def ssim(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> np.ndarr
         for x, y in zip(fa, fb, strict=True)
     ], dtype=np.float64)
     return out.reshape(lead)
+
+
+OFF_THRESHOLD = 48  # grey levels (of 255): a pixel this far off is visibly wrong, not noise
+
+
+def _grey(x: np.ndarray) -> np.ndarray:
+    """uint8 (..., H, W, 3) -> float64 luma (..., H, W) in [0, 255] (ITU-R 601 weights)."""
+    return x.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+
+
+def laplacian_variance(frames: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Variance of the 4-neighbour Laplacian of each frame's grey image (interior pixels, no padding):
+    uint8 (..., H, W, 3) with H, W >= 3 -> float64 (...). Fine detail and edges raise it; blur lowers it."""
+    g = _grey(_as_uint8_frames(frames, "frames"))
+    if g.shape[-1] < 3 or g.shape[-2] < 3:
+        raise ValueError(f"frames: got {g.shape[-2]}x{g.shape[-1]} pixels, expected at least 3x3")
+    lap = (g[..., :-2, 1:-1] + g[..., 2:, 1:-1] + g[..., 1:-1, :-2] + g[..., 1:-1, 2:] - 4 * g[..., 1:-1, 1:-1])
+    return lap.reshape(*lap.shape[:-2], -1).var(axis=-1)
+
+
+def sharpness_ratio(recon: np.ndarray | torch.Tensor, real: np.ndarray | torch.Tensor) -> float:
+    """Mean Laplacian variance of ``recon`` over that of ``real`` (uint8 (..., H, W, 3) of one shape): the
+    share of the real frames' fine detail the reconstructions keep (1 = as sharp, < 1 blurred). A ratio
+    of means over all frames, not a mean of per-frame ratios, which flat real frames would blow up."""
+    a, b = _check_pair(recon, real)
+    den = float(laplacian_variance(b).mean())
+    if den <= 0:
+        raise ValueError("real: every frame is flat (zero Laplacian variance); the sharpness ratio is undefined")
+    return float(laplacian_variance(a).mean()) / den
+
+
+def fraction_off(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, threshold: int = OFF_THRESHOLD) -> np.ndarray:
+    """Per frame, the fraction of pixels whose largest channel difference exceeds ``threshold`` grey levels:
+    uint8 (..., H, W, 3) pairs -> float64 (...)."""
+    a, b = _check_pair(a, b)
+    off = np.abs(a.astype(np.int16) - b.astype(np.int16)).max(-1) > threshold
+    return off.reshape(*off.shape[:-2], -1).mean(-1)
