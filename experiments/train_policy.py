@@ -89,8 +89,10 @@ def main(args: Args) -> dict:
     sigterm_exits()  # SIGTERM runs the cleanup (every ViZDoom engine closed) instead of killing outright
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.out is not None and not args.out.endswith(".safetensors"):  # checked before training, not after
-        sys.exit(f"error: --out {args.out!r}: a policy file is safetensors; expected a name ending in '.safetensors'")
+    algo = args.algo if args.algo != "auto" else ("cmaes" if args.env == "vizdoom_take_cover" else "ppo")
+    if algo == "ppo" and args.out is not None and not args.out.endswith(".safetensors"):  # checked before training
+        sys.exit(f"error: --out {args.out!r}: a PPO policy file is safetensors; expected a name ending in "
+                 "'.safetensors' (--algo cmaes saves a directory)")
     try:
         wm = load_world_model(args.checkpoint, args.env, args.device)
     except (FileNotFoundError, ValueError) as e:
@@ -99,7 +101,6 @@ def main(args: Args) -> dict:
     dream_kw = {"temperature": args.temperature, "top_k": args.top_k, "context_frames": args.context_frames,
                 "termination": args.termination, "termination_threshold": args.termination_threshold,
                 "decode": args.decode, "maskgit_steps": args.maskgit_steps}
-    algo = args.algo if args.algo != "auto" else ("cmaes" if args.env == "vizdoom_take_cover" else "ppo")
     if algo == "ppo":
         model, venv = train_ppo(wm, args.timesteps, num_envs=args.num_envs, ppo=args.ppo, seed=args.seed,
                                 max_episode_steps=args.max_episode_steps, tensorboard_log=run / "tb_policy",
