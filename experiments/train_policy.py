@@ -6,7 +6,7 @@ Examples:
     python experiments/train_policy.py --env vizdoom_take_cover --algo cmaes --eval-real
 
 Two learners: ``--algo ppo`` (SB3 PPO ``CnnPolicy`` on the dream's pixels) and ``--algo cmaes`` (World
-Models' recipe: a linear controller on the tokenizer's features, evolved by CMA-ES; see
+Models' recipe: a linear controller on frame features (colour keys or token features), evolved by CMA-ES; see
 envs/controller.py). ``--algo auto`` (default) picks the one measured best for the preset: cmaes for
 vizdoom_take_cover (README Results), ppo otherwise. The PPO policy is saved to
 ``<checkpoint>/policies/ppo_dream.safetensors`` (a policy file: safetensors + JSON settings, no pickle), the controller to ``<checkpoint>/policies/cmaes_dream/``
@@ -41,7 +41,7 @@ class Args:
     checkpoint: str | None = None
     """Bundle directory (default: the newest bundle of --env under runs/ or $WORLDMODEL_HOME/runs)."""
     algo: Literal["auto", "ppo", "cmaes"] = "auto"
-    """Learner: PPO on pixels, CMA-ES linear controller on token features, or auto (cmaes for vizdoom_take_cover)."""
+    """Learner: PPO on pixels, CMA-ES linear controller on frame features (envs/controller.py), or auto (cmaes for vizdoom_take_cover)."""
     timesteps: int = 50_000
     """Dream env steps to train for (all envs together; PPO)."""
     num_envs: int = 16
