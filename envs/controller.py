@@ -136,15 +136,31 @@ class LinearController:
         else:
             self.prev[rows] = np.nan
 
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        """Actions (N,) int64 for frames uint8 (N, H, W, 3)."""
+    def copy(self) -> LinearController:
+        """The same policies with their own copy of the per-episode state (the previous frame's features), so
+        the copy can read another stream of frames (e.g. the dream's beside the real game's) from here on."""
+        twin = LinearController(self.cfg, self.features, self.W.reshape(len(self.W), -1))
+        twin.prev = None if self.prev is None else self.prev.copy()
+        return twin
+
+    def scores(self, obs: np.ndarray) -> np.ndarray:
+        """The linear outputs (N, n_out) float32 for frames uint8 (N, H, W, 3); advances the previous frame.
+
+        Two actions: one output, action 1 when it is > 0; n > 2 actions: n outputs, the argmax is the action."""
         f = self.features(obs)  # (N, F)
         prev = f if self.prev is None else np.where(np.isnan(self.prev), f, self.prev)
         self.prev = f
         x = np.concatenate([f, f - prev, np.ones((len(f), 1), np.float32)], 1)  # (N, n_in)
         W = self.W if len(self.W) == len(f) else np.broadcast_to(self.W[:1], (len(f), *self.W.shape[1:]))
-        y = np.einsum("noi,ni->no", W, x)  # (N, n_out)
-        return (y[:, 0] > 0).astype(np.int64) if self.cfg.n_outputs == 1 else y.argmax(1).astype(np.int64)
+        return np.einsum("noi,ni->no", W, x).astype(np.float32)  # (N, n_out)
+
+    def choose(self, scores: np.ndarray) -> np.ndarray:
+        """Actions (N,) int64 for linear outputs (N, n_out) of :meth:`scores`."""
+        return (scores[:, 0] > 0).astype(np.int64) if self.cfg.n_outputs == 1 else scores.argmax(1).astype(np.int64)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """Actions (N,) int64 for frames uint8 (N, H, W, 3)."""
+        return self.choose(self.scores(obs))
 
     def predict(self, obs: np.ndarray, state: Any = None, episode_start: np.ndarray | None = None,
                 deterministic: bool = True) -> tuple[np.ndarray, None]:
