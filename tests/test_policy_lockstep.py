@@ -324,3 +324,24 @@ def test_rollout_cli_follow_writes_report_and_dataset_ids_fall_back(tiny_bundle,
     assert "falling back to the recorded-episode lockstep" in res.stderr and "'bair'" in res.stderr
     last = json.loads(res.stdout.strip().splitlines()[-1])
     assert last["mode"] == "episode" and Path(last["html"]).is_file() and "gif" not in last
+
+
+def test_train_policy_lockstep_option_writes_videos_to_tensorboard(tiny_bundle64, tmp_path):
+    import shutil
+
+    run = tmp_path / "vizdoom_hgs-tiny"
+    shutil.copytree(tiny_bundle64, run)
+    cmd = [sys.executable, str(ROOT / "experiments" / "train_policy.py"), "--checkpoint", str(run), "--timesteps", "64",
+           "--num-envs", "2", "--ppo.n-steps", "16", "--ppo.batch-size", "32", "--ppo.n-epochs", "1",
+           "--max-episode-steps", "8", "--no-progress", "--device", "cpu", "--threads", "1",
+           "--lockstep-every", "32", "--lockstep-steps", "3"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    (events,) = (run / "tb_policy").rglob("events.out.tfevents.*")
+    ea = EventAccumulator(str(events), size_guidance={"images": 0})
+    ea.Reload()
+    assert [v.step for v in ea.Images("lockstep/video")] == [32, 64]
+    assert len(ea.Images("lockstep/optimism")) == 2 and "lockstep/mean_psnr_db" in ea.Tags()["scalars"]
+
+    res = subprocess.run([*cmd, "--algo", "cmaes"], capture_output=True, text=True, timeout=120, env=_env())
+    assert res.returncode != 0 and "--lockstep-every is an SB3 callback of --algo ppo" in res.stderr

@@ -128,7 +128,14 @@ def report_html(trace: RolloutTrace, files: dict[str, Path], summary: RolloutSum
         parts.append(f'<h2>Video</h2><video controls loop muted playsinline src="{_src(files["mp4"])}"></video>')
         links = [f'<a href="{_src(files[k])}">{k}</a>' for k in ("mp4", "gif") if k in files]
         parts.append(f"<p>{' · '.join(links)}</p>")
-    if summary is not None:
+    if summary is None:  # a dream-only rollout: nothing real to compare with
+        parts += ["<h2>Summary</h2>", _table([
+            ["steps", str(trace.steps), "dream steps (until the dream predicted the end or --steps)"],
+            ["predicted return", _fmt(float(np.sum(trace.reward_pred))), "sum of the dream's rewards"],
+            ["max p(termination)", _fmt(float(np.max(trace.term_prob, initial=0.0))), ""],
+            ["mean token entropy", _fmt(float(np.mean(trace.entropy)) if trace.steps else None), "nats"]],
+            ["", "value", ""])]
+    else:
         d = summary.to_dict()
         rows = [[label, _fmt(d[k]), unit] for k, label, unit in _ROWS if d.get(k) is not None]
         parts += ["<h2>Summary</h2>", _table(rows, ["", "value", ""])]
@@ -165,10 +172,6 @@ def write_report(trace: RolloutTrace, out_stem: str | os.PathLike, *, scale: int
         files["optimism"] = save_figure(optimism_figure(trace), stem.with_name(f"{stem.name}-optimism.png"))
     meta = dict(meta or {})
     doc = {"meta": meta, "summary": None if summary is None else summary.to_dict(),
-           "dream_only": None if summary is not None else {
-               "steps": trace.steps, "predicted_return": float(np.sum(trace.reward_pred)),
-               "max_term_prob": float(np.max(trace.term_prob, initial=0.0)),
-               "mean_entropy": float(np.mean(trace.entropy)) if trace.steps else None},
            "files": {k: v.name for k, v in files.items()}}
     files["json"] = stem.with_suffix(".json")
     write_json(files["json"], doc)
