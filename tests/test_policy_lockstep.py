@@ -192,6 +192,9 @@ def test_optimism_figure_equals_the_sums_it_claims():
     assert s.disagreement_steps == (1, 3) and s.disagreement_rate == 0.5  # choices 0 1 1 0 1 vs 0 0 1 1 1
     assert s.mean_tv_distance == 0.0 and s.mean_value_real == 3.0 and s.mean_value_dream == 1.0
     assert s.mean_psnr_db == pytest.approx(np.mean(psnr(tr.dream[1:], tr.real[1:])))
+    assert "choice 0 != real 1" in panel_lines(tr, 1)["dream"] and not any("!=" in x for x in panel_lines(tr, 2)["dream"])
+    info = panel_lines(tr, 4)["info"]  # the running sums of the bottom-left panel
+    assert "sum r real   -7.0" in info and "sum r^ open  +10.5" in info and "  optimism   +17.5" in info
 
 
 class _Refs(HTMLParser):
