@@ -34,7 +34,7 @@ from envs.dream import DreamVectorEnv, load_world_model
 from envs.follow import has_real_env, make_bundle_real_env
 from envs.policy import PPOConfig, real_env_kwargs, save_policy, score_dream, score_real, train_ppo
 from envs.sb3_vec import DreamVecEnv
-from envs.vizdoom import VizdoomEnv, sigterm_exits
+from envs.vizdoom import sigterm_exits
 from worldmodel.checkpoint import write_json
 
 
@@ -117,11 +117,8 @@ def main(args: Args) -> dict:
     run = Path(wm.path)
     callbacks = []
     if args.lockstep_every:
-        real_env = None
-        if has_real_env(wm):
-            def real_env() -> VizdoomEnv:
-                return make_bundle_real_env(wm, battle2_path=args.battle2_path)
-        else:
+        real_env = (lambda: make_bundle_real_env(wm, battle2_path=args.battle2_path)) if has_real_env(wm) else None
+        if real_env is None:
             print(f"note: the bundle models {wm.cfg.env!r}, which has no real env here: the lockstep videos replay "
                   "held-out recorded episodes in the dream instead", file=sys.stderr)
         callbacks.append(LockstepVideoCallback(wm, real_env, every=args.lockstep_every, steps=args.lockstep_steps,
