@@ -231,10 +231,6 @@ class LinearController:
             if self.prev_action is not None:
                 self.prev_action[rows] = 0.0
 
-    def scores(self, obs: np.ndarray) -> np.ndarray:
-        """The linear outputs (N, n_out) for frames uint8 (N, H, W, 3), without advancing the memory."""
-        return self._scores(obs)[0]
-
     def _scores(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         f = self.features(obs)  # (N, F)
         n = len(f)
@@ -250,16 +246,34 @@ class LinearController:
         W = self.W if len(self.W) == n else np.broadcast_to(self.W[:1], (n, *self.W.shape[1:]))
         return np.einsum("noi,ni->no", W, x), f  # (N, n_out)
 
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        """Actions (N,) int64 for frames uint8 (N, H, W, 3); remembers this frame and action."""
+    def copy(self) -> LinearController:
+        """The same policies with their own copy of the per-episode memory (previous features and action), so
+        the copy can read another stream of frames (e.g. the dream's beside the real game's) from here on."""
+        twin = LinearController(self.cfg, self.features, self.W.reshape(len(self.W), -1))
+        twin.prev = None if self.prev is None else self.prev.copy()
+        twin.prev_action = None if self.prev_action is None else self.prev_action.copy()
+        return twin
+
+    def scores(self, obs: np.ndarray) -> np.ndarray:
+        """The linear outputs (N, n_out) float32 for frames uint8 (N, H, W, 3); remembers the frame's features.
+
+        Two actions: one output, action 1 when it is > 0; n > 2 actions: n outputs, the argmax is the action."""
         y, f = self._scores(obs)
-        a = (y[:, 0] > 0).astype(np.int64) if self.cfg.n_outputs == 1 else y.argmax(1).astype(np.int64)
         self.prev = f
+        return y.astype(np.float32)
+
+    def choose(self, scores: np.ndarray) -> np.ndarray:
+        """Actions (N,) int64 for linear outputs (N, n_out) of :meth:`scores`; remembers them as the previous action."""
+        a = (scores[:, 0] > 0).astype(np.int64) if self.cfg.n_outputs == 1 else scores.argmax(1).astype(np.int64)
         if self.cfg.n_action_inputs == 1:
             self.prev_action = np.where(a == 1, 1.0, -1.0).astype(np.float32)[:, None]
         elif self.cfg.n_action_inputs:
             self.prev_action = np.eye(self.cfg.n_actions, dtype=np.float32)[a]
         return a
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """Actions (N,) int64 for frames uint8 (N, H, W, 3); remembers this frame and action."""
+        return self.choose(self.scores(obs))
 
     def predict(self, obs: np.ndarray, state: Any = None, episode_start: np.ndarray | None = None,
                 deterministic: bool = True) -> tuple[np.ndarray, None]:
