@@ -5,7 +5,8 @@ A run directory is also the world-model bundle::
     run/
       config.json              ExperimentConfig + store metadata + package version
       model.safetensors        weights, keys prefixed by component ("tokenizer.", "prior.")
-      trainer_state/<stage>.pt optimizer, step, RNG (resume only; loaded with weights_only=True)
+      trainer_state/<stage>.pt optimizer, step, RNG and the manifest of its weights (resume only; loaded with
+                               weights_only=True); <stage>.next.pt only between the steps of a checkpoint commit
 
 Configs are JSON and weights are safetensors: nothing pickled is ever executed on load.
 
