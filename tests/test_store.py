@@ -165,7 +165,8 @@ def test_a_killed_writer_releases_the_store_even_while_its_forked_workers_live(t
     try:
         assert ready.wait(60)
         os.kill(p.pid, signal.SIGKILL)
-        p.join(10)
+        while p.exitcode is None:  # (not join(): the worker inherited the pipe join waits on)
+            time.sleep(0.01)
         os.kill(worker_pid.value, 0)  # the orphaned worker is still alive (it inherited the writer's descriptors)
         # ... and yet the store is free at once: a resumed run is not refused in the name of a dead writer
         StoreWriter(tmp_path, source="t", obs_shape=OBS, action_spec=ActionSpec.discrete(3)).close()
