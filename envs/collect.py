@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from envs.vizdoom import ENV_NAMES, action_names, make_real_env_fn
 from worldmodel.random_policy import StickyRandomPolicy
-from worldmodel.store import ActionSpec, EpisodeStore, StoreWriter
+from worldmodel.store import STORE_JSON, ActionSpec, EpisodeStore, StoreWriter
 
 Policy = Callable[[np.ndarray], np.ndarray]
 """Maps a batch of observations uint8 ``(N, H, W, 3)`` to discrete actions int64 ``(N,)``."""
@@ -89,34 +89,37 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
     out = Path(out)
     # load a policy file before any engine starts: a bad file fails here, with no process to clean up
     loaded = SB3Policy(policy, trust_pickle=trust_pickle) if isinstance(policy, str) and policy != "random" else None
-    probe = make_real_env_fn(env, **env_kwargs)()
-    try:
-        u = probe.unwrapped  # record the effective settings, defaults included, so evaluation can rebuild this env
-        env_kwargs = {**env_kwargs, "resolution": u.resolution, "frame_skip": u.frame_skip, "health_bar": u.health_bar}
-        obs_shape = probe.observation_space.shape
-        n_actions = int(probe.action_space.n)
-        fps = float(probe.metadata.get("render_fps", 0.0))
-    finally:
-        probe.close()
-    spec = ActionSpec.discrete(n_actions, names=action_names(env))
-    writer = StoreWriter(out, source=env, obs_shape=obs_shape, action_spec=spec, fps=fps,
-                         episodes_per_shard=episodes_per_shard,
-                         extra={"env": env, "env_kwargs": {k: str(v) for k, v in env_kwargs.items()}}, merge=merge)
-    policy_name = policy if isinstance(policy, str) else "callable"  # per episode: a store may grow under several
-    present = writer.num_episodes
-    report = CollectReport(store=out, requested=episodes, already_present=present, collected=0, env_steps=0)
+    # Sizes the vector env only (the writer below recounts under its lock).
+    stored = len(EpisodeStore(out)) if (out / STORE_JSON).exists() else 0
+    fns = [make_real_env_fn(env, engines_in_workers=asynchronous, **env_kwargs)
+           for _ in range(max(1, min(num_envs, episodes - stored)))]
+    report = CollectReport(store=out, requested=episodes, already_present=0, collected=0, env_steps=0)
     venv: gym.vector.VectorEnv | None = None
+    writer: StoreWriter | None = None
     bar: Any = None
     finished = 0
     # every exit path (an error, Ctrl-C, SIGTERM under the CLI) closes the writer (keeping complete
-    # buffered episodes) and every engine process
+    # buffered episodes) and every engine process. The engines start in the env workers only (the vector env
+    # reads the spaces from a RealEnvSpaces here), before the store is opened: a SIGKILL of this process, which
+    # runs no cleanup, orphans no engine (a worker closes its engine when its pipe to this process breaks), and
+    # no worker holds a copy of the writer's descriptors.
     try:
+        venv = gym.vector.AsyncVectorEnv(fns) if asynchronous else gym.vector.SyncVectorEnv(fns)
+        num_envs = venv.num_envs
+        # record the effective settings, defaults included, so evaluation can rebuild this env
+        env_kwargs = {**env_kwargs, **{k: venv.get_attr(k)[0] for k in ("resolution", "frame_skip", "health_bar")}}
+        obs_shape = venv.single_observation_space.shape
+        n_actions = int(venv.single_action_space.n)  # type: ignore[attr-defined]
+        fps = float(venv.get_attr("metadata")[0].get("render_fps", 0.0))
+        spec = ActionSpec.discrete(n_actions, names=action_names(env))
+        writer = StoreWriter(out, source=env, obs_shape=obs_shape, action_spec=spec, fps=fps,
+                             episodes_per_shard=episodes_per_shard,
+                             extra={"env": env, "env_kwargs": {k: str(v) for k, v in env_kwargs.items()}}, merge=merge)
+        policy_name = policy if isinstance(policy, str) else "callable"  # per episode: a store may grow under several
+        present = report.already_present = writer.num_episodes
         if present >= episodes:
             return report
         todo = episodes - present
-        num_envs = min(num_envs, todo)
-        fns = [make_real_env_fn(env, **env_kwargs) for _ in range(num_envs)]
-        venv = gym.vector.AsyncVectorEnv(fns) if asynchronous else gym.vector.SyncVectorEnv(fns)
         run_seed = seed + 100_003 * present  # a resumed run must not replay the episodes it already stored
         if policy == "random":
             act: Policy = StickyRandomPolicy(n_actions, num_envs, mean_repeat, seed=run_seed)
@@ -152,7 +155,8 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
             fresh = term | trunc
     finally:
         try:
-            writer.close()  # buffered episodes are complete: keep them (a SIGKILL loses at most one shard)
+            if writer is not None:
+                writer.close()  # buffered episodes are complete: keep them (a SIGKILL loses at most one shard)
         finally:
             if bar is not None:
                 bar.close()

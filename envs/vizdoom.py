@@ -111,6 +111,15 @@ def resolve_battle2_path(path: str | os.PathLike | None) -> Path:
     return p
 
 
+def _check_env_args(name: str, resolution: int, frame_skip: int, render_mode: str | None) -> None:
+    if name not in ENV_NAMES:
+        raise ValueError(f"name: got {name!r}, expected one of {ENV_NAMES}")
+    if resolution < 8 or frame_skip < 1:
+        raise ValueError(f"resolution must be >= 8 and frame_skip >= 1, got {resolution}, {frame_skip}")
+    if render_mode not in (None, "rgb_array"):
+        raise ValueError(f"render_mode: got {render_mode!r}, expected None or 'rgb_array'")
+
+
 class VizdoomEnv(gym.Env):
     """A ViZDoom scenario as a Gymnasium env with RGB observations and a discrete action set.
 
@@ -135,12 +144,7 @@ class VizdoomEnv(gym.Env):
     def __init__(self, name: str = "vizdoom_hgs", *, resolution: int = 64, frame_skip: int = 4,
                  battle2_path: str | os.PathLike | None = None, max_episode_steps: int | None = None,
                  render_mode: str | None = None, health_bar: bool = True, labels: bool = False) -> None:
-        if name not in ENV_NAMES:
-            raise ValueError(f"name: got {name!r}, expected one of {ENV_NAMES}")
-        if resolution < 8 or frame_skip < 1:
-            raise ValueError(f"resolution must be >= 8 and frame_skip >= 1, got {resolution}, {frame_skip}")
-        if render_mode not in (None, "rgb_array"):
-            raise ValueError(f"render_mode: got {render_mode!r}, expected None or 'rgb_array'")
+        _check_env_args(name, resolution, frame_skip, render_mode)
         self.name, self.resolution, self.frame_skip = name, resolution, frame_skip
         self.health_bar, self.labels = health_bar, labels
         self._objects: list = []
@@ -291,20 +295,48 @@ def make_real_env(name: str, *, resolution: int = 64, frame_skip: int = 4,
     return env
 
 
-def make_real_env_fn(name: str, **kwargs: Any) -> Callable[[], VizdoomEnv]:
-    """A picklable zero-argument factory, for ``AsyncVectorEnv`` subprocesses."""
+class RealEnvSpaces(gym.Env):
+    """The observation and action spaces and the metadata of a real env (:class:`VizdoomEnv`), without its
+    engine; arguments as :func:`make_real_env`, checked the same way. It cannot be reset or stepped."""
+
+    def __init__(self, name: str = "vizdoom_hgs", *, resolution: int = 64, frame_skip: int = 4,
+                 battle2_path: str | os.PathLike | None = None, render_mode: str | None = None, **_: Any) -> None:
+        _check_env_args(name, resolution, frame_skip, render_mode)
+        if name == "vizdoom_battle2":
+            resolve_battle2_path(battle2_path)
+        self.metadata = {**VizdoomEnv.metadata, "render_fps": TICRATE / frame_skip}
+        self.render_mode = render_mode
+        self.action_space = gym.spaces.Discrete(len(_ACTIONS[name]))
+        self.observation_space = gym.spaces.Box(0, 255, (resolution, resolution, 3), np.uint8)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
+        raise RuntimeError("RealEnvSpaces holds a real env's spaces only; make the env with make_real_env")
+
+    def step(self, action: Any) -> Any:
+        raise RuntimeError("RealEnvSpaces holds a real env's spaces only; make the env with make_real_env")
+
+
+def make_real_env_fn(name: str, *, engines_in_workers: bool = False, **kwargs: Any) -> Callable[[], gym.Env]:
+    """A picklable zero-argument factory, for ``AsyncVectorEnv`` subprocesses.
+
+    ``engines_in_workers``: called in the process that made the factory, it returns a :class:`RealEnvSpaces`
+    instead of starting an engine there. For ``AsyncVectorEnv``, which builds one env in the calling process only
+    to read its spaces: a SIGKILL of that process (which can run no cleanup) would orphan that env's engine, while
+    a worker closes its engine when its pipe to the killed process breaks. Never for ``SyncVectorEnv``."""
     if name not in ENV_NAMES:
         raise ValueError(f"name: got {name!r}, expected one of {ENV_NAMES}")
     if name == "vizdoom_battle2":  # fail here, in the caller's process, with the clear message
         resolve_battle2_path(kwargs.get("battle2_path"))
-    return _Factory(name, kwargs)
+    return _Factory(name, kwargs, os.getpid() if engines_in_workers else None)
 
 
 class _Factory:
-    def __init__(self, name: str, kwargs: dict[str, Any]) -> None:
-        self.name, self.kwargs = name, kwargs
+    def __init__(self, name: str, kwargs: dict[str, Any], spaces_only_in: int | None = None) -> None:
+        self.name, self.kwargs, self.spaces_only_in = name, kwargs, spaces_only_in
 
-    def __call__(self) -> VizdoomEnv:
+    def __call__(self) -> gym.Env:
+        if self.spaces_only_in == os.getpid():
+            return RealEnvSpaces(self.name, **self.kwargs)
         if multiprocessing.parent_process() is not None:
             # an env worker (AsyncVectorEnv): multiprocessing SIGTERMs daemon workers when the parent exits;
             # as SystemExit, the worker's ``finally: env.close()`` stops the engine instead of orphaning it

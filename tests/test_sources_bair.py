@@ -99,3 +99,25 @@ def test_download_dry_run_plans_the_public_tar(tmp_path):
     (url, path), = bair.download(tmp_path, dry_run=True)
     assert url == "http://rail.eecs.berkeley.edu/datasets/bair_robot_pushing_dataset_v0.tar"
     assert path == tmp_path / "bair_robot_pushing_dataset_v0.tar" and not path.exists()
+
+
+def test_download_is_checked_against_the_published_sha256(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    from tests.test_sources_tgif import _Server
+    from worldmodel.sources._download import DownloadError
+
+    assert len(bair.SHA256) == 64 and int(bair.SHA256, 16) >= 0  # a pinned SHA-256, not a placeholder
+    buf = io.BytesIO()  # a well-formed tar with the right layout, but not the published file
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        rec = tfrecord_bytes([bair_example(0)[0]])
+        info = tarfile.TarInfo("softmotion30_44k/train/traj_0_to_0.tfrecords")
+        info.size = len(rec)
+        t.addfile(info, io.BytesIO(rec))
+    name = "/datasets/bair_robot_pushing_dataset_v0.tar"
+    with _Server({name: buf.getvalue()}) as srv:
+        monkeypatch.setattr(bair, "URL", srv.url(name))
+        with pytest.raises(DownloadError, match=f"does not match the pinned {bair.SHA256}"):
+            bair.download(tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither kept nor unpacked

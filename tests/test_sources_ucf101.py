@@ -84,3 +84,21 @@ def test_fixture_avi_is_a_riff_avi_tagged_xvid(tmp_path):
     write_avi(tmp_path / "a.avi", np.zeros((2, 16, 16, 3), np.uint8), codec="mpeg4")
     head = (tmp_path / "a.avi").read_bytes()[:4096]
     assert head[:4] == b"RIFF" and head[8:12] == b"AVI " and b"XVID" in head
+
+
+def test_download_is_checked_against_the_published_sha256(tmp_path, monkeypatch):
+    from tests.test_sources_tgif import _Server
+    from worldmodel.sources._download import DownloadError
+
+    for sha in (ucf101.VIDEOS_SHA256, ucf101.SPLITS_SHA256):
+        assert len(sha) == 64 and int(sha, 16) >= 0  # pinned SHA-256 values, not placeholders
+    with _Server({"/UCF101.rar": b"Rar!\x1a\x07\x00 not the published archive",
+                  "/splits.zip": b"PK\x05\x06" + bytes(18)}) as srv:
+        monkeypatch.setattr(ucf101, "VIDEOS_URL", srv.url("/UCF101.rar"))
+        monkeypatch.setattr(ucf101, "SPLITS_URL", srv.url("/splits.zip"))
+        with pytest.raises(DownloadError, match=f"does not match the pinned {ucf101.VIDEOS_SHA256}"):
+            ucf101.download(tmp_path, progress=False)
+        monkeypatch.setattr(ucf101, "VIDEOS_SHA256", None)  # the videos accepted: the split zip is checked too
+        with pytest.raises(DownloadError, match=f"does not match the pinned {ucf101.SPLITS_SHA256}"):
+            ucf101.download(tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["UCF101.rar"]

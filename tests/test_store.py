@@ -147,6 +147,34 @@ def _hold_writer(root: str, ready, release) -> None:  # child process: holds the
     w.close()
 
 
+def _writer_with_a_forked_worker(root: str, ready, worker_pid) -> None:  # SIGKILLed with its worker still alive
+    w = StoreWriter(root, source="t", obs_shape=OBS, action_spec=ActionSpec.discrete(3))
+    worker = mp.get_context("fork").Process(target=time.sleep, args=(60,), daemon=False)
+    worker.start()  # as collect's AsyncVectorEnv workers: forked while the writer is open
+    worker_pid.value = worker.pid
+    ready.set()
+    time.sleep(60)
+    w.close()
+
+
+def test_a_killed_writer_releases_the_store_even_while_its_forked_workers_live(tmp_path):
+    ctx = mp.get_context("fork")
+    ready, worker_pid = ctx.Event(), ctx.Value("i", 0)
+    p = ctx.Process(target=_writer_with_a_forked_worker, args=(str(tmp_path), ready, worker_pid))
+    p.start()
+    try:
+        assert ready.wait(60)
+        os.kill(p.pid, signal.SIGKILL)
+        while p.exitcode is None:  # (not join(): the worker inherited the pipe join waits on)
+            time.sleep(0.01)
+        os.kill(worker_pid.value, 0)  # the orphaned worker is still alive (it inherited the writer's descriptors)
+        # ... and yet the store is free at once: a resumed run is not refused in the name of a dead writer
+        StoreWriter(tmp_path, source="t", obs_shape=OBS, action_spec=ActionSpec.discrete(3)).close()
+    finally:
+        if worker_pid.value:
+            os.kill(worker_pid.value, signal.SIGKILL)
+
+
 def test_second_writer_is_refused_naming_the_holder(tmp_path):
     ctx = mp.get_context("fork")
     ready, release = ctx.Event(), ctx.Event()

@@ -78,6 +78,118 @@ def test_resume_after_kill_gives_identical_losses(tmp_path, clips):
     assert (tmp_path / "b" / "tb" / "toy").is_dir()
 
 
+def _checkpoint_files(run):
+    from worldmodel.checkpoint import WEIGHTS, pending_state_path, trainer_state_path
+
+    return {"weights": run / WEIGHTS, "committed": trainer_state_path(run, "toy"), "pending": pending_state_path(run, "toy")}
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, clips):
+    """An uninterrupted reference run to step 12 and the files of two committed checkpoints of the same run
+    (steps 5 and 10), from which the on-disk states a kill can leave inside the commit protocol are put together."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("ckpts")
+    cfg = TrainConfig(steps=12, batch_size=4, lr=1e-2, warmup_steps=2, ckpt_every=5, eval_every=100, log_every=1)
+    torch.manual_seed(0)
+    ref = ToyModel()
+    fit(ref, stage="toy", run_dir=root / "ref", train_set=clips, val_set=None, cfg=cfg, progress=False)
+
+    def kill_at(n):
+        def hook(model, step):
+            if step == n:
+                raise Kill
+        return hook
+
+    torch.manual_seed(0)
+    with pytest.raises(Kill):
+        fit(ToyModel(), stage="toy", run_dir=root / "s5", train_set=clips, val_set=None, cfg=cfg, progress=False,
+            on_checkpoint=kill_at(5))
+    shutil.copytree(root / "s5", root / "s10")
+    with pytest.raises(Kill):
+        fit(ToyModel(), stage="toy", run_dir=root / "s10", train_set=clips, val_set=None, cfg=cfg, progress=False,
+            on_checkpoint=kill_at(10))
+    return cfg, ref, root
+
+
+def _assemble(root, dest, weights_from: str, committed_from: str, pending_from: str | None):
+    """A run directory holding the weights of one checkpoint and the trainer states of others."""
+    import shutil
+
+    dest.mkdir()
+    f = _checkpoint_files(dest)
+    f["committed"].parent.mkdir()
+    shutil.copy(_checkpoint_files(root / weights_from)["weights"], f["weights"])
+    shutil.copy(_checkpoint_files(root / committed_from)["committed"], f["committed"])
+    if pending_from is not None:
+        shutil.copy(_checkpoint_files(root / pending_from)["committed"], f["pending"])
+    return f
+
+
+@pytest.mark.parametrize("kill", ["before the weights' rename", "after the weights' rename"])
+def test_a_kill_inside_the_checkpoint_commit_resumes_exactly(kill, tmp_path, clips, two_checkpoints):
+    # save_checkpoint writes the step-10 state as <stage>.next.pt, renames the weights (the commit), then renames
+    # the state to <stage>.pt. Killed before the commit: step-5 weights and state, a pending step-10 state; after
+    # it: step-10 weights, the step-5 state, the pending step-10 state (two renames with no manifest resumed
+    # step-10 weights with step-5 Adam moments and step count, and ended on other weights than an uninterrupted run).
+    cfg, ref, root = two_checkpoints
+    committed_step = 5 if kill.startswith("before") else 10
+    f = _assemble(root, tmp_path / "run", "s5" if committed_step == 5 else "s10", "s5", "s10")
+    torch.manual_seed(123)
+    resumed = ToyModel()
+    res = fit(resumed, stage="toy", run_dir=tmp_path / "run", train_set=clips, val_set=None, cfg=cfg, progress=False)
+    assert res.step == 12
+    assert resumed.losses == pytest.approx(ref.losses[committed_step:], rel=0, abs=0)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    assert not f["pending"].exists()
+    assert torch.load(f["committed"], weights_only=True)["step"] == 12
+
+
+def test_weights_that_match_no_trainer_state_are_refused_naming_the_files(tmp_path, clips, two_checkpoints):
+    from worldmodel.checkpoint import BundleError, load_trainer_state
+
+    cfg, _, root = two_checkpoints
+    f = _assemble(root, tmp_path / "run", "s10", "s5", None)
+    before = {k: p.read_bytes() for k, p in f.items() if p.exists()}
+    with pytest.raises(BundleError, match=rf"(?s){f['weights']}: the 'toy' weights .* belong to none of the trainer "
+                                          rf"states .*{f['committed']} \(step 5.*--no-resume"):
+        fit(ToyModel(), stage="toy", run_dir=tmp_path / "run", train_set=clips, val_set=None, cfg=cfg, progress=False)
+    with pytest.raises(BundleError, match="belong to none"):
+        load_trainer_state(tmp_path / "run", "toy")
+    assert {k: p.read_bytes() for k, p in f.items() if p.exists()} == before  # nothing was changed
+    res = fit(ToyModel(), stage="toy", run_dir=tmp_path / "run", train_set=clips, val_set=None, cfg=cfg,
+              progress=False, resume=False)
+    assert res.step == 12 and load_trainer_state(tmp_path / "run", "toy")["step"] == 12
+
+
+def test_first_checkpoint_killed_before_its_commit_starts_over(tmp_path, clips, two_checkpoints):
+    cfg, ref, root = two_checkpoints
+    run = tmp_path / "run"
+    (run / "trainer_state").mkdir(parents=True)
+    import shutil
+
+    shutil.copy(_checkpoint_files(root / "s5")["committed"], _checkpoint_files(run)["pending"])  # no weights yet
+    torch.manual_seed(0)
+    again = ToyModel()
+    assert fit(again, stage="toy", run_dir=run, train_set=clips, val_set=None, cfg=cfg, progress=False).step == 12
+    assert again.losses == ref.losses
+
+
+def test_checkpoint_manifest_names_the_weights(tmp_path):
+    from worldmodel.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint, weights_digest
+
+    w = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor(True), "c": torch.zeros(0)}
+    save_checkpoint(tmp_path, "toy", w, {"step": 7})
+    state, tensors = load_checkpoint(tmp_path, "toy")
+    sha, n = weights_digest(w)
+    assert state["step"] == 7 and state["weights"] == {"file": WEIGHTS, "prefix": "toy", "sha256": sha, "bytes": 25}
+    assert n == 25 and all(torch.equal(tensors[k], v) for k, v in w.items())
+    assert weights_digest({**w, "a": w["a"] + 1})[0] != sha and weights_digest({"x": w["a"]})[0] != sha
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.next.pt"))
+
+
 def test_resuming_a_checkpoint_of_another_architecture_names_the_config_change(tmp_path, clips):
     cfg = TrainConfig(steps=4, batch_size=4, lr=1e-2, warmup_steps=1, ckpt_every=2, eval_every=100, log_every=1)
     fit(ToyModel(), stage="toy", run_dir=tmp_path, train_set=clips, val_set=None, cfg=replace(cfg, steps=2), progress=False)

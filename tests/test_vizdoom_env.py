@@ -166,3 +166,22 @@ def test_take_cover_rewards_death_and_cap():
     assert env.game.get_episode_timeout() == 2100  # World Models' cap; the scenario itself has none
     env.close()
     assert max(lengths) < 2100 // 4 and len(set(lengths)) > 1  # seeds give different games
+
+
+@pytest.mark.parametrize("name", list(KW))
+def test_spaces_without_an_engine_match_the_real_env(name):
+    from envs.vizdoom import RealEnvSpaces
+
+    env = make_real_env(name, resolution=32, frame_skip=2)
+    try:
+        spaces = RealEnvSpaces(name, resolution=32, frame_skip=2)
+        assert spaces.observation_space == env.observation_space and spaces.action_space == env.action_space
+        assert spaces.metadata == env.metadata
+    finally:
+        env.close()
+    with pytest.raises(RuntimeError, match="spaces only"):
+        spaces.reset()
+    with pytest.raises(ValueError, match="resolution must be >= 8"):
+        RealEnvSpaces(name, resolution=4)
+    # a factory made for AsyncVectorEnv hands its creator the spaces only; any other process gets the real env
+    assert isinstance(make_real_env_fn(name, engines_in_workers=True, resolution=32)(), RealEnvSpaces)

@@ -5,13 +5,30 @@ A run directory is also the world-model bundle::
     run/
       config.json              ExperimentConfig + store metadata + package version
       model.safetensors        weights, keys prefixed by component ("tokenizer.", "prior.")
-      trainer_state/<stage>.pt optimizer, step, RNG (resume only; loaded with weights_only=True)
+      trainer_state/<stage>.pt optimizer, step, RNG and the manifest of its weights (resume only; loaded with
+                               weights_only=True); <stage>.next.pt only between the steps of a checkpoint commit
 
 Configs are JSON and weights are safetensors: nothing pickled is ever executed on load.
+
+A training checkpoint is a *pair*: the stage's tensors in ``model.safetensors`` and its trainer state.
+They are two files, so they cannot be replaced by one rename; :func:`save_checkpoint` commits them with
+this protocol instead, so that a kill at any instant leaves a pair that resumes exactly:
+
+1. the new trainer state, which names the weights it belongs to (``state["weights"]``: file, prefix,
+   SHA-256 of the stage's tensors, their byte count), is written as ``trainer_state/<stage>.next.pt``;
+2. ``model.safetensors`` is replaced (one rename): this is the commit point;
+3. ``<stage>.next.pt`` is renamed to ``<stage>.pt``.
+
+:func:`load_checkpoint` takes the state (``.next.pt`` first, then ``.pt``) whose manifest matches the
+stage's tensors in ``model.safetensors`` -- before step 2 that is the previous ``.pt``, after it the new
+one -- and finishes step 3 if a kill interrupted it. Weights that match no state (e.g. weights written by
+something else over a run) are a :class:`BundleError` naming the files, never a silent mix of one step's
+weights with another step's optimizer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -43,12 +60,22 @@ def _tmp_near(path: Path) -> Path:
     return Path(tmp)
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a power loss after it returns cannot undo the rename)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_replace(tmp: Path, final: Path) -> None:
     """fsync ``tmp``, give it the user's default mode (writers may recreate it 0600) and rename it to ``final``."""
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.chmod(tmp, default_file_mode())
     os.replace(tmp, final)
+    _fsync_dir(final.parent)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -159,11 +186,41 @@ def has_weights(run_dir: str | os.PathLike, prefix: str) -> bool:
 
 
 def trainer_state_path(run_dir: str | os.PathLike, stage: str) -> Path:
+    """The committed trainer state of ``stage`` (see the module doc for the pending ``.next.pt``)."""
     return Path(run_dir) / TRAINER_STATE_DIR / f"{stage}.pt"
 
 
-def save_trainer_state(run_dir: str | os.PathLike, stage: str, state: dict[str, Any]) -> None:
-    path = trainer_state_path(run_dir, stage)
+def pending_state_path(run_dir: str | os.PathLike, stage: str) -> Path:
+    """The trainer state written before its weights (step 1 of the commit protocol in the module doc)."""
+    return Path(run_dir) / TRAINER_STATE_DIR / f"{stage}.next.pt"
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> tuple[str, int]:
+    """``(SHA-256, byte count)`` of a state dict: names, dtypes, shapes and raw bytes, in name order."""
+    h = hashlib.sha256()
+    n = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        h.update(raw)
+        n += len(raw)
+    return h.hexdigest(), n
+
+
+def _stage_tensors(run_dir: Path, stage: str) -> dict[str, torch.Tensor]:
+    """The ``stage.*`` tensors of ``model.safetensors`` (empty when the file or the stage is absent)."""
+    path = run_dir / WEIGHTS
+    if not path.exists():
+        return {}
+    n = len(stage) + 1
+    return {k[n:]: v for k, v in _load_safetensors(path).items() if k.startswith(stage + ".")}
+
+
+def save_trainer_state(run_dir: str | os.PathLike, stage: str, state: dict[str, Any], *, pending: bool = False) -> None:
+    """Write a trainer state atomically (``pending``: as ``<stage>.next.pt``). Training commits weights and
+    state together with :func:`save_checkpoint`; this alone is for states that go with no weights."""
+    path = (pending_state_path if pending else trainer_state_path)(run_dir, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_near(path)
     try:
@@ -173,10 +230,22 @@ def save_trainer_state(run_dir: str | os.PathLike, stage: str, state: dict[str, 
         tmp.unlink(missing_ok=True)
 
 
-def load_trainer_state(run_dir: str | os.PathLike, stage: str) -> dict[str, Any] | None:
-    path = trainer_state_path(run_dir, stage)
-    if not path.exists():
-        return None
+def save_checkpoint(run_dir: str | os.PathLike, stage: str, weights: dict[str, torch.Tensor],
+                    state: dict[str, Any]) -> None:
+    """Commit the ``stage`` weights (into ``model.safetensors``) and its trainer ``state`` as one checkpoint:
+    state with a manifest of the weights first (pending), weights second (the commit), then the pending
+    state becomes the committed one. A kill at any point leaves a pair :func:`load_checkpoint` resumes."""
+    run_dir = Path(run_dir)
+    weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    sha, nbytes = weights_digest(weights)
+    state = {**state, "weights": {"file": WEIGHTS, "prefix": stage, "sha256": sha, "bytes": nbytes}}
+    save_trainer_state(run_dir, stage, state, pending=True)
+    save_weights(run_dir, stage, weights)
+    os.replace(pending_state_path(run_dir, stage), trainer_state_path(run_dir, stage))
+    _fsync_dir(trainer_state_path(run_dir, stage).parent)
+
+
+def _read_state(path: Path, stage: str) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError ... for a bad file
@@ -184,4 +253,58 @@ def load_trainer_state(run_dir: str | os.PathLike, stage: str) -> dict[str, Any]
                           f"{stage} stage's checkpoint (delete it to train the stage again from scratch)") from None
     if not isinstance(state, dict):
         raise BundleError(f"{path}: holds a {type(state).__name__}, expected the {stage} stage's trainer state (a dict)")
+    manifest = state.get("weights")
+    if manifest is not None and not (isinstance(manifest, dict) and isinstance(manifest.get("sha256"), str)):
+        raise BundleError(f"{path}: field 'weights' is {manifest!r}, expected the manifest of the {stage} weights "
+                          f"(file, prefix, sha256, bytes)")
     return state
+
+
+def load_checkpoint(run_dir: str | os.PathLike, stage: str, *,
+                    repair: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """The consistent ``(trainer state, stage weights)`` pair of ``stage`` to resume from, or None when the
+    stage has no committed checkpoint.
+
+    Of the pending (``<stage>.next.pt``) and committed (``<stage>.pt``) states, the one whose manifest
+    matches the stage's tensors in ``model.safetensors`` wins. With ``repair`` (the training process, about
+    to write the next checkpoint; never a mere reader) a matching pending state is promoted to committed
+    (the kill fell between the weights' rename and the state's) and a pending state that lost (the kill fell
+    before the weights' rename) is deleted. A state written before this
+    protocol (no manifest) is taken as it is. Raises :class:`BundleError` naming the files when states exist
+    but none matches the weights."""
+    run_dir = Path(run_dir)
+    pending, committed = pending_state_path(run_dir, stage), trainer_state_path(run_dir, stage)
+    states = {p: _read_state(p, stage) for p in (pending, committed) if p.exists()}
+    if not states:
+        return None
+    tensors = _stage_tensors(run_dir, stage)
+    sha, _ = weights_digest(tensors)
+    for path, state in states.items():
+        if state.get("weights") is not None and state["weights"]["sha256"] == sha and tensors:
+            if repair:
+                if path == pending:
+                    os.replace(pending, committed)
+                else:
+                    pending.unlink(missing_ok=True)
+                _fsync_dir(committed.parent)
+            return state, tensors
+    if committed in states and states[committed].get("weights") is None:  # a state from before the manifest
+        if not tensors:
+            raise FileNotFoundError(f"{run_dir / WEIGHTS}: no '{stage}' weights for the trainer state {committed}; "
+                                    f"delete {committed} (or pass --no-resume) to train the stage from scratch")
+        return states[committed], tensors
+    if committed not in states:
+        return None  # only a pending state: the stage's first checkpoint never reached its commit point
+    found = "; ".join(f"{p} (step {s.get('step')}, weights sha256 "
+                      f"{(s.get('weights') or {}).get('sha256', 'not recorded')[:16]})" for p, s in states.items())
+    have = f"sha256 {sha[:16]}" if tensors else "absent"
+    raise BundleError(f"{run_dir / WEIGHTS}: the '{stage}' weights ({have}) belong to none of the trainer states "
+                      f"({found}); they were written by something other than this stage's training, so resuming "
+                      f"would pair them with another step's optimizer. Pass --no-resume (resume=False) to train the "
+                      f"stage from these files' config from scratch, or restore the matching files")
+
+
+def load_trainer_state(run_dir: str | os.PathLike, stage: str) -> dict[str, Any] | None:
+    """The trainer state of ``stage``'s consistent checkpoint (:func:`load_checkpoint`), or None."""
+    found = load_checkpoint(run_dir, stage)
+    return None if found is None else found[0]

@@ -21,6 +21,7 @@ The store knows nothing of models or Gymnasium.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -43,7 +44,7 @@ STORE_JSON = "store.json"
 _SHARD_RE = re.compile(r"^shard-(\d{5})\.h5$")
 SPLITS = ("train", "val", "test")
 LOCK_FILE = ".writer.lock"
-"""Lock file of a store directory: a :class:`StoreWriter` holds an exclusive ``flock`` on it (and writes its pid)."""
+"""Lock file of a store directory: a :class:`StoreWriter` holds an exclusive POSIX lock on it (and writes its pid)."""
 
 
 class StoreError(Exception):
@@ -264,13 +265,32 @@ def _list_shards(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if _SHARD_RE.match(p.name))
 
 
-def _acquire_writer_lock(root: Path) -> IO[str]:
-    """Take the store's exclusive writer lock (non-blocking) and write our pid into the lock file."""
+_HELD_LOCKS: dict[tuple[int, int], int] = {}
+"""Store directories (device, inode) whose writer lock this process holds -> the holder's pid (a forked child
+inherits this dict but not the lock, so an entry counts only in the process that made it)."""
+
+
+def _acquire_writer_lock(root: Path) -> tuple[IO[str], tuple[int, int]]:
+    """Take the store's exclusive writer lock (non-blocking) and write our pid into the lock file.
+
+    A POSIX record lock (``fcntl.lockf``), not ``flock``: it belongs to this process alone, so the env worker
+    processes a collection forks do not inherit it, and it is released the instant this process dies -- a
+    writer killed with SIGKILL never leaves its store locked by an orphaned child. POSIX locks do not exclude
+    a second lock of the same process (and closing any descriptor of the file would drop them), so writers of
+    this process are tracked in :data:`_HELD_LOCKS` and a second one is refused before the file is opened."""
     path = root / LOCK_FILE
+    st = root.stat()
+    key = (st.st_dev, st.st_ino)
+    if _HELD_LOCKS.get(key) == os.getpid():
+        raise StoreLockedError(f"{root}: another writer of this process is appending to this store (pid "
+                               f"{os.getpid()}, lock file {path}); close it first, or write to another directory")
     fh = open(path, "a+")  # noqa: SIM115 - held open for the writer's lifetime (the lock lives with the descriptor)
     try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            fh.close()
+            raise
         fh.seek(0)
         holder = fh.read().strip() or "unknown"
         fh.close()
@@ -280,7 +300,8 @@ def _acquire_writer_lock(root: Path) -> IO[str]:
     fh.truncate()
     fh.write(f"{os.getpid()}\n")
     fh.flush()
-    return fh
+    _HELD_LOCKS[key] = os.getpid()
+    return fh, key
 
 
 def _json_value(v: Any) -> Any:
@@ -362,7 +383,8 @@ class StoreWriter:
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self._pending: list[Episode] = []
         self._index: dict[str, dict[str, Any]] = {}
-        self._lock: IO[str] | None = _acquire_writer_lock(self.root)
+        self._lock: IO[str] | None
+        self._lock, self._lock_key = _acquire_writer_lock(self.root)
         try:
             self._open_existing(merge)
         except BaseException:
@@ -399,9 +421,11 @@ class StoreWriter:
 
     def _release(self) -> None:
         if self._lock is not None:
-            fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
+            fcntl.lockf(self._lock.fileno(), fcntl.LOCK_UN)
             self._lock.close()
             self._lock = None
+            if _HELD_LOCKS.get(self._lock_key) == os.getpid():
+                del _HELD_LOCKS[self._lock_key]
 
     # -- public ---------------------------------------------------------------------------------
     @property

@@ -3,7 +3,8 @@
 A model plugs in through ``model.compute_loss(batch) -> (loss, metrics)`` (IRIS style). The loop
 adds: AdamW with warmup + cosine decay, gradient clipping, bf16 autocast, DDP under ``torchrun``
 (gloo on CPU, nccl on CUDA; only rank 0 writes files), TensorBoard scalars, a tqdm bar, periodic
-validation with a stage-specific hook, atomic checkpoints and exact resume (weights, optimizer,
+validation with a stage-specific hook, checkpoints that commit weights and trainer state together
+(:func:`~worldmodel.checkpoint.save_checkpoint`) and exact resume (weights, optimizer,
 step, RNG and data order) so that a ``kill -9`` loses at most one checkpoint interval.
 """
 
@@ -23,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from worldmodel.checkpoint import load_trainer_state, load_weights, save_trainer_state, save_weights
+from worldmodel.checkpoint import load_checkpoint, save_checkpoint
 from worldmodel.config import TrainConfig
 from worldmodel.store import SeededSampler
 
@@ -139,7 +140,8 @@ def fit(model: nn.Module, *, stage: str, run_dir: str | os.PathLike, train_set: 
         stage: component name, e.g. ``"tokenizer"`` or ``"prior"``.
         train_set / val_set: map-style datasets of dicts of tensors.
         cfg: optimisation settings (``batch_size`` is per process).
-        resume: continue from ``run_dir/trainer_state/<stage>.pt`` when it exists.
+        resume: continue from the stage's last committed checkpoint (``run_dir/trainer_state/<stage>.pt`` and
+            its weights, :func:`~worldmodel.checkpoint.load_checkpoint`) when there is one.
         on_eval: ``f(model, step, tensorboard_writer_or_None)`` called at every evaluation on rank 0
             (e.g. reconstruction videos).
         on_checkpoint: called on rank 0 after each checkpoint (e.g. to refresh the bundle).
@@ -160,9 +162,11 @@ def fit(model: nn.Module, *, stage: str, run_dir: str | os.PathLike, train_set: 
         clip_sets.append(params)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     step = 0
-    state = load_trainer_state(run_dir, stage) if resume else None
-    if state is not None:
-        saved, own = load_weights(run_dir, stage), model.state_dict()
+    found = load_checkpoint(run_dir, stage, repair=di.world_size == 1) if resume else None  # other ranks read it too
+    state = None
+    if found is not None:
+        state, saved = found
+        own = model.state_dict()
         # checked before loading: load_state_dict copies the matching tensors before it raises, which would
         # leave the model half-overwritten for a caller that then starts over with resume=False
         misfit = sorted((saved.keys() ^ own.keys()) | {k for k in saved.keys() & own.keys()
@@ -200,9 +204,10 @@ def fit(model: nn.Module, *, stage: str, run_dir: str | os.PathLike, train_set: 
             dist.all_gather_object(gathered, rng[0])
             rng = gathered
         if di.is_main:
-            save_weights(run_dir, stage, model.state_dict())
-            save_trainer_state(run_dir, stage, {"step": step, "optimizer": opt.state_dict(), "rng": rng,
-                                                "world_size": di.world_size})
+            # weights and trainer state committed as one checkpoint (a kill between the two files cannot
+            # pair one step's weights with another step's optimizer; see worldmodel.checkpoint)
+            save_checkpoint(run_dir, stage, model.state_dict(), {"step": step, "optimizer": opt.state_dict(),
+                                                                 "rng": rng, "world_size": di.world_size})
             if on_checkpoint is not None:
                 on_checkpoint(model, step)
 

@@ -35,7 +35,13 @@ from worldmodel.sources.tfrecord import TFRecordError, iter_records, parse_examp
 from worldmodel.store import ActionSpec, StoreWriter, split_for_id
 
 URL = "http://rail.eecs.berkeley.edu/datasets/bair_robot_pushing_dataset_v0.tar"
-"""The public tar (softmotion30_44k/{train,test}/*.tfrecords)."""
+"""The public tar (softmotion30_44k/{train,test}/*.tfrecords). Plain http: the only address the dataset is
+published at (every reference, TensorFlow Datasets included, uses it); the pinned :data:`SHA256` is what
+makes the transfer trustworthy."""
+SHA256 = "c6f8d164ab2be07174ef597e3e070d7466f3142caddc467b6af119b9458cd9cd"
+"""SHA-256 of :data:`URL` (32,274,964,480 bytes) as published by TensorFlow Datasets
+(``tensorflow_datasets/url_checksums/bair_robot_pushing_small.txt`` and ``bair_robot_pushing.txt``); the
+authors publish none. A download that does not match is deleted and refused."""
 CAMERAS = ("image_aux1", "image_main")
 FRAME_SHAPE = (64, 64, 3)
 ACTION_DIM, EEF_DIM = 4, 3
@@ -181,6 +187,6 @@ def download(dest: str | os.PathLike, *, dry_run: bool = False, progress: bool =
     if dry_run:
         return plan
     if not (dest / f".{tar.name}.extracted").exists():  # a marker written after a complete extraction
-        download_file(URL, tar, progress=progress)
+        download_file(URL, tar, progress=progress, sha256=SHA256)
         extract_once(tar, dest)
     return plan

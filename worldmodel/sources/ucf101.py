@@ -36,6 +36,12 @@ from worldmodel.store import ActionSpec, StoreWriter, split_for_id
 
 VIDEOS_URL = "https://www.crcv.ucf.edu/data/UCF101/UCF101.rar"
 SPLITS_URL = "https://www.crcv.ucf.edu/data/UCF101/UCF101TrainTestSplits-RecognitionTask.zip"
+# SHA-256 of the two archives. The authors (crcv.ucf.edu) publish no checksums; these are the ones pinned by
+# torchvision's dataset definitions (pytorch/vision, torchvision/prototype/datasets/_builtin/ucf101.py: both
+# files) and TensorFlow Datasets (tensorflow_datasets/url_checksums/ucf101.txt: the split zip, 113,943 bytes;
+# TFDS fetches the videos from another archive). A download that does not match is deleted and refused.
+VIDEOS_SHA256 = "ca8dfadb4c891cb11316f94d52b6b0ac2a11994e67a0cae227180cd160bd8e55"
+SPLITS_SHA256 = "5c0d1a53b8ed364a2ac830a73f405e51bece7d98ce1254fd19ed4a36b224bd27"
 NOMINAL_FPS = 25.0
 _NAME_RE = re.compile(r"^v_(?P<cls>.+)_g(?P<group>\d+)_c(?P<clip>\d+)\.avi$", re.IGNORECASE)
 
@@ -178,8 +184,8 @@ def download(dest: str | os.PathLike, *, dry_run: bool = False, progress: bool =
     plan = [(VIDEOS_URL, rar), (SPLITS_URL, zp)]
     if dry_run:
         return plan
-    for url, target in plan:
-        download_file(url, target, progress=progress)
+    for (url, target), sha in zip(plan, (VIDEOS_SHA256, SPLITS_SHA256)):
+        download_file(url, target, progress=progress, sha256=sha)
     extract_once(zp, dest)  # redone unless a previous extraction completed (marker file)
     rar_done = dest / f".{rar.name}.extracted"
     if not rar_done.exists():
