@@ -5,6 +5,7 @@ Examples:
     python experiments/rollout.py --env vizdoom_hgs --policy episode
     # a policy acting in the dream (policy file or random) -> dream panel with overlays
     python experiments/rollout.py --env vizdoom_hgs --policy runs/vizdoom_hgs-tiny/policies/ppo_dream.safetensors
+    python experiments/rollout.py --env gym:CarRacing-v3 --policy episode      # a bundle of any Gymnasium env
 
 Overlays: step, action, predicted reward (and the real one in lockstep), termination probability,
 mean token entropy (dream uncertainty). Files go to ``<checkpoint>/rollouts/`` unless ``--out``.
@@ -28,7 +29,7 @@ from worldmodel.store import EpisodeStore
 @dataclass
 class Args:
     env: str = "vizdoom_hgs"
-    """Preset of the bundle."""
+    """Preset of the bundle (vizdoom_hgs, ..., or gym:<Gymnasium id>)."""
     checkpoint: str | None = None
     """Bundle directory (default: the newest bundle of --env under runs/ or $WORLDMODEL_HOME/runs)."""
     policy: str = "episode"

@@ -4,6 +4,7 @@ Examples:
     python experiments/train_policy.py --env vizdoom_hgs --timesteps 50000
     python experiments/train_policy.py --env vizdoom_hgs --checkpoint runs/vizdoom_hgs-tiny --eval-real
     python experiments/train_policy.py --env vizdoom_take_cover --algo cmaes --eval-real
+    python experiments/train_policy.py --env gym:ALE/Pong-v5 --eval-real      # a bundle of any Gymnasium env
 
 Two learners: ``--algo ppo`` (SB3 PPO ``CnnPolicy`` on the dream's pixels) and ``--algo cmaes`` (World
 Models' recipe: a linear controller on the tokenizer's features, evolved by CMA-ES; see
@@ -11,8 +12,10 @@ envs/controller.py). ``--algo auto`` (default) picks the one measured best for t
 vizdoom_take_cover (README Results), ppo otherwise. The PPO policy is saved to
 ``<checkpoint>/policies/ppo_dream.safetensors`` (a policy file: safetensors + JSON settings, no pickle), the controller to ``<checkpoint>/policies/cmaes_dream/``
 (or ``--out``); TensorBoard logs go to ``<checkpoint>/tb_policy``. With ``--eval-real`` the policy
-and a uniform random policy are scored in the dream and in the real ViZDoom env, side by side (the
-dream–real gap).
+and a uniform random policy are scored in the dream and in the real env, side by side (the
+dream–real gap): the real env the bundle's store was collected in, rebuilt from the settings the store
+records (ViZDoom: frame skip, health bar; ``gym:<ID>``: id, gym.make kwargs, pixel source, frame skip,
+sticky actions, episode cap).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import tyro
 from envs.controller import CMAESConfig, save_controller, train_cmaes
 from envs.dream import DreamVectorEnv, load_world_model
 from envs.policy import PPOConfig, real_env_kwargs, save_policy, score_dream, score_real, train_ppo
+from envs.real import is_real_env
 from envs.sb3_vec import DreamVecEnv
 from envs.vizdoom import sigterm_exits
 from worldmodel.checkpoint import write_json
@@ -37,7 +41,7 @@ from worldmodel.checkpoint import write_json
 @dataclass
 class Args:
     env: str = "vizdoom_hgs"
-    """Preset of the bundle (vizdoom_hgs, vizdoom_battle2, ...)."""
+    """Preset of the bundle (vizdoom_hgs, vizdoom_battle2, ..., or gym:<Gymnasium id>)."""
     checkpoint: str | None = None
     """Bundle directory (default: the newest bundle of --env under runs/ or $WORLDMODEL_HOME/runs)."""
     algo: Literal["auto", "ppo", "cmaes"] = "auto"
@@ -93,6 +97,8 @@ def main(args: Args) -> dict:
     if algo == "ppo" and args.out is not None and not args.out.endswith(".safetensors"):  # checked before training
         sys.exit(f"error: --out {args.out!r}: a PPO policy file is safetensors; expected a name ending in "
                  "'.safetensors' (--algo cmaes saves a directory)")
+    if args.eval_real and not is_real_env(args.env):  # checked before training
+        sys.exit(f"error: --eval-real: --env {args.env!r} has no real env; expected a ViZDoom preset or gym:<Gymnasium id>")
     try:
         wm = load_world_model(args.checkpoint, args.env, args.device)
     except (FileNotFoundError, ValueError) as e:
