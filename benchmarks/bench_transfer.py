@@ -146,7 +146,9 @@ def main() -> None:
     out["real_dream_trained"] = _stats(reals)
     out["dream_dream_trained"] = _stats(dreams)
     out["real_over_dream"] = round(float(reals.mean() / max(dreams.mean(), 1e-9)), 3)
-    out["real_over_random"] = round(float(reals.mean() / out["real_random"]["mean"]), 3)
+    rnd = out["real_random"]["mean"]  # a ratio only for positive returns (Pong's are -21..21): the difference always
+    out["real_over_random"] = round(float(reals.mean() / rnd), 3) if rnd > 0 else None
+    out["real_minus_random"] = round(float(reals.mean() - rnd), 1)
     out["every_seed_at_least_750"] = bool((reals >= 750).all())
     if args.real_baseline:
         t0 = time.process_time()

@@ -139,11 +139,14 @@ def main(args: Args) -> dict:
             print(f"{name:22s} {d!s:>40s}   {r!s:>40s}   {d.mean - r.mean:+.1f}")
         report["scores"] = {k: {"dream": vars(d), "real": vars(r)} for k, (d, r) in rows.items()}
         report["real_return_vs_random"] = rows[f"{algo} (dream-trained)"][1].mean / max(rows["random"][1].mean, 1e-9)
+        # the ratio means little where returns can be negative (Pong: -21..21); the difference always does
+        report["real_return_minus_random"] = rows[f"{algo} (dream-trained)"][1].mean - rows["random"][1].mean
         write_json(out.with_suffix(".eval.json") if out.is_file() else out / "eval.json", report)
         trained = rows[f"{algo} (dream-trained)"]
         print(json.dumps({f"real_{algo}": round(trained[1].mean, 1), "real_random": round(rows["random"][1].mean, 1),
                           f"dream_{algo}": round(trained[0].mean, 1),
-                          "real_return_vs_random": round(report["real_return_vs_random"], 2)}))
+                          "real_return_vs_random": round(report["real_return_vs_random"], 2),
+                          "real_return_minus_random": round(report["real_return_minus_random"], 1)}))
     return report
 
 
