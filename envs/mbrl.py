@@ -51,8 +51,8 @@ from envs.callbacks import DreamExploitWarning
 from envs.collect import collect
 from envs.policy import PPOConfig, Score, real_vec_env, save_policy, score_dream, score_real
 from envs.policy_file import is_zip, load_algorithm, load_sb3_zip, resolve_in_dir
-from envs.sb3_vec import DreamVecEnv
 from envs.real import is_real_env
+from envs.sb3_vec import DreamVecEnv
 from worldmodel.bundle import WorldModel
 from worldmodel.checkpoint import atomic_replace, write_json
 from worldmodel.config import ExperimentConfig

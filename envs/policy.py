@@ -20,10 +20,10 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecNormalize
 
 from envs.dream import DreamEnv
-from envs.policy_file import open_policy, save_policy_file
-from envs.sb3_vec import DreamVecEnv
 from envs.gym_source import GYM_KWARGS
+from envs.policy_file import open_policy, save_policy_file
 from envs.real import check_real_env, make_real_env_fn
+from envs.sb3_vec import DreamVecEnv
 from worldmodel.bundle import WorldModel
 from worldmodel.rollout_video import RolloutTrace
 
