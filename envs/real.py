@@ -24,8 +24,8 @@ def is_real_env(name: str) -> bool:
 def check_real_env(name: str, what: str = "env") -> None:
     """``ValueError`` naming ``what`` unless ``name`` is a real env."""
     if not is_real_env(name):
-        raise ValueError(f"{what}: got {name!r}, expected a real env: one of {list(ENV_NAMES)} or 'gym:<Gymnasium id>' "
-                         f"(e.g. gym:ALE/Pong-v5, gym:CarRacing-v3, gym:VizdoomDefendCenter-v1)")
+        raise ValueError(f"{what}: got {name!r}, expected one of {list(ENV_NAMES)} or 'gym:<Gymnasium id>' (a real env, "
+                         f"e.g. gym:ALE/Pong-v5, gym:CarRacing-v3, gym:VizdoomDefendCenter-v1)")
 
 
 def make_real_env_fn(name: str, **kwargs: Any) -> Callable[[], gym.Env]:
