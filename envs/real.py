@@ -91,7 +91,7 @@ class EnvOptions:
     def env_kwargs_for(self, name: str) -> dict[str, Any]:
         """Keyword arguments of :func:`make_real_env` these options give for env ``name`` (resolution excluded);
         ``ValueError`` naming the flags when gym-only options are set for a ViZDoom env."""
-        check_real_env(name)
+        check_real_env(name, "--env")
         if not is_gym_env(name):
             default = EnvOptions()
             gym_only = [f"--{k.replace('_', '-')}" for k in ("env_module", "env_kwargs", "pixels", "sticky_actions")

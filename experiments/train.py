@@ -132,6 +132,11 @@ def main(args: Args) -> None:
     di = setup_distributed(args.device)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.env, args.scale)
     cfg = args.config
+    if args.real != EnvOptions():  # env flags given with a preset they do not apply to: say so, do not ignore them
+        try:
+            args.real.env_kwargs_for(cfg.env)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     if di.is_main:
         print(f"run directory: {run_dir}\nconfig: {json.dumps(cfg.to_dict(), indent=1)}")
 
