@@ -1,6 +1,6 @@
 """Dream-to-real transfer: policies trained only in a bundle's dream, scored in the real game. One JSON line.
 
-For each seed, the learner (``--algo cmaes``: World Models' linear controller on token features,
+For each seed, the learner (``--algo cmaes``: World Models' linear controller on frame features,
 evolved by CMA-ES; envs/controller.py) trains in the dream only, then plays ``--real-episodes``
 real episodes and ``--dream-episodes`` dream episodes. In the same run: a uniform random policy,
 an "alternate every 10 steps" policy, and (``--real-baseline``) the same learner with the same
@@ -90,6 +90,12 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=CMAESConfig.episodes, help="episodes per candidate")
     p.add_argument("--train-max-steps", type=int, default=CMAESConfig.max_episode_steps,
                    help="episode cap while evolving (dream and real baseline alike)")
+    p.add_argument("--features", default=CMAESConfig.features, choices=["auto", "color_keys", "tokens"],
+                   help="what the controller reads (envs/controller.py)")
+    p.add_argument("--motion", action=argparse.BooleanOptionalAction, default=CMAESConfig.motion,
+                   help="controller also reads f_t - f_{t-1}")
+    p.add_argument("--last-action", action=argparse.BooleanOptionalAction, default=CMAESConfig.last_action,
+                   help="controller also reads its previous action")
     p.add_argument("--temperature", type=float, default=1.0, help="dream sampling temperature")
     p.add_argument("--real-baseline", action="store_true", help="also evolve the learner in the real game (seed 0)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models on 2 cores)")
@@ -106,7 +112,8 @@ def main() -> None:
     H = wm.obs_shape[0]
     kw = real_env_kwargs(wm)
     cfg = CMAESConfig(generations=args.generations, popsize=args.popsize, episodes=args.episodes,
-                      max_episode_steps=args.train_max_steps)
+                      max_episode_steps=args.train_max_steps, features=args.features, motion=args.motion,
+                      last_action=args.last_action)
     real = gym.vector.SyncVectorEnv([make_real_env_fn(args.env, resolution=H, **kw) for _ in range(args.real_envs)])
     store = EpisodeStore(wm.store_path)
     out: dict = {"bench": "transfer", "env": args.env, "checkpoint": str(wm.path), "algo": "cmaes",

@@ -4,6 +4,10 @@
 rollouts and logs both, so a run shows whether dream progress transfers. A policy trained in a
 learned simulator can find states where the model is wrong in its favour (e.g. a reward head that
 never predicts death) — then the dream return races ahead of the real one, and the callback warns.
+
+:class:`LockstepVideoCallback` shows *where* they part: every N timesteps the current policy drives the
+real game with the dream following (:mod:`envs.follow`), and the lockstep video (real · dream · |diff|
+with the policy's probabilities) and the dream-optimism figure go to TensorBoard.
 """
 
 from __future__ import annotations
@@ -16,8 +20,17 @@ import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.logger import TensorBoardOutputFormat
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor, is_vecenv_wrapped
+
+from envs.follow import follow_trace
+from envs.policy_probe import SB3Probe
+from worldmodel.bundle import WorldModel
+from worldmodel.rollout_summary import DEFAULT_PSNR_THRESHOLD, optimism_figure, summarize
+from worldmodel.rollout_video import RolloutTrace, lockstep_trace, trace_frames
+from worldmodel.store import EpisodeStore
+from worldmodel.video import tensorboard_video
 
 EnvLike = gym.Env | VecEnv | Callable[[], gym.Env | VecEnv]
 
@@ -153,3 +166,134 @@ class DreamRealGapCallback(BaseCallback):
                   f"entropy {res['token_entropy']:.3f}")
         self.history.append({"timesteps": float(self.num_timesteps), **res})
         return res
+
+
+class LockstepVideoCallback(BaseCallback):
+    """Every ``every`` timesteps (checked at the end of each rollout), let the policy being trained drive the real
+    env for up to ``steps`` steps with the dream following (:func:`envs.follow.follow_trace`: open loop and
+    re-synced every ``resync_every`` steps), and write to TensorBoard:
+
+    * ``<prefix>/video``: the lockstep video (real · dream · |diff|, the policy's action probabilities as bars),
+      an animated GIF image summary, which TensorBoard plays;
+    * ``<prefix>/optimism``: the dream-optimism figure (cumulative predicted vs real reward);
+    * scalars through the SB3 logger: ``<prefix>/mean_psnr_db``, ``optimism``, ``first_divergence_step``
+      (``steps + 1`` when the dream never fell below ``psnr_threshold``), ``disagreement_rate``, ``real_return``,
+      ``predicted_return``.
+
+    Args:
+        wm: the world model the policy trains in (shared; the callback starts its own dreams).
+        real_env: the real env (a ``gymnasium.Env`` or a zero-argument factory; one the callback made from a
+            factory it closes at the end of training), e.g. ``lambda: envs.follow.make_bundle_real_env(wm)``.
+            ``None`` for a dataset-only bundle: then each video replays a held-out recorded episode in the dream
+            (no policy in it), as ``rollout.py`` falls back to.
+        every: timesteps between videos (>= 1).
+        steps, resync_every, seed, psnr_threshold: as :func:`envs.follow.follow_trace` / the summary; the k-th
+            video is seeded ``seed + k``.
+        scale: upscaling of the video panels; fps: its frame rate.
+        log_dir: where to write the TensorBoard events; default: the TensorBoard writer of the model's SB3
+            logger (``tensorboard_log=...``), and an error at the start of training if it has none.
+        prefix: tag prefix.
+
+    Every video's summary is appended to :attr:`history` (a dict with ``timesteps`` and the summary's fields).
+    """
+
+    def __init__(self, wm: WorldModel, real_env: gym.Env | Callable[[], gym.Env] | None, *, every: int = 10_000,
+                 steps: int = 32, resync_every: int = 1, seed: int = 0, psnr_threshold: float = DEFAULT_PSNR_THRESHOLD,
+                 scale: int = 2, fps: float | None = None, log_dir: str | None = None, prefix: str = "lockstep",
+                 verbose: int = 0) -> None:
+        super().__init__(verbose)
+        if every < 1:
+            raise ValueError(f"every: got {every}, expected >= 1 (timesteps between videos)")
+        if steps < 1:
+            raise ValueError(f"steps: got {steps}, expected >= 1")
+        if real_env is not None and not isinstance(real_env, gym.Env) and not callable(real_env):
+            raise TypeError(f"real_env: got {type(real_env).__name__}, expected a gymnasium.Env, a zero-argument "
+                            "factory of one, or None (dataset-only bundle)")
+        self.wm, self.every, self.steps, self.resync_every = wm, every, steps, resync_every
+        self.seed, self.psnr_threshold, self.scale = seed, psnr_threshold, scale
+        self.fps = fps or wm.fps
+        self.log_dir, self.prefix = log_dir, prefix
+        self._source = real_env
+        self._env: gym.Env | None = real_env if isinstance(real_env, gym.Env) else None
+        self._owns_env = False
+        self._writer: Any = None
+        self._owns_writer = False
+        self._next = every
+        self.history: list[dict[str, Any]] = []
+
+    def _init_callback(self) -> None:
+        if self.log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer, self._owns_writer = SummaryWriter(self.log_dir), True
+            return
+        for fmt in self.logger.output_formats:
+            if isinstance(fmt, TensorBoardOutputFormat):
+                self._writer = fmt.writer
+                return
+        raise ValueError("LockstepVideoCallback: the model's logger writes no TensorBoard events; create the model "
+                         "with tensorboard_log=DIR or pass log_dir=DIR to the callback")
+
+    def _real_env(self) -> gym.Env:
+        if self._env is None:
+            self._env = self._source()
+            self._owns_env = True
+        return self._env
+
+    def _trace(self, k: int) -> RolloutTrace:
+        if self._source is None:  # dataset-only bundle: a held-out recorded episode, replayed in the dream
+            store = EpisodeStore(self.wm.store_path)
+            ids = store.episode_ids("test") + store.episode_ids("val") or store.episode_ids()
+            ids = [e for e in ids if store.length(e) > 1]
+            if not ids:
+                raise ValueError(f"{self.wm.store_path}: no episode of 2 frames or more to replay")
+            eid = ids[k % len(ids)]
+            return lockstep_trace(self.wm, store, eid, steps=self.steps, seed=self.seed + k)
+        probe = SB3Probe(self.model.policy, name=f"{type(self.model).__name__} at {self.num_timesteps}")
+        return follow_trace(self.wm, self._real_env(), probe, steps=self.steps, resync_every=self.resync_every,
+                            seed=self.seed + k)
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        if self.num_timesteps >= self._next:
+            self.log_video()
+            self._next = (self.num_timesteps // self.every + 1) * self.every
+
+    def log_video(self) -> dict[str, Any]:
+        """Run one lockstep rollout with the current policy now and write it to TensorBoard; returns its summary."""
+        k = len(self.history)
+        trace = self._trace(k)
+        summary = summarize(trace, self.psnr_threshold)
+        step = self.num_timesteps
+        frames = np.stack(trace_frames(trace, self.scale))  # (T+1, H', W', 3)
+        tensorboard_video(self._writer, f"{self.prefix}/video", frames, step, fps=self.fps)
+        self._writer.add_figure(f"{self.prefix}/optimism", optimism_figure(trace), step, close=True)
+        self._writer.flush()
+        first = summary.first_divergence_step
+        scalars = {"mean_psnr_db": summary.mean_psnr_db, "optimism": summary.optimism,
+                   "first_divergence_step": float(first if first is not None else summary.steps + 1),
+                   "real_return": summary.real_return, "predicted_return": summary.predicted_return}
+        if summary.disagreement_rate is not None:
+            scalars["disagreement_rate"] = summary.disagreement_rate
+        for key, v in scalars.items():
+            self.logger.record(f"{self.prefix}/{key}", float(v))
+        if self.verbose:
+            print(f"[{self.prefix}] t={step} psnr {summary.mean_psnr_db:.2f} dB, optimism {summary.optimism:+.2f}, "
+                  f"first divergence {first}")
+        row = {"timesteps": step, **summary.to_dict()}
+        self.history.append(row)
+        return row
+
+    def close(self) -> None:
+        """Close the real env this callback made from a factory and the writer it opened (``log_dir``)."""
+        if self._owns_env and self._env is not None:
+            self._env.close()
+            self._env, self._owns_env = None, False
+        if self._owns_writer and self._writer is not None:
+            self._writer.close()
+            self._writer, self._owns_writer = None, False
+
+    def _on_training_end(self) -> None:
+        self.close()

@@ -7,7 +7,7 @@ Examples:
     python experiments/train_policy.py --env gym:ALE/Pong-v5 --eval-real      # a bundle of any Gymnasium env
 
 Two learners: ``--algo ppo`` (SB3 PPO ``CnnPolicy`` on the dream's pixels) and ``--algo cmaes`` (World
-Models' recipe: a linear controller on the tokenizer's features, evolved by CMA-ES; see
+Models' recipe: a linear controller on frame features (colour keys or token features), evolved by CMA-ES; see
 envs/controller.py). ``--algo auto`` (default) picks the one measured best for the preset: cmaes for
 vizdoom_take_cover (README Results), ppo otherwise. The PPO policy is saved to
 ``<checkpoint>/policies/ppo_dream.safetensors`` (a policy file: safetensors + JSON settings, no pickle), the controller to ``<checkpoint>/policies/cmaes_dream/``
@@ -15,7 +15,9 @@ vizdoom_take_cover (README Results), ppo otherwise. The PPO policy is saved to
 and a uniform random policy are scored in the dream and in the real env, side by side (the
 dream–real gap): the real env the bundle's store was collected in, rebuilt from the settings the store
 records (ViZDoom: frame skip, health bar; ``gym:<ID>``: id, gym.make kwargs, pixel source, frame skip,
-sticky actions, episode cap).
+sticky actions, episode cap). With ``--lockstep-every N`` (PPO), every N timesteps the policy being trained drives the
+real game with the dream following, and the lockstep video and the dream-optimism figure go to
+TensorBoard (``lockstep/video``, ``lockstep/optimism``), so the dream–real gap can be watched as it opens.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from typing import Literal
 import torch
 import tyro
 
+from envs.callbacks import LockstepVideoCallback
 from envs.controller import CMAESConfig, save_controller, train_cmaes
 from envs.dream import DreamVectorEnv, load_world_model
+from envs.follow import has_real_env, make_bundle_real_env
 from envs.policy import PPOConfig, real_env_kwargs, save_policy, score_dream, score_real, train_ppo
 from envs.real import is_real_env
 from envs.sb3_vec import DreamVecEnv
@@ -45,7 +49,7 @@ class Args:
     checkpoint: str | None = None
     """Bundle directory (default: the newest bundle of --env under runs/ or $WORLDMODEL_HOME/runs)."""
     algo: Literal["auto", "ppo", "cmaes"] = "auto"
-    """Learner: PPO on pixels, CMA-ES linear controller on token features, or auto (cmaes for vizdoom_take_cover)."""
+    """Learner: PPO on pixels, CMA-ES linear controller on frame features (envs/controller.py), or auto (cmaes for vizdoom_take_cover)."""
     timesteps: int = 50_000
     """Dream env steps to train for (all envs together; PPO)."""
     num_envs: int = 16
@@ -87,6 +91,14 @@ class Args:
     """CMA-ES hyper-parameters (--algo cmaes); its max_episode_steps caps dream episodes during evolution."""
     progress: bool = True
     """Show a progress bar."""
+    lockstep_every: int = 0
+    """PPO: every this many timesteps, write a lockstep video (the policy drives the real env, the dream follows)
+    and the dream-optimism figure to TensorBoard (<checkpoint>/tb_policy); 0 = off. Dataset-only bundles replay
+    a recorded episode instead."""
+    lockstep_steps: int = 32
+    """Steps of each lockstep video."""
+    lockstep_resync_every: int = 1
+    """Re-sync the lockstep's second dream to the real frames every K steps (0 = no re-synced dream)."""
 
 
 def main(args: Args) -> dict:
@@ -99,18 +111,31 @@ def main(args: Args) -> dict:
                  "'.safetensors' (--algo cmaes saves a directory)")
     if args.eval_real and not is_real_env(args.env):  # checked before training
         sys.exit(f"error: --eval-real: --env {args.env!r} has no real env; expected a ViZDoom preset or gym:<Gymnasium id>")
+    if args.lockstep_every < 0:
+        sys.exit(f"error: --lockstep-every {args.lockstep_every}: expected timesteps >= 1, or 0 (off)")
+    if algo != "ppo" and args.lockstep_every:
+        sys.exit("error: --lockstep-every is an SB3 callback of --algo ppo; for a controller, run "
+                 "rollout.py --policy <controller dir> --mode follow after training")
     try:
         wm = load_world_model(args.checkpoint, args.env, args.device)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     run = Path(wm.path)
+    callbacks = []
+    if args.lockstep_every:
+        real_env = (lambda: make_bundle_real_env(wm, battle2_path=args.battle2_path)) if has_real_env(wm) else None
+        if real_env is None:
+            print(f"note: the bundle models {wm.cfg.env!r}, which has no real env here: the lockstep videos replay "
+                  "held-out recorded episodes in the dream instead", file=sys.stderr)
+        callbacks.append(LockstepVideoCallback(wm, real_env, every=args.lockstep_every, steps=args.lockstep_steps,
+                                               resync_every=args.lockstep_resync_every, seed=args.seed))
     dream_kw = {"temperature": args.temperature, "top_k": args.top_k, "context_frames": args.context_frames,
                 "termination": args.termination, "termination_threshold": args.termination_threshold,
                 "decode": args.decode, "maskgit_steps": args.maskgit_steps}
     if algo == "ppo":
         model, venv = train_ppo(wm, args.timesteps, num_envs=args.num_envs, ppo=args.ppo, seed=args.seed,
                                 max_episode_steps=args.max_episode_steps, tensorboard_log=run / "tb_policy",
-                                progress_bar=args.progress, **dream_kw)
+                                callbacks=callbacks or None, progress_bar=args.progress, **dream_kw)
         out = save_policy(model, args.out or run / "policies" / "ppo_dream.safetensors")
     else:
         c = args.cmaes

@@ -12,10 +12,14 @@ import numpy as np
 import pytest
 
 from envs.controller import (
+    COLOR_KEYS,
     CMAESConfig,
+    ColorKey,
+    ColorKeyFeatures,
     ControllerConfig,
     LinearController,
     TokenFeatures,
+    controller_config,
     is_controller,
     load_controller,
     save_controller,
@@ -111,6 +115,46 @@ def test_motion_input_resets_at_episode_start(tc_bundle):
     assert ctrl.predict(b, episode_start=np.array([True]))[0].tolist() == [0]  # a new episode forgets the old frame
 
 
+def test_color_keys_count_matching_pixels_per_strip():
+    keys = (ColorKey("yellow", ((1, 0, 0, 170), (0, 1, 0, 140), (0, 0, -1, -130)), rows=(0, 32), scale=1.0),
+            ColorKey("brown", ((1, 0, -1, 25),), scale=2.0))
+    feats = ColorKeyFeatures(keys, strips=4)
+    frames = np.full((2, 64, 64, 3), 90, np.uint8)  # grey: passes neither key
+    frames[0, 10:14, 20:22] = (250, 230, 60)  # 8 yellow pixels in strip 1 (columns 16-31), top half
+    frames[0, 40:44, 50:52] = (250, 230, 60)  # yellow but below row 32: not counted by "yellow"
+    frames[1, :, 48:] = (150, 100, 60)  # brown: the whole of strip 3
+    f = feats(frames)
+    assert f.shape == (2, 8) and feats.dim == 8
+    np.testing.assert_allclose(f[0, :4], [0, 8 / (32 * 16), 0, 0])
+    np.testing.assert_allclose(f[0, 4:], [0, 2 * 8 / (64 * 16), 0, 2 * 8 / (64 * 16)])  # yellow has R - B > 25 too
+    np.testing.assert_allclose(f[1], [0, 0, 0, 0, 0, 0, 0, 2.0])
+    assert COLOR_KEYS["vizdoom_take_cover"][0].name == "fireball"
+    with pytest.raises(ValueError, match="width"):
+        feats(np.zeros((1, 64, 30, 3), np.uint8))
+
+
+def test_previous_action_input_and_color_key_controller_roundtrip(tc_bundle, tmp_path):
+    wm = WorldModel.from_pretrained(tc_bundle)
+    cfg = CMAESConfig(features="auto", last_action=True, motion=False)
+    ccfg = controller_config(wm, 2, cfg)  # the bundle is a vizdoom_take_cover preset: colour keys
+    assert ccfg.features == "color_keys" and ccfg.n_inputs == ccfg.n_features + 2
+    feats = ColorKeyFeatures(ccfg.color_keys, ccfg.strips)
+    p = np.zeros(ccfg.n_params, np.float32)
+    p[-2], p[-1] = -1.0, 0.5  # flip: 0.5 - previous action (+1 right, -1 left, 0 at the start)
+    ctrl = LinearController(ccfg, feats, p)
+    frames = np.zeros((1, TINY_RES, TINY_RES, 3), np.uint8)
+    seq = [int(ctrl.predict(frames, episode_start=np.array([t == 0]))[0][0]) for t in range(4)]
+    assert seq == [1, 0, 1, 0]  # it alternates because it reads what it did last
+    assert int(ctrl.predict(frames, episode_start=np.array([True]))[0][0]) == 1  # a new episode forgets it
+    out = save_controller(ctrl, tmp_path / "ck")
+    back = load_controller(out, wm)
+    assert back.cfg == ccfg and isinstance(back.features, ColorKeyFeatures)
+    rng = np.random.default_rng(0)
+    many = rng.integers(0, 256, (5, TINY_RES, TINY_RES, 3), dtype=np.uint8)
+    w = rng.normal(size=ccfg.n_params).astype(np.float32)
+    np.testing.assert_array_equal(LinearController(ccfg, feats, w).act(many), LinearController(back.cfg, back.features, w).act(many))
+
+
 def test_save_load_roundtrip_without_pickle(tc_bundle, tmp_path):
     wm = WorldModel.from_pretrained(tc_bundle)
     feats = TokenFeatures(wm).fit(EpisodeStore(wm.store_path), n_frames=32)
@@ -131,7 +175,8 @@ def test_save_load_roundtrip_without_pickle(tc_bundle, tmp_path):
 def test_cmaes_learns_a_pixel_rule(tc_bundle):
     """In a toy env where the reward names the frame's brightness, evolution beats chance clearly."""
     wm = WorldModel.from_pretrained(tc_bundle)
-    cfg = CMAESConfig(generations=6, popsize=8, episodes=1, max_episode_steps=20, sigma0=1.0)
+    cfg = CMAESConfig(generations=6, popsize=8, episodes=1, max_episode_steps=20, sigma0=1.0, features="tokens",
+                      motion=True, last_action=False)
     venv = gym.vector.SyncVectorEnv([BrightnessEnv for _ in range(cfg.popsize * cfg.episodes)])
     ctrl, hist = train_cmaes(wm, venv, cfg, seed=0)
     assert len(hist) == 6 and all(h["mean_length"] == 20 for h in hist)

@@ -232,6 +232,18 @@ def check_rollout_episode(root: Path, r: Result) -> None:
     assert "mean_psnr_db" in _last_json(r)
 
 
+def check_rollout_follow(root: Path, r: Result) -> None:
+    (html,) = _new(root, r, f"{HGS}/rollouts/follow-ppo_dream-*.html")
+    for f in (html.with_suffix(".mp4"), html.with_suffix(".gif"), html.with_suffix(".png"), html.with_suffix(".json"),
+              html.with_name(f"{html.stem}-optimism.png")):
+        assert f.is_file() and f.stat().st_size > 100, f
+    frames = _decode(html.with_suffix(".mp4"))
+    assert 2 <= len(frames) <= 5 and frames[0].shape == (2 * 64 + 6, 3 * 64 + 8, 3)  # 2 rows × 3 panels, upscale 1
+    out = _last_json(r)
+    assert out["mode"] == "follow" and (root / out["html"]).resolve() == html.resolve()
+    assert f"report: {out['html']}" in r.stdout and "dream optimism" in r.stdout
+
+
 def check_play(root: Path, r: Result) -> None:
     frames = _decode(root / "play.mp4")
     assert len(frames) == len(PLAY_KEYS.split(",")) + 1 and frames[0].shape == (64, 64, 3)
@@ -321,6 +333,8 @@ CASES: dict[str, Case] = {
     "python experiments/rollout.py --env vizdoom_hgs --policy runs/vizdoom_hgs-tiny/policies/ppo_dream.safetensors":
         Case(ROLLOUT_MICRO, check_rollout_policy),
     "python experiments/rollout.py --env vizdoom_hgs --policy episode": Case(ROLLOUT_MICRO, check_rollout_episode),
+    "python experiments/rollout.py --env vizdoom_hgs --policy runs/vizdoom_hgs-tiny/policies/ppo_dream.safetensors "
+    "--mode follow": Case(ROLLOUT_MICRO, check_rollout_follow),
     "python experiments/play.py --env vizdoom_hgs": Case(PLAY_MICRO, check_play),
     "python experiments/collect.py --env vizdoom_hgs --episodes 20 --out data/vizdoom_hgs":
         Case(["--episodes", "6", "--num-envs", "1"], check_collect_hgs),

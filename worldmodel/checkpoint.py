@@ -51,16 +51,22 @@ def atomic_replace(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically (temporary file + rename)."""
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 text atomically (temporary file + rename); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_near(path)
     try:
-        tmp.write_text(json.dumps(obj, indent=2))
+        tmp.write_text(text, encoding="utf-8")
         atomic_replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def write_run_config(run_dir: str | os.PathLike, config: dict[str, Any], store_meta: dict[str, Any] | None) -> None:

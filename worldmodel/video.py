@@ -47,6 +47,22 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     return path
 
 
+def save_figure(fig: object, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)  # type: ignore[attr-defined]
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def write_video(frames: Sequence[np.ndarray] | np.ndarray, path: str | os.PathLike, fps: float = 10.0) -> Path:
     """Write frames to ``path`` (``.mp4`` with H.264 or ``.gif``) with moviepy (ffmpeg from imageio-ffmpeg).
 
