@@ -19,12 +19,15 @@ import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
-from envs.vizdoom import ENV_NAMES, action_names, make_real_env_fn
-from worldmodel.random_policy import StickyRandomPolicy
+from envs.gym_source import is_gym_env
+from envs.real import check_real_env, make_real_env_fn, recorded_settings, store_action_spec
+from envs.vizdoom import action_names
+from worldmodel.random_policy import StickyRandomBoxPolicy, StickyRandomPolicy
 from worldmodel.store import STORE_JSON, ActionSpec, EpisodeStore, StoreWriter
 
 Policy = Callable[[np.ndarray], np.ndarray]
-"""Maps a batch of observations uint8 ``(N, H, W, 3)`` to discrete actions int64 ``(N,)``."""
+"""Maps a batch of observations uint8 ``(N, H, W, 3)`` to actions of the env's (exposed) action space: int64
+``(N,)`` for discrete actions, float32 ``(N, dim)`` in [-1, 1] for a ``gym:`` env's Box."""
 
 
 class SB3Policy:
@@ -44,7 +47,10 @@ class SB3Policy:
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         actions, _ = self.model.predict(obs, deterministic=self.deterministic)
-        return np.asarray(actions, dtype=np.int64).reshape(len(obs))
+        a = np.asarray(actions)
+        if np.issubdtype(a.dtype, np.integer):
+            return a.astype(np.int64).reshape(len(obs))
+        return a.astype(np.float32).reshape(len(obs), -1)
 
 
 @dataclass
@@ -64,7 +70,8 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
     """Collect ``episodes`` episodes of the real env ``env`` into the store at ``out``.
 
     Args:
-        env: ``"vizdoom_hgs"`` or ``"vizdoom_battle2"``.
+        env: a real env (:func:`envs.real.check_real_env`): ``"vizdoom_hgs"``, ``"vizdoom_battle2"``,
+            ``"vizdoom_take_cover"`` or ``"gym:<Gymnasium id>"``.
         out: store directory; if it already holds episodes, only the missing ones are collected.
         episodes: total number of episodes the store should hold at the end.
         policy: ``"random"`` (sticky random actions), the path of a policy file (``envs.policy.save_policy``),
@@ -73,22 +80,35 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
         seed: base seed; a resumed run offsets it by the number of stored episodes.
         mean_repeat: mean number of steps a random action is held.
         episodes_per_shard: episodes per shard file (the most a kill can lose).
-        env_kwargs: passed to :func:`envs.vizdoom.make_real_env` (e.g. ``resolution``, ``frame_skip``,
-            ``battle2_path``).
+        env_kwargs: passed to :func:`envs.real.make_real_env` (ViZDoom: ``resolution``, ``frame_skip``,
+            ``battle2_path``, ...; ``gym:`` envs: ``resolution``, ``module``, ``make_kwargs``, ``pixels``,
+            ``frame_skip``, ``sticky_actions``, ``max_episode_steps``). The store records the effective settings
+            (``extra.env_kwargs``; for ``gym:`` envs also ``extra.gym``: spaces, spec kwargs, action mapping,
+            resize), so that evaluation rebuilds the same env. ``gym:`` Box actions are stored in the env's units
+            (the policy acts in [-1, 1], as in the dream).
         asynchronous: one process per env (``AsyncVectorEnv``); False steps them in this process.
         trust_pickle: also accept an SB3 PPO ``.zip`` as ``policy`` -- loading one unpickles it and runs any
             code it holds; only for zips of trusted origin.
         merge: append to a store collected with other settings (``env``, ``env_kwargs``); without it that
             is a :class:`~worldmodel.store.StoreError` naming the differing keys.
     """
-    if env not in ENV_NAMES:
-        raise ValueError(f"env: got {env!r}, expected one of {list(ENV_NAMES)}")
+    check_real_env(env)
     if episodes < 1 or num_envs < 1:
         raise ValueError(f"episodes and num_envs must be >= 1, got episodes={episodes}, num_envs={num_envs}")
     env_kwargs = dict(env_kwargs or {})
     out = Path(out)
     # load a policy file before any engine starts: a bad file fails here, with no process to clean up
     loaded = SB3Policy(policy, trust_pickle=trust_pickle) if isinstance(policy, str) and policy != "random" else None
+    to_store = None
+    if is_gym_env(env):  # a gym env runs in-process anyway: its effective settings come from a probe
+        probe = make_real_env_fn(env, **env_kwargs)()
+        try:
+            recorded, described = recorded_settings(probe, env, env_kwargs)
+            to_store = probe.store_actions  # type: ignore[attr-defined]
+            spec = store_action_spec(probe, env)
+            env_kwargs = dict(recorded)  # the workers make exactly the recorded env (pixels, frame skip resolved)
+        finally:
+            probe.close()
     # Sizes the vector env only (the writer below recounts under its lock).
     stored = len(EpisodeStore(out)) if (out / STORE_JSON).exists() else 0
     fns = [make_real_env_fn(env, engines_in_workers=asynchronous, **env_kwargs)
@@ -99,30 +119,34 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
     bar: Any = None
     finished = 0
     # every exit path (an error, Ctrl-C, SIGTERM under the CLI) closes the writer (keeping complete
-    # buffered episodes) and every engine process. The engines start in the env workers only (the vector env
+    # buffered episodes) and every engine process. ViZDoom engines start in the env workers only (the vector env
     # reads the spaces from a RealEnvSpaces here), before the store is opened: a SIGKILL of this process, which
     # runs no cleanup, orphans no engine (a worker closes its engine when its pipe to this process breaks), and
     # no worker holds a copy of the writer's descriptors.
     try:
         venv = gym.vector.AsyncVectorEnv(fns) if asynchronous else gym.vector.SyncVectorEnv(fns)
         num_envs = venv.num_envs
-        # record the effective settings, defaults included, so evaluation can rebuild this env
-        env_kwargs = {**env_kwargs, **{k: venv.get_attr(k)[0] for k in ("resolution", "frame_skip", "health_bar")}}
-        obs_shape = venv.single_observation_space.shape
-        n_actions = int(venv.single_action_space.n)  # type: ignore[attr-defined]
         fps = float(venv.get_attr("metadata")[0].get("render_fps", 0.0))
-        spec = ActionSpec.discrete(n_actions, names=action_names(env))
+        obs_shape = venv.single_observation_space.shape
+        if not is_gym_env(env):
+            # record the effective settings, defaults included, so evaluation can rebuild this env
+            recorded = {k: str(v) for k, v in
+                        {**env_kwargs, **{k: venv.get_attr(k)[0] for k in ("resolution", "frame_skip", "health_bar")}}.items()}
+            described = {}
+            spec = ActionSpec.discrete(int(venv.single_action_space.n), names=action_names(env))  # type: ignore[attr-defined]
         writer = StoreWriter(out, source=env, obs_shape=obs_shape, action_spec=spec, fps=fps,
                              episodes_per_shard=episodes_per_shard,
-                             extra={"env": env, "env_kwargs": {k: str(v) for k, v in env_kwargs.items()}}, merge=merge)
+                             extra={"env": env, "env_kwargs": recorded, **described}, merge=merge)
         policy_name = policy if isinstance(policy, str) else "callable"  # per episode: a store may grow under several
         present = report.already_present = writer.num_episodes
         if present >= episodes:
             return report
         todo = episodes - present
         run_seed = seed + 100_003 * present  # a resumed run must not replay the episodes it already stored
-        if policy == "random":
-            act: Policy = StickyRandomPolicy(n_actions, num_envs, mean_repeat, seed=run_seed)
+        if policy == "random" and spec.kind == "continuous":
+            act: Policy = StickyRandomBoxPolicy(spec.dim, num_envs, mean_repeat, seed=run_seed)
+        elif policy == "random":
+            act = StickyRandomPolicy(spec.n, num_envs, mean_repeat, seed=run_seed)
         elif loaded is not None:
             act = loaded
         else:
@@ -134,6 +158,7 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
         while finished < todo:
             actions = act(obs)
             obs, rew, term, trunc, _ = venv.step(actions)
+            stored = to_store(actions) if to_store is not None else np.asarray(actions, np.int64).reshape(num_envs)
             report.env_steps += int((~fresh).sum())
             for i in range(num_envs):
                 if fresh[i]:  # the vector env ignored our action and reset this env
@@ -141,11 +166,13 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
                     continue
                 b = buf[i]
                 b["frames"].append(obs[i])
-                b["actions"].append(int(actions[i]))
+                b["actions"].append(stored[i])
                 b["rewards"].append(float(rew[i]))
                 b["terminated"].append(bool(term[i]))
                 if (term[i] or trunc[i]) and finished < todo:
-                    writer.add_episode(np.stack(b["frames"]), np.array(b["actions"], np.int64),
+                    n_act = len(b["actions"])
+                    writer.add_episode(np.stack(b["frames"]),
+                                       np.asarray(b["actions"], stored.dtype).reshape((n_act, *stored.shape[1:])),
                                        np.array(b["rewards"], np.float32), np.array(b["terminated"], bool),
                                        truncated=bool(trunc[i]) and not bool(term[i]), attrs={"policy": policy_name})
                     report.returns.append(float(np.sum(b["rewards"])))

@@ -31,27 +31,31 @@ import torch
 
 from envs.policy import real_env_kwargs
 from envs.policy_probe import PolicyProbe, PolicyReading
-from envs.vizdoom import ENV_NAMES, VizdoomEnv, make_real_env
+from envs.real import is_real_env, make_real_env
 from worldmodel.bundle import WorldModel
 from worldmodel.rollout_video import DreamTrack, PolicyTrack, RolloutTrace
 
 
 def has_real_env(wm: WorldModel) -> bool:
-    """Whether the bundle's data comes from an env that runs here (a ViZDoom preset), so a policy can drive it."""
-    return wm.cfg.env in ENV_NAMES
+    """Whether the bundle's data comes from an env that runs here (a ViZDoom preset or ``gym:<ID>``), so a policy
+    can drive it."""
+    return is_real_env(wm.cfg.env)
 
 
 def make_bundle_real_env(wm: WorldModel, *, max_episode_steps: int | None = None,
-                         battle2_path: str | None = None) -> VizdoomEnv:
-    """The real env the bundle's data was collected in (frame skip, health bar, the bundle's resolution);
-    ``ValueError`` for a dataset-only bundle."""
+                         battle2_path: str | None = None) -> gym.Env:
+    """The real env the bundle's data was collected in (the settings its store records, :func:`envs.policy.real_env_kwargs`;
+    the bundle's resolution); ``max_episode_steps`` overrides a recorded episode cap. ``ValueError`` for a
+    dataset-only bundle."""
     if not has_real_env(wm):
         raise ValueError(f"the bundle {wm.path} models {wm.cfg.env!r}, which has no real env here (real envs: "
-                         f"{list(ENV_NAMES)}); replay a recorded episode instead (rollout.py --mode episode)")
+                         f"ViZDoom presets and gym:<ID>); replay a recorded episode instead (rollout.py --mode episode)")
     kw: dict[str, Any] = real_env_kwargs(wm)
     if battle2_path is not None:
         kw["battle2_path"] = battle2_path
-    return make_real_env(wm.cfg.env, resolution=wm.obs_shape[0], max_episode_steps=max_episode_steps, **kw)
+    if max_episode_steps is not None or "max_episode_steps" not in kw:
+        kw["max_episode_steps"] = max_episode_steps
+    return make_real_env(wm.cfg.env, resolution=wm.obs_shape[0], **kw)
 
 
 def _track(readings: list[PolicyReading]) -> PolicyTrack:

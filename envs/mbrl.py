@@ -51,8 +51,8 @@ from envs.callbacks import DreamExploitWarning
 from envs.collect import collect
 from envs.policy import PPOConfig, Score, real_vec_env, save_policy, score_dream, score_real
 from envs.policy_file import is_zip, load_algorithm, load_sb3_zip, resolve_in_dir
+from envs.real import is_real_env
 from envs.sb3_vec import DreamVecEnv
-from envs.vizdoom import ENV_NAMES
 from worldmodel.bundle import WorldModel
 from worldmodel.checkpoint import atomic_replace, write_json
 from worldmodel.config import ExperimentConfig
@@ -238,15 +238,16 @@ def run_mbrl(cfg: ExperimentConfig, run_dir: str | os.PathLike, m: MBRLConfig, *
     """Run (or resume) the loop for the real-env preset ``cfg`` in ``run_dir``; returns the final report.
 
     Args:
-        cfg: a preset whose ``env`` is a real env (``vizdoom_hgs`` / ``vizdoom_battle2``); its
+        cfg: a preset whose ``env`` is a real env (``vizdoom_*`` or ``gym:<ID>``, :mod:`envs.real`); its
             ``data.store`` is the store the loop collects into (created if missing, grown otherwise: a
             store that already holds episodes counts them as real data used) and its training
             budgets are round 0's.
         run_dir: the world-model bundle and all loop outputs (see the module docstring).
         m: the loop's budgets.
-        env_kwargs: real-env options for collection, evaluation and the direct baseline
-            (``health_bar``, ``frame_skip``, ``battle2_path``, ``max_episode_steps``); the resolution
-            is ``cfg.data.resolution``.
+        env_kwargs: real-env options for collection, evaluation and the direct baseline (ViZDoom:
+            ``health_bar``, ``frame_skip``, ``battle2_path``, ``max_episode_steps``; ``gym:`` envs: ``module``,
+            ``make_kwargs``, ``pixels``, ``frame_skip``, ``sticky_actions``, ``max_episode_steps``); the
+            resolution is ``cfg.data.resolution``.
         trust_pickle: resume a run whose state names an SB3 ``.zip`` policy (written before policy files);
             loading one unpickles it and runs any code it holds.
 
@@ -257,8 +258,9 @@ def run_mbrl(cfg: ExperimentConfig, run_dir: str | os.PathLike, m: MBRLConfig, *
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    if cfg.env not in ENV_NAMES:
-        raise ValueError(f"cfg.env: got {cfg.env!r}; the loop needs a real env, one of {list(ENV_NAMES)}")
+    if not is_real_env(cfg.env):
+        raise ValueError(f"cfg.env: got {cfg.env!r}; the loop needs a real env: a ViZDoom preset (vizdoom_hgs, "
+                         f"vizdoom_battle2, vizdoom_take_cover) or 'gym:<Gymnasium id>'")
     m.validate()
     env_kwargs = dict(env_kwargs or {})
     if "resolution" in env_kwargs:

@@ -20,9 +20,10 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecNormalize
 
 from envs.dream import DreamEnv
+from envs.gym_source import GYM_KWARGS
 from envs.policy_file import open_policy, save_policy_file
+from envs.real import check_real_env, make_real_env_fn
 from envs.sb3_vec import DreamVecEnv
-from envs.vizdoom import ENV_NAMES, make_real_env_fn
 from worldmodel.bundle import WorldModel
 from worldmodel.rollout_video import RolloutTrace
 
@@ -57,9 +58,14 @@ def _score(model: BaseAlgorithm | None, venv: VecEnv, episodes: int, determinist
 
 
 def real_env_kwargs(wm: WorldModel) -> dict[str, Any]:
-    """The real-env settings the bundle's data was collected with (frame skip, health bar), so that a
-    policy trained in the dream is scored in the same real env; resolution is the bundle's."""
-    recorded = wm.store_meta.get("extra", {}).get("env_kwargs", {})
+    """The real-env settings the bundle's data was collected with, so that a policy trained in the dream is
+    scored in the same real env; resolution is the bundle's (callers pass it). ViZDoom: frame skip and health
+    bar. ``gym:`` envs: every recorded setting (module, gym.make kwargs, pixel source, frame skip, sticky
+    actions, episode cap; :meth:`envs.gym_source.GymPixelEnv.settings`)."""
+    extra = wm.store_meta.get("extra", {})
+    recorded = extra.get("env_kwargs", {})
+    if str(extra.get("env", "")).startswith("gym:"):
+        return {k: v for k, v in recorded.items() if k in GYM_KWARGS and k != "resolution"}
     out: dict[str, Any] = {}
     if "frame_skip" in recorded:
         out["frame_skip"] = int(recorded["frame_skip"])
@@ -69,9 +75,9 @@ def real_env_kwargs(wm: WorldModel) -> dict[str, Any]:
 
 
 def real_vec_env(env: str, resolution: int, num_envs: int = 1, **env_kwargs: Any) -> VecEnv:
-    """The real ViZDoom env ``env`` at the bundle's resolution, as an SB3 VecEnv (in-process)."""
-    if env not in ENV_NAMES:
-        raise ValueError(f"env: {env!r} has no real env here; expected one of {list(ENV_NAMES)}")
+    """The real env ``env`` (a ViZDoom scenario or ``gym:<ID>``, :mod:`envs.real`) at the bundle's resolution, as an
+    SB3 VecEnv (in-process)."""
+    check_real_env(env)
     fn = make_real_env_fn(env, resolution=resolution, **env_kwargs)
     made: list[Any] = []
     try:  # if the k-th engine fails to start, the ones already started are closed

@@ -1,32 +1,44 @@
-"""Collect real ViZDoom episodes into an episode store (resumable: re-run the same command after a kill).
+"""Collect real episodes into an episode store (resumable: re-run the same command after a kill).
 
-Example:
+Examples:
     python experiments/collect.py --env vizdoom_hgs --episodes 20 --out data/hgs
     python experiments/collect.py --env vizdoom_battle2 --episodes 20 --out data/battle2   # the packaged map
+    python experiments/collect.py --env gym:ALE/Pong-v5 --episodes 20                       # -> data/gym-ALE-Pong-v5
+    python experiments/collect.py --env gym:CarRacing-v3 --episodes 20 --max-episode-steps 250
+    python experiments/collect.py --env gym:MyEnv-v0 --env-module my_package --pixels key:camera
+
+``--env gym:<ID>`` collects any Gymnasium env with pixels (an image observation, an image entry of a Dict
+observation, or render_mode='rgb_array'; envs/gym_source.py); the store records the env id, the gym.make
+kwargs and the wrapper settings, so a policy trained in its dream is later scored in the same real env.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Annotated
 
 import numpy as np
 import tyro
 
 from envs.collect import collect
+from envs.gym_source import is_gym_env
+from envs.real import EnvOptions, check_real_env
 from envs.vizdoom import sigterm_exits
+from worldmodel.config import safe_name
 from worldmodel.store import StoreError
 
 
 @dataclass
 class Args:
-    env: Literal["vizdoom_hgs", "vizdoom_battle2", "vizdoom_take_cover"] = "vizdoom_hgs"
-    """Real environment to play."""
+    env: str = "vizdoom_hgs"
+    """Real environment to play: vizdoom_hgs, vizdoom_battle2, vizdoom_take_cover or gym:<Gymnasium id>
+    (e.g. gym:ALE/Pong-v5, gym:CarRacing-v3, gym:VizdoomDefendCenter-v1)."""
     episodes: int = 20
     """Total episodes the store should hold when done (already stored ones count)."""
-    out: str = "data/hgs"
-    """Episode store directory (created, or appended to when it exists)."""
+    out: str | None = None
+    """Episode store directory (created, or appended to when it exists; default: data/<env>, the store
+    experiments/train.py reads, with ':' and '/' of gym: ids as '-')."""
     policy: str = "random"
     """'random' (sticky random actions) or the path of a policy file (train_policy.py's .safetensors)."""
     trust_pickle: bool = False
@@ -40,30 +52,41 @@ class Args:
     """Mean number of env steps a random action is held (sticky actions)."""
     resolution: int = 64
     """Observation height and width in pixels."""
-    frame_skip: int = 4
-    """Game tics per env step (ViZDoom runs at 35 tics/s)."""
+    max_episode_steps: int | None = None
+    """Truncate episodes after this many steps (recorded: evaluation plays the same cap; None: the env's own limits)."""
     battle2_path: str | None = None
     """Directory holding D4_battle2.wad and D4_battle2.cfg (Battle2 only; or set VIZDOOM_BATTLE2_PATH; default: the map shipped with the package)."""
     health_bar: bool = True
     """Draw the player's health as a red bar over the bottom rows of each frame (a HUD legible at 64×64;
-    the dream needs it to predict deaths). --no-health-bar collects the raw scenario frames."""
+    the dream needs it to predict deaths; ViZDoom presets only). --no-health-bar collects the raw scenario frames."""
     merge: bool = False
     """Append to a store collected with other settings (env, frame skip, resolution, health bar); without it
     that is an error naming the differing settings."""
     episodes_per_shard: int = 8
     """Episodes per HDF5 shard; a kill loses at most the episodes of one unfinished shard."""
+    real: Annotated[EnvOptions, tyro.conf.arg(name="")] = field(default_factory=EnvOptions)
+    """How to make the env (--frame-skip; gym:<ID> envs: --env-module, --env-kwargs, --pixels, --sticky-actions)."""
 
 
 def main(args: Args) -> None:
     sigterm_exits()  # SIGTERM runs the cleanup (every ViZDoom engine closed) instead of killing outright
-    env_kwargs = {"resolution": args.resolution, "frame_skip": args.frame_skip, "health_bar": args.health_bar}
-    if args.battle2_path is not None:
-        env_kwargs["battle2_path"] = args.battle2_path
     try:
-        r = collect(args.env, args.out, args.episodes, policy=args.policy, num_envs=args.num_envs, seed=args.seed,
+        check_real_env(args.env, "--env")
+        env_kwargs = {**args.real.env_kwargs_for(args.env), "resolution": args.resolution}
+        if is_gym_env(args.env):
+            if args.battle2_path is not None:
+                raise ValueError("--battle2-path applies to vizdoom_battle2 only")
+        else:
+            env_kwargs = {"frame_skip": 4, **env_kwargs, "health_bar": args.health_bar}
+            if args.battle2_path is not None:
+                env_kwargs["battle2_path"] = args.battle2_path
+        if args.max_episode_steps is not None:
+            env_kwargs["max_episode_steps"] = args.max_episode_steps
+        out = args.out or f"data/{safe_name(args.env)}"
+        r = collect(args.env, out, args.episodes, policy=args.policy, num_envs=args.num_envs, seed=args.seed,
                     mean_repeat=args.mean_repeat, episodes_per_shard=args.episodes_per_shard, env_kwargs=env_kwargs,
                     trust_pickle=args.trust_pickle, merge=args.merge)
-    except (FileNotFoundError, ValueError, StoreError) as e:
+    except (FileNotFoundError, ImportError, ValueError, StoreError) as e:
         sys.exit(f"error: {e}")
     if r.collected == 0:
         print(f"{r.store}: already holds {r.already_present} >= {r.requested} episodes; nothing to do")

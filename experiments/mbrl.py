@@ -1,8 +1,9 @@
-"""Model-based RL loop on a real ViZDoom env: collect -> world model -> PPO in the dream -> real eval.
+"""Model-based RL loop on a real env: collect -> world model -> PPO in the dream -> real eval.
 
 Examples:
     python experiments/mbrl.py --env vizdoom_hgs
     python experiments/mbrl.py --env vizdoom_hgs --health-bar --mbrl.iterations 5 --mbrl.ppo-steps-per-iteration 20000
+    python experiments/mbrl.py --env gym:ALE/Pong-v5 --real-max-episode-steps 500     # any Gymnasium id with pixels
 
 Each iteration collects real episodes with the current policy (the first with random actions),
 continues the world model on the grown store (prior resumed, token cache re-encoded), continues
@@ -25,29 +26,34 @@ import json
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import tyro
 
+from envs.gym_source import is_gym_env, register_gym_preset
 from envs.mbrl import MBRLConfig, run_mbrl
+from envs.real import EnvOptions, check_real_env
 from envs.vizdoom import sigterm_exits
-from worldmodel.config import get_preset
+from worldmodel.config import get_preset, safe_name
 from worldmodel.paths import runs_dir
 
 
 @dataclass
 class Args:
-    env: Literal["vizdoom_hgs", "vizdoom_battle2", "vizdoom_take_cover"] = "vizdoom_hgs"
-    """Real env (and preset) to run the loop on."""
+    env: str = "vizdoom_hgs"
+    """Real env (and preset) to run the loop on: vizdoom_hgs, vizdoom_battle2, vizdoom_take_cover or
+    gym:<Gymnasium id> (e.g. gym:ALE/Pong-v5; its preset is built from the env's spaces)."""
     scale: Literal["tiny", "small", "paper"] = "tiny"
     """World-model size (preset scale)."""
     run_dir: str | None = None
-    """Run directory = world-model bundle (default: runs/<env>-<scale>-mbrl, under $WORLDMODEL_HOME if set)."""
+    """Run directory = world-model bundle (default: runs/<env>-<scale>-mbrl, under $WORLDMODEL_HOME if set; gym:
+    ids with ':' and '/' as '-')."""
     store: str | None = None
     """Episode store the loop collects into (default: <run-dir>/data). Episodes already in it count as real steps used."""
     health_bar: bool = True
-    """Collect and evaluate with the health bar drawn into the frames (lets the model see what death depends on)."""
+    """Collect and evaluate with the health bar drawn into the frames (lets the model see what death depends on;
+    ViZDoom presets only, ignored for gym: envs)."""
     battle2_path: str | None = None
     """Directory with D4_battle2.wad/.cfg (vizdoom_battle2) (default: the map shipped with the package)."""
     real_max_episode_steps: int | None = None
@@ -65,6 +71,8 @@ class Args:
     zip unpickles it: it RUNS ANY CODE the file holds. Only for runs of trusted origin."""
     mbrl: MBRLConfig = field(default_factory=MBRLConfig)
     """Loop budgets."""
+    real: Annotated[EnvOptions, tyro.conf.arg(name="")] = field(default_factory=EnvOptions)
+    """How to make the real env (--frame-skip; gym:<ID> envs: --env-module, --env-kwargs, --pixels, --sticky-actions)."""
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -94,14 +102,21 @@ def main(args: Args) -> dict[str, Any]:
     sigterm_exits()  # SIGTERM runs the cleanup (every ViZDoom engine closed) instead of killing outright
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = Path(args.run_dir) if args.run_dir else runs_dir() / f"{args.env}-{args.scale}-mbrl"
+    try:
+        check_real_env(args.env, "--env")
+        env_kw = args.real.env_kwargs_for(args.env)
+        if is_gym_env(args.env):  # the preset is built from the env's spaces
+            register_gym_preset(args.env, **env_kw)
+    except (ImportError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    run = Path(args.run_dir) if args.run_dir else runs_dir() / f"{safe_name(args.env)}-{args.scale}-mbrl"
     cfg = get_preset(args.env, args.scale)
     cfg = replace(cfg, data=replace(cfg.data, store=args.store or str(run / "data")))
     if args.tokenizer_steps is not None:
         cfg = replace(cfg, tokenizer_train=replace(cfg.tokenizer_train, steps=args.tokenizer_steps))
     if args.prior_steps is not None:
         cfg = replace(cfg, prior_train=replace(cfg.prior_train, steps=args.prior_steps))
-    kw: dict[str, Any] = {"health_bar": args.health_bar}
+    kw: dict[str, Any] = dict(env_kw) if is_gym_env(args.env) else {**env_kw, "health_bar": args.health_bar}
     if args.battle2_path:
         kw["battle2_path"] = args.battle2_path
     if args.real_max_episode_steps is not None:

@@ -69,7 +69,7 @@ class Session:
 
     def __init__(self, args: Args) -> None:
         from envs.policy import real_env_kwargs
-        from envs.vizdoom import make_real_env
+        from envs.real import make_real_env
 
         wm = load_world_model(args.checkpoint, args.env, args.device)
         spec = wm.action_spec

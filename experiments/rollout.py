@@ -8,6 +8,7 @@ Examples:
     python experiments/rollout.py --env vizdoom_hgs --policy episode
     # dream: a policy acting in the dream alone (policy file, controller directory or random) -> dream panel
     python experiments/rollout.py --env vizdoom_hgs --policy runs/vizdoom_hgs-tiny/policies/ppo_dream.safetensors
+    python experiments/rollout.py --env gym:CarRacing-v3 --policy episode      # a bundle of any Gymnasium env
 
 Overlays: step, action, predicted reward (and the real one in lockstep), termination probability,
 mean token entropy (dream uncertainty); in follow mode also the policy's action probabilities (a bar per
@@ -44,7 +45,7 @@ MODES = ("auto", "follow", "episode", "dream")
 @dataclass
 class Args:
     env: str = "vizdoom_hgs"
-    """Preset of the bundle."""
+    """Preset of the bundle (vizdoom_hgs, ..., or gym:<Gymnasium id>)."""
     checkpoint: str | None = None
     """Bundle directory (default: the newest bundle of --env under runs/ or $WORLDMODEL_HOME/runs)."""
     policy: str = "episode"

@@ -2,11 +2,15 @@
 
 Examples:
     python experiments/train.py --env vizdoom_hgs --scale tiny                 # the whole pipeline
+    python experiments/train.py --env gym:ALE/Pong-v5 --scale tiny             # any Gymnasium id with pixels
+    python experiments/train.py --env gym:MyEnv-v0 --env-module my_package --pixels key:camera
     python experiments/train.py --env vizdoom_hgs --stage tokenizer --scale tiny
     python experiments/train.py --env vizdoom_hgs --stage prior --config.prior.n-layer 6
     torchrun --nproc_per_node 2 experiments/train.py --env vizdoom_hgs --stage tokenizer
 
-Every field of the preset can be overridden with a flag (``--config.<section>.<field>``); the
+``--env gym:<ID>`` collects that Gymnasium env (envs/gym_source.py) into ``data/gym-<ID>`` (``/`` and ``:``
+as ``-``) and trains the generic preset built from its spaces (worldmodel.config.generic_preset) into
+``runs/gym-<ID>-<scale>``. Every field of the preset can be overridden with a flag (``--config.<section>.<field>``); the
 resolved config is printed and saved as ``<run-dir>/config.json``. Training resumes from the last
 checkpoint of a stage unless ``--no-resume`` is given.
 
@@ -20,26 +24,27 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import tyro
 
+from envs.gym_source import is_gym_env, register_gym_preset
+from envs.real import EnvOptions, is_real_env
 from envs.vizdoom import sigterm_exits
 from worldmodel.checkpoint import write_json
-from worldmodel.config import SCALES, ExperimentConfig, get_preset, preset_names
+from worldmodel.config import SCALES, ExperimentConfig, get_preset, is_preset, preset_names
 from worldmodel.paths import default_run_dir
 from worldmodel.training import setup_distributed
-
-REAL_ENVS = {"vizdoom_hgs", "vizdoom_battle2", "vizdoom_take_cover"}  # envs.vizdoom.ENV_NAMES
 
 
 @dataclass
 class Args:
     env: str = "vizdoom_hgs"
-    """Preset name: one of the presets in worldmodel/config.py (vizdoom_hgs, vizdoom_battle2, ...)."""
+    """Preset name: one of the presets in worldmodel/config.py (vizdoom_hgs, vizdoom_battle2, ...), or gym:<ID>
+    for any Gymnasium env with pixels (e.g. gym:ALE/Pong-v5, gym:CarRacing-v3, gym:VizdoomDefendCenter-v1)."""
     scale: Literal["tiny", "small", "paper"] = "tiny"
     """Size axis of the preset: tiny (minutes on 2 CPU cores), small (CPU quality), paper (the paper's)."""
     stage: Literal["all", "collect", "tokenizer", "encode", "prior"] = "all"
@@ -54,6 +59,11 @@ class Args:
     """torch intra-op threads (0 = torch's default)."""
     battle2_path: str | None = None
     """Directory with D4_battle2.wad/.cfg, for collecting vizdoom_battle2 data (default: the map shipped with the package)."""
+    real_max_episode_steps: int | None = None
+    """Truncate collected real episodes after this many steps (recorded in the store; None: the env's own limits)."""
+    real: Annotated[EnvOptions, tyro.conf.arg(name="")] = field(default_factory=EnvOptions)
+    """How to make the real env for collection (--frame-skip; gym:<ID>: --env-module, --env-kwargs, --pixels,
+    --sticky-actions)."""
     rollout_videos: bool = True
     """After the whole pipeline (--stage all), render a lockstep (real · dream · |diff|) and a random-policy rollout video."""
     config: ExperimentConfig = ExperimentConfig()
@@ -95,11 +105,22 @@ def parse(argv: list[str] | None = None) -> Args:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--env", default="vizdoom_hgs")
     pre.add_argument("--scale", default="tiny")
+    for flag, default in (("--env-module", None), ("--env-kwargs", "{}"), ("--pixels", "auto"), ("--frame-skip", None),
+                          ("--sticky-actions", 0.0)):
+        pre.add_argument(flag, default=default, type=type(default) if default is not None else None)
     known, _ = pre.parse_known_args(argv)
-    if known.env not in preset_names():
-        sys.exit(f"--env {known.env!r}: unknown preset; expected one of {preset_names()}")
+    if not is_preset(known.env):
+        sys.exit(f"--env {known.env!r}: unknown preset; expected one of {preset_names()} or gym:<Gymnasium id>")
     if known.scale not in SCALES:
         sys.exit(f"--scale {known.scale!r}: expected one of {list(SCALES)}")
+    if is_gym_env(known.env):  # the generic preset, built from the env's spaces (one probe of the env)
+        opts = EnvOptions(env_module=known.env_module, env_kwargs=known.env_kwargs, pixels=known.pixels,
+                          frame_skip=None if known.frame_skip is None else int(known.frame_skip),
+                          sticky_actions=known.sticky_actions)
+        try:
+            register_gym_preset(known.env, **opts.env_kwargs_for(known.env))
+        except (ImportError, ValueError) as e:
+            sys.exit(f"error: {e}")
     default = Args(env=known.env, scale=known.scale, config=get_preset(known.env, known.scale))
     return tyro.cli(Args, default=default, args=argv, description=__doc__)
 
@@ -111,6 +132,11 @@ def main(args: Args) -> None:
     di = setup_distributed(args.device)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.env, args.scale)
     cfg = args.config
+    if args.real != EnvOptions():  # env flags given with a preset they do not apply to: say so, do not ignore them
+        try:
+            args.real.env_kwargs_for(cfg.env)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     if di.is_main:
         print(f"run directory: {run_dir}\nconfig: {json.dumps(cfg.to_dict(), indent=1)}")
 
@@ -120,13 +146,22 @@ def main(args: Args) -> None:
     results = {}
     if "collect" in stage_list:
         if args.stage == "collect" or not (Path(cfg.data.store) / "store.json").exists():
-            if cfg.env not in REAL_ENVS:
+            if not is_real_env(cfg.env):
                 sys.exit(f"store {cfg.data.store} is missing and preset {args.env!r} has no real env to collect from; "
                          f"convert a dataset first (python experiments/convert.py ...)")
             if di.is_main:
                 from envs.collect import collect
 
-                kw = {"battle2_path": args.battle2_path} if args.battle2_path else {}
+                try:
+                    kw = args.real.env_kwargs_for(cfg.env)
+                except ValueError as e:
+                    sys.exit(f"error: {e}")
+                if is_gym_env(cfg.env):
+                    kw["resolution"] = cfg.data.resolution
+                if args.battle2_path:
+                    kw["battle2_path"] = args.battle2_path
+                if args.real_max_episode_steps is not None:
+                    kw["max_episode_steps"] = args.real_max_episode_steps
                 t0 = time.monotonic()
                 r = collect(cfg.env, cfg.data.store, cfg.collect_episodes, env_kwargs=kw)
                 record_minutes(run_dir, "collect", (time.monotonic() - t0) / 60)
@@ -156,12 +191,17 @@ def main(args: Args) -> None:
         for png in ("recon.png", "action_strips.png"):
             if (run_dir / png).exists():
                 print(f"image:       {(run_dir / png).resolve()}")
-        from envs import DREAM_IDS, id_for_preset
+        from envs import GENERIC_ID, id_for_preset
 
-        if args.stage in ("all", "prior") and cfg.name in {p for p, _ in DREAM_IDS.values()}:
-            print(f"dream env:   import envs, gymnasium as gym; env = gym.make({id_for_preset(cfg.name)!r}, "
+        if args.stage in ("all", "prior") and cfg.prior.action_kind != "none":
+            try:
+                dream_id = id_for_preset(cfg.name)
+            except ValueError:
+                dream_id = GENERIC_ID  # every bundle: gym.make("VideoGPTDream-v0", checkpoint=DIR)
+            print(f"dream env:   import envs, gymnasium as gym; env = gym.make({dream_id!r}, "
                   f"checkpoint={str(run_dir.resolve())!r})")
-            print(f"policy:      python experiments/train_policy.py --env {cfg.name} --checkpoint {run_dir} --eval-real")
+            if is_real_env(cfg.env):
+                print(f"policy:      python experiments/train_policy.py --env {cfg.name} --checkpoint {run_dir} --eval-real")
         for name, r in results.items():
             print(f"{name}: {r.step} steps in {r.minutes:.1f} min; val {json.dumps({k: round(v, 4) for k, v in r.val_metrics.items()})}")
     if di.world_size > 1:

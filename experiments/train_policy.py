@@ -4,6 +4,7 @@ Examples:
     python experiments/train_policy.py --env vizdoom_hgs --timesteps 50000
     python experiments/train_policy.py --env vizdoom_hgs --checkpoint runs/vizdoom_hgs-tiny --eval-real
     python experiments/train_policy.py --env vizdoom_take_cover --algo cmaes --eval-real
+    python experiments/train_policy.py --env gym:ALE/Pong-v5 --eval-real      # a bundle of any Gymnasium env
 
 Two learners: ``--algo ppo`` (SB3 PPO ``CnnPolicy`` on the dream's pixels) and ``--algo cmaes`` (World
 Models' recipe: a linear controller on frame features (colour keys or token features), evolved by CMA-ES; see
@@ -11,8 +12,10 @@ envs/controller.py). ``--algo auto`` (default) picks the one measured best for t
 vizdoom_take_cover (README Results), ppo otherwise. The PPO policy is saved to
 ``<checkpoint>/policies/ppo_dream.safetensors`` (a policy file: safetensors + JSON settings, no pickle), the controller to ``<checkpoint>/policies/cmaes_dream/``
 (or ``--out``); TensorBoard logs go to ``<checkpoint>/tb_policy``. With ``--eval-real`` the policy
-and a uniform random policy are scored in the dream and in the real ViZDoom env, side by side (the
-dream–real gap). With ``--lockstep-every N`` (PPO), every N timesteps the policy being trained drives the
+and a uniform random policy are scored in the dream and in the real env, side by side (the
+dream–real gap): the real env the bundle's store was collected in, rebuilt from the settings the store
+records (ViZDoom: frame skip, health bar; ``gym:<ID>``: id, gym.make kwargs, pixel source, frame skip,
+sticky actions, episode cap). With ``--lockstep-every N`` (PPO), every N timesteps the policy being trained drives the
 real game with the dream following, and the lockstep video and the dream-optimism figure go to
 TensorBoard (``lockstep/video``, ``lockstep/optimism``), so the dream–real gap can be watched as it opens.
 """
@@ -33,6 +36,7 @@ from envs.controller import CMAESConfig, save_controller, train_cmaes
 from envs.dream import DreamVectorEnv, load_world_model
 from envs.follow import has_real_env, make_bundle_real_env
 from envs.policy import PPOConfig, real_env_kwargs, save_policy, score_dream, score_real, train_ppo
+from envs.real import is_real_env
 from envs.sb3_vec import DreamVecEnv
 from envs.vizdoom import sigterm_exits
 from worldmodel.checkpoint import write_json
@@ -41,7 +45,7 @@ from worldmodel.checkpoint import write_json
 @dataclass
 class Args:
     env: str = "vizdoom_hgs"
-    """Preset of the bundle (vizdoom_hgs, vizdoom_battle2, ...)."""
+    """Preset of the bundle (vizdoom_hgs, vizdoom_battle2, ..., or gym:<Gymnasium id>)."""
     checkpoint: str | None = None
     """Bundle directory (default: the newest bundle of --env under runs/ or $WORLDMODEL_HOME/runs)."""
     algo: Literal["auto", "ppo", "cmaes"] = "auto"
@@ -105,6 +109,8 @@ def main(args: Args) -> dict:
     if algo == "ppo" and args.out is not None and not args.out.endswith(".safetensors"):  # checked before training
         sys.exit(f"error: --out {args.out!r}: a PPO policy file is safetensors; expected a name ending in "
                  "'.safetensors' (--algo cmaes saves a directory)")
+    if args.eval_real and not is_real_env(args.env):  # checked before training
+        sys.exit(f"error: --eval-real: --env {args.env!r} has no real env; expected a ViZDoom preset or gym:<Gymnasium id>")
     if args.lockstep_every < 0:
         sys.exit(f"error: --lockstep-every {args.lockstep_every}: expected timesteps >= 1, or 0 (off)")
     if algo != "ppo" and args.lockstep_every:
@@ -158,11 +164,14 @@ def main(args: Args) -> dict:
             print(f"{name:22s} {d!s:>40s}   {r!s:>40s}   {d.mean - r.mean:+.1f}")
         report["scores"] = {k: {"dream": vars(d), "real": vars(r)} for k, (d, r) in rows.items()}
         report["real_return_vs_random"] = rows[f"{algo} (dream-trained)"][1].mean / max(rows["random"][1].mean, 1e-9)
+        # the ratio means little where returns can be negative (Pong: -21..21); the difference always does
+        report["real_return_minus_random"] = rows[f"{algo} (dream-trained)"][1].mean - rows["random"][1].mean
         write_json(out.with_suffix(".eval.json") if out.is_file() else out / "eval.json", report)
         trained = rows[f"{algo} (dream-trained)"]
         print(json.dumps({f"real_{algo}": round(trained[1].mean, 1), "real_random": round(rows["random"][1].mean, 1),
                           f"dream_{algo}": round(trained[0].mean, 1),
-                          "real_return_vs_random": round(report["real_return_vs_random"], 2)}))
+                          "real_return_vs_random": round(report["real_return_vs_random"], 2),
+                          "real_return_minus_random": round(report["real_return_minus_random"], 1)}))
     return report
 
 

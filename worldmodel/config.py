@@ -11,12 +11,16 @@ Conventions: sizes are in pixels / tokens / frames; ``stride`` is (t, h, w).
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 Scale = Literal["tiny", "small", "paper"]
 SCALES: tuple[str, ...] = ("tiny", "small", "paper")
+GYM_PREFIX = "gym:"
+"""Preset names ``"gym:<Gymnasium id>"`` (e.g. ``gym:ALE/Pong-v5``) name the generic preset of that env
+(:func:`generic_preset`); ``envs.gym_source`` makes the env itself."""
 
 
 @dataclass(frozen=True)
@@ -412,6 +416,49 @@ def _video(name: str, scale: str, n_classes: int) -> ExperimentConfig:
                             prior_train=pt, collect_episodes=0)
 
 
+def safe_name(preset: str) -> str:
+    """``preset`` as one path component: every character other than letters, digits, ``_``, ``.`` and ``-`` becomes
+    ``-`` (``"gym:ALE/Pong-v5"`` -> ``"gym-ALE-Pong-v5"``); names of the named presets are unchanged."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", preset)
+
+
+# Resolution of the generic preset per scale (before the frame-size bound).
+_GENERIC_RESOLUTION = {"tiny": 64, "small": 64, "paper": 128}
+_GENERIC_EPISODES = {"tiny": 60, "small": 300, "paper": 2000}
+
+
+def generic_preset(name: str, scale: str, *, frame_size: int | None = None,
+                   action_kind: Literal["discrete", "continuous", "none"] = "discrete", n_actions: int = 0,
+                   action_dim: int = 0) -> ExperimentConfig:
+    """The preset of an env that has no tuned one (``"gym:<ID>"``): the ViZDoom presets' dream geometry
+    (per-frame tokens, stride (1, 8, 8), causal tokenizer, conditional-LayerNorm prior with context noise and a
+    reward head split by termination) with the env's spaces filled in.
+
+    Args:
+        name: the preset name, e.g. ``"gym:CarRacing-v3"`` (its store is ``data/<safe_name(name)>``).
+        scale: ``tiny`` | ``small`` | ``paper``.
+        frame_size: the env's smaller frame side in pixels, if known: the resolution is the scale's (64, 64, 128)
+            or, for smaller frames, the largest multiple of 8 not above ``frame_size`` (no upsampling).
+        action_kind, n_actions, action_dim: the env's action space (the store's decides in the end:
+            ``worldmodel.stages.resolve_config``).
+    """
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; expected one of {list(SCALES)}")
+    base = _vizdoom(name, scale, n_actions=n_actions)
+    res = _GENERIC_RESOLUTION[scale]
+    if frame_size is not None:
+        if frame_size < 8:
+            raise ValueError(f"frame_size: got {frame_size}, expected the frame's smaller side in pixels (>= 8)")
+        res = min(res, frame_size // 8 * 8)
+    # Termination and its reward differ from other steps in most envs (a crash, a lost point, a death): the
+    # split reward head (see PriorConfig.reward_given_termination) keeps the terminal reward in the dream.
+    prior = replace(base.prior, action_kind=action_kind, n_actions=n_actions if action_kind == "discrete" else 0,
+                    action_dim=action_dim if action_kind == "continuous" else 0)
+    return replace(base, env=name, tokenizer=replace(base.tokenizer, resolution=res), prior=prior,
+                   data=replace(base.data, store=f"data/{safe_name(name)}", resolution=res),
+                   collect_episodes=_GENERIC_EPISODES[scale])
+
+
 _PRESETS: dict[str, Any] = {
     "vizdoom_hgs": lambda scale: _vizdoom("vizdoom_hgs", scale, n_actions=5),
     "vizdoom_battle2": lambda scale: _vizdoom("vizdoom_battle2", scale, n_actions=8),
@@ -434,10 +481,19 @@ def preset_names() -> list[str]:
     return sorted(_PRESETS)
 
 
+def is_preset(name: str) -> bool:
+    """A named preset, or ``"gym:<ID>"`` (the generic preset of a Gymnasium env)."""
+    return name in _PRESETS or (name.startswith(GYM_PREFIX) and len(name) > len(GYM_PREFIX))
+
+
 def get_preset(name: str, scale: str = "tiny") -> ExperimentConfig:
-    """Return the named preset at ``scale`` ('tiny' | 'small' | 'paper')."""
+    """Return the named preset at ``scale`` ('tiny' | 'small' | 'paper'). ``"gym:<ID>"`` without a registered preset
+    (``envs.gym_source.register_gym_preset`` builds one from the env's spaces) is :func:`generic_preset` without
+    the env's spaces."""
+    if name not in _PRESETS and is_preset(name):
+        return generic_preset(name, scale)
     if name not in _PRESETS:
-        raise ValueError(f"unknown preset {name!r}; expected one of {preset_names()}")
+        raise ValueError(f"unknown preset {name!r}; expected one of {preset_names()} or 'gym:<Gymnasium id>'")
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; expected one of {list(SCALES)}")
     return _PRESETS[name](scale)
