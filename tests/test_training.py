@@ -227,10 +227,13 @@ def test_presets_round_trip_through_json(tmp_path, name, scale):
     assert json.loads((tmp_path / "config.json").read_text())["format"] == "videogpt-worldmodel"
 
 
-def test_reward_split_is_on_in_the_vizdoom_presets_and_off_by_default():
+def test_reward_split_is_on_in_the_vizdoom_and_gym_presets_and_off_by_default():
     for name in preset_names():
-        for scale in ("tiny", "small", "paper"):  # rewards and deaths: ViZDoom only (BAIR/RoboNet/video have neither)
-            assert get_preset(name, scale).prior.reward_given_termination is name.startswith("vizdoom"), (name, scale)
+        for scale in ("tiny", "small", "paper"):  # BAIR/RoboNet/video have neither rewards nor deaths
+            # rewards and deaths: ViZDoom and the user's own gym:<ID> envs (registered by other tests in this process)
+            expected = name.startswith(("vizdoom", "gym:"))
+            assert get_preset(name, scale).prior.reward_given_termination is expected, (name, scale)
+    assert get_preset("gym:ALE/Pong-v5").prior.reward_given_termination is True  # the generic preset, unregistered
     d = get_preset("vizdoom_hgs").to_dict()
     del d["prior"]["reward_given_termination"]  # a config.json from before the field
     assert ExperimentConfig.from_dict(d).prior.reward_given_termination is False
