@@ -118,6 +118,7 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
     writer: StoreWriter | None = None
     bar: Any = None
     finished = 0
+    clean = True  # False once an exception (an error, SIGTERM, Ctrl-C) is on its way out
     # every exit path (an error, Ctrl-C, SIGTERM under the CLI) closes the writer (keeping complete
     # buffered episodes) and every engine process. ViZDoom engines start in the env workers only (the vector env
     # reads the spaces from a RealEnvSpaces here), before the store is opened: a SIGKILL of this process, which
@@ -180,6 +181,9 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
                     finished += 1
                     bar.update(1)
             fresh = term | trunc
+    except BaseException:
+        clean = False
+        raise
     finally:
         try:
             if writer is not None:
@@ -188,7 +192,9 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
             if bar is not None:
                 bar.close()
             if venv is not None:
-                venv.close()
+                # After an interruption (SIGTERM/Ctrl-C inside venv.step) the pipes may hold half a message, and
+                # a polite "close" then waits forever: terminate the workers instead (SIGTERM; each closes its engine).
+                venv.close(terminate=not clean) if isinstance(venv, gym.vector.AsyncVectorEnv) else venv.close()
     report.collected = finished
     return report
 

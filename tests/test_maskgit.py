@@ -14,7 +14,7 @@ from gymnasium.utils.env_checker import check_env
 
 import envs
 from tests.conftest import make_bundle, tiny_experiment
-from tests.test_prior import CFG, clip, randomized, symexp_
+from tests.test_prior import CFG, _random_term_head, clip, randomized, symexp_
 from worldmodel.prior import Prior
 from worldmodel.sampling import Rollout, generate_uncached
 
@@ -46,9 +46,10 @@ def test_masked_stream_sees_no_token_of_its_own_frame_and_leaves_the_clean_strea
     assert torch.allclose(sub, out.mask_logits[:, [1, 3]], atol=1e-5)
 
 
-@pytest.mark.parametrize("cond", ["cond_ln", "token", "add"])
-def test_maskgit_decoding_matches_the_full_forward_and_leaves_an_exact_cache(cond):
-    p = randomized(replace(MG, action_cond=cond))
+@pytest.mark.parametrize("cond,term_from", [("cond_ln", "frame"), ("token", "frame"), ("add", "frame"),
+                                            ("cond_ln", "history")])
+def test_maskgit_decoding_matches_the_full_forward_and_leaves_an_exact_cache(cond, term_from):
+    p = _random_term_head(randomized(replace(MG, action_cond=cond, termination_from=term_from)))
     with torch.no_grad():
         for prm in (p.mask_emb, p.mstream_emb):
             prm.normal_(std=0.5)
@@ -65,7 +66,7 @@ def test_maskgit_decoding_matches_the_full_forward_and_leaves_an_exact_cache(con
     n1 = math.ceil(p.hw * (1 - math.cos(math.pi / 2 / steps)))
     top = first.log_softmax(-1).max(-1).values.topk(n1, dim=1).indices
     assert torch.equal(got.tokens.flatten(1).gather(1, top), first.argmax(-1).gather(1, top))
-    # reward/termination come from the clean stream of the decoded frame
+    # reward (and termination_from='frame') come from the clean stream of the decoded frame
     full = p(window, act[:, :2])
     assert torch.allclose(symexp_(full.reward[:, 2]), got.reward, atol=1e-4)
     assert torch.allclose(torch.sigmoid(full.term_logit[:, 2]), got.terminated_prob, atol=1e-5)

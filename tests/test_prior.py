@@ -311,3 +311,44 @@ def test_context_noise_corrupts_inputs_in_training_only():
     assert a != b and a != ref.train().compute_loss(batch)[0]  # fresh random corruption in every training step
     with pytest.raises(ValueError, match="context_noise"):
         Prior(replace(CFG, context_noise=1.0))
+
+
+def _random_term_head(p: Prior) -> Prior:
+    with torch.no_grad():
+        for m in p.term_head:
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.normal_(m.weight, std=0.5)
+    return p
+
+
+def test_termination_from_history_is_a_hazard_the_new_frame_cannot_change():
+    """termination_from="history": the termination of the transition into frame t reads frames < t and a_{t-1}
+    (ViZDoom's terminal frame is a copy of the previous one and carries nothing); "frame" reads frame t too."""
+    tok, act = clip()
+    hist = _random_term_head(randomized(replace(CFG, termination_from="history")))
+    frame = _random_term_head(randomized(replace(CFG, termination_from="frame")))
+    other = tok.clone()
+    other[:, 2] = (other[:, 2] + 1) % CFG.vocab_size  # a different frame 2
+    assert torch.equal(hist(other, act).term_logit[:, 2], hist(tok, act).term_logit[:, 2])
+    assert not torch.allclose(hist(other, act).term_logit[:, 3], hist(tok, act).term_logit[:, 3])  # frame 2 is history of 3
+    assert not torch.allclose(frame(other, act).term_logit[:, 2], frame(tok, act).term_logit[:, 2])
+    act2 = act.clone()
+    act2[:, 1] = (act2[:, 1] + 1) % CFG.n_actions  # the action into frame 2
+    assert not torch.allclose(hist(tok, act2).term_logit[:, 2], hist(tok, act).term_logit[:, 2])
+    with pytest.raises(ValueError, match="termination_from"):
+        replace(CFG, termination_from="slot")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_rollout_reads_the_history_termination_as_the_full_forward_does(fused):
+    p = _random_term_head(randomized(replace(CFG, termination_from="history")))
+    tok, act = clip(T=3)
+    r = Rollout(p, 3)
+    if not fused:
+        p.train()  # dropout is 0: same numbers, but the fused single-position path does not apply
+        assert not TokenDecoder.supported(p, torch.float32, None)
+    r.start(tok[:, :2], act[:, :1])
+    got = r.step(act[:, 1], temperature=0)
+    full = p.eval()(torch.cat([tok[:, :2], got.tokens[:, None]], 1), act[:, :2])
+    assert torch.allclose(torch.sigmoid(full.term_logit[:, 2]), got.terminated_prob, atol=1e-5)
+    assert torch.allclose(symexp_(full.reward[:, 2]), got.reward, atol=1e-4)  # the reward still reads the new frame

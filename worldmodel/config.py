@@ -151,6 +151,14 @@ class PriorConfig:
     termination it drew. False (one output, the behaviour before the split) is the default so that
     bundles whose config.json predates the field load with the head their weights have; the
     ViZDoom presets set it True."""
+    termination_from: Literal["frame", "history"] = "frame"
+    """Which hidden state the termination head reads for the transition into frame t: ``"frame"`` the last
+    position of block t (it has seen the new frame t), ``"history"`` the slot of block t (frames < t and the
+    action a_{t-1} only: a hazard, p(the episode ends now | history, action)). ``"history"`` is for envs whose
+    terminal observation says nothing new: ViZDoom returns the previous frame again at death, so with
+    ``"frame"`` the dream ends an episode only if its token sampler happens to draw that frozen frame
+    (Take Cover, one-step-ahead on real histories: p(term) at real deaths 0.50, 0.002, 0.002, 0.01).
+    ``"frame"`` is the default so that bundles whose config.json predates the field keep their head."""
     termination_weight: float = 1.0
     """Weight of the termination head's loss (BCE)."""
     termination_pos_weight: float = 1.0
@@ -171,6 +179,8 @@ class PriorConfig:
         for name in ("reward_weight", "termination_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"prior.{name}: got {getattr(self, name)}, expected a weight >= 0")
+        if self.termination_from not in ("frame", "history"):
+            raise ValueError(f"prior.termination_from: got {self.termination_from!r}, expected 'frame' or 'history'")
         if not self.termination_pos_weight > 0:
             raise ValueError(f"prior.termination_pos_weight: got {self.termination_pos_weight}, expected a BCE "
                              "pos_weight > 0 (1 = plain, calibrated BCE)")

@@ -541,7 +541,8 @@ class Prior(nn.Module):
         if mask is not None:
             mask_logits = self.head(rearrange(x[:, S:], "b (t n) c -> b t n c", n=self.hw))  # (B, T, hw, V)
         reward, reward_term = self.rewards(last)
-        return PriorOutput(logits, reward, self.term_head(last).squeeze(-1), reward_term, mask_logits)
+        h_term = xc[:, :, 0] if self.cfg.termination_from == "history" else last  # slot: frames < t and a_{t-1}
+        return PriorOutput(logits, reward, self.term_head(h_term).squeeze(-1), reward_term, mask_logits)
 
     def rewards(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Symlog rewards (if not terminated, if terminated), each (...,), read by the reward head from

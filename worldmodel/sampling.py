@@ -288,9 +288,9 @@ class Rollout:
                     prev = torch.where(first[:, None, None], prior.no_prev.to(prev.dtype).expand_as(prev), prev)
             memory = self._memory(None)
             if decode == "maskgit":
-                out, ent, h_last = self._maskgit_frame(x, cond, ln_cond, t_idx, pos_t, prev, base, memory, maskgit_steps,
+                out, ent, h_last, h_slot = self._maskgit_frame(x, cond, ln_cond, t_idx, pos_t, prev, base, memory, maskgit_steps,
                                                        temperature, top_k, top_p, generator, row_gens)
-                return self._finish(t_idx, out, h_last, ent)
+                return self._finish(t_idx, out, h_last, ent, h_slot)
             noise = None  # drawn once per frame (one call, not one per token)
             if temperature > 0:  # (hw, B, V): noise[j] is contiguous
                 noise = frame_gumbel(B, hw, cfg.vocab_size, self.device, generator, row_gens).transpose(0, 1).contiguous()
@@ -319,6 +319,8 @@ class Rollout:
                 if prev is not None and j < hw:
                     x = x + prev[:, j]
                 h = forward(x, base + j)  # (B, C)
+                if j == 0:
+                    h_slot = h  # the slot: has seen frames < t and the block's action (termination_from="history")
                 if j == hw:
                     break
                 logits = head(h, j)  # (B, V)
@@ -330,14 +332,17 @@ class Rollout:
                     tok = (filter_logits(logits, top_k, top_p) + noise[j]).argmax(-1)
                 out[j] = tok
                 x = prior.tok_emb.weight.index_select(0, tok) + pos_hw[j]
-            return self._finish(t_idx, out.t(), h, mean_entropy(all_logits.transpose(0, 1)))
+            return self._finish(t_idx, out.t(), h, mean_entropy(all_logits.transpose(0, 1)), h_slot)
 
-    def _finish(self, t_idx: torch.Tensor, out: torch.Tensor, h_last: torch.Tensor, entropy: torch.Tensor) -> StepResult:
-        """Store the new frames ``out`` (B, hw) at window index ``t_idx`` and read the reward/termination
-        heads from ``h_last`` (B, C), the hidden state of each new block's last position."""
+    def _finish(self, t_idx: torch.Tensor, out: torch.Tensor, h_last: torch.Tensor, entropy: torch.Tensor,
+                h_slot: torch.Tensor) -> StepResult:
+        """Store the new frames ``out`` (B, hw) at window index ``t_idx`` and read the reward head from
+        ``h_last`` (B, C), the hidden state of each new block's last position, and the termination head from it
+        or from the block's slot ``h_slot`` (B, C) (``PriorConfig.termination_from``)."""
         prior = self.prior
         reward, reward_term = (symexp(r.float()) for r in prior.rewards(h_last))  # (B,) each
-        term = torch.sigmoid(prior.term_head(h_last).squeeze(-1).float())
+        h_term = h_slot if self.cfg.termination_from == "history" else h_last
+        term = torch.sigmoid(prior.term_head(h_term).squeeze(-1).float())
         frame = rearrange(out, "b (h w) -> b h w", h=self.cfg.tokens_h)
         self.tokens[torch.arange(self.B, device=self.device), t_idx] = frame
         self.n_frames += 1
@@ -357,12 +362,13 @@ class Rollout:
         are known (MaskGIT's cosine schedule; the last step commits all). Finally the committed frame is
         run through the clean stream at positions ``base+1 .. base+hw`` -- exactly what token-by-token
         decoding would have cached -- whose last position feeds the reward/termination heads.
-        Returns tokens (B, hw), mean entropy (B,) of the committed tokens' distributions, h_last (B, C).
+        Returns tokens (B, hw), mean entropy (B,) of the committed tokens' distributions, h_last (B, C) and
+        the slot's hidden state h_slot (B, C).
         """
         prior, cfg, B, hw = self.prior, self.cfg, self.B, self.prior.hw
         if prev is not None:
             x_slot = x_slot + prev[:, :1]
-        prior.forward_cached(x_slot, ln_cond, self.cache, None, base, memory)  # the slot: condition of the block
+        h_slot = prior.forward_cached(x_slot, ln_cond, self.cache, None, base, memory)[:, 0]  # the slot: (B, C)
         out = torch.zeros(B, hw, dtype=torch.long, device=self.device)
         known = torch.zeros(B, hw, dtype=torch.bool, device=self.device)
         ent = torch.zeros(B, device=self.device)
@@ -391,7 +397,7 @@ class Rollout:
         if cfg.action_cond == "add":
             x = x + cond
         h = prior.forward_cached(x, ln_cond, self.cache, None, base + 1, memory)  # (B, hw, C), written to the cache
-        return out, ent / hw, h[:, -1]
+        return out, ent / hw, h[:, -1], h_slot
 
     def window(self, row: int) -> torch.Tensor:
         """Tokens currently in ``row``'s window: (n, h, w)."""
