@@ -33,8 +33,11 @@ def session_processes(sid: int) -> list[tuple[int, str]]:
 
 def _start(args: list[str], tmp_path: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # A shell without job control starts background jobs (`cmd &`, as CI scripts do) with SIGINT ignored, and the
+    # child inherits that: Python then installs no KeyboardInterrupt handler and Ctrl-C would do nothing. The
+    # run gets SIGINT's default back, as in the user's terminal.
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=env,
-                            cwd=tmp_path)
+                            cwd=tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _finish(p: subprocess.Popen) -> tuple[int, str]:
