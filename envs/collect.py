@@ -194,7 +194,10 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
             if venv is not None:
                 # After an interruption (SIGTERM/Ctrl-C inside venv.step) the pipes may hold half a message, and
                 # a polite "close" then waits forever: terminate the workers instead (SIGTERM; each closes its engine).
-                venv.close(terminate=not clean) if isinstance(venv, gym.vector.AsyncVectorEnv) else venv.close()
+                if isinstance(venv, gym.vector.AsyncVectorEnv):
+                    venv.close(terminate=not clean)
+                else:
+                    venv.close()
     report.collected = finished
     return report
 

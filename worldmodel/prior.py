@@ -541,8 +541,13 @@ class Prior(nn.Module):
         if mask is not None:
             mask_logits = self.head(rearrange(x[:, S:], "b (t n) c -> b t n c", n=self.hw))  # (B, T, hw, V)
         reward, reward_term = self.rewards(last)
-        h_term = xc[:, :, 0] if self.cfg.termination_from == "history" else last  # slot: frames < t and a_{t-1}
-        return PriorOutput(logits, reward, self.term_head(h_term).squeeze(-1), reward_term, mask_logits)
+        return PriorOutput(logits, reward, self.termination_logit(xc[:, :, 0], last), reward_term, mask_logits)
+
+    def termination_logit(self, h_slot: torch.Tensor, h_last: torch.Tensor) -> torch.Tensor:
+        """Termination logits (...,) of the transitions into the blocks whose slot hidden states are ``h_slot``
+        (..., C; frames < t and a_{t-1}) and last-position ones ``h_last`` (..., C; frame t too): the head reads
+        the one ``PriorConfig.termination_from`` names."""
+        return self.term_head(h_slot if self.cfg.termination_from == "history" else h_last).squeeze(-1)
 
     def rewards(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Symlog rewards (if not terminated, if terminated), each (...,), read by the reward head from

@@ -341,8 +341,7 @@ class Rollout:
         or from the block's slot ``h_slot`` (B, C) (``PriorConfig.termination_from``)."""
         prior = self.prior
         reward, reward_term = (symexp(r.float()) for r in prior.rewards(h_last))  # (B,) each
-        h_term = h_slot if self.cfg.termination_from == "history" else h_last
-        term = torch.sigmoid(prior.term_head(h_term).squeeze(-1).float())
+        term = torch.sigmoid(prior.termination_logit(h_slot, h_last).float())
         frame = rearrange(out, "b (h w) -> b h w", h=self.cfg.tokens_h)
         self.tokens[torch.arange(self.B, device=self.device), t_idx] = frame
         self.n_frames += 1
