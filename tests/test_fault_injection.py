@@ -120,7 +120,7 @@ class Runner:
     def run_and_kill(self, units: int | None, unit_window: float, startup_window: float) -> bool:
         """Start the command and SIGKILL it: during start-up, after a random delay in ``[0, startup_window)``
         (``units`` None), or once it made ``units`` units of progress, plus a random delay of up to one unit's
-        duration (the last one measured, else ``unit_window`` seconds): the kill lands anywhere in the next unit's
+        duration (the shortest one measured, else ``unit_window`` seconds): the kill lands anywhere in the next unit's
         work, whatever the machine's speed. True if it was killed (it had not finished)."""
         p = self._start()
         if units is None:
@@ -135,7 +135,10 @@ class Runner:
                 if now != last:
                     stamps.append(time.monotonic())
                     last = now
-            delay = self.rng.uniform(0, stamps[-1] - stamps[-2] if len(stamps) >= 2 else unit_window)
+            # The shortest unit seen bounds the delay: one slow unit (an fsync, a stall of the machine) must not
+            # stretch it over several fast ones, or the kill lands after the last unit and there is nothing to resume.
+            gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+            delay = self.rng.uniform(0, min(gaps) if gaps else unit_window)
         time.sleep(delay)
         alive = p.exitcode is None
         if alive:
