@@ -579,6 +579,10 @@ class _GymFactory:
             from envs.vizdoom import sigterm_exits
 
             sigterm_exits()  # an env worker: SIGTERM runs close() (ViZDoom ids hold an engine process)
+        if gym_id(self.name).startswith("Vizdoom"):
+            from envs.vizdoom import prepare_engine_dir
+
+            prepare_engine_dir()  # workers starting together race to create the engine's directory
         return make_gym_env(self.name, **self.kwargs)
 
 

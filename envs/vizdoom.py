@@ -174,6 +174,7 @@ class VizdoomEnv(gym.Env):
         # ViZDoom writes its engine ini into the working directory unless told otherwise.
         game.set_doom_config_path(os.path.join(tempfile.gettempdir(), f"worldmodel_vizdoom_{os.getuid()}.ini"))
         try:
+            prepare_engine_dir()
             game.init()  # starts the engine process
         except BaseException:
             _close_game(game)
@@ -262,6 +263,21 @@ class VizdoomEnv(gym.Env):
         if getattr(self, "game", None) is not None:
             self._finalizer()
             self.game = None  # type: ignore[assignment]
+
+
+def prepare_engine_dir() -> None:
+    """Create ``./_vizdoom/``, the engine's scratch directory in the working directory, before an engine starts.
+
+    ViZDoom's engine makes that directory itself at ``init()`` with a check-then-create that is not safe across
+    processes: two env workers starting together (``AsyncVectorEnv``) can both see it missing, and the loser dies
+    with "Failed to create ./_vizdoom/ directory: File exists", which the parent sees as a reset pipe. Made here
+    first (``exist_ok``), the engine finds it. A working directory we cannot write to is an error that says so
+    (the engine would crash there)."""
+    try:
+        os.makedirs("_vizdoom", exist_ok=True)
+    except OSError as e:
+        raise RuntimeError(f"ViZDoom needs a writable working directory for its '_vizdoom/' scratch directory; "
+                           f"cannot create it in {os.getcwd()!r} ({e}). Run from a writable directory.") from e
 
 
 def _close_game(game: vzd.DoomGame) -> None:

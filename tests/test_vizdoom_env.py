@@ -185,3 +185,26 @@ def test_spaces_without_an_engine_match_the_real_env(name):
         RealEnvSpaces(name, resolution=4)
     # a factory made for AsyncVectorEnv hands its creator the spaces only; any other process gets the real env
     assert isinstance(make_real_env_fn(name, engines_in_workers=True, resolution=32)(), RealEnvSpaces)
+
+
+def test_engines_starting_together_in_a_fresh_directory(tmp_path, monkeypatch):
+    """Four env workers start their engines at once in a directory without ``_vizdoom/``: the engine's own
+    check-then-create of that directory raced there (one worker died with "File exists", a reset pipe for the
+    parent); every worker must come up and step."""
+    import gymnasium as gym
+
+
+    monkeypatch.chdir(tmp_path)
+    for attempt in range(2):  # a fresh directory each time: the race is only on its creation
+        workdir = tmp_path / f"fresh{attempt}"
+        workdir.mkdir()
+        monkeypatch.chdir(workdir)
+        venv = gym.vector.AsyncVectorEnv([make_real_env_fn("vizdoom_take_cover", resolution=32,
+                                                           engines_in_workers=True) for _ in range(4)])
+        try:
+            obs, _ = venv.reset(seed=attempt)
+            obs, *_ = venv.step(np.zeros(4, dtype=np.int64))
+            assert obs.shape == (4, 32, 32, 3)
+        finally:
+            venv.close()
+        assert (workdir / "_vizdoom").is_dir()
