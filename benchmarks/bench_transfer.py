@@ -34,6 +34,7 @@ from envs.controller import CMAESConfig, LinearController, train_cmaes
 from envs.dream import DreamVectorEnv, load_world_model
 from envs.policy import real_env_kwargs
 from envs.real import check_real_env, make_real_env_fn
+from envs.views import VIEWS, real_view
 from worldmodel.store import EpisodeStore
 
 
@@ -98,6 +99,10 @@ def main() -> None:
                    help="controller also reads its previous action")
     p.add_argument("--temperature", type=float, default=1.0, help="dream sampling temperature")
     p.add_argument("--real-baseline", action="store_true", help="also evolve the learner in the real game (seed 0)")
+    p.add_argument("--real-views", nargs="+", choices=VIEWS, default=["tokenized", "raw"],
+                   help="how dream-trained policies see the real game (envs/views.py): 'tokenized' (each real frame "
+                        "through the bundle's tokenizer, as the dream draws it) and/or 'raw'; each is scored on the "
+                        "same episodes, the first is the headline")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models on 2 cores)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -115,6 +120,7 @@ def main() -> None:
                       max_episode_steps=args.train_max_steps, features=args.features, motion=args.motion,
                       last_action=args.last_action)
     real = gym.vector.SyncVectorEnv([make_real_env_fn(args.env, resolution=H, **kw) for _ in range(args.real_envs)])
+    views = {v: real_view(real, wm, v) for v in args.real_views}  # wrappers over the same envs
     store = EpisodeStore(wm.store_path)
     out: dict = {"bench": "transfer", "env": args.env, "checkpoint": str(wm.path), "algo": "cmaes",
                  "cmaes": asdict(cfg),
@@ -140,14 +146,19 @@ def main() -> None:
         train_min = (time.process_time() - t0) / 60
         steps = int(sum(h["mean_length"] for h in hist) * cfg.popsize * cfg.episodes)
         t0 = time.process_time()
-        r = play(real, _Controller(ctrl), args.real_episodes, 1_000_000 * (s + 1), args.max_steps)
+        by_view = {v: _stats(play(views[v], _Controller(ctrl), args.real_episodes, 1_000_000 * (s + 1), args.max_steps))
+                   for v in args.real_views}
         d = play(score_dream, _Controller(ctrl), args.dream_episodes, 1_000_000 * (s + 1), args.max_steps)
-        per_seed.append({"seed": s, "real": _stats(r), "dream": _stats(d), "dream_agent_steps": steps,
+        per_seed.append({"seed": s, "real": by_view[args.real_views[0]], "real_by_view": by_view, "dream": _stats(d),
+                         "dream_agent_steps": steps,
                          "train_cpu_minutes": round(train_min, 2),
                          "score_cpu_minutes": round((time.process_time() - t0) / 60, 2),
                          "last_generation": hist[-1]})
         print(json.dumps({"seed_done": per_seed[-1]}), flush=True)
     out["per_seed"] = per_seed
+    out["real_view"] = args.real_views[0]
+    out["real_dream_trained_by_view"] = {v: _stats(np.array([x["real_by_view"][v]["mean"] for x in per_seed]))
+                                         for v in args.real_views}
     reals = np.array([x["real"]["mean"] for x in per_seed])
     dreams = np.array([x["dream"]["mean"] for x in per_seed])
     out["real_dream_trained"] = _stats(reals)

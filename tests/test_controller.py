@@ -215,6 +215,38 @@ def test_train_policy_cmaes_cli_and_bench_transfer(tc_bundle, tmp_path):
     assert out["real_dream_trained"]["n"] == 2 and out["real_random"]["n"] == 2 and out["real_alternate10"]["n"] == 2
     assert out["world_model_real_steps"] == sum(len(e) - 1 for e in EpisodeStore(out_store(tc_bundle)).iter_episodes())
     assert 0 < out["real_trained"]["real_agent_steps"] <= 1 * 2 * 1 * 5
+    assert out["real_view"] == "tokenized"  # the default headline: the real game seen through the tokenizer
+    for seed in out["per_seed"]:
+        assert set(seed["real_by_view"]) == {"tokenized", "raw"} and seed["real"] == seed["real_by_view"]["tokenized"]
+    assert {v: s["n"] for v, s in out["real_dream_trained_by_view"].items()} == {"tokenized": 2, "raw": 2}
+
+
+def test_tokenizer_view_shows_the_real_game_as_the_tokenizer_draws_it(tc_bundle):
+    from envs.real import make_real_env_fn
+    from envs.views import TokenizerView, real_view
+    from worldmodel.dynamics_eval import reconstruct
+
+    wm = WorldModel.from_pretrained(tc_bundle)
+    kw = {"resolution": TINY_RES}
+    raw = gym.vector.SyncVectorEnv([make_real_env_fn("vizdoom_take_cover", **kw) for _ in range(2)])
+    seen = real_view(gym.vector.SyncVectorEnv([make_real_env_fn("vizdoom_take_cover", **kw) for _ in range(2)]), wm,
+                     "tokenized")
+    try:
+        for env in (raw, seen):
+            env.reset(seed=[5, 6])
+        for _ in range(3):  # same seeds, same actions: the same real frames underneath
+            (o_raw, *_), (o_seen, *_) = raw.step(np.array([0, 1])), seen.step(np.array([0, 1]))
+            assert o_seen.shape == o_raw.shape and o_seen.dtype == np.uint8
+            assert np.array_equal(o_seen, reconstruct(wm, o_raw[:, None])[:, 0])  # each frame a one-frame clip
+            assert not np.array_equal(o_seen, o_raw)
+        assert real_view(raw, wm, "raw") is raw
+        with pytest.raises(ValueError, match="view: got 'pixels'"):
+            real_view(raw, wm, "pixels")
+        with pytest.raises(ValueError, match=r"frames: got uint8 \(2, 8, 8, 3\)"):
+            TokenizerView(wm)(np.zeros((2, 8, 8, 3), np.uint8))
+    finally:
+        raw.close()
+        seen.close()
 
 
 def out_store(bundle: Path) -> str:
