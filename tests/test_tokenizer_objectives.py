@@ -77,8 +77,31 @@ def test_l1_and_l1_plus_mse_losses_and_gradients_differ_from_mse():
     assert cos < 0.99  # a different direction, not a rescaled MSE
 
 
+def test_hard_pixel_term_is_the_mean_of_the_worst_pixels_and_pulls_on_them():
+    torch.manual_seed(0)
+    m = VQVAE(replace(TINY, hard_pixel_weight=2.0, hard_pixel_fraction=16 / (4 * 16 * 16)))
+    m.set_data_variance(0.04)
+    x = VQVAE.to_float(scenes(B=1))
+    recon = x + 0.01 * torch.randn_like(x)
+    recon[0, :, 1, 3:7, 5:9] += 0.5  # a 4x4 object (16 pixels) drawn wrong, the rest nearly right
+    mse = F.mse_loss(recon, x) / 0.04
+    worst = ((recon - x)[0, :, 1, 3:7, 5:9].pow(2).mean()) / 0.04  # exactly the 16 worst pixels
+    assert m.hard_pixel_loss(recon, x) == pytest.approx(float(worst), rel=1e-4)
+    assert m.pixel_loss(recon, x) == pytest.approx(float(mse + 2.0 * worst), rel=1e-4)
+    # its gradient lands on the object's pixels: the mean-squared term spreads over all 1024
+    r = recon.clone().requires_grad_(True)
+    m.hard_pixel_loss(r, x).backward()
+    g = r.grad[0].abs().sum(0)  # (T, H, W)
+    assert g[1, 3:7, 5:9].sum() > 0.99 * g.sum()
+    with pytest.raises(ValueError, match="hard_pixel_fraction"):
+        TokenizerConfig(hard_pixel_fraction=0.0)
+    with pytest.raises(ValueError, match="hard_pixel_weight"):
+        TokenizerConfig(hard_pixel_weight=-1.0)
+
+
 @pytest.mark.parametrize("kw", [{}, {"recon_loss": "l1"}, {"recon_loss": "l1+mse"}, {"perceptual_weight": 0.2},
-                                {"adv_weight": 0.1, "adv_start_step": 10}])
+                                {"adv_weight": 0.1, "adv_start_step": 10},
+                                {"hard_pixel_weight": 0.3, "hard_pixel_fraction": 0.05}])
 def test_each_objective_trains(kw):
     torch.manual_seed(0)
     m = VQVAE(replace(TINY, **kw))

@@ -84,6 +84,13 @@ class TokenizerConfig:
     features are a small *fixed random* conv net (``worldmodel.perceptual.RandomFeatures``, seeded, no
     download): they re-weight the error toward local structure (edges, small high-contrast objects) that
     a pixel MSE averages away. Not a learned perceptual metric (no LPIPS/VGG offline): measure it."""
+    hard_pixel_weight: float = 0.0
+    """Weight of a hard-pixel term (0 = off): the mean squared error of the ``hard_pixel_fraction`` worst
+    pixels of each clip, over the data variance. Small objects (a fireball, a medkit) are a few pixels
+    whose large error a mean over the frame barely sees; this term is the mean over those pixels only
+    (online hard-example mining on pixels), so their error is not averaged away."""
+    hard_pixel_fraction: float = 0.01
+    """Share of each clip's pixels (by squared error, channels summed) that the hard-pixel term averages."""
     adv_weight: float = 0.0
     """Weight of the adversarial (hinge) term from a 2D PatchGAN discriminator on single frames
     (``worldmodel.discriminator``; 0 = off, no discriminator is built). Trained jointly, from scratch."""
@@ -101,7 +108,9 @@ class TokenizerConfig:
     def __post_init__(self) -> None:
         if self.recon_loss not in ("mse", "l1", "l1+mse"):
             raise ValueError(f"tokenizer.recon_loss: got {self.recon_loss!r}, expected 'mse', 'l1' or 'l1+mse'")
-        for name in ("perceptual_weight", "adv_weight"):
+        if not 0 < self.hard_pixel_fraction <= 1:
+            raise ValueError(f"tokenizer.hard_pixel_fraction: got {self.hard_pixel_fraction}, expected a share in (0, 1]")
+        for name in ("perceptual_weight", "adv_weight", "hard_pixel_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"tokenizer.{name}: got {getattr(self, name)}, expected a weight >= 0 (0 = off)")
         if self.adv_start_step < 0:

@@ -273,7 +273,16 @@ class VQVAE(nn.Module):
             loss = loss + F.mse_loss(recon, x) / self.data_variance
         if self.cfg.recon_loss in ("l1", "l1+mse"):
             loss = loss + F.l1_loss(recon, x) / self.data_variance.sqrt()
+        if self.cfg.hard_pixel_weight > 0:
+            loss = loss + self.cfg.hard_pixel_weight * self.hard_pixel_loss(recon, x)
         return loss
+
+    def hard_pixel_loss(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Mean squared error (per channel) of each clip's ``cfg.hard_pixel_fraction`` worst pixels, over the data
+        variance; float videos (B, 3, T, H, W) -> scalar. See ``TokenizerConfig.hard_pixel_weight``."""
+        err = rearrange((recon.float() - x.float()).pow(2).sum(1), "b t h w -> b (t h w)")  # (B, pixels)
+        k = max(1, round(self.cfg.hard_pixel_fraction * err.shape[1]))
+        return err.topk(k, dim=1).values.mean() / 3 / self.data_variance
 
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
         """``x``: float (B, 3, T, H, W) in [-0.5, 0.5]."""
