@@ -53,8 +53,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from worldmodel.atomic import atomic_file, write_json
 from worldmodel.bundle import WorldModel
-from worldmodel.checkpoint import write_json
 from worldmodel.dynamics_eval import (
     DynamicsReport,
     HeldoutClips,
@@ -389,9 +389,8 @@ def fvd_section(real: np.ndarray, recon: np.ndarray, dream: np.ndarray, *, weigh
 
 # -- plots -------------------------------------------------------------------------------------------
 def _save_figure(fig: Any, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     return path
 
 

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from worldmodel.atomic import finish_file, write_json
+
 SCHEMA_VERSION = 1
 STORE_JSON = "store.json"
 _SHARD_RE = re.compile(r"^shard-(\d{5})\.h5$")
@@ -53,13 +55,6 @@ class StoreError(Exception):
 
 class StoreLockedError(StoreError):
     """Another :class:`StoreWriter` (another process, or another writer in this one) holds the store."""
-
-
-def default_file_mode() -> int:
-    """``0o666`` minus the process umask: the mode ``open()`` would give a new file (``mkstemp`` gives 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,20 +192,6 @@ class Episode:
 
     def __len__(self) -> int:
         return int(self.frames.shape[0])
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, default_file_mode())
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def split_for_id(episode_id: str, val_fraction: float, test_fraction: float) -> str:
@@ -519,9 +500,7 @@ class StoreWriter:
                         for k, v in ep.extras.items():
                             eg.create_dataset(k, data=v, fletcher32=bool(np.asarray(v).ndim))
                 f.flush()
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(tmp, default_file_mode())
+            finish_file(tmp)  # fsync + the user's mode; the name is claimed by a link, never a replace
             name = self._claim_shard_name(tmp)
         finally:
             tmp.unlink(missing_ok=True)
@@ -563,7 +542,7 @@ class StoreWriter:
         d["num_episodes"] = len(self._index)
         d["splits"] = {s: sorted(i for i, e in self._index.items() if e["split"] == s) for s in SPLITS}
         d["episodes"] = self._index
-        _atomic_write_text(self.root / STORE_JSON, json.dumps(d, indent=1))
+        write_json(self.root / STORE_JSON, d, indent=1)
 
 
 # ----------------------------------------------------------------------------------------------
