@@ -48,7 +48,7 @@ from worldmodel.bundle import WorldModel
 from worldmodel.checkpoint import CONFIG_JSON, BundleError
 from worldmodel.paths import BundleSkippedWarning, bundle_preset, find_bundles, runs_dir
 from worldmodel.sampling import DECODES
-from worldmodel.store import ActionSpec, EpisodeStore
+from worldmodel.store import ActionSpec, EpisodeStore, heldout_episode_ids
 
 STARTS = ("episode_start", "random")
 TERMINATIONS = ("sample", "threshold")
@@ -249,17 +249,10 @@ class DreamCore:
                 raise FileNotFoundError(f"the bundle's store {path!r} is not available to draw reset contexts from; "
                                         f"pass reset(options={{'frames': ..., 'actions': ...}}) instead")
             self._store = EpisodeStore(path)
-            need = self.context_frames
-            for split in ("test", "val", "train"):
-                ids = [e for e in self._store.episode_ids(split) if self._store.length(e) >= need]
-                if ids:
-                    if split == "train":
-                        warnings.warn(f"{path}: no held-out episodes; dream resets start from training episodes",
-                                      stacklevel=4)
-                    break
-            if not ids:
-                raise ValueError(f"{path}: no episode has the {need} frames a reset context needs")
-            self._heldout = ids
+            try:
+                self._heldout, _ = heldout_episode_ids(self._store, "test", self.context_frames)
+            except ValueError as e:
+                raise ValueError(f"{e}, the frames a reset context needs") from None
         return self._heldout
 
     def _context(self, row: int, options: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:

@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import signal
 import time
+import warnings
 
 import h5py
 import numpy as np
@@ -21,6 +22,7 @@ from worldmodel.store import (
     StoreError,
     StoreLockedError,
     StoreWriter,
+    heldout_episode_ids,
 )
 
 OBS = (8, 8, 3)
@@ -380,3 +382,21 @@ def test_flipped_bytes_in_a_frame_chunk_fail_naming_shard_and_episode(tmp_path):
         with pytest.raises(StoreError, match=rf"shard-00000\.h5: episode '{ids[1]}': reading .* failed"):
             read()
     assert store.read_clip(ids[1], 0, 2)["frames"].shape == (2, *OBS)  # undamaged chunks still read
+
+
+def test_heldout_episode_ids_fall_back_to_the_other_heldout_split_then_warn_on_train(tmp_path):
+    spec = SPECS["discrete"]
+    rng = np.random.default_rng(0)
+    with StoreWriter(tmp_path, source="test", obs_shape=OBS, action_spec=spec) as w:
+        for T, split in ((3, "test"), (6, "val"), (9, "train")):
+            w.add_episode(**_episode(rng, T, spec), split=split, episode_id=f"{split}-ep")
+    store = EpisodeStore(tmp_path)
+    assert heldout_episode_ids(store, "test", 3) == (["test-ep"], "test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # another held-out split: no warning
+        assert heldout_episode_ids(store, "test", 5) == (["val-ep"], "val")
+        assert heldout_episode_ids(store, "val", 2) == (["val-ep"], "val")
+    with pytest.warns(UserWarning, match="no held-out episodes"):
+        assert heldout_episode_ids(store, "test", 7) == (["train-ep"], "train")
+    with pytest.raises(ValueError, match="has 10 frames"):
+        heldout_episode_ids(store, "test", 10)

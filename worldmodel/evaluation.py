@@ -61,7 +61,6 @@ from worldmodel.dynamics_eval import (
     TeacherForced,
     encoded_episode,
     evaluate_dynamics_on,
-    heldout_episode_ids,
     heldout_nll,
     reconstruct,
     sample_clips,
@@ -70,7 +69,7 @@ from worldmodel.dynamics_eval import (
 from worldmodel.metrics.bits import bits_per_dim, bits_per_token
 from worldmodel.metrics.image import psnr, ssim
 from worldmodel.random_policy import StickyRandomPolicy
-from worldmodel.store import EpisodeStore
+from worldmodel.store import EpisodeStore, heldout_episode_ids
 
 EVAL_JSON = "eval.json"
 REPORT_FORMAT = "videogpt-worldmodel-eval"

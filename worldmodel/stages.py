@@ -28,7 +28,7 @@ from worldmodel.checkpoint import (
     write_run_config,
 )
 from worldmodel.config import ExperimentConfig
-from worldmodel.store import ActionSpec, ClipDataset, EpisodeStore, StoreMeta
+from worldmodel.store import ActionSpec, ClipDataset, EpisodeStore, StoreMeta, heldout_episode_ids
 from worldmodel.token_cache import TOKENS_FILE, TokenCache, encode_store
 from worldmodel.training import DistInfo, FitResult, fit
 from worldmodel.video import grid, save_png, tensorboard_video
@@ -60,15 +60,13 @@ def resolve_config(cfg: ExperimentConfig, meta: StoreMeta) -> ExperimentConfig:
 
 
 def _split_with_fallback(source: Any, split: str, clip_len: int) -> ClipDataset | None:
-    for s in (split, "test", "train"):
-        try:
-            ds = ClipDataset(source, split=s, clip_len=clip_len)
-        except ValueError:
-            continue
-        if s != split:
-            warnings.warn(f"{source.root}: no usable '{split}' episodes; validating on '{s}' instead", stacklevel=3)
-        return ds
-    return None
+    """Clips of ``split`` (or the split :func:`~worldmodel.store.heldout_episode_ids` falls back to); None when
+    no episode has ``clip_len`` frames."""
+    try:
+        _, used = heldout_episode_ids(source, split, clip_len)
+    except ValueError:
+        return None
+    return ClipDataset(source, split=used, clip_len=clip_len)
 
 
 _BUDGET_FIELDS = ("steps", "max_minutes", "log_every", "eval_every", "ckpt_every")

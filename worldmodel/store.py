@@ -719,6 +719,31 @@ class EpisodeStore:
         return d
 
 
+HELDOUT_FALLBACK = ("test", "val", "train")
+"""The order in which :func:`heldout_episode_ids` tries splits after the one asked for."""
+
+
+def heldout_episode_ids(store: Any, split: str = "test", min_length: int = 1) -> tuple[list[str], str]:
+    """Ids of ``split``'s episodes with at least ``min_length`` frames, and the split they come from.
+
+    Falls back to the other held-out split and then to ``train`` (in :data:`HELDOUT_FALLBACK` order)
+    when ``split`` has no such episode; falling back to ``train`` warns ("no held-out episodes": what is
+    scored or dreamed from then was trained on), the other held-out split does not (callers that report
+    a split report the one returned). ValueError when no episode of the store has ``min_length`` frames. ``store``: an
+    :class:`EpisodeStore` or anything with its ``episode_ids(split)``, ``length(id)`` and ``root``
+    (a :class:`~worldmodel.token_cache.TokenCache`). The one held-out rule of validation, evaluation
+    and the dream env's reset contexts.
+    """
+    for s in (split, *(s for s in HELDOUT_FALLBACK if s != split)):
+        ids = [i for i in store.episode_ids(s) if store.length(i) >= min_length]
+        if ids:
+            if s == "train" != split:
+                warnings.warn(f"{store.root}: no held-out episodes with {min_length} frames ('{split}' asked for); "
+                              f"using 'train' episodes", stacklevel=2)
+            return ids, s
+    raise ValueError(f"no episode of {store.root} has {min_length} frames")
+
+
 # ----------------------------------------------------------------------------------------------
 # PyTorch dataset of clip windows
 # ----------------------------------------------------------------------------------------------
