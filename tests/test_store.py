@@ -16,14 +16,13 @@ import torch
 
 from worldmodel.store import (
     ActionSpec,
-    ClipDataset,
     EpisodeStore,
-    SeededSampler,
     StoreError,
     StoreLockedError,
     StoreWriter,
     heldout_episode_ids,
 )
+from worldmodel.training_data import ClipDataset, SeededSampler
 
 OBS = (8, 8, 3)
 

@@ -24,7 +24,8 @@ from worldmodel.evaluation import dream_episode_section, dream_schedule_windows,
 from worldmodel.prior import Prior, symexp, symlog
 from worldmodel.sampling import Rollout
 from worldmodel.stages import EndPaddedClips
-from worldmodel.store import ClipDataset, EpisodeStore, SeededSampler
+from worldmodel.store import EpisodeStore
+from worldmodel.training_data import ClipDataset, SeededSampler
 
 L = 4  # prior window (frames)
 SIGNAL = 0  # a frame made of SIGNAL tokens may end the episode (the heads read the frame's last token)

@@ -14,7 +14,7 @@ was trained on, so every token sees the temporal context it saw in training (wit
 temporary name and renamed when complete.
 
 :class:`TokenCache` exposes the same clip interface as :class:`~worldmodel.store.EpisodeStore`,
-so :class:`~worldmodel.store.ClipDataset` cuts prior-training windows from it.
+so :class:`~worldmodel.training_data.ClipDataset` cuts prior-training windows from it.
 """
 
 from __future__ import annotations

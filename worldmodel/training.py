@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from worldmodel.checkpoint import load_checkpoint, save_checkpoint
 from worldmodel.config import TrainConfig
-from worldmodel.store import SeededSampler
+from worldmodel.training_data import SeededSampler
 
 
 @dataclass(frozen=True)
