@@ -21,7 +21,8 @@ from worldmodel.bundle import WorldModel
 from worldmodel.checkpoint import CONFIG_JSON
 from worldmodel.config import PriorConfig
 from worldmodel.evaluation import dream_episode_section, dream_schedule_windows, heads_on_dream_schedule
-from worldmodel.prior import Prior, symexp, symlog
+from worldmodel.prior import Prior
+from worldmodel.prior_heads import symexp, symlog
 from worldmodel.sampling import Rollout
 from worldmodel.stages import EndPaddedClips
 from worldmodel.store import EpisodeStore

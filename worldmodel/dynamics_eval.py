@@ -25,7 +25,7 @@ import torch
 
 from worldmodel.bundle import WorldModel
 from worldmodel.metrics.image import psnr, ssim
-from worldmodel.prior import symexp
+from worldmodel.prior_heads import symexp
 from worldmodel.store import EpisodeStore, heldout_episode_ids
 
 __all__ = [

@@ -216,7 +216,7 @@ def heads_on_dream_schedule(wm: WorldModel, store: EpisodeStore, episode_ids: li
     history and at the window position the dream env would read each transition with. ``token_windows``
     holds each episode's full prior windows (:func:`~worldmodel.dynamics_eval.window_starts`), for
     :func:`~worldmodel.dynamics_eval.heldout_nll`, from the same encoding."""
-    from worldmodel.prior import symexp
+    from worldmodel.prior_heads import symexp
     from worldmodel.sampling import Rollout
 
     F = wm.cfg.prior.frames

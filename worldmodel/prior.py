@@ -43,20 +43,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from worldmodel.config import PriorConfig
-
-
-def symlog(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x) * torch.log1p(x.abs())
-
-
-def symexp(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x) * torch.expm1(x.abs())
-
-
-def masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` over the entries where ``keep`` (bool, broadcast to ``x``) is True; 0 when none is."""
-    w = keep.expand_as(x).to(x.dtype)
-    return (x * w).sum() / w.sum().clamp(min=1)
+from worldmodel.prior_heads import prior_loss, reward_head, termination_head
 
 
 class CondLayerNorm(nn.Module):
@@ -320,8 +307,8 @@ class Prior(nn.Module):
         self.ln_f = CondLayerNorm(C, cond_dim)
         self.head = nn.Linear(C, cfg.vocab_size, bias=False)
         # outputs: symlog reward [if not terminated, if terminated] (reward_given_termination) or one for both
-        self.reward_head = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, 2 if cfg.reward_given_termination else 1))
-        self.term_head = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, 1))
+        self.reward_head = reward_head(C, cfg.reward_given_termination)
+        self.term_head = termination_head(C)
         self.apply(self._init_weights)
         nn.init.zeros_(self.head.weight)  # uniform logits at the start
         for blk in self.blocks:  # GPT-2 scaling of residual projections
@@ -555,110 +542,10 @@ class Prior(nn.Module):
         r = self.reward_head(h)  # (..., 1 or 2)
         return r[..., 0], r[..., -1]
 
-    def sample_mask(self, B: int, T: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """MaskGIT training masks (B, T, h, w) bool: per frame a ratio r = cos(pi/2 * u), u ~ U(0, 1), of
-        its tokens (at least one) is hidden, at random positions (MaskGIT's cosine schedule)."""
-        dev = self.pos_t.device
-        u = torch.rand(B, T, 1, generator=generator, device=dev)
-        n = (torch.cos(math.pi / 2 * u) * self.hw).ceil().clamp(min=1)  # (B, T, 1) tokens to hide
-        rank = torch.rand(B, T, self.hw, generator=generator, device=dev).argsort(-1).argsort(-1)  # random order
-        return rearrange(rank < n, "b t (h w) -> b t h w", h=self.cfg.tokens_h)
-
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Token cross-entropy + weighted reward (symlog MSE) and termination (BCE) losses.
-
-        ``batch``: tokens (B, T, h, w), actions (B, T-1[, A]), rewards (B, T-1), terminated (B, T-1),
-        optional class_ids (B,), valid (B, T) bool: False on padding frames after an episode's end
-        (no loss there; the model is causal, so padding never changes the predictions before it), and
-        termination_only (B,) bool: windows that train only the termination head (no token or reward
-        loss; on HGS, scoring the death penalty of every padded window again cost 0.2 nats per token).
-        Training windows that run past the end put an episode's last transition on every window
-        position, not only the last (``worldmodel.stages.EndPaddedClips``); without them the heads learn
-        that nothing ever ends before the last position, where the dream's sliding window rarely reads.
-
-        Reward head: regression on symlog(reward). HGS rewards are +4 per step and −100 on death;
-        symlog compresses that range so the rare large penalty neither dominates the loss nor is
-        ignored, and is simpler than two-hot bins for one scalar per frame. With
-        ``reward_given_termination`` the head's two outputs are scored on disjoint transitions: the
-        "not terminated" output's symlog MSE averaged over the scored non-terminal transitions plus the
-        "terminated" output's averaged over the scored terminal ones (0 in a batch without any), so the
-        rare terminal reward is learned at the rate of the common one instead of ~1/120 of it (HGS).
-        Metrics: ``reward_loss`` is the reward term of the loss (before ``reward_weight``),
-        ``reward_mae`` the MAE of the output matching the true termination over all scored transitions,
-        ``reward_loss_terminal`` / ``reward_mae_terminal`` the terminal output's on terminal transitions
-        (the MAE only in batches that hold one).
-        """
-        tokens = batch["tokens"]
-        # a store's actions / labels are ignored by a prior configured without them (DataConfig.use_actions)
-        actions = batch.get("actions") if self.cfg.action_kind != "none" else None
-        k = self.cfg.n_cond_frames  # frame conditioning: the clip's first k frames condition, the rest are modelled
-        cond_tokens = tokens[:, :k] if k else None
-        if k:
-            tokens = tokens[:, k:]
-            actions = None if actions is None else actions[:, k:]
-            batch = {**batch, **{n: batch[n][:, k:] for n in ("rewards", "terminated", "valid") if n in batch}}
-        B, T = tokens.shape[:2]
-        mask = frames = None
-        if self.maskgit:  # the masked stream runs on a random quarter of the frames (it costs ~2.6x when on all)
-            mask = self.sample_mask(B, T)
-            frames = torch.randperm(T, device=tokens.device)[: max(1, T // 4)].sort().values
-        inputs = tokens
-        if self.training and self.cfg.context_noise > 0:  # corrupt inputs only; the targets below stay clean
-            noisy = torch.rand(tokens.shape, device=tokens.device) < self.cfg.context_noise
-            inputs = torch.where(noisy, torch.randint_like(tokens, self.cfg.vocab_size), tokens)
-        out = self(inputs, actions, batch.get("class_ids") if self.class_emb is not None else None, cond_tokens,
-                   mask, frames)
-        target = rearrange(tokens.long(), "b t h w -> b t (h w)")
-        ce = F.cross_entropy(rearrange(out.logits, "b t n v -> (b t n) v").float(), target.flatten(),
-                             reduction="none").view(B, T, -1)
-        valid = batch.get("valid")
-        valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device) if valid is None else valid.bool()  # (B, T)
-        tok_valid = valid  # (B, T) frames whose tokens (and rewards) are scored
-        if "termination_only" in batch:  # windows that train the termination head only (end-padded windows)
-            tok_valid = valid & ~batch["termination_only"].bool().view(B, 1)
-        token_loss = masked_mean(ce, tok_valid[..., None])
-        loss = token_loss
-        metrics = {"nats_per_token": token_loss.item(), "bits_per_token": token_loss.item() / math.log(2),
-                   "nats_first_frame": masked_mean(ce[:, 0], tok_valid[:, :1]).item()}
-        if mask is not None:  # MaskGIT objective: cross-entropy of the hidden tokens only
-            m = rearrange(mask[:, frames], "b t h w -> b t (h w)") & tok_valid[:, frames, None]
-            ce_m = F.cross_entropy(rearrange(out.mask_logits, "b t n v -> b v t n").float(), target[:, frames],
-                                   reduction="none")
-            mg_loss = masked_mean(ce_m, m)
-            loss = loss + self.cfg.maskgit_weight * mg_loss
-            metrics["maskgit_nats"] = mg_loss.item()
-        if T > 1:
-            metrics["nats_with_history"] = masked_mean(ce[:, 1:], tok_valid[:, 1:, None]).item()
-            tv, rv = valid[:, 1:], tok_valid[:, 1:]  # (B, T-1) transitions into a real frame; those scored for reward
-            if "rewards" in batch:
-                r = batch["rewards"][:, : T - 1].float()
-                pred = out.reward[:, 1:].float()  # (B, T-1) symlog reward if not terminated
-                if self.cfg.reward_given_termination:
-                    if "terminated" not in batch:
-                        raise ValueError("batch: prior.reward_given_termination needs 'terminated' (B, T-1) with 'rewards'")
-                    d = batch["terminated"][:, : T - 1].bool()
-                    pred_t = out.reward_if_terminated[:, 1:].float()
-                    # each output on the transitions of its kind, each a mean over its own (0 when there are none)
-                    r_loss_t = masked_mean((pred_t - symlog(r)) ** 2, rv & d)
-                    r_loss = masked_mean((pred - symlog(r)) ** 2, rv & ~d) + r_loss_t
-                    pred = torch.where(d, pred_t, pred)  # the output matching the true termination
-                    metrics["reward_loss_terminal"] = r_loss_t.item()
-                    if bool((rv & d).any()):  # absent, not 0, from batches without a scored terminal transition
-                        metrics["reward_mae_terminal"] = masked_mean((symexp(pred.detach()) - r).abs(), rv & d).item()
-                else:
-                    r_loss = masked_mean((pred - symlog(r)) ** 2, rv)
-                loss = loss + self.cfg.reward_weight * r_loss
-                metrics["reward_loss"] = r_loss.item()
-                metrics["reward_mae"] = masked_mean((symexp(pred.detach()) - r).abs(), rv).item()
-            if "terminated" in batch:
-                d = batch["terminated"][:, : T - 1].float()
-                logit = out.term_logit[:, 1:].float()
-                pw = torch.tensor(self.cfg.termination_pos_weight, device=logit.device)  # 1 = calibrated BCE
-                t_loss = masked_mean(F.binary_cross_entropy_with_logits(logit, d, pos_weight=pw, reduction="none"), tv)
-                loss = loss + self.cfg.termination_weight * t_loss
-                metrics["termination_loss"] = t_loss.item()
-                metrics["termination_accuracy"] = masked_mean(((logit.detach() > 0).float() == d).float(), tv).item()
-        return loss, metrics
+        """Token cross-entropy + weighted MaskGIT, reward and termination losses, and their metrics
+        (:func:`worldmodel.prior_heads.prior_loss`, where the batch's form and each term are described)."""
+        return prior_loss(self, batch)
 
     # -- incremental forward (generation) -------------------------------------------------------
     def ln_params(self, cond: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:

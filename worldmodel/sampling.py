@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from worldmodel.fast_decode import TokenDecoder
-from worldmodel.prior import KVCache, Prior, symexp
+from worldmodel.prior import KVCache, Prior
+from worldmodel.prior_heads import symexp
 
 DECODES = ("autoregressive", "maskgit")
 
