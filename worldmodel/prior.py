@@ -253,6 +253,46 @@ class PriorOutput:
     mask_logits: torch.Tensor | None = None  # (B, T, h*w, V): MaskGIT stream's logits (forward with ``mask``)
 
 
+@dataclass
+class StepEmbedding:
+    """The inputs of one new block per row (:meth:`Prior.embed_step`), derived once per generated frame.
+
+    Position 0 of the block is the slot, position 1 + j holds token z[j]; the input of the position that
+    predicts z[j] also carries the previous-frame features ``prev[:, j]``.
+    """
+
+    cond: torch.Tensor  # (B, 1, C) the block's condition: emb(a_{t-1}) or the start vector (+ class)
+    ln: list[tuple[torch.Tensor, torch.Tensor]] | None  # conditional-LayerNorm (scale, bias) of cond (Prior.ln_params)
+    slot: torch.Tensor  # (B, 1, C) the slot's input, without previous-frame features
+    pos_t: torch.Tensor  # (B, 1, C) the block's time position embedding
+    pos_hw: torch.Tensor  # (hw, C) the tokens' spatial position embeddings
+    token_pos: torch.Tensor  # (hw, B, C) what joins token j's embedding: pos_hw[j] + pos_t (+ cond with "add")
+    prev: torch.Tensor | None  # (B, hw, C) previous-frame features (None without the previous-frame path)
+    tok_weight: torch.Tensor  # (V, C) the token embedding table
+    add_cond: bool  # action_cond == "add": the condition joins every position
+
+    def slot_input(self) -> torch.Tensor:
+        """Input of the slot (position 0), which predicts z[0]: (B, C)."""
+        x = self.slot[:, 0]
+        return x if self.prev is None else x + self.prev[:, 0]
+
+    def token_input(self, tok: torch.Tensor, j: int) -> torch.Tensor:
+        """Input of position 1 + j, holding the sampled token ``tok`` (B,) = z[j] and predicting z[j+1]: (B, C)."""
+        x = self.tok_weight.index_select(0, tok) + self.token_pos[j]
+        if self.prev is not None and j + 1 < self.token_pos.shape[0]:
+            x = x + self.prev[:, j + 1]
+        return x
+
+    def frame_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Inputs of positions 1..hw for a whole frame ``tokens`` (B, hw) at once (MaskGIT's clean pass): (B, hw, C)."""
+        x = F.embedding(tokens, self.tok_weight) + self.pos_hw + self.pos_t  # (B, hw, C)
+        if self.prev is not None:  # position 1+j holds z[j] and predicts z[j+1]
+            x = torch.cat([x[:, :-1] + self.prev[:, 1:], x[:, -1:]], 1)
+        if self.add_cond:
+            x = x + self.cond
+        return x
+
+
 class Prior(nn.Module):
     """GPT prior; see the module docstring for the layout and conditioning."""
 
@@ -383,14 +423,21 @@ class Prior(nn.Module):
         """Condition vector of each block: start for block 0, ``emb(a_{t-1})`` for block t. (B, T, C)."""
         start = self.start_emb.expand(B, 1, -1)
         if self.act_emb is not None and T > 1:
-            a = actions[:, : T - 1]
-            a = a.float() if self.cfg.action_kind == "continuous" else a.long()
-            cond = torch.cat([start, self.act_emb(a)], dim=1)
+            cond = torch.cat([start, self.action_embedding(actions[:, : T - 1])], dim=1)
         else:
             cond = start.expand(B, T, -1)
         if self.class_emb is not None:
             cond = cond + self.class_emb(class_ids)[:, None]
         return cond
+
+    def action_embedding(self, actions: torch.Tensor) -> torch.Tensor:
+        """emb(a): actions (B, n) discrete or (B, n, A) continuous -> (B, n, C)."""
+        a = actions.float() if self.cfg.action_kind == "continuous" else actions.long()
+        return self.act_emb(a)
+
+    def pos_hw(self) -> torch.Tensor:
+        """Position embedding of each token of a frame, raster order: (hw, C)."""
+        return self.pos_h[self._grid_h] + self.pos_w[self._grid_w]
 
     def prev_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Previous-frame path features of frames ``tokens`` (B, T, h, w) -> (B, T, hw, C), for the next blocks."""
@@ -412,7 +459,7 @@ class Prior(nn.Module):
         (B, T, hw, C) previous-frame features (None without the previous-frame path). -> (B, T, hw, C).
         """
         tok = torch.where(known[..., None], self.tok_emb(tokens.long()), self.mask_emb.to(self.tok_emb.weight.dtype))
-        x = tok + (self.pos_h[self._grid_h] + self.pos_w[self._grid_w]) + self.pos_t[t_idx][:, :, None] + self.mstream_emb
+        x = tok + (self.pos_hw()) + self.pos_t[t_idx][:, :, None] + self.mstream_emb
         if prev is not None:
             x = x + prev
         if self.cfg.action_cond in ("token", "add"):  # no slot in this stream: the action joins every position
@@ -447,7 +494,7 @@ class Prior(nn.Module):
         t_idx = torch.as_tensor(t0, device=tokens.device).reshape(-1, 1) + torch.arange(T, device=tokens.device)
         pos_t = self.pos_t[t_idx].expand(B, T, -1)  # (B, T, C)
         tok = self.tok_emb(rearrange(tokens.long(), "b t h w -> b t (h w)"))  # (B, T, hw, C)
-        tok = tok + (self.pos_h[self._grid_h] + self.pos_w[self._grid_w])[None, None] + pos_t[:, :, None]
+        tok = tok + (self.pos_hw())[None, None] + pos_t[:, :, None]
         slot = self.slot_emb + pos_t  # (B, T, C)
         if self.cfg.action_cond == "token":
             slot = slot + cond
@@ -458,7 +505,42 @@ class Prior(nn.Module):
             x = x + cond[:, :, None]
         return rearrange(x, "b t l c -> b (t l) c")
 
-    def _ln_cond(self, cond: torch.Tensor) -> torch.Tensor | None:
+    def embed_step(self, action: torch.Tensor | None, t_idx: torch.Tensor, last_tokens: torch.Tensor | None,
+                   class_ids: torch.Tensor | None = None) -> StepEmbedding:
+        """Inputs of one new block per row, for generation (the one-block counterpart of :meth:`block_conditions`
+        + :meth:`embed_blocks`, computed once per frame and used by every sampler path).
+
+        ``action`` (B,) or (B, A): a_{t-1}, the action into the new frame (None for a prior without actions;
+        ignored on rows with ``t_idx == 0``, which get the start condition); ``t_idx`` (B,) the new block's
+        window index; ``last_tokens`` (B, h, w) the frame before it (previous-frame path; ignored where
+        ``t_idx == 0``); ``class_ids`` (B,) for a class-conditional prior.
+        """
+        B = t_idx.shape[0]
+        first = t_idx == 0  # rows started from nothing: block 0 gets the start condition
+        start = self.start_emb.expand(B, 1, -1)
+        cond = start if self.act_emb is None else self.action_embedding(action[:, None])  # (B, 1, C)
+        if self.class_emb is not None:
+            cls = self.class_emb(class_ids)[:, None]
+            cond, start = cond + cls, start + cls
+        if self.act_emb is not None and bool(first.any()):
+            cond = torch.where(first[:, None, None], start, cond)
+        pos_t = self.pos_t[t_idx][:, None]  # (B, 1, C)
+        slot = self.slot_emb + pos_t
+        if self.cfg.action_cond in ("token", "add"):
+            slot = slot + cond
+        pos_hw = self.pos_hw()  # (hw, C)
+        token_pos = pos_hw[:, None] + pos_t[:, 0]  # (hw, B, C)
+        if self.cfg.action_cond == "add":
+            token_pos = token_pos + cond[:, 0]
+        prev = None
+        if self.prev_conv is not None:  # features of the window's last frame, once per frame
+            prev = self.prev_features(last_tokens[:, None])[:, 0]  # (B, hw, C)
+            if bool(first.any()):  # no previous frame: the learned vector of block 0
+                prev = torch.where(first[:, None, None], self.no_prev.to(prev.dtype).expand_as(prev), prev)
+        return StepEmbedding(cond, self.ln_params(cond), slot, pos_t, pos_hw, token_pos, prev, self.tok_emb.weight,
+                             self.cfg.action_cond == "add")
+
+    def ln_condition(self, cond: torch.Tensor) -> torch.Tensor | None:
         """Per-position condition for conditional LayerNorms: (B, T, C) -> (B, T*(1+hw), C)."""
         if self.ln_f.to_gain_bias is None:
             return None
@@ -477,7 +559,7 @@ class Prior(nn.Module):
                              f"{None if cond_tokens is None else tuple(cond_tokens.shape)}")
         if int(cond_tokens.min()) < 0 or int(cond_tokens.max()) >= cfg.vocab_size:
             raise ValueError(f"cond_tokens: values must lie in [0, {cfg.vocab_size})")
-        pos_hw = self.pos_h[self._grid_h] + self.pos_w[self._grid_w]  # (hw, C)
+        pos_hw = self.pos_hw()  # (hw, C)
         return self.cond_encoder(self.tok_emb(cond_tokens.long()), pos_hw)
 
     def memory_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -501,7 +583,7 @@ class Prior(nn.Module):
         memory = self.cond_memory(cond_tokens, B)
         cond = self.block_conditions(actions, B, T, class_ids)
         x = self.embed_blocks(tokens, cond)
-        ln_cond = self._ln_cond(cond)
+        ln_cond = self.ln_condition(cond)
         attn_mask, S = None, x.shape[1]
         if mask is not None:
             if not self.maskgit:
@@ -552,8 +634,12 @@ class Prior(nn.Module):
         """Precomputed conditional-LayerNorm (scale, bias) of every LayerNorm, in order, for ``cond``."""
         if self.ln_f.to_gain_bias is None:
             return None
-        lns = [ln for blk in self.blocks for ln in (blk.ln1, blk.ln2)] + [self.ln_f]
-        return [ln.gain_bias(cond) for ln in lns]
+        return [ln.gain_bias(cond) for ln in self.layer_norms()]
+
+    def layer_norms(self) -> list[CondLayerNorm]:
+        """Every (conditional) LayerNorm of the trunk in the order :meth:`ln_params` lists them: ln1, ln2 of
+        each block, then ln_f."""
+        return [ln for blk in self.blocks for ln in (blk.ln1, blk.ln2)] + [self.ln_f]
 
     def forward_cached(self, x: torch.Tensor, cond: torch.Tensor | list | None, cache: KVCache,
                        rows: torch.Tensor | None, pos: torch.Tensor | int,
