@@ -4,6 +4,8 @@ Layout::
 
     store/
       store.json            schema version, source, observation shape, action spec, fps, index
+      index.jsonl           only while a writer is open (or after one was killed): the index entries of
+                            the shards written since store.json was, one line per shard
       shard-00000.h5        episodes/<id>/{frames, actions, rewards, terminated, extras/*} + attrs
       shard-00001.h5
       ...
@@ -14,7 +16,10 @@ Action-free datasets (UCF-101, TGIF) store no ``actions``.
 
 Shards are the source of truth: each is written under a temporary name and renamed into place
 only when complete, so a crash never leaves a readable half shard. ``store.json`` carries the
-schema and a convenience index that is rewritten (atomically) after every shard.
+schema and a convenience index, written (atomically) when a writer opens and closes the store; in
+between, each shard's entries are appended to ``index.jsonl`` (one fsynced line per shard, so writing a
+large store costs O(shards), not O(shards²)). The reader scans the shards and uses both lists only to
+notice a listed shard that has gone missing; the next writer folds the journal back into ``store.json``.
 
 The store knows nothing of models or Gymnasium.
 """
@@ -37,10 +42,11 @@ from typing import IO, Any, Literal
 import h5py
 import numpy as np
 
-from worldmodel.atomic import finish_file, write_json
+from worldmodel.atomic import finish_file, fsync_dir, write_json
 
 SCHEMA_VERSION = 1
 STORE_JSON = "store.json"
+INDEX_JOURNAL = "index.jsonl"
 _SHARD_RE = re.compile(r"^shard-(\d{5})\.h5$")
 SPLITS = ("train", "val", "test")
 LOCK_FILE = ".writer.lock"
@@ -238,6 +244,21 @@ def refuse_external(f: h5py.File, path: str | os.PathLike, error: type[Exception
         shown = "; ".join(refs[:5]) + (f"; ... ({len(refs)} in all)" if len(refs) > 5 else "")
         raise (error or StoreError)(f"{path}: refers to data outside the file ({shown}); only self-contained HDF5 "
                                     f"files are read (no external links, external storage or virtual datasets)")
+
+
+def journal_shards(root: Path) -> set[str]:
+    """Shards listed in ``index.jsonl`` (written since ``store.json`` last held the whole index); a torn last
+    line (a writer killed mid-append) is ignored: its shard is complete or absent, and the shards are scanned."""
+    path = root / INDEX_JOURNAL
+    if not path.exists():
+        return set()
+    shards = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            shards.add(json.loads(line)["shard"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return shards
 
 
 def _list_shards(root: Path) -> list[Path]:
@@ -502,11 +523,12 @@ class StoreWriter:
             name = self._claim_shard_name(tmp)
         finally:
             tmp.unlink(missing_ok=True)
+        ids = [ep.id for ep in self._pending]
         for ep in self._pending:
             self._index[ep.id] = {"shard": name, "length": len(ep), "split": ep.split}
         self._pending = []
         self._next_shard += 1
-        self._write_meta()
+        self._append_journal(name, {ep_id: self._index[ep_id] for ep_id in ids})
 
     def _claim_shard_name(self, tmp: Path) -> str:
         """Give the finished temporary shard the next free ``shard-NNNNN.h5`` name without ever replacing a
@@ -524,6 +546,7 @@ class StoreWriter:
         try:
             if self._lock is not None:
                 self.flush()
+                self._write_meta()
         finally:
             self._release()
 
@@ -536,11 +559,24 @@ class StoreWriter:
 
     # -- internal -------------------------------------------------------------------------------
     def _write_meta(self) -> None:
+        """Write ``store.json`` with the whole index (at open and close), which makes the journal redundant."""
         d = self.meta.to_dict()
         d["num_episodes"] = len(self._index)
         d["splits"] = {s: sorted(i for i, e in self._index.items() if e["split"] == s) for s in SPLITS}
         d["episodes"] = self._index
         write_json(self.root / STORE_JSON, d, indent=1)
+        (self.root / INDEX_JOURNAL).unlink(missing_ok=True)
+
+    def _append_journal(self, shard: str, entries: dict[str, dict[str, Any]]) -> None:
+        """Append one shard's index entries to ``index.jsonl`` (one line, fsynced): O(shard), not O(store)."""
+        path = self.root / INDEX_JOURNAL
+        new = not path.exists()
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"shard": shard, "episodes": entries}) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        if new:
+            fsync_dir(self.root)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -573,7 +609,7 @@ class EpisodeStore:
         self.meta = StoreMeta.from_dict(raw, where=str(meta_path))
         self.skipped: list[str] = []
         self.index: dict[str, dict[str, Any]] = {}
-        listed = {e["shard"] for e in raw.get("episodes", {}).values()}
+        listed = {e["shard"] for e in raw.get("episodes", {}).values()} | journal_shards(self.root)
         present = {p.name for p in _list_shards(self.root)}
         for name in sorted(listed - present):
             self._fail(self.root / name, "file is missing (listed in store.json)", skip_corrupt)
