@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from envs.collect import collect
-from worldmodel.store import ClipDataset
+from worldmodel.training_data import ClipDataset
 
 
 def main() -> None:

@@ -19,8 +19,9 @@ import torch
 
 from worldmodel.bundle import WorldModel
 from worldmodel.dynamics_eval import evaluate_dynamics, heldout_nll
-from worldmodel.store import ClipDataset, EpisodeStore
+from worldmodel.store import EpisodeStore
 from worldmodel.token_cache import TOKENS_FILE, TokenCache
+from worldmodel.training_data import ClipDataset
 
 
 def main() -> None:

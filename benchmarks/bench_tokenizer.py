@@ -97,7 +97,7 @@ def image_metrics(fake: np.ndarray, real: np.ndarray) -> dict[str, float]:
 def disjoint_clips(store: Any, n: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, str]:
     """Two sets of ``n`` real clips of ``length`` frames from disjoint held-out episodes (alternate episodes);
     the second is None when there are fewer than two such episodes. -> (A, B, split)."""
-    from worldmodel.dynamics_eval import heldout_episode_ids
+    from worldmodel.store import heldout_episode_ids
 
     ids, split = heldout_episode_ids(store, "test", length)
     rng = np.random.default_rng(seed)

@@ -64,6 +64,27 @@ class CollectReport:
     lengths: list[int] = field(default_factory=list)
 
 
+def _probe_gym_env(env: str, env_kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Callable, ActionSpec]:
+    """What a ``gym:`` env's store records (settings, description), its action conversion and action spec, read
+    from one probe instance."""
+    probe = make_real_env_fn(env, **env_kwargs)()
+    try:
+        recorded, described = recorded_settings(probe, env, env_kwargs)
+        return recorded, described, probe.store_actions, store_action_spec(probe, env)  # type: ignore[attr-defined]
+    finally:
+        probe.close()
+
+
+def _acting_policy(policy: str | Policy, loaded: Policy | None, spec: ActionSpec, num_envs: int, mean_repeat: float,
+                   seed: int) -> Policy:
+    """The collection policy: sticky random actions (discrete or Box), a loaded policy file, or the callable given."""
+    if policy == "random" and spec.kind == "continuous":
+        return StickyRandomBoxPolicy(spec.dim, num_envs, mean_repeat, seed=seed)
+    if policy == "random":
+        return StickyRandomPolicy(spec.n, num_envs, mean_repeat, seed=seed)
+    return loaded if loaded is not None else policy  # type: ignore[return-value]
+
+
 def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Policy = "random", num_envs: int = 2,
             seed: int = 0, mean_repeat: float = 4.0, episodes_per_shard: int = 8, env_kwargs: dict[str, Any] | None = None,
             progress: bool = True, asynchronous: bool = True, trust_pickle: bool = False, merge: bool = False) -> CollectReport:
@@ -101,14 +122,8 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
     loaded = SB3Policy(policy, trust_pickle=trust_pickle) if isinstance(policy, str) and policy != "random" else None
     to_store = None
     if is_gym_env(env):  # a gym env runs in-process anyway: its effective settings come from a probe
-        probe = make_real_env_fn(env, **env_kwargs)()
-        try:
-            recorded, described = recorded_settings(probe, env, env_kwargs)
-            to_store = probe.store_actions  # type: ignore[attr-defined]
-            spec = store_action_spec(probe, env)
-            env_kwargs = dict(recorded)  # the workers make exactly the recorded env (pixels, frame skip resolved)
-        finally:
-            probe.close()
+        recorded, described, to_store, spec = _probe_gym_env(env, env_kwargs)
+        env_kwargs = dict(recorded)  # the workers make exactly the recorded env (pixels, frame skip resolved)
     # Sizes the vector env only (the writer below recounts under its lock).
     stored = len(EpisodeStore(out)) if (out / STORE_JSON).exists() else 0
     fns = [make_real_env_fn(env, engines_in_workers=asynchronous, **env_kwargs)
@@ -144,14 +159,7 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
             return report
         todo = episodes - present
         run_seed = seed + 100_003 * present  # a resumed run must not replay the episodes it already stored
-        if policy == "random" and spec.kind == "continuous":
-            act: Policy = StickyRandomBoxPolicy(spec.dim, num_envs, mean_repeat, seed=run_seed)
-        elif policy == "random":
-            act = StickyRandomPolicy(spec.n, num_envs, mean_repeat, seed=run_seed)
-        elif loaded is not None:
-            act = loaded
-        else:
-            act = policy
+        act = _acting_policy(policy, loaded, spec, num_envs, mean_repeat, run_seed)
         bar = tqdm(total=episodes, initial=present, desc=f"collect {env}", unit="ep", disable=not progress)
         obs, _ = venv.reset(seed=run_seed)
         buf: list[dict[str, list]] = [{"frames": [o], "actions": [], "rewards": [], "terminated": []} for o in obs]

@@ -37,8 +37,8 @@ import torch
 from gymnasium.vector import VectorEnv
 from safetensors.torch import load_file, save_file
 
+from worldmodel.atomic import atomic_file, write_json
 from worldmodel.bundle import WorldModel
-from worldmodel.checkpoint import atomic_replace
 from worldmodel.store import EpisodeStore
 
 CONTROLLER_JSON, CONTROLLER_WEIGHTS = "controller.json", "controller.safetensors"
@@ -403,13 +403,10 @@ def save_controller(policy: LinearController, path: str | Path, extra: dict[str,
     f = policy.features
     if isinstance(f, TokenFeatures):
         tensors |= {"feature_mean": torch.from_numpy(f.mean), "feature_std": torch.from_numpy(f.std)}
-    tmp = path / f".{CONTROLLER_WEIGHTS}.tmp"
-    save_file(tensors, str(tmp))
-    atomic_replace(tmp, path / CONTROLLER_WEIGHTS)
+    with atomic_file(path / CONTROLLER_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
     meta = {"kind": "linear_controller", "config": policy.cfg.to_json(), **(extra or {})}
-    tmp = path / f".{CONTROLLER_JSON}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    atomic_replace(tmp, path / CONTROLLER_JSON)
+    write_json(path / CONTROLLER_JSON, meta, indent=1)
     return path
 
 

@@ -48,7 +48,7 @@ from worldmodel.bundle import WorldModel
 from worldmodel.checkpoint import CONFIG_JSON, BundleError
 from worldmodel.paths import BundleSkippedWarning, bundle_preset, find_bundles, runs_dir
 from worldmodel.sampling import DECODES
-from worldmodel.store import ActionSpec, EpisodeStore
+from worldmodel.store import ActionSpec, EpisodeStore, heldout_episode_ids
 
 STARTS = ("episode_start", "random")
 TERMINATIONS = ("sample", "threshold")
@@ -151,6 +151,49 @@ def _check_number(name: str, value: Any, *, integer: bool, low: float | None = N
         raise ValueError(f"{name}: got {_show(value)}, expected {expected}")
 
 
+
+def _check_sampling_args(num_envs: Any, context_frames: Any, maskgit_steps: Any, temperature: Any,
+                         termination_threshold: Any, top_k: Any, top_p: Any) -> None:
+    """Type checks of :class:`DreamCore`'s numeric arguments (``ValueError``/``TypeError`` naming the argument)."""
+    _check_number("num_envs", num_envs, integer=True, low=1, what="an integer >= 1")
+    _check_number("context_frames", context_frames, integer=True, what="an integer >= 1")
+    _check_number("maskgit_steps", maskgit_steps, integer=True, what="an integer >= 1")
+    _check_number("temperature", temperature, integer=False, low=0, what="a number >= 0")
+    _check_number("termination_threshold", termination_threshold, integer=False,
+                  what="a probability in (0, 1)")
+    if top_k is not None:
+        _check_number("top_k", top_k, integer=True, low=1, what="None or an integer >= 1")
+    if top_p is not None:
+        _check_number("top_p", top_p, integer=False, what="None or a probability in (0, 1]")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p: got {top_p!r}, expected None or a probability in (0, 1]")
+
+
+def _check_settings(wm: WorldModel, num_envs: int, decode: str, maskgit_steps: int, context_frames: int, start: str,
+                    termination: str, termination_threshold: float, temperature: float) -> None:
+    """Range checks of :class:`DreamCore`'s settings against each other and the bundle."""
+    if termination not in TERMINATIONS:
+        raise ValueError(f"termination: got {termination!r}, expected one of {TERMINATIONS}")
+    if not 0 < termination_threshold < 1:
+        raise ValueError(f"termination_threshold: got {termination_threshold}, expected a probability in (0, 1)")
+    if num_envs < 1:
+        raise ValueError(f"num_envs: got {num_envs}, expected >= 1")
+    if decode not in DECODES:
+        raise ValueError(f"decode: got {decode!r}, expected one of {DECODES}")
+    if decode == "maskgit" and not wm.prior.maskgit:
+        raise ValueError("decode='maskgit': this bundle's prior was trained without the MaskGIT objective "
+                         "(train with --config.prior.maskgit-weight 1.0), use decode='autoregressive'")
+    if decode == "maskgit" and not 1 <= maskgit_steps <= wm.prior.hw:
+        raise ValueError(f"maskgit_steps: got {maskgit_steps}, expected 1..{wm.prior.hw} (tokens per frame)")
+    if start not in STARTS:
+        raise ValueError(f"start: got {start!r}, expected one of {STARTS}")
+    if not 1 <= context_frames < wm.cfg.prior.frames:
+        raise ValueError(f"context_frames: got {context_frames}, expected 1..{wm.cfg.prior.frames - 1} "
+                         f"(the prior's window is {wm.cfg.prior.frames} frames)")
+    if temperature < 0:
+        raise ValueError(f"temperature: got {temperature}, expected >= 0")
+
+
 class DreamCore:
     """``num_envs`` dream environments over one world model. See the module docstring.
 
@@ -173,42 +216,13 @@ class DreamCore:
                  top_p: float | None = None, decode: str = "autoregressive", maskgit_steps: int = 8,
                  context_frames: int = 1, start: str = "episode_start", termination: str = "sample",
                  termination_threshold: float = 0.5, bf16: bool = False, clip_actions: bool = False) -> None:
-        _check_number("num_envs", num_envs, integer=True, low=1, what="an integer >= 1")
-        _check_number("context_frames", context_frames, integer=True, what="an integer >= 1")
-        _check_number("maskgit_steps", maskgit_steps, integer=True, what="an integer >= 1")
-        _check_number("temperature", temperature, integer=False, low=0, what="a number >= 0")
-        _check_number("termination_threshold", termination_threshold, integer=False,
-                      what="a probability in (0, 1)")
-        if top_k is not None:
-            _check_number("top_k", top_k, integer=True, low=1, what="None or an integer >= 1")
-        if top_p is not None:
-            _check_number("top_p", top_p, integer=False, what="None or a probability in (0, 1]")
-            if not 0 < top_p <= 1:
-                raise ValueError(f"top_p: got {top_p!r}, expected None or a probability in (0, 1]")
+        _check_sampling_args(num_envs, context_frames, maskgit_steps, temperature, termination_threshold, top_k, top_p)
         if not isinstance(clip_actions, (bool, np.bool_)):
             raise TypeError(f"clip_actions: got {_show(clip_actions)}, expected True or False")
+        _check_settings(wm, num_envs, decode, maskgit_steps, context_frames, start, termination, termination_threshold,
+                        temperature)
         self.clip_actions = bool(clip_actions)
-        if termination not in TERMINATIONS:
-            raise ValueError(f"termination: got {termination!r}, expected one of {TERMINATIONS}")
-        if not 0 < termination_threshold < 1:
-            raise ValueError(f"termination_threshold: got {termination_threshold}, expected a probability in (0, 1)")
         self.termination, self.termination_threshold = termination, termination_threshold
-        if num_envs < 1:
-            raise ValueError(f"num_envs: got {num_envs}, expected >= 1")
-        if decode not in DECODES:
-            raise ValueError(f"decode: got {decode!r}, expected one of {DECODES}")
-        if decode == "maskgit" and not wm.prior.maskgit:
-            raise ValueError("decode='maskgit': this bundle's prior was trained without the MaskGIT objective "
-                             "(train with --config.prior.maskgit-weight 1.0), use decode='autoregressive'")
-        if decode == "maskgit" and not 1 <= maskgit_steps <= wm.prior.hw:
-            raise ValueError(f"maskgit_steps: got {maskgit_steps}, expected 1..{wm.prior.hw} (tokens per frame)")
-        if start not in STARTS:
-            raise ValueError(f"start: got {start!r}, expected one of {STARTS}")
-        if not 1 <= context_frames < wm.cfg.prior.frames:
-            raise ValueError(f"context_frames: got {context_frames}, expected 1..{wm.cfg.prior.frames - 1} "
-                             f"(the prior's window is {wm.cfg.prior.frames} frames)")
-        if temperature < 0:
-            raise ValueError(f"temperature: got {temperature}, expected >= 0")
         self.wm, self.N = wm, num_envs
         self.spec = wm.action_spec
         self.observation_space = spaces.Box(0, 255, wm.obs_shape, np.uint8)
@@ -249,17 +263,10 @@ class DreamCore:
                 raise FileNotFoundError(f"the bundle's store {path!r} is not available to draw reset contexts from; "
                                         f"pass reset(options={{'frames': ..., 'actions': ...}}) instead")
             self._store = EpisodeStore(path)
-            need = self.context_frames
-            for split in ("test", "val", "train"):
-                ids = [e for e in self._store.episode_ids(split) if self._store.length(e) >= need]
-                if ids:
-                    if split == "train":
-                        warnings.warn(f"{path}: no held-out episodes; dream resets start from training episodes",
-                                      stacklevel=4)
-                    break
-            if not ids:
-                raise ValueError(f"{path}: no episode has the {need} frames a reset context needs")
-            self._heldout = ids
+            try:
+                self._heldout, _ = heldout_episode_ids(self._store, "test", self.context_frames)
+            except ValueError as e:
+                raise ValueError(f"{e}, the frames a reset context needs") from None
         return self._heldout
 
     def _context(self, row: int, options: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:

@@ -53,8 +53,8 @@ from envs.policy import PPOConfig, Score, real_vec_env, save_policy, score_dream
 from envs.policy_file import is_zip, load_algorithm, load_sb3_zip, resolve_in_dir
 from envs.real import is_real_env
 from envs.sb3_vec import DreamVecEnv
+from worldmodel.atomic import write_json, write_text
 from worldmodel.bundle import WorldModel
-from worldmodel.checkpoint import atomic_replace, write_json
 from worldmodel.config import ExperimentConfig
 from worldmodel.stages import encode_tokens, train_prior, train_tokenizer
 from worldmodel.store import EpisodeStore
@@ -139,10 +139,7 @@ def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
     w = csv.DictWriter(buf, fieldnames=list(CSV_FIELDS))
     w.writeheader()
     w.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buf.getvalue())
-    atomic_replace(tmp, path)
-    return path
+    return write_text(path, buf.getvalue())
 
 
 class _TqdmProgress(BaseCallback):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,8 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.utils import ConstantSchedule, FloatSchedule
+
+from worldmodel.atomic import atomic_file
 
 FORMAT = "worldmodel-sb3-policy"
 VERSION = 1
@@ -231,25 +232,9 @@ def save_policy_file(model: BaseAlgorithm, path: str | os.PathLike) -> Path:
         "aliases": aliases, "optimizer": opt_meta,
     }
     tensors = {f"policy.{k}": v for k, v in weights.items()} | opt_tensors
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        save_file(tensors, tmp_name, metadata={"format": FORMAT, "policy": json.dumps(meta)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "policy": json.dumps(meta)})
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def is_zip(path: str | os.PathLike) -> bool:

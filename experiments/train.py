@@ -34,7 +34,7 @@ import tyro
 from envs.gym_source import is_gym_env, register_gym_preset
 from envs.real import EnvOptions, is_real_env
 from envs.vizdoom import sigterm_exits
-from worldmodel.checkpoint import write_json
+from worldmodel.atomic import write_json
 from worldmodel.config import SCALES, ExperimentConfig, get_preset, is_preset, preset_names
 from worldmodel.paths import default_run_dir
 from worldmodel.training import setup_distributed

@@ -39,7 +39,7 @@ from envs.policy import PPOConfig, real_env_kwargs, save_policy, score_dream, sc
 from envs.real import is_real_env
 from envs.sb3_vec import DreamVecEnv
 from envs.vizdoom import sigterm_exits
-from worldmodel.checkpoint import write_json
+from worldmodel.atomic import write_json
 
 
 @dataclass

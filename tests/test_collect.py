@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from envs.collect import StickyRandomPolicy, collect
-from worldmodel.store import ClipDataset, EpisodeStore, StoreError
+from worldmodel.store import EpisodeStore, StoreError
+from worldmodel.training_data import ClipDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

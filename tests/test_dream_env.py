@@ -22,7 +22,7 @@ from envs.dream import DreamEnv
 from envs.sb3_vec import DreamVecEnv
 from tests.conftest import TINY_RES, make_bundle, tiny_experiment, write_continuous_store
 from worldmodel.bundle import WorldModel
-from worldmodel.prior import symlog
+from worldmodel.prior_heads import symlog
 from worldmodel.store import EpisodeStore
 
 HGS = "VideoGPTDream-VizdoomHGS-v0"

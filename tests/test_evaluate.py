@@ -31,7 +31,7 @@ from worldmodel.dynamics_eval import (
 )
 from worldmodel.evaluation import EvalSettings, binary_scores, choose_threshold, fvd_section, heads_sections
 from worldmodel.metrics import default_i3d_weights_path, psnr, ssim
-from worldmodel.prior import symlog
+from worldmodel.prior_heads import symlog
 from worldmodel.store import EpisodeStore
 
 REPO = Path(__file__).resolve().parents[1]

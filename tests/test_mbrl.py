@@ -66,7 +66,7 @@ def test_cli_one_short_iteration(tmp_path):
     assert "PPO directly in the real env" in res.stdout  # the comparison table
 
 
-@pytest.mark.filterwarnings("ignore:.*(no usable 'val' episodes|no held-out episodes)")
+@pytest.mark.filterwarnings("ignore:.*(no held-out episodes)")
 def test_resume_continues_world_model_and_policy(tmp_path, one_thread):
     """Iteration 1, started after a finished iteration 0, grows the store, continues the tokenizer,
     prior and PPO from their step counters and leaves iteration 0's row as it was."""

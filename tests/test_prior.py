@@ -68,7 +68,7 @@ def test_fused_token_decoder_equals_forward_cached_and_follows_weight_updates(kw
         with torch.no_grad():
             cond = p.block_conditions(act[:, :1], B, 2, cls)
             for c in caches:  # the same context in both caches
-                p.forward_cached(p.embed_blocks(tok, cond), p._ln_cond(cond), c, None, 0)
+                p.forward_cached(p.embed_blocks(tok, cond), p.ln_condition(cond), c, None, 0)
             a = torch.tensor([[2, 2], [0, 0], [1, 1]])  # the next block's action
             new = p.block_conditions(a, B, 2, cls)[:, 1:]  # (B, 1, C)
             ln = p.ln_params(new)

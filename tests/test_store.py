@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import signal
 import time
+import warnings
 
 import h5py
 import numpy as np
@@ -15,13 +16,13 @@ import torch
 
 from worldmodel.store import (
     ActionSpec,
-    ClipDataset,
     EpisodeStore,
-    SeededSampler,
     StoreError,
     StoreLockedError,
     StoreWriter,
+    heldout_episode_ids,
 )
+from worldmodel.training_data import ClipDataset, SeededSampler
 
 OBS = (8, 8, 3)
 
@@ -380,3 +381,46 @@ def test_flipped_bytes_in_a_frame_chunk_fail_naming_shard_and_episode(tmp_path):
         with pytest.raises(StoreError, match=rf"shard-00000\.h5: episode '{ids[1]}': reading .* failed"):
             read()
     assert store.read_clip(ids[1], 0, 2)["frames"].shape == (2, *OBS)  # undamaged chunks still read
+
+
+def test_heldout_episode_ids_fall_back_to_the_other_heldout_split_then_warn_on_train(tmp_path):
+    spec = SPECS["discrete"]
+    rng = np.random.default_rng(0)
+    with StoreWriter(tmp_path, source="test", obs_shape=OBS, action_spec=spec) as w:
+        for T, split in ((3, "test"), (6, "val"), (9, "train")):
+            w.add_episode(**_episode(rng, T, spec), split=split, episode_id=f"{split}-ep")
+    store = EpisodeStore(tmp_path)
+    assert heldout_episode_ids(store, "test", 3) == (["test-ep"], "test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # another held-out split: no warning
+        assert heldout_episode_ids(store, "test", 5) == (["val-ep"], "val")
+        assert heldout_episode_ids(store, "val", 2) == (["val-ep"], "val")
+    with pytest.warns(UserWarning, match="no held-out episodes"):
+        assert heldout_episode_ids(store, "test", 7) == (["train-ep"], "train")
+    with pytest.raises(ValueError, match="has 10 frames"):
+        heldout_episode_ids(store, "test", 10)
+
+
+def test_index_is_appended_per_shard_and_folded_into_store_json_at_close_or_next_open(tmp_path):
+    spec = SPECS["discrete"]
+    rng = np.random.default_rng(0)
+    w = StoreWriter(tmp_path, source="t", obs_shape=OBS, action_spec=spec, episodes_per_shard=1)
+    opened = (tmp_path / "store.json").read_text()
+    ids = [w.add_episode(**_episode(rng, 5, spec)) for _ in range(3)]
+    assert (tmp_path / "store.json").read_text() == opened, "store.json is not rewritten per shard"
+    lines = [json.loads(line) for line in (tmp_path / "index.jsonl").read_text().splitlines()]
+    assert [(d["shard"], list(d["episodes"])) for d in lines] == [(f"shard-0000{i}.h5", [e]) for i, e in enumerate(ids)]
+    # a writer killed now (no close): a torn last line is ignored, a journaled shard that vanishes is noticed
+    with open(tmp_path / "index.jsonl", "a") as fh:
+        fh.write('{"shard": "shard-000')
+    assert sorted(EpisodeStore(tmp_path).episode_ids()) == sorted(ids)
+    w._release()  # as a SIGKILL would: the lock goes, nothing else is written
+    (tmp_path / "shard-00002.h5").rename(tmp_path / "elsewhere.h5")
+    with pytest.raises(StoreError, match="shard-00002.h5: file is missing"):
+        EpisodeStore(tmp_path)
+    (tmp_path / "elsewhere.h5").rename(tmp_path / "shard-00002.h5")
+    # the next writer folds the journal into store.json
+    StoreWriter(tmp_path, source="t", obs_shape=OBS, action_spec=spec).close()
+    assert not (tmp_path / "index.jsonl").exists()
+    meta = json.loads((tmp_path / "store.json").read_text())
+    assert meta["num_episodes"] == 3 and sorted(meta["episodes"]) == sorted(ids)

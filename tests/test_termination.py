@@ -21,10 +21,12 @@ from worldmodel.bundle import WorldModel
 from worldmodel.checkpoint import CONFIG_JSON
 from worldmodel.config import PriorConfig
 from worldmodel.evaluation import dream_episode_section, dream_schedule_windows, heads_on_dream_schedule
-from worldmodel.prior import Prior, symexp, symlog
+from worldmodel.prior import Prior
+from worldmodel.prior_heads import symexp, symlog
 from worldmodel.sampling import Rollout
 from worldmodel.stages import EndPaddedClips
-from worldmodel.store import ClipDataset, EpisodeStore, SeededSampler
+from worldmodel.store import EpisodeStore
+from worldmodel.training_data import ClipDataset, SeededSampler
 
 L = 4  # prior window (frames)
 SIGNAL = 0  # a frame made of SIGNAL tokens may end the episode (the heads read the frame's last token)

@@ -12,8 +12,9 @@ from torch import nn
 
 from worldmodel.checkpoint import has_weights, load_weights, read_run_config, write_run_config
 from worldmodel.config import ExperimentConfig, TrainConfig, get_preset, preset_names
-from worldmodel.store import ActionSpec, ClipDataset, StoreWriter
+from worldmodel.store import ActionSpec, StoreWriter
 from worldmodel.training import evaluate, fit, lr_at
+from worldmodel.training_data import ClipDataset
 
 
 class ToyModel(nn.Module):

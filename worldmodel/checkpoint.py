@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +39,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from worldmodel import __version__
+from worldmodel.atomic import atomic_file, durable_rename, fsync_dir, write_json
 from worldmodel.config import ExperimentConfig
-from worldmodel.store import default_file_mode
 
 CONFIG_JSON = "config.json"
 WEIGHTS = "model.safetensors"
@@ -51,49 +50,6 @@ TRAINER_STATE_DIR = "trainer_state"
 class BundleError(ValueError):
     """A run directory's file (config, weights, trainer state) is unreadable or not what it should be;
     the message names the file and what was expected."""
-
-
-def _tmp_near(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, default_file_mode())  # bundles are meant to be shared: the user's umask, not 0600
-    os.close(fd)
-    return Path(tmp)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (a power loss after it returns cannot undo the rename)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_replace(tmp: Path, final: Path) -> None:
-    """fsync ``tmp``, give it the user's default mode (writers may recreate it 0600) and rename it to ``final``."""
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.chmod(tmp, default_file_mode())
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write UTF-8 text atomically (temporary file + rename); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_near(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        atomic_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically (temporary file + rename)."""
-    write_text(path, json.dumps(obj, indent=2))
 
 
 def write_run_config(run_dir: str | os.PathLike, config: dict[str, Any], store_meta: dict[str, Any] | None) -> None:
@@ -150,12 +106,8 @@ def save_weights(run_dir: str | os.PathLike, prefix: str, state_dict: dict[str, 
     tensors = {k: v for k, v in _load_safetensors(path).items() if not k.startswith(prefix + ".")} if path.exists() else {}
     for k, v in state_dict.items():
         tensors[f"{prefix}.{k}"] = v.detach().cpu().contiguous()
-    tmp = _tmp_near(path)
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "version": __version__})
-        atomic_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_weights(run_dir: str | os.PathLike, prefix: str) -> dict[str, torch.Tensor]:
@@ -221,13 +173,8 @@ def save_trainer_state(run_dir: str | os.PathLike, stage: str, state: dict[str, 
     """Write a trainer state atomically (``pending``: as ``<stage>.next.pt``). Training commits weights and
     state together with :func:`save_checkpoint`; this alone is for states that go with no weights."""
     path = (pending_state_path if pending else trainer_state_path)(run_dir, stage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_near(path)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(state, tmp)
-        atomic_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(run_dir: str | os.PathLike, stage: str, weights: dict[str, torch.Tensor],
@@ -241,8 +188,7 @@ def save_checkpoint(run_dir: str | os.PathLike, stage: str, weights: dict[str, t
     state = {**state, "weights": {"file": WEIGHTS, "prefix": stage, "sha256": sha, "bytes": nbytes}}
     save_trainer_state(run_dir, stage, state, pending=True)
     save_weights(run_dir, stage, weights)
-    os.replace(pending_state_path(run_dir, stage), trainer_state_path(run_dir, stage))
-    _fsync_dir(trainer_state_path(run_dir, stage).parent)
+    durable_rename(pending_state_path(run_dir, stage), trainer_state_path(run_dir, stage))
 
 
 def _read_state(path: Path, stage: str) -> dict[str, Any]:
@@ -286,7 +232,7 @@ def load_checkpoint(run_dir: str | os.PathLike, stage: str, *,
                     os.replace(pending, committed)
                 else:
                     pending.unlink(missing_ok=True)
-                _fsync_dir(committed.parent)
+                fsync_dir(committed.parent)
             return state, tensors
     if committed in states and states[committed].get("weights") is None:  # a state from before the manifest
         if not tensors:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -257,6 +258,15 @@ def _typename(t: Any) -> str:
     return repr(t).replace("typing.", "") if typing.get_origin(t) else getattr(t, "__name__", repr(t))
 
 
+_SCALARS: dict[type, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false", lambda v: v),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer", lambda v: v),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number", float),
+    str: (lambda v: isinstance(v, str), "a string", lambda v: v),
+}
+"""Scalar field types: (accepts the JSON value, what was expected, conversion)."""
+
+
 def _checked(value: Any, t: Any, where: str) -> Any:
     """``value`` (from JSON) as the type ``t`` of a config field, or ``ValueError`` naming ``where``."""
     def bad(expected: str) -> ValueError:
@@ -276,22 +286,11 @@ def _checked(value: Any, t: Any, where: str) -> Any:
         if len(items) != len(value):
             raise bad(f"a list of {len(items)} values ({_typename(t)})")
         return tuple(_checked(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, items)))
-    if t is bool:
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if t is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-        return value
-    if t is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
-        return float(value)
-    if t is str:
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
+    if t in _SCALARS:
+        accepts, expected, convert = _SCALARS[t]
+        if not accepts(value):
+            raise bad(expected)
+        return convert(value)
     return value
 
 

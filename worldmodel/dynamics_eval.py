@@ -25,16 +25,14 @@ import torch
 
 from worldmodel.bundle import WorldModel
 from worldmodel.metrics.image import psnr, ssim
-from worldmodel.prior import symexp
-from worldmodel.store import EpisodeStore
+from worldmodel.prior_heads import symexp
+from worldmodel.store import EpisodeStore, heldout_episode_ids
 
 __all__ = [
     "DynamicsReport", "HeldoutClips", "OpenLoopRollout", "TeacherForced", "encode_windows", "evaluate_dynamics",
-    "evaluate_dynamics_on", "heldout_episode_ids", "heldout_nll", "open_loop", "psnr", "reconstruct",
+    "evaluate_dynamics_on", "heldout_nll", "open_loop", "psnr", "reconstruct",
     "render_action_strips", "sample_clips", "teacher_forced_episodes", "window_starts",
 ]
-
-SPLIT_FALLBACK = ("test", "val", "train")
 
 
 # -- held-out data --------------------------------------------------------------------------------
@@ -49,22 +47,6 @@ class HeldoutClips:
     episode_ids: list[str]
     starts: list[int]  # first frame of each clip in its episode
     split: str  # the split the clips were drawn from
-
-
-def heldout_episode_ids(store: EpisodeStore, split: str = "test", min_length: int = 1) -> tuple[list[str], str]:
-    """Ids of ``split``'s episodes with at least ``min_length`` frames, and the split they come from.
-
-    Falls back to the other held-out split and then to ``train`` (with a warning) when ``split``
-    has no such episode; ValueError when no episode of the store has ``min_length`` frames.
-    """
-    for s in (split, *(s for s in SPLIT_FALLBACK if s != split)):
-        ids = [i for i in store.episode_ids(s) if store.length(i) >= min_length]
-        if ids:
-            if s != split:
-                warnings.warn(f"{store.root}: no '{split}' episode has {min_length} frames; using '{s}' episodes",
-                              stacklevel=2)
-            return ids, s
-    raise ValueError(f"no episode of {store.root} has {min_length} frames")
 
 
 def sample_clips(store: EpisodeStore, *, split: str = "test", n: int = 32, length: int = 20, seed: int = 0) -> HeldoutClips:

@@ -53,15 +53,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from worldmodel.atomic import atomic_file, write_json
 from worldmodel.bundle import WorldModel
-from worldmodel.checkpoint import write_json
 from worldmodel.dynamics_eval import (
     DynamicsReport,
     HeldoutClips,
     TeacherForced,
     encoded_episode,
     evaluate_dynamics_on,
-    heldout_episode_ids,
     heldout_nll,
     reconstruct,
     sample_clips,
@@ -70,7 +69,7 @@ from worldmodel.dynamics_eval import (
 from worldmodel.metrics.bits import bits_per_dim, bits_per_token
 from worldmodel.metrics.image import psnr, ssim
 from worldmodel.random_policy import StickyRandomPolicy
-from worldmodel.store import EpisodeStore
+from worldmodel.store import EpisodeStore, heldout_episode_ids
 
 EVAL_JSON = "eval.json"
 REPORT_FORMAT = "videogpt-worldmodel-eval"
@@ -217,7 +216,7 @@ def heads_on_dream_schedule(wm: WorldModel, store: EpisodeStore, episode_ids: li
     history and at the window position the dream env would read each transition with. ``token_windows``
     holds each episode's full prior windows (:func:`~worldmodel.dynamics_eval.window_starts`), for
     :func:`~worldmodel.dynamics_eval.heldout_nll`, from the same encoding."""
-    from worldmodel.prior import symexp
+    from worldmodel.prior_heads import symexp
     from worldmodel.sampling import Rollout
 
     F = wm.cfg.prior.frames
@@ -389,9 +388,8 @@ def fvd_section(real: np.ndarray, recon: np.ndarray, dream: np.ndarray, *, weigh
 
 # -- plots -------------------------------------------------------------------------------------------
 def _save_figure(fig: Any, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     return path
 
 

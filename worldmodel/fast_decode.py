@@ -77,14 +77,12 @@ class TokenDecoder:
         """Per-frame (gain, bias) of every LayerNorm (ln1, ln2 of each block, then ln_f), each (B, C) or (C,),
         with the LayerNorm's own affine folded in: ``LN(x) = layer_norm(x) * gain + bias``.
 
-        ``ln_params``: :meth:`Prior.ln_params` of the frame's condition (scale, bias each (B, 1, C)),
-        or None for a prior without conditional LayerNorms.
+        ``ln_params``: :meth:`Prior.ln_params` of the frame's condition (scale, bias each (B, 1, C); the
+        ``ln`` of :meth:`Prior.embed_step`), or None for a prior without conditional LayerNorms.
         """
         self._refresh()
-        prior = self.prior
-        lns = [ln for blk in prior.blocks for ln in (blk.ln1, blk.ln2)] + [prior.ln_f]
         out = []
-        for i, ln in enumerate(lns):
+        for i, ln in enumerate(self.prior.layer_norms()):
             w, b = ln.norm.weight.detach(), ln.norm.bias.detach()
             if ln_params is None:
                 out.append((w, b))

@@ -43,20 +43,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from worldmodel.config import PriorConfig
-
-
-def symlog(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x) * torch.log1p(x.abs())
-
-
-def symexp(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x) * torch.expm1(x.abs())
-
-
-def masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` over the entries where ``keep`` (bool, broadcast to ``x``) is True; 0 when none is."""
-    w = keep.expand_as(x).to(x.dtype)
-    return (x * w).sum() / w.sum().clamp(min=1)
+from worldmodel.prior_heads import prior_loss, reward_head, termination_head
 
 
 class CondLayerNorm(nn.Module):
@@ -266,6 +253,46 @@ class PriorOutput:
     mask_logits: torch.Tensor | None = None  # (B, T, h*w, V): MaskGIT stream's logits (forward with ``mask``)
 
 
+@dataclass
+class StepEmbedding:
+    """The inputs of one new block per row (:meth:`Prior.embed_step`), derived once per generated frame.
+
+    Position 0 of the block is the slot, position 1 + j holds token z[j]; the input of the position that
+    predicts z[j] also carries the previous-frame features ``prev[:, j]``.
+    """
+
+    cond: torch.Tensor  # (B, 1, C) the block's condition: emb(a_{t-1}) or the start vector (+ class)
+    ln: list[tuple[torch.Tensor, torch.Tensor]] | None  # conditional-LayerNorm (scale, bias) of cond (Prior.ln_params)
+    slot: torch.Tensor  # (B, 1, C) the slot's input, without previous-frame features
+    pos_t: torch.Tensor  # (B, 1, C) the block's time position embedding
+    pos_hw: torch.Tensor  # (hw, C) the tokens' spatial position embeddings
+    token_pos: torch.Tensor  # (hw, B, C) what joins token j's embedding: pos_hw[j] + pos_t (+ cond with "add")
+    prev: torch.Tensor | None  # (B, hw, C) previous-frame features (None without the previous-frame path)
+    tok_weight: torch.Tensor  # (V, C) the token embedding table
+    add_cond: bool  # action_cond == "add": the condition joins every position
+
+    def slot_input(self) -> torch.Tensor:
+        """Input of the slot (position 0), which predicts z[0]: (B, C)."""
+        x = self.slot[:, 0]
+        return x if self.prev is None else x + self.prev[:, 0]
+
+    def token_input(self, tok: torch.Tensor, j: int) -> torch.Tensor:
+        """Input of position 1 + j, holding the sampled token ``tok`` (B,) = z[j] and predicting z[j+1]: (B, C)."""
+        x = self.tok_weight.index_select(0, tok) + self.token_pos[j]
+        if self.prev is not None and j + 1 < self.token_pos.shape[0]:
+            x = x + self.prev[:, j + 1]
+        return x
+
+    def frame_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Inputs of positions 1..hw for a whole frame ``tokens`` (B, hw) at once (MaskGIT's clean pass): (B, hw, C)."""
+        x = F.embedding(tokens, self.tok_weight) + self.pos_hw + self.pos_t  # (B, hw, C)
+        if self.prev is not None:  # position 1+j holds z[j] and predicts z[j+1]
+            x = torch.cat([x[:, :-1] + self.prev[:, 1:], x[:, -1:]], 1)
+        if self.add_cond:
+            x = x + self.cond
+        return x
+
+
 class Prior(nn.Module):
     """GPT prior; see the module docstring for the layout and conditioning."""
 
@@ -320,8 +347,8 @@ class Prior(nn.Module):
         self.ln_f = CondLayerNorm(C, cond_dim)
         self.head = nn.Linear(C, cfg.vocab_size, bias=False)
         # outputs: symlog reward [if not terminated, if terminated] (reward_given_termination) or one for both
-        self.reward_head = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, 2 if cfg.reward_given_termination else 1))
-        self.term_head = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, 1))
+        self.reward_head = reward_head(C, cfg.reward_given_termination)
+        self.term_head = termination_head(C)
         self.apply(self._init_weights)
         nn.init.zeros_(self.head.weight)  # uniform logits at the start
         for blk in self.blocks:  # GPT-2 scaling of residual projections
@@ -396,14 +423,21 @@ class Prior(nn.Module):
         """Condition vector of each block: start for block 0, ``emb(a_{t-1})`` for block t. (B, T, C)."""
         start = self.start_emb.expand(B, 1, -1)
         if self.act_emb is not None and T > 1:
-            a = actions[:, : T - 1]
-            a = a.float() if self.cfg.action_kind == "continuous" else a.long()
-            cond = torch.cat([start, self.act_emb(a)], dim=1)
+            cond = torch.cat([start, self.action_embedding(actions[:, : T - 1])], dim=1)
         else:
             cond = start.expand(B, T, -1)
         if self.class_emb is not None:
             cond = cond + self.class_emb(class_ids)[:, None]
         return cond
+
+    def action_embedding(self, actions: torch.Tensor) -> torch.Tensor:
+        """emb(a): actions (B, n) discrete or (B, n, A) continuous -> (B, n, C)."""
+        a = actions.float() if self.cfg.action_kind == "continuous" else actions.long()
+        return self.act_emb(a)
+
+    def pos_hw(self) -> torch.Tensor:
+        """Position embedding of each token of a frame, raster order: (hw, C)."""
+        return self.pos_h[self._grid_h] + self.pos_w[self._grid_w]
 
     def prev_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Previous-frame path features of frames ``tokens`` (B, T, h, w) -> (B, T, hw, C), for the next blocks."""
@@ -425,7 +459,7 @@ class Prior(nn.Module):
         (B, T, hw, C) previous-frame features (None without the previous-frame path). -> (B, T, hw, C).
         """
         tok = torch.where(known[..., None], self.tok_emb(tokens.long()), self.mask_emb.to(self.tok_emb.weight.dtype))
-        x = tok + (self.pos_h[self._grid_h] + self.pos_w[self._grid_w]) + self.pos_t[t_idx][:, :, None] + self.mstream_emb
+        x = tok + (self.pos_hw()) + self.pos_t[t_idx][:, :, None] + self.mstream_emb
         if prev is not None:
             x = x + prev
         if self.cfg.action_cond in ("token", "add"):  # no slot in this stream: the action joins every position
@@ -460,7 +494,7 @@ class Prior(nn.Module):
         t_idx = torch.as_tensor(t0, device=tokens.device).reshape(-1, 1) + torch.arange(T, device=tokens.device)
         pos_t = self.pos_t[t_idx].expand(B, T, -1)  # (B, T, C)
         tok = self.tok_emb(rearrange(tokens.long(), "b t h w -> b t (h w)"))  # (B, T, hw, C)
-        tok = tok + (self.pos_h[self._grid_h] + self.pos_w[self._grid_w])[None, None] + pos_t[:, :, None]
+        tok = tok + (self.pos_hw())[None, None] + pos_t[:, :, None]
         slot = self.slot_emb + pos_t  # (B, T, C)
         if self.cfg.action_cond == "token":
             slot = slot + cond
@@ -471,7 +505,42 @@ class Prior(nn.Module):
             x = x + cond[:, :, None]
         return rearrange(x, "b t l c -> b (t l) c")
 
-    def _ln_cond(self, cond: torch.Tensor) -> torch.Tensor | None:
+    def embed_step(self, action: torch.Tensor | None, t_idx: torch.Tensor, last_tokens: torch.Tensor | None,
+                   class_ids: torch.Tensor | None = None) -> StepEmbedding:
+        """Inputs of one new block per row, for generation (the one-block counterpart of :meth:`block_conditions`
+        + :meth:`embed_blocks`, computed once per frame and used by every sampler path).
+
+        ``action`` (B,) or (B, A): a_{t-1}, the action into the new frame (None for a prior without actions;
+        ignored on rows with ``t_idx == 0``, which get the start condition); ``t_idx`` (B,) the new block's
+        window index; ``last_tokens`` (B, h, w) the frame before it (previous-frame path; ignored where
+        ``t_idx == 0``); ``class_ids`` (B,) for a class-conditional prior.
+        """
+        B = t_idx.shape[0]
+        first = t_idx == 0  # rows started from nothing: block 0 gets the start condition
+        start = self.start_emb.expand(B, 1, -1)
+        cond = start if self.act_emb is None else self.action_embedding(action[:, None])  # (B, 1, C)
+        if self.class_emb is not None:
+            cls = self.class_emb(class_ids)[:, None]
+            cond, start = cond + cls, start + cls
+        if self.act_emb is not None and bool(first.any()):
+            cond = torch.where(first[:, None, None], start, cond)
+        pos_t = self.pos_t[t_idx][:, None]  # (B, 1, C)
+        slot = self.slot_emb + pos_t
+        if self.cfg.action_cond in ("token", "add"):
+            slot = slot + cond
+        pos_hw = self.pos_hw()  # (hw, C)
+        token_pos = pos_hw[:, None] + pos_t[:, 0]  # (hw, B, C)
+        if self.cfg.action_cond == "add":
+            token_pos = token_pos + cond[:, 0]
+        prev = None
+        if self.prev_conv is not None:  # features of the window's last frame, once per frame
+            prev = self.prev_features(last_tokens[:, None])[:, 0]  # (B, hw, C)
+            if bool(first.any()):  # no previous frame: the learned vector of block 0
+                prev = torch.where(first[:, None, None], self.no_prev.to(prev.dtype).expand_as(prev), prev)
+        return StepEmbedding(cond, self.ln_params(cond), slot, pos_t, pos_hw, token_pos, prev, self.tok_emb.weight,
+                             self.cfg.action_cond == "add")
+
+    def ln_condition(self, cond: torch.Tensor) -> torch.Tensor | None:
         """Per-position condition for conditional LayerNorms: (B, T, C) -> (B, T*(1+hw), C)."""
         if self.ln_f.to_gain_bias is None:
             return None
@@ -490,7 +559,7 @@ class Prior(nn.Module):
                              f"{None if cond_tokens is None else tuple(cond_tokens.shape)}")
         if int(cond_tokens.min()) < 0 or int(cond_tokens.max()) >= cfg.vocab_size:
             raise ValueError(f"cond_tokens: values must lie in [0, {cfg.vocab_size})")
-        pos_hw = self.pos_h[self._grid_h] + self.pos_w[self._grid_w]  # (hw, C)
+        pos_hw = self.pos_hw()  # (hw, C)
         return self.cond_encoder(self.tok_emb(cond_tokens.long()), pos_hw)
 
     def memory_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -514,7 +583,7 @@ class Prior(nn.Module):
         memory = self.cond_memory(cond_tokens, B)
         cond = self.block_conditions(actions, B, T, class_ids)
         x = self.embed_blocks(tokens, cond)
-        ln_cond = self._ln_cond(cond)
+        ln_cond = self.ln_condition(cond)
         attn_mask, S = None, x.shape[1]
         if mask is not None:
             if not self.maskgit:
@@ -555,118 +624,22 @@ class Prior(nn.Module):
         r = self.reward_head(h)  # (..., 1 or 2)
         return r[..., 0], r[..., -1]
 
-    def sample_mask(self, B: int, T: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """MaskGIT training masks (B, T, h, w) bool: per frame a ratio r = cos(pi/2 * u), u ~ U(0, 1), of
-        its tokens (at least one) is hidden, at random positions (MaskGIT's cosine schedule)."""
-        dev = self.pos_t.device
-        u = torch.rand(B, T, 1, generator=generator, device=dev)
-        n = (torch.cos(math.pi / 2 * u) * self.hw).ceil().clamp(min=1)  # (B, T, 1) tokens to hide
-        rank = torch.rand(B, T, self.hw, generator=generator, device=dev).argsort(-1).argsort(-1)  # random order
-        return rearrange(rank < n, "b t (h w) -> b t h w", h=self.cfg.tokens_h)
-
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Token cross-entropy + weighted reward (symlog MSE) and termination (BCE) losses.
-
-        ``batch``: tokens (B, T, h, w), actions (B, T-1[, A]), rewards (B, T-1), terminated (B, T-1),
-        optional class_ids (B,), valid (B, T) bool: False on padding frames after an episode's end
-        (no loss there; the model is causal, so padding never changes the predictions before it), and
-        termination_only (B,) bool: windows that train only the termination head (no token or reward
-        loss; on HGS, scoring the death penalty of every padded window again cost 0.2 nats per token).
-        Training windows that run past the end put an episode's last transition on every window
-        position, not only the last (``worldmodel.stages.EndPaddedClips``); without them the heads learn
-        that nothing ever ends before the last position, where the dream's sliding window rarely reads.
-
-        Reward head: regression on symlog(reward). HGS rewards are +4 per step and −100 on death;
-        symlog compresses that range so the rare large penalty neither dominates the loss nor is
-        ignored, and is simpler than two-hot bins for one scalar per frame. With
-        ``reward_given_termination`` the head's two outputs are scored on disjoint transitions: the
-        "not terminated" output's symlog MSE averaged over the scored non-terminal transitions plus the
-        "terminated" output's averaged over the scored terminal ones (0 in a batch without any), so the
-        rare terminal reward is learned at the rate of the common one instead of ~1/120 of it (HGS).
-        Metrics: ``reward_loss`` is the reward term of the loss (before ``reward_weight``),
-        ``reward_mae`` the MAE of the output matching the true termination over all scored transitions,
-        ``reward_loss_terminal`` / ``reward_mae_terminal`` the terminal output's on terminal transitions
-        (the MAE only in batches that hold one).
-        """
-        tokens = batch["tokens"]
-        # a store's actions / labels are ignored by a prior configured without them (DataConfig.use_actions)
-        actions = batch.get("actions") if self.cfg.action_kind != "none" else None
-        k = self.cfg.n_cond_frames  # frame conditioning: the clip's first k frames condition, the rest are modelled
-        cond_tokens = tokens[:, :k] if k else None
-        if k:
-            tokens = tokens[:, k:]
-            actions = None if actions is None else actions[:, k:]
-            batch = {**batch, **{n: batch[n][:, k:] for n in ("rewards", "terminated", "valid") if n in batch}}
-        B, T = tokens.shape[:2]
-        mask = frames = None
-        if self.maskgit:  # the masked stream runs on a random quarter of the frames (it costs ~2.6x when on all)
-            mask = self.sample_mask(B, T)
-            frames = torch.randperm(T, device=tokens.device)[: max(1, T // 4)].sort().values
-        inputs = tokens
-        if self.training and self.cfg.context_noise > 0:  # corrupt inputs only; the targets below stay clean
-            noisy = torch.rand(tokens.shape, device=tokens.device) < self.cfg.context_noise
-            inputs = torch.where(noisy, torch.randint_like(tokens, self.cfg.vocab_size), tokens)
-        out = self(inputs, actions, batch.get("class_ids") if self.class_emb is not None else None, cond_tokens,
-                   mask, frames)
-        target = rearrange(tokens.long(), "b t h w -> b t (h w)")
-        ce = F.cross_entropy(rearrange(out.logits, "b t n v -> (b t n) v").float(), target.flatten(),
-                             reduction="none").view(B, T, -1)
-        valid = batch.get("valid")
-        valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device) if valid is None else valid.bool()  # (B, T)
-        tok_valid = valid  # (B, T) frames whose tokens (and rewards) are scored
-        if "termination_only" in batch:  # windows that train the termination head only (end-padded windows)
-            tok_valid = valid & ~batch["termination_only"].bool().view(B, 1)
-        token_loss = masked_mean(ce, tok_valid[..., None])
-        loss = token_loss
-        metrics = {"nats_per_token": token_loss.item(), "bits_per_token": token_loss.item() / math.log(2),
-                   "nats_first_frame": masked_mean(ce[:, 0], tok_valid[:, :1]).item()}
-        if mask is not None:  # MaskGIT objective: cross-entropy of the hidden tokens only
-            m = rearrange(mask[:, frames], "b t h w -> b t (h w)") & tok_valid[:, frames, None]
-            ce_m = F.cross_entropy(rearrange(out.mask_logits, "b t n v -> b v t n").float(), target[:, frames],
-                                   reduction="none")
-            mg_loss = masked_mean(ce_m, m)
-            loss = loss + self.cfg.maskgit_weight * mg_loss
-            metrics["maskgit_nats"] = mg_loss.item()
-        if T > 1:
-            metrics["nats_with_history"] = masked_mean(ce[:, 1:], tok_valid[:, 1:, None]).item()
-            tv, rv = valid[:, 1:], tok_valid[:, 1:]  # (B, T-1) transitions into a real frame; those scored for reward
-            if "rewards" in batch:
-                r = batch["rewards"][:, : T - 1].float()
-                pred = out.reward[:, 1:].float()  # (B, T-1) symlog reward if not terminated
-                if self.cfg.reward_given_termination:
-                    if "terminated" not in batch:
-                        raise ValueError("batch: prior.reward_given_termination needs 'terminated' (B, T-1) with 'rewards'")
-                    d = batch["terminated"][:, : T - 1].bool()
-                    pred_t = out.reward_if_terminated[:, 1:].float()
-                    # each output on the transitions of its kind, each a mean over its own (0 when there are none)
-                    r_loss_t = masked_mean((pred_t - symlog(r)) ** 2, rv & d)
-                    r_loss = masked_mean((pred - symlog(r)) ** 2, rv & ~d) + r_loss_t
-                    pred = torch.where(d, pred_t, pred)  # the output matching the true termination
-                    metrics["reward_loss_terminal"] = r_loss_t.item()
-                    if bool((rv & d).any()):  # absent, not 0, from batches without a scored terminal transition
-                        metrics["reward_mae_terminal"] = masked_mean((symexp(pred.detach()) - r).abs(), rv & d).item()
-                else:
-                    r_loss = masked_mean((pred - symlog(r)) ** 2, rv)
-                loss = loss + self.cfg.reward_weight * r_loss
-                metrics["reward_loss"] = r_loss.item()
-                metrics["reward_mae"] = masked_mean((symexp(pred.detach()) - r).abs(), rv).item()
-            if "terminated" in batch:
-                d = batch["terminated"][:, : T - 1].float()
-                logit = out.term_logit[:, 1:].float()
-                pw = torch.tensor(self.cfg.termination_pos_weight, device=logit.device)  # 1 = calibrated BCE
-                t_loss = masked_mean(F.binary_cross_entropy_with_logits(logit, d, pos_weight=pw, reduction="none"), tv)
-                loss = loss + self.cfg.termination_weight * t_loss
-                metrics["termination_loss"] = t_loss.item()
-                metrics["termination_accuracy"] = masked_mean(((logit.detach() > 0).float() == d).float(), tv).item()
-        return loss, metrics
+        """Token cross-entropy + weighted MaskGIT, reward and termination losses, and their metrics
+        (:func:`worldmodel.prior_heads.prior_loss`, where the batch's form and each term are described)."""
+        return prior_loss(self, batch)
 
     # -- incremental forward (generation) -------------------------------------------------------
     def ln_params(self, cond: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Precomputed conditional-LayerNorm (scale, bias) of every LayerNorm, in order, for ``cond``."""
         if self.ln_f.to_gain_bias is None:
             return None
-        lns = [ln for blk in self.blocks for ln in (blk.ln1, blk.ln2)] + [self.ln_f]
-        return [ln.gain_bias(cond) for ln in lns]
+        return [ln.gain_bias(cond) for ln in self.layer_norms()]
+
+    def layer_norms(self) -> list[CondLayerNorm]:
+        """Every (conditional) LayerNorm of the trunk in the order :meth:`ln_params` lists them: ln1, ln2 of
+        each block, then ln_f."""
+        return [ln for blk in self.blocks for ln in (blk.ln1, blk.ln2)] + [self.ln_f]
 
     def forward_cached(self, x: torch.Tensor, cond: torch.Tensor | list | None, cache: KVCache,
                        rows: torch.Tensor | None, pos: torch.Tensor | int,

@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from worldmodel.checkpoint import write_json, write_text
+from worldmodel.atomic import write_json, write_text
 from worldmodel.rollout_summary import DEFAULT_PSNR_THRESHOLD, RolloutSummary, optimism_figure, summarize
 from worldmodel.rollout_video import RolloutTrace, render_trace
 from worldmodel.video import save_figure

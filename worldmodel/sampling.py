@@ -20,18 +20,31 @@ both compute the same function (tested).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
 from worldmodel.fast_decode import TokenDecoder
-from worldmodel.prior import KVCache, Prior, symexp
+from worldmodel.prior import KVCache, Prior, StepEmbedding
+from worldmodel.prior_heads import symexp
 
 DECODES = ("autoregressive", "maskgit")
+
+
+@dataclass
+class Sampling:
+    """How a step draws its tokens (see :meth:`Rollout.step`)."""
+
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    generator: torch.Generator | None  # one generator for the whole batch
+    row_gens: list[torch.Generator] | None  # or one per row
 
 
 @dataclass
@@ -211,7 +224,7 @@ class Rollout:
             with self._autocast():
                 cond = self.prior.block_conditions(acts, len(r), T, cls)
                 x = self.prior.embed_blocks(tok, cond)
-                self.prior.forward_cached(x, self.prior._ln_cond(cond), self.cache, None if every_row else r, 0,
+                self.prior.forward_cached(x, self.prior.ln_condition(cond), self.cache, None if every_row else r, 0,
                                           self._memory(None if every_row else r))
 
     def _slide(self, rows: torch.Tensor) -> None:
@@ -235,6 +248,21 @@ class Rollout:
         ``"maskgit"`` (priors trained with ``maskgit_weight > 0``: ``maskgit_steps`` parallel
         refinements of the whole frame, then one forward that writes it into the cache).
         """
+        self._check_decode(decode, maskgit_steps)
+        sampling = self._sampling(temperature, top_k, top_p, generator)
+        t_idx = self._advance(self._check_actions(actions))
+        with self._autocast():
+            emb = self._embed_step(t_idx)
+            # rows in lockstep (the usual case) share one cache position: the fast sliced path
+            L = self.prior.block_len
+            base = int(t_idx[0]) * L if bool((t_idx == t_idx[0]).all()) else t_idx * L
+            if decode == "maskgit":
+                frame = self._maskgit_frame(emb, t_idx, base, maskgit_steps, sampling)
+            else:
+                frame = self._token_frame(emb, base, sampling)
+            return self._finish(t_idx, *frame)
+
+    def _check_decode(self, decode: str, maskgit_steps: int) -> None:
         if decode not in DECODES:
             raise ValueError(f"decode: got {decode!r}, expected one of {DECODES}")
         if decode == "maskgit":
@@ -243,98 +271,99 @@ class Rollout:
                                  "(prior.maskgit_weight > 0); this one was not")
             if not 1 <= maskgit_steps <= self.prior.hw:
                 raise ValueError(f"maskgit_steps: got {maskgit_steps}, expected 1..{self.prior.hw} (tokens per frame)")
-        row_gens = None
-        if generator is not None and not isinstance(generator, torch.Generator):
-            row_gens = list(generator)
-            if len(row_gens) != self.B:
-                raise ValueError(f"generator: got {len(row_gens)} per-row generators, expected {self.B}")
-            generator = None
+
+    def _sampling(self, temperature: float, top_k: int | None, top_p: float | None,
+                  generator: torch.Generator | Sequence[torch.Generator] | None) -> Sampling:
+        """The step's sampling settings, with ``generator`` split into one for the batch or one per row."""
+        if generator is None or isinstance(generator, torch.Generator):
+            return Sampling(temperature, top_k, top_p, generator, None)
+        row_gens = list(generator)
+        if len(row_gens) != self.B:
+            raise ValueError(f"generator: got {len(row_gens)} per-row generators, expected {self.B}")
+        return Sampling(temperature, top_k, top_p, None, row_gens)
+
+    def _check_actions(self, actions: torch.Tensor | None) -> torch.Tensor | None:
+        """``actions`` on the device after checking them (None for a prior without actions)."""
         if not bool(self.started.all()):
             raise RuntimeError(f"rows {torch.nonzero(~self.started).flatten().tolist()} have no context; call start() first")
-        prior, cfg, B = self.prior, self.cfg, self.B
-        if cfg.action_kind != "none":
-            if not isinstance(actions, torch.Tensor):
-                raise ValueError(f"actions: got {type(actions).__name__}, expected a tensor of {B} actions")
-            prior.validate_actions(actions.to(self.device)[:, None], B, 1)
-            actions = actions.to(self.device)
-        full = self.n_frames >= cfg.frames
+        if self.cfg.action_kind == "none":
+            return None
+        if not isinstance(actions, torch.Tensor):
+            raise ValueError(f"actions: got {type(actions).__name__}, expected a tensor of {self.B} actions")
+        self.prior.validate_actions(actions.to(self.device)[:, None], self.B, 1)
+        return actions.to(self.device)
+
+    def _advance(self, actions: torch.Tensor | None) -> torch.Tensor:
+        """Slide the full windows, record each row's action into its new block; the new block's window index (B,)."""
+        full = self.n_frames >= self.cfg.frames
         if bool(full.any()):
             self._slide(torch.nonzero(full).flatten())
         t_idx = self.n_frames.clone()  # window index of the new block, per row
-        if cfg.action_kind != "none":
-            self.actions[torch.arange(B, device=self.device), t_idx - 1] = actions.to(self.actions.dtype)
-        # Condition of the new block: emb(a) (+ class) — same as block_conditions() for block t_idx.
-        first = t_idx == 0  # rows started from nothing: block 0 gets the start condition
-        acts = self.actions[torch.arange(B, device=self.device), (t_idx - 1).clamp(min=0)][:, None]
-        with self._autocast():
-            cls = self.class_ids if prior.class_emb is not None else None
-            cond = prior.block_conditions(torch.cat([acts, acts], 1) if cfg.action_kind != "none" else None, B, 2,
-                                          cls)[:, 1:]  # (B, 1, C)
-            if bool(first.any()):
-                cond = torch.where(first[:, None, None], prior.block_conditions(None, B, 1, cls), cond)
-            ln_cond = prior.ln_params(cond)  # computed once per frame, reused by all of its positions
-            pos_t = prior.pos_t[t_idx][:, None]  # (B, 1, C)
-            x = prior.slot_emb + pos_t
-            if cfg.action_cond in ("token", "add"):
-                x = x + cond
-            # rows in lockstep (the usual case) share one cache position: the fast sliced path
-            base = int(t_idx[0]) * prior.block_len if bool((t_idx == t_idx[0]).all()) else t_idx * prior.block_len
-            hw = prior.hw
-            prev = None
-            if prior.prev_conv is not None:  # features of the window's last frame, once per frame
-                last = self.tokens[torch.arange(B, device=self.device), (t_idx - 1).clamp(min=0)]
-                prev = prior.prev_features(last[:, None])[:, 0]  # (B, hw, C)
-                if bool(first.any()):  # no previous frame: the learned vector of block 0
-                    prev = torch.where(first[:, None, None], prior.no_prev.to(prev.dtype).expand_as(prev), prev)
-            memory = self._memory(None)
-            if decode == "maskgit":
-                out, ent, h_last, h_slot = self._maskgit_frame(x, cond, ln_cond, t_idx, pos_t, prev, base, memory, maskgit_steps,
-                                                       temperature, top_k, top_p, generator, row_gens)
-                return self._finish(t_idx, out, h_last, ent, h_slot)
-            noise = None  # drawn once per frame (one call, not one per token)
-            if temperature > 0:  # (hw, B, V): noise[j] is contiguous
-                noise = frame_gumbel(B, hw, cfg.vocab_size, self.device, generator, row_gens).transpose(0, 1).contiguous()
-            out = torch.empty(hw, B, dtype=torch.long, device=self.device)
-            all_logits = torch.empty(hw, B, cfg.vocab_size, device=self.device)  # entropy computed once per frame
-            pos_hw = (prior.pos_h[prior._grid_h] + prior.pos_w[prior._grid_w])[:, None] + pos_t[:, 0]  # (hw, B, C)
-            if cfg.action_cond == "add":
-                pos_hw = pos_hw + cond[:, 0]
-            x = x[:, 0]  # (B, C)
-            if isinstance(base, int) and TokenDecoder.supported(prior, self.cache.kt.dtype, memory):
-                norms = self.decoder.frame_norms(ln_cond, B)  # the fused single-position path
+        if actions is not None:
+            self.actions[torch.arange(self.B, device=self.device), t_idx - 1] = actions.to(self.actions.dtype)
+        return t_idx
 
-                def forward(x: torch.Tensor, pos: int) -> torch.Tensor:
-                    return self.decoder(x, norms, self.cache, pos)
+    def _embed_step(self, t_idx: torch.Tensor) -> StepEmbedding:
+        """The new blocks' inputs (:meth:`Prior.embed_step`) from each row's last action and frame."""
+        rows, last = torch.arange(self.B, device=self.device), (t_idx - 1).clamp(min=0)
+        action = self.actions[rows, last] if self.cfg.action_kind != "none" else None
+        cls = self.class_ids if self.prior.class_emb is not None else None
+        return self.prior.embed_step(action, t_idx, self.tokens[rows, last], cls)
 
-                def head(h: torch.Tensor, j: int) -> torch.Tensor:
-                    return torch.mm(h, self.decoder.head_t, out=all_logits[j])
+    def _token_frame(self, emb: StepEmbedding, base: torch.Tensor | int, s: Sampling,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One frame token by token: hw + 1 single-position forwards (the slot, then each sampled token).
+        Returns tokens (B, hw), mean entropy (B,), the last position's hidden state h_last (B, C) and the slot's
+        h_slot (B, C)."""
+        B, hw, V = self.B, self.prior.hw, self.cfg.vocab_size
+        noise = None  # drawn once per frame (one call, not one per token)
+        if s.temperature > 0:  # (hw, B, V): noise[j] is contiguous
+            noise = frame_gumbel(B, hw, V, self.device, s.generator, s.row_gens).transpose(0, 1).contiguous()
+        out = torch.empty(hw, B, dtype=torch.long, device=self.device)
+        all_logits = torch.empty(hw, B, V, device=self.device)  # entropy computed once per frame
+        forward, head = self._position_forward(emb, base, all_logits)
+        x = emb.slot_input()  # (B, C)
+        for j in range(hw + 1):
+            h = forward(x, base + j)  # (B, C)
+            if j == 0:
+                h_slot = h  # the slot: has seen frames < t and the block's action (termination_from="history")
+            if j == hw:
+                break
+            logits = head(h, j)  # (B, V)
+            if noise is None:
+                tok = logits.argmax(-1)
             else:
-                def forward(x: torch.Tensor, pos: torch.Tensor | int) -> torch.Tensor:
-                    return prior.forward_cached(x[:, None], ln_cond, self.cache, None, pos, memory)[:, 0]
+                if s.temperature != 1.0:
+                    logits = logits / s.temperature
+                tok = (filter_logits(logits, s.top_k, s.top_p) + noise[j]).argmax(-1)
+            out[j] = tok
+            x = emb.token_input(tok, j)
+        return out.t(), mean_entropy(all_logits.transpose(0, 1)), h, h_slot
 
-                def head(h: torch.Tensor, j: int) -> torch.Tensor:
-                    all_logits[j] = prior.head(h).float()
-                    return all_logits[j]
-            for j in range(hw + 1):
-                if prev is not None and j < hw:
-                    x = x + prev[:, j]
-                h = forward(x, base + j)  # (B, C)
-                if j == 0:
-                    h_slot = h  # the slot: has seen frames < t and the block's action (termination_from="history")
-                if j == hw:
-                    break
-                logits = head(h, j)  # (B, V)
-                if noise is None:
-                    tok = logits.argmax(-1)
-                else:
-                    if temperature != 1.0:
-                        logits = logits / temperature
-                    tok = (filter_logits(logits, top_k, top_p) + noise[j]).argmax(-1)
-                out[j] = tok
-                x = prior.tok_emb.weight.index_select(0, tok) + pos_hw[j]
-            return self._finish(t_idx, out.t(), h, mean_entropy(all_logits.transpose(0, 1)), h_slot)
+    def _position_forward(self, emb: StepEmbedding, base: torch.Tensor | int, all_logits: torch.Tensor,
+                          ) -> tuple[Callable[[torch.Tensor, Any], torch.Tensor], Callable[[torch.Tensor, int], torch.Tensor]]:
+        """The token loop's one-position forward ``(x (B, C), pos) -> h (B, C)`` and token head ``(h, j) -> logits
+        (B, V)`` (written into ``all_logits[j]``): the fused :class:`TokenDecoder` for fp32 rows in lockstep without
+        memory, else :meth:`Prior.forward_cached`."""
+        prior, memory = self.prior, self._memory(None)
+        if isinstance(base, int) and TokenDecoder.supported(prior, self.cache.kt.dtype, memory):
+            norms = self.decoder.frame_norms(emb.ln, self.B)
 
-    def _finish(self, t_idx: torch.Tensor, out: torch.Tensor, h_last: torch.Tensor, entropy: torch.Tensor,
+            def forward(x: torch.Tensor, pos: int) -> torch.Tensor:
+                return self.decoder(x, norms, self.cache, pos)
+
+            def head(h: torch.Tensor, j: int) -> torch.Tensor:
+                return torch.mm(h, self.decoder.head_t, out=all_logits[j])
+            return forward, head
+        def forward_general(x: torch.Tensor, pos: torch.Tensor | int) -> torch.Tensor:
+            return prior.forward_cached(x[:, None], emb.ln, self.cache, None, pos, memory)[:, 0]
+
+        def head_general(h: torch.Tensor, j: int) -> torch.Tensor:
+            all_logits[j] = prior.head(h).float()
+            return all_logits[j]
+        return forward_general, head_general
+
+    def _finish(self, t_idx: torch.Tensor, out: torch.Tensor, entropy: torch.Tensor, h_last: torch.Tensor,
                 h_slot: torch.Tensor) -> StepResult:
         """Store the new frames ``out`` (B, hw) at window index ``t_idx`` and read the reward head from
         ``h_last`` (B, C), the hidden state of each new block's last position, and the termination head from it
@@ -347,11 +376,8 @@ class Rollout:
         self.n_frames += 1
         return StepResult(frame, reward, term, entropy, reward_term)
 
-    def _maskgit_frame(self, x_slot: torch.Tensor, cond: torch.Tensor, ln_cond: list | None, t_idx: torch.Tensor,
-                       pos_t: torch.Tensor, prev: torch.Tensor | None, base: torch.Tensor | int, memory: list | None,
-                       steps: int, temperature: float, top_k: int | None, top_p: float | None,
-                       generator: torch.Generator | None, row_gens: list[torch.Generator] | None,
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _maskgit_frame(self, emb: StepEmbedding, t_idx: torch.Tensor, base: torch.Tensor | int, steps: int,
+                       s: Sampling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One frame by MaskGIT decoding (Chang et al. 2022) on top of the KV cache.
 
         The block's slot is written into the cache first (position ``base``). Then, ``steps`` times, the
@@ -364,24 +390,16 @@ class Rollout:
         Returns tokens (B, hw), mean entropy (B,) of the committed tokens' distributions, h_last (B, C) and
         the slot's hidden state h_slot (B, C).
         """
-        prior, cfg, B, hw = self.prior, self.cfg, self.B, self.prior.hw
-        if prev is not None:
-            x_slot = x_slot + prev[:, :1]
-        h_slot = prior.forward_cached(x_slot, ln_cond, self.cache, None, base, memory)[:, 0]  # the slot: (B, C)
+        prior, B, hw, memory = self.prior, self.B, self.prior.hw, self._memory(None)
+        h_slot = prior.forward_cached(emb.slot_input()[:, None], emb.ln, self.cache, None, base, memory)[:, 0]  # (B, C)
         out = torch.zeros(B, hw, dtype=torch.long, device=self.device)
         known = torch.zeros(B, hw, dtype=torch.bool, device=self.device)
         ent = torch.zeros(B, device=self.device)
-        prev_b = None if prev is None else prev[:, None]  # (B, 1, hw, C)
+        prev_b = None if emb.prev is None else emb.prev[:, None]  # (B, 1, hw, C)
         for k in range(steps):
-            xm = prior.embed_masked(out[:, None], known[:, None], cond, t_idx[:, None], prev_b)[:, 0]  # (B, hw, C)
-            h = prior.forward_cached(xm, ln_cond, self.cache, None, base + 1, memory, write=False)  # (B, hw, C)
-            logits = prior.head(h).float()  # (B, hw, V)
-            noise = None
-            if temperature > 0:
-                noise = rearrange(frame_gumbel(B, hw, cfg.vocab_size, self.device, generator, row_gens), "b n v -> (b n) v")
-            cand, e = sample_logits(rearrange(logits, "b n v -> (b n) v"), temperature, top_k, top_p, generator, noise)
-            cand, e = cand.view(B, hw), e.view(B, hw)
-            conf = logits.log_softmax(-1).gather(-1, cand[..., None])[..., 0]  # (B, hw) log p(sampled token)
+            xm = prior.embed_masked(out[:, None], known[:, None], emb.cond, t_idx[:, None], prev_b)[:, 0]  # (B, hw, C)
+            h = prior.forward_cached(xm, emb.ln, self.cache, None, base + 1, memory, write=False)  # (B, hw, C)
+            cand, e, conf = self._maskgit_candidates(prior.head(h).float(), s)
             conf = conf.masked_fill(known, float("inf"))  # committed tokens stay
             n_known = hw if k == steps - 1 else max(int(known[0].sum()) + 1,
                                                     math.ceil(hw * (1 - math.cos(math.pi / 2 * (k + 1) / steps))))
@@ -389,14 +407,20 @@ class Rollout:
             out = torch.where(new, cand, out)
             ent += (e * new).sum(1)
             known |= new
-        # the clean stream of the frame: position 1+j holds z[j] (+ the previous-frame features of z[j+1])
-        x = prior.tok_emb(out) + (prior.pos_h[prior._grid_h] + prior.pos_w[prior._grid_w]) + pos_t  # (B, hw, C)
-        if prev is not None:
-            x = torch.cat([x[:, :-1] + prev[:, 1:], x[:, -1:]], 1)
-        if cfg.action_cond == "add":
-            x = x + cond
-        h = prior.forward_cached(x, ln_cond, self.cache, None, base + 1, memory)  # (B, hw, C), written to the cache
+        h = prior.forward_cached(emb.frame_inputs(out), emb.ln, self.cache, None, base + 1, memory)  # (B, hw, C), cached
         return out, ent / hw, h[:, -1], h_slot
+
+    def _maskgit_candidates(self, logits: torch.Tensor, s: Sampling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A token sampled at every position of ``logits`` (B, hw, V): tokens (B, hw), the entropy of each
+        position's distribution (B, hw) and the sampled token's log-probability, its confidence (B, hw)."""
+        B, hw, V = logits.shape
+        noise = None
+        if s.temperature > 0:
+            noise = rearrange(frame_gumbel(B, hw, V, self.device, s.generator, s.row_gens), "b n v -> (b n) v")
+        cand, e = sample_logits(rearrange(logits, "b n v -> (b n) v"), s.temperature, s.top_k, s.top_p, s.generator,
+                                noise)
+        cand, e = cand.view(B, hw), e.view(B, hw)
+        return cand, e, logits.log_softmax(-1).gather(-1, cand[..., None])[..., 0]
 
     def window(self, row: int) -> torch.Tensor:
         """Tokens currently in ``row``'s window: (n, h, w)."""

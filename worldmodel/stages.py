@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from worldmodel.bundle import WorldModel
 from worldmodel.checkpoint import (
     CONFIG_JSON,
     WEIGHTS,
@@ -28,9 +29,13 @@ from worldmodel.checkpoint import (
     write_run_config,
 )
 from worldmodel.config import ExperimentConfig
-from worldmodel.store import ActionSpec, ClipDataset, EpisodeStore, StoreMeta
+from worldmodel.dynamics_eval import open_loop, render_action_strips, sample_clips
+from worldmodel.prior import Prior
+from worldmodel.store import ActionSpec, EpisodeStore, StoreMeta, heldout_episode_ids
 from worldmodel.token_cache import TOKENS_FILE, TokenCache, encode_store
+from worldmodel.tokenizer import VQVAE
 from worldmodel.training import DistInfo, FitResult, fit
+from worldmodel.training_data import ClipDataset
 from worldmodel.video import grid, save_png, tensorboard_video
 
 
@@ -60,15 +65,13 @@ def resolve_config(cfg: ExperimentConfig, meta: StoreMeta) -> ExperimentConfig:
 
 
 def _split_with_fallback(source: Any, split: str, clip_len: int) -> ClipDataset | None:
-    for s in (split, "test", "train"):
-        try:
-            ds = ClipDataset(source, split=s, clip_len=clip_len)
-        except ValueError:
-            continue
-        if s != split:
-            warnings.warn(f"{source.root}: no usable '{split}' episodes; validating on '{s}' instead", stacklevel=3)
-        return ds
-    return None
+    """Clips of ``split`` (or the split :func:`~worldmodel.store.heldout_episode_ids` falls back to); None when
+    no episode has ``clip_len`` frames."""
+    try:
+        _, used = heldout_episode_ids(source, split, clip_len)
+    except ValueError:
+        return None
+    return ClipDataset(source, split=used, clip_len=clip_len)
 
 
 _BUDGET_FIELDS = ("steps", "max_minutes", "log_every", "eval_every", "ckpt_every")
@@ -151,7 +154,6 @@ def estimate_variance(dataset: ClipDataset, n_clips: int = 64, seed: int = 0) ->
 def train_tokenizer(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, dist_info: DistInfo | None = None,
                     resume: bool = True, progress: bool = True) -> FitResult:
     """Train the VQ-VAE on clips of the store; writes weights, TensorBoard logs and ``recon.png``."""
-    from worldmodel.tokenizer import VQVAE
 
     cfg, store = prepare_run(cfg, run_dir)
     run_dir = Path(run_dir)
@@ -195,7 +197,6 @@ def save_recon_png(originals: np.ndarray, recons: np.ndarray, path: str | os.Pat
 
 def load_tokenizer(run_dir: str | os.PathLike, device: torch.device | str = "cpu") -> Any:
     """The trained VQ-VAE of a run directory, in eval mode."""
-    from worldmodel.tokenizer import VQVAE
 
     cfg = read_experiment_config(run_dir)
     model = VQVAE(cfg.tokenizer)
@@ -233,7 +234,7 @@ def tokenizer_digest(run_dir: str | os.PathLike) -> str:
 
 class EndPaddedClips(Dataset):
     """Prior training windows: every ``clip_len``-frame window inside an episode (a
-    :class:`~worldmodel.store.ClipDataset`), plus, per episode, the windows that start in its last
+    :class:`~worldmodel.training_data.ClipDataset`), plus, per episode, the windows that start in its last
     ``clip_len - 2`` transitions and run past its end, padded, so its last transition sits on every
     window position ``1 .. clip_len-1`` and not only on the last one.
 
@@ -286,8 +287,6 @@ def _prior_video_hook(cfg: ExperimentConfig, run_dir: str | os.PathLike, n: int 
     held-out clips -- real context then greedy dream frames under the real actions, real (top) over
     dream (bottom), clips side by side. Action-conditioned priors without frame conditioning only;
     skipped with one warning when the store has no clip long enough."""
-    from worldmodel.bundle import WorldModel
-    from worldmodel.dynamics_eval import open_loop, sample_clips
 
     if cfg.prior.action_kind == "none" or cfg.prior.n_cond_frames:
         return None
@@ -324,7 +323,6 @@ def _prior_video_hook(cfg: ExperimentConfig, run_dir: str | os.PathLike, n: int 
 def train_prior(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, dist_info: DistInfo | None = None,
                 resume: bool = True, progress: bool = True) -> FitResult:
     """Train the GPT prior on windows of the token cache (encodes it first if needed)."""
-    from worldmodel.prior import Prior
 
     di = dist_info or DistInfo()
     cfg, _ = prepare_run(cfg, run_dir)
@@ -346,8 +344,6 @@ def train_prior(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, dist_info:
     res = fit(model, stage="prior", run_dir=run_dir, train_set=train_set, val_set=val_set, cfg=cfg.prior_train,
               dist_info=di, resume=resume, progress=progress, on_eval=_prior_video_hook(cfg, run_dir))
     if di.is_main and cfg.prior.action_kind == "discrete":
-        from worldmodel.bundle import WorldModel
-        from worldmodel.dynamics_eval import render_action_strips
 
         wm = WorldModel.from_pretrained(run_dir)
         render_action_strips(wm, EpisodeStore(cfg.data.store), str(Path(run_dir) / "action_strips.png"),

@@ -4,6 +4,8 @@ Layout::
 
     store/
       store.json            schema version, source, observation shape, action spec, fps, index
+      index.jsonl           only while a writer is open (or after one was killed): the index entries of
+                            the shards written since store.json was, one line per shard
       shard-00000.h5        episodes/<id>/{frames, actions, rewards, terminated, extras/*} + attrs
       shard-00001.h5
       ...
@@ -14,7 +16,10 @@ Action-free datasets (UCF-101, TGIF) store no ``actions``.
 
 Shards are the source of truth: each is written under a temporary name and renamed into place
 only when complete, so a crash never leaves a readable half shard. ``store.json`` carries the
-schema and a convenience index that is rewritten (atomically) after every shard.
+schema and a convenience index, written (atomically) when a writer opens and closes the store; in
+between, each shard's entries are appended to ``index.jsonl`` (one fsynced line per shard, so writing a
+large store costs O(shards), not O(shards²)). The reader scans the shards and uses both lists only to
+notice a listed shard that has gone missing; the next writer folds the journal back into ``store.json``.
 
 The store knows nothing of models or Gymnasium.
 """
@@ -36,11 +41,12 @@ from typing import IO, Any, Literal
 
 import h5py
 import numpy as np
-import torch
-from torch.utils.data import Dataset, Sampler
+
+from worldmodel.atomic import finish_file, fsync_dir, write_json
 
 SCHEMA_VERSION = 1
 STORE_JSON = "store.json"
+INDEX_JOURNAL = "index.jsonl"
 _SHARD_RE = re.compile(r"^shard-(\d{5})\.h5$")
 SPLITS = ("train", "val", "test")
 LOCK_FILE = ".writer.lock"
@@ -53,13 +59,6 @@ class StoreError(Exception):
 
 class StoreLockedError(StoreError):
     """Another :class:`StoreWriter` (another process, or another writer in this one) holds the store."""
-
-
-def default_file_mode() -> int:
-    """``0o666`` minus the process umask: the mode ``open()`` would give a new file (``mkstemp`` gives 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,20 +198,6 @@ class Episode:
         return int(self.frames.shape[0])
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, default_file_mode())
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def split_for_id(episode_id: str, val_fraction: float, test_fraction: float) -> str:
     """Deterministic split of an episode by a hash of its id (stable across runs and machines)."""
     u = (zlib.crc32(episode_id.encode()) % 10_000) / 10_000.0
@@ -259,6 +244,21 @@ def refuse_external(f: h5py.File, path: str | os.PathLike, error: type[Exception
         shown = "; ".join(refs[:5]) + (f"; ... ({len(refs)} in all)" if len(refs) > 5 else "")
         raise (error or StoreError)(f"{path}: refers to data outside the file ({shown}); only self-contained HDF5 "
                                     f"files are read (no external links, external storage or virtual datasets)")
+
+
+def journal_shards(root: Path) -> set[str]:
+    """Shards listed in ``index.jsonl`` (written since ``store.json`` last held the whole index); a torn last
+    line (a writer killed mid-append) is ignored: its shard is complete or absent, and the shards are scanned."""
+    path = root / INDEX_JOURNAL
+    if not path.exists():
+        return set()
+    shards = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            shards.add(json.loads(line)["shard"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return shards
 
 
 def _list_shards(root: Path) -> list[Path]:
@@ -519,17 +519,16 @@ class StoreWriter:
                         for k, v in ep.extras.items():
                             eg.create_dataset(k, data=v, fletcher32=bool(np.asarray(v).ndim))
                 f.flush()
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(tmp, default_file_mode())
+            finish_file(tmp)  # fsync + the user's mode; the name is claimed by a link, never a replace
             name = self._claim_shard_name(tmp)
         finally:
             tmp.unlink(missing_ok=True)
+        ids = [ep.id for ep in self._pending]
         for ep in self._pending:
             self._index[ep.id] = {"shard": name, "length": len(ep), "split": ep.split}
         self._pending = []
         self._next_shard += 1
-        self._write_meta()
+        self._append_journal(name, {ep_id: self._index[ep_id] for ep_id in ids})
 
     def _claim_shard_name(self, tmp: Path) -> str:
         """Give the finished temporary shard the next free ``shard-NNNNN.h5`` name without ever replacing a
@@ -547,6 +546,7 @@ class StoreWriter:
         try:
             if self._lock is not None:
                 self.flush()
+                self._write_meta()
         finally:
             self._release()
 
@@ -559,11 +559,24 @@ class StoreWriter:
 
     # -- internal -------------------------------------------------------------------------------
     def _write_meta(self) -> None:
+        """Write ``store.json`` with the whole index (at open and close), which makes the journal redundant."""
         d = self.meta.to_dict()
         d["num_episodes"] = len(self._index)
         d["splits"] = {s: sorted(i for i, e in self._index.items() if e["split"] == s) for s in SPLITS}
         d["episodes"] = self._index
-        _atomic_write_text(self.root / STORE_JSON, json.dumps(d, indent=1))
+        write_json(self.root / STORE_JSON, d, indent=1)
+        (self.root / INDEX_JOURNAL).unlink(missing_ok=True)
+
+    def _append_journal(self, shard: str, entries: dict[str, dict[str, Any]]) -> None:
+        """Append one shard's index entries to ``index.jsonl`` (one line, fsynced): O(shard), not O(store)."""
+        path = self.root / INDEX_JOURNAL
+        new = not path.exists()
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"shard": shard, "episodes": entries}) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        if new:
+            fsync_dir(self.root)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -596,7 +609,7 @@ class EpisodeStore:
         self.meta = StoreMeta.from_dict(raw, where=str(meta_path))
         self.skipped: list[str] = []
         self.index: dict[str, dict[str, Any]] = {}
-        listed = {e["shard"] for e in raw.get("episodes", {}).values()}
+        listed = {e["shard"] for e in raw.get("episodes", {}).values()} | journal_shards(self.root)
         present = {p.name for p in _list_shards(self.root)}
         for name in sorted(listed - present):
             self._fail(self.root / name, "file is missing (listed in store.json)", skip_corrupt)
@@ -740,85 +753,26 @@ class EpisodeStore:
         return d
 
 
-# ----------------------------------------------------------------------------------------------
-# PyTorch dataset of clip windows
-# ----------------------------------------------------------------------------------------------
+HELDOUT_FALLBACK = ("test", "val", "train")
+"""The order in which :func:`heldout_episode_ids` tries splits after the one asked for."""
 
 
-class ClipDataset(Dataset):
-    """Fixed-length clip windows that never cross an episode boundary.
+def heldout_episode_ids(store: Any, split: str = "test", min_length: int = 1) -> tuple[list[str], str]:
+    """Ids of ``split``'s episodes with at least ``min_length`` frames, and the split they come from.
 
-    Item ``i`` is a dict of tensors for ``L = clip_len`` frames:
-    ``frames`` uint8 ``(L, H, W, 3)``, ``rewards`` float32 ``(L-1,)``, ``terminated`` bool ``(L-1,)``,
-    and ``actions`` int64 ``(L-1,)`` or float32 ``(L-1, A)`` unless the store is action-free.
-
-    Args:
-        store: an :class:`EpisodeStore` (or its path), or any object with the same
-            ``episode_ids(split)``, ``length(id)``, ``read_clip(id, start, length)`` and ``root``
-            (e.g. :class:`worldmodel.token_cache.TokenCache`, whose clips hold ``tokens``).
-        split: ``'train' | 'val' | 'test'`` or None for all episodes.
-        clip_len: frames per clip; episodes shorter than this are skipped.
-        stride: distance in frames between consecutive window starts (default 1: every window).
+    Falls back to the other held-out split and then to ``train`` (in :data:`HELDOUT_FALLBACK` order)
+    when ``split`` has no such episode; falling back to ``train`` warns ("no held-out episodes": what is
+    scored or dreamed from then was trained on), the other held-out split does not (callers that report
+    a split report the one returned). ValueError when no episode of the store has ``min_length`` frames. ``store``: an
+    :class:`EpisodeStore` or anything with its ``episode_ids(split)``, ``length(id)`` and ``root``
+    (a :class:`~worldmodel.token_cache.TokenCache`). The one held-out rule of validation, evaluation
+    and the dream env's reset contexts.
     """
-
-    def __init__(self, store: EpisodeStore | str | os.PathLike, split: str | None = "train", clip_len: int = 16,
-                 stride: int = 1) -> None:
-        self.store = EpisodeStore(store) if isinstance(store, (str, os.PathLike)) else store
-        if clip_len < 1 or stride < 1:
-            raise ValueError(f"clip_len and stride must be >= 1, got clip_len={clip_len}, stride={stride}")
-        self.clip_len, self.stride, self.split = clip_len, stride, split
-        ids = self.store.episode_ids(split)
-        if not ids:
-            raise ValueError(f"store {self.store.root} has no episodes in split {split!r}")
-        lengths = np.array([self.store.length(i) for i in ids])
-        if lengths.max() < clip_len:
-            raise ValueError(f"clip_len={clip_len} is longer than every episode in split {split!r} of "
-                             f"{self.store.root} (longest has {lengths.max()} frames)")
-        self.episode_ids = [i for i, n in zip(ids, lengths) if n >= clip_len]
-        self.num_skipped = len(ids) - len(self.episode_ids)
-        counts = np.array([(n - clip_len) // stride + 1 for n in lengths if n >= clip_len])
-        self._offsets = np.concatenate([[0], np.cumsum(counts)])
-
-    def __len__(self) -> int:
-        return int(self._offsets[-1])
-
-    def locate(self, index: int) -> tuple[str, int]:
-        """Map a window index to ``(episode_id, start_frame)``."""
-        if not 0 <= index < len(self):
-            raise IndexError(f"window index {index} out of range [0, {len(self)})")
-        e = int(np.searchsorted(self._offsets, index, side="right") - 1)
-        return self.episode_ids[e], int(index - self._offsets[e]) * self.stride
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        eid, start = self.locate(int(index))
-        clip = self.store.read_clip(eid, start, self.clip_len)
-        # np.ascontiguousarray turns 0-d arrays (e.g. a clip's class id) into 1-d ones: keep scalars scalar
-        return {k: torch.from_numpy(np.ascontiguousarray(v) if np.ndim(v) else np.asarray(v)) for k, v in clip.items()}
-
-
-class SeededSampler(Sampler[int]):
-    """Infinite, seeded stream of dataset indices: a fresh permutation per epoch.
-
-    The order depends only on ``(seed, n)``; ``start`` skips that many samples, so a resumed run
-    that passes ``start = step * batch_size`` sees exactly the data order of an uninterrupted one.
-    With ``rank``/``world_size`` each process takes a disjoint interleaved share (DDP).
-    """
-
-    def __init__(self, n: int, seed: int = 0, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        if n < 1:
-            raise ValueError("SeededSampler needs a non-empty dataset")
-        self.n, self.seed, self.start, self.rank, self.world_size = n, seed, start, rank, world_size
-
-    def __iter__(self) -> Iterator[int]:
-        pos = self.start * self.world_size + self.rank  # global position in the shared stream
-        epoch, offset = divmod(pos, self.n)
-        while True:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            perm = torch.randperm(self.n, generator=g).tolist()
-            while offset < self.n:
-                yield perm[offset]
-                offset += self.world_size
-            epoch, offset = epoch + 1, offset - self.n
-
-    def __len__(self) -> int:  # an infinite sampler; DataLoader only needs this for len(loader)
-        return 2**62
+    for s in (split, *(s for s in HELDOUT_FALLBACK if s != split)):
+        ids = [i for i in store.episode_ids(s) if store.length(i) >= min_length]
+        if ids:
+            if s == "train" != split:
+                warnings.warn(f"{store.root}: no held-out episodes with {min_length} frames ('{split}' asked for); "
+                              f"using 'train' episodes", stacklevel=2)
+            return ids, s
+    raise ValueError(f"no episode of {store.root} has {min_length} frames")

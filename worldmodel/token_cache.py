@@ -14,7 +14,7 @@ was trained on, so every token sees the temporal context it saw in training (wit
 temporary name and renamed when complete.
 
 :class:`TokenCache` exposes the same clip interface as :class:`~worldmodel.store.EpisodeStore`,
-so :class:`~worldmodel.store.ClipDataset` cuts prior-training windows from it.
+so :class:`~worldmodel.training_data.ClipDataset` cuts prior-training windows from it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from worldmodel.atomic import atomic_file
 from worldmodel.store import SPLITS, EpisodeStore
 
 TOKENS_FILE = "tokens.h5"
@@ -49,45 +50,40 @@ def encode_store(tokenizer: Any, store: EpisodeStore, out: str | os.PathLike, *,
     if clip_len % st:
         raise ValueError(f"clip_len={clip_len} must be a multiple of the tokenizer's temporal stride {st}")
     tokenizer.eval()
-    tmp = out.with_name(f".{out.name}.tmp")
     ids = store.episode_ids()
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["clip_len"], f.attrs["stride_t"], f.attrs["store"] = clip_len, st, str(store.root)
-            for k, v in (meta or {}).items():
-                f.attrs[k] = v
-            grp = f.create_group("episodes")
-            for eid in tqdm(ids, desc="encode", unit="ep", disable=not progress):
-                ep = store.load(eid)
-                T = (len(ep) // st) * st
-                if T == 0:
-                    continue
-                frames = torch.from_numpy(ep.frames[:T])
-                windows = list(torch.split(frames, clip_len))  # the last window may be shorter
-                codes = []
-                full = [w for w in windows if len(w) == clip_len]
-                for i in range(0, len(full), batch_size):
-                    batch = torch.stack(full[i:i + batch_size]).to(device)
-                    codes.extend(tokenizer.encode(batch).cpu())
-                if len(windows[-1]) != clip_len:
-                    codes.append(tokenizer.encode(windows[-1][None].to(device))[0].cpu())
-                tokens = torch.cat(codes).numpy()  # (T', h, w)
-                g = grp.create_group(eid)
-                g.create_dataset("tokens", data=tokens.astype(np.int16))
-                if ep.actions is not None:
-                    g.create_dataset("actions", data=ep.actions[: T - 1][::st][: len(tokens) - 1])
-                # Per latent step: sum of rewards and any termination over the stride's transitions.
-                rew = ep.rewards[: T - 1]
-                term = ep.terminated[: T - 1]
-                n = len(tokens) - 1
-                g.create_dataset("rewards", data=np.array([rew[i * st:(i + 1) * st].sum() for i in range(n)], np.float32))
-                g.create_dataset("terminated", data=np.array([term[i * st:(i + 1) * st].any() for i in range(n)], bool))
-                g.attrs["split"] = ep.split
-                if "label" in ep.attrs:
-                    g.attrs["label"] = int(ep.attrs["label"])
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(out) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["clip_len"], f.attrs["stride_t"], f.attrs["store"] = clip_len, st, str(store.root)
+        for k, v in (meta or {}).items():
+            f.attrs[k] = v
+        grp = f.create_group("episodes")
+        for eid in tqdm(ids, desc="encode", unit="ep", disable=not progress):
+            ep = store.load(eid)
+            T = (len(ep) // st) * st
+            if T == 0:
+                continue
+            frames = torch.from_numpy(ep.frames[:T])
+            windows = list(torch.split(frames, clip_len))  # the last window may be shorter
+            codes = []
+            full = [w for w in windows if len(w) == clip_len]
+            for i in range(0, len(full), batch_size):
+                batch = torch.stack(full[i:i + batch_size]).to(device)
+                codes.extend(tokenizer.encode(batch).cpu())
+            if len(windows[-1]) != clip_len:
+                codes.append(tokenizer.encode(windows[-1][None].to(device))[0].cpu())
+            tokens = torch.cat(codes).numpy()  # (T', h, w)
+            g = grp.create_group(eid)
+            g.create_dataset("tokens", data=tokens.astype(np.int16))
+            if ep.actions is not None:
+                g.create_dataset("actions", data=ep.actions[: T - 1][::st][: len(tokens) - 1])
+            # Per latent step: sum of rewards and any termination over the stride's transitions.
+            rew = ep.rewards[: T - 1]
+            term = ep.terminated[: T - 1]
+            n = len(tokens) - 1
+            g.create_dataset("rewards", data=np.array([rew[i * st:(i + 1) * st].sum() for i in range(n)], np.float32))
+            g.create_dataset("terminated", data=np.array([term[i * st:(i + 1) * st].any() for i in range(n)], bool))
+            g.attrs["split"] = ep.split
+            if "label" in ep.attrs:
+                g.attrs["label"] = int(ep.attrs["label"])
     return out
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from worldmodel.checkpoint import load_checkpoint, save_checkpoint
 from worldmodel.config import TrainConfig
-from worldmodel.store import SeededSampler
+from worldmodel.training_data import SeededSampler
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,96 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, batches: int, 
     return {k: v / counts[k] for k, v in sums.items()}
 
 
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, list[list[nn.Parameter]]]:
+    """AdamW over the model's parameter sets, and the sets whose gradient norms are clipped separately.
+
+    A model may split its parameters into sets (``optimizer_param_sets() -> {name: [params]}``, e.g. the
+    tokenizer and its discriminator): each set gets its decay / no-decay groups and its own gradient-norm
+    clip. Default: one set of all parameters (two groups, one clip).
+    """
+    param_sets = model.optimizer_param_sets() if hasattr(model, "optimizer_param_sets") else {"model": list(model.parameters())}
+    groups, clip_sets = [], []
+    for params in param_sets.values():
+        params = [p for p in params if p.requires_grad]
+        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        clip_sets.append(params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95)), clip_sets
+
+
+def _resume(model: nn.Module, opt: torch.optim.Optimizer, run_dir: Path, stage: str, di: DistInfo) -> dict[str, Any] | None:
+    """Load the stage's last committed checkpoint into ``model`` and ``opt``; its trainer state, or None without one."""
+    found = load_checkpoint(run_dir, stage, repair=di.world_size == 1)  # other ranks read it too
+    if found is None:
+        return None
+    state, saved = found
+    own = model.state_dict()
+    # checked before loading: load_state_dict copies the matching tensors before it raises, which would
+    # leave the model half-overwritten for a caller that then starts over with resume=False
+    misfit = sorted((saved.keys() ^ own.keys()) | {k for k in saved.keys() & own.keys()
+                                                    if saved[k].shape != own[k].shape})
+    if misfit:
+        raise ValueError(
+            f"{run_dir}: the '{stage}' checkpoint does not fit the configured model -- the config changed since it "
+            f"was saved (e.g. a newer preset default such as prior.reward_given_termination). Pass the old setting "
+            f"as a flag to resume, or --no-resume / a new --run-dir to start over. Missing, unexpected or "
+            f"differently shaped: {', '.join(misfit)}")
+    model.load_state_dict(saved)
+    opt.load_state_dict(state["optimizer"])
+    return state
+
+
+def _log_step(writer: Any, bar: Any, stage: str, step: int, loss: float, lr: float, metrics: dict[str, float]) -> None:
+    writer.add_scalar(f"{stage}/loss", loss, step)
+    writer.add_scalar(f"{stage}/lr", lr, step)
+    for k, v in metrics.items():
+        writer.add_scalar(f"{stage}/{k}", v, step)
+    bar.set_postfix(loss=f"{loss:.4f}")
+
+
+def _out_of_time(t0: float, cfg: TrainConfig, di: DistInfo) -> bool:
+    """Whether the ``max_minutes`` budget is spent; every rank agrees, so that all stop together."""
+    timed_out = cfg.max_minutes > 0 and (time.monotonic() - t0) / 60 >= cfg.max_minutes
+    if di.world_size > 1:
+        flag = torch.tensor([float(timed_out)], device=di.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        timed_out = bool(flag.item())
+    return timed_out
+
+
+def _validate(model: nn.Module, val_set: Dataset, cfg: TrainConfig, val_batches: int, di: DistInfo, writer: Any,
+              stage: str, step: int, on_eval: Callable[[nn.Module, int, Any], None] | None) -> dict[str, float]:
+    """Validation metrics (logged) and the ``on_eval`` hook, without moving the training RNG (or a resumed run
+    would diverge)."""
+    with torch.random.fork_rng(devices=[di.device] if di.device.type == "cuda" else []):
+        val_metrics = evaluate(model, val_set, cfg.batch_size, val_batches, di.device, cfg.bf16)
+        for k, v in val_metrics.items():
+            writer.add_scalar(f"{stage}/val_{k}", v, step)
+        if on_eval is not None:
+            on_eval(model, step, writer)
+    return val_metrics
+
+
+def _train_step(wrapped: nn.Module, opt: torch.optim.Optimizer, clip_sets: list[list[nn.Parameter]],
+                batch: dict[str, Any], cfg: TrainConfig, step: int, stage: str,
+                device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+    """One optimizer step at the learning rate of ``step``: the loss and the model's metrics."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, cfg)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        loss, metrics = wrapped(batch)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{stage}: loss became {float(loss)} at step {step}; lower the learning rate "
+                                 f"(--{stage}-train.lr) or disable bf16")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        for params in clip_sets:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    return loss, metrics
+
+
 def fit(model: nn.Module, *, stage: str, run_dir: str | os.PathLike, train_set: Dataset, val_set: Dataset | None,
         cfg: TrainConfig, dist_info: DistInfo | None = None, resume: bool = True, val_batches: int = 8,
         on_eval: Callable[[nn.Module, int, Any], None] | None = None,
@@ -150,36 +240,9 @@ def fit(model: nn.Module, *, stage: str, run_dir: str | os.PathLike, train_set: 
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed + di.rank)
     model.to(di.device).train()
-    # A model may split its parameters into sets (``optimizer_param_sets() -> {name: [params]}``, e.g. the
-    # tokenizer and its discriminator): each set gets its decay / no-decay groups and its own gradient-norm
-    # clip. Default: one set of all parameters (two groups, one clip).
-    param_sets = model.optimizer_param_sets() if hasattr(model, "optimizer_param_sets") else {"model": list(model.parameters())}
-    groups, clip_sets = [], []
-    for params in param_sets.values():
-        params = [p for p in params if p.requires_grad]
-        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        clip_sets.append(params)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-    step = 0
-    found = load_checkpoint(run_dir, stage, repair=di.world_size == 1) if resume else None  # other ranks read it too
-    state = None
-    if found is not None:
-        state, saved = found
-        own = model.state_dict()
-        # checked before loading: load_state_dict copies the matching tensors before it raises, which would
-        # leave the model half-overwritten for a caller that then starts over with resume=False
-        misfit = sorted((saved.keys() ^ own.keys()) | {k for k in saved.keys() & own.keys()
-                                                        if saved[k].shape != own[k].shape})
-        if misfit:
-            raise ValueError(
-                f"{run_dir}: the '{stage}' checkpoint does not fit the configured model -- the config changed since it "
-                f"was saved (e.g. a newer preset default such as prior.reward_given_termination). Pass the old setting "
-                f"as a flag to resume, or --no-resume / a new --run-dir to start over. Missing, unexpected or "
-                f"differently shaped: {', '.join(misfit)}")
-        model.load_state_dict(saved)
-        opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
+    opt, clip_sets = _optimizer(model, cfg)
+    state = _resume(model, opt, run_dir, stage, di) if resume else None
+    step = int(state["step"]) if state is not None else 0
     wrapped: nn.Module = _LossModule(model)
     if di.world_size > 1:
         wrapped = nn.parallel.DistributedDataParallel(
@@ -217,42 +280,16 @@ def fit(model: nn.Module, *, stage: str, run_dir: str | os.PathLike, train_set: 
     bar = tqdm(total=cfg.steps, initial=step, desc=stage, disable=not (progress and di.is_main), dynamic_ncols=True)
     stopped_early = False
     while step < cfg.steps:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        batch = _to_device(next(loader), di.device)
-        with torch.autocast(di.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss, metrics = wrapped(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{stage}: loss became {float(loss)} at step {step}; lower the learning rate "
-                                     f"(--{stage}-train.lr) or disable bf16")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            for params in clip_sets:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        loss, metrics = _train_step(wrapped, opt, clip_sets, _to_device(next(loader), di.device), cfg, step, stage,
+                                    di.device)
         step += 1
         bar.update(1)
         if writer is not None and (step % cfg.log_every == 0 or step == 1):
-            writer.add_scalar(f"{stage}/loss", loss.item(), step)
-            writer.add_scalar(f"{stage}/lr", opt.param_groups[0]["lr"], step)
-            for k, v in metrics.items():
-                writer.add_scalar(f"{stage}/{k}", v, step)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        timed_out = cfg.max_minutes > 0 and (time.monotonic() - t0) / 60 >= cfg.max_minutes
-        if di.world_size > 1:  # every rank must agree to stop together
-            flag = torch.tensor([float(timed_out)], device=di.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            timed_out = bool(flag.item())
+            _log_step(writer, bar, stage, step, loss.item(), opt.param_groups[0]["lr"], metrics)
+        timed_out = _out_of_time(t0, cfg, di)
         last = step == cfg.steps or timed_out
         if (step % cfg.eval_every == 0 or last) and val_set is not None and di.is_main:
-            # Evaluation must not move the training RNG, or a resumed run would diverge.
-            with torch.random.fork_rng(devices=[di.device] if di.device.type == "cuda" else []):
-                val_metrics = evaluate(model, val_set, cfg.batch_size, val_batches, di.device, cfg.bf16)
-                for k, v in val_metrics.items():
-                    writer.add_scalar(f"{stage}/val_{k}", v, step)  # type: ignore[union-attr]
-                if on_eval is not None:
-                    on_eval(model, step, writer)
+            val_metrics = _validate(model, val_set, cfg, val_batches, di, writer, stage, step, on_eval)
         if step % cfg.ckpt_every == 0 or last:
             checkpoint()
         if timed_out and step < cfg.steps:

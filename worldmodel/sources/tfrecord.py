@@ -33,6 +33,8 @@ import google_crc32c
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from worldmodel.atomic import atomic_file
+
 _MASK_DELTA = 0xA282EAD8
 
 
@@ -120,12 +122,10 @@ def iter_records(path: str | os.PathLike, *, verify: bool = True, skip_corrupt: 
 def write_records(path: str | os.PathLike, records: list[bytes]) -> Path:
     """Write ``records`` as a TFRecord file (atomically: temporary name, then rename)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         for data in records:
             n = struct.pack("<Q", len(data))
             f.write(n + struct.pack("<I", masked_crc32c(n)) + data + struct.pack("<I", masked_crc32c(data)))
-    os.replace(tmp, path)
     return path
 
 

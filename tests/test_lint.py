@@ -1,0 +1,18 @@
+"""The lint step of the test command: ``ruff check`` (ruff.toml: style, imports, bugbear, and McCabe
+complexity at most 15 in the library) is clean, so that style stays one style."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed (pip install -e '.[test]')")
+def test_ruff_check_is_clean():
+    res = subprocess.run(["ruff", "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
