@@ -26,7 +26,12 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=16, help="episodes collected per worker setting")
     p.add_argument("--clips", type=int, default=500, help="random clips read for the read benchmark")
     args = p.parse_args()
-    out: dict[str, float | int | str] = {"bench": "collect", "env": "vizdoom_hgs", "resolution": 64, "frame_skip": 4}
+    out: dict[str, float | int | str] = {
+        "bench": "collect",
+        "env": "vizdoom_hgs",
+        "resolution": 64,
+        "frame_skip": 4,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for workers in (1, 2):
             root = Path(tmp) / f"w{workers}"

@@ -40,8 +40,13 @@ ID = envs.id_for_preset("vizdoom_hgs")
 def random_bundle(root: Path, scale: str) -> Path:
     """A vizdoom_hgs bundle with random weights over a synthetic 64×64 store (8 episodes of noise)."""
     rng = np.random.default_rng(0)
-    with StoreWriter(root / "store", source="synthetic", obs_shape=(64, 64, 3), action_spec=ActionSpec.discrete(5),
-                     fps=8.75) as w:
+    with StoreWriter(
+        root / "store",
+        source="synthetic",
+        obs_shape=(64, 64, 3),
+        action_spec=ActionSpec.discrete(5),
+        fps=8.75,
+    ) as w:
         for _ in range(8):
             w.add_episode(rng.integers(0, 256, (20, 64, 64, 3), dtype=np.uint8), rng.integers(0, 5, 19))
     cfg = get_preset("vizdoom_hgs", scale)
@@ -60,7 +65,9 @@ def steps_per_s(step, steps: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="bundle directory (default: newest vizdoom_hgs bundle, else a random one)")
+    p.add_argument(
+        "--checkpoint", help="bundle directory (default: newest vizdoom_hgs bundle, else a random one)"
+    )
     p.add_argument("--scale", default="tiny", help="preset scale of the random bundle")
     p.add_argument("--steps", type=int, default=16, help="timed vector steps per setting")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
@@ -69,11 +76,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
     found = find_bundles("vizdoom_hgs")
-    ckpt = Path(args.checkpoint) if args.checkpoint else (found[0] if found else random_bundle(Path(tmp.name), args.scale))
+    ckpt = (
+        Path(args.checkpoint)
+        if args.checkpoint
+        else (found[0] if found else random_bundle(Path(tmp.name), args.scale))
+    )
     wm = WorldModel.from_pretrained(ckpt)
-    out = {"bench": "dream_env", "checkpoint": str(ckpt) if (args.checkpoint or found) else f"random ({args.scale})",
-           "obs": list(wm.obs_shape), "tokens_per_frame": wm.cfg.prior.tokens_h * wm.cfg.prior.tokens_w,
-           "prior": f"{wm.cfg.prior.n_layer}x{wm.cfg.prior.n_embd}", "threads": torch.get_num_threads()}
+    out = {
+        "bench": "dream_env",
+        "checkpoint": str(ckpt) if (args.checkpoint or found) else f"random ({args.scale})",
+        "obs": list(wm.obs_shape),
+        "tokens_per_frame": wm.cfg.prior.tokens_h * wm.cfg.prior.tokens_w,
+        "prior": f"{wm.cfg.prior.n_layer}x{wm.cfg.prior.n_embd}",
+        "threads": torch.get_num_threads(),
+    }
 
     env = gym.make(ID, world_model=wm, max_episode_steps=10_000)
     env.reset(seed=0)
@@ -89,12 +105,17 @@ def main() -> None:
     for N in (1, 16):
         vec = gym.make_vec(ID, num_envs=N, world_model=wm, max_episode_steps=10_000)
         vec.reset(seed=0)
-        out[f"steps_per_s_make_vec_{N}"] = round(steps_per_s(lambda v=vec: v.step(v.action_space.sample()) and v.num_envs,
-                                                             args.steps), 1)
+        out[f"steps_per_s_make_vec_{N}"] = round(
+            steps_per_s(lambda v=vec: v.step(v.action_space.sample()) and v.num_envs, args.steps), 1
+        )
     venv = DreamVecEnv(16, world_model=wm, max_episode_steps=10_000)
     venv.reset()
-    out["steps_per_s_sb3_vecenv_16"] = round(steps_per_s(
-        lambda: venv.step(np.array([venv.action_space.sample() for _ in range(16)])) and 16, args.steps), 1)
+    out["steps_per_s_sb3_vecenv_16"] = round(
+        steps_per_s(
+            lambda: venv.step(np.array([venv.action_space.sample() for _ in range(16)])) and 16, args.steps
+        ),
+        1,
+    )
     out["speedup_vec16_vs_single"] = round(out["steps_per_s_make_vec_16"] / out["steps_per_s_single_env"], 2)
     print(json.dumps(out))
     tmp.cleanup()

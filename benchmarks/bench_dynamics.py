@@ -33,8 +33,12 @@ def main() -> None:
     p.add_argument("--context", type=int, default=4, help="real context frames")
     p.add_argument("--horizon", type=int, default=16, help="open-loop steps")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    p.add_argument("--decode", default="autoregressive", choices=["autoregressive", "maskgit"],
-                   help="token-by-token, or MaskGIT (priors trained with prior.maskgit_weight > 0)")
+    p.add_argument(
+        "--decode",
+        default="autoregressive",
+        choices=["autoregressive", "maskgit"],
+        help="token-by-token, or MaskGIT (priors trained with prior.maskgit_weight > 0)",
+    )
     p.add_argument("--maskgit-steps", type=int, default=8, help="MaskGIT refinement steps per frame")
     args = p.parse_args()
     if args.threads:
@@ -42,19 +46,28 @@ def main() -> None:
     wm = WorldModel.from_pretrained(args.checkpoint)
     store = EpisodeStore(args.store or wm.store_path)
     kw = {"decode": "maskgit", "maskgit_steps": args.maskgit_steps} if args.decode == "maskgit" else {}
-    rep = evaluate_dynamics(wm, store, split=args.split, n=args.n, context=args.context, horizon=args.horizon, **kw)
+    rep = evaluate_dynamics(
+        wm, store, split=args.split, n=args.n, context=args.context, horizon=args.horizon, **kw
+    )
     pick = [s for s in (1, 4, 8, 16) if s <= args.horizon]
-    out = {"bench": "dynamics", "checkpoint": str(args.checkpoint), "split": rep.extra["split"], "n": rep.n_starts,
-           "context": args.context, "decode": args.decode if args.decode == "autoregressive" else f"maskgit{args.maskgit_steps}",
-           "seconds_true_actions": round(rep.rollouts["true"].seconds, 2)}
+    out = {
+        "bench": "dynamics",
+        "checkpoint": str(args.checkpoint),
+        "split": rep.extra["split"],
+        "n": rep.n_starts,
+        "context": args.context,
+        "decode": args.decode if args.decode == "autoregressive" else f"maskgit{args.maskgit_steps}",
+        "seconds_true_actions": round(rep.rollouts["true"].seconds, 2),
+    }
     for name in ("true", "shuffled", "copy_last", "ceiling"):
         vals = getattr(rep, f"psnr_{name}")
         out[f"psnr_{name}"] = {str(s): round(vals[s - 1], 2) for s in pick}
     for name in ("true", "copy_last"):
         vals = getattr(rep, f"ssim_{name}")
         out[f"ssim_{name}"] = {str(s): round(vals[s - 1], 4) for s in pick}
-    out["true_beats_shuffled_and_copy_at_all_steps"] = bool(all(
-        rep.psnr_true[s - 1] > max(rep.psnr_shuffled[s - 1], rep.psnr_copy_last[s - 1]) for s in pick))
+    out["true_beats_shuffled_and_copy_at_all_steps"] = bool(
+        all(rep.psnr_true[s - 1] > max(rep.psnr_shuffled[s - 1], rep.psnr_copy_last[s - 1]) for s in pick)
+    )
     cache_path = Path(args.checkpoint) / TOKENS_FILE
     if cache_path.exists():
         cache = TokenCache(cache_path)

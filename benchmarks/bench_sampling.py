@@ -47,8 +47,10 @@ def _cached_fps(prior: Prior, B: int, steps: int, bf16: bool, **decode_kw) -> fl
     cfg = prior.cfg
     g = torch.Generator().manual_seed(0)
     r = Rollout(prior, B, bf16=bf16)
-    r.start(torch.randint(0, cfg.vocab_size, (B, cfg.frames - 1, cfg.tokens_h, cfg.tokens_w), generator=g),
-            torch.randint(0, cfg.n_actions, (B, cfg.frames - 2), generator=g))
+    r.start(
+        torch.randint(0, cfg.vocab_size, (B, cfg.frames - 1, cfg.tokens_h, cfg.tokens_w), generator=g),
+        torch.randint(0, cfg.n_actions, (B, cfg.frames - 2), generator=g),
+    )
     r.step(torch.zeros(B, dtype=torch.long), generator=g, **decode_kw)  # warm-up (fills the window)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -74,9 +76,12 @@ def training_speed(prior: Prior, batch: int = 8, reps: int = 3) -> tuple[float, 
     cfg = prior.cfg
     prior.train()
     opt = torch.optim.AdamW(prior.parameters(), lr=1e-4)
-    data = {"tokens": torch.randint(0, cfg.vocab_size, (batch, cfg.frames, cfg.tokens_h, cfg.tokens_w)),
-            "actions": torch.randint(0, cfg.n_actions, (batch, cfg.frames - 1)),
-            "rewards": torch.randn(batch, cfg.frames - 1), "terminated": torch.zeros(batch, cfg.frames - 1, dtype=torch.bool)}
+    data = {
+        "tokens": torch.randint(0, cfg.vocab_size, (batch, cfg.frames, cfg.tokens_h, cfg.tokens_w)),
+        "actions": torch.randint(0, cfg.n_actions, (batch, cfg.frames - 1)),
+        "rewards": torch.randn(batch, cfg.frames - 1),
+        "terminated": torch.zeros(batch, cfg.frames - 1, dtype=torch.bool),
+    }
 
     def step() -> None:
         loss, _ = prior.compute_loss(data)
@@ -92,7 +97,9 @@ def training_speed(prior: Prior, batch: int = 8, reps: int = 3) -> tuple[float, 
     positions = batch * cfg.frames * prior.block_len
     n_params = sum(p.numel() for n, p in prior.named_parameters() if "emb" not in n and "pos_" not in n)
     # 6 FLOPs per parameter per position (forward + backward) plus attention (QK^T and AV, x3 for backward)
-    attn = 2 * 2 * cfg.n_layer * batch * (cfg.frames * prior.block_len) ** 2 * cfg.n_embd * 3 / 2  # causal: half
+    attn = (
+        2 * 2 * cfg.n_layer * batch * (cfg.frames * prior.block_len) ** 2 * cfg.n_embd * 3 / 2
+    )  # causal: half
     flops = 6 * n_params * positions + attn
     prior.eval()
     return positions / dt, flops / dt / 1e9
@@ -100,21 +107,43 @@ def training_speed(prior: Prior, batch: int = 8, reps: int = 3) -> tuple[float, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=8, help="generated frames per row for each cached measurement (8 = two whole "
-                   "slide cycles of the default window: 8 frames, 4 kept)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=8,
+        help="generated frames per row for each cached measurement (8 = two whole "
+        "slide cycles of the default window: 8 frames, 4 kept)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    p.add_argument("--repeats", type=int, default=3, help="each generation speed is the best of this many runs")
-    p.add_argument("--scale", default="tiny", choices=["tiny", "small", "paper"], help="preset scale of the prior")
-    p.add_argument("--maskgit-steps", type=int, nargs="+", default=[8, 4], help="MaskGIT refinement steps per frame (K)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="each generation speed is the best of this many runs"
+    )
+    p.add_argument(
+        "--scale", default="tiny", choices=["tiny", "small", "paper"], help="preset scale of the prior"
+    )
+    p.add_argument(
+        "--maskgit-steps", type=int, nargs="+", default=[8, 4], help="MaskGIT refinement steps per frame (K)"
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = replace(get_preset("vizdoom_hgs", args.scale).prior, vocab_size=512, n_actions=5, dropout=0.0, attn_dropout=0.0,
-                  maskgit_weight=1.0)
+    cfg = replace(
+        get_preset("vizdoom_hgs", args.scale).prior,
+        vocab_size=512,
+        n_actions=5,
+        dropout=0.0,
+        attn_dropout=0.0,
+        maskgit_weight=1.0,
+    )
     torch.manual_seed(0)
     prior = Prior(cfg).eval()
-    out: dict = {"bench": "sampling", "scale": args.scale, "model": f"{cfg.n_layer}x{cfg.n_embd} window {cfg.frames} frames of 8x8",
-                 "params_M": round(sum(p.numel() for p in prior.parameters()) / 1e6, 2), "threads": torch.get_num_threads()}
+    out: dict = {
+        "bench": "sampling",
+        "scale": args.scale,
+        "model": f"{cfg.n_layer}x{cfg.n_embd} window {cfg.frames} frames of 8x8",
+        "params_M": round(sum(p.numel() for p in prior.parameters()) / 1e6, 2),
+        "threads": torch.get_num_threads(),
+    }
     for B in (1, 16):
         R = args.repeats
         out[f"cached_fps_b{B}_fp32"] = round(cached_fps(prior, B, args.steps, False, R), 2)

@@ -67,9 +67,12 @@ def speed(out: dict) -> None:
         model.eval()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             tokens = model.encode(clips)
-            out[f"encode_frames_per_s_{tag}"] = round(clips.shape[0] * clips.shape[1] / _time(lambda: model.encode(clips), 3), 1)
+            out[f"encode_frames_per_s_{tag}"] = round(
+                clips.shape[0] * clips.shape[1] / _time(lambda: model.encode(clips), 3), 1
+            )
             out[f"decode_frames_per_s_{tag}"] = round(
-                clips.shape[0] * clips.shape[1] / _time(lambda tokens=tokens: model.decode(tokens), 3), 1)
+                clips.shape[0] * clips.shape[1] / _time(lambda tokens=tokens: model.decode(tokens), 3), 1
+            )
     out["train_speedup_bf16"] = round(out["train_step_ms_fp32"] / out["train_step_ms_bf16"], 2)
 
 
@@ -77,21 +80,35 @@ def quality(out: dict, store: str, minutes: float, run_dir: str) -> None:
     from worldmodel.stages import train_tokenizer
 
     cfg = get_preset("vizdoom_hgs", "small")
-    cfg = replace(cfg, data=replace(cfg.data, store=store),
-                  tokenizer_train=replace(cfg.tokenizer_train, max_minutes=minutes, steps=100_000))
+    cfg = replace(
+        cfg,
+        data=replace(cfg.data, store=store),
+        tokenizer_train=replace(cfg.tokenizer_train, max_minutes=minutes, steps=100_000),
+    )
     res = train_tokenizer(cfg, run_dir, resume=False, progress=False)
-    out.update({"store": store, "train_minutes": round(res.minutes, 1), "train_steps": res.step,
-                "batch": cfg.tokenizer_train.batch_size, "clip_len": cfg.data.clip_len,
-                "val_psnr_db": round(res.val_metrics.get("psnr", float("nan")), 2),
-                "val_codebook_usage": round(res.val_metrics.get("codebook_usage", float("nan")), 3)})
+    out.update(
+        {
+            "store": store,
+            "train_minutes": round(res.minutes, 1),
+            "train_steps": res.step,
+            "batch": cfg.tokenizer_train.batch_size,
+            "clip_len": cfg.data.clip_len,
+            "val_psnr_db": round(res.val_metrics.get("psnr", float("nan")), 2),
+            "val_codebook_usage": round(res.val_metrics.get("codebook_usage", float("nan")), 3),
+        }
+    )
 
 
 def image_metrics(fake: np.ndarray, real: np.ndarray) -> dict[str, float]:
     """PSNR (dB), SSIM, sharpness ratio and fraction of pixels off by > 48/255 of uint8 (..., H, W, 3) pairs."""
     from worldmodel.metrics.image import fraction_off, psnr, sharpness_ratio, ssim
 
-    return {"psnr": float(psnr(fake, real).mean()), "ssim": float(ssim(fake, real).mean()),
-            "sharpness": sharpness_ratio(fake, real), "frac_off_48": float(fraction_off(fake, real).mean())}
+    return {
+        "psnr": float(psnr(fake, real).mean()),
+        "ssim": float(ssim(fake, real).mean()),
+        "sharpness": sharpness_ratio(fake, real),
+        "frac_off_48": float(fraction_off(fake, real).mean()),
+    }
 
 
 def disjoint_clips(store: Any, n: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, str]:
@@ -107,7 +124,9 @@ def disjoint_clips(store: Any, n: int, length: int, seed: int) -> tuple[np.ndarr
         clips = []
         for _ in range(n):
             e = pool[int(rng.integers(len(pool)))]
-            clips.append(store.read_clip(e, int(rng.integers(0, store.length(e) - length + 1)), length)["frames"])
+            clips.append(
+                store.read_clip(e, int(rng.integers(0, store.length(e) - length + 1)), length)["frames"]
+            )
         return np.stack(clips)
 
     return draw(halves[0] if len(ids) > 1 else ids), (draw(halves[1]) if len(ids) > 1 else None), split
@@ -131,7 +150,9 @@ def object_check(wm: Any, episodes: int, seed: int) -> dict[str, Any]:
         L = (len(frames) // wm.cfg.data.clip_len) * wm.cfg.data.clip_len
         if L == 0:
             continue
-        err = np.abs(reconstruct(wm, frames[None, :L])[0].astype(np.int16) - frames[:L].astype(np.int16)).mean(-1)
+        err = np.abs(
+            reconstruct(wm, frames[None, :L])[0].astype(np.int16) - frames[:L].astype(np.int16)
+        ).mean(-1)
         for t in range(L):
             if not boxes[t]:
                 continue
@@ -142,14 +163,30 @@ def object_check(wm: Any, episodes: int, seed: int) -> dict[str, Any]:
             outside[1] += int((~m).sum())
             n_frames += 1
     if not n_frames:
-        return {"objects": list(OBJECTS[env]), "n_frames": 0, "reason": "no object in view in the episodes played"}
+        return {
+            "objects": list(OBJECTS[env]),
+            "n_frames": 0,
+            "reason": "no object in view in the episodes played",
+        }
     e_in, e_out = inside[0] / inside[1], outside[0] / outside[1]
-    return {"objects": list(OBJECTS[env]), "n_frames": n_frames, "error_inside": e_in, "error_elsewhere": e_out,
-            "ratio": e_in / max(e_out, 1e-9)}
+    return {
+        "objects": list(OBJECTS[env]),
+        "n_frames": n_frames,
+        "error_inside": e_in,
+        "error_elsewhere": e_out,
+        "ratio": e_in / max(e_out, 1e-9),
+    }
 
 
-def checkpoint_quality(out: dict, checkpoint: str, n_clips: int, seed: int, objects: bool, object_episodes: int,
-                       i3d_weights: str | None) -> None:
+def checkpoint_quality(
+    out: dict,
+    checkpoint: str,
+    n_clips: int,
+    seed: int,
+    objects: bool,
+    object_episodes: int,
+    i3d_weights: str | None,
+) -> None:
     """The issue-23 measurements of a bundle (see the module docstring) into ``out``."""
     from worldmodel.bundle import WorldModel
     from worldmodel.checkpoint import has_weights
@@ -170,10 +207,18 @@ def checkpoint_quality(out: dict, checkpoint: str, n_clips: int, seed: int, obje
     tc = wm.cfg.tokenizer
     h, w = tc.resolution // tc.stride[1], tc.resolution // tc.stride[2]
     timings = Path(checkpoint) / "timings.json"
-    out.update({"checkpoint": str(checkpoint), "tokens_per_frame": h * w, "token_grid": [h, w],
-                "codebook_size": tc.codebook_size, "recon_loss": tc.recon_loss, "adv_weight": tc.adv_weight,
-                "perceptual_weight": tc.perceptual_weight,
-                "train_minutes": json.loads(timings.read_text()) if timings.exists() else None})
+    out.update(
+        {
+            "checkpoint": str(checkpoint),
+            "tokens_per_frame": h * w,
+            "token_grid": [h, w],
+            "codebook_size": tc.codebook_size,
+            "recon_loss": tc.recon_loss,
+            "adv_weight": tc.adv_weight,
+            "perceptual_weight": tc.perceptual_weight,
+            "train_minutes": json.loads(timings.read_text()) if timings.exists() else None,
+        }
+    )
     real_a, real_b, split = disjoint_clips(store, n_clips, 16, seed)
     recon_a = reconstruct(wm, real_a)
     out["split"], out["n_clips"] = split, n_clips
@@ -183,7 +228,9 @@ def checkpoint_quality(out: dict, checkpoint: str, n_clips: int, seed: int, obje
     out["fvd_real_real"] = fv["fvd"] if real_b is not None else None  # real A vs real B: the noise floor
     out["fvd_info"] = fv["fvd_info"]
     if real_b is None:
-        out["fvd_info"]["floor_reason"] = f"fewer than two '{split}' episodes of 16 frames: no disjoint real set"
+        out["fvd_info"]["floor_reason"] = (
+            f"fewer than two '{split}' episodes of 16 frames: no disjoint real set"
+        )
     if has_weights(checkpoint, "prior") and wm.action_spec.kind != "none":
         context, horizon = 4, 8
         clips = sample_clips(store, split=split, n=n_clips, length=context + horizon, seed=seed)
@@ -205,16 +252,24 @@ def main() -> None:
     p.add_argument("--run-dir", default="runs/bench-tokenizer", help="where the benchmark's run is written")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--skip-speed", action="store_true", help="only the PSNR measurement")
-    p.add_argument("--checkpoint", help="bundle / run dir to measure on held-out clips of its store (issue 23)")
+    p.add_argument(
+        "--checkpoint", help="bundle / run dir to measure on held-out clips of its store (issue 23)"
+    )
     p.add_argument("--n-clips", type=int, default=16, help="held-out 16-frame clips per set (FVD: >= 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the clip draws and the object episodes")
-    p.add_argument("--objects", action="store_true", help="object check on real ViZDoom frames (labels buffer)")
+    p.add_argument(
+        "--objects", action="store_true", help="object check on real ViZDoom frames (labels buffer)"
+    )
     p.add_argument("--object-episodes", type=int, default=4, help="real episodes played for the object check")
     p.add_argument("--i3d-weights", help="I3D checkpoint for FVD (default: the cache path)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    out: dict = {"bench": "tokenizer", "geometry": "64x64 stride (1,8,8) small preset", "threads": torch.get_num_threads()}
+    out: dict = {
+        "bench": "tokenizer",
+        "geometry": "64x64 stride (1,8,8) small preset",
+        "threads": torch.get_num_threads(),
+    }
     if not args.skip_speed:
         speed(out)
     if args.store:
@@ -222,8 +277,15 @@ def main() -> None:
     if args.checkpoint:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            checkpoint_quality(out, args.checkpoint, args.n_clips, args.seed, args.objects, args.object_episodes,
-                               args.i3d_weights)
+            checkpoint_quality(
+                out,
+                args.checkpoint,
+                args.n_clips,
+                args.seed,
+                args.objects,
+                args.object_episodes,
+                args.i3d_weights,
+            )
     print(json.dumps(out))
 
 

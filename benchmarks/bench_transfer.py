@@ -40,8 +40,11 @@ from worldmodel.store import EpisodeStore
 
 def _stats(x: np.ndarray) -> dict[str, float]:
     x = np.asarray(x, np.float64)
-    return {"mean": round(float(x.mean()), 1), "se": round(float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0, 1),
-            "n": len(x)}
+    return {
+        "mean": round(float(x.mean()), 1),
+        "se": round(float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0, 1),
+        "n": len(x),
+    }
 
 
 def play(venv: gym.vector.VectorEnv, act, episodes: int, seed: int, max_steps: int) -> np.ndarray:
@@ -78,8 +81,11 @@ class _Controller:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--env", default="vizdoom_take_cover",
-                   help="preset with a real env (vizdoom_take_cover, vizdoom_hgs, ..., gym:<Gymnasium id>)")
+    p.add_argument(
+        "--env",
+        default="vizdoom_take_cover",
+        help="preset with a real env (vizdoom_take_cover, vizdoom_hgs, ..., gym:<Gymnasium id>)",
+    )
     p.add_argument("--checkpoint", help="bundle (default: the newest bundle of --env under runs/)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="learner seeds")
     p.add_argument("--real-episodes", type=int, default=100, help="real episodes per policy")
@@ -87,23 +93,50 @@ def main() -> None:
     p.add_argument("--real-envs", type=int, default=4, help="real envs played in parallel during scoring")
     p.add_argument("--max-steps", type=int, default=525, help="steps per scored episode (525 = 2100 tics)")
     p.add_argument("--generations", type=int, default=CMAESConfig.generations, help="CMA-ES generations")
-    p.add_argument("--popsize", type=int, default=CMAESConfig.popsize, help="CMA-ES candidates per generation")
+    p.add_argument(
+        "--popsize", type=int, default=CMAESConfig.popsize, help="CMA-ES candidates per generation"
+    )
     p.add_argument("--episodes", type=int, default=CMAESConfig.episodes, help="episodes per candidate")
-    p.add_argument("--train-max-steps", type=int, default=CMAESConfig.max_episode_steps,
-                   help="episode cap while evolving (dream and real baseline alike)")
-    p.add_argument("--features", default=CMAESConfig.features, choices=["auto", "color_keys", "tokens"],
-                   help="what the controller reads (envs/controller.py)")
-    p.add_argument("--motion", action=argparse.BooleanOptionalAction, default=CMAESConfig.motion,
-                   help="controller also reads f_t - f_{t-1}")
-    p.add_argument("--last-action", action=argparse.BooleanOptionalAction, default=CMAESConfig.last_action,
-                   help="controller also reads its previous action")
+    p.add_argument(
+        "--train-max-steps",
+        type=int,
+        default=CMAESConfig.max_episode_steps,
+        help="episode cap while evolving (dream and real baseline alike)",
+    )
+    p.add_argument(
+        "--features",
+        default=CMAESConfig.features,
+        choices=["auto", "color_keys", "tokens"],
+        help="what the controller reads (envs/controller.py)",
+    )
+    p.add_argument(
+        "--motion",
+        action=argparse.BooleanOptionalAction,
+        default=CMAESConfig.motion,
+        help="controller also reads f_t - f_{t-1}",
+    )
+    p.add_argument(
+        "--last-action",
+        action=argparse.BooleanOptionalAction,
+        default=CMAESConfig.last_action,
+        help="controller also reads its previous action",
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="dream sampling temperature")
-    p.add_argument("--real-baseline", action="store_true", help="also evolve the learner in the real game (seed 0)")
-    p.add_argument("--real-views", nargs="+", choices=VIEWS, default=["tokenized", "raw"],
-                   help="how dream-trained policies see the real game (envs/views.py): 'tokenized' (each real frame "
-                        "through the bundle's tokenizer, as the dream draws it) and/or 'raw'; each is scored on the "
-                        "same episodes, the first is the headline")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models on 2 cores)")
+    p.add_argument(
+        "--real-baseline", action="store_true", help="also evolve the learner in the real game (seed 0)"
+    )
+    p.add_argument(
+        "--real-views",
+        nargs="+",
+        choices=VIEWS,
+        default=["tokenized", "raw"],
+        help="how dream-trained policies see the real game (envs/views.py): 'tokenized' (each real frame "
+        "through the bundle's tokenizer, as the dream draws it) and/or 'raw'; each is scored on the "
+        "same episodes, the first is the headline",
+    )
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models on 2 cores)"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     try:
@@ -112,33 +145,64 @@ def main() -> None:
         p.error(str(e))
     wm = load_world_model(args.checkpoint, args.env, "cpu")
     if wm.action_spec.kind != "discrete":
-        p.error(f"--env {args.env}: the bundle's actions are {wm.action_spec.kind}; the CMA-ES controller needs "
-                "discrete actions (score continuous-action policies with train_policy.py --eval-real)")
+        p.error(
+            f"--env {args.env}: the bundle's actions are {wm.action_spec.kind}; the CMA-ES controller needs "
+            "discrete actions (score continuous-action policies with train_policy.py --eval-real)"
+        )
     H = wm.obs_shape[0]
     kw = real_env_kwargs(wm)
-    cfg = CMAESConfig(generations=args.generations, popsize=args.popsize, episodes=args.episodes,
-                      max_episode_steps=args.train_max_steps, features=args.features, motion=args.motion,
-                      last_action=args.last_action)
-    real = gym.vector.SyncVectorEnv([make_real_env_fn(args.env, resolution=H, **kw) for _ in range(args.real_envs)])
+    cfg = CMAESConfig(
+        generations=args.generations,
+        popsize=args.popsize,
+        episodes=args.episodes,
+        max_episode_steps=args.train_max_steps,
+        features=args.features,
+        motion=args.motion,
+        last_action=args.last_action,
+    )
+    real = gym.vector.SyncVectorEnv(
+        [make_real_env_fn(args.env, resolution=H, **kw) for _ in range(args.real_envs)]
+    )
     views = {v: real_view(real, wm, v) for v in args.real_views}  # wrappers over the same envs
     store = EpisodeStore(wm.store_path)
-    out: dict = {"bench": "transfer", "env": args.env, "checkpoint": str(wm.path), "algo": "cmaes",
-                 "cmaes": asdict(cfg),
-                 "world_model_real_steps": int(sum(store.length(e) - 1 for e in store.episode_ids()))}
+    out: dict = {
+        "bench": "transfer",
+        "env": args.env,
+        "checkpoint": str(wm.path),
+        "algo": "cmaes",
+        "cmaes": asdict(cfg),
+        "world_model_real_steps": int(sum(store.length(e) - 1 for e in store.episode_ids())),
+    }
     timings = Path(wm.path) / "timings.json"
     out["world_model_minutes"] = json.loads(timings.read_text()) if timings.exists() else None
 
     t0 = time.process_time()
-    out["real_random"] = _stats(play(real, lambda o, t: np.array([real.single_action_space.sample() for _ in o]),
-                                     args.real_episodes, 10_000, args.max_steps))
-    out["real_alternate10"] = _stats(play(real, lambda o, t: np.full(len(o), (t // 10) % 2), args.real_episodes, 20_000,
-                                          args.max_steps))
+    out["real_random"] = _stats(
+        play(
+            real,
+            lambda o, t: np.array([real.single_action_space.sample() for _ in o]),
+            args.real_episodes,
+            10_000,
+            args.max_steps,
+        )
+    )
+    out["real_alternate10"] = _stats(
+        play(real, lambda o, t: np.full(len(o), (t // 10) % 2), args.real_episodes, 20_000, args.max_steps)
+    )
     out["baselines_cpu_minutes"] = round((time.process_time() - t0) / 60, 2)
 
-    dream = DreamVectorEnv(cfg.popsize * cfg.episodes, world_model=wm, max_episode_steps=cfg.max_episode_steps,
-                           temperature=args.temperature)
-    score_dream = DreamVectorEnv(min(args.dream_episodes, 16), world_model=wm, max_episode_steps=args.max_steps,
-                                 temperature=args.temperature)
+    dream = DreamVectorEnv(
+        cfg.popsize * cfg.episodes,
+        world_model=wm,
+        max_episode_steps=cfg.max_episode_steps,
+        temperature=args.temperature,
+    )
+    score_dream = DreamVectorEnv(
+        min(args.dream_episodes, 16),
+        world_model=wm,
+        max_episode_steps=args.max_steps,
+        temperature=args.temperature,
+    )
     per_seed = []
     for s in args.seeds:
         t0 = time.process_time()
@@ -146,37 +210,55 @@ def main() -> None:
         train_min = (time.process_time() - t0) / 60
         steps = int(sum(h["mean_length"] for h in hist) * cfg.popsize * cfg.episodes)
         t0 = time.process_time()
-        by_view = {v: _stats(play(views[v], _Controller(ctrl), args.real_episodes, 1_000_000 * (s + 1), args.max_steps))
-                   for v in args.real_views}
+        by_view = {
+            v: _stats(
+                play(views[v], _Controller(ctrl), args.real_episodes, 1_000_000 * (s + 1), args.max_steps)
+            )
+            for v in args.real_views
+        }
         d = play(score_dream, _Controller(ctrl), args.dream_episodes, 1_000_000 * (s + 1), args.max_steps)
-        per_seed.append({"seed": s, "real": by_view[args.real_views[0]], "real_by_view": by_view, "dream": _stats(d),
-                         "dream_agent_steps": steps,
-                         "train_cpu_minutes": round(train_min, 2),
-                         "score_cpu_minutes": round((time.process_time() - t0) / 60, 2),
-                         "last_generation": hist[-1]})
+        per_seed.append(
+            {
+                "seed": s,
+                "real": by_view[args.real_views[0]],
+                "real_by_view": by_view,
+                "dream": _stats(d),
+                "dream_agent_steps": steps,
+                "train_cpu_minutes": round(train_min, 2),
+                "score_cpu_minutes": round((time.process_time() - t0) / 60, 2),
+                "last_generation": hist[-1],
+            }
+        )
         print(json.dumps({"seed_done": per_seed[-1]}), flush=True)
     out["per_seed"] = per_seed
     out["real_view"] = args.real_views[0]
-    out["real_dream_trained_by_view"] = {v: _stats(np.array([x["real_by_view"][v]["mean"] for x in per_seed]))
-                                         for v in args.real_views}
+    out["real_dream_trained_by_view"] = {
+        v: _stats(np.array([x["real_by_view"][v]["mean"] for x in per_seed])) for v in args.real_views
+    }
     reals = np.array([x["real"]["mean"] for x in per_seed])
     dreams = np.array([x["dream"]["mean"] for x in per_seed])
     out["real_dream_trained"] = _stats(reals)
     out["dream_dream_trained"] = _stats(dreams)
     out["real_over_dream"] = round(float(reals.mean() / max(dreams.mean(), 1e-9)), 3)
-    rnd = out["real_random"]["mean"]  # a ratio only for positive returns (Pong's are -21..21): the difference always
+    rnd = out["real_random"][
+        "mean"
+    ]  # a ratio only for positive returns (Pong's are -21..21): the difference always
     out["real_over_random"] = round(float(reals.mean() / rnd), 3) if rnd > 0 else None
     out["real_minus_random"] = round(float(reals.mean() - rnd), 1)
     out["every_seed_at_least_750"] = bool((reals >= 750).all())
     if args.real_baseline:
         t0 = time.process_time()
-        rv = gym.vector.SyncVectorEnv([make_real_env_fn(args.env, resolution=H, **kw)
-                                       for _ in range(cfg.popsize * cfg.episodes)])
+        rv = gym.vector.SyncVectorEnv(
+            [make_real_env_fn(args.env, resolution=H, **kw) for _ in range(cfg.popsize * cfg.episodes)]
+        )
         ctrl, hist = train_cmaes(wm, rv, cfg, seed=args.seeds[0])
         r = play(real, _Controller(ctrl), args.real_episodes, 7_000_000, args.max_steps)
-        out["real_trained"] = {"seed": args.seeds[0], "real": _stats(r),
-                               "real_agent_steps": int(sum(h["mean_length"] for h in hist) * cfg.popsize * cfg.episodes),
-                               "cpu_minutes": round((time.process_time() - t0) / 60, 2)}
+        out["real_trained"] = {
+            "seed": args.seeds[0],
+            "real": _stats(r),
+            "real_agent_steps": int(sum(h["mean_length"] for h in hist) * cfg.popsize * cfg.episodes),
+            "cpu_minutes": round((time.process_time() - t0) / 60, 2),
+        }
         out["dream_over_real_trained"] = round(float(reals.mean() / max(r.mean(), 1e-9)), 3)
         rv.close()
     real.close()

@@ -58,11 +58,13 @@ def dream_name(preset: str) -> str:
     for name, (p, _) in DREAM_IDS.items():
         if p == preset:
             return name
-    if preset.startswith(_GYM_PREFIX) and re.search(r"[A-Za-z0-9]", preset[len(_GYM_PREFIX):]):
-        parts = re.findall(r"[A-Za-z0-9]+", preset[len(_GYM_PREFIX):])
+    if preset.startswith(_GYM_PREFIX) and re.search(r"[A-Za-z0-9]", preset[len(_GYM_PREFIX) :]):
+        parts = re.findall(r"[A-Za-z0-9]+", preset[len(_GYM_PREFIX) :])
         return "Gym" + "".join(p[0].upper() + p[1:] for p in parts)
-    raise ValueError(f"preset {preset!r} has no dream env id; expected one of {[p for p, _ in DREAM_IDS.values()]} "
-                     f"or gym:<Gymnasium id> (any bundle: gym.make({GENERIC_ID!r}, checkpoint=DIR))")
+    raise ValueError(
+        f"preset {preset!r} has no dream env id; expected one of {[p for p, _ in DREAM_IDS.values()]} "
+        f"or gym:<Gymnasium id> (any bundle: gym.make({GENERIC_ID!r}, checkpoint=DIR))"
+    )
 
 
 def id_for_preset(preset: str) -> str:
@@ -73,8 +75,13 @@ def id_for_preset(preset: str) -> str:
 
 for _name, (_preset, _max_steps) in DREAM_IDS.items():
     if dream_id(_name) not in gym.registry:
-        gym.register(id=dream_id(_name), entry_point=_ENTRY, vector_entry_point=_VECTOR_ENTRY,
-                     max_episode_steps=_max_steps, kwargs={"preset": _preset})
+        gym.register(
+            id=dream_id(_name),
+            entry_point=_ENTRY,
+            vector_entry_point=_VECTOR_ENTRY,
+            max_episode_steps=_max_steps,
+            kwargs={"preset": _preset},
+        )
 if GENERIC_ID not in gym.registry:  # preset=None: checkpoint is required (DreamEnv says so)
     gym.register(id=GENERIC_ID, entry_point=_ENTRY, vector_entry_point=_VECTOR_ENTRY, kwargs={"preset": None})
 
@@ -111,12 +118,20 @@ def register_bundle_ids() -> dict[str, str]:
         spec = gym.registry.get(env_id)
         if spec is not None:
             if spec.kwargs.get("preset") != preset:
-                warnings.warn(f"{env_id}: already registered for {spec.kwargs.get('preset')!r}; the bundles of {preset!r} "
-                              f"are reachable with gym.make({GENERIC_ID!r}, checkpoint=DIR)", stacklevel=2)
+                warnings.warn(
+                    f"{env_id}: already registered for {spec.kwargs.get('preset')!r}; the bundles of {preset!r} "
+                    f"are reachable with gym.make({GENERIC_ID!r}, checkpoint=DIR)",
+                    stacklevel=2,
+                )
                 continue
         else:
-            gym.register(id=env_id, entry_point=_ENTRY, vector_entry_point=_VECTOR_ENTRY,
-                         max_episode_steps=found[preset][1], kwargs={"preset": preset})
+            gym.register(
+                id=env_id,
+                entry_point=_ENTRY,
+                vector_entry_point=_VECTOR_ENTRY,
+                max_episode_steps=found[preset][1],
+                kwargs={"preset": preset},
+            )
         out[env_id] = preset
     return out
 

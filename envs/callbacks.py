@@ -46,7 +46,9 @@ def _as_monitored_vec_env(env: gym.Env | VecEnv) -> VecEnv:
             return env
         return VecMonitor(env)
     if not isinstance(env, gym.Env):
-        raise TypeError(f"expected a gymnasium.Env, an SB3 VecEnv or a factory returning one, got {type(env).__name__}")
+        raise TypeError(
+            f"expected a gymnasium.Env, an SB3 VecEnv or a factory returning one, got {type(env).__name__}"
+        )
     return DummyVecEnv([lambda: env if isinstance(env, Monitor) else Monitor(env)])
 
 
@@ -77,9 +79,19 @@ class DreamRealGapCallback(BaseCallback):
     also appended to :attr:`history` as a dict with these keys plus ``timesteps``.
     """
 
-    def __init__(self, dream_env: EnvLike, real_env: EnvLike, *, eval_every: int = 1, n_eval_episodes: int = 5,
-                 exploit_factor: float = 2.0, deterministic: bool = True, seed: int | None = None,
-                 prefix: str = "dream_real", verbose: int = 0) -> None:
+    def __init__(
+        self,
+        dream_env: EnvLike,
+        real_env: EnvLike,
+        *,
+        eval_every: int = 1,
+        n_eval_episodes: int = 5,
+        exploit_factor: float = 2.0,
+        deterministic: bool = True,
+        seed: int | None = None,
+        prefix: str = "dream_real",
+        verbose: int = 0,
+    ) -> None:
         super().__init__(verbose)
         if eval_every < 1:
             raise ValueError(f"eval_every: got {eval_every}, expected >= 1 (rollouts between evaluations)")
@@ -87,8 +99,10 @@ class DreamRealGapCallback(BaseCallback):
             raise ValueError(f"n_eval_episodes: got {n_eval_episodes}, expected >= 1")
         for name, e in (("dream_env", dream_env), ("real_env", real_env)):
             if not isinstance(e, gym.Env | VecEnv) and not callable(e):
-                raise TypeError(f"{name}: got {type(e).__name__}, expected a gymnasium.Env, an SB3 VecEnv or a "
-                                "zero-argument factory of either")
+                raise TypeError(
+                    f"{name}: got {type(e).__name__}, expected a gymnasium.Env, an SB3 VecEnv or a "
+                    "zero-argument factory of either"
+                )
         self._sources = {"dream": dream_env, "real": real_env}
         self._envs: dict[str, VecEnv] = {}
         self._owned: set[str] = set()  # envs this callback built from a factory (and so closes)
@@ -138,9 +152,14 @@ class DreamRealGapCallback(BaseCallback):
             if e is not None:
                 entropies.append(float(np.mean(e)))
 
-        returns, lengths = evaluate_policy(self.model, env, n_eval_episodes=self.n_eval_episodes,
-                                           deterministic=self.deterministic, return_episode_rewards=True,
-                                           callback=collect_entropy if entropies is not None else None)
+        returns, lengths = evaluate_policy(
+            self.model,
+            env,
+            n_eval_episodes=self.n_eval_episodes,
+            deterministic=self.deterministic,
+            return_episode_rewards=True,
+            callback=collect_entropy if entropies is not None else None,
+        )
         return [float(r) for r in returns], [int(n) for n in lengths]
 
     def evaluate(self) -> dict[str, float]:
@@ -148,22 +167,33 @@ class DreamRealGapCallback(BaseCallback):
         entropies: list[float] = []
         dream_r, dream_n = self._score("dream", entropies)
         real_r, real_n = self._score("real")
-        res = {"dream_return": float(np.mean(dream_r)), "dream_return_std": float(np.std(dream_r)),
-               "dream_ep_length": float(np.mean(dream_n)), "real_return": float(np.mean(real_r)),
-               "real_return_std": float(np.std(real_r)), "real_ep_length": float(np.mean(real_n)),
-               "token_entropy": float(np.mean(entropies)) if entropies else float("nan")}
+        res = {
+            "dream_return": float(np.mean(dream_r)),
+            "dream_return_std": float(np.std(dream_r)),
+            "dream_ep_length": float(np.mean(dream_n)),
+            "real_return": float(np.mean(real_r)),
+            "real_return_std": float(np.std(real_r)),
+            "real_ep_length": float(np.mean(real_n)),
+            "token_entropy": float(np.mean(entropies)) if entropies else float("nan"),
+        }
         res["return_gap"] = res["dream_return"] - res["real_return"]
         exploit = res["dream_return"] > self.exploit_factor * res["real_return"]
         res["exploit_warning"] = float(exploit)
         for k, v in res.items():
             self.logger.record(f"{self.prefix}/{k}", v)
         if exploit:
-            warnings.warn(f"dream return {res['dream_return']:.2f} > {self.exploit_factor} x real return "
-                          f"{res['real_return']:.2f} at {self.num_timesteps} timesteps: the policy may be exploiting "
-                          "errors of the world model", DreamExploitWarning, stacklevel=2)
+            warnings.warn(
+                f"dream return {res['dream_return']:.2f} > {self.exploit_factor} x real return "
+                f"{res['real_return']:.2f} at {self.num_timesteps} timesteps: the policy may be exploiting "
+                "errors of the world model",
+                DreamExploitWarning,
+                stacklevel=2,
+            )
         if self.verbose:
-            print(f"[{self.prefix}] t={self.num_timesteps} dream {res['dream_return']:.2f} real {res['real_return']:.2f} "
-                  f"entropy {res['token_entropy']:.3f}")
+            print(
+                f"[{self.prefix}] t={self.num_timesteps} dream {res['dream_return']:.2f} real {res['real_return']:.2f} "
+                f"entropy {res['token_entropy']:.3f}"
+            )
         self.history.append({"timesteps": float(self.num_timesteps), **res})
         return res
 
@@ -197,18 +227,32 @@ class LockstepVideoCallback(BaseCallback):
     Every video's summary is appended to :attr:`history` (a dict with ``timesteps`` and the summary's fields).
     """
 
-    def __init__(self, wm: WorldModel, real_env: gym.Env | Callable[[], gym.Env] | None, *, every: int = 10_000,
-                 steps: int = 32, resync_every: int = 1, seed: int = 0, psnr_threshold: float = DEFAULT_PSNR_THRESHOLD,
-                 scale: int = 2, fps: float | None = None, log_dir: str | None = None, prefix: str = "lockstep",
-                 verbose: int = 0) -> None:
+    def __init__(
+        self,
+        wm: WorldModel,
+        real_env: gym.Env | Callable[[], gym.Env] | None,
+        *,
+        every: int = 10_000,
+        steps: int = 32,
+        resync_every: int = 1,
+        seed: int = 0,
+        psnr_threshold: float = DEFAULT_PSNR_THRESHOLD,
+        scale: int = 2,
+        fps: float | None = None,
+        log_dir: str | None = None,
+        prefix: str = "lockstep",
+        verbose: int = 0,
+    ) -> None:
         super().__init__(verbose)
         if every < 1:
             raise ValueError(f"every: got {every}, expected >= 1 (timesteps between videos)")
         if steps < 1:
             raise ValueError(f"steps: got {steps}, expected >= 1")
         if real_env is not None and not isinstance(real_env, gym.Env) and not callable(real_env):
-            raise TypeError(f"real_env: got {type(real_env).__name__}, expected a gymnasium.Env, a zero-argument "
-                            "factory of one, or None (dataset-only bundle)")
+            raise TypeError(
+                f"real_env: got {type(real_env).__name__}, expected a gymnasium.Env, a zero-argument "
+                "factory of one, or None (dataset-only bundle)"
+            )
         self.wm, self.every, self.steps, self.resync_every = wm, every, steps, resync_every
         self.seed, self.psnr_threshold, self.scale = seed, psnr_threshold, scale
         self.fps = fps or wm.fps
@@ -231,8 +275,10 @@ class LockstepVideoCallback(BaseCallback):
             if isinstance(fmt, TensorBoardOutputFormat):
                 self._writer = fmt.writer
                 return
-        raise ValueError("LockstepVideoCallback: the model's logger writes no TensorBoard events; create the model "
-                         "with tensorboard_log=DIR or pass log_dir=DIR to the callback")
+        raise ValueError(
+            "LockstepVideoCallback: the model's logger writes no TensorBoard events; create the model "
+            "with tensorboard_log=DIR or pass log_dir=DIR to the callback"
+        )
 
     def _real_env(self) -> gym.Env:
         if self._env is None:
@@ -250,8 +296,14 @@ class LockstepVideoCallback(BaseCallback):
             eid = ids[k % len(ids)]
             return lockstep_trace(self.wm, store, eid, steps=self.steps, seed=self.seed + k)
         probe = SB3Probe(self.model.policy, name=f"{type(self.model).__name__} at {self.num_timesteps}")
-        return follow_trace(self.wm, self._real_env(), probe, steps=self.steps, resync_every=self.resync_every,
-                            seed=self.seed + k)
+        return follow_trace(
+            self.wm,
+            self._real_env(),
+            probe,
+            steps=self.steps,
+            resync_every=self.resync_every,
+            seed=self.seed + k,
+        )
 
     def _on_step(self) -> bool:
         return True
@@ -272,16 +324,22 @@ class LockstepVideoCallback(BaseCallback):
         self._writer.add_figure(f"{self.prefix}/optimism", optimism_figure(trace), step, close=True)
         self._writer.flush()
         first = summary.first_divergence_step
-        scalars = {"mean_psnr_db": summary.mean_psnr_db, "optimism": summary.optimism,
-                   "first_divergence_step": float(first if first is not None else summary.steps + 1),
-                   "real_return": summary.real_return, "predicted_return": summary.predicted_return}
+        scalars = {
+            "mean_psnr_db": summary.mean_psnr_db,
+            "optimism": summary.optimism,
+            "first_divergence_step": float(first if first is not None else summary.steps + 1),
+            "real_return": summary.real_return,
+            "predicted_return": summary.predicted_return,
+        }
         if summary.disagreement_rate is not None:
             scalars["disagreement_rate"] = summary.disagreement_rate
         for key, v in scalars.items():
             self.logger.record(f"{self.prefix}/{key}", float(v))
         if self.verbose:
-            print(f"[{self.prefix}] t={step} psnr {summary.mean_psnr_db:.2f} dB, optimism {summary.optimism:+.2f}, "
-                  f"first divergence {first}")
+            print(
+                f"[{self.prefix}] t={step} psnr {summary.mean_psnr_db:.2f} dB, optimism {summary.optimism:+.2f}, "
+                f"first divergence {first}"
+            )
         row = {"timesteps": step, **summary.to_dict()}
         self.history.append(row)
         return row

@@ -38,8 +38,14 @@ class SB3Policy:
     any code it holds.
     """
 
-    def __init__(self, path: str | os.PathLike, deterministic: bool = False, *, trust_pickle: bool = False,
-                 algo: str = "PPO") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        deterministic: bool = False,
+        *,
+        trust_pickle: bool = False,
+        algo: str = "PPO",
+    ) -> None:
         from envs.policy_file import open_policy
 
         self.model = open_policy(Path(path), trust_pickle=trust_pickle, algo=algo)
@@ -64,7 +70,9 @@ class CollectReport:
     lengths: list[int] = field(default_factory=list)
 
 
-def _probe_gym_env(env: str, env_kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Callable, ActionSpec]:
+def _probe_gym_env(
+    env: str, env_kwargs: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], Callable, ActionSpec]:
     """What a ``gym:`` env's store records (settings, description), its action conversion and action spec, read
     from one probe instance."""
     probe = make_real_env_fn(env, **env_kwargs)()
@@ -75,8 +83,14 @@ def _probe_gym_env(env: str, env_kwargs: dict[str, Any]) -> tuple[dict[str, Any]
         probe.close()
 
 
-def _acting_policy(policy: str | Policy, loaded: Policy | None, spec: ActionSpec, num_envs: int, mean_repeat: float,
-                   seed: int) -> Policy:
+def _acting_policy(
+    policy: str | Policy,
+    loaded: Policy | None,
+    spec: ActionSpec,
+    num_envs: int,
+    mean_repeat: float,
+    seed: int,
+) -> Policy:
     """The collection policy: sticky random actions (discrete or Box), a loaded policy file, or the callable given."""
     if policy == "random" and spec.kind == "continuous":
         return StickyRandomBoxPolicy(spec.dim, num_envs, mean_repeat, seed=seed)
@@ -85,9 +99,22 @@ def _acting_policy(policy: str | Policy, loaded: Policy | None, spec: ActionSpec
     return loaded if loaded is not None else policy  # type: ignore[return-value]
 
 
-def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Policy = "random", num_envs: int = 2,
-            seed: int = 0, mean_repeat: float = 4.0, episodes_per_shard: int = 8, env_kwargs: dict[str, Any] | None = None,
-            progress: bool = True, asynchronous: bool = True, trust_pickle: bool = False, merge: bool = False) -> CollectReport:
+def collect(
+    env: str,
+    out: str | os.PathLike,
+    episodes: int,
+    *,
+    policy: str | Policy = "random",
+    num_envs: int = 2,
+    seed: int = 0,
+    mean_repeat: float = 4.0,
+    episodes_per_shard: int = 8,
+    env_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+    asynchronous: bool = True,
+    trust_pickle: bool = False,
+    merge: bool = False,
+) -> CollectReport:
     """Collect ``episodes`` episodes of the real env ``env`` into the store at ``out``.
 
     Args:
@@ -119,15 +146,21 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
     env_kwargs = dict(env_kwargs or {})
     out = Path(out)
     # load a policy file before any engine starts: a bad file fails here, with no process to clean up
-    loaded = SB3Policy(policy, trust_pickle=trust_pickle) if isinstance(policy, str) and policy != "random" else None
+    loaded = (
+        SB3Policy(policy, trust_pickle=trust_pickle)
+        if isinstance(policy, str) and policy != "random"
+        else None
+    )
     to_store = None
     if is_gym_env(env):  # a gym env runs in-process anyway: its effective settings come from a probe
         recorded, described, to_store, spec = _probe_gym_env(env, env_kwargs)
         env_kwargs = dict(recorded)  # the workers make exactly the recorded env (pixels, frame skip resolved)
     # Sizes the vector env only (the writer below recounts under its lock).
     stored = len(EpisodeStore(out)) if (out / STORE_JSON).exists() else 0
-    fns = [make_real_env_fn(env, engines_in_workers=asynchronous, **env_kwargs)
-           for _ in range(max(1, min(num_envs, episodes - stored)))]
+    fns = [
+        make_real_env_fn(env, engines_in_workers=asynchronous, **env_kwargs)
+        for _ in range(max(1, min(num_envs, episodes - stored)))
+    ]
     report = CollectReport(store=out, requested=episodes, already_present=0, collected=0, env_steps=0)
     venv: gym.vector.VectorEnv | None = None
     writer: StoreWriter | None = None
@@ -146,14 +179,28 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
         obs_shape = venv.single_observation_space.shape
         if not is_gym_env(env):
             # record the effective settings, defaults included, so evaluation can rebuild this env
-            recorded = {k: str(v) for k, v in
-                        {**env_kwargs, **{k: venv.get_attr(k)[0] for k in ("resolution", "frame_skip", "health_bar")}}.items()}
+            recorded = {
+                k: str(v)
+                for k, v in {
+                    **env_kwargs,
+                    **{k: venv.get_attr(k)[0] for k in ("resolution", "frame_skip", "health_bar")},
+                }.items()
+            }
             described = {}
             spec = ActionSpec.discrete(int(venv.single_action_space.n), names=action_names(env))  # type: ignore[attr-defined]
-        writer = StoreWriter(out, source=env, obs_shape=obs_shape, action_spec=spec, fps=fps,
-                             episodes_per_shard=episodes_per_shard,
-                             extra={"env": env, "env_kwargs": recorded, **described}, merge=merge)
-        policy_name = policy if isinstance(policy, str) else "callable"  # per episode: a store may grow under several
+        writer = StoreWriter(
+            out,
+            source=env,
+            obs_shape=obs_shape,
+            action_spec=spec,
+            fps=fps,
+            episodes_per_shard=episodes_per_shard,
+            extra={"env": env, "env_kwargs": recorded, **described},
+            merge=merge,
+        )
+        policy_name = (
+            policy if isinstance(policy, str) else "callable"
+        )  # per episode: a store may grow under several
         present = report.already_present = writer.num_episodes
         if present >= episodes:
             return report
@@ -162,12 +209,16 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
         act = _acting_policy(policy, loaded, spec, num_envs, mean_repeat, run_seed)
         bar = tqdm(total=episodes, initial=present, desc=f"collect {env}", unit="ep", disable=not progress)
         obs, _ = venv.reset(seed=run_seed)
-        buf: list[dict[str, list]] = [{"frames": [o], "actions": [], "rewards": [], "terminated": []} for o in obs]
+        buf: list[dict[str, list]] = [
+            {"frames": [o], "actions": [], "rewards": [], "terminated": []} for o in obs
+        ]
         fresh = np.zeros(num_envs, bool)  # NEXT_STEP autoreset: this step's obs starts a new episode
         while finished < todo:
             actions = act(obs)
             obs, rew, term, trunc, _ = venv.step(actions)
-            stored = to_store(actions) if to_store is not None else np.asarray(actions, np.int64).reshape(num_envs)
+            stored = (
+                to_store(actions) if to_store is not None else np.asarray(actions, np.int64).reshape(num_envs)
+            )
             report.env_steps += int((~fresh).sum())
             for i in range(num_envs):
                 if fresh[i]:  # the vector env ignored our action and reset this env
@@ -180,10 +231,14 @@ def collect(env: str, out: str | os.PathLike, episodes: int, *, policy: str | Po
                 b["terminated"].append(bool(term[i]))
                 if (term[i] or trunc[i]) and finished < todo:
                     n_act = len(b["actions"])
-                    writer.add_episode(np.stack(b["frames"]),
-                                       np.asarray(b["actions"], stored.dtype).reshape((n_act, *stored.shape[1:])),
-                                       np.array(b["rewards"], np.float32), np.array(b["terminated"], bool),
-                                       truncated=bool(trunc[i]) and not bool(term[i]), attrs={"policy": policy_name})
+                    writer.add_episode(
+                        np.stack(b["frames"]),
+                        np.asarray(b["actions"], stored.dtype).reshape((n_act, *stored.shape[1:])),
+                        np.array(b["rewards"], np.float32),
+                        np.array(b["terminated"], bool),
+                        truncated=bool(trunc[i]) and not bool(term[i]),
+                        attrs={"policy": policy_name},
+                    )
                     report.returns.append(float(np.sum(b["rewards"])))
                     report.lengths.append(len(b["frames"]))
                     finished += 1

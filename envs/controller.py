@@ -116,8 +116,13 @@ class TokenFeatures:
         mean, std: per-feature normalisation (F,); :meth:`fit` estimates them from store frames.
     """
 
-    def __init__(self, wm: WorldModel, n_components: int = 4, mean: np.ndarray | None = None,
-                 std: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        wm: WorldModel,
+        n_components: int = 4,
+        mean: np.ndarray | None = None,
+        std: np.ndarray | None = None,
+    ) -> None:
         tok = wm.tokenizer
         emb = tok.codebook.embeddings.detach().float().cpu()  # (K, D)
         k = min(n_components, emb.shape[1])
@@ -140,7 +145,9 @@ class TokenFeatures:
     def __call__(self, frames: np.ndarray) -> np.ndarray:
         return (self.raw(frames) - self.mean) / self.std
 
-    def fit(self, store: EpisodeStore, n_frames: int = 2048, seed: int = 0, batch: int = 256) -> TokenFeatures:
+    def fit(
+        self, store: EpisodeStore, n_frames: int = 2048, seed: int = 0, batch: int = 256
+    ) -> TokenFeatures:
         """Set the normalisation from up to ``n_frames`` frames of the store's training split."""
         rng = np.random.default_rng(seed)
         ids = store.episode_ids("train") or store.episode_ids()
@@ -151,7 +158,7 @@ class TokenFeatures:
             if sum(len(f) for f in frames) >= n_frames:
                 break
         x = np.concatenate(frames)[:n_frames]
-        f = np.concatenate([self.raw(x[i:i + batch]) for i in range(0, len(x), batch)])
+        f = np.concatenate([self.raw(x[i : i + batch]) for i in range(0, len(x), batch)])
         self.mean, self.std = f.mean(0), f.std(0) + 1e-3
         return self
 
@@ -198,8 +205,10 @@ class ControllerConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ControllerConfig:
-        keys = tuple(ColorKey(k["name"], tuple(tuple(t) for t in k["tests"]), tuple(k["rows"]), k["scale"])
-                     for k in d.get("color_keys", ()))
+        keys = tuple(
+            ColorKey(k["name"], tuple(tuple(t) for t in k["tests"]), tuple(k["rows"]), k["scale"])
+            for k in d.get("color_keys", ())
+        )
         return cls(**{**d, "color_keys": keys})
 
 
@@ -216,7 +225,9 @@ class LinearController:
         if params.shape[-1] != cfg.n_params:
             raise ValueError(f"params: got shape {params.shape}, expected (..., {cfg.n_params}) for {cfg}")
         if features.dim != cfg.n_features:
-            raise ValueError(f"features: give {features.dim} numbers per frame, the config expects {cfg.n_features}")
+            raise ValueError(
+                f"features: give {features.dim} numbers per frame, the config expects {cfg.n_features}"
+            )
         self.cfg, self.features = cfg, features
         self.W = params.reshape(-1, cfg.n_outputs, cfg.n_inputs)  # (R, n_out, n_in)
         self.prev: np.ndarray | None = None  # (N, F) previous features; NaN rows start an episode
@@ -239,8 +250,11 @@ class LinearController:
             prev = f if self.prev is None else np.where(np.isnan(self.prev), f, self.prev)
             parts.append(f - prev)
         if self.cfg.last_action:
-            parts.append(np.zeros((n, self.cfg.n_action_inputs), np.float32) if self.prev_action is None
-                         else self.prev_action)
+            parts.append(
+                np.zeros((n, self.cfg.n_action_inputs), np.float32)
+                if self.prev_action is None
+                else self.prev_action
+            )
         parts.append(np.ones((n, 1), np.float32))
         x = np.concatenate(parts, 1)  # (N, n_in)
         W = self.W if len(self.W) == n else np.broadcast_to(self.W[:1], (n, *self.W.shape[1:]))
@@ -264,7 +278,11 @@ class LinearController:
 
     def choose(self, scores: np.ndarray) -> np.ndarray:
         """Actions (N,) int64 for linear outputs (N, n_out) of :meth:`scores`; remembers them as the previous action."""
-        a = (scores[:, 0] > 0).astype(np.int64) if self.cfg.n_outputs == 1 else scores.argmax(1).astype(np.int64)
+        a = (
+            (scores[:, 0] > 0).astype(np.int64)
+            if self.cfg.n_outputs == 1
+            else scores.argmax(1).astype(np.int64)
+        )
         if self.cfg.n_action_inputs == 1:
             self.prev_action = np.where(a == 1, 1.0, -1.0).astype(np.float32)[:, None]
         elif self.cfg.n_action_inputs:
@@ -275,8 +293,13 @@ class LinearController:
         """Actions (N,) int64 for frames uint8 (N, H, W, 3); remembers this frame and action."""
         return self.choose(self.scores(obs))
 
-    def predict(self, obs: np.ndarray, state: Any = None, episode_start: np.ndarray | None = None,
-                deterministic: bool = True) -> tuple[np.ndarray, None]:
+    def predict(
+        self,
+        obs: np.ndarray,
+        state: Any = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = True,
+    ) -> tuple[np.ndarray, None]:
         obs = np.asarray(obs)
         single = obs.ndim == 3
         obs = obs[None] if single else obs
@@ -288,7 +311,9 @@ class LinearController:
         return (a[0] if single else a), None
 
 
-def episode_returns(venv: VectorEnv, policy: LinearController, seeds: list[int], max_steps: int) -> tuple[np.ndarray, np.ndarray]:
+def episode_returns(
+    venv: VectorEnv, policy: LinearController, seeds: list[int], max_steps: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Play one episode per row of ``venv`` (row i seeded ``seeds[i]``), each row with its own controller.
 
     Returns (returns (N,), lengths (N,)): the sum of rewards until the row terminated, truncated or
@@ -332,8 +357,9 @@ class CMAESConfig:
     """Also read the previous action."""
 
 
-def make_features(wm: WorldModel, cfg: ControllerConfig, mean: np.ndarray | None = None,
-                  std: np.ndarray | None = None) -> Features:
+def make_features(
+    wm: WorldModel, cfg: ControllerConfig, mean: np.ndarray | None = None, std: np.ndarray | None = None
+) -> Features:
     """The feature reader ``cfg`` names, for ``wm``'s frames (token features use its tokenizer)."""
     if cfg.features == "color_keys":
         return ColorKeyFeatures(cfg.color_keys, cfg.strips)
@@ -349,20 +375,40 @@ def controller_config(wm: WorldModel, n_actions: int, cfg: CMAESConfig) -> Contr
         kind = "color_keys" if wm.cfg.name in COLOR_KEYS else "tokens"
     if kind == "color_keys":
         if wm.cfg.name not in COLOR_KEYS:
-            raise ValueError(f"features='color_keys': no keys for preset {wm.cfg.name!r}; known: {sorted(COLOR_KEYS)}"
-                             " (or use features='tokens')")
+            raise ValueError(
+                f"features='color_keys': no keys for preset {wm.cfg.name!r}; known: {sorted(COLOR_KEYS)}"
+                " (or use features='tokens')"
+            )
         keys = COLOR_KEYS[wm.cfg.name]
-        return ControllerConfig(n_features=len(keys) * 16, n_actions=n_actions, features=kind, color_keys=keys,
-                                motion=cfg.motion, last_action=cfg.last_action)
+        return ControllerConfig(
+            n_features=len(keys) * 16,
+            n_actions=n_actions,
+            features=kind,
+            color_keys=keys,
+            motion=cfg.motion,
+            last_action=cfg.last_action,
+        )
     if kind != "tokens":
         raise ValueError(f"features: got {cfg.features!r}, expected 'auto', 'color_keys' or 'tokens'")
     k = min(cfg.n_components, wm.tokenizer.codebook.embeddings.shape[1])
-    return ControllerConfig(n_features=wm.tokenizer.grid[1] * k, n_actions=n_actions, features=kind, n_components=k,
-                            motion=cfg.motion, last_action=cfg.last_action)
+    return ControllerConfig(
+        n_features=wm.tokenizer.grid[1] * k,
+        n_actions=n_actions,
+        features=kind,
+        n_components=k,
+        motion=cfg.motion,
+        last_action=cfg.last_action,
+    )
 
 
-def train_cmaes(wm: WorldModel, venv: VectorEnv, cfg: CMAESConfig, *, seed: int = 0,
-                log: Callable[[dict[str, float]], None] | None = None) -> tuple[LinearController, list[dict[str, float]]]:
+def train_cmaes(
+    wm: WorldModel,
+    venv: VectorEnv,
+    cfg: CMAESConfig,
+    *,
+    seed: int = 0,
+    log: Callable[[dict[str, float]], None] | None = None,
+) -> tuple[LinearController, list[dict[str, float]]]:
     """Evolve a :class:`LinearController` in ``venv`` (``popsize × episodes`` rows, e.g. the dream).
 
     Returns the controller with CMA-ES's distribution mean as weights (it averages out evaluation
@@ -371,24 +417,37 @@ def train_cmaes(wm: WorldModel, venv: VectorEnv, cfg: CMAESConfig, *, seed: int 
     import cma  # optional at import time: only this learner needs it
 
     if venv.num_envs != cfg.popsize * cfg.episodes:
-        raise ValueError(f"venv: has {venv.num_envs} rows, expected popsize × episodes = {cfg.popsize * cfg.episodes}")
+        raise ValueError(
+            f"venv: has {venv.num_envs} rows, expected popsize × episodes = {cfg.popsize * cfg.episodes}"
+        )
     ccfg = controller_config(wm, int(venv.single_action_space.n), cfg)
     feats = make_features(wm, ccfg)
     if isinstance(feats, TokenFeatures):
         feats.fit(EpisodeStore(wm.store_path), seed=seed)
-    es = cma.CMAEvolutionStrategy(np.zeros(ccfg.n_params), cfg.sigma0,
-                                  {"popsize": cfg.popsize, "seed": seed + 1, "verbose": -9})
+    es = cma.CMAEvolutionStrategy(
+        np.zeros(ccfg.n_params), cfg.sigma0, {"popsize": cfg.popsize, "seed": seed + 1, "verbose": -9}
+    )
     history = []
     for g in range(cfg.generations):
         t0 = time.perf_counter()
         X = np.asarray(es.ask())  # (P, n_params)
         params = np.repeat(X, cfg.episodes, axis=0)  # row = (candidate, episode)
-        seeds = [seed * 1_000_003 + g * cfg.episodes + e for _ in range(cfg.popsize) for e in range(cfg.episodes)]
-        ret, length = episode_returns(venv, LinearController(ccfg, feats, params), seeds, cfg.max_episode_steps)
+        seeds = [
+            seed * 1_000_003 + g * cfg.episodes + e for _ in range(cfg.popsize) for e in range(cfg.episodes)
+        ]
+        ret, length = episode_returns(
+            venv, LinearController(ccfg, feats, params), seeds, cfg.max_episode_steps
+        )
         fitness = ret.reshape(cfg.popsize, cfg.episodes).mean(1)
         es.tell(list(X), list(-fitness))
-        row = {"generation": g, "mean_return": float(fitness.mean()), "best_return": float(fitness.max()),
-               "mean_length": float(length.mean()), "sigma": float(es.sigma), "seconds": time.perf_counter() - t0}
+        row = {
+            "generation": g,
+            "mean_return": float(fitness.mean()),
+            "best_return": float(fitness.max()),
+            "mean_length": float(length.mean()),
+            "sigma": float(es.sigma),
+            "seconds": time.perf_counter() - t0,
+        }
         history.append(row)
         if log is not None:
             log(row)
@@ -422,7 +481,9 @@ def load_controller(path: str | Path, wm: WorldModel) -> LinearController:
         meta = json.loads((path / CONTROLLER_JSON).read_text())
         cfg = ControllerConfig.from_json(meta["config"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path / CONTROLLER_JSON}: not a controller written by save_controller ({e})") from None
+        raise ValueError(
+            f"{path / CONTROLLER_JSON}: not a controller written by save_controller ({e})"
+        ) from None
     t = load_file(str(path / CONTROLLER_WEIGHTS))
     mean, std = (t[k].numpy() if k in t else None for k in ("feature_mean", "feature_std"))
     feats = make_features(wm, cfg, mean, std)

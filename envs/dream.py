@@ -54,12 +54,20 @@ STARTS = ("episode_start", "random")
 TERMINATIONS = ("sample", "threshold")
 OPTION_KEYS = ("frames", "actions", "episode_id", "start")
 # per-step float entries of ``info`` besides "step" (see the module docstring)
-STEP_INFO_FLOATS = ("entropy", "terminated_prob", "reward_if_terminated", "reward_if_not_terminated", "expected_reward")
+STEP_INFO_FLOATS = (
+    "entropy",
+    "terminated_prob",
+    "reward_if_terminated",
+    "reward_if_not_terminated",
+    "expected_reward",
+)
 
 
 def _no_bundle(preset: str) -> FileNotFoundError:
-    return FileNotFoundError(f"no trained {preset!r} bundle under {runs_dir().resolve()} (or ./runs); train one "
-                             f"with: python experiments/train.py --env {preset}   or pass checkpoint=<bundle dir>")
+    return FileNotFoundError(
+        f"no trained {preset!r} bundle under {runs_dir().resolve()} (or ./runs); train one "
+        f"with: python experiments/train.py --env {preset}   or pass checkpoint=<bundle dir>"
+    )
 
 
 def resolve_bundle(checkpoint: str | os.PathLike | None, preset: str | None) -> Path:
@@ -75,13 +83,19 @@ def resolve_bundle(checkpoint: str | os.PathLike | None, preset: str | None) -> 
         return found[0]
     path = Path(checkpoint)
     if not (path / CONFIG_JSON).exists():
-        raise FileNotFoundError(f"checkpoint: {path} is not a bundle (no {CONFIG_JSON}); train one with: {train_cmd}")
+        raise FileNotFoundError(
+            f"checkpoint: {path} is not a bundle (no {CONFIG_JSON}); train one with: {train_cmd}"
+        )
     found_preset = bundle_preset(path)
     if found_preset is None:
-        raise ValueError(f"checkpoint: {path} has no trained prior yet; finish it with: {train_cmd} --run-dir {path}")
+        raise ValueError(
+            f"checkpoint: {path} has no trained prior yet; finish it with: {train_cmd} --run-dir {path}"
+        )
     if preset is not None and found_preset != preset:
-        raise ValueError(f"checkpoint: {path} is a {found_preset!r} bundle but this env is {preset!r}; use "
-                         f"VideoGPTDream id of that preset, or train a {preset!r} bundle with: {train_cmd}")
+        raise ValueError(
+            f"checkpoint: {path} is a {found_preset!r} bundle but this env is {preset!r}; use "
+            f"VideoGPTDream id of that preset, or train a {preset!r} bundle with: {train_cmd}"
+        )
     return path
 
 
@@ -91,8 +105,10 @@ def action_space_of(spec: ActionSpec) -> spaces.Space:
         return spaces.Discrete(spec.n)
     if spec.kind == "continuous":
         return spaces.Box(-1.0, 1.0, (spec.dim,), np.float32)
-    raise ValueError("the bundle models action-free video; a dream env needs an action-conditioned bundle "
-                     "(presets vizdoom_hgs, vizdoom_battle2, vizdoom_take_cover, bair, robonet)")
+    raise ValueError(
+        "the bundle models action-free video; a dream env needs an action-conditioned bundle "
+        "(presets vizdoom_hgs, vizdoom_battle2, vizdoom_take_cover, bair, robonet)"
+    )
 
 
 def _show(value: Any) -> str:
@@ -112,7 +128,9 @@ def int_actions(values: Any, n: int, where: str, shape: tuple[int, ...], expecte
     if a.dtype == object:  # Python ints too large for int64, Decimals, None, mixed lists ...
         for v in a.reshape(-1):
             if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-                raise TypeError(f"{where}: got {_show(values)} (an element of type {type(v).__name__}), expected {expected}")
+                raise TypeError(
+                    f"{where}: got {_show(values)} (an element of type {type(v).__name__}), expected {expected}"
+                )
         if a.size and any(not 0 <= int(v) < n for v in a.reshape(-1)):
             raise ValueError(f"{where}: got {_show(values)}, out of range; expected {expected}")
         a = a.astype(np.int64)
@@ -139,8 +157,15 @@ def float_actions(values: Any, where: str, shape: tuple[int, ...], expected: str
     return a
 
 
-def _check_number(name: str, value: Any, *, integer: bool, low: float | None = None, high: float | None = None,
-                  what: str = "") -> None:
+def _check_number(
+    name: str,
+    value: Any,
+    *,
+    integer: bool,
+    low: float | None = None,
+    high: float | None = None,
+    what: str = "",
+) -> None:
     """``TypeError``/``ValueError`` naming ``name`` unless ``value`` is a real number (an int if ``integer``) in
     ``[low, high]``."""
     kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
@@ -151,16 +176,23 @@ def _check_number(name: str, value: Any, *, integer: bool, low: float | None = N
         raise ValueError(f"{name}: got {_show(value)}, expected {expected}")
 
 
-
-def _check_sampling_args(num_envs: Any, context_frames: Any, maskgit_steps: Any, temperature: Any,
-                         termination_threshold: Any, top_k: Any, top_p: Any) -> None:
+def _check_sampling_args(
+    num_envs: Any,
+    context_frames: Any,
+    maskgit_steps: Any,
+    temperature: Any,
+    termination_threshold: Any,
+    top_k: Any,
+    top_p: Any,
+) -> None:
     """Type checks of :class:`DreamCore`'s numeric arguments (``ValueError``/``TypeError`` naming the argument)."""
     _check_number("num_envs", num_envs, integer=True, low=1, what="an integer >= 1")
     _check_number("context_frames", context_frames, integer=True, what="an integer >= 1")
     _check_number("maskgit_steps", maskgit_steps, integer=True, what="an integer >= 1")
     _check_number("temperature", temperature, integer=False, low=0, what="a number >= 0")
-    _check_number("termination_threshold", termination_threshold, integer=False,
-                  what="a probability in (0, 1)")
+    _check_number(
+        "termination_threshold", termination_threshold, integer=False, what="a probability in (0, 1)"
+    )
     if top_k is not None:
         _check_number("top_k", top_k, integer=True, low=1, what="None or an integer >= 1")
     if top_p is not None:
@@ -169,27 +201,42 @@ def _check_sampling_args(num_envs: Any, context_frames: Any, maskgit_steps: Any,
             raise ValueError(f"top_p: got {top_p!r}, expected None or a probability in (0, 1]")
 
 
-def _check_settings(wm: WorldModel, num_envs: int, decode: str, maskgit_steps: int, context_frames: int, start: str,
-                    termination: str, termination_threshold: float, temperature: float) -> None:
+def _check_settings(
+    wm: WorldModel,
+    num_envs: int,
+    decode: str,
+    maskgit_steps: int,
+    context_frames: int,
+    start: str,
+    termination: str,
+    termination_threshold: float,
+    temperature: float,
+) -> None:
     """Range checks of :class:`DreamCore`'s settings against each other and the bundle."""
     if termination not in TERMINATIONS:
         raise ValueError(f"termination: got {termination!r}, expected one of {TERMINATIONS}")
     if not 0 < termination_threshold < 1:
-        raise ValueError(f"termination_threshold: got {termination_threshold}, expected a probability in (0, 1)")
+        raise ValueError(
+            f"termination_threshold: got {termination_threshold}, expected a probability in (0, 1)"
+        )
     if num_envs < 1:
         raise ValueError(f"num_envs: got {num_envs}, expected >= 1")
     if decode not in DECODES:
         raise ValueError(f"decode: got {decode!r}, expected one of {DECODES}")
     if decode == "maskgit" and not wm.prior.maskgit:
-        raise ValueError("decode='maskgit': this bundle's prior was trained without the MaskGIT objective "
-                         "(train with --config.prior.maskgit-weight 1.0), use decode='autoregressive'")
+        raise ValueError(
+            "decode='maskgit': this bundle's prior was trained without the MaskGIT objective "
+            "(train with --config.prior.maskgit-weight 1.0), use decode='autoregressive'"
+        )
     if decode == "maskgit" and not 1 <= maskgit_steps <= wm.prior.hw:
         raise ValueError(f"maskgit_steps: got {maskgit_steps}, expected 1..{wm.prior.hw} (tokens per frame)")
     if start not in STARTS:
         raise ValueError(f"start: got {start!r}, expected one of {STARTS}")
     if not 1 <= context_frames < wm.cfg.prior.frames:
-        raise ValueError(f"context_frames: got {context_frames}, expected 1..{wm.cfg.prior.frames - 1} "
-                         f"(the prior's window is {wm.cfg.prior.frames} frames)")
+        raise ValueError(
+            f"context_frames: got {context_frames}, expected 1..{wm.cfg.prior.frames - 1} "
+            f"(the prior's window is {wm.cfg.prior.frames} frames)"
+        )
     if temperature < 0:
         raise ValueError(f"temperature: got {temperature}, expected >= 0")
 
@@ -212,15 +259,39 @@ class DreamCore:
             range) are clipped; by default they raise ``ValueError``.
     """
 
-    def __init__(self, wm: WorldModel, num_envs: int, *, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, decode: str = "autoregressive", maskgit_steps: int = 8,
-                 context_frames: int = 1, start: str = "episode_start", termination: str = "sample",
-                 termination_threshold: float = 0.5, bf16: bool = False, clip_actions: bool = False) -> None:
-        _check_sampling_args(num_envs, context_frames, maskgit_steps, temperature, termination_threshold, top_k, top_p)
+    def __init__(
+        self,
+        wm: WorldModel,
+        num_envs: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        decode: str = "autoregressive",
+        maskgit_steps: int = 8,
+        context_frames: int = 1,
+        start: str = "episode_start",
+        termination: str = "sample",
+        termination_threshold: float = 0.5,
+        bf16: bool = False,
+        clip_actions: bool = False,
+    ) -> None:
+        _check_sampling_args(
+            num_envs, context_frames, maskgit_steps, temperature, termination_threshold, top_k, top_p
+        )
         if not isinstance(clip_actions, (bool, np.bool_)):
             raise TypeError(f"clip_actions: got {_show(clip_actions)}, expected True or False")
-        _check_settings(wm, num_envs, decode, maskgit_steps, context_frames, start, termination, termination_threshold,
-                        temperature)
+        _check_settings(
+            wm,
+            num_envs,
+            decode,
+            maskgit_steps,
+            context_frames,
+            start,
+            termination,
+            termination_threshold,
+            temperature,
+        )
         self.clip_actions = bool(clip_actions)
         self.termination, self.termination_threshold = termination, termination_threshold
         self.wm, self.N = wm, num_envs
@@ -229,8 +300,10 @@ class DreamCore:
         self.action_space = action_space_of(self.spec)
         if self.spec.kind == "continuous":
             if self.spec.low is None or self.spec.high is None:
-                raise ValueError("the bundle's continuous action space has no bounds (retrain with a current "
-                                 "version: prepare_run records the dataset's action range)")
+                raise ValueError(
+                    "the bundle's continuous action space has no bounds (retrain with a current "
+                    "version: prepare_run records the dataset's action range)"
+                )
             self.a_low = np.asarray(self.spec.low, np.float32)
             self.a_high = np.asarray(self.spec.high, np.float32)
         self.sample_kw: dict[str, Any] = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
@@ -260,8 +333,10 @@ class DreamCore:
         if self._heldout is None:
             path = self.wm.store_path
             if not path or not Path(path, "store.json").exists():
-                raise FileNotFoundError(f"the bundle's store {path!r} is not available to draw reset contexts from; "
-                                        f"pass reset(options={{'frames': ..., 'actions': ...}}) instead")
+                raise FileNotFoundError(
+                    f"the bundle's store {path!r} is not available to draw reset contexts from; "
+                    f"pass reset(options={{'frames': ..., 'actions': ...}}) instead"
+                )
             self._store = EpisodeStore(path)
             try:
                 self._heldout, _ = heldout_episode_ids(self._store, "test", self.context_frames)
@@ -280,30 +355,47 @@ class DreamCore:
             frames = np.asarray(options["frames"])
             if frames.ndim == 3:
                 frames = frames[None]
-            if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (H, W, 3) or len(frames) < 1:
-                raise ValueError(f"options['frames']: got {frames.dtype}{frames.shape}, expected uint8 (Tc, {H}, {W}, 3)")
+            if (
+                frames.dtype != np.uint8
+                or frames.ndim != 4
+                or frames.shape[1:] != (H, W, 3)
+                or len(frames) < 1
+            ):
+                raise ValueError(
+                    f"options['frames']: got {frames.dtype}{frames.shape}, expected uint8 (Tc, {H}, {W}, 3)"
+                )
             if len(frames) >= self.wm.cfg.prior.frames:
-                frames = frames[-(self.wm.cfg.prior.frames - 1):]
+                frames = frames[-(self.wm.cfg.prior.frames - 1) :]
             if len(frames) == 1:
                 return frames, None
             if options.get("actions") is None:
-                raise ValueError(f"options['actions']: {len(frames)} context frames need {len(frames) - 1} actions "
-                                 f"({self.spec.describe(len(frames) - 1)}, in the dataset's units)")
+                raise ValueError(
+                    f"options['actions']: {len(frames)} context frames need {len(frames) - 1} actions "
+                    f"({self.spec.describe(len(frames) - 1)}, in the dataset's units)"
+                )
             return frames, self._context_actions(options["actions"], len(frames) - 1)
         ids = self._heldout_ids()
         rng = self.rngs[row]
         if "episode_id" in options:
             eid = str(options["episode_id"])
             if eid not in self._store.episode_ids():
-                raise ValueError(f"options['episode_id']: {eid!r} is not in the bundle's store {self.wm.store_path}")
+                raise ValueError(
+                    f"options['episode_id']: {eid!r} is not in the bundle's store {self.wm.store_path}"
+                )
         else:
             eid = ids[int(rng.integers(len(ids)))]
         n = self._store.length(eid)
         c = self.context_frames
         if "start" in options:
             t = options["start"]
-            _check_number("options['start']", t, integer=True, low=0, high=n - c,
-                          what=f"an integer frame index in 0..{n - c} for episode {eid!r} of {n} frames")
+            _check_number(
+                "options['start']",
+                t,
+                integer=True,
+                low=0,
+                high=n - c,
+                what=f"an integer frame index in 0..{n - c} for episode {eid!r} of {n} frames",
+            )
             t = int(t)
         else:
             t = 0 if self.start == "episode_start" else int(rng.integers(n - c + 1))
@@ -316,20 +408,28 @@ class DreamCore:
         where, spec = "options['actions']", self.spec
         a = np.asarray(values)
         if a.ndim == 0:
-            raise ValueError(f"{where}: got the scalar {_show(values)}; expected a sequence of {spec.describe(k)}")
+            raise ValueError(
+                f"{where}: got the scalar {_show(values)}; expected a sequence of {spec.describe(k)}"
+            )
         a = a[-k:]
         if spec.kind == "discrete":
             return int_actions(a, spec.n, where, (k,), f"{spec.describe(k)}")
         lo, hi = self.a_low, self.a_high
-        out = float_actions(a, where, (k, spec.dim), f"{spec.describe(k)} within the data's range [{lo.tolist()}, "
-                                                     f"{hi.tolist()}]")
+        out = float_actions(
+            a,
+            where,
+            (k, spec.dim),
+            f"{spec.describe(k)} within the data's range [{lo.tolist()}, {hi.tolist()}]",
+        )
         tol = 1e-6 * np.maximum(1.0, np.abs(hi - lo))
         if self.clip_actions:
             return np.clip(out, lo, hi)
         if np.any(out < lo - tol) or np.any(out > hi + tol):
-            raise ValueError(f"{where}: got {_show(values)}, outside the data's range low={lo.tolist()}, "
-                             f"high={hi.tolist()} (the actions the world model was trained on); make the env with "
-                             f"clip_actions=True to clip them")
+            raise ValueError(
+                f"{where}: got {_show(values)}, outside the data's range low={lo.tolist()}, "
+                f"high={hi.tolist()} (the actions the world model was trained on); make the env with "
+                f"clip_actions=True to clip them"
+            )
         return out
 
     def reset_rows(self, rows: list[int], options: list[dict[str, Any] | None] | None = None) -> np.ndarray:
@@ -358,18 +458,23 @@ class DreamCore:
         ``TypeError``/``ValueError`` name ``where``, the value and what is accepted.
         """
         if self.spec.kind == "discrete":
-            return int_actions(actions, self.spec.n, where, (self.N,), f"{self.N} integer action(s) in [0, {self.spec.n})")
+            return int_actions(
+                actions, self.spec.n, where, (self.N,), f"{self.N} integer action(s) in [0, {self.spec.n})"
+            )
         expected = f"real actions of shape ({self.N}, {self.spec.dim}) in [-1, 1]"
         a = float_actions(actions, where, (self.N, self.spec.dim), expected)
         if self.clip_actions:
             a = np.clip(a, -1.0, 1.0)
         elif np.any(np.abs(a) > 1.0):
-            raise ValueError(f"{where}: got {_show(np.asarray(actions))}, outside [-1, 1]; expected {expected} "
-                             f"(make the env with clip_actions=True to clip them)")
+            raise ValueError(
+                f"{where}: got {_show(np.asarray(actions))}, outside [-1, 1]; expected {expected} "
+                f"(make the env with clip_actions=True to clip them)"
+            )
         return self.a_low + (a + 1.0) * 0.5 * (self.a_high - self.a_low)
 
-    def step(self, actions: Any, skip: np.ndarray | None = None,
-             where: str = "actions") -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    def step(
+        self, actions: Any, skip: np.ndarray | None = None, where: str = "actions"
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Step every row; rows in ``skip`` (bool (N,)) are stepped with throw-away randomness because
         the caller resets them right after (keeps each row's sample stream equal to a single env's).
 
@@ -382,11 +487,18 @@ class DreamCore:
         out = self.rollout.step(a, generator=gens, **self.sample_kw)
         self.obs[:] = out.frames
         self.steps += 1
-        info = {"step": self.steps.copy(), "entropy": out.entropy, "terminated_prob": out.terminated_prob,
-                "reward_if_terminated": out.rewards_if_terminated, "reward_if_not_terminated": out.rewards,
-                "expected_reward": out.expected_rewards}
+        info = {
+            "step": self.steps.copy(),
+            "entropy": out.entropy,
+            "terminated_prob": out.terminated_prob,
+            "reward_if_terminated": out.rewards_if_terminated,
+            "reward_if_not_terminated": out.rewards,
+            "expected_reward": out.expected_rewards,
+        }
         if self.termination == "sample":  # skipped rows draw nothing: their streams stay those of single envs
-            u = np.array([1.0 if skip is not None and skip[i] else self.rngs[i].random() for i in range(self.N)])
+            u = np.array(
+                [1.0 if skip is not None and skip[i] else self.rngs[i].random() for i in range(self.N)]
+            )
             terminated = u < out.terminated_prob
         else:
             terminated = out.terminated_prob > self.termination_threshold
@@ -410,9 +522,11 @@ def load_world_model(checkpoint: str | os.PathLike | None, preset: str | None, d
             return WorldModel.from_pretrained(path, device=device)
         except (BundleError, OSError) as e:
             warnings.warn(f"skipping bundle {path}: {e}", BundleSkippedWarning, stacklevel=2)
-    raise FileNotFoundError(f"no loadable {preset!r} bundle under {runs_dir().resolve()} (or ./runs) -- every one "
-                            f"found failed to load (see the warnings); train one with: python experiments/train.py "
-                            f"--env {preset}   or pass checkpoint=<bundle dir>")
+    raise FileNotFoundError(
+        f"no loadable {preset!r} bundle under {runs_dir().resolve()} (or ./runs) -- every one "
+        f"found failed to load (see the warnings); train one with: python experiments/train.py "
+        f"--env {preset}   or pass checkpoint=<bundle dir>"
+    )
 
 
 class _Viewer:
@@ -432,7 +546,9 @@ class _Viewer:
             pg.display.set_caption(self.title)
             self.screen = pg.display.set_mode((w * self.scale, h * self.scale))
             self.clock = pg.time.Clock()
-        surf = pg.surfarray.make_surface(np.repeat(np.repeat(frame, self.scale, 0), self.scale, 1).swapaxes(0, 1))
+        surf = pg.surfarray.make_surface(
+            np.repeat(np.repeat(frame, self.scale, 0), self.scale, 1).swapaxes(0, 1)
+        )
         self.screen.blit(surf, (0, 0))
         pg.event.pump()
         pg.display.flip()
@@ -460,19 +576,46 @@ class DreamEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array", "human"], "render_fps": 8.75}
 
-    def __init__(self, checkpoint: str | os.PathLike | None = None, preset: str | None = None, device: str = "cpu",
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 decode: str = "autoregressive", maskgit_steps: int = 8, context_frames: int = 1,
-                 start: str = "episode_start", termination: str = "sample", termination_threshold: float = 0.5,
-                 max_episode_steps: int | None = None, render_mode: str | None = None, bf16: bool = False,
-                 world_model: WorldModel | None = None, clip_actions: bool = False) -> None:
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike | None = None,
+        preset: str | None = None,
+        device: str = "cpu",
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        decode: str = "autoregressive",
+        maskgit_steps: int = 8,
+        context_frames: int = 1,
+        start: str = "episode_start",
+        termination: str = "sample",
+        termination_threshold: float = 0.5,
+        max_episode_steps: int | None = None,
+        render_mode: str | None = None,
+        bf16: bool = False,
+        world_model: WorldModel | None = None,
+        clip_actions: bool = False,
+    ) -> None:
         if render_mode not in (None, *self.metadata["render_modes"]):
-            raise ValueError(f"render_mode: got {render_mode!r}, expected None or one of {self.metadata['render_modes']}")
+            raise ValueError(
+                f"render_mode: got {render_mode!r}, expected None or one of {self.metadata['render_modes']}"
+            )
         wm = world_model if world_model is not None else load_world_model(checkpoint, preset, device)
-        self.core = DreamCore(wm, 1, temperature=temperature, top_k=top_k, top_p=top_p, decode=decode,
-                              maskgit_steps=maskgit_steps, context_frames=context_frames, start=start,
-                              termination=termination, termination_threshold=termination_threshold, bf16=bf16,
-                              clip_actions=clip_actions)
+        self.core = DreamCore(
+            wm,
+            1,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            decode=decode,
+            maskgit_steps=maskgit_steps,
+            context_frames=context_frames,
+            start=start,
+            termination=termination,
+            termination_threshold=termination_threshold,
+            bf16=bf16,
+            clip_actions=clip_actions,
+        )
         self.world_model = wm
         self.observation_space = self.core.observation_space
         self.action_space = self.core.action_space
@@ -481,7 +624,9 @@ class DreamEnv(gym.Env):
         self.metadata = {**self.metadata, "render_fps": wm.fps}
         self._viewer: _Viewer | None = None
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         if seed is not None or not self.core.started[0]:
             self.core.seed_row(0, self.np_random)
@@ -496,14 +641,23 @@ class DreamEnv(gym.Env):
             a = int_actions(action, spec.n, "action", (), f"a scalar integer in [0, {spec.n})")[None]
             obs, rew, term, info = self.core.step(a)
         else:
-            a = float_actions(action, "action", (spec.dim,), f"real actions of shape ({spec.dim},) in [-1, 1]")
+            a = float_actions(
+                action, "action", (spec.dim,), f"real actions of shape ({spec.dim},) in [-1, 1]"
+            )
             obs, rew, term, info = self.core.step(a[None], where="action")
         step = int(info["step"][0])
-        truncated = self.max_episode_steps is not None and step >= self.max_episode_steps and not bool(term[0])
+        truncated = (
+            self.max_episode_steps is not None and step >= self.max_episode_steps and not bool(term[0])
+        )
         if self.render_mode == "human":
             self.render()
-        return obs[0], float(rew[0]), bool(term[0]), truncated, {
-            "step": step, **{k: float(info[k][0]) for k in STEP_INFO_FLOATS}}
+        return (
+            obs[0],
+            float(rew[0]),
+            bool(term[0]),
+            truncated,
+            {"step": step, **{k: float(info[k][0]) for k in STEP_INFO_FLOATS}},
+        )
 
     def render(self) -> np.ndarray | None:
         if self.render_mode == "rgb_array":
@@ -531,19 +685,45 @@ class DreamVectorEnv(VectorEnv):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 8.75, "autoreset_mode": AutoresetMode.NEXT_STEP}
 
-    def __init__(self, num_envs: int = 1, checkpoint: str | os.PathLike | None = None, preset: str | None = None,
-                 device: str = "cpu", temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 decode: str = "autoregressive", maskgit_steps: int = 8, context_frames: int = 1,
-                 start: str = "episode_start", termination: str = "sample", termination_threshold: float = 0.5,
-                 max_episode_steps: int | None = None, render_mode: str | None = None, bf16: bool = False,
-                 world_model: WorldModel | None = None, clip_actions: bool = False) -> None:
+    def __init__(
+        self,
+        num_envs: int = 1,
+        checkpoint: str | os.PathLike | None = None,
+        preset: str | None = None,
+        device: str = "cpu",
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        decode: str = "autoregressive",
+        maskgit_steps: int = 8,
+        context_frames: int = 1,
+        start: str = "episode_start",
+        termination: str = "sample",
+        termination_threshold: float = 0.5,
+        max_episode_steps: int | None = None,
+        render_mode: str | None = None,
+        bf16: bool = False,
+        world_model: WorldModel | None = None,
+        clip_actions: bool = False,
+    ) -> None:
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode: got {render_mode!r}, expected None or 'rgb_array'")
         wm = world_model if world_model is not None else load_world_model(checkpoint, preset, device)
-        self.core = DreamCore(wm, num_envs, temperature=temperature, top_k=top_k, top_p=top_p, decode=decode,
-                              maskgit_steps=maskgit_steps, context_frames=context_frames, start=start,
-                              termination=termination, termination_threshold=termination_threshold, bf16=bf16,
-                              clip_actions=clip_actions)
+        self.core = DreamCore(
+            wm,
+            num_envs,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            decode=decode,
+            maskgit_steps=maskgit_steps,
+            context_frames=context_frames,
+            start=start,
+            termination=termination,
+            termination_threshold=termination_threshold,
+            bf16=bf16,
+            clip_actions=clip_actions,
+        )
         self.world_model = wm
         self.num_envs = num_envs
         self.single_observation_space = self.core.observation_space
@@ -555,11 +735,14 @@ class DreamVectorEnv(VectorEnv):
         self.metadata = {**self.metadata, "render_fps": wm.fps}
         self._autoreset = np.zeros(num_envs, bool)
 
-    def reset(self, *, seed: int | list[int | None] | None = None,
-              options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         N = self.num_envs
         if seed is not None and not isinstance(seed, list):
-            _check_number("seed", seed, integer=True, low=0, what="None, an integer >= 0 or a list of num_envs of them")
+            _check_number(
+                "seed", seed, integer=True, low=0, what="None, an integer >= 0 or a list of num_envs of them"
+            )
         seeds = [None if seed is None else seed + i for i in range(N)] if not isinstance(seed, list) else seed
         if len(seeds) != N:
             raise ValueError(f"seed: got {len(seeds)} seeds, expected {N}")
@@ -570,8 +753,10 @@ class DreamVectorEnv(VectorEnv):
         if options is not None and "reset_mask" in options:
             m = np.asarray(options["reset_mask"])
             if m.dtype != np.bool_ or m.shape != (N,):
-                raise ValueError(f"options['reset_mask']: got {_show(options['reset_mask'])}, expected {N} booleans "
-                                 f"(one per env)")
+                raise ValueError(
+                    f"options['reset_mask']: got {_show(options['reset_mask'])}, expected {N} booleans "
+                    f"(one per env)"
+                )
             mask = m.copy()
         if seed is not None:
             self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seeds[0])

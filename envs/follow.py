@@ -42,14 +42,17 @@ def has_real_env(wm: WorldModel) -> bool:
     return is_real_env(wm.cfg.env)
 
 
-def make_bundle_real_env(wm: WorldModel, *, max_episode_steps: int | None = None,
-                         battle2_path: str | None = None) -> gym.Env:
+def make_bundle_real_env(
+    wm: WorldModel, *, max_episode_steps: int | None = None, battle2_path: str | None = None
+) -> gym.Env:
     """The real env the bundle's data was collected in (the settings its store records, :func:`envs.policy.real_env_kwargs`;
     the bundle's resolution); ``max_episode_steps`` overrides a recorded episode cap. ``ValueError`` for a
     dataset-only bundle."""
     if not has_real_env(wm):
-        raise ValueError(f"the bundle {wm.path} models {wm.cfg.env!r}, which has no real env here (real envs: "
-                         f"ViZDoom presets and gym:<ID>); replay a recorded episode instead (rollout.py --mode episode)")
+        raise ValueError(
+            f"the bundle {wm.path} models {wm.cfg.env!r}, which has no real env here (real envs: "
+            f"ViZDoom presets and gym:<ID>); replay a recorded episode instead (rollout.py --mode episode)"
+        )
     kw: dict[str, Any] = real_env_kwargs(wm)
     if battle2_path is not None:
         kw["battle2_path"] = battle2_path
@@ -60,16 +63,27 @@ def make_bundle_real_env(wm: WorldModel, *, max_episode_steps: int | None = None
 
 def _track(readings: list[PolicyReading]) -> PolicyTrack:
     r0 = readings[0]
-    return PolicyTrack(choice=np.array([r.choice for r in readings], np.int64),
-                       probs=None if r0.probs is None else np.stack([r.probs for r in readings]).astype(np.float32),
-                       value=None if r0.value is None else np.array([r.value for r in readings], np.float32),
-                       scores=None if r0.scores is None else np.stack([r.scores for r in readings]).astype(np.float32))
+    return PolicyTrack(
+        choice=np.array([r.choice for r in readings], np.int64),
+        probs=None if r0.probs is None else np.stack([r.probs for r in readings]).astype(np.float32),
+        value=None if r0.value is None else np.array([r.value for r in readings], np.float32),
+        scores=None if r0.scores is None else np.stack([r.scores for r in readings]).astype(np.float32),
+    )
 
 
 @torch.inference_mode()
-def follow_trace(wm: WorldModel, real_env: gym.Env, probe: PolicyProbe, *, steps: int = 64, context: int = 1,
-                 resync_every: int = 1, seed: int = 0, temperature: float = 1.0,
-                 top_k: int | None = None) -> RolloutTrace:
+def follow_trace(
+    wm: WorldModel,
+    real_env: gym.Env,
+    probe: PolicyProbe,
+    *,
+    steps: int = 64,
+    context: int = 1,
+    resync_every: int = 1,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+) -> RolloutTrace:
     """Let ``probe``'s policy play one episode of ``real_env`` for up to ``steps`` steps (fewer if the episode
     ends) with the dream following (see the module docstring); ``resync_every`` = 0 drops the re-synced dream.
 
@@ -80,18 +94,29 @@ def follow_trace(wm: WorldModel, real_env: gym.Env, probe: PolicyProbe, *, steps
     if steps < 1:
         raise ValueError(f"steps: got {steps}, expected >= 1")
     if not 1 <= context < wm.cfg.prior.frames:
-        raise ValueError(f"context: got {context}, expected 1..{wm.cfg.prior.frames - 1} (the prior's window is "
-                         f"{wm.cfg.prior.frames} frames)")
+        raise ValueError(
+            f"context: got {context}, expected 1..{wm.cfg.prior.frames - 1} (the prior's window is "
+            f"{wm.cfg.prior.frames} frames)"
+        )
     if resync_every < 0:
-        raise ValueError(f"resync_every: got {resync_every}, expected >= 1 (steps between re-syncs) or 0 (no re-synced dream)")
+        raise ValueError(
+            f"resync_every: got {resync_every}, expected >= 1 (steps between re-syncs) or 0 (no re-synced dream)"
+        )
     spec = wm.action_spec
-    if spec.kind != "discrete" or not isinstance(real_env.action_space, gym.spaces.Discrete) \
-            or int(real_env.action_space.n) != spec.n:
-        raise ValueError(f"real_env: its actions are {real_env.action_space}, the bundle's {spec.describe(1)}; "
-                         "expected the env the bundle was trained on")
+    if (
+        spec.kind != "discrete"
+        or not isinstance(real_env.action_space, gym.spaces.Discrete)
+        or int(real_env.action_space.n) != spec.n
+    ):
+        raise ValueError(
+            f"real_env: its actions are {real_env.action_space}, the bundle's {spec.describe(1)}; "
+            "expected the env the bundle was trained on"
+        )
     if tuple(real_env.observation_space.shape) != tuple(wm.obs_shape):
-        raise ValueError(f"real_env: observations of shape {real_env.observation_space.shape}, the bundle's are "
-                         f"{wm.obs_shape}; make the real env at the bundle's resolution")
+        raise ValueError(
+            f"real_env: observations of shape {real_env.observation_space.shape}, the bundle's are "
+            f"{wm.obs_shape}; make the real env at the bundle's resolution"
+        )
     rng = np.random.default_rng(seed)  # the policy's actions on the real frames
     rng_dream = np.random.default_rng(seed + 1)  # (a stochastic probe's draw on the dream frames is not used)
     obs, _ = real_env.reset(seed=seed)
@@ -145,7 +170,9 @@ def follow_trace(wm: WorldModel, real_env: gym.Env, probe: PolicyProbe, *, steps
             break
         if rows == 2 and (t + 1) % resync_every == 0:  # the re-synced dream restarts from the real history
             k = min(window, len(history))
-            prev_acts = np.asarray(history_acts[len(history_acts) - (k - 1):], np.int64)[None] if k > 1 else None
+            prev_acts = (
+                np.asarray(history_acts[len(history_acts) - (k - 1) :], np.int64)[None] if k > 1 else None
+            )
             ro.reset(np.stack(history[-k:])[None], prev_acts, rows=[1])
     read_real.append(probe.read(real[-1], rng))  # the policy on the last frames (what it would do next)
     read_dream.append(dream_probe.read(dream[-1], rng_dream))
@@ -154,10 +181,20 @@ def follow_trace(wm: WorldModel, real_env: gym.Env, probe: PolicyProbe, *, steps
         return np.asarray(out[key], np.float32)
 
     names = spec.names
-    return RolloutTrace(dream=np.stack(dream), actions=np.asarray(acts, np.int64), reward_pred=f32("rew"),
-                        term_prob=f32("term"), entropy=f32("ent"), real=np.stack(real),
-                        reward_real=np.asarray(rew_real, np.float32), terminated_real=np.asarray(terminated, bool),
-                        action_names=tuple(names) if names else None,
-                        resync=DreamTrack(np.stack(resync), f32("rew_rs"), f32("term_rs"), f32("ent_rs"), resync_every)
-                        if rows == 2 else None,
-                        policy_real=_track(read_real), policy_dream=_track(read_dream), policy_name=probe.name)
+    return RolloutTrace(
+        dream=np.stack(dream),
+        actions=np.asarray(acts, np.int64),
+        reward_pred=f32("rew"),
+        term_prob=f32("term"),
+        entropy=f32("ent"),
+        real=np.stack(real),
+        reward_real=np.asarray(rew_real, np.float32),
+        terminated_real=np.asarray(terminated, bool),
+        action_names=tuple(names) if names else None,
+        resync=DreamTrack(np.stack(resync), f32("rew_rs"), f32("term_rs"), f32("ent_rs"), resync_every)
+        if rows == 2
+        else None,
+        policy_real=_track(read_real),
+        policy_dream=_track(read_dream),
+        policy_name=probe.name,
+    )

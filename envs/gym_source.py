@@ -93,9 +93,11 @@ def is_gym_env(name: str) -> bool:
 
 def gym_id(name: str) -> str:
     """The Gymnasium id of ``"gym:<ID>"``; ``ValueError`` naming ``env`` for anything else."""
-    if not is_gym_env(name) or not name[len(GYM_PREFIX):].strip():
-        raise ValueError(f"env: got {name!r}, expected 'gym:<Gymnasium id>', e.g. 'gym:ALE/Pong-v5' or 'gym:CarRacing-v3'")
-    return name[len(GYM_PREFIX):]
+    if not is_gym_env(name) or not name[len(GYM_PREFIX) :].strip():
+        raise ValueError(
+            f"env: got {name!r}, expected 'gym:<Gymnasium id>', e.g. 'gym:ALE/Pong-v5' or 'gym:CarRacing-v3'"
+        )
+    return name[len(GYM_PREFIX) :]
 
 
 def extra_for(env_id: str) -> str | None:
@@ -111,8 +113,10 @@ def _missing_extra(env_id: str, what: str) -> ImportError:
     extra = extra_for(env_id)
     if extra is None:
         return ImportError(f"env 'gym:{env_id}': {what}; install the package that provides it")
-    return ImportError(f"env 'gym:{env_id}': {what}; install the {extra!r} extra: pip install -c constraints.txt -e "
-                       f"\".[{extra}]\" (or pip install {_EXTRA_PACKAGES[extra]})")
+    return ImportError(
+        f"env 'gym:{env_id}': {what}; install the {extra!r} extra: pip install -c constraints.txt -e "
+        f'".[{extra}]" (or pip install {_EXTRA_PACKAGES[extra]})'
+    )
 
 
 def import_env_module(env_id: str, module: str | None = None) -> str | None:
@@ -126,8 +130,10 @@ def import_env_module(env_id: str, module: str | None = None) -> str | None:
         mod = importlib.import_module(name)
     except ImportError as e:
         if module is not None and module != auto:
-            raise ImportError(f"env_module: cannot import {module!r} ({e}); expected an importable module that "
-                              f"registers {env_id!r} with Gymnasium") from None
+            raise ImportError(
+                f"env_module: cannot import {module!r} ({e}); expected an importable module that "
+                f"registers {env_id!r} with Gymnasium"
+            ) from None
         raise _missing_extra(env_id, f"cannot import {name!r} ({e})") from None
     if hasattr(gym, "register_envs"):
         gym.register_envs(mod)  # a no-op that documents the import (ale_py registers on import)
@@ -144,8 +150,9 @@ def parse_make_kwargs(text: str | dict[str, Any] | None) -> dict[str, Any]:
         try:
             value = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"env_kwargs: got {text!r}, expected a JSON object such as '{{\"continuous\": false}}' "
-                             f"({e})") from None
+            raise ValueError(
+                f"env_kwargs: got {text!r}, expected a JSON object such as '{{\"continuous\": false}}' ({e})"
+            ) from None
     if not isinstance(value, dict):
         raise ValueError(f"env_kwargs: got {text!r}, expected a JSON object of gym.make keyword arguments")
     return dict(value)
@@ -202,25 +209,33 @@ def _describe_obs(space: spaces.Space) -> str:
 def _pixel_source(env_id: str, space: spaces.Space, pixels: str, render_modes: list[str]) -> str:
     """Resolve ``pixels`` against the observation space: ``"obs"``, ``"key:NAME"`` or ``"render"``."""
     renders = "rgb_array" in render_modes
-    found = (f"observation space {_describe_obs(space)} and render_modes {render_modes}")
+    found = f"observation space {_describe_obs(space)} and render_modes {render_modes}"
     if pixels == "obs":
         if image_layout(space) is None:
-            raise NoPixelsError(f"pixels='obs': env 'gym:{env_id}' has {found}; the observation is not a uint8 image "
-                                f"Box (H, W, 3), (H, W, 1), (H, W) or (3, H, W). Use pixels='auto', 'render' or 'key:NAME'")
+            raise NoPixelsError(
+                f"pixels='obs': env 'gym:{env_id}' has {found}; the observation is not a uint8 image "
+                f"Box (H, W, 3), (H, W, 1), (H, W) or (3, H, W). Use pixels='auto', 'render' or 'key:NAME'"
+            )
         return "obs"
     if pixels == "render":
         if not renders:
-            raise NoPixelsError(f"pixels='render': env 'gym:{env_id}' has {found}; it cannot render 'rgb_array'")
+            raise NoPixelsError(
+                f"pixels='render': env 'gym:{env_id}' has {found}; it cannot render 'rgb_array'"
+            )
         return "render"
     if pixels.startswith("key:") or pixels not in ("auto",):
         key = pixels[4:] if pixels.startswith("key:") else pixels
         if not isinstance(space, spaces.Dict) or key not in space.spaces:
             keys = list(space.spaces) if isinstance(space, spaces.Dict) else []
-            raise NoPixelsError(f"pixels={pixels!r}: env 'gym:{env_id}' has {found}; expected a Dict observation with "
-                                f"an entry {key!r} (its entries: {keys}); pixels accepts {list(PIXEL_SOURCES)}")
+            raise NoPixelsError(
+                f"pixels={pixels!r}: env 'gym:{env_id}' has {found}; expected a Dict observation with "
+                f"an entry {key!r} (its entries: {keys}); pixels accepts {list(PIXEL_SOURCES)}"
+            )
         if image_layout(space.spaces[key]) is None:
-            raise NoPixelsError(f"pixels={pixels!r}: entry {key!r} of env 'gym:{env_id}' is {space.spaces[key]}, not a "
-                                f"uint8 image Box (H, W, 3), (H, W, 1), (H, W) or (3, H, W)")
+            raise NoPixelsError(
+                f"pixels={pixels!r}: entry {key!r} of env 'gym:{env_id}' is {space.spaces[key]}, not a "
+                f"uint8 image Box (H, W, 3), (H, W, 1), (H, W) or (3, H, W)"
+            )
         return f"key:{key}"
     # auto
     if image_layout(space) is not None:
@@ -233,13 +248,17 @@ def _pixel_source(env_id: str, space: spaces.Space, pixels: str, render_modes: l
         if preferred:
             return f"key:{preferred[0]}"
         if images:
-            raise NoPixelsError(f"env 'gym:{env_id}' has {found}: several image entries {images}; choose one with "
-                                f"pixels='key:NAME' (CLI --pixels key:NAME)")
+            raise NoPixelsError(
+                f"env 'gym:{env_id}' has {found}: several image entries {images}; choose one with "
+                f"pixels='key:NAME' (CLI --pixels key:NAME)"
+            )
     if renders:
         return "render"
-    raise NoPixelsError(f"env 'gym:{env_id}' has no pixels: found {found}. Expected an image observation (uint8 Box "
-                        f"(H, W, 3), (H, W, 1), (H, W) or (3, H, W)), a Dict observation with such an entry, or "
-                        f"'rgb_array' among the render modes (CLI --pixels {'|'.join(PIXEL_SOURCES)})")
+    raise NoPixelsError(
+        f"env 'gym:{env_id}' has no pixels: found {found}. Expected an image observation (uint8 Box "
+        f"(H, W, 3), (H, W, 1), (H, W) or (3, H, W)), a Dict observation with such an entry, or "
+        f"'rgb_array' among the render modes (CLI --pixels {'|'.join(PIXEL_SOURCES)})"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- actions
@@ -277,16 +296,21 @@ class ActionMap:
         """The store's action spec: Discrete actions as indices; Box actions in the env's units with its bounds."""
         if self.kind == "box":
             s = self.env_space
-            return ActionSpec.continuous(int(np.prod(s.shape)), low=s.low.reshape(-1).tolist(),  # type: ignore[attr-defined]
-                                         high=s.high.reshape(-1).tolist())  # type: ignore[attr-defined]
+            return ActionSpec.continuous(
+                int(np.prod(s.shape)),
+                low=s.low.reshape(-1).tolist(),  # type: ignore[attr-defined]
+                high=s.high.reshape(-1).tolist(),
+            )  # type: ignore[attr-defined]
         return ActionSpec.discrete(int(self.exposed.n), names=self.names)  # type: ignore[attr-defined]
 
 
 def action_map(env_id: str, space: spaces.Space, names: list[str] | None = None) -> ActionMap:
     """Map the env's action space to a Discrete or a ``[-1, 1]`` Box (see the module docstring), or raise
     :class:`UnsupportedActionSpace` naming it and what is accepted."""
-    accepted = (f"accepted: Discrete, Box with finite bounds, MultiBinary / MultiDiscrete with at most "
-                f"{MAX_COMBINATIONS} combinations")
+    accepted = (
+        f"accepted: Discrete, Box with finite bounds, MultiBinary / MultiDiscrete with at most "
+        f"{MAX_COMBINATIONS} combinations"
+    )
     where = f"env 'gym:{env_id}': action space {space}"
     if isinstance(space, spaces.Discrete):
         n = int(space.n)
@@ -296,24 +320,30 @@ def action_map(env_id: str, space: spaces.Space, names: list[str] | None = None)
         if not np.issubdtype(space.dtype, np.floating):
             raise UnsupportedActionSpace(f"{where} is an integer Box; {accepted}")
         if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
-            raise UnsupportedActionSpace(f"{where} has unbounded dimensions (the dream maps [-1, 1] to the bounds); "
-                                         f"wrap the env with gymnasium.wrappers.ClipAction/RescaleAction first; {accepted}")
+            raise UnsupportedActionSpace(
+                f"{where} has unbounded dimensions (the dream maps [-1, 1] to the bounds); "
+                f"wrap the env with gymnasium.wrappers.ClipAction/RescaleAction first; {accepted}"
+            )
         dim = int(np.prod(space.shape))
         return ActionMap("box", spaces.Box(-1.0, 1.0, (dim,), np.float32), space)
     if isinstance(space, spaces.MultiBinary):
         n = int(np.prod(space.shape))
-        if 2 ** n > MAX_COMBINATIONS:
-            raise UnsupportedActionSpace(f"{where} has 2**{n} button combinations, more than {MAX_COMBINATIONS}; "
-                                         f"wrap the env to expose fewer buttons (e.g. a Discrete of chosen combinations); "
-                                         f"{accepted}")
-        combos = tuple("".join(str((i >> (n - 1 - b)) & 1) for b in range(n)) for i in range(2 ** n))
-        return ActionMap("multibinary", spaces.Discrete(2 ** n), space, combos)
+        if 2**n > MAX_COMBINATIONS:
+            raise UnsupportedActionSpace(
+                f"{where} has 2**{n} button combinations, more than {MAX_COMBINATIONS}; "
+                f"wrap the env to expose fewer buttons (e.g. a Discrete of chosen combinations); "
+                f"{accepted}"
+            )
+        combos = tuple("".join(str((i >> (n - 1 - b)) & 1) for b in range(n)) for i in range(2**n))
+        return ActionMap("multibinary", spaces.Discrete(2**n), space, combos)
     if isinstance(space, spaces.MultiDiscrete):
         nvec = [int(x) for x in np.asarray(space.nvec).reshape(-1)]
         total = math.prod(nvec)
         if total > MAX_COMBINATIONS:
-            raise UnsupportedActionSpace(f"{where} has {' x '.join(map(str, nvec))} = {total} combinations, more than "
-                                         f"{MAX_COMBINATIONS}; wrap the env to expose fewer; {accepted}")
+            raise UnsupportedActionSpace(
+                f"{where} has {' x '.join(map(str, nvec))} = {total} combinations, more than "
+                f"{MAX_COMBINATIONS}; wrap the env to expose fewer; {accepted}"
+            )
         combos = tuple(",".join(map(str, np.unravel_index(i, tuple(nvec)))) for i in range(total))
         return ActionMap("multidiscrete", spaces.Discrete(total), space, combos)
     raise UnsupportedActionSpace(f"{where} ({type(space).__name__}) is not supported; {accepted}")
@@ -359,25 +389,43 @@ class GymPixelEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 15.0}
 
-    def __init__(self, env_id: str, *, module: str | None = None, make_kwargs: dict[str, Any] | None = None,
-                 pixels: str = "auto", resolution: int = 64, frame_skip: int | None = None, sticky_actions: float = 0.0,
-                 max_episode_steps: int | None = None, render_mode: str | None = None) -> None:
+    def __init__(
+        self,
+        env_id: str,
+        *,
+        module: str | None = None,
+        make_kwargs: dict[str, Any] | None = None,
+        pixels: str = "auto",
+        resolution: int = 64,
+        frame_skip: int | None = None,
+        sticky_actions: float = 0.0,
+        max_episode_steps: int | None = None,
+        render_mode: str | None = None,
+    ) -> None:
         if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 8:
             raise ValueError(f"resolution: got {resolution!r}, expected an integer >= 8 (pixels per side)")
-        if frame_skip is not None and (not isinstance(frame_skip, int) or isinstance(frame_skip, bool) or frame_skip < 1):
+        if frame_skip is not None and (
+            not isinstance(frame_skip, int) or isinstance(frame_skip, bool) or frame_skip < 1
+        ):
             raise ValueError(f"frame_skip: got {frame_skip!r}, expected None (auto) or an integer >= 1")
         if not (isinstance(sticky_actions, (int, float)) and 0.0 <= float(sticky_actions) < 1.0):
             raise ValueError(f"sticky_actions: got {sticky_actions!r}, expected a probability in [0, 1)")
-        if max_episode_steps is not None and (not isinstance(max_episode_steps, int) or max_episode_steps < 1):
-            raise ValueError(f"max_episode_steps: got {max_episode_steps!r}, expected None or an integer >= 1")
+        if max_episode_steps is not None and (
+            not isinstance(max_episode_steps, int) or max_episode_steps < 1
+        ):
+            raise ValueError(
+                f"max_episode_steps: got {max_episode_steps!r}, expected None or an integer >= 1"
+            )
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode: got {render_mode!r}, expected None or 'rgb_array'")
         if not isinstance(pixels, str) or not pixels:
             raise ValueError(f"pixels: got {pixels!r}, expected one of {list(PIXEL_SOURCES)}")
         make_kwargs = parse_make_kwargs(make_kwargs)
         if "render_mode" in make_kwargs:
-            raise ValueError("make_kwargs: 'render_mode' is chosen by pixels ('render' makes the env with "
-                             "render_mode='rgb_array'); remove it from make_kwargs")
+            raise ValueError(
+                "make_kwargs: 'render_mode' is chosen by pixels ('render' makes the env with "
+                "render_mode='rgb_array'); remove it from make_kwargs"
+            )
         self.env_id = env_id
         self.module = import_env_module(env_id, module)
         self.make_kwargs = make_kwargs
@@ -402,9 +450,13 @@ class GymPixelEnv(gym.Env):
             raise
         self.env = inner
         self.pixels = source
-        self._layout: str | None = image_layout(self._pixel_space(inner.observation_space)) if source != "render" else None
+        self._layout: str | None = (
+            image_layout(self._pixel_space(inner.observation_space)) if source != "render" else None
+        )
         self.own_frame_skip = _own_frame_skip(spec_kwargs)
-        self.frame_skip = frame_skip if frame_skip is not None else (1 if self.own_frame_skip > 1 else DEFAULT_FRAME_SKIP)
+        self.frame_skip = (
+            frame_skip if frame_skip is not None else (1 if self.own_frame_skip > 1 else DEFAULT_FRAME_SKIP)
+        )
         self.sticky_actions = float(sticky_actions)
         self.max_episode_steps = max_episode_steps
         self.resolution = resolution
@@ -428,11 +480,19 @@ class GymPixelEnv(gym.Env):
             return gym.make(self.env_id, **kw)
         except gym.error.DependencyNotInstalled as e:
             raise _missing_extra(self.env_id, f"a dependency is missing ({e})") from None
-        except (gym.error.NameNotFound, gym.error.NamespaceNotFound, gym.error.VersionNotFound,
-                gym.error.UnregisteredEnv) as e:
-            hint = f" (its ids come from the {extra_for(self.env_id)!r} extra)" if extra_for(self.env_id) else ""
-            raise ValueError(f"env: 'gym:{self.env_id}' is not a registered Gymnasium id ({e}){hint}; import the "
-                             f"package that registers it with --env-module MODULE (Python: module=...)") from None
+        except (
+            gym.error.NameNotFound,
+            gym.error.NamespaceNotFound,
+            gym.error.VersionNotFound,
+            gym.error.UnregisteredEnv,
+        ) as e:
+            hint = (
+                f" (its ids come from the {extra_for(self.env_id)!r} extra)" if extra_for(self.env_id) else ""
+            )
+            raise ValueError(
+                f"env: 'gym:{self.env_id}' is not a registered Gymnasium id ({e}){hint}; import the "
+                f"package that registers it with --env-module MODULE (Python: module=...)"
+            ) from None
 
     def _pixel_space(self, space: spaces.Space) -> spaces.Space:
         if self.pixels.startswith("key:"):
@@ -445,8 +505,10 @@ class GymPixelEnv(gym.Env):
             layout = render_layout(frame)
             if layout is None:
                 a = np.asarray(frame) if frame is not None else None
-                raise NoPixelsError(f"env 'gym:{self.env_id}': render() returned "
-                                    f"{None if a is None else f'{a.dtype}{a.shape}'}, expected a uint8 image (H, W, 3)")
+                raise NoPixelsError(
+                    f"env 'gym:{self.env_id}': render() returned "
+                    f"{None if a is None else f'{a.dtype}{a.shape}'}, expected a uint8 image (H, W, 3)"
+                )
             frame = to_rgb(frame, layout)
         else:
             raw = obs[self.pixels[4:]] if self.pixels.startswith("key:") else obs
@@ -461,18 +523,31 @@ class GymPixelEnv(gym.Env):
     # -- what to record -------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
         """The keyword arguments (JSON values) that rebuild this very env with :func:`make_gym_env`."""
-        return {"module": self.module, "make_kwargs": self.make_kwargs, "pixels": self.pixels,
-                "resolution": self.resolution, "frame_skip": self.frame_skip, "sticky_actions": self.sticky_actions,
-                "max_episode_steps": self.max_episode_steps}
+        return {
+            "module": self.module,
+            "make_kwargs": self.make_kwargs,
+            "pixels": self.pixels,
+            "resolution": self.resolution,
+            "frame_skip": self.frame_skip,
+            "sticky_actions": self.sticky_actions,
+            "max_episode_steps": self.max_episode_steps,
+        }
 
     def description(self) -> dict[str, Any]:
         """What was found and how it is mapped (recorded in the store beside :meth:`settings`)."""
         frame_space = self._pixel_space(self.env.observation_space) if self.pixels != "render" else None
-        return {"id": self.env_id, "observation_space": _describe_obs(self.env.observation_space),
-                "pixel_space": None if frame_space is None else str(frame_space),
-                "action_space": str(self.env.action_space), "action_mapping": self._map.kind,
-                "spec_kwargs": self.spec_kwargs, "spec_max_episode_steps": self.spec_max_episode_steps,
-                "own_frame_skip": self.own_frame_skip, "resize": RESIZE, "episode_limit": self.episode_limit()}
+        return {
+            "id": self.env_id,
+            "observation_space": _describe_obs(self.env.observation_space),
+            "pixel_space": None if frame_space is None else str(frame_space),
+            "action_space": str(self.env.action_space),
+            "action_mapping": self._map.kind,
+            "spec_kwargs": self.spec_kwargs,
+            "spec_max_episode_steps": self.spec_max_episode_steps,
+            "own_frame_skip": self.own_frame_skip,
+            "resize": RESIZE,
+            "episode_limit": self.episode_limit(),
+        }
 
     def episode_limit(self) -> int | None:
         """Steps (of this wrapper) after which the real env truncates, when known."""
@@ -497,7 +572,9 @@ class GymPixelEnv(gym.Env):
         return (low + (a + 1.0) / 2.0 * (high - low)).astype(np.float32)
 
     # -- Gymnasium API --------------------------------------------------------------------------
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         obs, info = self.env.reset(seed=seed, options=options)
         self._steps = 0
@@ -508,9 +585,13 @@ class GymPixelEnv(gym.Env):
         a = np.asarray(action)
         if self._map.kind == "box":
             if a.shape != self.action_space.shape or not np.all(np.isfinite(a)):
-                raise ValueError(f"action: got {action!r}, expected finite floats of shape {self.action_space.shape} "
-                                 "in [-1, 1] (values outside are clipped)")
-        elif a.shape != () or not np.issubdtype(a.dtype, np.integer) or not self.action_space.contains(int(a)):
+                raise ValueError(
+                    f"action: got {action!r}, expected finite floats of shape {self.action_space.shape} "
+                    "in [-1, 1] (values outside are clipped)"
+                )
+        elif (
+            a.shape != () or not np.issubdtype(a.dtype, np.integer) or not self.action_space.contains(int(a))
+        ):
             raise ValueError(f"action: got {action!r}, expected an int in [0, {self.action_space.n})")  # type: ignore[attr-defined]
         env_action = self._map.to_env(a)
         reward, terminated, truncated = 0.0, False, False
@@ -518,7 +599,11 @@ class GymPixelEnv(gym.Env):
         info: dict[str, Any] = {}
         for _ in range(self.frame_skip):
             act = env_action
-            if self.sticky_actions and self._prev_env_action is not None and self.np_random.random() < self.sticky_actions:
+            if (
+                self.sticky_actions
+                and self._prev_env_action is not None
+                and self.np_random.random() < self.sticky_actions
+            ):
                 act = self._prev_env_action
             self._prev_env_action = act
             obs, r, terminated, truncated, info = self.env.step(act)
@@ -528,7 +613,13 @@ class GymPixelEnv(gym.Env):
         self._steps += 1
         if self.max_episode_steps is not None and self._steps >= self.max_episode_steps and not terminated:
             truncated = True
-        return self._read(obs), reward, bool(terminated), bool(truncated), {"step": self._steps, **_json_safe(info)}
+        return (
+            self._read(obs),
+            reward,
+            bool(terminated),
+            bool(truncated),
+            {"step": self._steps, **_json_safe(info)},
+        )
 
     def render(self) -> np.ndarray | None:
         if self.render_mode == "rgb_array" and self._frame is not None:
@@ -544,8 +635,16 @@ class GymPixelEnv(gym.Env):
 
 # ---------------------------------------------------------------------------------------------- factories
 
-GYM_KWARGS = ("module", "make_kwargs", "pixels", "resolution", "frame_skip", "sticky_actions", "max_episode_steps",
-              "render_mode")
+GYM_KWARGS = (
+    "module",
+    "make_kwargs",
+    "pixels",
+    "resolution",
+    "frame_skip",
+    "sticky_actions",
+    "max_episode_steps",
+    "render_mode",
+)
 
 
 def make_gym_env(name: str, *, seed: int | None = None, **kwargs: Any) -> GymPixelEnv:
@@ -602,8 +701,11 @@ def probe_gym_env(name: str, **kwargs: Any) -> GymSpaces:
     env = make_gym_env(name, seed=0, **kwargs)
     try:
         assert env._frame is not None
-        return GymSpaces(frame_hw=(int(env._frame.shape[0]), int(env._frame.shape[1])),
-                         action_spec=env.store_action_spec(), episode_limit=env.episode_limit())
+        return GymSpaces(
+            frame_hw=(int(env._frame.shape[0]), int(env._frame.shape[1])),
+            action_spec=env.store_action_spec(),
+            episode_limit=env.episode_limit(),
+        )
     finally:
         env.close()
 
@@ -617,5 +719,14 @@ def register_gym_preset(name: str, **kwargs: Any) -> None:
 
     found = probe_gym_env(name, **kwargs)
     spec = found.action_spec
-    register_preset(name, lambda scale: generic_preset(name, scale, frame_size=min(found.frame_hw),
-                                                       action_kind=spec.kind, n_actions=spec.n, action_dim=spec.dim))
+    register_preset(
+        name,
+        lambda scale: generic_preset(
+            name,
+            scale,
+            frame_size=min(found.frame_hw),
+            action_kind=spec.kind,
+            n_actions=spec.n,
+            action_dim=spec.dim,
+        ),
+    )

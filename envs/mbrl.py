@@ -64,9 +64,25 @@ CSV_FILE = "mbrl.csv"
 REPORT_FILE = "mbrl_report.json"
 STATE_SCHEMA = 1
 
-CSV_FIELDS = ("iteration", "episodes", "real_env_steps", "new_real_steps", "collect_return", "tokenizer_steps",
-              "prior_steps", "ppo_timesteps", "real_return", "real_return_std", "real_length", "dream_return",
-              "dream_return_std", "dream_length", "gap", "eval_episodes", "minutes")
+CSV_FIELDS = (
+    "iteration",
+    "episodes",
+    "real_env_steps",
+    "new_real_steps",
+    "collect_return",
+    "tokenizer_steps",
+    "prior_steps",
+    "ppo_timesteps",
+    "real_return",
+    "real_return_std",
+    "real_length",
+    "dream_return",
+    "dream_return_std",
+    "dream_length",
+    "gap",
+    "eval_episodes",
+    "minutes",
+)
 """Columns of ``mbrl.csv``: real/dream returns are means over ``eval_episodes`` episodes; ``gap`` is
 dream minus real; ``real_env_steps`` the store's transitions after collection (cumulative);
 ``collect_return`` the mean return of the episodes collected this iteration (the behaviour policy;
@@ -106,9 +122,17 @@ class MBRLConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first budget out of range."""
-        for name, lo in (("iterations", 1), ("episodes_per_iteration", 1), ("tokenizer_steps_per_iteration", 0),
-                         ("prior_steps_per_iteration", 0), ("ppo_steps_per_iteration", 1), ("eval_episodes", 1),
-                         ("num_envs", 1), ("max_episode_steps", 1), ("direct_ppo_envs", 1)):
+        for name, lo in (
+            ("iterations", 1),
+            ("episodes_per_iteration", 1),
+            ("tokenizer_steps_per_iteration", 0),
+            ("prior_steps_per_iteration", 0),
+            ("ppo_steps_per_iteration", 1),
+            ("eval_episodes", 1),
+            ("num_envs", 1),
+            ("max_episode_steps", 1),
+            ("direct_ppo_envs", 1),
+        ):
             if getattr(self, name) < lo:
                 raise ValueError(f"mbrl.{name}: got {getattr(self, name)}, expected an integer >= {lo}")
         if self.exploit_factor <= 0:
@@ -116,8 +140,16 @@ class MBRLConfig:
 
 
 # The budgets that fix what each iteration trains to; a resumed run must keep them.
-_FIXED_BUDGETS = ("episodes_per_iteration", "tokenizer_steps_per_iteration", "prior_steps_per_iteration",
-                  "ppo_steps_per_iteration", "num_envs", "max_episode_steps", "seed", "ppo")
+_FIXED_BUDGETS = (
+    "episodes_per_iteration",
+    "tokenizer_steps_per_iteration",
+    "prior_steps_per_iteration",
+    "ppo_steps_per_iteration",
+    "num_envs",
+    "max_episode_steps",
+    "seed",
+    "ppo",
+)
 
 
 def store_transitions(store: str | os.PathLike) -> int:
@@ -167,20 +199,28 @@ def _load_state(run: Path, cfg: ExperimentConfig, m: MBRLConfig) -> dict[str, An
         return None
     state = json.loads(path.read_text())
     if state.get("schema") != STATE_SCHEMA:
-        raise ValueError(f"{path}: schema {state.get('schema')!r}, expected {STATE_SCHEMA}; use a new run directory")
+        raise ValueError(
+            f"{path}: schema {state.get('schema')!r}, expected {STATE_SCHEMA}; use a new run directory"
+        )
     now = _budgets(cfg, m)
     for k, v in now.items():
         if state["budgets"].get(k) != v:
-            raise ValueError(f"run directory {run} holds an MBRL run with {k}={state['budgets'].get(k)!r}, but got "
-                             f"{k}={v!r}; resume with the same budgets (only iterations, eval_episodes, "
-                             f"direct_ppo_baseline, direct_ppo_envs and exploit_factor may change) or use a new run directory")
+            raise ValueError(
+                f"run directory {run} holds an MBRL run with {k}={state['budgets'].get(k)!r}, but got "
+                f"{k}={v!r}; resume with the same budgets (only iterations, eval_episodes, "
+                f"direct_ppo_baseline, direct_ppo_envs and exploit_factor may change) or use a new run directory"
+            )
     return state
 
 
 def _budgets(cfg: ExperimentConfig, m: MBRLConfig) -> dict[str, Any]:
     out = {k: asdict(m)[k] for k in _FIXED_BUDGETS}
-    out.update(env=cfg.env, store=str(Path(cfg.data.store).resolve()), tokenizer_steps=cfg.tokenizer_train.steps,
-               prior_steps=cfg.prior_train.steps)
+    out.update(
+        env=cfg.env,
+        store=str(Path(cfg.data.store).resolve()),
+        tokenizer_steps=cfg.tokenizer_train.steps,
+        prior_steps=cfg.prior_train.steps,
+    )
     return out
 
 
@@ -189,12 +229,23 @@ def _save_state(run: Path, state: dict[str, Any]) -> None:
 
 
 def _score_from_row(row: dict[str, Any], prefix: str) -> dict[str, Any]:
-    return {"mean": row[f"{prefix}_return"], "std": row[f"{prefix}_return_std"], "mean_length": row[f"{prefix}_length"],
-            "episodes": row["eval_episodes"]}
+    return {
+        "mean": row[f"{prefix}_return"],
+        "std": row[f"{prefix}_return_std"],
+        "mean_length": row[f"{prefix}_length"],
+        "episodes": row["eval_episodes"],
+    }
 
 
-def _dream_ppo(model: PPO | None, wm: WorldModel, m: MBRLConfig, it: int, tb_dir: Path,
-               ret_rms: dict[str, float] | None, progress: bool) -> tuple[PPO, DreamVecEnv, VecNormalize]:
+def _dream_ppo(
+    model: PPO | None,
+    wm: WorldModel,
+    m: MBRLConfig,
+    it: int,
+    tb_dir: Path,
+    ret_rms: dict[str, float] | None,
+    progress: bool,
+) -> tuple[PPO, DreamVecEnv, VecNormalize]:
     """Create (round 0) or continue the PPO model for ``m.ppo_steps_per_iteration`` steps in the dream of ``wm``."""
     venv = DreamVecEnv(m.num_envs, world_model=wm, max_episode_steps=m.max_episode_steps)
     venv.seed(m.seed + it)
@@ -205,8 +256,15 @@ def _dream_ppo(model: PPO | None, wm: WorldModel, m: MBRLConfig, it: int, tb_dir
         norm.ret_rms.mean, norm.ret_rms.var = np.float64(ret_rms["mean"]), np.float64(ret_rms["var"])
         norm.ret_rms.count = float(ret_rms["count"])
     if model is None:
-        model = PPO("CnnPolicy", norm, seed=m.seed, device="cpu", verbose=0, tensorboard_log=str(tb_dir),
-                    **asdict(m.ppo))
+        model = PPO(
+            "CnnPolicy",
+            norm,
+            seed=m.seed,
+            device="cpu",
+            verbose=0,
+            tensorboard_log=str(tb_dir),
+            **asdict(m.ppo),
+        )
     else:
         model.set_env(norm)
     cb = [_TqdmProgress(m.ppo_steps_per_iteration, f"PPO in the dream (round {it})")] if progress else []
@@ -230,8 +288,15 @@ def _load_loop_policy(run: Path, rel: str, trust_pickle: bool) -> PPO:
     return model
 
 
-def run_mbrl(cfg: ExperimentConfig, run_dir: str | os.PathLike, m: MBRLConfig, *,
-             env_kwargs: dict[str, Any] | None = None, progress: bool = True, trust_pickle: bool = False) -> dict[str, Any]:
+def run_mbrl(
+    cfg: ExperimentConfig,
+    run_dir: str | os.PathLike,
+    m: MBRLConfig,
+    *,
+    env_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+    trust_pickle: bool = False,
+) -> dict[str, Any]:
     """Run (or resume) the loop for the real-env preset ``cfg`` in ``run_dir``; returns the final report.
 
     Args:
@@ -256,8 +321,10 @@ def run_mbrl(cfg: ExperimentConfig, run_dir: str | os.PathLike, m: MBRLConfig, *
     from torch.utils.tensorboard import SummaryWriter
 
     if not is_real_env(cfg.env):
-        raise ValueError(f"cfg.env: got {cfg.env!r}; the loop needs a real env: a ViZDoom preset (vizdoom_hgs, "
-                         f"vizdoom_battle2, vizdoom_take_cover) or 'gym:<Gymnasium id>'")
+        raise ValueError(
+            f"cfg.env: got {cfg.env!r}; the loop needs a real env: a ViZDoom preset (vizdoom_hgs, "
+            f"vizdoom_battle2, vizdoom_take_cover) or 'gym:<Gymnasium id>'"
+        )
     m.validate()
     env_kwargs = dict(env_kwargs or {})
     if "resolution" in env_kwargs:
@@ -269,8 +336,15 @@ def run_mbrl(cfg: ExperimentConfig, run_dir: str | os.PathLike, m: MBRLConfig, *
 
     state = _load_state(run, cfg, m)
     if state is None:
-        state = {"schema": STATE_SCHEMA, "budgets": _budgets(cfg, m), "base_episodes": _store_episodes(store),
-                 "rows": [], "policy": None, "ret_rms": None, "baselines": None}
+        state = {
+            "schema": STATE_SCHEMA,
+            "budgets": _budgets(cfg, m),
+            "base_episodes": _store_episodes(store),
+            "rows": [],
+            "policy": None,
+            "ret_rms": None,
+            "baselines": None,
+        }
     rows: list[dict[str, Any]] = state["rows"]
     model: PPO | None = _load_loop_policy(run, state["policy"], trust_pickle) if state["policy"] else None
     writer = SummaryWriter(str(run / "tb_mbrl"))
@@ -280,19 +354,36 @@ def run_mbrl(cfg: ExperimentConfig, run_dir: str | os.PathLike, m: MBRLConfig, *
             # 1. real data from the current policy (round 0: sticky random actions); collect() tops the
             # store up to a total count, so a killed round resumes without duplicating episodes
             before = store_transitions(store)
-            policy: Any = "random" if model is None else (lambda obs, mdl=model: mdl.predict(obs, deterministic=False)[0])
-            rep = collect(cfg.env, store, state["base_episodes"] + m.episodes_per_iteration * (it + 1), policy=policy,
-                          seed=m.seed + 1000 * it, env_kwargs={"resolution": H, **env_kwargs}, progress=progress,
-                          asynchronous=False, num_envs=1)  # one env: no in-flight episode is dropped uncounted
+            policy: Any = (
+                "random"
+                if model is None
+                else (lambda obs, mdl=model: mdl.predict(obs, deterministic=False)[0])
+            )
+            rep = collect(
+                cfg.env,
+                store,
+                state["base_episodes"] + m.episodes_per_iteration * (it + 1),
+                policy=policy,
+                seed=m.seed + 1000 * it,
+                env_kwargs={"resolution": H, **env_kwargs},
+                progress=progress,
+                asynchronous=False,
+                num_envs=1,
+            )  # one env: no in-flight episode is dropped uncounted
             real_steps = store_transitions(store)
             # 2. world model, continued: the step counters persist, so each round raises the targets
             tok_steps = cfg.tokenizer_train.steps + it * m.tokenizer_steps_per_iteration
             prior_steps = cfg.prior_train.steps + it * m.prior_steps_per_iteration
-            cfg_it = replace(cfg, tokenizer_train=replace(cfg.tokenizer_train, steps=tok_steps),
-                             prior_train=replace(cfg.prior_train, steps=prior_steps))
+            cfg_it = replace(
+                cfg,
+                tokenizer_train=replace(cfg.tokenizer_train, steps=tok_steps),
+                prior_train=replace(cfg.prior_train, steps=prior_steps),
+            )
             if it == 0 or m.tokenizer_steps_per_iteration:
                 train_tokenizer(cfg_it, run, progress=progress)
-            encode_tokens(cfg_it, run, progress=progress)  # re-encodes: the store grew (or the tokenizer changed)
+            encode_tokens(
+                cfg_it, run, progress=progress
+            )  # re-encodes: the store grew (or the tokenizer changed)
             train_prior(cfg_it, run, progress=progress)
             wm = WorldModel.from_pretrained(run)
             # 3. PPO in the dream of the updated model (the same policy continues)
@@ -302,23 +393,42 @@ def run_mbrl(cfg: ExperimentConfig, run_dir: str | os.PathLike, m: MBRLConfig, *
             dream = score_dream(model, venv, m.eval_episodes, seed=m.seed)
             venv.close()
             if dream.mean > m.exploit_factor * real.mean:
-                warnings.warn(f"round {it}: dream return {dream.mean:.1f} > {m.exploit_factor} x real return "
-                              f"{real.mean:.1f}: the policy may be exploiting errors of the world model",
-                              DreamExploitWarning, stacklevel=2)
-            row = {"iteration": it, "episodes": _store_episodes(store), "real_env_steps": real_steps,
-                   "new_real_steps": real_steps - before,
-                   # None when a resumed round found its episodes already collected
-                   "collect_return": float(np.mean(rep.returns)) if rep.returns else None,
-                   "tokenizer_steps": tok_steps, "prior_steps": prior_steps, "ppo_timesteps": int(model.num_timesteps),
-                   "real_return": real.mean, "real_return_std": real.std, "real_length": real.mean_length,
-                   "dream_return": dream.mean, "dream_return_std": dream.std, "dream_length": dream.mean_length,
-                   "gap": dream.mean - real.mean, "eval_episodes": real.episodes,
-                   "minutes": round((time.monotonic() - t0) / 60, 3)}
+                warnings.warn(
+                    f"round {it}: dream return {dream.mean:.1f} > {m.exploit_factor} x real return "
+                    f"{real.mean:.1f}: the policy may be exploiting errors of the world model",
+                    DreamExploitWarning,
+                    stacklevel=2,
+                )
+            row = {
+                "iteration": it,
+                "episodes": _store_episodes(store),
+                "real_env_steps": real_steps,
+                "new_real_steps": real_steps - before,
+                # None when a resumed round found its episodes already collected
+                "collect_return": float(np.mean(rep.returns)) if rep.returns else None,
+                "tokenizer_steps": tok_steps,
+                "prior_steps": prior_steps,
+                "ppo_timesteps": int(model.num_timesteps),
+                "real_return": real.mean,
+                "real_return_std": real.std,
+                "real_length": real.mean_length,
+                "dream_return": dream.mean,
+                "dream_return_std": dream.std,
+                "dream_length": dream.mean_length,
+                "gap": dream.mean - real.mean,
+                "eval_episodes": real.episodes,
+                "minutes": round((time.monotonic() - t0) / 60, 3),
+            }
             # the policy file first, then the state naming it: a kill in between repeats this round's PPO
             # from the previous policy instead of training it twice
-            state["policy"] = str(save_policy(model, run / "policies" / f"mbrl-iter{it:03d}.safetensors").relative_to(run))
-            state["ret_rms"] = {"mean": float(norm.ret_rms.mean), "var": float(norm.ret_rms.var),
-                                "count": float(norm.ret_rms.count)}
+            state["policy"] = str(
+                save_policy(model, run / "policies" / f"mbrl-iter{it:03d}.safetensors").relative_to(run)
+            )
+            state["ret_rms"] = {
+                "mean": float(norm.ret_rms.mean),
+                "var": float(norm.ret_rms.var),
+                "count": float(norm.ret_rms.count),
+            }
             rows.append(row)
             _save_state(run, state)
             write_csv(run / CSV_FILE, rows)
@@ -328,8 +438,10 @@ def run_mbrl(cfg: ExperimentConfig, run_dir: str | os.PathLike, m: MBRLConfig, *
             writer.add_scalar("mbrl_by_real_steps/real_return", row["real_return"], real_steps)
             writer.flush()
             if progress:
-                print(f"round {it}: {real_steps} real steps, real return {real.mean:.1f}, dream {dream.mean:.1f}, "
-                      f"gap {dream.mean - real.mean:+.1f} ({row['minutes']:.1f} min)")
+                print(
+                    f"round {it}: {real_steps} real steps, real return {real.mean:.1f}, dream {dream.mean:.1f}, "
+                    f"gap {dream.mean - real.mean:+.1f} ({row['minutes']:.1f} min)"
+                )
         assert model is not None  # iterations >= 1
         save_policy(model, run / "policies" / "ppo_mbrl.safetensors")
         report = _report(cfg, run, m, state, env_kwargs, progress)
@@ -343,23 +455,41 @@ def run_mbrl(cfg: ExperimentConfig, run_dir: str | os.PathLike, m: MBRLConfig, *
     return report
 
 
-def _report(cfg: ExperimentConfig, run: Path, m: MBRLConfig, state: dict[str, Any], env_kwargs: dict[str, Any],
-            progress: bool) -> dict[str, Any]:
+def _report(
+    cfg: ExperimentConfig,
+    run: Path,
+    m: MBRLConfig,
+    state: dict[str, Any],
+    env_kwargs: dict[str, Any],
+    progress: bool,
+) -> dict[str, Any]:
     """The loop's last real score against random and direct-PPO baselines (cached in the state per budget)."""
     rows, H = state["rows"], cfg.data.resolution
     steps = int(rows[-1]["real_env_steps"])
-    key = {"real_env_steps": steps, "eval_episodes": m.eval_episodes, "direct_ppo": m.direct_ppo_baseline,
-           "direct_ppo_envs": m.direct_ppo_envs}
+    key = {
+        "real_env_steps": steps,
+        "eval_episodes": m.eval_episodes,
+        "direct_ppo": m.direct_ppo_baseline,
+        "direct_ppo_envs": m.direct_ppo_envs,
+    }
     cached = state.get("baselines") or {}
     if cached.get("key") != key:
-        cached = {"key": key, "random": asdict(score_real(None, cfg.env, H, m.eval_episodes, seed=m.seed, **env_kwargs))}
+        cached = {
+            "key": key,
+            "random": asdict(score_real(None, cfg.env, H, m.eval_episodes, seed=m.seed, **env_kwargs)),
+        }
         if m.direct_ppo_baseline:
             direct, used = direct_ppo(cfg.env, H, steps, m, env_kwargs, progress=progress)
             cached["direct_ppo"] = {**asdict(direct), "real_env_steps": used}
         state["baselines"] = cached
         _save_state(run, state)
-    report: dict[str, Any] = {"env": cfg.env, "iterations": rows, "real_env_steps": steps,
-                              "mbrl": _score_from_row(rows[-1], "real"), "random": cached["random"]}
+    report: dict[str, Any] = {
+        "env": cfg.env,
+        "iterations": rows,
+        "real_env_steps": steps,
+        "mbrl": _score_from_row(rows[-1], "real"),
+        "random": cached["random"],
+    }
     if "direct_ppo" in cached:
         report["direct_ppo"] = cached["direct_ppo"]
     report["mbrl_vs_random"] = report["mbrl"]["mean"] / max(report["random"]["mean"], 1e-9)
@@ -368,8 +498,15 @@ def _report(cfg: ExperimentConfig, run: Path, m: MBRLConfig, state: dict[str, An
     return report
 
 
-def direct_ppo(env: str, resolution: int, steps: int, m: MBRLConfig, env_kwargs: dict[str, Any] | None = None, *,
-               progress: bool = False) -> tuple[Score, int]:
+def direct_ppo(
+    env: str,
+    resolution: int,
+    steps: int,
+    m: MBRLConfig,
+    env_kwargs: dict[str, Any] | None = None,
+    *,
+    progress: bool = False,
+) -> tuple[Score, int]:
     """SB3 PPO (``CnnPolicy``, the loop's hyperparameters) trained in the real env for ``steps`` env steps, then
     scored there for ``m.eval_episodes`` episodes.
 
@@ -386,10 +523,18 @@ def direct_ppo(env: str, resolution: int, steps: int, m: MBRLConfig, env_kwargs:
     n_steps = min(m.ppo.n_steps, max(8, steps // (4 * n)))
     ppo = replace(m.ppo, n_steps=n_steps, batch_size=min(m.ppo.batch_size, n_steps * n))
     try:  # the engines are closed on every exit path
-        model = PPO("CnnPolicy", VecNormalize(venv, norm_obs=False, norm_reward=True, gamma=ppo.gamma), seed=m.seed,
-                    device="cpu", verbose=0, **asdict(ppo))
+        model = PPO(
+            "CnnPolicy",
+            VecNormalize(venv, norm_obs=False, norm_reward=True, gamma=ppo.gamma),
+            seed=m.seed,
+            device="cpu",
+            verbose=0,
+            **asdict(ppo),
+        )
         cb = [_TqdmProgress(steps, "PPO in the real env (baseline)")] if progress else []
         model.learn(total_timesteps=steps, callback=cb)
     finally:
         venv.close()
-    return score_real(model, env, resolution, m.eval_episodes, seed=m.seed, **env_kwargs), int(model.num_timesteps)
+    return score_real(model, env, resolution, m.eval_episodes, seed=m.seed, **env_kwargs), int(
+        model.num_timesteps
+    )

@@ -16,8 +16,11 @@ import numpy as np
 from envs.vizdoom import VizdoomEnv
 
 SCREEN_W, SCREEN_H = 160, 120
-OBJECTS = {"vizdoom_hgs": ("CustomMedikit",), "vizdoom_take_cover": ("DoomImpBall",),
-           "vizdoom_battle2": ("CustomMedikit",)}
+OBJECTS = {
+    "vizdoom_hgs": ("CustomMedikit",),
+    "vizdoom_take_cover": ("DoomImpBall",),
+    "vizdoom_battle2": ("CustomMedikit",),
+}
 """The small objects a policy reacts to, per env: medkits (HGS), fireballs (Take Cover)."""
 
 
@@ -56,8 +59,15 @@ class ObjectFrames:
     boxes: list[list[list[ObjectBox]]]  # per episode, per frame: the boxes of the wanted objects
 
 
-def collect_object_frames(env_name: str, *, episodes: int = 4, max_steps: int = 64, seed: int = 0,
-                          names: tuple[str, ...] | None = None, **env_kwargs) -> ObjectFrames:
+def collect_object_frames(
+    env_name: str,
+    *,
+    episodes: int = 4,
+    max_steps: int = 64,
+    seed: int = 0,
+    names: tuple[str, ...] | None = None,
+    **env_kwargs,
+) -> ObjectFrames:
     """Random-policy episodes (at most ``max_steps`` steps each) of the real env ``env_name`` with the labels
     buffer on; boxes of the objects in ``names`` (default :data:`OBJECTS`) for every frame. ``env_kwargs``:
     the env's settings (resolution, health_bar, frame_skip), as the store was collected with."""
@@ -88,5 +98,5 @@ def box_mask(boxes: list[ObjectBox], resolution: int) -> np.ndarray:
     """bool (resolution, resolution): True inside any of ``boxes``."""
     m = np.zeros((resolution, resolution), bool)
     for b in boxes:
-        m[b.y0:b.y1, b.x0:b.x1] = True
+        m[b.y0 : b.y1, b.x0 : b.x1] = True
     return m

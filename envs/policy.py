@@ -38,22 +38,33 @@ class Score:
     episodes: int
 
     def __str__(self) -> str:
-        return f"{self.mean:8.1f} ± {self.std:6.1f}  (length {self.mean_length:.0f}, {self.episodes} episodes)"
+        return (
+            f"{self.mean:8.1f} ± {self.std:6.1f}  (length {self.mean_length:.0f}, {self.episodes} episodes)"
+        )
 
 
 def _score(model: BaseAlgorithm | None, venv: VecEnv, episodes: int, deterministic: bool, seed: int) -> Score:
     venv.seed(seed)
     if model is None:  # uniform random actions
+
         class _Random:
-            def predict(self, obs: Any, state: Any = None, episode_start: Any = None, deterministic: bool = False):
+            def predict(
+                self, obs: Any, state: Any = None, episode_start: Any = None, deterministic: bool = False
+            ):
                 return np.array([venv.action_space.sample() for _ in range(venv.num_envs)]), None
 
         venv.action_space.seed(seed)
         policy: Any = _Random()
     else:
         policy = model
-    returns, lengths = evaluate_policy(policy, venv, n_eval_episodes=episodes, deterministic=deterministic,
-                                       return_episode_rewards=True, warn=False)
+    returns, lengths = evaluate_policy(
+        policy,
+        venv,
+        n_eval_episodes=episodes,
+        deterministic=deterministic,
+        return_episode_rewards=True,
+        warn=False,
+    )
     return Score(float(np.mean(returns)), float(np.std(returns)), float(np.mean(lengths)), len(returns))
 
 
@@ -90,8 +101,16 @@ def real_vec_env(env: str, resolution: int, num_envs: int = 1, **env_kwargs: Any
     return DummyVecEnv([lambda e=e: e for e in made])
 
 
-def score_real(model: BaseAlgorithm | None, env: str, resolution: int, episodes: int = 10, *, deterministic: bool = False,
-               seed: int = 0, **env_kwargs: Any) -> Score:
+def score_real(
+    model: BaseAlgorithm | None,
+    env: str,
+    resolution: int,
+    episodes: int = 10,
+    *,
+    deterministic: bool = False,
+    seed: int = 0,
+    **env_kwargs: Any,
+) -> Score:
     """Mean return of ``model`` (None = uniform random actions) in the real env ``env``."""
     venv = real_vec_env(env, resolution, **env_kwargs)
     try:
@@ -100,8 +119,14 @@ def score_real(model: BaseAlgorithm | None, env: str, resolution: int, episodes:
         venv.close()
 
 
-def score_dream(model: BaseAlgorithm | None, venv: DreamVecEnv, episodes: int = 10, *, deterministic: bool = False,
-                seed: int = 0) -> Score:
+def score_dream(
+    model: BaseAlgorithm | None,
+    venv: DreamVecEnv,
+    episodes: int = 10,
+    *,
+    deterministic: bool = False,
+    seed: int = 0,
+) -> Score:
     """Mean return of ``model`` (None = random) in the dream."""
     return _score(model, venv, episodes, deterministic, seed)
 
@@ -124,10 +149,19 @@ class PPOConfig:
     vf_coef: float = 0.5
 
 
-def train_ppo(wm: WorldModel, timesteps: int, *, num_envs: int = 16, ppo: PPOConfig | None = None, seed: int = 0,
-              max_episode_steps: int | None = 525, tensorboard_log: str | os.PathLike | None = None,
-              callbacks: list[BaseCallback] | None = None, progress_bar: bool = True,
-              **dream_kw: Any) -> tuple[PPO, DreamVecEnv]:
+def train_ppo(
+    wm: WorldModel,
+    timesteps: int,
+    *,
+    num_envs: int = 16,
+    ppo: PPOConfig | None = None,
+    seed: int = 0,
+    max_episode_steps: int | None = 525,
+    tensorboard_log: str | os.PathLike | None = None,
+    callbacks: list[BaseCallback] | None = None,
+    progress_bar: bool = True,
+    **dream_kw: Any,
+) -> tuple[PPO, DreamVecEnv]:
     """Train SB3 PPO (``CnnPolicy``) for ``timesteps`` env steps in ``num_envs`` batched dream envs.
 
     ``dream_kw`` go to :class:`envs.dream.DreamCore` (temperature, top_k, context_frames, ...).
@@ -139,8 +173,15 @@ def train_ppo(wm: WorldModel, timesteps: int, *, num_envs: int = 16, ppo: PPOCon
     # policy gradient and the policy collapses to one action within a few updates. Normalise the
     # rewards by a running std of the discounted return (SB3's VecNormalize), as for Atari/MuJoCo.
     train_env = VecNormalize(venv, norm_obs=False, norm_reward=True, gamma=(ppo or PPOConfig()).gamma)
-    model = PPO("CnnPolicy", train_env, seed=seed, device=str(wm.device), verbose=0,
-                tensorboard_log=None if tensorboard_log is None else str(tensorboard_log), **asdict(ppo or PPOConfig()))
+    model = PPO(
+        "CnnPolicy",
+        train_env,
+        seed=seed,
+        device=str(wm.device),
+        verbose=0,
+        tensorboard_log=None if tensorboard_log is None else str(tensorboard_log),
+        **asdict(ppo or PPOConfig()),
+    )
     model.learn(total_timesteps=timesteps, callback=callbacks, progress_bar=progress_bar)
     return model, venv
 
@@ -151,7 +192,9 @@ def save_policy(model: BaseAlgorithm, path: str | os.PathLike) -> Path:
     return save_policy_file(model, path)
 
 
-def load_policy(spec: str, action_space: Any, seed: int = 0, *, trust_pickle: bool = False) -> Callable[[np.ndarray], Any]:
+def load_policy(
+    spec: str, action_space: Any, seed: int = 0, *, trust_pickle: bool = False
+) -> Callable[[np.ndarray], Any]:
     """An ``obs (H, W, 3) -> action`` function: ``"random"`` or the path of a policy file (stochastic actions).
 
     An SB3 PPO ``.zip`` is accepted only with ``trust_pickle=True``: loading it runs any code it holds.
@@ -163,8 +206,14 @@ def load_policy(spec: str, action_space: Any, seed: int = 0, *, trust_pickle: bo
     return lambda obs: pol.predict(obs, deterministic=False)[0]
 
 
-def dream_trace(env: DreamEnv, policy: Callable[[np.ndarray], Any], steps: int, *, seed: int = 0,
-                options: dict[str, Any] | None = None) -> RolloutTrace:
+def dream_trace(
+    env: DreamEnv,
+    policy: Callable[[np.ndarray], Any],
+    steps: int,
+    *,
+    seed: int = 0,
+    options: dict[str, Any] | None = None,
+) -> RolloutTrace:
     """Run ``policy`` in a dream env for up to ``steps`` steps (stops at predicted termination) and record it."""
     obs, _ = env.reset(seed=seed, options=options)
     frames, acts, rew, term, ent = [obs], [], [], [], []
@@ -179,6 +228,11 @@ def dream_trace(env: DreamEnv, policy: Callable[[np.ndarray], Any], steps: int, 
         if terminated or truncated:
             break
     names = env.core.spec.names
-    return RolloutTrace(dream=np.stack(frames), actions=np.stack(acts), reward_pred=np.array(rew, np.float32),
-                        term_prob=np.array(term, np.float32), entropy=np.array(ent, np.float32),
-                        action_names=tuple(names) if names else None)
+    return RolloutTrace(
+        dream=np.stack(frames),
+        actions=np.stack(acts),
+        reward_pred=np.array(rew, np.float32),
+        term_prob=np.array(term, np.float32),
+        entropy=np.array(ent, np.float32),
+        action_names=tuple(names) if names else None,
+    )

@@ -40,11 +40,37 @@ ALGORITHMS: dict[str, type[OnPolicyAlgorithm]] = {"PPO": PPO, "A2C": A2C}
 """Algorithms a policy file can hold."""
 
 _HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
-    "PPO": ("learning_rate", "n_steps", "batch_size", "n_epochs", "gamma", "gae_lambda", "clip_range", "clip_range_vf",
-            "normalize_advantage", "ent_coef", "vf_coef", "max_grad_norm", "use_sde", "sde_sample_freq", "target_kl",
-            "seed"),
-    "A2C": ("learning_rate", "n_steps", "gamma", "gae_lambda", "ent_coef", "vf_coef", "max_grad_norm", "use_sde",
-            "sde_sample_freq", "normalize_advantage", "seed"),
+    "PPO": (
+        "learning_rate",
+        "n_steps",
+        "batch_size",
+        "n_epochs",
+        "gamma",
+        "gae_lambda",
+        "clip_range",
+        "clip_range_vf",
+        "normalize_advantage",
+        "ent_coef",
+        "vf_coef",
+        "max_grad_norm",
+        "use_sde",
+        "sde_sample_freq",
+        "target_kl",
+        "seed",
+    ),
+    "A2C": (
+        "learning_rate",
+        "n_steps",
+        "gamma",
+        "gae_lambda",
+        "ent_coef",
+        "vf_coef",
+        "max_grad_norm",
+        "use_sde",
+        "sde_sample_freq",
+        "normalize_advantage",
+        "seed",
+    ),
 }
 _COUNTERS = ("num_timesteps", "_n_updates", "_episode_num", "n_envs")
 
@@ -55,10 +81,24 @@ def _allowed_classes() -> dict[str, type]:
     from stable_baselines3.common.sb2_compat.rmsprop_tf_like import RMSpropTFLike
 
     out: dict[str, type] = {}
-    for cls in (torch.nn.ReLU, torch.nn.Tanh, torch.nn.ELU, torch.nn.LeakyReLU, torch.nn.GELU, torch.nn.SiLU,
-                torch.nn.Sigmoid, torch.nn.Identity, torch_layers.NatureCNN, torch_layers.FlattenExtractor,
-                torch_layers.CombinedExtractor, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop,
-                torch.optim.SGD, RMSpropTFLike):
+    for cls in (
+        torch.nn.ReLU,
+        torch.nn.Tanh,
+        torch.nn.ELU,
+        torch.nn.LeakyReLU,
+        torch.nn.GELU,
+        torch.nn.SiLU,
+        torch.nn.Sigmoid,
+        torch.nn.Identity,
+        torch_layers.NatureCNN,
+        torch_layers.FlattenExtractor,
+        torch_layers.CombinedExtractor,
+        torch.optim.Adam,
+        torch.optim.AdamW,
+        torch.optim.RMSprop,
+        torch.optim.SGD,
+        RMSpropTFLike,
+    ):
         out[f"{cls.__module__}.{cls.__qualname__}"] = cls
     return out
 
@@ -81,15 +121,22 @@ def _array_json(a: np.ndarray) -> Any:
 def space_to_json(space: spaces.Space, where: str = "space") -> dict[str, Any]:
     """A Box / Discrete / MultiDiscrete / MultiBinary space as JSON (ValueError for other spaces)."""
     if isinstance(space, spaces.Box):
-        return {"type": "Box", "shape": list(space.shape), "dtype": str(space.dtype),
-                "low": _array_json(space.low), "high": _array_json(space.high)}
+        return {
+            "type": "Box",
+            "shape": list(space.shape),
+            "dtype": str(space.dtype),
+            "low": _array_json(space.low),
+            "high": _array_json(space.high),
+        }
     if isinstance(space, spaces.Discrete):
         return {"type": "Discrete", "n": int(space.n), "start": int(space.start)}
     if isinstance(space, spaces.MultiDiscrete):
         return {"type": "MultiDiscrete", "nvec": space.nvec.tolist()}
     if isinstance(space, spaces.MultiBinary):
         return {"type": "MultiBinary", "n": np.asarray(space.n).tolist()}
-    raise ValueError(f"{where}: {type(space).__name__} cannot be saved; expected Box, Discrete, MultiDiscrete or MultiBinary")
+    raise ValueError(
+        f"{where}: {type(space).__name__} cannot be saved; expected Box, Discrete, MultiDiscrete or MultiBinary"
+    )
 
 
 def space_from_json(d: Any, where: str = "space") -> spaces.Space:
@@ -128,8 +175,10 @@ def _kwargs_to_json(obj: Any, where: str) -> Any:
         name = f"{obj.__module__}.{obj.__qualname__}"
         if name in _allowed_classes():
             return {"__class__": name}
-    raise ValueError(f"{where}: {obj!r} cannot be saved without pickle; expected JSON values or one of the classes "
-                     f"{sorted(_allowed_classes())}")
+    raise ValueError(
+        f"{where}: {obj!r} cannot be saved without pickle; expected JSON values or one of the classes "
+        f"{sorted(_allowed_classes())}"
+    )
 
 
 def _kwargs_from_json(obj: Any, where: str) -> Any:
@@ -155,7 +204,9 @@ def _scalar(value: Any, where: str) -> Any:
         value = value.item()
     if value is None or isinstance(value, (bool, int, float)):
         return value
-    raise ValueError(f"{where}: {value!r} cannot be saved; expected a number (schedules other than constant are not supported)")
+    raise ValueError(
+        f"{where}: {value!r} cannot be saved; expected a number (schedules other than constant are not supported)"
+    )
 
 
 # -- tensors ---------------------------------------------------------------------------------------
@@ -204,8 +255,10 @@ def _policy_alias(model: BaseAlgorithm) -> str:
     for alias, cls in type(model).policy_aliases.items():
         if cls is model.policy_class:
             return alias
-    raise ValueError(f"model.policy_class: {model.policy_class.__name__} has no alias in "
-                     f"{type(model).__name__}.policy_aliases ({sorted(type(model).policy_aliases)}); only those can be saved")
+    raise ValueError(
+        f"model.policy_class: {model.policy_class.__name__} has no alias in "
+        f"{type(model).__name__}.policy_aliases ({sorted(type(model).policy_aliases)}); only those can be saved"
+    )
 
 
 # -- save / load -----------------------------------------------------------------------------------
@@ -217,19 +270,27 @@ def save_policy_file(model: BaseAlgorithm, path: str | os.PathLike) -> Path:
     path = Path(path)
     algo = type(model).__name__
     if algo not in ALGORITHMS or type(model) is not ALGORITHMS[algo]:
-        raise ValueError(f"model: {algo} cannot be saved as a policy file; expected one of {sorted(ALGORITHMS)}")
+        raise ValueError(
+            f"model: {algo} cannot be saved as a policy file; expected one of {sorted(ALGORITHMS)}"
+        )
     if path.suffix != SUFFIX:
-        raise ValueError(f"path: {str(path)!r}; a policy file is safetensors, expected a name ending in {SUFFIX!r}")
+        raise ValueError(
+            f"path: {str(path)!r}; a policy file is safetensors, expected a name ending in {SUFFIX!r}"
+        )
     weights, aliases = _dedup(model.policy.state_dict())
     opt_tensors, opt_meta = _optimizer_to_tensors(model.policy.optimizer)
     meta = {
-        "format": FORMAT, "version": VERSION, "algo": algo, "policy": _policy_alias(model),
+        "format": FORMAT,
+        "version": VERSION,
+        "algo": algo,
+        "policy": _policy_alias(model),
         "policy_kwargs": _kwargs_to_json(model.policy_kwargs, "policy_kwargs"),
         "observation_space": space_to_json(model.observation_space, "observation_space"),
         "action_space": space_to_json(model.action_space, "action_space"),
         "hyperparameters": {k: _scalar(getattr(model, k), k) for k in _HYPERPARAMETERS[algo]},
         "counters": {k: int(getattr(model, k)) for k in _COUNTERS},
-        "aliases": aliases, "optimizer": opt_meta,
+        "aliases": aliases,
+        "optimizer": opt_meta,
     }
     tensors = {f"policy.{k}": v for k, v in weights.items()} | opt_tensors
     with atomic_file(path) as tmp:
@@ -255,31 +316,52 @@ def read_policy_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except (SafetensorError, OSError, ValueError) as e:
-        raise PolicyFileError(f"policy {path}: not a readable safetensors file ({e}); expected a {FORMAT} file "
-                              f"written by envs.policy.save_policy") from e
+        raise PolicyFileError(
+            f"policy {path}: not a readable safetensors file ({e}); expected a {FORMAT} file "
+            f"written by envs.policy.save_policy"
+        ) from e
     if header.get("format") != FORMAT or "policy" not in header:
-        raise PolicyFileError(f"policy {path}: safetensors metadata 'format' is {header.get('format')!r}, expected {FORMAT!r}")
+        raise PolicyFileError(
+            f"policy {path}: safetensors metadata 'format' is {header.get('format')!r}, expected {FORMAT!r}"
+        )
     try:
         meta = json.loads(header["policy"])
     except json.JSONDecodeError as e:
         raise PolicyFileError(f"policy {path}: metadata 'policy' is not valid JSON ({e})") from e
     if not isinstance(meta, dict) or meta.get("version") != VERSION:
-        raise PolicyFileError(f"policy {path}: metadata version {meta.get('version') if isinstance(meta, dict) else meta!r}, "
-                              f"expected {VERSION}")
-    for key, typ in (("algo", str), ("policy", str), ("policy_kwargs", dict), ("hyperparameters", dict),
-                     ("counters", dict), ("aliases", dict), ("optimizer", dict)):
+        raise PolicyFileError(
+            f"policy {path}: metadata version {meta.get('version') if isinstance(meta, dict) else meta!r}, "
+            f"expected {VERSION}"
+        )
+    for key, typ in (
+        ("algo", str),
+        ("policy", str),
+        ("policy_kwargs", dict),
+        ("hyperparameters", dict),
+        ("counters", dict),
+        ("aliases", dict),
+        ("optimizer", dict),
+    ):
         if not isinstance(meta.get(key), typ):
-            raise PolicyFileError(f"policy {path}: metadata field {key!r} is {meta.get(key)!r}, expected a {typ.__name__}")
+            raise PolicyFileError(
+                f"policy {path}: metadata field {key!r} is {meta.get(key)!r}, expected a {typ.__name__}"
+            )
     if meta["algo"] not in ALGORITHMS:
-        raise PolicyFileError(f"policy {path}: algorithm {meta['algo']!r}, expected one of {sorted(ALGORITHMS)}")
+        raise PolicyFileError(
+            f"policy {path}: algorithm {meta['algo']!r}, expected one of {sorted(ALGORITHMS)}"
+        )
     if meta["policy"] not in ALGORITHMS[meta["algo"]].policy_aliases:
-        raise PolicyFileError(f"policy {path}: policy {meta['policy']!r}, expected one of "
-                              f"{sorted(ALGORITHMS[meta['algo']].policy_aliases)}")
+        raise PolicyFileError(
+            f"policy {path}: policy {meta['policy']!r}, expected one of "
+            f"{sorted(ALGORITHMS[meta['algo']].policy_aliases)}"
+        )
     return meta, tensors
 
 
-def _policy_weights(path: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    w = {k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")}
+def _policy_weights(
+    path: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    w = {k[len("policy.") :]: v for k, v in tensors.items() if k.startswith("policy.")}
     for alias, src in meta["aliases"].items():
         if src not in w:
             raise PolicyFileError(f"policy {path}: alias {alias!r} names a missing tensor {src!r}")
@@ -289,8 +371,10 @@ def _policy_weights(path: Path, meta: dict[str, Any], tensors: dict[str, torch.T
 
 def _spaces(path: Path, meta: dict[str, Any]) -> tuple[spaces.Space, spaces.Space]:
     try:
-        return (space_from_json(meta.get("observation_space"), "observation_space"),
-                space_from_json(meta.get("action_space"), "action_space"))
+        return (
+            space_from_json(meta.get("observation_space"), "observation_space"),
+            space_from_json(meta.get("action_space"), "action_space"),
+        )
     except ValueError as e:
         raise PolicyFileError(f"policy {path}: {e}") from e
 
@@ -299,7 +383,9 @@ def _load_state(path: Path, module: torch.nn.Module, weights: dict[str, torch.Te
     try:
         module.load_state_dict(weights, strict=True)
     except RuntimeError as e:
-        raise PolicyFileError(f"policy {path}: tensors do not fit the policy its metadata describes ({e})") from e
+        raise PolicyFileError(
+            f"policy {path}: tensors do not fit the policy its metadata describes ({e})"
+        ) from e
 
 
 def load_policy_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> BasePolicy:
@@ -310,8 +396,13 @@ def load_policy_file(path: str | os.PathLike, device: str | torch.device = "cpu"
     cls = ALGORITHMS[meta["algo"]].policy_aliases[meta["policy"]]
     kwargs = _kwargs_from_json(meta["policy_kwargs"], "policy_kwargs")
     try:
-        policy = cls(obs_space, act_space, ConstantSchedule(0.0), use_sde=bool(meta["hyperparameters"].get("use_sde")),
-                     **kwargs)
+        policy = cls(
+            obs_space,
+            act_space,
+            ConstantSchedule(0.0),
+            use_sde=bool(meta["hyperparameters"].get("use_sde")),
+            **kwargs,
+        )
     except (TypeError, ValueError, AssertionError) as e:
         raise PolicyFileError(f"policy {path}: cannot build {meta['policy']} from its metadata ({e})") from e
     _load_state(path, policy, _policy_weights(path, meta, tensors))
@@ -319,8 +410,9 @@ def load_policy_file(path: str | os.PathLike, device: str | torch.device = "cpu"
     return policy.to(device)
 
 
-def load_algorithm(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                   tensorboard_log: str | None = None) -> OnPolicyAlgorithm:
+def load_algorithm(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu", tensorboard_log: str | None = None
+) -> OnPolicyAlgorithm:
     """The whole SB3 model of a policy file (policy, optimizer state, hyperparameters, counters), ready to
     ``set_env`` (with as many envs as it was saved with) and ``learn`` on; nothing in the file is executed."""
     path = Path(path)
@@ -329,8 +421,15 @@ def load_algorithm(path: str | os.PathLike, *, device: str | torch.device = "cpu
     cls = ALGORITHMS[meta["algo"]]
     hp = {k: v for k, v in meta["hyperparameters"].items() if k in _HYPERPARAMETERS[meta["algo"]]}
     try:
-        model = cls(meta["policy"], env=None, device=device, tensorboard_log=tensorboard_log, _init_setup_model=False,
-                    policy_kwargs=_kwargs_from_json(meta["policy_kwargs"], "policy_kwargs"), **hp)
+        model = cls(
+            meta["policy"],
+            env=None,
+            device=device,
+            tensorboard_log=tensorboard_log,
+            _init_setup_model=False,
+            policy_kwargs=_kwargs_from_json(meta["policy_kwargs"], "policy_kwargs"),
+            **hp,
+        )
         model.observation_space, model.action_space = obs_space, act_space
         for k in _COUNTERS:
             setattr(model, k, int(meta["counters"][k]))
@@ -346,25 +445,37 @@ def load_algorithm(path: str | os.PathLike, *, device: str | torch.device = "cpu
     return model
 
 
-def load_sb3_zip(path: str | os.PathLike, *, trust_pickle: bool = False, algo: str = "PPO",
-                 device: str | torch.device = "cpu") -> BaseAlgorithm:
+def load_sb3_zip(
+    path: str | os.PathLike,
+    *,
+    trust_pickle: bool = False,
+    algo: str = "PPO",
+    device: str | torch.device = "cpu",
+) -> BaseAlgorithm:
     """Load an SB3 ``.zip`` with ``stable_baselines3.<algo>.load``: this unpickles the zip and RUNS ANY CODE IT
     HOLDS, so it refuses unless ``trust_pickle=True``. One class only (``algo``), never tried class after class."""
     import stable_baselines3 as sb3
 
     path = Path(path)
     if not trust_pickle:
-        raise PolicyFileError(f"policy {path}: an SB3 zip, whose loading unpickles it and can execute arbitrary code; "
-                              f"refused. Load it only if you trust its origin: pass trust_pickle=True (CLI: --trust-pickle), "
-                              f"then save it again as a {SUFFIX} policy file")
+        raise PolicyFileError(
+            f"policy {path}: an SB3 zip, whose loading unpickles it and can execute arbitrary code; "
+            f"refused. Load it only if you trust its origin: pass trust_pickle=True (CLI: --trust-pickle), "
+            f"then save it again as a {SUFFIX} policy file"
+        )
     names = ("PPO", "A2C", "DQN", "SAC", "TD3", "DDPG")
     if algo not in names:
         raise ValueError(f"algo: got {algo!r}, expected one of {list(names)}")
     return getattr(sb3, algo).load(path, device=device)
 
 
-def open_policy(path: str | os.PathLike, *, trust_pickle: bool = False, algo: str = "PPO",
-                device: str | torch.device = "cpu") -> BasePolicy | BaseAlgorithm:
+def open_policy(
+    path: str | os.PathLike,
+    *,
+    trust_pickle: bool = False,
+    algo: str = "PPO",
+    device: str | torch.device = "cpu",
+) -> BasePolicy | BaseAlgorithm:
     """An object with SB3's ``predict(obs, deterministic=...)`` from a policy file, or (only with
     ``trust_pickle=True``) from an SB3 zip of algorithm ``algo``. The format is read from the file's
     first bytes, not its name."""

@@ -43,7 +43,9 @@ class PolicyReading:
     action: int
     choice: int
     probs: np.ndarray | None  # (n_actions,) float32, sums to 1
-    value: float | None  # the critic's estimate of the discounted return from this frame, in the reward units it
+    value: (
+        float | None
+    )  # the critic's estimate of the discounted return from this frame, in the reward units it
     #                      trained on (train_ppo normalises rewards by a running std of the return)
     scores: np.ndarray | None = None  # (n_outputs,) float32: a linear controller's outputs
 
@@ -83,11 +85,15 @@ class SB3Probe:
 
     def __init__(self, policy: BasePolicy, *, deterministic: bool = False, name: str = "sb3") -> None:
         if not isinstance(policy, ActorCriticPolicy):
-            raise ValueError(f"policy: got {type(policy).__name__}, expected an SB3 actor-critic policy (PPO, A2C): "
-                             "its action distribution and value estimate are what the report shows")
+            raise ValueError(
+                f"policy: got {type(policy).__name__}, expected an SB3 actor-critic policy (PPO, A2C): "
+                "its action distribution and value estimate are what the report shows"
+            )
         if not isinstance(policy.action_space, spaces.Discrete):
-            raise ValueError(f"policy: its action space is {policy.action_space}, expected Discrete (the ViZDoom "
-                             "dreams whose real env runs here)")
+            raise ValueError(
+                f"policy: its action space is {policy.action_space}, expected Discrete (the ViZDoom "
+                "dreams whose real env runs here)"
+            )
         self.policy, self.deterministic, self.name = policy, deterministic, name
         self.n_actions = int(policy.action_space.n)
 
@@ -118,8 +124,13 @@ class ControllerProbe:
     def read(self, obs: np.ndarray, rng: np.random.Generator) -> PolicyReading:
         y = self.controller.scores(np.asarray(obs)[None])  # (1, n_out)
         choice = int(self.controller.choose(y)[0])
-        return PolicyReading(action=choice, choice=choice, probs=np.eye(self.n_actions, dtype=np.float32)[choice],
-                             value=None, scores=y[0])
+        return PolicyReading(
+            action=choice,
+            choice=choice,
+            probs=np.eye(self.n_actions, dtype=np.float32)[choice],
+            value=None,
+            scores=y[0],
+        )
 
     def reset(self) -> None:
         self.controller.reset()
@@ -149,16 +160,19 @@ class RandomProbe:
         return self
 
 
-def open_probe(spec: str | os.PathLike, wm: WorldModel, *, deterministic: bool = False,
-               trust_pickle: bool = False) -> PolicyProbe:
+def open_probe(
+    spec: str | os.PathLike, wm: WorldModel, *, deterministic: bool = False, trust_pickle: bool = False
+) -> PolicyProbe:
     """A probe for ``spec``: ``"random"``, a controller directory (:func:`envs.controller.save_controller`),
     or an SB3 policy file (``.safetensors``; a PPO ``.zip`` only with ``trust_pickle=True``, as loading it runs
     any code it holds). Its actions must be the bundle's: ``ValueError`` otherwise."""
     spec_s = str(spec)
     spec_n = wm.action_spec
     if spec_n.kind != "discrete":
-        raise ValueError(f"the bundle's actions are {spec_n.kind}; policy probes read discrete-action policies "
-                         "(the ViZDoom bundles)")
+        raise ValueError(
+            f"the bundle's actions are {spec_n.kind}; policy probes read discrete-action policies "
+            "(the ViZDoom bundles)"
+        )
     if spec_s == "random":
         return RandomProbe(spec_n.n)
     path = Path(spec_s)
@@ -166,8 +180,11 @@ def open_probe(spec: str | os.PathLike, wm: WorldModel, *, deterministic: bool =
         probe: PolicyProbe = ControllerProbe(load_controller(path, wm), name=path.name)
     else:
         pol = open_policy(path, trust_pickle=trust_pickle, device=wm.device)
-        probe = SB3Probe(pol.policy if isinstance(pol, BaseAlgorithm) else pol, deterministic=deterministic,
-                         name=path.stem)
+        probe = SB3Probe(
+            pol.policy if isinstance(pol, BaseAlgorithm) else pol, deterministic=deterministic, name=path.stem
+        )
     if probe.n_actions != spec_n.n:
-        raise ValueError(f"policy {path}: acts with {probe.n_actions} actions, the bundle {wm.path} with {spec_n.n}")
+        raise ValueError(
+            f"policy {path}: acts with {probe.n_actions} actions, the bundle {wm.path} with {spec_n.n}"
+        )
     return probe

@@ -24,8 +24,10 @@ def is_real_env(name: str) -> bool:
 def check_real_env(name: str, what: str = "env") -> None:
     """``ValueError`` naming ``what`` unless ``name`` is a real env."""
     if not is_real_env(name):
-        raise ValueError(f"{what}: got {name!r}, expected one of {list(ENV_NAMES)} or 'gym:<Gymnasium id>' (a real env, "
-                         f"e.g. gym:ALE/Pong-v5, gym:CarRacing-v3, gym:VizdoomDefendCenter-v1)")
+        raise ValueError(
+            f"{what}: got {name!r}, expected one of {list(ENV_NAMES)} or 'gym:<Gymnasium id>' (a real env, "
+            f"e.g. gym:ALE/Pong-v5, gym:CarRacing-v3, gym:VizdoomDefendCenter-v1)"
+        )
 
 
 def make_real_env_fn(name: str, *, engines_in_workers: bool = False, **kwargs: Any) -> Callable[[], gym.Env]:
@@ -52,7 +54,9 @@ def make_real_env(name: str, **kwargs: Any) -> gym.Env:
     return vizdoom_env(name, **kwargs)
 
 
-def recorded_settings(env: gym.Env, name: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def recorded_settings(
+    env: gym.Env, name: str, kwargs: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(env_kwargs, extra)`` that a store records for a probe ``env`` of ``name`` made with ``kwargs``: the
     effective settings that rebuild the same env (ViZDoom: as strings, the store's historical form; gym:
     JSON values of :meth:`envs.gym_source.GymPixelEnv.settings`) and, for gym envs, ``{"gym": description}``."""
@@ -97,13 +101,19 @@ class EnvOptions:
         check_real_env(name, "--env")
         if not is_gym_env(name):
             default = EnvOptions()
-            gym_only = [f"--{k.replace('_', '-')}" for k in ("env_module", "env_kwargs", "pixels", "sticky_actions")
-                        if getattr(self, k) != getattr(default, k)]
+            gym_only = [
+                f"--{k.replace('_', '-')}"
+                for k in ("env_module", "env_kwargs", "pixels", "sticky_actions")
+                if getattr(self, k) != getattr(default, k)
+            ]
             if gym_only:
                 raise ValueError(f"{', '.join(gym_only)}: only for gym:<ID> envs; got with --env {name!r}")
             return {} if self.frame_skip is None else {"frame_skip": self.frame_skip}
-        out: dict[str, Any] = {"make_kwargs": parse_make_kwargs(self.env_kwargs), "pixels": self.pixels,
-                               "sticky_actions": self.sticky_actions}
+        out: dict[str, Any] = {
+            "make_kwargs": parse_make_kwargs(self.env_kwargs),
+            "pixels": self.pixels,
+            "sticky_actions": self.sticky_actions,
+        }
         if self.env_module:
             out["module"] = self.env_module
         if self.frame_skip is not None:

@@ -32,9 +32,17 @@ class DreamVecEnv(VecEnv):
         **core_kw: sampling options of :class:`envs.dream.DreamCore` (temperature, top_k, context_frames, ...).
     """
 
-    def __init__(self, num_envs: int, checkpoint: str | os.PathLike | None = None, preset: str | None = None, *,
-                 device: str = "cpu", max_episode_steps: int | None = None, world_model: WorldModel | None = None,
-                 **core_kw: Any) -> None:
+    def __init__(
+        self,
+        num_envs: int,
+        checkpoint: str | os.PathLike | None = None,
+        preset: str | None = None,
+        *,
+        device: str = "cpu",
+        max_episode_steps: int | None = None,
+        world_model: WorldModel | None = None,
+        **core_kw: Any,
+    ) -> None:
         wm = world_model if world_model is not None else load_world_model(checkpoint, preset, device)
         self.core = DreamCore(wm, num_envs, **core_kw)
         self.world_model = wm
@@ -67,14 +75,22 @@ class DreamVecEnv(VecEnv):
             raise RuntimeError("step_wait() without step_async()")
         a, self._actions = self._actions, None
         if self.core.spec.kind == "discrete" and a.size == self.num_envs:
-            a = a.reshape(self.num_envs)  # SB3 may pass (N, 1); anything else is named by DreamCore.check_actions
+            a = a.reshape(
+                self.num_envs
+            )  # SB3 may pass (N, 1); anything else is named by DreamCore.check_actions
         obs, rew, term, info = self.core.step(a)
         trunc = np.zeros(self.num_envs, bool)
         if self.max_episode_steps is not None:
             trunc = (self.core.steps >= self.max_episode_steps) & ~term
         done = term | trunc
-        infos = [{"step": int(info["step"][i]), **{k: float(info[k][i]) for k in STEP_INFO_FLOATS},
-                  "TimeLimit.truncated": bool(trunc[i])} for i in range(self.num_envs)]
+        infos = [
+            {
+                "step": int(info["step"][i]),
+                **{k: float(info[k][i]) for k in STEP_INFO_FLOATS},
+                "TimeLimit.truncated": bool(trunc[i]),
+            }
+            for i in range(self.num_envs)
+        ]
         rows = np.flatnonzero(done).tolist()
         if rows:
             for i in rows:
@@ -99,7 +115,9 @@ class DreamVecEnv(VecEnv):
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
         setattr(self.core, attr_name, value)
 
-    def env_method(self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any) -> list[Any]:
+    def env_method(
+        self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any
+    ) -> list[Any]:
         fn = getattr(self.core, method_name)
         return [fn(*method_args, **method_kwargs) for _ in self._indices(indices)]
 

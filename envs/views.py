@@ -29,15 +29,19 @@ class TokenizerView:
     def __init__(self, wm: WorldModel) -> None:
         st = wm.cfg.tokenizer.stride[0]
         if st != 1:
-            raise ValueError(f"tokenizer view: the bundle's tokenizer has temporal stride {st}; a one-frame view "
-                             "needs stride 1 in time")
+            raise ValueError(
+                f"tokenizer view: the bundle's tokenizer has temporal stride {st}; a one-frame view "
+                "needs stride 1 in time"
+            )
         self.wm = wm
 
     @torch.inference_mode()
     def __call__(self, frames: np.ndarray) -> np.ndarray:
         x = np.asarray(frames)
         if x.ndim != 4 or x.dtype != np.uint8 or x.shape[1:] != tuple(self.wm.obs_shape):
-            raise ValueError(f"frames: got {x.dtype} {x.shape}, expected uint8 (N, {', '.join(map(str, self.wm.obs_shape))})")
+            raise ValueError(
+                f"frames: got {x.dtype} {x.shape}, expected uint8 (N, {', '.join(map(str, self.wm.obs_shape))})"
+            )
         clips = torch.from_numpy(np.ascontiguousarray(x[:, None])).to(self.wm.device)  # (N, 1, H, W, 3)
         return self.wm.tokenizer.decode(self.wm.tokenizer.encode(clips))[:, 0].cpu().numpy()
 

@@ -58,8 +58,16 @@ HGS_ACTIONS: tuple[tuple[str, tuple[int, ...]], ...] = (
     ("forward_left", (1, 0, 1)),
     ("forward_right", (0, 1, 1)),
 )
-BATTLE2_BUTTONS = ("MOVE_FORWARD", "MOVE_BACKWARD", "MOVE_RIGHT", "MOVE_LEFT", "TURN_LEFT", "TURN_RIGHT",
-                   "ATTACK", "SPEED")
+BATTLE2_BUTTONS = (
+    "MOVE_FORWARD",
+    "MOVE_BACKWARD",
+    "MOVE_RIGHT",
+    "MOVE_LEFT",
+    "TURN_LEFT",
+    "TURN_RIGHT",
+    "ATTACK",
+    "SPEED",
+)
 # Turning, running forward (SPEED held), and shooting while standing or aiming: the moves a
 # Battle2 agent needs; backward and strafing moves are left out to keep the action set small.
 BATTLE2_ACTIONS: tuple[tuple[str, tuple[int, ...]], ...] = (
@@ -79,7 +87,11 @@ BATTLE2_FILES = ("D4_battle2.wad", "D4_battle2.cfg")
 BATTLE2_REWARD_WEIGHTS = {"USER2": 1.0, "HEALTH": 0.5 / 30.0, "AMMO2": 0.5 / 7.5}
 
 
-_ACTIONS = {"vizdoom_hgs": HGS_ACTIONS, "vizdoom_battle2": BATTLE2_ACTIONS, "vizdoom_take_cover": TAKE_COVER_ACTIONS}
+_ACTIONS = {
+    "vizdoom_hgs": HGS_ACTIONS,
+    "vizdoom_battle2": BATTLE2_ACTIONS,
+    "vizdoom_take_cover": TAKE_COVER_ACTIONS,
+}
 
 
 def action_names(name: str) -> list[str]:
@@ -105,9 +117,11 @@ def resolve_battle2_path(path: str | os.PathLike | None) -> Path:
     p = Path(path)
     missing = [f for f in BATTLE2_FILES if not (p / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"battle2_path {p}: missing {', '.join(missing)}; expected a directory holding "
-                                f"{' and '.join(BATTLE2_FILES)} (CLI: --battle2-path DIR; leave it unset to use "
-                                f"the map shipped with the package)")
+        raise FileNotFoundError(
+            f"battle2_path {p}: missing {', '.join(missing)}; expected a directory holding "
+            f"{' and '.join(BATTLE2_FILES)} (CLI: --battle2-path DIR; leave it unset to use "
+            f"the map shipped with the package)"
+        )
     return p
 
 
@@ -141,9 +155,18 @@ class VizdoomEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": TICRATE / 4}
 
-    def __init__(self, name: str = "vizdoom_hgs", *, resolution: int = 64, frame_skip: int = 4,
-                 battle2_path: str | os.PathLike | None = None, max_episode_steps: int | None = None,
-                 render_mode: str | None = None, health_bar: bool = True, labels: bool = False) -> None:
+    def __init__(
+        self,
+        name: str = "vizdoom_hgs",
+        *,
+        resolution: int = 64,
+        frame_skip: int = 4,
+        battle2_path: str | os.PathLike | None = None,
+        max_episode_steps: int | None = None,
+        render_mode: str | None = None,
+        health_bar: bool = True,
+        labels: bool = False,
+    ) -> None:
         _check_env_args(name, resolution, frame_skip, render_mode)
         self.name, self.resolution, self.frame_skip = name, resolution, frame_skip
         self.health_bar, self.labels = health_bar, labels
@@ -172,7 +195,9 @@ class VizdoomEnv(gym.Env):
         game.set_mode(vzd.Mode.PLAYER)
         game.set_labels_buffer_enabled(labels)
         # ViZDoom writes its engine ini into the working directory unless told otherwise.
-        game.set_doom_config_path(os.path.join(tempfile.gettempdir(), f"worldmodel_vizdoom_{os.getuid()}.ini"))
+        game.set_doom_config_path(
+            os.path.join(tempfile.gettempdir(), f"worldmodel_vizdoom_{os.getuid()}.ini")
+        )
         try:
             prepare_engine_dir()
             game.init()  # starts the engine process
@@ -202,7 +227,9 @@ class VizdoomEnv(gym.Env):
 
                 self._objects = screen_boxes(state.labels, self.resolution)
             # Box (area) filter: every source pixel contributes, which avoids aliasing on downscale.
-            img = Image.fromarray(self._screen).resize((self.resolution, self.resolution), Image.Resampling.BOX)
+            img = Image.fromarray(self._screen).resize(
+                (self.resolution, self.resolution), Image.Resampling.BOX
+            )
             self._obs = np.asarray(img, dtype=np.uint8)
             if self.health_bar:
                 self._obs = self._obs.copy()
@@ -222,7 +249,9 @@ class VizdoomEnv(gym.Env):
         return info
 
     # -- Gymnasium API --------------------------------------------------------------------------
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         self.game.set_seed(int(self.np_random.integers(0, 2**31 - 1)))
         self.game.new_episode()
@@ -233,8 +262,10 @@ class VizdoomEnv(gym.Env):
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
         if not self.action_space.contains(action):
-            raise ValueError(f"action: got {action!r}, expected an int in [0, {self.action_space.n}) "
-                             f"({', '.join(action_names(self.name))})")
+            raise ValueError(
+                f"action: got {action!r}, expected an int in [0, {self.action_space.n}) "
+                f"({', '.join(action_names(self.name))})"
+            )
         if self.game.is_episode_finished():
             raise RuntimeError("step() called after the episode ended; call reset() first")
         reward = float(self.game.make_action(self._buttons[int(action)], self.frame_skip))
@@ -276,8 +307,10 @@ def prepare_engine_dir() -> None:
     try:
         os.makedirs("_vizdoom", exist_ok=True)
     except OSError as e:
-        raise RuntimeError(f"ViZDoom needs a writable working directory for its '_vizdoom/' scratch directory; "
-                           f"cannot create it in {os.getcwd()!r} ({e}). Run from a writable directory.") from e
+        raise RuntimeError(
+            f"ViZDoom needs a writable working directory for its '_vizdoom/' scratch directory; "
+            f"cannot create it in {os.getcwd()!r} ({e}). Run from a writable directory."
+        ) from e
 
 
 def _close_game(game: vzd.DoomGame) -> None:
@@ -296,16 +329,34 @@ def sigterm_exits() -> None:
     default action), so ``finally`` blocks and finalizers run and every ViZDoom engine is closed -- by
     default SIGTERM kills the interpreter outright and leaves engines running. The CLIs call it; env
     worker processes call it themselves (:func:`make_real_env_fn`)."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    ):
         signal.signal(signal.SIGTERM, _sigterm_to_system_exit)
 
 
-def make_real_env(name: str, *, resolution: int = 64, frame_skip: int = 4,
-                  battle2_path: str | os.PathLike | None = None, max_episode_steps: int | None = None,
-                  render_mode: str | None = None, seed: int | None = None, health_bar: bool = True) -> VizdoomEnv:
+def make_real_env(
+    name: str,
+    *,
+    resolution: int = 64,
+    frame_skip: int = 4,
+    battle2_path: str | os.PathLike | None = None,
+    max_episode_steps: int | None = None,
+    render_mode: str | None = None,
+    seed: int | None = None,
+    health_bar: bool = True,
+) -> VizdoomEnv:
     """Create the real env ``name`` (see :class:`VizdoomEnv`); ``seed`` seeds its first reset."""
-    env = VizdoomEnv(name, resolution=resolution, frame_skip=frame_skip, battle2_path=battle2_path,
-                     max_episode_steps=max_episode_steps, render_mode=render_mode, health_bar=health_bar)
+    env = VizdoomEnv(
+        name,
+        resolution=resolution,
+        frame_skip=frame_skip,
+        battle2_path=battle2_path,
+        max_episode_steps=max_episode_steps,
+        render_mode=render_mode,
+        health_bar=health_bar,
+    )
     if seed is not None:
         env.reset(seed=seed)
     return env
@@ -315,8 +366,16 @@ class RealEnvSpaces(gym.Env):
     """The observation and action spaces and the metadata of a real env (:class:`VizdoomEnv`), without its
     engine; arguments as :func:`make_real_env`, checked the same way. It cannot be reset or stepped."""
 
-    def __init__(self, name: str = "vizdoom_hgs", *, resolution: int = 64, frame_skip: int = 4,
-                 battle2_path: str | os.PathLike | None = None, render_mode: str | None = None, **_: Any) -> None:
+    def __init__(
+        self,
+        name: str = "vizdoom_hgs",
+        *,
+        resolution: int = 64,
+        frame_skip: int = 4,
+        battle2_path: str | os.PathLike | None = None,
+        render_mode: str | None = None,
+        **_: Any,
+    ) -> None:
         _check_env_args(name, resolution, frame_skip, render_mode)
         if name == "vizdoom_battle2":
             resolve_battle2_path(battle2_path)

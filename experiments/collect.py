@@ -83,17 +83,29 @@ def main(args: Args) -> None:
         if args.max_episode_steps is not None:
             env_kwargs["max_episode_steps"] = args.max_episode_steps
         out = args.out or f"data/{safe_name(args.env)}"
-        r = collect(args.env, out, args.episodes, policy=args.policy, num_envs=args.num_envs, seed=args.seed,
-                    mean_repeat=args.mean_repeat, episodes_per_shard=args.episodes_per_shard, env_kwargs=env_kwargs,
-                    trust_pickle=args.trust_pickle, merge=args.merge)
+        r = collect(
+            args.env,
+            out,
+            args.episodes,
+            policy=args.policy,
+            num_envs=args.num_envs,
+            seed=args.seed,
+            mean_repeat=args.mean_repeat,
+            episodes_per_shard=args.episodes_per_shard,
+            env_kwargs=env_kwargs,
+            trust_pickle=args.trust_pickle,
+            merge=args.merge,
+        )
     except (FileNotFoundError, ImportError, ValueError, StoreError) as e:
         sys.exit(f"error: {e}")
     if r.collected == 0:
         print(f"{r.store}: already holds {r.already_present} >= {r.requested} episodes; nothing to do")
         return
-    print(f"{r.store}: collected {r.collected} episodes ({r.env_steps} env steps); store now holds "
-          f"{r.already_present + r.collected}. Return {np.mean(r.returns):.1f} ± {np.std(r.returns):.1f}, "
-          f"length {np.mean(r.lengths):.0f} ± {np.std(r.lengths):.0f} frames")
+    print(
+        f"{r.store}: collected {r.collected} episodes ({r.env_steps} env steps); store now holds "
+        f"{r.already_present + r.collected}. Return {np.mean(r.returns):.1f} ± {np.std(r.returns):.1f}, "
+        f"length {np.mean(r.lengths):.0f} ± {np.std(r.lengths):.0f} frames"
+    )
 
 
 if __name__ == "__main__":

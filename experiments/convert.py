@@ -137,9 +137,13 @@ class Tgif(Common):
     """Convert (or with --download fetch) at most this many GIFs (default: all)."""
 
 
-Args = (Annotated[Bair, tyro.conf.subcommand("bair")] | Annotated[Robonet, tyro.conf.subcommand("robonet")]
-        | Annotated[Robomimic, tyro.conf.subcommand("robomimic")] | Annotated[Ucf101, tyro.conf.subcommand("ucf101")]
-        | Annotated[Tgif, tyro.conf.subcommand("tgif")])
+Args = (
+    Annotated[Bair, tyro.conf.subcommand("bair")]
+    | Annotated[Robonet, tyro.conf.subcommand("robonet")]
+    | Annotated[Robomimic, tyro.conf.subcommand("robomimic")]
+    | Annotated[Ucf101, tyro.conf.subcommand("ucf101")]
+    | Annotated[Tgif, tyro.conf.subcommand("tgif")]
+)
 
 
 def fetch(args: Common) -> None:
@@ -157,7 +161,9 @@ def fetch(args: Common) -> None:
     for url, path in plan:  # type: ignore[union-attr]
         print(f"{'would fetch' if dry else 'fetch'} {url} -> {path}")
     if isinstance(args, Tgif):
-        print(f"{'would fetch' if dry else 'then fetch'} the GIFs listed in the split files -> {args.src}/gifs/")
+        print(
+            f"{'would fetch' if dry else 'then fetch'} the GIFs listed in the split files -> {args.src}/gifs/"
+        )
     if dry:
         return
     if isinstance(args, Bair):
@@ -174,25 +180,70 @@ def fetch(args: Common) -> None:
 
 
 def convert(args: Common):
-    kw = {"skip_corrupt": args.skip_corrupt, "episodes_per_shard": args.episodes_per_shard, "merge": args.merge}
+    kw = {
+        "skip_corrupt": args.skip_corrupt,
+        "episodes_per_shard": args.episodes_per_shard,
+        "merge": args.merge,
+    }
     if isinstance(args, Bair):
-        return bair.convert(args.src, args.out, camera=args.camera, val_fraction=args.val_fraction,
-                            max_files=args.max_files, max_episodes=args.max_episodes, **kw)
+        return bair.convert(
+            args.src,
+            args.out,
+            camera=args.camera,
+            val_fraction=args.val_fraction,
+            max_files=args.max_files,
+            max_episodes=args.max_episodes,
+            **kw,
+        )
     if isinstance(args, Robonet):
-        return robonet.convert(args.src, args.out, camera=args.camera, robots=args.robots, resolution=args.resolution,
-                               action_dim=args.action_dim, val_fraction=args.val_fraction,
-                               test_fraction=args.test_fraction, max_files=args.max_files, **kw)
+        return robonet.convert(
+            args.src,
+            args.out,
+            camera=args.camera,
+            robots=args.robots,
+            resolution=args.resolution,
+            action_dim=args.action_dim,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            max_files=args.max_files,
+            **kw,
+        )
     if isinstance(args, Robomimic):
-        return robomimic.convert(args.src, args.out, camera=args.camera, resolution=args.resolution,
-                                 train_filter=args.train_filter, val_filter=args.val_filter,
-                                 test_filter=args.test_filter, max_demos=args.max_demos, **kw)
+        return robomimic.convert(
+            args.src,
+            args.out,
+            camera=args.camera,
+            resolution=args.resolution,
+            train_filter=args.train_filter,
+            val_filter=args.val_filter,
+            test_filter=args.test_filter,
+            max_demos=args.max_demos,
+            **kw,
+        )
     if isinstance(args, Ucf101):
-        return ucf101.convert(args.src, args.out, fold=args.fold, resolution=args.resolution,
-                              frame_skip=args.frame_skip, max_frames=args.max_frames, val_fraction=args.val_fraction,
-                              classes=args.classes, max_videos=args.max_videos, **kw)
+        return ucf101.convert(
+            args.src,
+            args.out,
+            fold=args.fold,
+            resolution=args.resolution,
+            frame_skip=args.frame_skip,
+            max_frames=args.max_frames,
+            val_fraction=args.val_fraction,
+            classes=args.classes,
+            max_videos=args.max_videos,
+            **kw,
+        )
     assert isinstance(args, Tgif)
-    return tgif.convert(args.src, args.out, gif_dir=args.gif_dir, resolution=args.resolution,
-                        frame_skip=args.frame_skip, max_frames=args.max_frames, max_videos=args.max_videos, **kw)
+    return tgif.convert(
+        args.src,
+        args.out,
+        gif_dir=args.gif_dir,
+        resolution=args.resolution,
+        frame_skip=args.frame_skip,
+        max_frames=args.max_frames,
+        max_videos=args.max_videos,
+        **kw,
+    )
 
 
 def main(args: Common) -> None:

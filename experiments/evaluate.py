@@ -61,27 +61,45 @@ class Args:
 def main(args: Args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = EvalSettings(split=args.split, n_episodes=args.n_episodes, context=args.context, horizon=args.horizon,
-                            temperature=args.temperature, seed=args.seed, fvd=args.fvd,
-                            i3d_weights=args.i3d_weights, dream_episodes=args.dream_episodes,
-                            dream_max_steps=args.dream_max_steps)
+    settings = EvalSettings(
+        split=args.split,
+        n_episodes=args.n_episodes,
+        context=args.context,
+        horizon=args.horizon,
+        temperature=args.temperature,
+        seed=args.seed,
+        fvd=args.fvd,
+        i3d_weights=args.i3d_weights,
+        dream_episodes=args.dream_episodes,
+        dream_max_steps=args.dream_max_steps,
+    )
     try:
-        report, path = evaluate_checkpoint(args.checkpoint, store=args.store, out=args.out, settings=settings,
-                                           device=args.device)
+        report, path = evaluate_checkpoint(
+            args.checkpoint, store=args.store, out=args.out, settings=settings, device=args.device
+        )
     except (ValueError, FileNotFoundError, StoreError) as e:
         sys.exit(f"error: {e}")
     ol = report["open_loop"]["at_horizon"]
-    print(json.dumps({
-        "eval_json": str(path), "recon_psnr": round(report["reconstruction"]["psnr"], 2),
-        f"psnr_step{ol['step']}": round(ol["psnr_model"], 2), f"copy_last_step{ol['step']}": round(ol["psnr_copy_last"], 2),
-        "termination_recall": report["termination"]["recall"],
-        "termination_recall_tuned": report["termination"]["tuned"].get("recall"),
-        "termination_threshold_tuned": report["termination"]["tuned"]["threshold"],
-        "dream_mean_length": report["dream_episodes"].get("sample", {}).get("mean_length"),
-        "real_mean_length": report["dream_episodes"].get("real_mean_length"),
-        "bits_per_dim": report["bits"].get("bits_per_dim"),
-        "fvd": report["fvd"], "fvd_reason": report["fvd_info"].get("reason"),
-        "frames_per_s": round(report["sampling"]["frames_per_s"], 1), "seconds": round(report["seconds"], 1)}))
+    print(
+        json.dumps(
+            {
+                "eval_json": str(path),
+                "recon_psnr": round(report["reconstruction"]["psnr"], 2),
+                f"psnr_step{ol['step']}": round(ol["psnr_model"], 2),
+                f"copy_last_step{ol['step']}": round(ol["psnr_copy_last"], 2),
+                "termination_recall": report["termination"]["recall"],
+                "termination_recall_tuned": report["termination"]["tuned"].get("recall"),
+                "termination_threshold_tuned": report["termination"]["tuned"]["threshold"],
+                "dream_mean_length": report["dream_episodes"].get("sample", {}).get("mean_length"),
+                "real_mean_length": report["dream_episodes"].get("real_mean_length"),
+                "bits_per_dim": report["bits"].get("bits_per_dim"),
+                "fvd": report["fvd"],
+                "fvd_reason": report["fvd_info"].get("reason"),
+                "frames_per_s": round(report["sampling"]["frames_per_s"], 1),
+                "seconds": round(report["seconds"], 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -79,22 +79,33 @@ def print_report(report: dict[str, Any]) -> None:
     """Per-iteration table, the comparison table, then the report as one JSON line (printed last)."""
     print(f"\n{'iteration':>9} {'real steps':>10} {'real return':>12} {'dream return':>13} {'gap':>9}")
     for r in report["iterations"]:
-        print(f"{r['iteration']:>9} {r['real_env_steps']:>10} {r['real_return']:>12.1f} {r['dream_return']:>13.1f} "
-              f"{r['gap']:>+9.1f}")
+        print(
+            f"{r['iteration']:>9} {r['real_env_steps']:>10} {r['real_return']:>12.1f} {r['dream_return']:>13.1f} "
+            f"{r['gap']:>+9.1f}"
+        )
     n = report["real_env_steps"]
     print(f"\n{'policy (real env)':<34} {'real steps':>10} {'return':>18} {'length':>7}")
     lines = [("model-based loop (PPO in the dream)", n, report["mbrl"]), ("random", 0, report["random"])]
     if "direct_ppo" in report:
-        lines.append(("PPO directly in the real env", report["direct_ppo"]["real_env_steps"], report["direct_ppo"]))
+        lines.append(
+            ("PPO directly in the real env", report["direct_ppo"]["real_env_steps"], report["direct_ppo"])
+        )
     for name, steps, s in lines:
         print(f"{name:<34} {steps:>10} {s['mean']:>10.1f} ± {s['std']:>5.1f} {s['mean_length']:>7.0f}")
-    summary = {"env": report["env"], "real_env_steps": n, "mbrl": round(report["mbrl"]["mean"], 1),
-               "random": round(report["random"]["mean"], 1),
-               "direct_ppo": round(report["direct_ppo"]["mean"], 1) if "direct_ppo" in report else None,
-               "direct_ppo_steps": report["direct_ppo"]["real_env_steps"] if "direct_ppo" in report else None,
-               "mbrl_vs_random": round(report["mbrl_vs_random"], 3),
-               "mbrl_vs_direct_ppo": round(report["mbrl_vs_direct_ppo"], 3) if "mbrl_vs_direct_ppo" in report else None,
-               "iterations": len(report["iterations"]), "minutes": report["minutes"]}
+    summary = {
+        "env": report["env"],
+        "real_env_steps": n,
+        "mbrl": round(report["mbrl"]["mean"], 1),
+        "random": round(report["random"]["mean"], 1),
+        "direct_ppo": round(report["direct_ppo"]["mean"], 1) if "direct_ppo" in report else None,
+        "direct_ppo_steps": report["direct_ppo"]["real_env_steps"] if "direct_ppo" in report else None,
+        "mbrl_vs_random": round(report["mbrl_vs_random"], 3),
+        "mbrl_vs_direct_ppo": round(report["mbrl_vs_direct_ppo"], 3)
+        if "mbrl_vs_direct_ppo" in report
+        else None,
+        "iterations": len(report["iterations"]),
+        "minutes": report["minutes"],
+    }
     print(json.dumps(summary))
 
 
@@ -123,7 +134,9 @@ def main(args: Args) -> dict[str, Any]:
         kw["max_episode_steps"] = args.real_max_episode_steps
     print(f"run directory: {run}\nstore: {cfg.data.store}")
     try:
-        report = run_mbrl(cfg, run, args.mbrl, env_kwargs=kw, progress=args.progress, trust_pickle=args.trust_pickle)
+        report = run_mbrl(
+            cfg, run, args.mbrl, env_kwargs=kw, progress=args.progress, trust_pickle=args.trust_pickle
+        )
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     print_report(report)

@@ -74,7 +74,9 @@ class Session:
         wm = load_world_model(args.checkpoint, args.env, args.device)
         spec = wm.action_spec
         if spec.kind != "discrete" or not spec.names:
-            raise ValueError(f"play needs a bundle with named discrete actions; {wm.path} has {spec.kind} actions")
+            raise ValueError(
+                f"play needs a bundle with named discrete actions; {wm.path} has {spec.kind} actions"
+            )
         self.names = spec.names
         self.dream = DreamEnv(world_model=wm, temperature=args.temperature)
         kw = real_env_kwargs(wm)  # the real env the bundle's data came from (frame skip, health bar)
@@ -90,8 +92,10 @@ class Session:
         self.scale = args.scale
 
     def view(self) -> np.ndarray:
-        frame = annotate(upscale(self.obs[self.mode], self.scale), [self.mode.upper(), self.info]
-                         + (["REC"] if self.recording else []))
+        frame = annotate(
+            upscale(self.obs[self.mode], self.scale),
+            [self.mode.upper(), self.info] + (["REC"] if self.recording else []),
+        )
         if self.recording:
             self.frames.append(frame)
         return frame
@@ -130,7 +134,9 @@ def run_scripted(s: Session, script: str, record: str | None) -> None:
         keys = {k.strip() for k in step.split("+") if k.strip()}
         unknown = keys - set(KEY_WORDS) - {"tab", "reset"}
         if unknown:
-            sys.exit(f"--keys: unknown key names {sorted(unknown)}; expected up, left, right, space, tab, reset")
+            sys.exit(
+                f"--keys: unknown key names {sorted(unknown)}; expected up, left, right, space, tab, reset"
+            )
         s.view()
         s.press(keys)
     s.view()
@@ -184,7 +190,9 @@ def main(args: Args) -> None:
         run_scripted(s, args.keys, args.record)
     else:
         if not os.environ.get("DISPLAY") and os.environ.get("SDL_VIDEODRIVER") != "dummy":
-            sys.exit("error: no display for the pygame window (set DISPLAY, or use --keys for a scripted session)")
+            sys.exit(
+                "error: no display for the pygame window (set DISPLAY, or use --keys for a scripted session)"
+            )
         run_interactive(s, args.record)
 
 

@@ -96,18 +96,34 @@ class Args:
 def _episode_trace(args: Args, wm: WorldModel) -> tuple[RolloutTrace, str]:
     store_path = args.store or wm.store_path
     if not store_path or not Path(store_path, "store.json").exists():
-        sys.exit(f"error: lockstep mode needs the episode store (bundle's store {store_path!r} not found); pass --store")
+        sys.exit(
+            f"error: lockstep mode needs the episode store (bundle's store {store_path!r} not found); pass --store"
+        )
     store = EpisodeStore(store_path)
     eid = args.episode_id
     if eid is None:
-        ids = [e for s in ("test", "val", "train") for e in store.episode_ids(s) if store.length(e) > args.context]
+        ids = [
+            e
+            for s in ("test", "val", "train")
+            for e in store.episode_ids(s)
+            if store.length(e) > args.context
+        ]
         if not ids:
             sys.exit(f"error: no episode in {store_path} is longer than the context ({args.context} frames)")
         held = [e for e in store.episode_ids("test") + store.episode_ids("val") if e in ids]
         pool = held or ids
         eid = pool[int(np.random.default_rng(args.seed).integers(len(pool)))]
-    trace = lockstep_trace(wm, store, eid, start=args.start, context=args.context, steps=args.steps,
-                           temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    trace = lockstep_trace(
+        wm,
+        store,
+        eid,
+        start=args.start,
+        context=args.context,
+        steps=args.steps,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     return trace, f"lockstep-{eid}"
 
 
@@ -122,8 +138,17 @@ def _follow_trace(args: Args, wm: WorldModel) -> tuple[RolloutTrace, str]:
         sys.exit(f"error: {e}")
     env = make_bundle_real_env(wm, battle2_path=args.battle2_path)
     try:
-        trace = follow_trace(wm, env, probe, steps=args.steps, context=args.context, resync_every=args.resync_every,
-                             seed=args.seed, temperature=args.temperature, top_k=args.top_k)
+        trace = follow_trace(
+            wm,
+            env,
+            probe,
+            steps=args.steps,
+            context=args.context,
+            resync_every=args.resync_every,
+            seed=args.seed,
+            temperature=args.temperature,
+            top_k=args.top_k,
+        )
     except ValueError as e:
         sys.exit(f"error: {e}")
     finally:
@@ -132,7 +157,9 @@ def _follow_trace(args: Args, wm: WorldModel) -> tuple[RolloutTrace, str]:
 
 
 def _dream_trace(args: Args, wm: WorldModel) -> tuple[RolloutTrace, str]:
-    env = DreamEnv(world_model=wm, temperature=args.temperature, top_k=args.top_k, context_frames=args.context)
+    env = DreamEnv(
+        world_model=wm, temperature=args.temperature, top_k=args.top_k, context_frames=args.context
+    )
     try:
         if args.policy != "random" and Path(args.policy).is_dir():
             probe = open_probe(args.policy, wm)  # a controller directory: its deterministic choice
@@ -150,16 +177,24 @@ def print_summary(summary: RolloutSummary) -> None:
     """Print the summary of a lockstep rollout as a few readable lines."""
     s = summary
     never = "never"
-    print(f"steps {s.steps}: mean PSNR dream vs real {s.mean_psnr_db:.2f} dB (open loop)"
-          + (f", {s.mean_psnr_resync_db:.2f} dB (re-synced every {s.resync_every})" if s.resync_every else ""))
-    print(f"first step below {s.psnr_threshold_db:g} dB: {s.first_divergence_step or never} (open loop)"
-          + (f", {s.first_divergence_step_resync or never} (re-synced)" if s.resync_every else ""))
-    print(f"return: real {s.real_return:.2f}, predicted {s.predicted_return:.2f} -> dream optimism {s.optimism:+.2f}"
-          + (f" (re-synced {s.optimism_resync:+.2f})" if s.resync_every else ""))
+    print(
+        f"steps {s.steps}: mean PSNR dream vs real {s.mean_psnr_db:.2f} dB (open loop)"
+        + (f", {s.mean_psnr_resync_db:.2f} dB (re-synced every {s.resync_every})" if s.resync_every else "")
+    )
+    print(
+        f"first step below {s.psnr_threshold_db:g} dB: {s.first_divergence_step or never} (open loop)"
+        + (f", {s.first_divergence_step_resync or never} (re-synced)" if s.resync_every else "")
+    )
+    print(
+        f"return: real {s.real_return:.2f}, predicted {s.predicted_return:.2f} -> dream optimism {s.optimism:+.2f}"
+        + (f" (re-synced {s.optimism_resync:+.2f})" if s.resync_every else "")
+    )
     if s.disagreement_steps is not None:
         steps = ", ".join(map(str, s.disagreement_steps)) or "none"
-        print(f"policy {s.policy}: chooses differently on the dream frame at {len(s.disagreement_steps)}/{s.steps} "
-              f"steps: {steps}")
+        print(
+            f"policy {s.policy}: chooses differently on the dream frame at {len(s.disagreement_steps)}/{s.steps} "
+            f"steps: {steps}"
+        )
 
 
 def main(args: Args) -> dict[str, Any]:
@@ -170,11 +205,16 @@ def main(args: Args) -> dict[str, Any]:
         sys.exit(f"error: {e}")
     mode = args.mode if args.mode != "auto" else ("episode" if args.policy == "episode" else "dream")
     if mode in ("follow", "dream") and args.policy == "episode":
-        sys.exit(f"error: --mode {mode} needs a policy: --policy random, a policy file or a controller directory")
+        sys.exit(
+            f"error: --mode {mode} needs a policy: --policy random, a policy file or a controller directory"
+        )
     if mode == "follow" and not has_real_env(wm):
-        print(f"note: the bundle models {wm.cfg.env!r}, a dataset without a real env here, so no policy can drive "
-              f"it: falling back to the recorded-episode lockstep (--mode episode), which replays a held-out "
-              f"episode's recorded actions; --policy {args.policy} is not run", file=sys.stderr)
+        print(
+            f"note: the bundle models {wm.cfg.env!r}, a dataset without a real env here, so no policy can drive "
+            f"it: falling back to the recorded-episode lockstep (--mode episode), which replays a held-out "
+            f"episode's recorded actions; --policy {args.policy} is not run",
+            file=sys.stderr,
+        )
         mode = "episode"
     if mode == "episode":
         trace, name = _episode_trace(args, wm)
@@ -183,20 +223,38 @@ def main(args: Args) -> dict[str, Any]:
     else:
         trace, name = _dream_trace(args, wm)
     stem = Path(args.out) if args.out else Path(wm.path) / "rollouts" / f"{name}-{args.seed}"
-    meta = {"bundle": str(wm.path), "mode": mode, "policy": args.policy, "seed": args.seed, "steps": trace.steps,
-            "context": args.context, "temperature": args.temperature}
+    meta = {
+        "bundle": str(wm.path),
+        "mode": mode,
+        "policy": args.policy,
+        "seed": args.seed,
+        "steps": trace.steps,
+        "context": args.context,
+        "temperature": args.temperature,
+    }
     if mode == "follow":
         meta.update(resync_every=args.resync_every, deterministic=args.deterministic)
-    files, summary = write_report(trace, stem, scale=args.upscale, fps=wm.fps, gif=args.gif,
-                                  psnr_threshold=args.psnr_threshold, title=f"{mode} rollout: {name}", meta=meta)
+    files, summary = write_report(
+        trace,
+        stem,
+        scale=args.upscale,
+        fps=wm.fps,
+        gif=args.gif,
+        psnr_threshold=args.psnr_threshold,
+        title=f"{mode} rollout: {name}",
+        meta=meta,
+    )
     if summary is not None:
         print_summary(summary)
     print(f"report: {files['html']}")
     out: dict[str, Any] = {k: str(v) for k, v in files.items()}
     out["mode"] = mode
     if summary is not None:
-        out.update(mean_psnr_db=round(summary.mean_psnr_db, 2), dream_optimism=round(summary.optimism, 2),
-                   first_divergence_step=summary.first_divergence_step)
+        out.update(
+            mean_psnr_db=round(summary.mean_psnr_db, 2),
+            dream_optimism=round(summary.optimism, 2),
+            first_divergence_step=summary.first_divergence_step,
+        )
     print(json.dumps(out))
     return out
 

@@ -78,7 +78,9 @@ def main(args: Args) -> dict[str, str]:
         args.class_id = [names.index(c.lower()) for c in args.class_name]
     if args.class_id is not None:
         if len(args.class_id) not in (1, args.n):
-            sys.exit(f"error: --class-id/--class-name: give 1 or {args.n} (= --n) labels, got {len(args.class_id)}")
+            sys.exit(
+                f"error: --class-id/--class-name: give 1 or {args.n} (= --n) labels, got {len(args.class_id)}"
+            )
         class_ids = np.array(args.class_id * args.n if len(args.class_id) == 1 else args.class_id)
     context = actions = real = None
     total = args.frames or cfg.frames
@@ -97,7 +99,10 @@ def main(args: Args) -> dict[str, str]:
                 break
         if not ids:
             sys.exit(f"error: no episode of {store.root} has the {length} frames a sample needs")
-        pick = [ids[i] for i in np.random.default_rng(args.seed).choice(len(ids), size=args.n, replace=len(ids) < args.n)]
+        pick = [
+            ids[i]
+            for i in np.random.default_rng(args.seed).choice(len(ids), size=args.n, replace=len(ids) < args.n)
+        ]
         clips = [store.read_clip(e, 0, length) for e in pick]
         real = np.stack([c["frames"] for c in clips])
         context = real[:, : max(args.context, k) * st]
@@ -110,19 +115,34 @@ def main(args: Args) -> dict[str, str]:
     if cfg.n_classes and class_ids is None:
         class_ids = np.random.default_rng(args.seed).integers(0, cfg.n_classes, args.n)
     try:
-        videos = sample_videos(wm, args.n, class_ids=class_ids, context=context, actions=actions, frames=total,
-                               temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+        videos = sample_videos(
+            wm,
+            args.n,
+            class_ids=class_ids,
+            context=context,
+            actions=actions,
+            frames=total,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
     except ValueError as e:
         sys.exit(f"error: {e}")
     T = videos.shape[1]
-    frames = [upscale(grid([videos[:, t]] if real is None else [real[:, t], videos[:, t]]), args.upscale) for t in range(T)]
+    frames = [
+        upscale(grid([videos[:, t]] if real is None else [real[:, t], videos[:, t]]), args.upscale)
+        for t in range(T)
+    ]
     stem = Path(args.out) if args.out else Path(args.checkpoint) / "samples" / f"sample-{args.seed}"
     paths = {"mp4": str(write_video(frames, stem.with_suffix(".mp4"), fps=wm.fps))}
     if args.gif:
         paths["gif"] = str(write_video(frames, stem.with_suffix(".gif"), fps=wm.fps))
         for i in range(args.n):
-            paths[f"gif{i}"] = str(write_video(upscale(videos[i], args.upscale), stem.with_name(f"{stem.name}-{i}.gif"),
-                                               fps=wm.fps))
+            paths[f"gif{i}"] = str(
+                write_video(
+                    upscale(videos[i], args.upscale), stem.with_name(f"{stem.name}-{i}.gif"), fps=wm.fps
+                )
+            )
     paths["frames"] = str(videos.shape[1])
     if class_ids is not None:
         paths["class_ids"] = " ".join(str(int(c)) for c in class_ids)

@@ -84,10 +84,14 @@ def render_rollouts(run_dir: Path, seed: int = 0, steps: int = 64) -> dict[str, 
     eid = max(ids, key=store.length)  # the longest held-out episode: the most steps to compare
     out = {}
     trace = lockstep_trace(wm, store, eid, steps=steps, seed=seed)
-    out["lockstep real · dream · |diff|"] = render_trace(trace, run_dir / "rollouts" / f"lockstep-{eid}", fps=wm.fps)["mp4"]
+    out["lockstep real · dream · |diff|"] = render_trace(
+        trace, run_dir / "rollouts" / f"lockstep-{eid}", fps=wm.fps
+    )["mp4"]
     env = DreamEnv(world_model=wm)
     trace = dream_trace(env, load_policy("random", env.action_space, seed), steps, seed=seed)
-    out["random policy in the dream"] = render_trace(trace, run_dir / "rollouts" / f"random-{seed}", fps=wm.fps)["mp4"]
+    out["random policy in the dream"] = render_trace(
+        trace, run_dir / "rollouts" / f"random-{seed}", fps=wm.fps
+    )["mp4"]
     return out
 
 
@@ -105,18 +109,29 @@ def parse(argv: list[str] | None = None) -> Args:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--env", default="vizdoom_hgs")
     pre.add_argument("--scale", default="tiny")
-    for flag, default in (("--env-module", None), ("--env-kwargs", "{}"), ("--pixels", "auto"), ("--frame-skip", None),
-                          ("--sticky-actions", 0.0)):
+    for flag, default in (
+        ("--env-module", None),
+        ("--env-kwargs", "{}"),
+        ("--pixels", "auto"),
+        ("--frame-skip", None),
+        ("--sticky-actions", 0.0),
+    ):
         pre.add_argument(flag, default=default, type=type(default) if default is not None else None)
     known, _ = pre.parse_known_args(argv)
     if not is_preset(known.env):
-        sys.exit(f"--env {known.env!r}: unknown preset; expected one of {preset_names()} or gym:<Gymnasium id>")
+        sys.exit(
+            f"--env {known.env!r}: unknown preset; expected one of {preset_names()} or gym:<Gymnasium id>"
+        )
     if known.scale not in SCALES:
         sys.exit(f"--scale {known.scale!r}: expected one of {list(SCALES)}")
     if is_gym_env(known.env):  # the generic preset, built from the env's spaces (one probe of the env)
-        opts = EnvOptions(env_module=known.env_module, env_kwargs=known.env_kwargs, pixels=known.pixels,
-                          frame_skip=None if known.frame_skip is None else int(known.frame_skip),
-                          sticky_actions=known.sticky_actions)
+        opts = EnvOptions(
+            env_module=known.env_module,
+            env_kwargs=known.env_kwargs,
+            pixels=known.pixels,
+            frame_skip=None if known.frame_skip is None else int(known.frame_skip),
+            sticky_actions=known.sticky_actions,
+        )
         try:
             register_gym_preset(known.env, **opts.env_kwargs_for(known.env))
         except (ImportError, ValueError) as e:
@@ -132,7 +147,9 @@ def main(args: Args) -> None:
     di = setup_distributed(args.device)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.env, args.scale)
     cfg = args.config
-    if args.real != EnvOptions():  # env flags given with a preset they do not apply to: say so, do not ignore them
+    if (
+        args.real != EnvOptions()
+    ):  # env flags given with a preset they do not apply to: say so, do not ignore them
         try:
             args.real.env_kwargs_for(cfg.env)
         except ValueError as e:
@@ -147,8 +164,10 @@ def main(args: Args) -> None:
     if "collect" in stage_list:
         if args.stage == "collect" or not (Path(cfg.data.store) / "store.json").exists():
             if not is_real_env(cfg.env):
-                sys.exit(f"store {cfg.data.store} is missing and preset {args.env!r} has no real env to collect from; "
-                         f"convert a dataset first (python experiments/convert.py ...)")
+                sys.exit(
+                    f"store {cfg.data.store} is missing and preset {args.env!r} has no real env to collect from; "
+                    f"convert a dataset first (python experiments/convert.py ...)"
+                )
             if di.is_main:
                 from envs.collect import collect
 
@@ -198,12 +217,18 @@ def main(args: Args) -> None:
                 dream_id = id_for_preset(cfg.name)
             except ValueError:
                 dream_id = GENERIC_ID  # every bundle: gym.make("VideoGPTDream-v0", checkpoint=DIR)
-            print(f"dream env:   import envs, gymnasium as gym; env = gym.make({dream_id!r}, "
-                  f"checkpoint={str(run_dir.resolve())!r})")
+            print(
+                f"dream env:   import envs, gymnasium as gym; env = gym.make({dream_id!r}, "
+                f"checkpoint={str(run_dir.resolve())!r})"
+            )
             if is_real_env(cfg.env):
-                print(f"policy:      python experiments/train_policy.py --env {cfg.name} --checkpoint {run_dir} --eval-real")
+                print(
+                    f"policy:      python experiments/train_policy.py --env {cfg.name} --checkpoint {run_dir} --eval-real"
+                )
         for name, r in results.items():
-            print(f"{name}: {r.step} steps in {r.minutes:.1f} min; val {json.dumps({k: round(v, 4) for k, v in r.val_metrics.items()})}")
+            print(
+                f"{name}: {r.step} steps in {r.minutes:.1f} min; val {json.dumps({k: round(v, 4) for k, v in r.val_metrics.items()})}"
+            )
     if di.world_size > 1:
         torch.distributed.destroy_process_group()
 
@@ -214,5 +239,7 @@ if __name__ == "__main__":
     try:
         main(parse())
     except (StoreError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}\n(collect with experiments/collect.py or convert a dataset with experiments/convert.py, "
-                 f"then pass --config.data.store DIR)")
+        sys.exit(
+            f"error: {e}\n(collect with experiments/collect.py or convert a dataset with experiments/convert.py, "
+            f"then pass --config.data.store DIR)"
+        )

@@ -106,16 +106,24 @@ def main(args: Args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     algo = args.algo if args.algo != "auto" else ("cmaes" if args.env == "vizdoom_take_cover" else "ppo")
-    if algo == "ppo" and args.out is not None and not args.out.endswith(".safetensors"):  # checked before training
-        sys.exit(f"error: --out {args.out!r}: a PPO policy file is safetensors; expected a name ending in "
-                 "'.safetensors' (--algo cmaes saves a directory)")
+    if (
+        algo == "ppo" and args.out is not None and not args.out.endswith(".safetensors")
+    ):  # checked before training
+        sys.exit(
+            f"error: --out {args.out!r}: a PPO policy file is safetensors; expected a name ending in "
+            "'.safetensors' (--algo cmaes saves a directory)"
+        )
     if args.eval_real and not is_real_env(args.env):  # checked before training
-        sys.exit(f"error: --eval-real: --env {args.env!r} has no real env; expected a ViZDoom preset or gym:<Gymnasium id>")
+        sys.exit(
+            f"error: --eval-real: --env {args.env!r} has no real env; expected a ViZDoom preset or gym:<Gymnasium id>"
+        )
     if args.lockstep_every < 0:
         sys.exit(f"error: --lockstep-every {args.lockstep_every}: expected timesteps >= 1, or 0 (off)")
     if algo != "ppo" and args.lockstep_every:
-        sys.exit("error: --lockstep-every is an SB3 callback of --algo ppo; for a controller, run "
-                 "rollout.py --policy <controller dir> --mode follow after training")
+        sys.exit(
+            "error: --lockstep-every is an SB3 callback of --algo ppo; for a controller, run "
+            "rollout.py --policy <controller dir> --mode follow after training"
+        )
     try:
         wm = load_world_model(args.checkpoint, args.env, args.device)
     except (FileNotFoundError, ValueError) as e:
@@ -123,32 +131,66 @@ def main(args: Args) -> dict:
     run = Path(wm.path)
     callbacks = []
     if args.lockstep_every:
-        real_env = (lambda: make_bundle_real_env(wm, battle2_path=args.battle2_path)) if has_real_env(wm) else None
+        real_env = (
+            (lambda: make_bundle_real_env(wm, battle2_path=args.battle2_path)) if has_real_env(wm) else None
+        )
         if real_env is None:
-            print(f"note: the bundle models {wm.cfg.env!r}, which has no real env here: the lockstep videos replay "
-                  "held-out recorded episodes in the dream instead", file=sys.stderr)
-        callbacks.append(LockstepVideoCallback(wm, real_env, every=args.lockstep_every, steps=args.lockstep_steps,
-                                               resync_every=args.lockstep_resync_every, seed=args.seed))
-    dream_kw = {"temperature": args.temperature, "top_k": args.top_k, "context_frames": args.context_frames,
-                "termination": args.termination, "termination_threshold": args.termination_threshold,
-                "decode": args.decode, "maskgit_steps": args.maskgit_steps}
+            print(
+                f"note: the bundle models {wm.cfg.env!r}, which has no real env here: the lockstep videos replay "
+                "held-out recorded episodes in the dream instead",
+                file=sys.stderr,
+            )
+        callbacks.append(
+            LockstepVideoCallback(
+                wm,
+                real_env,
+                every=args.lockstep_every,
+                steps=args.lockstep_steps,
+                resync_every=args.lockstep_resync_every,
+                seed=args.seed,
+            )
+        )
+    dream_kw = {
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "context_frames": args.context_frames,
+        "termination": args.termination,
+        "termination_threshold": args.termination_threshold,
+        "decode": args.decode,
+        "maskgit_steps": args.maskgit_steps,
+    }
     if algo == "ppo":
-        model, venv = train_ppo(wm, args.timesteps, num_envs=args.num_envs, ppo=args.ppo, seed=args.seed,
-                                max_episode_steps=args.max_episode_steps, tensorboard_log=run / "tb_policy",
-                                callbacks=callbacks or None, progress_bar=args.progress, **dream_kw)
+        model, venv = train_ppo(
+            wm,
+            args.timesteps,
+            num_envs=args.num_envs,
+            ppo=args.ppo,
+            seed=args.seed,
+            max_episode_steps=args.max_episode_steps,
+            tensorboard_log=run / "tb_policy",
+            callbacks=callbacks or None,
+            progress_bar=args.progress,
+            **dream_kw,
+        )
         out = save_policy(model, args.out or run / "policies" / "ppo_dream.safetensors")
     else:
         c = args.cmaes
-        evo_env = DreamVectorEnv(c.popsize * c.episodes, world_model=wm, max_episode_steps=c.max_episode_steps, **dream_kw)
+        evo_env = DreamVectorEnv(
+            c.popsize * c.episodes, world_model=wm, max_episode_steps=c.max_episode_steps, **dream_kw
+        )
 
         def log(row: dict[str, float]) -> None:
             if args.progress:
-                print(f"generation {row['generation']:3d}: mean {row['mean_return']:7.1f}  best {row['best_return']:7.1f}  "
-                      f"length {row['mean_length']:5.1f}  sigma {row['sigma']:.3f}  ({row['seconds']:.1f} s)")
+                print(
+                    f"generation {row['generation']:3d}: mean {row['mean_return']:7.1f}  best {row['best_return']:7.1f}  "
+                    f"length {row['mean_length']:5.1f}  sigma {row['sigma']:.3f}  ({row['seconds']:.1f} s)"
+                )
 
         model, history = train_cmaes(wm, evo_env, c, seed=args.seed, log=log)
         out = save_controller(model, args.out or run / "policies" / "cmaes_dream", {"history": history})
-        venv = DreamVecEnv(args.num_envs, world_model=wm, max_episode_steps=args.max_episode_steps, **dream_kw)
+        venv = DreamVecEnv(
+            args.num_envs, world_model=wm, max_episode_steps=args.max_episode_steps, **dream_kw
+        )
     print(f"policy: {out}")
     report: dict = {"policy": str(out), "algo": algo, "timesteps": args.timesteps}
     if args.eval_real:
@@ -157,21 +199,35 @@ def main(args: Args) -> dict:
         if args.battle2_path:
             kw["battle2_path"] = args.battle2_path
         n, s = args.eval_episodes, args.seed
-        rows = {f"{algo} (dream-trained)": (score_dream(model, venv, n, seed=s), score_real(model, args.env, H, n, seed=s, **kw)),
-                "random": (score_dream(None, venv, n, seed=s), score_real(None, args.env, H, n, seed=s, **kw))}
+        rows = {
+            f"{algo} (dream-trained)": (
+                score_dream(model, venv, n, seed=s),
+                score_real(model, args.env, H, n, seed=s, **kw),
+            ),
+            "random": (score_dream(None, venv, n, seed=s), score_real(None, args.env, H, n, seed=s, **kw)),
+        }
         print(f"\n{'policy':22s} {'dream return':>40s}   {'real return':>40s}   gap (dream - real)")
         for name, (d, r) in rows.items():
             print(f"{name:22s} {d!s:>40s}   {r!s:>40s}   {d.mean - r.mean:+.1f}")
         report["scores"] = {k: {"dream": vars(d), "real": vars(r)} for k, (d, r) in rows.items()}
-        report["real_return_vs_random"] = rows[f"{algo} (dream-trained)"][1].mean / max(rows["random"][1].mean, 1e-9)
+        report["real_return_vs_random"] = rows[f"{algo} (dream-trained)"][1].mean / max(
+            rows["random"][1].mean, 1e-9
+        )
         # the ratio means little where returns can be negative (Pong: -21..21); the difference always does
         report["real_return_minus_random"] = rows[f"{algo} (dream-trained)"][1].mean - rows["random"][1].mean
         write_json(out.with_suffix(".eval.json") if out.is_file() else out / "eval.json", report)
         trained = rows[f"{algo} (dream-trained)"]
-        print(json.dumps({f"real_{algo}": round(trained[1].mean, 1), "real_random": round(rows["random"][1].mean, 1),
-                          f"dream_{algo}": round(trained[0].mean, 1),
-                          "real_return_vs_random": round(report["real_return_vs_random"], 2),
-                          "real_return_minus_random": round(report["real_return_minus_random"], 1)}))
+        print(
+            json.dumps(
+                {
+                    f"real_{algo}": round(trained[1].mean, 1),
+                    "real_random": round(rows["random"][1].mean, 1),
+                    f"dream_{algo}": round(trained[0].mean, 1),
+                    "real_return_vs_random": round(report["real_return_vs_random"], 2),
+                    "real_return_minus_random": round(report["real_return_minus_random"], 1),
+                }
+            )
+        )
     return report
 
 

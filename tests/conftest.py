@@ -24,15 +24,32 @@ from worldmodel.config import DataConfig, ExperimentConfig, PriorConfig, Tokeniz
 TINY_RES = 32
 
 
-def tiny_experiment(store: str | Path, *, name: str = "vizdoom_hgs", clip_len: int = 4, steps: int = 6) -> ExperimentConfig:
+def tiny_experiment(
+    store: str | Path, *, name: str = "vizdoom_hgs", clip_len: int = 4, steps: int = 6
+) -> ExperimentConfig:
     """A tiny experiment over ``store`` (32×32 frames, 4×4 tokens, 1-layer prior of width 32)."""
-    tt = TrainConfig(steps=steps, batch_size=2, lr=1e-3, warmup_steps=1, log_every=1, eval_every=steps, ckpt_every=steps)
+    tt = TrainConfig(
+        steps=steps, batch_size=2, lr=1e-3, warmup_steps=1, log_every=1, eval_every=steps, ckpt_every=steps
+    )
     return ExperimentConfig(
-        name=name, scale="tiny", env=name, data=DataConfig(store=str(store), clip_len=clip_len),
-        tokenizer=TokenizerConfig(resolution=TINY_RES, stride=(1, 8, 8), channels=16, n_res_layers=1, n_heads=2,
-                                  codebook_size=32, embedding_dim=8, max_frames=clip_len),
+        name=name,
+        scale="tiny",
+        env=name,
+        data=DataConfig(store=str(store), clip_len=clip_len),
+        tokenizer=TokenizerConfig(
+            resolution=TINY_RES,
+            stride=(1, 8, 8),
+            channels=16,
+            n_res_layers=1,
+            n_heads=2,
+            codebook_size=32,
+            embedding_dim=8,
+            max_frames=clip_len,
+        ),
         prior=PriorConfig(n_layer=1, n_head=2, n_embd=32, dropout=0.0, attn_dropout=0.0, frames=clip_len),
-        tokenizer_train=tt, prior_train=tt)
+        tokenizer_train=tt,
+        prior_train=tt,
+    )
 
 
 def make_bundle(cfg: ExperimentConfig, run_dir: str | Path, seed: int = 0) -> Path:
@@ -67,8 +84,15 @@ def hgs_store(tmp_path_factory) -> Path:
     from envs.collect import collect
 
     root = tmp_path_factory.mktemp("hgs_store")
-    collect("vizdoom_hgs", root, 8, num_envs=1, asynchronous=False, progress=False,
-            env_kwargs={"resolution": TINY_RES, "max_episode_steps": 24})
+    collect(
+        "vizdoom_hgs",
+        root,
+        8,
+        num_envs=1,
+        asynchronous=False,
+        progress=False,
+        env_kwargs={"resolution": TINY_RES, "max_episode_steps": 24},
+    )
     return root
 
 
@@ -84,7 +108,15 @@ def hgs_store64(tmp_path_factory) -> Path:
     from envs.collect import collect
 
     root = tmp_path_factory.mktemp("hgs_store64")
-    collect("vizdoom_hgs", root, 6, num_envs=1, asynchronous=False, progress=False, env_kwargs={"max_episode_steps": 24})
+    collect(
+        "vizdoom_hgs",
+        root,
+        6,
+        num_envs=1,
+        asynchronous=False,
+        progress=False,
+        env_kwargs={"max_episode_steps": 24},
+    )
     return root
 
 
@@ -94,21 +126,38 @@ def tiny_bundle64(tmp_path_factory, hgs_store64) -> Path:
     return make_bundle(tiny_experiment(hgs_store64), tmp_path_factory.mktemp("bundle64") / "vizdoom_hgs-tiny")
 
 
-def write_continuous_store(root: str | Path, *, source: str, dim: int, episodes: int = 6, length: int = 12,
-                           resolution: int = TINY_RES, seed: int = 0) -> Path:
+def write_continuous_store(
+    root: str | Path,
+    *,
+    source: str,
+    dim: int,
+    episodes: int = 6,
+    length: int = 12,
+    resolution: int = TINY_RES,
+    seed: int = 0,
+) -> Path:
     """A small store with continuous actions (frames: a square moved by the actions), like BAIR/RoboNet."""
     import numpy as np
 
     from worldmodel.store import ActionSpec, StoreWriter
 
     rng = np.random.default_rng(seed)
-    with StoreWriter(root, source=source, obs_shape=(resolution, resolution, 3), action_spec=ActionSpec.continuous(dim),
-                     fps=10.0, val_fraction=0.2, test_fraction=0.2) as w:
+    with StoreWriter(
+        root,
+        source=source,
+        obs_shape=(resolution, resolution, 3),
+        action_spec=ActionSpec.continuous(dim),
+        fps=10.0,
+        val_fraction=0.2,
+        test_fraction=0.2,
+    ) as w:
         for _ in range(episodes):
             acts = rng.uniform(-2, 2, (length - 1, dim)).astype(np.float32)
-            pos = np.cumsum(np.vstack([np.full((1, 2), resolution / 2), acts[:, :2]]), 0).astype(int) % (resolution - 6)
+            pos = np.cumsum(np.vstack([np.full((1, 2), resolution / 2), acts[:, :2]]), 0).astype(int) % (
+                resolution - 6
+            )
             frames = np.zeros((length, resolution, resolution, 3), np.uint8)
             for t, (y, x) in enumerate(pos):
-                frames[t, y:y + 6, x:x + 6] = 255
+                frames[t, y : y + 6, x : x + 6] = 255
             w.add_episode(frames, acts)
     return Path(root)

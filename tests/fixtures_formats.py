@@ -34,11 +34,13 @@ def moving_frames(T: int, H: int, W: int, seed: int = 0) -> np.ndarray:
     c0 = rng.uniform(0.2, 0.8, 3).astype(np.float32)
     out = np.empty((T, H, W, 3), np.uint8)
     for t in range(T):
-        base = np.stack([x / max(W - 1, 1), y / max(H - 1, 1), 0.5 + 0.5 * np.sin((x + y) / 9.0 + 0.9 * t)], -1)
+        base = np.stack(
+            [x / max(W - 1, 1), y / max(H - 1, 1), 0.5 + 0.5 * np.sin((x + y) / 9.0 + 0.9 * t)], -1
+        )
         img = 0.6 * base + 0.4 * c0
         s = max(4, H // 4)
         cy, cx = (t * 5 + seed) % max(1, H - s), (t * 4 + 3 * seed) % max(1, W - s)
-        img[cy:cy + s, cx:cx + s] = [0.95, 0.9, 0.6]
+        img[cy : cy + s, cx : cx + s] = [0.95, 0.9, 0.6]
         out[t] = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return out
 
@@ -81,8 +83,10 @@ def pb_feature(value: bytes | list[bytes] | np.ndarray) -> bytes:
 
 def pb_example(features: dict[str, bytes | list[bytes] | np.ndarray]) -> bytes:
     """A serialized ``tensorflow.Example``: Example.features(1) -> Features.feature(1) map entries."""
-    entries = b"".join(_len_delimited(1, _len_delimited(1, k.encode()) + _len_delimited(2, pb_feature(v)))
-                       for k, v in features.items())
+    entries = b"".join(
+        _len_delimited(1, _len_delimited(1, k.encode()) + _len_delimited(2, pb_feature(v)))
+        for k, v in features.items()
+    )
     return _len_delimited(1, entries)
 
 
@@ -102,8 +106,12 @@ def tfrecord_bytes(records: list[bytes]) -> bytes:
 def bair_example(seed: int, T: int = 30) -> tuple[bytes, dict[str, np.ndarray]]:
     """One BAIR-format Example and its ground truth (``aux1``, ``main``, ``action``, ``eef``)."""
     rng = np.random.default_rng(seed)
-    truth = {"aux1": moving_frames(T, 64, 64, seed), "main": moving_frames(T, 64, 64, seed + 100)[..., ::-1].copy(),
-             "action": rng.normal(size=(T, 4)).astype(np.float32), "eef": rng.normal(size=(T, 3)).astype(np.float32)}
+    truth = {
+        "aux1": moving_frames(T, 64, 64, seed),
+        "main": moving_frames(T, 64, 64, seed + 100)[..., ::-1].copy(),
+        "action": rng.normal(size=(T, 4)).astype(np.float32),
+        "eef": rng.normal(size=(T, 3)).astype(np.float32),
+    }
     feats: dict[str, bytes | list[bytes] | np.ndarray] = {}
     for t in range(T):
         feats[f"{t}/action"] = truth["action"][t]
@@ -156,16 +164,38 @@ def cv2_style_jpeg(frame: np.ndarray) -> np.ndarray:
     return np.frombuffer(buf.getvalue(), dtype=np.uint8)
 
 
-ROBONET_META = {"camera_configuration": "multiview_3", "policy_desc": "random", "bin_type": "metal",
-                "bin_insert": "none", "robot": "sawyer", "gripper": "default", "background": "lab",
-                "action_space": "x,y,z,theta", "object_classes": ["toy", "cloth"], "primitives": "autograsp",
-                "camera_type": "Logitech C920", "contains_annotation": False,
-                "low_bound": np.array([0.4, -0.2, 0.1, -3.14, -1.0]), "high_bound": np.array([0.9, 0.2, 0.3, 3.14, 1.0])}
+ROBONET_META = {
+    "camera_configuration": "multiview_3",
+    "policy_desc": "random",
+    "bin_type": "metal",
+    "bin_insert": "none",
+    "robot": "sawyer",
+    "gripper": "default",
+    "background": "lab",
+    "action_space": "x,y,z,theta",
+    "object_classes": ["toy", "cloth"],
+    "primitives": "autograsp",
+    "camera_type": "Logitech C920",
+    "contains_annotation": False,
+    "low_bound": np.array([0.4, -0.2, 0.1, -3.14, -1.0]),
+    "high_bound": np.array([0.9, 0.2, 0.3, 3.14, 1.0]),
+}
 
 
-def write_robonet(path: Path, *, T: int = 12, H: int = 48, W: int = 64, n_cams: int = 2, adim: int = 4,
-                  encoding: str = "mp4", image_format: str = "RGB", seed: int = 0, meta: dict | None = None,
-                  img_T: int | None = None) -> dict[str, np.ndarray]:
+def write_robonet(
+    path: Path,
+    *,
+    T: int = 12,
+    H: int = 48,
+    W: int = 64,
+    n_cams: int = 2,
+    adim: int = 4,
+    encoding: str = "mp4",
+    image_format: str = "RGB",
+    seed: int = 0,
+    meta: dict | None = None,
+    img_T: int | None = None,
+) -> dict[str, np.ndarray]:
     """One RoboNet file; returns ``{"frames": (n_cams, T, H, W, 3) true RGB, "actions", "states"}``."""
     rng = np.random.default_rng(seed)
     frames = np.stack([moving_frames(T, H, W, seed + 7 * c) for c in range(n_cams)])
@@ -207,8 +237,15 @@ def write_robonet(path: Path, *, T: int = 12, H: int = 48, W: int = 64, n_cams: 
 # ----------------------------------------------------------------------------------------------
 
 
-def write_robomimic(path: Path, lengths: tuple[int, ...] = (5, 7, 4, 6), H: int = 84, W: int = 84, A: int = 7,
-                    masks: dict[str, list[int]] | None = None, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+def write_robomimic(
+    path: Path,
+    lengths: tuple[int, ...] = (5, 7, 4, 6),
+    H: int = 84,
+    W: int = 84,
+    A: int = 7,
+    masks: dict[str, list[int]] | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, np.ndarray]]:
     """robomimic's documented structure; returns ``{demo: {obs, next_obs, actions, rewards, dones}}``."""
     rng = np.random.default_rng(seed)
     masks = {"train": [0, 1, 2], "valid": [3]} if masks is None else masks
@@ -221,8 +258,13 @@ def write_robomimic(path: Path, lengths: tuple[int, ...] = (5, 7, 4, 6), H: int 
         for i, N in enumerate(lengths):
             seq = moving_frames(N + 1, H, W, seed + i)
             eye = moving_frames(N + 1, H, W, seed + 50 + i)
-            d = {"obs": seq[:-1], "next_obs": seq[1:], "actions": rng.uniform(-1, 1, (N, A)),
-                 "rewards": np.zeros(N), "dones": np.zeros(N, np.int64)}
+            d = {
+                "obs": seq[:-1],
+                "next_obs": seq[1:],
+                "actions": rng.uniform(-1, 1, (N, A)),
+                "rewards": np.zeros(N),
+                "dones": np.zeros(N, np.int64),
+            }
             d["rewards"][-1], d["dones"][-1] = 1.0, 1
             g = data.create_group(f"demo_{i}")
             g.attrs["num_samples"] = N
@@ -272,8 +314,15 @@ def write_avi(path: Path, frames: np.ndarray, *, codec: str = "mpeg4", fps: int 
 UCF_CLASSES = ["ApplyEyeMakeup", "Basketball", "HandstandPushups"]
 
 
-def write_ucf(root: Path, *, groups: tuple[int, ...] = (1, 2, 8, 9), T: int = 10, H: int = 60, W: int = 80,
-              codec: str = "mpeg4") -> dict[str, tuple[int, np.ndarray]]:
+def write_ucf(
+    root: Path,
+    *,
+    groups: tuple[int, ...] = (1, 2, 8, 9),
+    T: int = 10,
+    H: int = 60,
+    W: int = 80,
+    codec: str = "mpeg4",
+) -> dict[str, tuple[int, np.ndarray]]:
     """``root/UCF-101/<Class>/v_<Class>_gGG_c01.avi`` + ``root/ucfTrainTestlist``; fold 1: g01-g07 test.
 
     Reproduces the real lists' quirks: CRLF line endings, and the ``HandstandPushups`` class whose
@@ -281,7 +330,9 @@ def write_ucf(root: Path, *, groups: tuple[int, ...] = (1, 2, 8, 9), T: int = 10
     """
     lists = root / "ucfTrainTestlist"
     lists.mkdir(parents=True, exist_ok=True)
-    (lists / "classInd.txt").write_bytes("".join(f"{i + 1} {c}\r\n" for i, c in enumerate(UCF_CLASSES)).encode())
+    (lists / "classInd.txt").write_bytes(
+        "".join(f"{i + 1} {c}\r\n" for i, c in enumerate(UCF_CLASSES)).encode()
+    )
     truth, train, test = {}, [], []
     for label, cls in enumerate(UCF_CLASSES):
         file_cls = "HandStandPushups" if cls == "HandstandPushups" else cls
@@ -292,8 +343,9 @@ def write_ucf(root: Path, *, groups: tuple[int, ...] = (1, 2, 8, 9), T: int = 10
             truth[stem] = (label, frames)
             (test if g <= 7 else train).append(f"{cls}/{stem}.avi")
     for fold in (1, 2, 3):
-        (lists / f"trainlist0{fold}.txt").write_bytes("".join(
-            f"{r} {UCF_CLASSES.index(r.split('/')[0]) + 1}\r\n" for r in train).encode())
+        (lists / f"trainlist0{fold}.txt").write_bytes(
+            "".join(f"{r} {UCF_CLASSES.index(r.split('/')[0]) + 1}\r\n" for r in train).encode()
+        )
         (lists / f"testlist0{fold}.txt").write_bytes("".join(f"{r}\r\n" for r in test).encode())
     return truth
 
@@ -302,8 +354,19 @@ def write_ucf(root: Path, *, groups: tuple[int, ...] = (1, 2, 8, 9), T: int = 10
 # TGIF
 # ----------------------------------------------------------------------------------------------
 
-GIF_PALETTE = np.array([[0, 0, 0], [255, 255, 255], [230, 30, 30], [30, 200, 60], [40, 60, 220], [250, 220, 40],
-                        [120, 40, 160], [90, 90, 90]], np.uint8)
+GIF_PALETTE = np.array(
+    [
+        [0, 0, 0],
+        [255, 255, 255],
+        [230, 30, 30],
+        [30, 200, 60],
+        [40, 60, 220],
+        [250, 220, 40],
+        [120, 40, 160],
+        [90, 90, 90],
+    ],
+    np.uint8,
+)
 
 
 def gif_frames(T: int, H: int, W: int, seed: int = 0) -> np.ndarray:
@@ -313,7 +376,7 @@ def gif_frames(T: int, H: int, W: int, seed: int = 0) -> np.ndarray:
     for t in range(T):
         fr = idx.copy()
         y, x = (2 * t) % (H - 8), (3 * t + seed) % (W - 8)
-        fr[y:y + 8, x:x + 8] = 5 + (t % 3)
+        fr[y : y + 8, x : x + 8] = 5 + (t % 3)
         out[t] = GIF_PALETTE[fr]
     return out
 
@@ -327,28 +390,38 @@ def write_gif(path: Path, frames: np.ndarray, duration_ms: int = 100) -> None:
     imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=duration_ms, loop=0)
 
 
-TGIF_URLS = ["https://38.media.tumblr.com/9f6c25cc350f12aa74a7dc386a5c4985/tumblr_mevmyaKtDf1rgvhr8o1_500.gif",
-             "https://38.media.tumblr.com/9ead028ef62004ef6ac2b92e52edd210/tumblr_nok4eeONTv1s2yegdo1_400.gif",
-             "https://33.media.tumblr.com/3b6ec0dd1d5c11f6dbe38567a9be8fa9/tumblr_nhhdkv93Du1u1h5axo1_400.gif",
-             "https://38.media.tumblr.com/16798597a3f5cd6e2e22620679efefcf/tumblr_nffzlmdBIG1tecyy7o1_250.gif"]
+TGIF_URLS = [
+    "https://38.media.tumblr.com/9f6c25cc350f12aa74a7dc386a5c4985/tumblr_mevmyaKtDf1rgvhr8o1_500.gif",
+    "https://38.media.tumblr.com/9ead028ef62004ef6ac2b92e52edd210/tumblr_nok4eeONTv1s2yegdo1_400.gif",
+    "https://33.media.tumblr.com/3b6ec0dd1d5c11f6dbe38567a9be8fa9/tumblr_nhhdkv93Du1u1h5axo1_400.gif",
+    "https://38.media.tumblr.com/16798597a3f5cd6e2e22620679efefcf/tumblr_nffzlmdBIG1tecyy7o1_250.gif",
+]
 
 
-def write_tgif(root: Path, *, T: int = 8, H: int = 40, W: int = 56, present: tuple[int, ...] = (0, 1, 2)) -> dict:
+def write_tgif(
+    root: Path, *, T: int = 8, H: int = 40, W: int = 56, present: tuple[int, ...] = (0, 1, 2)
+) -> dict:
     """``root/tgif-v1.0.tsv``, ``root/splits/{train,val,test}.txt``, ``root/gifs/<basename>``.
 
     URL 0,1 -> train, 2 -> val, 3 -> test (3 sentences). Only GIFs in ``present`` are on disk.
     Returns ``{url: (frames, [sentences], split)}``.
     """
-    sentences = [["a man is glaring, and someone with sunglasses appears."],
-                 ["a cat tries to catch a mouse on a tablet"], ["a man dressed in red is dancing."],
-                 ["an animal comes close to another", "two animals meet", "a dog walks to a cat"]]
+    sentences = [
+        ["a man is glaring, and someone with sunglasses appears."],
+        ["a cat tries to catch a mouse on a tablet"],
+        ["a man dressed in red is dancing."],
+        ["an animal comes close to another", "two animals meet", "a dog walks to a cat"],
+    ]
     splits = ["train", "train", "val", "test"]
     root.mkdir(parents=True, exist_ok=True)
-    (root / "tgif-v1.0.tsv").write_text("".join(f"{u}\t{s}\n" for u, ss in zip(TGIF_URLS, sentences) for s in ss))
+    (root / "tgif-v1.0.tsv").write_text(
+        "".join(f"{u}\t{s}\n" for u, ss in zip(TGIF_URLS, sentences) for s in ss)
+    )
     (root / "splits").mkdir(exist_ok=True)
     for split in ("train", "val", "test"):
         (root / "splits" / f"{split}.txt").write_text(
-            "".join(f"{u}\n" for u, s in zip(TGIF_URLS, splits) if s == split))
+            "".join(f"{u}\n" for u, s in zip(TGIF_URLS, splits) if s == split)
+        )
     truth = {}
     for i, url in enumerate(TGIF_URLS):
         frames = gif_frames(T, H, W, seed=i)

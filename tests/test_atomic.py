@@ -22,7 +22,11 @@ def test_written_files_get_the_users_mode_and_the_suffix_the_writer_needs(tmp_pa
     old = os.umask(0o027)
     try:
         with atomic_file(tmp_path / "sub" / "clip.mp4", suffix=".tmp.mp4") as tmp:
-            assert tmp.name.startswith(".clip.mp4.") and tmp.name.endswith(".tmp.mp4") and tmp.parent == tmp_path / "sub"
+            assert (
+                tmp.name.startswith(".clip.mp4.")
+                and tmp.name.endswith(".tmp.mp4")
+                and tmp.parent == tmp_path / "sub"
+            )
             tmp.write_bytes(b"x")
         assert (tmp_path / "sub" / "clip.mp4").stat().st_mode & 0o777 == 0o640 == default_file_mode()
     finally:

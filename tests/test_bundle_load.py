@@ -46,13 +46,26 @@ def _set_channels(d, value):
 
 
 BREAKAGES = {
-    "truncated weights": (lambda run: _truncate(run / WEIGHTS), rf"{WEIGHTS}: not a readable safetensors file"),
-    "config not JSON": (lambda run: (run / CONFIG_JSON).write_text("{not json"), rf"{CONFIG_JSON}: not readable as JSON"),
-    "config is a list": (lambda run: (run / CONFIG_JSON).write_text("[1, 2]"), rf"{CONFIG_JSON}: holds a JSON list"),
-    "channels a string": (lambda run: _edit_config(run, lambda d: _set_channels(d, "abc")),
-                          r"tokenizer\.channels: got 'abc' \(str\), expected an integer"),
-    "weights of another config": (lambda run: _edit_config(run, lambda d: _set_channels(d, 24)),
-                                  r"the tokenizer weights do not fit the tokenizer config"),
+    "truncated weights": (
+        lambda run: _truncate(run / WEIGHTS),
+        rf"{WEIGHTS}: not a readable safetensors file",
+    ),
+    "config not JSON": (
+        lambda run: (run / CONFIG_JSON).write_text("{not json"),
+        rf"{CONFIG_JSON}: not readable as JSON",
+    ),
+    "config is a list": (
+        lambda run: (run / CONFIG_JSON).write_text("[1, 2]"),
+        rf"{CONFIG_JSON}: holds a JSON list",
+    ),
+    "channels a string": (
+        lambda run: _edit_config(run, lambda d: _set_channels(d, "abc")),
+        r"tokenizer\.channels: got 'abc' \(str\), expected an integer",
+    ),
+    "weights of another config": (
+        lambda run: _edit_config(run, lambda d: _set_channels(d, 24)),
+        r"the tokenizer weights do not fit the tokenizer config",
+    ),
 }
 
 
@@ -73,7 +86,10 @@ def test_broken_bundle_is_skipped_by_discovery_and_named_on_load(breakage, hgs_s
         warnings.simplefilter("always")
         env = gym.make(HGS)
         assert env.unwrapped.world_model.path.resolve() == good.resolve()
-        assert [d.resolve() for d in find_bundles("vizdoom_hgs")] in ([good.resolve()], [broken.resolve(), good.resolve()])
+        assert [d.resolve() for d in find_bundles("vizdoom_hgs")] in (
+            [good.resolve()],
+            [broken.resolve(), good.resolve()],
+        )
     skipped = [str(w.message) for w in caught if issubclass(w.category, BundleSkippedWarning)]
     assert skipped and all(str(broken) in m for m in skipped), skipped
     # named on an explicit load, with what was expected (never "has no trained prior yet")
@@ -114,10 +130,14 @@ def test_prepare_run_refuses_another_config_before_touching_the_run(hgs_store, t
     cfg = tiny_experiment(hgs_store)
     run = make_bundle(cfg, tmp_path / "run")
     before = {p.name: p.read_bytes() for p in (run / CONFIG_JSON, run / WEIGHTS)}
-    other = replace(cfg, name="vizdoom_battle2", prior=replace(cfg.prior, n_embd=64))  # the tokenizer is the same
+    other = replace(
+        cfg, name="vizdoom_battle2", prior=replace(cfg.prior, n_embd=64)
+    )  # the tokenizer is the same
     with pytest.raises(ValueError, match=r"holds a trained tokenizer and prior of another config") as e:
         prepare_run(other, run)
-    assert "name: 'vizdoom_hgs' -> 'vizdoom_battle2'" in str(e.value) and "prior.n_embd: 32 -> 64" in str(e.value)
+    assert "name: 'vizdoom_hgs' -> 'vizdoom_battle2'" in str(e.value) and "prior.n_embd: 32 -> 64" in str(
+        e.value
+    )
     assert "tokenizer." not in str(e.value)
     with pytest.raises(ValueError, match=r"prior_train\.lr: 0\.001 -> 0\.01"):
         prepare_run(replace(cfg, prior_train=replace(cfg.prior_train, lr=1e-2)), run)

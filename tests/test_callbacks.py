@@ -20,7 +20,6 @@ STEPS = 6  # episode cap in both envs
 HGS_LIVING_REWARD = 4.0  # +1 per tic at frame skip 4; no agent dies within 6 steps of a fresh HGS episode
 
 
-
 def dream(bundle):
     return gym.make("VideoGPTDream-VizdoomHGS-v0", checkpoint=str(bundle), max_episode_steps=STEPS)
 
@@ -28,9 +27,14 @@ def dream(bundle):
 def test_gap_callback_logs_both_returns_entropy_and_warns(tiny_bundle, tmp_path, one_thread):
     model = PPO("MlpPolicy", dream(tiny_bundle), n_steps=8, batch_size=8, n_epochs=1, seed=0, device="cpu")
     model.set_logger(configure(str(tmp_path), ["csv"]))
-    cb = DreamRealGapCallback(dream(tiny_bundle),
-                              lambda: make_real_env("vizdoom_hgs", resolution=32, max_episode_steps=STEPS),
-                              eval_every=1, n_eval_episodes=2, exploit_factor=-1.0, seed=0)
+    cb = DreamRealGapCallback(
+        dream(tiny_bundle),
+        lambda: make_real_env("vizdoom_hgs", resolution=32, max_episode_steps=STEPS),
+        eval_every=1,
+        n_eval_episodes=2,
+        exploit_factor=-1.0,
+        seed=0,
+    )
     with pytest.warns(DreamExploitWarning, match="exploiting"):
         model.learn(total_timesteps=16, callback=cb)  # 2 rollouts -> 2 evaluations
 

@@ -17,11 +17,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_collect_hgs_produces_valid_store(tmp_path):
-    r = collect("vizdoom_hgs", tmp_path / "s", 3, num_envs=2, seed=1, progress=False, episodes_per_shard=2,
-                env_kwargs={"max_episode_steps": 40})
+    r = collect(
+        "vizdoom_hgs",
+        tmp_path / "s",
+        3,
+        num_envs=2,
+        seed=1,
+        progress=False,
+        episodes_per_shard=2,
+        env_kwargs={"max_episode_steps": 40},
+    )
     assert r.collected == 3 and r.already_present == 0
     store = EpisodeStore(tmp_path / "s")
-    assert len(store) == 3 and store.meta.action_spec.kind == "discrete" and store.meta.obs_shape == (64, 64, 3)
+    assert (
+        len(store) == 3 and store.meta.action_spec.kind == "discrete" and store.meta.obs_shape == (64, 64, 3)
+    )
     total_steps = 0
     for ep in store.iter_episodes():
         T = len(ep)
@@ -40,8 +50,15 @@ def test_collect_hgs_produces_valid_store(tmp_path):
 
 
 def test_collect_battle2(tmp_path):
-    r = collect("vizdoom_battle2", tmp_path / "b", 2, num_envs=1, progress=False, asynchronous=False,
-                env_kwargs={"max_episode_steps": 20})
+    r = collect(
+        "vizdoom_battle2",
+        tmp_path / "b",
+        2,
+        num_envs=1,
+        progress=False,
+        asynchronous=False,
+        env_kwargs={"max_episode_steps": 20},
+    )
     store = EpisodeStore(tmp_path / "b")
     assert len(store) == 2 == r.collected and store.meta.action_spec.n == 8
     assert all(len(e) == 21 for e in store.iter_episodes())
@@ -50,8 +67,20 @@ def test_collect_battle2(tmp_path):
 def test_resume_after_interrupt_gives_exact_count(tmp_path):
     out = tmp_path / "s"
     script = ROOT / "experiments" / "collect.py"
-    cmd = [sys.executable, str(script), "--env", "vizdoom_hgs", "--episodes", "6", "--out", str(out),
-           "--num-envs", "2", "--episodes-per-shard", "2"]
+    cmd = [
+        sys.executable,
+        str(script),
+        "--env",
+        "vizdoom_hgs",
+        "--episodes",
+        "6",
+        "--out",
+        str(out),
+        "--num-envs",
+        "2",
+        "--episodes-per-shard",
+        "2",
+    ]
     # First run is killed as soon as its first shard is durable (simulating a crash mid-run).
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -98,14 +127,30 @@ def test_collect_bad_args(tmp_path):
 def test_resume_with_other_env_settings_is_refused_unless_merged(tmp_path):
     kw = {"progress": False, "asynchronous": False, "num_envs": 1}
     out = tmp_path / "s"
-    collect("vizdoom_hgs", out, 1, env_kwargs={"resolution": 32, "max_episode_steps": 8, "frame_skip": 4}, **kw)
+    collect(
+        "vizdoom_hgs", out, 1, env_kwargs={"resolution": 32, "max_episode_steps": 8, "frame_skip": 4}, **kw
+    )
     before = (out / "store.json").read_text()
     with pytest.raises(StoreError, match=r"extra\.env_kwargs\.frame_skip: store has '4', got '2'"):
-        collect("vizdoom_hgs", out, 2, env_kwargs={"resolution": 32, "max_episode_steps": 8, "frame_skip": 2}, **kw)
+        collect(
+            "vizdoom_hgs",
+            out,
+            2,
+            env_kwargs={"resolution": 32, "max_episode_steps": 8, "frame_skip": 2},
+            **kw,
+        )
     assert (out / "store.json").read_text() == before
-    r = collect("vizdoom_hgs", out, 2, env_kwargs={"resolution": 32, "max_episode_steps": 8, "frame_skip": 2},
-                merge=True, **kw)
+    r = collect(
+        "vizdoom_hgs",
+        out,
+        2,
+        env_kwargs={"resolution": 32, "max_episode_steps": 8, "frame_skip": 2},
+        merge=True,
+        **kw,
+    )
     store = EpisodeStore(out)
     assert r.collected == 1 and len(store) == 2 and store.meta.extra["env_kwargs"]["frame_skip"] == "4"
-    assert store.meta.extra["appended_with"] == [{"fps": 17.5, "extra.env_kwargs.frame_skip": "2"}]  # 35 tics/s / 2
+    assert store.meta.extra["appended_with"] == [
+        {"fps": 17.5, "extra.env_kwargs.frame_skip": "2"}
+    ]  # 35 tics/s / 2
     assert {store.load(e).attrs["policy"] for e in store.episode_ids()} == {"random"}

@@ -38,9 +38,18 @@ def tc_bundle(tmp_path_factory):
     from envs.collect import collect
 
     root = tmp_path_factory.mktemp("take_cover")
-    collect("vizdoom_take_cover", root / "store", 6, num_envs=1, asynchronous=False, progress=False,
-            env_kwargs={"resolution": TINY_RES, "max_episode_steps": 16})
-    return make_bundle(tiny_experiment(root / "store", name="vizdoom_take_cover"), root / "vizdoom_take_cover-tiny")
+    collect(
+        "vizdoom_take_cover",
+        root / "store",
+        6,
+        num_envs=1,
+        asynchronous=False,
+        progress=False,
+        env_kwargs={"resolution": TINY_RES, "max_episode_steps": 16},
+    )
+    return make_bundle(
+        tiny_experiment(root / "store", name="vizdoom_take_cover"), root / "vizdoom_take_cover-tiny"
+    )
 
 
 class BrightnessEnv(gym.Env):
@@ -105,19 +114,25 @@ def test_motion_input_resets_at_episode_start(tc_bundle):
     feats = TokenFeatures(wm)
     cfg = ControllerConfig(n_features=feats.dim, n_actions=2)
     p = np.zeros(cfg.n_params, np.float32)
-    p[feats.dim:2 * feats.dim] = 1.0  # reads only the difference f_t - f_{t-1}
+    p[feats.dim : 2 * feats.dim] = 1.0  # reads only the difference f_t - f_{t-1}
     ctrl = LinearController(cfg, feats, p)
     a, b = (np.full((1, TINY_RES, TINY_RES, 3), v, np.uint8) for v in (0, 255))
-    assert ctrl.predict(a, episode_start=np.array([True]))[0].tolist() == [0]  # no previous frame: difference 0
+    assert ctrl.predict(a, episode_start=np.array([True]))[0].tolist() == [
+        0
+    ]  # no previous frame: difference 0
     moved = ctrl.predict(b, episode_start=np.array([False]))[0]
     diff = feats(b) - feats(a)
     assert moved.tolist() == [int(diff.sum() > 0)]
-    assert ctrl.predict(b, episode_start=np.array([True]))[0].tolist() == [0]  # a new episode forgets the old frame
+    assert ctrl.predict(b, episode_start=np.array([True]))[0].tolist() == [
+        0
+    ]  # a new episode forgets the old frame
 
 
 def test_color_keys_count_matching_pixels_per_strip():
-    keys = (ColorKey("yellow", ((1, 0, 0, 170), (0, 1, 0, 140), (0, 0, -1, -130)), rows=(0, 32), scale=1.0),
-            ColorKey("brown", ((1, 0, -1, 25),), scale=2.0))
+    keys = (
+        ColorKey("yellow", ((1, 0, 0, 170), (0, 1, 0, 140), (0, 0, -1, -130)), rows=(0, 32), scale=1.0),
+        ColorKey("brown", ((1, 0, -1, 25),), scale=2.0),
+    )
     feats = ColorKeyFeatures(keys, strips=4)
     frames = np.full((2, 64, 64, 3), 90, np.uint8)  # grey: passes neither key
     frames[0, 10:14, 20:22] = (250, 230, 60)  # 8 yellow pixels in strip 1 (columns 16-31), top half
@@ -126,7 +141,9 @@ def test_color_keys_count_matching_pixels_per_strip():
     f = feats(frames)
     assert f.shape == (2, 8) and feats.dim == 8
     np.testing.assert_allclose(f[0, :4], [0, 8 / (32 * 16), 0, 0])
-    np.testing.assert_allclose(f[0, 4:], [0, 2 * 8 / (64 * 16), 0, 2 * 8 / (64 * 16)])  # yellow has R - B > 25 too
+    np.testing.assert_allclose(
+        f[0, 4:], [0, 2 * 8 / (64 * 16), 0, 2 * 8 / (64 * 16)]
+    )  # yellow has R - B > 25 too
     np.testing.assert_allclose(f[1], [0, 0, 0, 0, 0, 0, 0, 2.0])
     assert COLOR_KEYS["vizdoom_take_cover"][0].name == "fireball"
     with pytest.raises(ValueError, match="width"):
@@ -152,7 +169,9 @@ def test_previous_action_input_and_color_key_controller_roundtrip(tc_bundle, tmp
     rng = np.random.default_rng(0)
     many = rng.integers(0, 256, (5, TINY_RES, TINY_RES, 3), dtype=np.uint8)
     w = rng.normal(size=ccfg.n_params).astype(np.float32)
-    np.testing.assert_array_equal(LinearController(ccfg, feats, w).act(many), LinearController(back.cfg, back.features, w).act(many))
+    np.testing.assert_array_equal(
+        LinearController(ccfg, feats, w).act(many), LinearController(back.cfg, back.features, w).act(many)
+    )
 
 
 def test_save_load_roundtrip_without_pickle(tc_bundle, tmp_path):
@@ -162,7 +181,10 @@ def test_save_load_roundtrip_without_pickle(tc_bundle, tmp_path):
     params = np.random.default_rng(1).normal(size=cfg.n_params).astype(np.float32)
     ctrl = LinearController(cfg, feats, params)
     out = save_controller(ctrl, tmp_path / "c", {"note": "x"})
-    assert is_controller(out) and sorted(p.name for p in out.iterdir()) == ["controller.json", "controller.safetensors"]
+    assert is_controller(out) and sorted(p.name for p in out.iterdir()) == [
+        "controller.json",
+        "controller.safetensors",
+    ]
     back = load_controller(out, wm)
     frames = np.random.default_rng(2).integers(0, 256, (6, TINY_RES, TINY_RES, 3), dtype=np.uint8)
     np.testing.assert_array_equal(back.act(frames), LinearController(cfg, feats, params).act(frames))
@@ -175,8 +197,16 @@ def test_save_load_roundtrip_without_pickle(tc_bundle, tmp_path):
 def test_cmaes_learns_a_pixel_rule(tc_bundle):
     """In a toy env where the reward names the frame's brightness, evolution beats chance clearly."""
     wm = WorldModel.from_pretrained(tc_bundle)
-    cfg = CMAESConfig(generations=6, popsize=8, episodes=1, max_episode_steps=20, sigma0=1.0, features="tokens",
-                      motion=True, last_action=False)
+    cfg = CMAESConfig(
+        generations=6,
+        popsize=8,
+        episodes=1,
+        max_episode_steps=20,
+        sigma0=1.0,
+        features="tokens",
+        motion=True,
+        last_action=False,
+    )
     venv = gym.vector.SyncVectorEnv([BrightnessEnv for _ in range(cfg.popsize * cfg.episodes)])
     ctrl, hist = train_cmaes(wm, venv, cfg, seed=0)
     assert len(hist) == 6 and all(h["mean_length"] == 20 for h in hist)
@@ -194,30 +224,93 @@ def test_cmaes_learns_a_pixel_rule(tc_bundle):
 
 def test_train_policy_cmaes_cli_and_bench_transfer(tc_bundle, tmp_path):
     res = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "train_policy.py"), "--env", "vizdoom_take_cover",
-         "--checkpoint", str(tc_bundle), "--out", str(tmp_path / "ctrl"), "--eval-real", "--eval-episodes", "2",
-         "--num-envs", "2", "--max-episode-steps", "8", "--cmaes.generations", "2", "--cmaes.popsize", "4",
-         "--cmaes.episodes", "1", "--cmaes.max-episode-steps", "6", "--no-progress"],
-        capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "train_policy.py"),
+            "--env",
+            "vizdoom_take_cover",
+            "--checkpoint",
+            str(tc_bundle),
+            "--out",
+            str(tmp_path / "ctrl"),
+            "--eval-real",
+            "--eval-episodes",
+            "2",
+            "--num-envs",
+            "2",
+            "--max-episode-steps",
+            "8",
+            "--cmaes.generations",
+            "2",
+            "--cmaes.popsize",
+            "4",
+            "--cmaes.episodes",
+            "1",
+            "--cmaes.max-episode-steps",
+            "6",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
-    assert {"real_cmaes", "dream_cmaes", "real_random"} <= set(report)  # --algo auto picks cmaes for Take Cover
+    assert {"real_cmaes", "dream_cmaes", "real_random"} <= set(
+        report
+    )  # --algo auto picks cmaes for Take Cover
     assert is_controller(tmp_path / "ctrl") and (tmp_path / "ctrl" / "eval.json").exists()
     res = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_transfer.py"), "--env", "vizdoom_take_cover",
-         "--checkpoint", str(tc_bundle), "--seeds", "0", "1", "--real-episodes", "2", "--dream-episodes", "2",
-         "--real-envs", "2", "--max-steps", "10", "--generations", "1", "--popsize", "2", "--episodes", "1",
-         "--train-max-steps", "5", "--real-baseline"],
-        capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_transfer.py"),
+            "--env",
+            "vizdoom_take_cover",
+            "--checkpoint",
+            str(tc_bundle),
+            "--seeds",
+            "0",
+            "1",
+            "--real-episodes",
+            "2",
+            "--dream-episodes",
+            "2",
+            "--real-envs",
+            "2",
+            "--max-steps",
+            "10",
+            "--generations",
+            "1",
+            "--popsize",
+            "2",
+            "--episodes",
+            "1",
+            "--train-max-steps",
+            "5",
+            "--real-baseline",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert [s["seed"] for s in out["per_seed"]] == [0, 1]
-    assert out["real_dream_trained"]["n"] == 2 and out["real_random"]["n"] == 2 and out["real_alternate10"]["n"] == 2
-    assert out["world_model_real_steps"] == sum(len(e) - 1 for e in EpisodeStore(out_store(tc_bundle)).iter_episodes())
+    assert (
+        out["real_dream_trained"]["n"] == 2
+        and out["real_random"]["n"] == 2
+        and out["real_alternate10"]["n"] == 2
+    )
+    assert out["world_model_real_steps"] == sum(
+        len(e) - 1 for e in EpisodeStore(out_store(tc_bundle)).iter_episodes()
+    )
     assert 0 < out["real_trained"]["real_agent_steps"] <= 1 * 2 * 1 * 5
     assert out["real_view"] == "tokenized"  # the default headline: the real game seen through the tokenizer
     for seed in out["per_seed"]:
-        assert set(seed["real_by_view"]) == {"tokenized", "raw"} and seed["real"] == seed["real_by_view"]["tokenized"]
+        assert (
+            set(seed["real_by_view"]) == {"tokenized", "raw"}
+            and seed["real"] == seed["real_by_view"]["tokenized"]
+        )
     assert {v: s["n"] for v, s in out["real_dream_trained_by_view"].items()} == {"tokenized": 2, "raw": 2}
 
 
@@ -229,15 +322,20 @@ def test_tokenizer_view_shows_the_real_game_as_the_tokenizer_draws_it(tc_bundle)
     wm = WorldModel.from_pretrained(tc_bundle)
     kw = {"resolution": TINY_RES}
     raw = gym.vector.SyncVectorEnv([make_real_env_fn("vizdoom_take_cover", **kw) for _ in range(2)])
-    seen = real_view(gym.vector.SyncVectorEnv([make_real_env_fn("vizdoom_take_cover", **kw) for _ in range(2)]), wm,
-                     "tokenized")
+    seen = real_view(
+        gym.vector.SyncVectorEnv([make_real_env_fn("vizdoom_take_cover", **kw) for _ in range(2)]),
+        wm,
+        "tokenized",
+    )
     try:
         for env in (raw, seen):
             env.reset(seed=[5, 6])
         for _ in range(3):  # same seeds, same actions: the same real frames underneath
             (o_raw, *_), (o_seen, *_) = raw.step(np.array([0, 1])), seen.step(np.array([0, 1]))
             assert o_seen.shape == o_raw.shape and o_seen.dtype == np.uint8
-            assert np.array_equal(o_seen, reconstruct(wm, o_raw[:, None])[:, 0])  # each frame a one-frame clip
+            assert np.array_equal(
+                o_seen, reconstruct(wm, o_raw[:, None])[:, 0]
+            )  # each frame a one-frame clip
             assert not np.array_equal(o_seen, o_raw)
         assert real_view(raw, wm, "raw") is raw
         with pytest.raises(ValueError, match="view: got 'pixels'"):

@@ -33,14 +33,30 @@ def bundles(tmp_path_factory, tiny_bundle):
     """One bundle per registered id (random weights): HGS, Battle2, Take Cover on real data, BAIR/RoboNet-like continuous."""
     root = tmp_path_factory.mktemp("dream_bundles")
     b2_store = root / "b2_store"
-    collect("vizdoom_battle2", b2_store, 3, num_envs=1, asynchronous=False, progress=False,
-            env_kwargs={"resolution": TINY_RES, "max_episode_steps": 12})
+    collect(
+        "vizdoom_battle2",
+        b2_store,
+        3,
+        num_envs=1,
+        asynchronous=False,
+        progress=False,
+        env_kwargs={"resolution": TINY_RES, "max_episode_steps": 12},
+    )
     tc_store = root / "tc_store"
-    collect("vizdoom_take_cover", tc_store, 3, num_envs=1, asynchronous=False, progress=False,
-            env_kwargs={"resolution": TINY_RES, "max_episode_steps": 12})
-    out = {"VizdoomHGS": tiny_bundle,
-           "VizdoomBattle2": make_bundle(tiny_experiment(b2_store, name="vizdoom_battle2"), root / "b2"),
-           "VizdoomTakeCover": make_bundle(tiny_experiment(tc_store, name="vizdoom_take_cover"), root / "tc")}
+    collect(
+        "vizdoom_take_cover",
+        tc_store,
+        3,
+        num_envs=1,
+        asynchronous=False,
+        progress=False,
+        env_kwargs={"resolution": TINY_RES, "max_episode_steps": 12},
+    )
+    out = {
+        "VizdoomHGS": tiny_bundle,
+        "VizdoomBattle2": make_bundle(tiny_experiment(b2_store, name="vizdoom_battle2"), root / "b2"),
+        "VizdoomTakeCover": make_bundle(tiny_experiment(tc_store, name="vizdoom_take_cover"), root / "tc"),
+    }
     for name, preset, dim in (("BAIR", "bair", 4), ("RoboNet", "robonet", 5)):
         store = write_continuous_store(root / f"{preset}_store", source=preset, dim=dim)
         out[name] = make_bundle(tiny_experiment(store, name=preset), root / preset)
@@ -52,8 +68,10 @@ def split_bundle(tmp_path_factory, hgs_store):
     """A vizdoom_hgs bundle (random weights) whose reward head predicts a reward for each outcome of a step
     (``reward_given_termination``, as the ViZDoom presets)."""
     cfg = tiny_experiment(hgs_store)
-    return make_bundle(replace(cfg, prior=replace(cfg.prior, reward_given_termination=True)),
-                       tmp_path_factory.mktemp("split_bundle") / "vizdoom_hgs-tiny")
+    return make_bundle(
+        replace(cfg, prior=replace(cfg.prior, reward_given_termination=True)),
+        tmp_path_factory.mktemp("split_bundle") / "vizdoom_hgs-tiny",
+    )
 
 
 def _run(env, actions, seed):
@@ -72,12 +90,16 @@ def test_every_id_passes_gymnasium_checker(bundles, name):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         gym_check_env(env.unwrapped, skip_render_check=True)
-    complaints = [str(w.message) for w in caught if "no held-out episodes" not in str(w.message)]  # 3-episode store
+    complaints = [
+        str(w.message) for w in caught if "no held-out episodes" not in str(w.message)
+    ]  # 3-episode store
     assert not complaints, complaints
     spec = envs.DREAM_IDS[name]
     assert env.spec.max_episode_steps == spec[1] and env.unwrapped.world_model.cfg.name == spec[0]
     if name in ("BAIR", "RoboNet"):
-        assert isinstance(env.action_space, gym.spaces.Box) and env.action_space.shape == ((4,) if name == "BAIR" else (5,))
+        assert isinstance(env.action_space, gym.spaces.Box) and env.action_space.shape == (
+            (4,) if name == "BAIR" else (5,)
+        )
         assert np.all(env.action_space.low == -1) and np.all(env.action_space.high == 1)
         # [-1, 1] maps onto the data's range recorded in the bundle
         core = env.unwrapped.core
@@ -139,7 +161,9 @@ def test_dream_reward_is_the_terminal_reward_exactly_when_terminated(split_bundl
         _, rew, done, infos = venv.step(np.zeros(16, np.int64))
         for i, info in enumerate(infos):
             assert info["terminated_prob"] == 0.5
-            assert rew[i] == np.float32(info["reward_if_terminated"] if done[i] else info["reward_if_not_terminated"])
+            assert rew[i] == np.float32(
+                info["reward_if_terminated"] if done[i] else info["reward_if_not_terminated"]
+            )
             assert (rew[i] < -50) == bool(done[i])
         ends += done.tolist()
     assert 0 < sum(ends) < len(ends)
@@ -197,7 +221,10 @@ def test_vector_env_equals_single_envs(bundle, request):
                 obs, r, te, tr, _ = env.step(int(actions[t, i]))
                 done = te or tr
                 assert done == v_done[t][i]
-            assert np.abs(obs.astype(int) - v_frames[t + 1][i]).max() <= 1, (i, t)  # batched vs single float rounding
+            assert np.abs(obs.astype(int) - v_frames[t + 1][i]).max() <= 1, (
+                i,
+                t,
+            )  # batched vs single float rounding
             assert r == pytest.approx(v_rew[t][i], abs=1e-4)
 
 
@@ -215,7 +242,9 @@ def test_sb3_vecenv_autoreset_and_terminal_observation(tiny_bundle):
             if done[i]:
                 assert info["terminal_observation"].shape == (TINY_RES, TINY_RES, 3)
                 assert info["TimeLimit.truncated"] == (info["step"] == 3 and info["terminated_prob"] <= 0.5)
-                assert venv.core.steps[i] == 0 and np.array_equal(obs[i], venv.core.obs[i])  # reset inside step_wait
+                assert venv.core.steps[i] == 0 and np.array_equal(
+                    obs[i], venv.core.obs[i]
+                )  # reset inside step_wait
         ever_done |= done
     assert ever_done.all()  # the 3-step limit ends every episode by step 3
 
@@ -237,7 +266,9 @@ def test_bad_input_raises_and_env_stays_usable(tiny_bundle, tmp_path):
         env.step(7)
     with pytest.raises(ValueError, match=r"scalar integer"):
         env.step([1, 2])
-    with pytest.raises(TypeError, match=r"action: got 0\.5 of dtype float64, expected a scalar integer in \[0, 5\)"):
+    with pytest.raises(
+        TypeError, match=r"action: got 0\.5 of dtype float64, expected a scalar integer in \[0, 5\)"
+    ):
         env.step(0.5)
     with pytest.raises(ValueError, match=r"unknown keys \['framez'\]"):
         env.reset(options={"framez": 1})
@@ -245,7 +276,10 @@ def test_bad_input_raises_and_env_stays_usable(tiny_bundle, tmp_path):
         env.reset(options={"frames": np.zeros((2, 5, 5, 3), np.uint8)})
     with pytest.raises(ValueError, match=r"need 1 actions"):
         env.reset(options={"frames": np.zeros((2, TINY_RES, TINY_RES, 3), np.uint8)})
-    with pytest.raises(ValueError, match=r"options\['actions'\]: got .*\[9\], out of range; expected int64 \(1,\) in \[0, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"options\['actions'\]: got .*\[9\], out of range; expected int64 \(1,\) in \[0, 5\)",
+    ):
         env.reset(options={"frames": np.zeros((2, TINY_RES, TINY_RES, 3), np.uint8), "actions": [9]})
     # still usable; and options-provided contexts are honoured
     ctx = np.full((2, TINY_RES, TINY_RES, 3), 100, np.uint8)
@@ -273,29 +307,57 @@ def test_discrete_inputs_are_checked_not_truncated(tiny_bundle):
     env.reset(seed=0)
     two = np.zeros((2, TINY_RES, TINY_RES, 3), np.uint8)
     cases = [
-        (lambda: env.step(Decimal("1.9")), TypeError, r"action: got Decimal\('1\.9'\).*expected a scalar integer in \[0, 5\)"),
-        (lambda: env.step(np.array(1.9, dtype=object)), TypeError, r"action: got .*1\.9.*type float.*integer in \[0, 5\)"),
+        (
+            lambda: env.step(Decimal("1.9")),
+            TypeError,
+            r"action: got Decimal\('1\.9'\).*expected a scalar integer in \[0, 5\)",
+        ),
+        (
+            lambda: env.step(np.array(1.9, dtype=object)),
+            TypeError,
+            r"action: got .*1\.9.*type float.*integer in \[0, 5\)",
+        ),
         (lambda: env.step(None), TypeError, r"action: got None.*NoneType.*integer in \[0, 5\)"),
         (lambda: env.step(2**70), ValueError, r"action: got 1180591620717411303424.*out of range.*\[0, 5\)"),
         (lambda: env.step(1 + 2j), TypeError, r"action: got .*complex.*integer in \[0, 5\)"),
         (lambda: env.step(True), TypeError, r"action: got .*bool.*integer in \[0, 5\)"),
         (lambda: env.step("1"), TypeError, r"action: got .*'1'.*integer in \[0, 5\)"),
-        (lambda: env.reset(options={"frames": two, "actions": 2}), ValueError,
-         r"options\['actions'\]: got the scalar 2; expected a sequence of int64 \(1,\)"),
-        (lambda: env.reset(options={"frames": two, "actions": [Decimal("1.9")]}), TypeError,
-         r"options\['actions'\]: got .*Decimal.*int64 \(1,\) in \[0, 5\)"),
-        (lambda: env.reset(options={"frames": two, "actions": [10**9]}), ValueError, r"options\['actions'\].*out of range"),
-        (lambda: env.reset(options={"start": "x"}), TypeError, r"options\['start'\]: got 'x', expected an integer frame index in 0\.\.\d+"),
-        (lambda: env.reset(options={"start": 10**6}), ValueError, r"options\['start'\]: got 1000000, expected an integer frame index"),
+        (
+            lambda: env.reset(options={"frames": two, "actions": 2}),
+            ValueError,
+            r"options\['actions'\]: got the scalar 2; expected a sequence of int64 \(1,\)",
+        ),
+        (
+            lambda: env.reset(options={"frames": two, "actions": [Decimal("1.9")]}),
+            TypeError,
+            r"options\['actions'\]: got .*Decimal.*int64 \(1,\) in \[0, 5\)",
+        ),
+        (
+            lambda: env.reset(options={"frames": two, "actions": [10**9]}),
+            ValueError,
+            r"options\['actions'\].*out of range",
+        ),
+        (
+            lambda: env.reset(options={"start": "x"}),
+            TypeError,
+            r"options\['start'\]: got 'x', expected an integer frame index in 0\.\.\d+",
+        ),
+        (
+            lambda: env.reset(options={"start": 10**6}),
+            ValueError,
+            r"options\['start'\]: got 1000000, expected an integer frame index",
+        ),
     ]
     for call, exc, match in cases:
         with pytest.raises(exc, match=match):
             call()
         _step_ok(env, 1)
-    for kw, exc, match in (({"temperature": None}, TypeError, r"temperature: got None, expected a number >= 0"),
-                           ({"context_frames": 1.5}, TypeError, r"context_frames: got 1\.5, expected an integer"),
-                           ({"top_k": 0}, ValueError, r"top_k: got 0, expected None or an integer >= 1"),
-                           ({"clip_actions": "yes"}, TypeError, r"clip_actions: got 'yes', expected True or False")):
+    for kw, exc, match in (
+        ({"temperature": None}, TypeError, r"temperature: got None, expected a number >= 0"),
+        ({"context_frames": 1.5}, TypeError, r"context_frames: got 1\.5, expected an integer"),
+        ({"top_k": 0}, ValueError, r"top_k: got 0, expected None or an integer >= 1"),
+        ({"clip_actions": "yes"}, TypeError, r"clip_actions: got 'yes', expected True or False"),
+    ):
         with pytest.raises(exc, match=match):
             DreamEnv(checkpoint=tiny_bundle, **kw)
 
@@ -328,16 +390,34 @@ def test_continuous_inputs_are_checked_and_clipped_only_on_request(tmp_path):
     spec = env.core.spec
     two = np.zeros((2, TINY_RES, TINY_RES, 3), np.uint8)
     cases = [
-        (lambda: env.step(np.array([1.5, 0, 0, 0], np.float32)), ValueError,
-         r"action: got .*1\.5.*outside \[-1, 1\].*clip_actions=True"),
-        (lambda: env.step(np.array([0.5j, 0, 0, 0])), TypeError, r"action: got .*complex128.*real actions of shape \(4,\)"),
+        (
+            lambda: env.step(np.array([1.5, 0, 0, 0], np.float32)),
+            ValueError,
+            r"action: got .*1\.5.*outside \[-1, 1\].*clip_actions=True",
+        ),
+        (
+            lambda: env.step(np.array([0.5j, 0, 0, 0])),
+            TypeError,
+            r"action: got .*complex128.*real actions of shape \(4,\)",
+        ),
         (lambda: env.step([Decimal("0.5")] * 4), TypeError, r"action: got .*dtype object.*real actions"),
         (lambda: env.step(None), TypeError, r"action: got None.*real actions of shape \(4,\)"),
-        (lambda: env.step(np.zeros(3)), ValueError, r"action: got .*shape \(3,\), expected real actions of shape \(4,\)"),
+        (
+            lambda: env.step(np.zeros(3)),
+            ValueError,
+            r"action: got .*shape \(3,\), expected real actions of shape \(4,\)",
+        ),
         (lambda: env.step(np.array([np.nan, 0, 0, 0])), ValueError, r"action: .*NaN or inf"),
-        (lambda: env.reset(options={"frames": two, "actions": [[1e9, 0, 0, 0]]}), ValueError,
-         r"options\['actions'\]: got \[\[1000000000\.0, 0, 0, 0\]\], outside the data's range low="),
-        (lambda: env.reset(options={"frames": two, "actions": 0.5}), ValueError, r"options\['actions'\]: got the scalar"),
+        (
+            lambda: env.reset(options={"frames": two, "actions": [[1e9, 0, 0, 0]]}),
+            ValueError,
+            r"options\['actions'\]: got \[\[1000000000\.0, 0, 0, 0\]\], outside the data's range low=",
+        ),
+        (
+            lambda: env.reset(options={"frames": two, "actions": 0.5}),
+            ValueError,
+            r"options\['actions'\]: got the scalar",
+        ),
     ]
     for call, exc, match in cases:
         with pytest.raises(exc, match=match):
@@ -381,8 +461,10 @@ def tiny_bundle_store(bundle) -> str:
 
 
 def test_make_with_module_prefix_in_fresh_interpreter(tiny_bundle):
-    code = (f"import gymnasium as gym; e = gym.make('envs:VideoGPTDream-VizdoomHGS-v0', checkpoint={str(tiny_bundle)!r}); "
-            "o, _ = e.reset(seed=0); o2, r, *_ = e.step(1); print(o.shape, o2.dtype)")
+    code = (
+        f"import gymnasium as gym; e = gym.make('envs:VideoGPTDream-VizdoomHGS-v0', checkpoint={str(tiny_bundle)!r}); "
+        "o, _ = e.reset(seed=0); o2, r, *_ = e.step(1); print(o.shape, o2.dtype)"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"({TINY_RES}, {TINY_RES}, 3) uint8" in res.stdout
@@ -414,14 +496,19 @@ def test_sampled_termination_follows_predicted_probability(tiny_bundle):
         ends += [bool(d) for d in done]
     n = len(ends)
     expected, got = float(np.sum(probs)), float(np.sum(ends))
-    assert abs(got - expected) < 4 * np.sqrt(n * 0.25) + 1, (got, expected)  # within 4 sigma of the Bernoulli sum
+    assert abs(got - expected) < 4 * np.sqrt(n * 0.25) + 1, (
+        got,
+        expected,
+    )  # within 4 sigma of the Bernoulli sum
     with pytest.raises(ValueError, match="termination"):
         DreamVecEnv(2, tiny_bundle, termination="never")
 
 
 def test_termination_threshold(bundles):
     def first_step_terminated(threshold):
-        env = gym.make(HGS, checkpoint=bundles["VizdoomHGS"], termination="threshold", termination_threshold=threshold)
+        env = gym.make(
+            HGS, checkpoint=bundles["VizdoomHGS"], termination="threshold", termination_threshold=threshold
+        )
         env.reset(seed=0)
         _, _, terminated, _, info = env.step(0)
         return terminated, info["terminated_prob"]

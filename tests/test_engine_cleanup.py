@@ -25,7 +25,7 @@ def session_processes(sid: int) -> list[tuple[int, str]]:
             stat = Path(f"/proc/{d}/stat").read_text()
         except OSError:
             continue
-        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
         if rest[0] != "Z" and int(rest[3]) == sid:
             out.append((int(d), name))
     return out
@@ -36,8 +36,15 @@ def _start(args: list[str], tmp_path: Path) -> subprocess.Popen:
     # A shell without job control starts background jobs (`cmd &`, as CI scripts do) with SIGINT ignored, and the
     # child inherits that: Python then installs no KeyboardInterrupt handler and Ctrl-C would do nothing. The
     # run gets SIGINT's default back, as in the user's terminal.
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=env,
-                            cwd=tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env=env,
+        cwd=tmp_path,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def _finish(p: subprocess.Popen) -> tuple[int, str]:
@@ -65,8 +72,16 @@ def _wait_for_engines(p: subprocess.Popen, n: int) -> None:
     time.sleep(0.5)  # let the workers' envs reset and collection begin
 
 
-COLLECT = [sys.executable, str(ROOT / "experiments" / "collect.py"), "--episodes", "50", "--num-envs", "2",
-           "--resolution", "32"]
+COLLECT = [
+    sys.executable,
+    str(ROOT / "experiments" / "collect.py"),
+    "--episodes",
+    "50",
+    "--num-envs",
+    "2",
+    "--resolution",
+    "32",
+]
 
 
 def test_bad_policy_file_leaves_no_engine(tmp_path):
@@ -87,7 +102,8 @@ def test_error_during_collection_leaves_no_engine(tmp_path):
         "        raise RuntimeError('policy failed')\n"
         "    return np.zeros(len(obs), np.int64)\n"
         f"collect('vizdoom_hgs', {str(tmp_path / 's')!r}, 50, policy=policy, num_envs=2, progress=False,\n"
-        "        env_kwargs={'resolution': 32})\n")
+        "        env_kwargs={'resolution': 32})\n"
+    )
     rc, err = _finish(_start([sys.executable, "-c", code], tmp_path))
     assert rc != 0 and "policy failed" in err
 

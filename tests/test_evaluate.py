@@ -37,15 +37,22 @@ from worldmodel.store import EpisodeStore
 REPO = Path(__file__).resolve().parents[1]
 
 
-
 @pytest.fixture(scope="module")
 def dying_store(tmp_path_factory) -> Path:
     """Two whole HGS episodes of a random policy at 32x32 (random agents die: the last transition terminates)."""
     from envs.collect import collect
 
     root = tmp_path_factory.mktemp("dying_store")
-    collect("vizdoom_hgs", root, 2, num_envs=1, asynchronous=False, progress=False, seed=3,
-            env_kwargs={"resolution": 32})
+    collect(
+        "vizdoom_hgs",
+        root,
+        2,
+        num_envs=1,
+        asynchronous=False,
+        progress=False,
+        seed=3,
+        env_kwargs={"resolution": 32},
+    )
     return root
 
 
@@ -53,9 +60,28 @@ def test_evaluate_cli_writes_report_with_direct_baselines(tiny_bundle, hgs_store
     out = tmp_path / "ev"
     horizon, context, n = 16, 4, 2
     proc = subprocess.run(
-        [sys.executable, str(REPO / "experiments/evaluate.py"), "--checkpoint", str(tiny_bundle), "--out", str(out),
-         "--n-episodes", str(n), "--horizon", str(horizon), "--context", str(context), "--threads", "1"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+        [
+            sys.executable,
+            str(REPO / "experiments/evaluate.py"),
+            "--checkpoint",
+            str(tiny_bundle),
+            "--out",
+            str(out),
+            "--n-episodes",
+            str(n),
+            "--horizon",
+            str(horizon),
+            "--context",
+            str(context),
+            "--threads",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["eval_json"] == str(out / "eval.json")
@@ -69,13 +95,16 @@ def test_evaluate_cli_writes_report_with_direct_baselines(tiny_bundle, hgs_store
     assert rep["store"] == str(hgs_store) and rep["n_clips"] == n and len(rep["clips"]) == n
     frames = np.stack([store.read_clip(e, s, context + horizon)["frames"] for e, s in rep["clips"]])
     real = frames[:, context:]
-    copy = np.repeat(frames[:, context - 1: context], horizon, 1)
+    copy = np.repeat(frames[:, context - 1 : context], horizon, 1)
     ol = rep["open_loop"]
     assert ol["steps"] == list(range(1, horizon + 1))
     np.testing.assert_allclose(ol["psnr"]["copy_last"], psnr(copy, real).mean(0), rtol=1e-12)
     np.testing.assert_allclose(ol["ssim"]["copy_last"], ssim(copy, real).mean(0), rtol=1e-12)
-    np.testing.assert_allclose(ol["psnr_gain_over_copy_last"],
-                               np.array(ol["psnr"]["model"]) - np.array(ol["psnr"]["copy_last"]), atol=1e-9)
+    np.testing.assert_allclose(
+        ol["psnr_gain_over_copy_last"],
+        np.array(ol["psnr"]["model"]) - np.array(ol["psnr"]["copy_last"]),
+        atol=1e-9,
+    )
     assert ol["at_horizon"]["psnr_copy_last"] == ol["psnr"]["copy_last"][-1]
     wm = WorldModel.from_pretrained(tiny_bundle)
     recon = reconstruct(wm, frames)
@@ -112,7 +141,9 @@ def test_fvd_is_null_with_a_reason_instead_of_failing(tmp_path):
     assert "missing.ckpt" in out["fvd_info"]["reason"] and "fetch_weights.py i3d" in out["fvd_info"]["reason"]
     short = fvd_section(v[:, :8], v[:, :8], v[:, :8], weights=None)
     assert short["fvd"] is None and "16" in short["fvd_info"]["reason"]
-    assert fvd_section(v[:1], v[:1], v[:1], weights=None)["fvd_info"]["reason"].startswith("FVD needs at least 2")
+    assert fvd_section(v[:1], v[:1], v[:1], weights=None)["fvd_info"]["reason"].startswith(
+        "FVD needs at least 2"
+    )
 
 
 def test_window_starts_cover_every_transition_once_with_overlap():
@@ -123,7 +154,7 @@ def test_window_starts_cover_every_transition_once_with_overlap():
             covered = np.zeros(T - 1, int)
             for s in starts:
                 assert 0 <= s and s + L <= T
-                covered[s: s + L - 1] += 1
+                covered[s : s + L - 1] += 1
             assert covered.min() >= 1, (T, frames)  # every transition t -> t+1 lies inside some window
             assert covered.max() <= 2
 
@@ -142,7 +173,10 @@ def test_binary_scores_by_hand():
 def _set_heads(wm: WorldModel, reward: float, term_logit: float) -> None:
     """Make the reward head output exactly ``reward`` and the termination head ``term_logit``."""
     with torch.no_grad():
-        for head, value in ((wm.prior.reward_head, float(symlog(torch.tensor(reward)))), (wm.prior.term_head, term_logit)):
+        for head, value in (
+            (wm.prior.reward_head, float(symlog(torch.tensor(reward)))),
+            (wm.prior.term_head, term_logit),
+        ):
             head[-1].weight.zero_()
             head[-1].bias.fill_(value)
 
@@ -164,7 +198,9 @@ def test_teacher_forced_heads_are_aligned_with_the_store(tiny_bundle, dying_stor
     tokens = encode_windows(wm, eps[0].frames[None, :F])
     with torch.inference_mode():
         direct = wm.prior(tokens, torch.as_tensor(eps[0].actions[None, : F - 1]))
-    np.testing.assert_allclose(tf.term_prob[0][: F - 1], torch.sigmoid(direct.term_logit[0, 1:]).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        tf.term_prob[0][: F - 1], torch.sigmoid(direct.term_logit[0, 1:]).numpy(), rtol=1e-5
+    )
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the two episodes may all be in the train split (fallback warns)
@@ -176,7 +212,9 @@ def test_teacher_forced_heads_are_aligned_with_the_store(tiny_bundle, dying_stor
         assert reward["mae_constant_baseline"] == pytest.approx(np.abs(rewards - np.median(rewards)).mean())
 
         _set_heads(wm, reward=-100.0, term_logit=-20.0)  # never predicts "terminated"
-        reward, term, _ = heads_sections(wm, store, "test", n=1)  # one episode: the terminating one comes first
+        reward, term, _ = heads_sections(
+            wm, store, "test", n=1
+        )  # one episode: the terminating one comes first
         assert term["recall"] == 0.0 and term["precision"] is None and term["n_episodes"] == 1
         assert reward["mae_teacher_forced"] == pytest.approx(np.abs(tf.rewards[0] + 100.0).mean(), rel=1e-5)
 
@@ -185,13 +223,17 @@ def test_reward_scores_read_the_output_of_the_real_outcome(tiny_bundle, dying_st
     """With a reward per outcome (``reward_given_termination``), the teacher-forced MAEs score the output
     matching the real termination and the ``*_expected`` ones the p(terminated)-weighted mix."""
     base = WorldModel.from_pretrained(tiny_bundle)
-    wm = WorldModel(replace(base.cfg, prior=replace(base.cfg.prior, reward_given_termination=True)), base.store_meta)
+    wm = WorldModel(
+        replace(base.cfg, prior=replace(base.cfg.prior, reward_given_termination=True)), base.store_meta
+    )
     wm.tokenizer.load_state_dict(base.tokenizer.state_dict())
     wm.eval()
     p = 0.1
     with torch.no_grad():
-        for head, bias in ((wm.prior.reward_head[-1], symlog(torch.tensor([4.0, -100.0]))),
-                           (wm.prior.term_head[-1], torch.tensor([math.log(p / (1 - p))]))):
+        for head, bias in (
+            (wm.prior.reward_head[-1], symlog(torch.tensor([4.0, -100.0]))),
+            (wm.prior.term_head[-1], torch.tensor([math.log(p / (1 - p))])),
+        ):
             head.weight.zero_()
             head.bias.copy_(bias)
     store = EpisodeStore(dying_store)
@@ -204,7 +246,9 @@ def test_reward_scores_read_the_output_of_the_real_outcome(tiny_bundle, dying_st
         reward, _, _ = heads_sections(wm, store, "test", n=5)
     expected = p * -100.0 + (1 - p) * 4.0
     assert reward["reward_given_termination"] is True
-    assert reward["mae_teacher_forced"] == pytest.approx(np.abs(np.where(d, -100.0, 4.0) - r).mean(), rel=1e-4)
+    assert reward["mae_teacher_forced"] == pytest.approx(
+        np.abs(np.where(d, -100.0, 4.0) - r).mean(), rel=1e-4
+    )
     assert reward["mae_on_terminal"] == pytest.approx(np.abs(-100.0 - r[d]).mean(), rel=1e-4)
     assert reward["mae_on_terminal"] < 10  # the one-output head's measured ~96-100 on HGS
     assert reward["mae_teacher_forced_expected"] == pytest.approx(np.abs(expected - r).mean(), rel=1e-4)
@@ -214,7 +258,9 @@ def test_reward_scores_read_the_output_of_the_real_outcome(tiny_bundle, dying_st
         warnings.simplefilter("ignore")
         clips = sample_clips(store, n=2, length=4, seed=0)
     ro = open_loop(wm, clips.frames, clips.actions, context=1, horizon=3)
-    np.testing.assert_allclose(ro.rewards_given(clips.terminated), np.where(clips.terminated, -100.0, 4.0), rtol=1e-5)
+    np.testing.assert_allclose(
+        ro.rewards_given(clips.terminated), np.where(clips.terminated, -100.0, 4.0), rtol=1e-5
+    )
     np.testing.assert_allclose(ro.expected_rewards, np.full((2, 3), expected), rtol=1e-5)
 
 

@@ -63,7 +63,9 @@ def warm_imports():
     import worldmodel.stages  # noqa: F401
     import worldmodel.tokenizer  # noqa: F401
 
-    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # the first optimizer imports torch._dynamo (~1.5 s)
+    torch.optim.AdamW(
+        [torch.nn.Parameter(torch.zeros(1))]
+    )  # the first optimizer imports torch._dynamo (~1.5 s)
     yield
     tqdm.monitor_interval = interval
 
@@ -73,7 +75,10 @@ def _run_script(script: str, argv: list[str], cwd: str, log: str) -> None:  # in
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    sys.stdout, sys.stderr = open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stdout, sys.stderr = (
+        open(1, "w", buffering=1, closefd=False),
+        open(2, "w", buffering=1, closefd=False),
+    )  # noqa: SIM115
     os.chdir(cwd)
     torch.set_num_threads(1)
     sys.argv = [script, *argv]
@@ -83,7 +88,9 @@ def _run_script(script: str, argv: list[str], cwd: str, log: str) -> None:  # in
 class Runner:
     """Runs one CLI command again and again in forked processes, killing it at seeded random points."""
 
-    def __init__(self, script: str, argv: list[str], workdir: Path, progress: Callable[[], int], seed: int) -> None:
+    def __init__(
+        self, script: str, argv: list[str], workdir: Path, progress: Callable[[], int], seed: int
+    ) -> None:
         self.script, self.argv, self.workdir, self.progress = str(ROOT / script), argv, workdir, progress
         self.rng = random.Random(seed)
         self.log = workdir / f"{Path(script).stem}.log"
@@ -91,8 +98,9 @@ class Runner:
         self.leftovers: list[str] = []  # processes a run left running after it ended or was killed
 
     def _start(self) -> mp.process.BaseProcess:
-        p = mp.get_context("fork").Process(target=_run_script, args=(self.script, self.argv, str(self.workdir),
-                                                                     str(self.log)))
+        p = mp.get_context("fork").Process(
+            target=_run_script, args=(self.script, self.argv, str(self.workdir), str(self.log))
+        )
         p.start()
         return p
 
@@ -147,14 +155,26 @@ class Runner:
         self._reap(p)
         killed = alive and p.exitcode == -signal.SIGKILL
         if killed:
-            self.kills.append(f"start-up + {delay * 1000:.0f} ms" if units is None else
-                              f"{units} units + {delay * 1000:.0f} ms")
+            self.kills.append(
+                f"start-up + {delay * 1000:.0f} ms"
+                if units is None
+                else f"{units} units + {delay * 1000:.0f} ms"
+            )
         else:
-            assert p.exitcode == 0, f"{self.script} failed on its own ({p.exitcode}):\n{self.log.read_text()[-3000:]}"
+            assert p.exitcode == 0, (
+                f"{self.script} failed on its own ({p.exitcode}):\n{self.log.read_text()[-3000:]}"
+            )
         return killed
 
-    def kill_repeatedly(self, n: int, done: Callable[[], int], total: int, check: Callable[[], None],
-                        unit_window: float, startup_window: float) -> None:
+    def kill_repeatedly(
+        self,
+        n: int,
+        done: Callable[[], int],
+        total: int,
+        check: Callable[[], None],
+        unit_window: float,
+        startup_window: float,
+    ) -> None:
         """``n`` killed runs: one during start-up, the others once the work ``done()`` (units, out of ``total``)
         reaches targets drawn at random over the whole run (sorted, so each run moves the work on), each run
         followed by ``check()``."""
@@ -162,7 +182,9 @@ class Runner:
         targets.insert(self.rng.randrange(n), None)
         for target in targets:
             units = None if target is None else max(1, target - done())
-            assert self.run_and_kill(units, unit_window, startup_window), f"a run finished before its kill ({self.kills})"
+            assert self.run_and_kill(units, unit_window, startup_window), (
+                f"a run finished before its kill ({self.kills})"
+            )
             check()
         assert not self.leftovers, f"processes left running after a kill: {self.leftovers}"
 
@@ -195,7 +217,9 @@ def check_store(store: Path, seen: dict[str, str], obs_shape: tuple[int, int, in
     for shard in store.glob("shard-*.h5"):
         with h5py.File(shard, "r") as f:
             per_shard += len(f["episodes"])
-    assert per_shard == len(st), f"{per_shard} episodes in the shards, {len(st)} distinct ids: one stored twice"
+    assert per_shard == len(st), (
+        f"{per_shard} episodes in the shards, {len(st)} distinct ids: one stored twice"
+    )
     now = {}
     for eid in st.episode_ids():
         ep = st.load(eid)
@@ -211,8 +235,20 @@ def check_store(store: Path, seen: dict[str, str], obs_shape: tuple[int, int, in
 def test_collect_killed_at_random_points(tmp_path):
     episodes = 24
     store = tmp_path / "store"
-    argv = ["--env", "vizdoom_hgs", "--episodes", str(episodes), "--num-envs", "2", "--resolution", "32",
-            "--episodes-per-shard", "1", "--out", str(store)]
+    argv = [
+        "--env",
+        "vizdoom_hgs",
+        "--episodes",
+        str(episodes),
+        "--num-envs",
+        "2",
+        "--resolution",
+        "32",
+        "--episodes-per-shard",
+        "1",
+        "--out",
+        str(store),
+    ]
     runner = Runner("experiments/collect.py", argv, tmp_path, lambda: n_shards(store), seed=16)
     seen: dict[str, str] = {}
 
@@ -221,8 +257,9 @@ def test_collect_killed_at_random_points(tmp_path):
         seen = check_store(store, seen, (32, 32, 3))
         assert len(seen) < episodes, "the kills must leave collecting to the resumed run"
 
-    runner.kill_repeatedly(KILLS["collect"], lambda: n_shards(store), episodes, check, unit_window=0.15,
-                           startup_window=0.6)
+    runner.kill_repeatedly(
+        KILLS["collect"], lambda: n_shards(store), episodes, check, unit_window=0.15, startup_window=0.6
+    )
     runner.run_to_end()  # the same command, once more
     final = check_store(store, seen, (32, 32, 3))
     assert len(final) == episodes  # exactly the requested count: nothing lost, nothing duplicated
@@ -235,8 +272,13 @@ def test_convert_killed_at_random_points(tmp_path):
     n = 48
     rng = np.random.default_rng(16)
     src = tmp_path / "lift_image.hdf5"
-    truth = write_robomimic(src, lengths=tuple(int(x) for x in rng.integers(8, 17, n)), H=32, W=32,
-                            masks={"train": list(range(n - 4)), "valid": list(range(n - 4, n))})
+    truth = write_robomimic(
+        src,
+        lengths=tuple(int(x) for x in rng.integers(8, 17, n)),
+        H=32,
+        W=32,
+        masks={"train": list(range(n - 4)), "valid": list(range(n - 4, n))},
+    )
     store = tmp_path / "store"
     argv = ["robomimic", str(src), "--out", str(store), "--episodes-per-shard", "2"]
     runner = Runner("experiments/convert.py", argv, tmp_path, lambda: n_shards(store), seed=1616)
@@ -258,8 +300,9 @@ def test_convert_killed_at_random_points(tmp_path):
         if seen:
             same_as_source(seen)
 
-    runner.kill_repeatedly(KILLS["convert"], lambda: n_shards(store), n // 2, check, unit_window=0.03,
-                           startup_window=0.15)
+    runner.kill_repeatedly(
+        KILLS["convert"], lambda: n_shards(store), n // 2, check, unit_window=0.03, startup_window=0.15
+    )
     runner.run_to_end()
     final = check_store(store, seen, (32, 32, 3))
     assert sorted(final) == sorted(f"lift_image-demo_{i}" for i in range(n))  # every demo, once
@@ -271,16 +314,53 @@ def test_convert_killed_at_random_points(tmp_path):
 
 STEPS = 20
 TRAIN_MICRO = [
-    "--env", "vizdoom_hgs", "--stage", "all", "--no-rollout-videos", "--device", "cpu", "--threads", "1",
-    "--config.data.clip-len", "4", "--config.tokenizer.channels", "16", "--config.tokenizer.n-res-layers", "1",
-    "--config.tokenizer.n-heads", "2", "--config.tokenizer.codebook-size", "32", "--config.tokenizer.embedding-dim", "8",
-    "--config.tokenizer.max-frames", "4", "--config.prior.n-layer", "1", "--config.prior.n-head", "2",
-    "--config.prior.n-embd", "32", "--config.prior.frames", "4",
+    "--env",
+    "vizdoom_hgs",
+    "--stage",
+    "all",
+    "--no-rollout-videos",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--config.data.clip-len",
+    "4",
+    "--config.tokenizer.channels",
+    "16",
+    "--config.tokenizer.n-res-layers",
+    "1",
+    "--config.tokenizer.n-heads",
+    "2",
+    "--config.tokenizer.codebook-size",
+    "32",
+    "--config.tokenizer.embedding-dim",
+    "8",
+    "--config.tokenizer.max-frames",
+    "4",
+    "--config.prior.n-layer",
+    "1",
+    "--config.prior.n-head",
+    "2",
+    "--config.prior.n-embd",
+    "32",
+    "--config.prior.frames",
+    "4",
 ]
 for _section in ("tokenizer-train", "prior-train"):
-    TRAIN_MICRO += [f"--config.{_section}.steps", str(STEPS), f"--config.{_section}.batch-size", "2",
-                    f"--config.{_section}.warmup-steps", "1", f"--config.{_section}.log-every", "1",
-                    f"--config.{_section}.eval-every", "10", f"--config.{_section}.ckpt-every", "1"]
+    TRAIN_MICRO += [
+        f"--config.{_section}.steps",
+        str(STEPS),
+        f"--config.{_section}.batch-size",
+        "2",
+        f"--config.{_section}.warmup-steps",
+        "1",
+        f"--config.{_section}.log-every",
+        "1",
+        f"--config.{_section}.eval-every",
+        "10",
+        f"--config.{_section}.ckpt-every",
+        "1",
+    ]
 
 
 class Checkpoints:
@@ -306,25 +386,38 @@ def test_train_killed_at_random_points_resumes_exactly(tmp_path, hgs_store):
     from worldmodel.checkpoint import load_checkpoint, pending_state_path
 
     ref = tmp_path / "ref"
-    Runner("experiments/train.py", [*TRAIN_MICRO, "--config.data.store", str(hgs_store), "--run-dir", str(ref)],
-           tmp_path, lambda: 0, seed=0).run_to_end()
+    Runner(
+        "experiments/train.py",
+        [*TRAIN_MICRO, "--config.data.store", str(hgs_store), "--run-dir", str(ref)],
+        tmp_path,
+        lambda: 0,
+        seed=0,
+    ).run_to_end()
     run = tmp_path / "run"
-    runner = Runner("experiments/train.py", [*TRAIN_MICRO, "--config.data.store", str(hgs_store), "--run-dir", str(run)],
-                    tmp_path, Checkpoints(run), seed=161616)
+    runner = Runner(
+        "experiments/train.py",
+        [*TRAIN_MICRO, "--config.data.store", str(hgs_store), "--run-dir", str(run)],
+        tmp_path,
+        Checkpoints(run),
+        seed=161616,
+    )
     steps = {"tokenizer": 0, "prior": 0}
 
     def check() -> None:
         total = 0
         for stage in steps:
-            found = load_checkpoint(run, stage)  # weights and trainer state consistent (raises naming the files if not)
+            found = load_checkpoint(
+                run, stage
+            )  # weights and trainer state consistent (raises naming the files if not)
             step = 0 if found is None else int(found[0]["step"])
             assert step >= steps[stage], f"{stage}: committed step went back from {steps[stage]} to {step}"
             steps[stage] = step
             total += step
         assert total < 2 * STEPS, "the kills must leave training to the resumed run"
 
-    runner.kill_repeatedly(KILLS["train"], lambda: sum(steps.values()), 2 * STEPS, check, unit_window=0.1,
-                           startup_window=0.5)
+    runner.kill_repeatedly(
+        KILLS["train"], lambda: sum(steps.values()), 2 * STEPS, check, unit_window=0.1, startup_window=0.5
+    )
     runner.run_to_end()
     a, b = load_file(ref / "model.safetensors"), load_file(run / "model.safetensors")
     assert sorted(a) == sorted(b) and any(k.startswith("prior.") for k in a)

@@ -43,7 +43,11 @@ def test_frechet_matches_direct_scipy_formula():
     # TF-GAN's symmetric form via eigendecompositions: tr(sqrt(sqrt(s1) s2 sqrt(s1))) = tr(sqrt(s1 s2)).
     w, v = np.linalg.eigh(s1)
     r1 = v @ np.diag(np.sqrt(np.clip(w, 0, None))) @ v.T
-    tf_gan = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2) - 2 * np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
+    tf_gan = (
+        np.sum((mu1 - mu2) ** 2)
+        + np.trace(s1 + s2)
+        - 2 * np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
+    )
     fd = frechet_distance(a, b)
     assert fd == pytest.approx(direct, rel=1e-9)
     assert fd == pytest.approx(tf_gan, rel=1e-7)
@@ -63,7 +67,9 @@ def test_frechet_closed_form_for_diagonal_gaussians():
     mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.0])
     v1, v2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 4.0, 1.0])
     expected = 1 + 0 + 4 + (1 - 2) ** 2 + 0 + (3 - 1) ** 2
-    assert frechet_distance_from_stats(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-12)
+    assert frechet_distance_from_stats(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(
+        expected, rel=1e-12
+    )
     # ... and the sample estimate converges to it.
     rng = np.random.default_rng(2)
     a = rng.normal(size=(40000, 3)) * np.sqrt(v1) + mu1
@@ -110,7 +116,9 @@ def test_random_i3d_shapes_and_input_checks():
     torch.manual_seed(0)
     model = InceptionI3d(num_classes=400).eval()
     n_params = sum(p.numel() for p in model.parameters())
-    assert 12_000_000 < n_params < 13_000_000  # Inception-v1 I3D has ~12.7M parameters (incl. the 400-way head)
+    assert (
+        12_000_000 < n_params < 13_000_000
+    )  # Inception-v1 I3D has ~12.7M parameters (incl. the 400-way head)
     with torch.inference_mode():
         out = model(torch.rand(1, 3, 9, 193, 193) * 2 - 1)  # smallest accepted input: T=9, 193x193
     assert out.shape == (1, 400) and torch.isfinite(out).all()
@@ -126,7 +134,9 @@ def test_random_i3d_shapes_and_input_checks():
 
 WEIGHTS = default_i3d_weights_path()
 needs_weights = pytest.mark.skipif(
-    not WEIGHTS.is_file(), reason=f"I3D weights not cached at {WEIGHTS}; run `python experiments/fetch_weights.py i3d`")
+    not WEIGHTS.is_file(),
+    reason=f"I3D weights not cached at {WEIGHTS}; run `python experiments/fetch_weights.py i3d`",
+)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +147,9 @@ def i3d():
 def _pattern(t: int, h: int, w: int) -> np.ndarray:
     """A deterministic moving colour pattern in [-1, 1], (1, 3, T, H, W) float32."""
     tt, yy, xx = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
-    v = np.stack([np.sin((xx + 8 * tt) / 20), np.cos((yy - 5 * tt) / 15), np.sin((xx + yy) / 30 + tt / 3)], -1)
+    v = np.stack(
+        [np.sin((xx + 8 * tt) / 20), np.cos((yy - 5 * tt) / 15), np.sin((xx + yy) / 30 + tt / 3)], -1
+    )
     return np.ascontiguousarray(v.astype(np.float32).transpose(3, 0, 1, 2)[None])
 
 
@@ -148,7 +160,9 @@ def test_real_i3d_matches_flax_reference_on_asymmetric_padding(i3d):
     with torch.inference_mode():
         out = i3d(torch.from_numpy(_pattern(13, 200, 210)))[0].numpy()
     assert np.argsort(-out)[:5].tolist() == [157, 374, 373, 106, 266]
-    np.testing.assert_allclose(out[[157, 374, 373, 106, 266]], [24.6868, 24.2551, 22.241, 19.1449, 17.9624], atol=2e-3)
+    np.testing.assert_allclose(
+        out[[157, 374, 373, 106, 266]], [24.6868, 24.2551, 22.241, 19.1449, 17.9624], atol=2e-3
+    )
     np.testing.assert_allclose(out[:4], [0.0237, 10.9976, 5.1436, 11.1652], atol=2e-3)
 
 
@@ -215,7 +229,9 @@ def test_fvd_end_to_end(i3d):
 
 def test_fvd_input_checks_and_missing_weights(tmp_path):
     clips = np.zeros((2, 16, 64, 64, 3), np.uint8)
-    with pytest.raises(FileNotFoundError, match=r"python experiments/fetch_weights.py i3d.*--i3d-weights PATH"):
+    with pytest.raises(
+        FileNotFoundError, match=r"python experiments/fetch_weights.py i3d.*--i3d-weights PATH"
+    ):
         fvd(clips, clips, weights=tmp_path / "nope.ckpt")
     with pytest.raises(ValueError, match="16-frame clips"):
         fvd(clips[:, :12], clips, weights=tmp_path / "nope.ckpt")

@@ -32,8 +32,19 @@ from worldmodel.sampling import Rollout
 
 FIXTURE = Path(__file__).with_name("golden_sampling.npz")
 
-BASE = PriorConfig(n_layer=2, n_head=2, n_embd=32, dropout=0.0, attn_dropout=0.0, vocab_size=24, frames=4,
-                   tokens_h=2, tokens_w=3, action_kind="discrete", n_actions=3)
+BASE = PriorConfig(
+    n_layer=2,
+    n_head=2,
+    n_embd=32,
+    dropout=0.0,
+    attn_dropout=0.0,
+    vocab_size=24,
+    frames=4,
+    tokens_h=2,
+    tokens_w=3,
+    action_kind="discrete",
+    n_actions=3,
+)
 
 # name -> prior config; every case below runs on one of these
 CONFIGS: dict[str, PriorConfig] = {
@@ -56,7 +67,7 @@ def named_weights(cfg: PriorConfig) -> Prior:
             z = torch.randn(prm.shape, generator=g)
             if prm.ndim >= 2 and not name.startswith(("tok_emb", "act_emb.weight", "class_emb")):
                 fan_in = int(np.prod(prm.shape[1:]))
-                z = z * (2.0 if name == "head.weight" else 1.0) * fan_in ** -0.5
+                z = z * (2.0 if name == "head.weight" else 1.0) * fan_in**-0.5
             elif name.endswith("norm.weight") or name.endswith(("ln_x.weight", "ln.weight")):
                 z = 1 + 0.1 * z
             elif prm.ndim == 1:
@@ -90,8 +101,11 @@ def run_case(cfg_name: str) -> dict[str, np.ndarray]:
     tok = torch.randint(0, cfg.vocab_size, (B, 3, cfg.tokens_h, cfg.tokens_w), generator=g)
     act = _actions(cfg, (B, 2), g)
     cls = torch.tensor([0, 2, 1]) if cfg.n_classes else None
-    cond = torch.randint(0, cfg.vocab_size, (B, cfg.n_cond_frames, cfg.tokens_h, cfg.tokens_w), generator=g) \
-        if cfg.n_cond_frames else None
+    cond = (
+        torch.randint(0, cfg.vocab_size, (B, cfg.n_cond_frames, cfg.tokens_h, cfg.tokens_w), generator=g)
+        if cfg.n_cond_frames
+        else None
+    )
     decodes = ["autoregressive"] + (["maskgit"] if cfg.maskgit_weight > 0 else [])
     results: dict[str, np.ndarray] = {}
     for decode in decodes:
@@ -99,16 +113,22 @@ def run_case(cfg_name: str) -> dict[str, np.ndarray]:
         for path in ("lockstep", "per_row", "from_nothing", "bf16"):
             if path == "bf16" and decode == "maskgit":
                 continue
-            out: dict[str, list] = {k: [] for k in ("tokens", "reward", "reward_if_terminated", "terminated_prob",
-                                                    "entropy")}
+            out: dict[str, list] = {
+                k: [] for k in ("tokens", "reward", "reward_if_terminated", "terminated_prob", "entropy")
+            }
             r = Rollout(p, B, keep=2, bf16=path == "bf16")
             if path == "from_nothing":
                 r.start(tok[:, :0], None if act is None else act[:, :0], class_ids=cls, cond_tokens=cond)
             else:
                 r.start(tok[:, :2], None if act is None else act[:, :1], class_ids=cls, cond_tokens=cond)
             if path == "per_row":  # row 1 one frame further along: rows at different cache positions
-                r.start(tok[1:2], None if act is None else act[1:2], rows=[1], class_ids=None if cls is None else cls[1:2],
-                        cond_tokens=None if cond is None else cond[1:2])
+                r.start(
+                    tok[1:2],
+                    None if act is None else act[1:2],
+                    rows=[1],
+                    class_ids=None if cls is None else cls[1:2],
+                    cond_tokens=None if cond is None else cond[1:2],
+                )
             sg = torch.Generator().manual_seed(11)
             for i in range(7):  # crosses several slides (frames 4, keep 2)
                 a = _actions(cfg, (B,), sg)
@@ -121,17 +141,24 @@ def run_case(cfg_name: str) -> dict[str, np.ndarray]:
                     res = r.step(a, temperature=0.9, top_k=8, top_p=0.9, generator=gens, **kw)
                 _record_step(out, res)
                 if path == "per_row" and i == 3:  # a reset in the middle of the rollout
-                    r.start(tok[2:3, :1], None if act is None else act[2:3, :0], rows=[2],
-                            class_ids=None if cls is None else cls[2:3], cond_tokens=None if cond is None else cond[2:3])
+                    r.start(
+                        tok[2:3, :1],
+                        None if act is None else act[2:3, :0],
+                        rows=[2],
+                        class_ids=None if cls is None else cls[2:3],
+                        cond_tokens=None if cond is None else cond[2:3],
+                    )
             for k, v in out.items():
                 results[f"{decode}/{path}/{k}"] = np.stack(v)
     # the training loss (teacher forcing; MaskGIT masks and context noise are drawn from torch's seed)
     p.train()
     torch.manual_seed(3)
     T = cfg.frames + cfg.n_cond_frames
-    batch = {"tokens": torch.randint(0, cfg.vocab_size, (B, T, cfg.tokens_h, cfg.tokens_w), generator=g),
-             "rewards": torch.randn(B, T - 1, generator=g) * 3,
-             "terminated": torch.rand(B, T - 1, generator=g) < 0.3}
+    batch = {
+        "tokens": torch.randint(0, cfg.vocab_size, (B, T, cfg.tokens_h, cfg.tokens_w), generator=g),
+        "rewards": torch.randn(B, T - 1, generator=g) * 3,
+        "terminated": torch.rand(B, T - 1, generator=g) < 0.3,
+    }
     if act is not None:
         batch["actions"] = _actions(cfg, (B, T - 1), g)
     if cls is not None:
@@ -154,12 +181,14 @@ def record() -> None:
 def test_sampler_outputs_match_the_recording(cfg_name, one_thread):
     want = np.load(FIXTURE)
     got = run_case(cfg_name)
-    keys = sorted(k[len(cfg_name) + 1:] for k in want.files if k.startswith(cfg_name + "/"))
+    keys = sorted(k[len(cfg_name) + 1 :] for k in want.files if k.startswith(cfg_name + "/"))
     assert keys == sorted(got), f"recorded outputs differ in kind: {sorted(set(keys) ^ set(got))}"
     for k in keys:
         w, v = want[f"{cfg_name}/{k}"], got[k]
         if k.endswith("/tokens"):
-            assert np.array_equal(w, v), f"{cfg_name}/{k}: tokens differ at steps {np.nonzero((w != v).any((1, 2, 3)))[0]}"
+            assert np.array_equal(w, v), (
+                f"{cfg_name}/{k}: tokens differ at steps {np.nonzero((w != v).any((1, 2, 3)))[0]}"
+            )
         else:
             tol = 2e-2 if "/bf16/" in k else 1e-5
             assert np.allclose(w, v, atol=tol, rtol=tol), f"{cfg_name}/{k}: max diff {np.abs(w - v).max()}"

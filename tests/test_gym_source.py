@@ -47,7 +47,9 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-needs_atari = pytest.mark.skipif(not _has("ale_py"), reason="ale-py not installed (pip install -e '.[atari]')")
+needs_atari = pytest.mark.skipif(
+    not _has("ale_py"), reason="ale-py not installed (pip install -e '.[atari]')"
+)
 needs_box2d = pytest.mark.skipif(not _has("Box2D"), reason="box2d not installed (pip install -e '.[box2d]')")
 
 
@@ -58,8 +60,15 @@ def toy_env(name: str = TOY, **kw) -> GymPixelEnv:
 # ---------------------------------------------------------------------------------------------- pixels
 
 
-@pytest.mark.parametrize("name, source", [(TOY, "key:screen"), ("gym:WorldmodelToyImage-v0", "obs"),
-                                          ("gym:WorldmodelToyMD-v0", "obs"), ("gym:WorldmodelToyRender-v0", "render")])
+@pytest.mark.parametrize(
+    "name, source",
+    [
+        (TOY, "key:screen"),
+        ("gym:WorldmodelToyImage-v0", "obs"),
+        ("gym:WorldmodelToyMD-v0", "obs"),
+        ("gym:WorldmodelToyRender-v0", "render"),
+    ],
+)
 def test_pixels_come_from_the_observation_a_dict_entry_or_render(name, source):
     env = toy_env(name, render_mode="rgb_array")
     try:
@@ -77,7 +86,11 @@ def test_an_env_without_pixels_gets_an_error_naming_what_was_found():
     with pytest.raises(NoPixelsError) as e:
         toy_env("gym:WorldmodelToyNoPixels-v0")
     msg = str(e.value)
-    assert "gym:WorldmodelToyNoPixels-v0" in msg and "Box(-inf, inf, (2,), float32)" in msg and "render_modes []" in msg
+    assert (
+        "gym:WorldmodelToyNoPixels-v0" in msg
+        and "Box(-inf, inf, (2,), float32)" in msg
+        and "render_modes []" in msg
+    )
     assert "--pixels" in msg
     with pytest.raises(NoPixelsError, match=r"entry 'camera'.*\['position', 'screen'\]"):
         toy_env(TOY, pixels="key:camera")
@@ -122,7 +135,9 @@ def test_action_spaces_are_mapped_or_refused():
     env.reset(seed=0)
     assert env.action_space == gym.spaces.Box(-1.0, 1.0, (2,), np.float32)  # the dream's continuous space
     spec = env.store_action_spec()
-    assert spec.kind == "continuous" and spec.low == (-2.0, 0.0) and spec.high == (2.0, 1.0)  # the env's bounds
+    assert (
+        spec.kind == "continuous" and spec.low == (-2.0, 0.0) and spec.high == (2.0, 1.0)
+    )  # the env's bounds
     env.step(np.array([-1.0, 1.0], np.float32))
     np.testing.assert_allclose(env.env.unwrapped.last_action, [-2.0, 1.0])
     env.step(np.array([0.5, -1.0], np.float32))
@@ -135,7 +150,12 @@ def test_action_spaces_are_mapped_or_refused():
 
     env = toy_env("gym:WorldmodelToyImage-v0")  # MultiBinary(2) -> Discrete(4): each button combination
     env.reset(seed=0)
-    assert env.action_space == gym.spaces.Discrete(4) and env.store_action_spec().names == ("00", "01", "10", "11")
+    assert env.action_space == gym.spaces.Discrete(4) and env.store_action_spec().names == (
+        "00",
+        "01",
+        "10",
+        "11",
+    )
     env.step(2)
     np.testing.assert_array_equal(env.env.unwrapped.last_action, [1, 0])
     env.close()
@@ -149,7 +169,9 @@ def test_action_spaces_are_mapped_or_refused():
         env.step(6)
     env.close()
 
-    with pytest.raises(UnsupportedActionSpace, match="MultiBinary\\(12\\).*2\\*\\*12 button combinations.*accepted"):
+    with pytest.raises(
+        UnsupportedActionSpace, match="MultiBinary\\(12\\).*2\\*\\*12 button combinations.*accepted"
+    ):
         toy_env("gym:WorldmodelToyBigMB-v0")
     with pytest.raises(UnsupportedActionSpace, match="unbounded dimensions.*RescaleAction"):
         toy_env("gym:WorldmodelToyFree-v0")
@@ -203,10 +225,20 @@ def test_the_source_passes_the_gymnasium_and_sb3_checkers(name):
 
 
 def test_collect_keeps_terminated_and_truncated_apart_and_records_the_env(tmp_path):
-    r = collect(TOY, tmp_path / "s", 10, num_envs=2, seed=0, progress=False, asynchronous=False,
-                env_kwargs={"module": MODULE, "resolution": 32, "frame_skip": 1, "make_kwargs": {}})
+    r = collect(
+        TOY,
+        tmp_path / "s",
+        10,
+        num_envs=2,
+        seed=0,
+        progress=False,
+        asynchronous=False,
+        env_kwargs={"module": MODULE, "resolution": 32, "frame_skip": 1, "make_kwargs": {}},
+    )
     store = EpisodeStore(tmp_path / "s")
-    assert len(store) == 10 == r.collected and store.meta.source == TOY and store.meta.obs_shape == (32, 32, 3)
+    assert (
+        len(store) == 10 == r.collected and store.meta.source == TOY and store.meta.obs_shape == (32, 32, 3)
+    )
     ends = {"terminated": 0, "truncated": 0}
     for ep in store.iter_episodes():
         assert not ep.terminated[:-1].any()
@@ -220,8 +252,15 @@ def test_collect_keeps_terminated_and_truncated_apart_and_records_the_env(tmp_pa
     assert ends["terminated"] and ends["truncated"], ends  # random play gives both endings
     extra = store.meta.extra
     assert extra["env"] == TOY
-    assert extra["env_kwargs"] == {"module": MODULE, "make_kwargs": {}, "pixels": "key:screen", "resolution": 32,
-                                   "frame_skip": 1, "sticky_actions": 0.0, "max_episode_steps": None}
+    assert extra["env_kwargs"] == {
+        "module": MODULE,
+        "make_kwargs": {},
+        "pixels": "key:screen",
+        "resolution": 32,
+        "frame_skip": 1,
+        "sticky_actions": 0.0,
+        "max_episode_steps": None,
+    }
     gym_meta = extra["gym"]
     assert gym_meta["id"] == "WorldmodelToy-v0" and gym_meta["action_mapping"] == "discrete"
     assert "'screen': Box(0, 255, (24, 40, 3), uint8)" in gym_meta["observation_space"]
@@ -231,20 +270,36 @@ def test_collect_keeps_terminated_and_truncated_apart_and_records_the_env(tmp_pa
     from worldmodel.store import StoreError
 
     with pytest.raises(StoreError, match="extra.env_kwargs.frame_skip"):
-        collect(TOY, tmp_path / "s", 12, progress=False, asynchronous=False, num_envs=1,
-                env_kwargs={"module": MODULE, "resolution": 32, "frame_skip": 2})
+        collect(
+            TOY,
+            tmp_path / "s",
+            12,
+            progress=False,
+            asynchronous=False,
+            num_envs=1,
+            env_kwargs={"module": MODULE, "resolution": 32, "frame_skip": 2},
+        )
 
 
 def test_collect_box_actions_in_the_env_units(tmp_path):
-    collect(TOY_BOX, tmp_path / "b", 3, num_envs=2, progress=False, asynchronous=True,  # env worker processes
-            env_kwargs={"module": MODULE, "resolution": 32, "frame_skip": 1})
+    collect(
+        TOY_BOX,
+        tmp_path / "b",
+        3,
+        num_envs=2,
+        progress=False,
+        asynchronous=True,  # env worker processes
+        env_kwargs={"module": MODULE, "resolution": 32, "frame_skip": 1},
+    )
     store = EpisodeStore(tmp_path / "b")
     spec = store.meta.action_spec
     assert spec.kind == "continuous" and spec.dim == 2 and spec.low == (-2.0, 0.0) and spec.high == (2.0, 1.0)
     acts = np.concatenate([ep.actions for ep in store.iter_episodes()])
     assert acts.dtype == np.float32 and acts.shape[1] == 2
     assert (acts >= np.array(spec.low) - 1e-6).all() and (acts <= np.array(spec.high) + 1e-6).all()
-    assert acts[:, 1].min() >= 0 and acts[:, 0].min() < 0 < acts[:, 0].max()  # the env's own units, not [-1, 1]
+    assert (
+        acts[:, 1].min() >= 0 and acts[:, 0].min() < 0 < acts[:, 0].max()
+    )  # the env's own units, not [-1, 1]
 
 
 # ---------------------------------------------------------------------------------------------- the pipeline
@@ -254,9 +309,14 @@ def _micro(cfg, store: Path):
     from tests.conftest import tiny_experiment
 
     t = tiny_experiment(store, name=cfg.name)
-    return replace(cfg, data=replace(cfg.data, store=str(store), clip_len=4), tokenizer=replace(
-        t.tokenizer, resolution=cfg.tokenizer.resolution), prior=replace(t.prior, reward_given_termination=True),
-        tokenizer_train=replace(t.tokenizer_train, steps=2), prior_train=replace(t.prior_train, steps=2))
+    return replace(
+        cfg,
+        data=replace(cfg.data, store=str(store), clip_len=4),
+        tokenizer=replace(t.tokenizer, resolution=cfg.tokenizer.resolution),
+        prior=replace(t.prior, reward_given_termination=True),
+        tokenizer_train=replace(t.tokenizer_train, steps=2),
+        prior_train=replace(t.prior_train, steps=2),
+    )
 
 
 @pytest.mark.parametrize("name", [TOY, TOY_BOX])
@@ -269,7 +329,9 @@ def test_collect_tokenizer_prior_dream_and_real_scoring(tmp_path, name, one_thre
     # 64x64 frames: SB3's CnnPolicy needs them
     cfg = replace(cfg, data=replace(cfg.data, resolution=64), tokenizer=replace(cfg.tokenizer, resolution=64))
     store = tmp_path / safe_name(name)
-    collect(name, store, 8, num_envs=2, progress=False, asynchronous=False, env_kwargs={**kw, "resolution": 64})
+    collect(
+        name, store, 8, num_envs=2, progress=False, asynchronous=False, env_kwargs={**kw, "resolution": 64}
+    )
     cfg = _micro(cfg, store)
     run = tmp_path / "run"
     train_tokenizer(cfg, run, progress=False)
@@ -290,17 +352,28 @@ def test_collect_tokenizer_prior_dream_and_real_scoring(tmp_path, name, one_thre
     kw_real = real_env_kwargs(wm)
     assert kw_real["module"] == MODULE and kw_real["pixels"] == "key:screen" and "resolution" not in kw_real
     random = score_real(None, name, 64, 2, seed=0, **kw_real)
-    model, venv = train_ppo(wm, 32, num_envs=2, seed=0, max_episode_steps=6, progress_bar=False,
-                            ppo=PPOConfig(n_steps=16, batch_size=32, n_epochs=1))
+    model, venv = train_ppo(
+        wm,
+        32,
+        num_envs=2,
+        seed=0,
+        max_episode_steps=6,
+        progress_bar=False,
+        ppo=PPOConfig(n_steps=16, batch_size=32, n_epochs=1),
+    )
     venv.close()
-    trained = score_real(model, name, 64, 2, seed=0, **kw_real)  # the dream-trained policy in the same real env
+    trained = score_real(
+        model, name, 64, 2, seed=0, **kw_real
+    )  # the dream-trained policy in the same real env
     assert random.episodes == trained.episodes == 2 and 1 <= trained.mean_length <= toy.MAX_STEPS
 
 
 def test_generic_preset_from_the_spaces():
     cfg = generic_preset("gym:X-v0", "tiny", frame_size=210, action_kind="discrete", n_actions=6)
     assert (cfg.data.resolution, cfg.tokenizer.resolution, cfg.tokenizer.stride) == (64, 64, (1, 8, 8))
-    assert cfg.prior.n_actions == 6 and cfg.prior.reward_given_termination and cfg.data.store == "data/gym-X-v0"
+    assert (
+        cfg.prior.n_actions == 6 and cfg.prior.reward_given_termination and cfg.data.store == "data/gym-X-v0"
+    )
     assert generic_preset("gym:X-v0", "paper", frame_size=96).data.resolution == 96
     assert generic_preset("gym:X-v0", "paper", frame_size=300).data.resolution == 128
     assert get_preset("gym:Unprobed-v1", "small").env == "gym:Unprobed-v1"  # without a probe: the defaults
@@ -314,7 +387,11 @@ def test_generic_preset_from_the_spaces():
 def test_dream_names_are_deterministic_and_apart_from_the_fixed_ids():
     assert envs.dream_name("gym:ALE/Pong-v5") == "GymALEPongV5"
     assert envs.id_for_preset("gym:CarRacing-v3") == "VideoGPTDream-GymCarRacingV3-v0"
-    assert envs.dream_name("gym:VizdoomTakeCover-v1") == "GymVizdoomTakeCoverV1" != envs.dream_name("vizdoom_take_cover")
+    assert (
+        envs.dream_name("gym:VizdoomTakeCover-v1")
+        == "GymVizdoomTakeCoverV1"
+        != envs.dream_name("vizdoom_take_cover")
+    )
     assert envs.id_for_preset("vizdoom_hgs") == "VideoGPTDream-VizdoomHGS-v0"
     with pytest.raises(ValueError, match="has no dream env id"):
         envs.id_for_preset("ucf101")
@@ -326,8 +403,15 @@ def test_import_envs_registers_ids_of_gym_bundles_under_runs(tmp_path, monkeypat
     from tests.conftest import make_bundle, tiny_experiment
 
     store = tmp_path / "store"
-    collect(TOY, store, 3, num_envs=1, progress=False, asynchronous=False,
-            env_kwargs={"module": MODULE, "resolution": 32, "frame_skip": 1, "max_episode_steps": 7})
+    collect(
+        TOY,
+        store,
+        3,
+        num_envs=1,
+        progress=False,
+        asynchronous=False,
+        env_kwargs={"module": MODULE, "resolution": 32, "frame_skip": 1, "max_episode_steps": 7},
+    )
     home = tmp_path / "home"
     cfg = replace(tiny_experiment(store, name=TOY), env=TOY)
     make_bundle(cfg, home / "runs" / f"{safe_name(TOY)}-tiny")
@@ -336,14 +420,28 @@ def test_import_envs_registers_ids_of_gym_bundles_under_runs(tmp_path, monkeypat
     (home / "runs" / "broken" / "config.json").write_text("{not json")
     env_id = "VideoGPTDream-GymWorldmodelToyV0-v0"
     # a fresh interpreter: `import envs` finds the bundle under $WORLDMODEL_HOME/runs
-    code = ("import warnings, envs, gymnasium as gym\n"
-            f"e = gym.make({env_id!r})\n"
-            "o, _ = e.reset(seed=0)\n"
-            "print(e.spec.max_episode_steps, o.shape, e.unwrapped.world_model.path.name)\n")
-    env = {**os.environ, "WORLDMODEL_HOME": str(home), "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    code = (
+        "import warnings, envs, gymnasium as gym\n"
+        f"e = gym.make({env_id!r})\n"
+        "o, _ = e.reset(seed=0)\n"
+        "print(e.spec.max_episode_steps, o.shape, e.unwrapped.world_model.path.name)\n"
+    )
+    env = {
+        **os.environ,
+        "WORLDMODEL_HOME": str(home),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.split() == ["7", "(32,", "32,", "3)", f"{safe_name(TOY)}-tiny"]  # the real env's episode cap
+    assert res.stdout.split() == [
+        "7",
+        "(32,",
+        "32,",
+        "3)",
+        f"{safe_name(TOY)}-tiny",
+    ]  # the real env's episode cap
     assert "skipping bundle" in res.stderr and "broken" in res.stderr
     # in this process: register_bundle_ids picks up bundles trained after the import
     monkeypatch.setenv("WORLDMODEL_HOME", str(home))
@@ -359,30 +457,64 @@ def test_import_envs_registers_ids_of_gym_bundles_under_runs(tmp_path, monkeypat
 
 
 def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLDMODEL_HOME": "", "MPLBACKEND": "Agg",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WORLDMODEL_HOME": "",
+        "MPLBACKEND": "Agg",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     env.pop("WORLDMODEL_HOME")
-    return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_cli_train_then_policy_scored_in_the_real_env(tmp_path):
     from tests.test_readme_commands import POLICY_MICRO, train_micro
 
-    train = _run([str(ROOT / "experiments/train.py"), "--env", TOY, "--env-module", MODULE, "--frame-skip", "1",
-                  *train_micro(2), "--config.collect-episodes", "6", "--config.data.resolution", "64",
-                  "--no-rollout-videos"], tmp_path)
+    train = _run(
+        [
+            str(ROOT / "experiments/train.py"),
+            "--env",
+            TOY,
+            "--env-module",
+            MODULE,
+            "--frame-skip",
+            "1",
+            *train_micro(2),
+            "--config.collect-episodes",
+            "6",
+            "--config.data.resolution",
+            "64",
+            "--no-rollout-videos",
+        ],
+        tmp_path,
+    )
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-3000:]
     run = tmp_path / "runs" / "gym-WorldmodelToy-v0-tiny"
     store = EpisodeStore(tmp_path / "data" / "gym-WorldmodelToy-v0")
     assert len(store) == 6 and store.meta.obs_shape == (64, 64, 3)
     summary = train.stdout.split("== summary ==")[1]
     assert "VideoGPTDream-GymWorldmodelToyV0-v0" in summary and str(run.resolve()) in summary
-    pol = _run([str(ROOT / "experiments/train_policy.py"), "--env", TOY, "--eval-real", *POLICY_MICRO], tmp_path)
+    pol = _run(
+        [str(ROOT / "experiments/train_policy.py"), "--env", TOY, "--eval-real", *POLICY_MICRO], tmp_path
+    )
     assert pol.returncode == 0, pol.stdout[-2000:] + pol.stderr[-3000:]
     report = json.loads(pol.stdout.strip().splitlines()[-1])
     assert {"real_ppo", "real_random", "dream_ppo", "real_return_minus_random"} <= set(report)
-    bad = _run([str(ROOT / "experiments/collect.py"), "--env", "gym:WorldmodelToyNoPixels-v0", "--env-module", MODULE,
-                "--episodes", "1"], tmp_path)
+    bad = _run(
+        [
+            str(ROOT / "experiments/collect.py"),
+            "--env",
+            "gym:WorldmodelToyNoPixels-v0",
+            "--env-module",
+            MODULE,
+            "--episodes",
+            "1",
+        ],
+        tmp_path,
+    )
     assert bad.returncode != 0 and "has no pixels" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -433,7 +565,11 @@ def test_vizdoom_gymnasium_id_dict_screen():
     env = make_gym_env("gym:VizdoomDefendCenter-v1")
     try:
         obs, _ = env.reset(seed=0)
-        assert env.pixels == "key:screen" and env.module == "vizdoom.gymnasium_wrapper" and obs.shape == (64, 64, 3)
+        assert (
+            env.pixels == "key:screen"
+            and env.module == "vizdoom.gymnasium_wrapper"
+            and obs.shape == (64, 64, 3)
+        )
         assert env.action_space == gym.spaces.Discrete(4) and env.frame_skip == 4
         env.step(0)
     finally:
@@ -473,4 +609,6 @@ def test_readme_own_env_commands_name_real_scripts_and_flags():
         assert args.env.startswith("gym:"), line
     (python,) = [code for lang, code in blocks if lang == "python"]
     for env_id in re.findall(r'gym\.make\("(VideoGPTDream-[^"]+)"', python):
-        assert env_id == "VideoGPTDream-v0" or env_id in {envs.id_for_preset(p) for p in ("gym:ALE/Pong-v5",)}, env_id
+        assert env_id == "VideoGPTDream-v0" or env_id in {
+            envs.id_for_preset(p) for p in ("gym:ALE/Pong-v5",)
+        }, env_id

@@ -28,7 +28,9 @@ def test_masked_stream_sees_no_token_of_its_own_frame_and_leaves_the_clean_strea
     mask[:, :, 0, 0] = False  # one known token per frame
     out = p(tok, act, mask=mask)
     plain = p(tok, act)
-    assert torch.allclose(out.logits, plain.logits, atol=1e-5) and torch.allclose(out.reward, plain.reward, atol=1e-6)
+    assert torch.allclose(out.logits, plain.logits, atol=1e-5) and torch.allclose(
+        out.reward, plain.reward, atol=1e-6
+    )
     # changing a hidden token of frame 2 leaves frame 2's masked logits unchanged; changing its known token does not
     hidden, known = tok.clone(), tok.clone()
     hidden[:, 2, 1, 3] = (hidden[:, 2, 1, 3] + 1) % MG.vocab_size
@@ -46,8 +48,9 @@ def test_masked_stream_sees_no_token_of_its_own_frame_and_leaves_the_clean_strea
     assert torch.allclose(sub, out.mask_logits[:, [1, 3]], atol=1e-5)
 
 
-@pytest.mark.parametrize("cond,term_from", [("cond_ln", "frame"), ("token", "frame"), ("add", "frame"),
-                                            ("cond_ln", "history")])
+@pytest.mark.parametrize(
+    "cond,term_from", [("cond_ln", "frame"), ("token", "frame"), ("add", "frame"), ("cond_ln", "history")]
+)
 def test_maskgit_decoding_matches_the_full_forward_and_leaves_an_exact_cache(cond, term_from):
     p = _random_term_head(randomized(replace(MG, action_cond=cond, termination_from=term_from)))
     with torch.no_grad():
@@ -84,8 +87,8 @@ def test_maskgit_rows_at_different_positions_equal_separate_rollouts():
     got = r.step(act[:, 2], temperature=0, decode="maskgit", maskgit_steps=3)
     for b, T in ((0, 2), (1, 3)):
         solo = Rollout(p, 1)
-        solo.start(tok[b:b + 1, :T], act[b:b + 1, : T - 1])
-        ref = solo.step(act[b:b + 1, 2], temperature=0, decode="maskgit", maskgit_steps=3)
+        solo.start(tok[b : b + 1, :T], act[b : b + 1, : T - 1])
+        ref = solo.step(act[b : b + 1, 2], temperature=0, decode="maskgit", maskgit_steps=3)
         assert torch.equal(got.tokens[b], ref.tokens[0])
         assert torch.allclose(got.reward[b], ref.reward[0], atol=1e-5)
 
@@ -98,12 +101,18 @@ def test_maskgit_sampling_is_seeded_per_row():
         r = Rollout(p, 3)
         r.start(tok, act[:, :1])
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        return torch.stack([r.step(act[:, 0], temperature=1.0, generator=gens, decode="maskgit", maskgit_steps=2).tokens
-                            for _ in range(3)])
+        return torch.stack(
+            [
+                r.step(act[:, 0], temperature=1.0, generator=gens, decode="maskgit", maskgit_steps=2).tokens
+                for _ in range(3)
+            ]
+        )
 
     a, b, c = run([1, 2, 3]), run([1, 2, 3]), run([1, 9, 3])
     assert torch.equal(a, b)
-    assert torch.equal(a[:, 0], c[:, 0]) and torch.equal(a[:, 2], c[:, 2]) and not torch.equal(a[:, 1], c[:, 1])
+    assert (
+        torch.equal(a[:, 0], c[:, 0]) and torch.equal(a[:, 2], c[:, 2]) and not torch.equal(a[:, 1], c[:, 1])
+    )
 
 
 def test_maskgit_learns_action_dependent_dynamics():
@@ -117,7 +126,9 @@ def test_maskgit_learns_action_dependent_dynamics():
         act = torch.randint(0, 3, (B, 2), generator=g)
         frames = [first]
         for t in range(2):
-            frames.append(torch.stack([torch.roll(frames[-1][b], int(act[b, t]) - 1, dims=-1) for b in range(len(act))]))
+            frames.append(
+                torch.stack([torch.roll(frames[-1][b], int(act[b, t]) - 1, dims=-1) for b in range(len(act))])
+            )
         return torch.cat(frames, 1), act
 
     opt = torch.optim.AdamW(p.parameters(), lr=3e-3)

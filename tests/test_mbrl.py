@@ -29,12 +29,41 @@ def trained_steps(run: Path, stage: str) -> int:
 
 def test_cli_one_short_iteration(tmp_path):
     run = tmp_path / "mbrl"
-    args = [sys.executable, str(ROOT / "experiments" / "mbrl.py"), "--env", "vizdoom_hgs", "--run-dir", str(run),
-            "--no-progress", "--threads", "1", "--tokenizer-steps", "2", "--prior-steps", "3",
-            "--real-max-episode-steps", "40", "--mbrl.iterations", "1", "--mbrl.episodes-per-iteration", "2",
-            "--mbrl.ppo-steps-per-iteration", "64", "--mbrl.eval-episodes", "2", "--mbrl.num-envs", "2",
-            "--mbrl.max-episode-steps", "16", "--mbrl.ppo.n-steps", "16", "--mbrl.ppo.batch-size", "32",
-            "--mbrl.ppo.n-epochs", "1"]
+    args = [
+        sys.executable,
+        str(ROOT / "experiments" / "mbrl.py"),
+        "--env",
+        "vizdoom_hgs",
+        "--run-dir",
+        str(run),
+        "--no-progress",
+        "--threads",
+        "1",
+        "--tokenizer-steps",
+        "2",
+        "--prior-steps",
+        "3",
+        "--real-max-episode-steps",
+        "40",
+        "--mbrl.iterations",
+        "1",
+        "--mbrl.episodes-per-iteration",
+        "2",
+        "--mbrl.ppo-steps-per-iteration",
+        "64",
+        "--mbrl.eval-episodes",
+        "2",
+        "--mbrl.num-envs",
+        "2",
+        "--mbrl.max-episode-steps",
+        "16",
+        "--mbrl.ppo.n-steps",
+        "16",
+        "--mbrl.ppo.batch-size",
+        "32",
+        "--mbrl.ppo.n-epochs",
+        "1",
+    ]
     res = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
 
@@ -73,16 +102,29 @@ def test_resume_continues_world_model_and_policy(tmp_path, one_thread):
     run = tmp_path / "run"
     cfg = tiny_experiment(tmp_path / "data", steps=3)
     cfg = replace(cfg, data=replace(cfg.data, resolution=64), tokenizer=replace(cfg.tokenizer, resolution=64))
-    m = MBRLConfig(iterations=1, episodes_per_iteration=2, tokenizer_steps_per_iteration=2, prior_steps_per_iteration=4,
-                   ppo_steps_per_iteration=64, eval_episodes=1, num_envs=2, max_episode_steps=12,
-                   direct_ppo_baseline=False, ppo=PPOConfig(n_steps=16, batch_size=32, n_epochs=1))
-    kw = {"max_episode_steps": 24}  # real episodes of at most 24 steps (64x64: SB3's CnnPolicy needs >= 36 px)
+    m = MBRLConfig(
+        iterations=1,
+        episodes_per_iteration=2,
+        tokenizer_steps_per_iteration=2,
+        prior_steps_per_iteration=4,
+        ppo_steps_per_iteration=64,
+        eval_episodes=1,
+        num_envs=2,
+        max_episode_steps=12,
+        direct_ppo_baseline=False,
+        ppo=PPOConfig(n_steps=16, batch_size=32, n_epochs=1),
+    )
+    kw = {
+        "max_episode_steps": 24
+    }  # real episodes of at most 24 steps (64x64: SB3's CnnPolicy needs >= 36 px)
     first = run_mbrl(cfg, run, m, env_kwargs=kw, progress=False)
     steps0 = store_transitions(cfg.data.store)
     assert first["real_env_steps"] == steps0 and "direct_ppo" not in first
 
     with pytest.raises(ValueError, match="prior_steps_per_iteration"):
-        run_mbrl(cfg, run, replace(m, iterations=2, prior_steps_per_iteration=5), env_kwargs=kw, progress=False)
+        run_mbrl(
+            cfg, run, replace(m, iterations=2, prior_steps_per_iteration=5), env_kwargs=kw, progress=False
+        )
 
     second = run_mbrl(cfg, run, replace(m, iterations=2), env_kwargs=kw, progress=False)
     r0, r1 = second["iterations"]

@@ -29,8 +29,8 @@ from worldmodel.metrics.weights import flatten_arrays, load_numpy_checkpoint
 def test_psnr_matches_mse_formula_per_frame():
     a = np.zeros((2, 4, 4, 3), np.uint8)
     b = a.copy()
-    b[0] = 10                      # every value off by 10 -> MSE 100
-    b[1, 2, 3, 1] = 255            # one of 48 values off by 255 -> MSE 255^2 / 48
+    b[0] = 10  # every value off by 10 -> MSE 100
+    b[1, 2, 3, 1] = 255  # one of 48 values off by 255 -> MSE 255^2 / 48
     out = psnr(a, b)
     assert out.shape == (2,) and out.dtype == np.float64
     np.testing.assert_allclose(out, [10 * math.log10(255**2 / 100), 10 * math.log10(48)], rtol=1e-12)
@@ -41,7 +41,7 @@ def test_psnr_identical_frames_are_capped_without_warnings():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (3, 5, 8, 8, 3), dtype=np.uint8)
     b = a.copy()
-    b[1, 2, 0, 0, 0] ^= 1          # one frame off by one LSB in a single value
+    b[1, 2, 0, 0, 0] ^= 1  # one frame off by one LSB in a single value
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = psnr(a, b)
@@ -156,19 +156,25 @@ class _Evil:
 
 @pytest.mark.parametrize("protocol", [3, 4, 5])
 def test_restricted_unpickler_loads_dicts_of_arrays(protocol):
-    tree = {"params": {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(4, np.float64)},
-            "step": np.int64(7), "meta": [1, "x", None, (2.5, True)]}
+    tree = {
+        "params": {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(4, np.float64)},
+        "step": np.int64(7),
+        "meta": [1, "x", None, (2.5, True)],
+    }
     out = restricted_load(pickle.dumps(tree, protocol=protocol))
     np.testing.assert_array_equal(out["params"]["w"], tree["params"]["w"])
     assert out["params"]["w"].dtype == np.float32 and out["params"]["b"].dtype == np.float64
     assert out["step"] == 7 and out["meta"] == [1, "x", None, (2.5, True)]
 
 
-@pytest.mark.parametrize("fn, arg, forbidden", [
-    (os.system, "touch {marker}", "system"),
-    (eval, "open({marker!r}, 'w').close()", "builtins.eval"),
-    (exec, "open({marker!r}, 'w').close()", "builtins.exec"),
-])
+@pytest.mark.parametrize(
+    "fn, arg, forbidden",
+    [
+        (os.system, "touch {marker}", "system"),
+        (eval, "open({marker!r}, 'w').close()", "builtins.eval"),
+        (exec, "open({marker!r}, 'w').close()", "builtins.exec"),
+    ],
+)
 def test_restricted_unpickler_rejects_callables_without_running_them(tmp_path, fn, arg, forbidden):
     marker = str(tmp_path / "pwned")
     payload = pickle.dumps({"w": np.zeros(2), "x": _Evil(fn, arg.format(marker=marker))}, protocol=4)
@@ -192,7 +198,9 @@ def test_restricted_unpickler_rejects_object_arrays_and_old_protocols():
 
 def test_flatten_and_load_numpy_checkpoint(tmp_path):
     path = tmp_path / "w.ckpt"
-    path.write_bytes(pickle.dumps({"a": {"b": np.zeros(2), "c": {"d": np.ones(3)}}, "e": np.arange(2)}, protocol=4))
+    path.write_bytes(
+        pickle.dumps({"a": {"b": np.zeros(2), "c": {"d": np.ones(3)}}, "e": np.arange(2)}, protocol=4)
+    )
     flat = load_numpy_checkpoint(path)
     assert sorted(flat) == ["a/b", "a/c/d", "e"]
     np.testing.assert_array_equal(flat["a/c/d"], np.ones(3))

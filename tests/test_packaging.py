@@ -42,8 +42,23 @@ def wheel(tmp_path_factory) -> Path:
     shutil.copytree(ROOT, src, ignore=_ignore)
     # the installed setuptools when there is one (no network needed); else pip's isolated build environment
     no_isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *no_isolation, "-q", "-w", str(tmp / "dist"),
-                          str(src)], capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            *no_isolation,
+            "-q",
+            "-w",
+            str(tmp / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     (whl,) = (tmp / "dist").glob("videogpt_worldmodel-*.whl")
     return whl
@@ -80,19 +95,37 @@ print(json.dumps({"envs": envs.__file__, "worldmodel": worldmodel.__file__, "map
 
 def test_installed_wheel_registers_dreams_and_runs_battle2_from_elsewhere(wheel, tmp_path):
     site = tmp_path / "site"
-    res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site),
-                          str(wheel)], capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "-q",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert (site / "envs/assets/vizdoom_battle2/D4_battle2.wad").is_file()
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("VIZDOOM_BATTLE2_PATH", "WORLDMODEL_HOME")}
     env.update(PYTHONPATH=str(site), OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-c", CHECK], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", CHECK], cwd=work, env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert str(ROOT.resolve()) not in out["path"] and out["path"].index(str(site.resolve())) < min(
-        i for i, p in enumerate(out["path"]) if p.endswith("site-packages"))
+        i for i, p in enumerate(out["path"]) if p.endswith("site-packages")
+    )
     site_r = site.resolve()
     for mod in ("envs", "worldmodel"):  # the installed copy, not this checkout's editable install
         assert Path(out[mod]).resolve().is_relative_to(site_r), (mod, out[mod])

@@ -45,8 +45,16 @@ class _ImageEnv(gym.Env):
 
 def _ppo(n_envs: int = 2) -> PPO:
     venv = DummyVecEnv([_ImageEnv for _ in range(n_envs)])
-    model = PPO("CnnPolicy", venv, n_steps=8, batch_size=8, n_epochs=1, seed=0, device="cpu",
-                policy_kwargs={"net_arch": [16], "activation_fn": torch.nn.ReLU})
+    model = PPO(
+        "CnnPolicy",
+        venv,
+        n_steps=8,
+        batch_size=8,
+        n_epochs=1,
+        seed=0,
+        device="cpu",
+        policy_kwargs={"net_arch": [16], "activation_fn": torch.nn.ReLU},
+    )
     model.learn(16)
     return model
 
@@ -84,8 +92,12 @@ def test_round_trip_predicts_and_continues_training(tmp_path):
 
     again = load_algorithm(path)
     assert isinstance(again, PPO) and again.num_timesteps == model.num_timesteps == 16
-    assert (again.n_steps, again.batch_size, again.clip_range(1.0), again.policy_kwargs["activation_fn"]) == \
-        (8, 8, model.clip_range(1.0), torch.nn.ReLU)
+    assert (again.n_steps, again.batch_size, again.clip_range(1.0), again.policy_kwargs["activation_fn"]) == (
+        8,
+        8,
+        model.clip_range(1.0),
+        torch.nn.ReLU,
+    )
     for a, b in zip(again.policy.parameters(), model.policy.parameters(), strict=True):
         torch.testing.assert_close(a, b)
     sa, sb = again.policy.optimizer.state_dict(), model.policy.optimizer.state_dict()
@@ -105,7 +117,9 @@ def test_a2c_mlp_round_trip(tmp_path):
     again = load_algorithm(path)
     assert isinstance(again, A2C) and isinstance(again.policy.optimizer, torch.optim.RMSprop)
     obs = np.zeros((3, 4), np.float32)
-    np.testing.assert_array_equal(again.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0])
+    np.testing.assert_array_equal(
+        again.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0]
+    )
 
 
 def test_bad_policy_files_name_the_file(tmp_path):
@@ -128,17 +142,42 @@ def test_bad_policy_files_name_the_file(tmp_path):
 def test_policy_zip_payload_never_runs_without_trust(tmp_path):
     marker = tmp_path / "marker.txt"
     evil = _evil_zip(tmp_path / "policy.zip", marker)
-    for load in (lambda: SB3Policy(evil), lambda: load_policy(str(evil), gym.spaces.Discrete(3)),
-                 lambda: load_sb3_zip(evil), lambda: load_policy_file(evil),
-                 lambda: collect("vizdoom_hgs", tmp_path / "store", 1, policy=str(evil), num_envs=1,
-                                 asynchronous=False, progress=False)):
+    for load in (
+        lambda: SB3Policy(evil),
+        lambda: load_policy(str(evil), gym.spaces.Discrete(3)),
+        lambda: load_sb3_zip(evil),
+        lambda: load_policy_file(evil),
+        lambda: collect(
+            "vizdoom_hgs",
+            tmp_path / "store",
+            1,
+            policy=str(evil),
+            num_envs=1,
+            asynchronous=False,
+            progress=False,
+        ),
+    ):
         with pytest.raises(ValueError, match="policy.zip"):
             load()
         assert not marker.exists()
     assert not (tmp_path / "store").exists()  # refused before anything was written
-    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "collect.py"), "--policy", str(evil), "--out",
-                          str(tmp_path / "store"), "--episodes", "1", "--num-envs", "1"],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "collect.py"),
+            "--policy",
+            str(evil),
+            "--out",
+            str(tmp_path / "store"),
+            "--episodes",
+            "1",
+            "--num-envs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode != 0 and "--trust-pickle" in res.stderr and not marker.exists()
     # the payload is real: trusting the zip runs it (once: one class is tried, not PPO, A2C and DQN in turn)
     with pytest.raises(Exception):  # noqa: B017 - the zip holds no weights; what matters is the marker
@@ -156,11 +195,26 @@ def test_mbrl_state_policy_stays_inside_the_run(tmp_path):
     m = MBRLConfig(iterations=1)
 
     def state(policy: str) -> None:
-        (run / STATE_FILE).write_text(json.dumps({"schema": STATE_SCHEMA, "budgets": _budgets(cfg, m), "base_episodes": 0,
-                                                  "rows": [], "policy": policy, "ret_rms": None, "baselines": None}))
+        (run / STATE_FILE).write_text(
+            json.dumps(
+                {
+                    "schema": STATE_SCHEMA,
+                    "budgets": _budgets(cfg, m),
+                    "base_episodes": 0,
+                    "rows": [],
+                    "policy": policy,
+                    "ret_rms": None,
+                    "baselines": None,
+                }
+            )
+        )
 
-    for bad, match in ((str(outside), "absolute"), ("../elsewhere.zip", "outside"),
-                       ("policies/../../elsewhere.zip", "outside"), ("policies/old.zip", "trust")):
+    for bad, match in (
+        (str(outside), "absolute"),
+        ("../elsewhere.zip", "outside"),
+        ("policies/../../elsewhere.zip", "outside"),
+        ("policies/old.zip", "trust"),
+    ):
         state(bad)
         with pytest.raises(ValueError, match=match):
             run_mbrl(cfg, run, m, progress=False)

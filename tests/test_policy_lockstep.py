@@ -89,7 +89,12 @@ def test_overlays_carry_the_policys_real_probabilities(tiny_bundle, known_file, 
     finally:
         env.close()
     T = tr.steps
-    assert 1 <= T <= 6 and tr.real.shape == tr.dream.shape == tr.resync.frames.shape == (T + 1, TINY_RES, TINY_RES, 3)
+    assert 1 <= T <= 6 and tr.real.shape == tr.dream.shape == tr.resync.frames.shape == (
+        T + 1,
+        TINY_RES,
+        TINY_RES,
+        3,
+    )
     for track in (tr.policy_real, tr.policy_dream):  # read on every real and every dream frame
         assert np.allclose(track.probs, PROBS[None].repeat(T + 1, 0), atol=1e-6)
         assert np.allclose(track.value, VALUE) and track.scores is None
@@ -102,14 +107,23 @@ def test_overlays_carry_the_policys_real_probabilities(tiny_bundle, known_file, 
     scale, pad = 8, 2  # 256-pixel panels: bars labelled
     S = TINY_RES * scale
     frames = trace_frames(tr, scale)
-    assert len(frames) == T + 1 and frames[0].shape == (2 * S + 3 * pad, 3 * S + 4 * pad, 3)  # 2 rows × 3 panels
+    assert len(frames) == T + 1 and frames[0].shape == (
+        2 * S + 3 * pad,
+        3 * S + 4 * pad,
+        3,
+    )  # 2 rows × 3 panels
     width = prob_bar_boxes(S, 5)[0][2] - prob_bar_boxes(S, 5)[0][0]
     expected = [int(round(float(np.float32(p)) * width)) for p in PROBS]  # bar length = p × width, in pixels
     for t, f in enumerate(frames):
-        real_panel, dream_panel = f[pad:pad + S, pad:pad + S], f[pad:pad + S, 2 * pad + S:2 * pad + 2 * S]
+        real_panel, dream_panel = (
+            f[pad : pad + S, pad : pad + S],
+            f[pad : pad + S, 2 * pad + S : 2 * pad + 2 * S],
+        )
         fills, picked = _bar_fills(real_panel, 5)
         assert fills == expected
-        assert picked == ([int(tr.actions[t])] if t < T else [])  # the action taken next; none after the last step
+        assert picked == (
+            [int(tr.actions[t])] if t < T else []
+        )  # the action taken next; none after the last step
         fills, picked = _bar_fills(dream_panel, 5)
         assert fills == expected and picked == [int(PROBS.argmax())]  # on the dream: its choice there
         lines = panel_lines(tr, t)
@@ -156,15 +170,26 @@ def _constructed_trace() -> RolloutTrace:
         dream[t] += np.uint8(d)
     probs = np.full((5, 2), 0.5, np.float32)
     return RolloutTrace(
-        dream=dream, actions=np.array([0, 1, 1, 0]), reward_pred=np.array([1.0, 2.0, 3.0, 4.5], np.float32),
-        term_prob=np.array([0.0, 0.1, 0.2, 0.9], np.float32), entropy=np.ones(4, np.float32), real=real,
-        reward_real=np.array([1.0, 1.0, 1.0, -10.0], np.float32), terminated_real=np.array([0, 0, 0, 1], bool),
+        dream=dream,
+        actions=np.array([0, 1, 1, 0]),
+        reward_pred=np.array([1.0, 2.0, 3.0, 4.5], np.float32),
+        term_prob=np.array([0.0, 0.1, 0.2, 0.9], np.float32),
+        entropy=np.ones(4, np.float32),
+        real=real,
+        reward_real=np.array([1.0, 1.0, 1.0, -10.0], np.float32),
+        terminated_real=np.array([0, 0, 0, 1], bool),
         action_names=("left", "right"),
-        resync=DreamTrack(real.copy(), np.array([1.0, 1.0, 1.0, -9.0], np.float32), np.zeros(4, np.float32),
-                          np.ones(4, np.float32), 1),
+        resync=DreamTrack(
+            real.copy(),
+            np.array([1.0, 1.0, 1.0, -9.0], np.float32),
+            np.zeros(4, np.float32),
+            np.ones(4, np.float32),
+            1,
+        ),
         policy_real=PolicyTrack(np.array([0, 1, 1, 0, 1]), probs, np.array([1, 2, 3, 4, 5], np.float32)),
         policy_dream=PolicyTrack(np.array([0, 0, 1, 1, 1]), probs, np.array([1, 1, 1, 1, 1], np.float32)),
-        policy_name="known")
+        policy_name="known",
+    )
 
 
 def test_optimism_figure_equals_the_sums_it_claims():
@@ -175,8 +200,14 @@ def test_optimism_figure_equals_the_sums_it_claims():
     assert np.allclose(lines["real"], [0, 1, 2, 3, -7])
     assert np.allclose(lines["dream, open loop"], [0, 1, 3, 6, 10.5])
     assert np.allclose(lines["dream, re-synced every 1"], [0, 1, 2, 3, -6])
-    gaps = {ln.get_label(): np.asarray(ln.get_ydata()) for ln in gap.get_lines() if not ln.get_label().startswith("_")}
-    assert np.allclose(gaps["open loop"], [0, 0, 1, 3, 17.5]) and np.allclose(gaps["re-synced every 1"], [0, 0, 0, 0, 1])
+    gaps = {
+        ln.get_label(): np.asarray(ln.get_ydata())
+        for ln in gap.get_lines()
+        if not ln.get_label().startswith("_")
+    }
+    assert np.allclose(gaps["open loop"], [0, 0, 1, 3, 17.5]) and np.allclose(
+        gaps["re-synced every 1"], [0, 0, 0, 0, 1]
+    )
     title = top.get_title()
     assert "+17.50" in title and "predicted 10.50" in title and "real -7.00" in title and "4 steps" in title
     assert "real: -7.00" in [t.get_text() for t in top.get_legend().get_texts()]
@@ -192,7 +223,9 @@ def test_optimism_figure_equals_the_sums_it_claims():
     assert s.disagreement_steps == (1, 3) and s.disagreement_rate == 0.5  # choices 0 1 1 0 1 vs 0 0 1 1 1
     assert s.mean_tv_distance == 0.0 and s.mean_value_real == 3.0 and s.mean_value_dream == 1.0
     assert s.mean_psnr_db == pytest.approx(np.mean(psnr(tr.dream[1:], tr.real[1:])))
-    assert "choice 0 != real 1" in panel_lines(tr, 1)["dream"] and not any("!=" in x for x in panel_lines(tr, 2)["dream"])
+    assert "choice 0 != real 1" in panel_lines(tr, 1)["dream"] and not any(
+        "!=" in x for x in panel_lines(tr, 2)["dream"]
+    )
     info = panel_lines(tr, 4)["info"]  # the running sums of the bottom-left panel
     assert "sum r real   -7.0" in info and "sum r^ open  +10.5" in info and "  optimism   +17.5" in info
 
@@ -211,8 +244,9 @@ class _Refs(HTMLParser):
 
 
 def test_report_html_references_only_files_that_exist(tmp_path):
-    files, summary = write_report(_constructed_trace(), tmp_path / "out" / "my rollout", scale=2, fps=4.0,
-                                  meta={"policy": "known"})
+    files, summary = write_report(
+        _constructed_trace(), tmp_path / "out" / "my rollout", scale=2, fps=4.0, meta={"policy": "known"}
+    )
     html_path = files["html"]
     assert html_path == tmp_path / "out" / "my rollout.html"
     parser = _Refs()
@@ -225,7 +259,13 @@ def test_report_html_references_only_files_that_exist(tmp_path):
         assert not url.scheme and not url.netloc and "/" not in url.path, ref  # a file beside the page
         assert (html_path.parent / unquote(url.path)).is_file(), ref
     names = {unquote(r) for r in parser.refs}
-    assert {"my rollout.mp4", "my rollout.gif", "my rollout.png", "my rollout-optimism.png", "my rollout.json"} <= names
+    assert {
+        "my rollout.mp4",
+        "my rollout.gif",
+        "my rollout.png",
+        "my rollout-optimism.png",
+        "my rollout.json",
+    } <= names
     with av.open(str(files["mp4"])) as c:
         assert len(list(c.decode(video=0))) == 5
     doc = json.loads(files["json"].read_text())
@@ -235,7 +275,15 @@ def test_report_html_references_only_files_that_exist(tmp_path):
 
 def test_callback_writes_the_lockstep_video_to_tensorboard(tiny_bundle, tmp_path, one_thread):
     wm = WorldModel.from_pretrained(tiny_bundle)
-    model = PPO("MlpPolicy", DreamEnv(checkpoint=tiny_bundle), n_steps=8, batch_size=8, n_epochs=1, seed=0, device="cpu")
+    model = PPO(
+        "MlpPolicy",
+        DreamEnv(checkpoint=tiny_bundle),
+        n_steps=8,
+        batch_size=8,
+        n_epochs=1,
+        seed=0,
+        device="cpu",
+    )
     model.set_logger(configure(str(tmp_path / "tb"), ["tensorboard"]))
     made = []
 
@@ -273,8 +321,15 @@ def vizdoom_bundles(tmp_path_factory, tiny_bundle):
     root = tmp_path_factory.mktemp("vizdoom_bundles")
     out = {"vizdoom_hgs": tiny_bundle}
     for preset in ("vizdoom_battle2", "vizdoom_take_cover"):
-        collect(preset, root / f"{preset}_store", 2, num_envs=1, asynchronous=False, progress=False,
-                env_kwargs={"resolution": TINY_RES, "max_episode_steps": 8})
+        collect(
+            preset,
+            root / f"{preset}_store",
+            2,
+            num_envs=1,
+            asynchronous=False,
+            progress=False,
+            env_kwargs={"resolution": TINY_RES, "max_episode_steps": 8},
+        )
         out[preset] = make_bundle(tiny_experiment(root / f"{preset}_store", name=preset), root / preset)
     return out
 
@@ -288,7 +343,11 @@ def test_follow_runs_for_every_vizdoom_id(vizdoom_bundles, preset, one_thread):
         tr = follow_trace(wm, env, open_probe("random", wm), steps=3, context=2, seed=1)
     finally:
         env.close()
-    assert tr.steps == 3 and tr.actions.max() < wm.action_spec.n and tr.policy_real.probs.shape == (4, wm.action_spec.n)
+    assert (
+        tr.steps == 3
+        and tr.actions.max() < wm.action_spec.n
+        and tr.policy_real.probs.shape == (4, wm.action_spec.n)
+    )
     assert tr.action_names == tuple(wm.action_spec.names)
     again = make_bundle_real_env(wm)
     try:
@@ -305,24 +364,73 @@ def _env() -> dict[str, str]:
 
 def test_rollout_cli_follow_writes_report_and_dataset_ids_fall_back(tiny_bundle, known_file, tmp_path):
     out = tmp_path / "rollouts" / "follow"
-    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "rollout.py"), "--checkpoint", str(tiny_bundle),
-                          "--policy", str(known_file), "--mode", "follow", "--steps", "5", "--resync-every", "2",
-                          "--upscale", "2", "--out", str(out), "--device", "cpu"],
-                         capture_output=True, text=True, timeout=300, env=_env())
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "rollout.py"),
+            "--checkpoint",
+            str(tiny_bundle),
+            "--policy",
+            str(known_file),
+            "--mode",
+            "follow",
+            "--steps",
+            "5",
+            "--resync-every",
+            "2",
+            "--upscale",
+            "2",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     last = json.loads(res.stdout.strip().splitlines()[-1])
     assert last["mode"] == "follow" and isinstance(last["dream_optimism"], float)
     for key in ("mp4", "gif", "png", "optimism", "json", "html"):
         assert Path(last[key]).is_file(), key
     assert f"report: {out.with_suffix('.html')}" in res.stdout
-    assert "dream optimism" in res.stdout and "chooses differently" in res.stdout and "first step below" in res.stdout
+    assert (
+        "dream optimism" in res.stdout
+        and "chooses differently" in res.stdout
+        and "first step below" in res.stdout
+    )
 
     store = write_continuous_store(tmp_path / "bair_store", source="bair", dim=4)
     bair = make_bundle(tiny_experiment(store, name="bair"), tmp_path / "bair-tiny")
-    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "rollout.py"), "--checkpoint", str(bair),
-                          "--env", "bair", "--policy", "random", "--mode", "follow", "--steps", "3", "--upscale", "1",
-                          "--out", str(tmp_path / "bair"), "--no-gif", "--device", "cpu"],
-                         capture_output=True, text=True, timeout=300, env=_env())
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "rollout.py"),
+            "--checkpoint",
+            str(bair),
+            "--env",
+            "bair",
+            "--policy",
+            "random",
+            "--mode",
+            "follow",
+            "--steps",
+            "3",
+            "--upscale",
+            "1",
+            "--out",
+            str(tmp_path / "bair"),
+            "--no-gif",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "falling back to the recorded-episode lockstep" in res.stderr and "'bair'" in res.stderr
     last = json.loads(res.stdout.strip().splitlines()[-1])
@@ -334,10 +442,33 @@ def test_train_policy_lockstep_option_writes_videos_to_tensorboard(tiny_bundle64
 
     run = tmp_path / "vizdoom_hgs-tiny"
     shutil.copytree(tiny_bundle64, run)
-    cmd = [sys.executable, str(ROOT / "experiments" / "train_policy.py"), "--checkpoint", str(run), "--timesteps", "64",
-           "--num-envs", "2", "--ppo.n-steps", "16", "--ppo.batch-size", "32", "--ppo.n-epochs", "1",
-           "--max-episode-steps", "8", "--no-progress", "--device", "cpu", "--threads", "1",
-           "--lockstep-every", "32", "--lockstep-steps", "3"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / "train_policy.py"),
+        "--checkpoint",
+        str(run),
+        "--timesteps",
+        "64",
+        "--num-envs",
+        "2",
+        "--ppo.n-steps",
+        "16",
+        "--ppo.batch-size",
+        "32",
+        "--ppo.n-epochs",
+        "1",
+        "--max-episode-steps",
+        "8",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--lockstep-every",
+        "32",
+        "--lockstep-steps",
+        "3",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
     assert res.returncode == 0, res.stderr[-3000:]
     (events,) = (run / "tb_policy").rglob("events.out.tfevents.*")

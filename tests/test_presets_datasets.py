@@ -24,7 +24,11 @@ from worldmodel.store import EpisodeStore
 from worldmodel.video_sampling import sample_videos
 
 ROOT = Path(__file__).resolve().parents[1]
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # CLIs in subprocesses: no oversubscription
+ONE_THREAD = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}  # CLIs in subprocesses: no oversubscription
 
 
 def _decode(path: Path) -> list[np.ndarray]:
@@ -34,12 +38,20 @@ def _decode(path: Path) -> list[np.ndarray]:
 
 def shrink(cfg, store: Path, clip_len: int):
     """The preset at tiny scale, shrunk further so both stages take seconds; geometry and conditioning kept."""
-    tt = replace(cfg.tokenizer_train, steps=2, batch_size=2, warmup_steps=1, log_every=1, eval_every=2, ckpt_every=2)
+    tt = replace(
+        cfg.tokenizer_train, steps=2, batch_size=2, warmup_steps=1, log_every=1, eval_every=2, ckpt_every=2
+    )
     st = cfg.tokenizer.stride[0]
-    return replace(cfg, data=replace(cfg.data, store=str(store), clip_len=clip_len),
-                   tokenizer=replace(cfg.tokenizer, channels=16, n_res_layers=1, codebook_size=32, embedding_dim=8),
-                   prior=replace(cfg.prior, n_layer=1, n_head=2, n_embd=32, frames=clip_len // st - cfg.prior.n_cond_frames),
-                   tokenizer_train=tt, prior_train=tt)
+    return replace(
+        cfg,
+        data=replace(cfg.data, store=str(store), clip_len=clip_len),
+        tokenizer=replace(cfg.tokenizer, channels=16, n_res_layers=1, codebook_size=32, embedding_dim=8),
+        prior=replace(
+            cfg.prior, n_layer=1, n_head=2, n_embd=32, frames=clip_len // st - cfg.prior.n_cond_frames
+        ),
+        tokenizer_train=tt,
+        prior_train=tt,
+    )
 
 
 def _convert(name: str, tmp: Path) -> Path:
@@ -72,17 +84,30 @@ def test_dataset_presets_follow_the_paper_at_paper_scale_and_stay_consistent_at_
     assert _latents(paper["ucf101"]) == (4, 32, 32) and paper["ucf101"].tokenizer.resolution == 128
     assert _latents(paper["tgif"]) == (4, 32, 32) and paper["tgif"].tokenizer.resolution == 64
     gpt = {n: (c.prior.n_layer, c.prior.n_head, c.prior.n_embd) for n, c in paper.items()}
-    assert gpt == {"bair_paper": (8, 4, 512), "ucf101": (20, 8, 1024), "ucf101_uncond": (20, 8, 1024), "tgif": (20, 8, 1024)}
+    assert gpt == {
+        "bair_paper": (8, 4, 512),
+        "ucf101": (20, 8, 1024),
+        "ucf101_uncond": (20, 8, 1024),
+        "tgif": (20, 8, 1024),
+    }
     for c in paper.values():
         t = c.tokenizer
-        assert (t.channels, t.n_res_layers, t.codebook_size, t.embedding_dim) == (240, 4, 1024, 256) and c.prior.dropout == 0.2
+        assert (t.channels, t.n_res_layers, t.codebook_size, t.embedding_dim) == (
+            240,
+            4,
+            1024,
+            256,
+        ) and c.prior.dropout == 0.2
     for name in ("bair", "robonet", "bair_paper", "ucf101", "ucf101_uncond", "tgif"):
         assert name in preset_names()
         for scale in SCALES:
             c = get_preset(name, scale)
             assert (c.name, c.scale) == (name, scale) and c.prior.vocab_size == c.tokenizer.codebook_size
             T, h, w = _latents(c)
-            assert (c.prior.tokens_h, c.prior.tokens_w) == (h, w) and c.data.resolution == c.tokenizer.resolution
+            assert (c.prior.tokens_h, c.prior.tokens_w) == (
+                h,
+                w,
+            ) and c.data.resolution == c.tokenizer.resolution
             # the modelled latent frames (after any conditioning frames) fill the clip exactly
             assert c.prior.n_cond_frames + c.prior.frames == T
             if name in ("bair", "robonet"):  # action-conditioned dreams: one latent frame per action
@@ -113,8 +138,12 @@ def test_preset_trains_and_samples(name, tmp_path, one_thread):
         assert v.shape == (2, 16, 64, 64, 3)
         same = sample_videos(wm, 2, context=np.stack([a, a]), seed=1)
         assert np.array_equal(same[0], v[0])  # seeded, row 0 unchanged
-        assert not np.array_equal(same[1, 4:], v[1, 4:])  # the generated frames depend on the conditioning frame
-        with pytest.raises(ValueError, match="max_frames=16; ask for at most 3"):  # whole clips decode at once
+        assert not np.array_equal(
+            same[1, 4:], v[1, 4:]
+        )  # the generated frames depend on the conditioning frame
+        with pytest.raises(
+            ValueError, match="max_frames=16; ask for at most 3"
+        ):  # whole clips decode at once
             sample_videos(wm, 2, context=np.stack([a, b]), frames=4)
     elif not action:  # unconditional / class-conditional clips from nothing
         kw = {"class_ids": [0, 3]} if name == "ucf101" else {}
@@ -122,17 +151,39 @@ def test_preset_trains_and_samples(name, tmp_path, one_thread):
         assert v.shape == (2, 16, 32, 32, 3) and v.dtype == np.uint8
         assert np.array_equal(v, sample_videos(wm, 2, seed=1, **kw))  # seeded
     out = tmp_path / "sample"
-    extra = (["--from-store"] if action else []) + (["--class-name", "basketball"] if name == "ucf101" else []) \
+    extra = (
+        (["--from-store"] if action else [])
+        + (["--class-name", "basketball"] if name == "ucf101" else [])
         + ([] if name == "tgif" else ["--no-gif"])
-    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "sample.py"), "--checkpoint", str(run), "--n", "2",
-                          "--out", str(out), "--upscale", "1"] + extra, capture_output=True, text=True, timeout=300,
-                         env=ONE_THREAD)
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "sample.py"),
+            "--checkpoint",
+            str(run),
+            "--n",
+            "2",
+            "--out",
+            str(out),
+            "--upscale",
+            "1",
+        ]
+        + extra,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ONE_THREAD,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     frames = _decode(out.with_suffix(".mp4"))
     H = wm.obs_shape[0]
     from_store = action or name == "bair_paper"
     assert len(frames) == (4 if action else 16)
-    assert frames[0].shape[:2] == ((2 * H + 6 if from_store else H + 4), 2 * H + 6)  # (real row +) sample row, 2 columns
+    assert frames[0].shape[:2] == (
+        (2 * H + 6 if from_store else H + 4),
+        2 * H + 6,
+    )  # (real row +) sample row, 2 columns
     if name == "tgif":  # the grid and each sample as gifs
         paths = json.loads(res.stdout.strip().splitlines()[-1])
         for i in range(2):
@@ -149,20 +200,39 @@ def test_sample_cli_class_names_and_bad_labels(tmp_path, one_thread):
     train_prior(cfg, run, progress=False)
     wm = WorldModel.from_pretrained(run)
     assert [c.lower() for c in wm.store_meta["extra"]["class_names"]] == [c.lower() for c in UCF_CLASSES]
-    cli = [sys.executable, str(ROOT / "experiments" / "sample.py"), "--checkpoint", str(run), "--n", "2", "--no-gif"]
-    bad = subprocess.run(cli + ["--class-name", "Juggling"], capture_output=True, text=True, timeout=120, env=ONE_THREAD)
+    cli = [
+        sys.executable,
+        str(ROOT / "experiments" / "sample.py"),
+        "--checkpoint",
+        str(run),
+        "--n",
+        "2",
+        "--no-gif",
+    ]
+    bad = subprocess.run(
+        cli + ["--class-name", "Juggling"], capture_output=True, text=True, timeout=120, env=ONE_THREAD
+    )
     assert bad.returncode != 0 and "Juggling" in bad.stderr and "not among the store's classes" in bad.stderr
-    bad = subprocess.run(cli + ["--class-id", "101"], capture_output=True, text=True, timeout=120, env=ONE_THREAD)
+    bad = subprocess.run(
+        cli + ["--class-id", "101"], capture_output=True, text=True, timeout=120, env=ONE_THREAD
+    )
     assert bad.returncode != 0 and "class_ids" in bad.stderr
     with pytest.raises(ValueError, match="class_ids"):
         sample_videos(wm, 2)  # a class-conditional prior needs labels
-    ok = subprocess.run(cli + ["--class-name", "HandstandPushups", "basketball"], capture_output=True, text=True,
-                        timeout=120, env=ONE_THREAD)
+    ok = subprocess.run(
+        cli + ["--class-name", "HandstandPushups", "basketball"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ONE_THREAD,
+    )
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert json.loads(ok.stdout.strip().splitlines()[-1])["class_ids"] == "2 1"  # classInd order
     ok = subprocess.run(cli + ["--from-store"], capture_output=True, text=True, timeout=120, env=ONE_THREAD)
     assert ok.returncode == 0, ok.stderr[-3000:]
-    out = json.loads(ok.stdout.strip().splitlines()[-1])  # each real clip is continued under its own label (0..2)
+    out = json.loads(
+        ok.stdout.strip().splitlines()[-1]
+    )  # each real clip is continued under its own label (0..2)
     assert set(out["class_ids"].split()) <= {"0", "1", "2"} and len(_decode(Path(out["mp4"]))) == 16
 
 
@@ -174,19 +244,52 @@ def test_bair_documented_commands_convert_train_and_gym_make(tmp_path, one_threa
     """The README's BAIR path: convert.py on the tar's layout -> train.py --env bair -> gym.make(VideoGPTDream-BAIR-v0)."""
     write_bair(tmp_path / "bair_robot_pushing_dataset_v0", train_files=2, per_file=2, test_files=1)
     store, run = tmp_path / "data" / "bair", tmp_path / "runs" / "bair-tiny"
-    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "convert.py"), "bair",
-                          str(tmp_path / "bair_robot_pushing_dataset_v0"), "--out", str(store), "--val-fraction", "0.3"],
-                         capture_output=True, text=True, timeout=120, env=ONE_THREAD)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "convert.py"),
+            "bair",
+            str(tmp_path / "bair_robot_pushing_dataset_v0"),
+            "--out",
+            str(store),
+            "--val-fraction",
+            "0.3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ONE_THREAD,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "converted 6 bair episodes (180 frames" in res.stdout
     train = dict(steps=2, batch_size=2, warmup_steps=1, log_every=1, eval_every=2, ckpt_every=2)
-    small = (_flags("data", store=store, clip_len=4)
-             + _flags("tokenizer", channels=16, n_res_layers=1, codebook_size=32, embedding_dim=8)
-             + _flags("prior", n_layer=1, n_head=2, n_embd=32, frames=4)
-             + _flags("tokenizer-train", **train) + _flags("prior-train", **train))
-    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "train.py"), "--env", "bair", "--scale", "tiny",
-                          "--run-dir", str(run), "--threads", "1", "--no-rollout-videos"] + small,
-                         capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    small = (
+        _flags("data", store=store, clip_len=4)
+        + _flags("tokenizer", channels=16, n_res_layers=1, codebook_size=32, embedding_dim=8)
+        + _flags("prior", n_layer=1, n_head=2, n_embd=32, frames=4)
+        + _flags("tokenizer-train", **train)
+        + _flags("prior-train", **train)
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "train.py"),
+            "--env",
+            "bair",
+            "--scale",
+            "tiny",
+            "--run-dir",
+            str(run),
+            "--threads",
+            "1",
+            "--no-rollout-videos",
+        ]
+        + small,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ONE_THREAD,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "gym.make('VideoGPTDream-BAIR-v0'" in res.stdout
     env = gym.make("VideoGPTDream-BAIR-v0", checkpoint=run)

@@ -12,8 +12,19 @@ from worldmodel.fast_decode import TokenDecoder
 from worldmodel.prior import KVCache, Prior
 from worldmodel.sampling import Rollout, generate_uncached, teacher_forced_nll
 
-CFG = PriorConfig(n_layer=2, n_head=2, n_embd=32, dropout=0.0, attn_dropout=0.0, vocab_size=16, frames=4,
-                  tokens_h=2, tokens_w=3, action_kind="discrete", n_actions=3)
+CFG = PriorConfig(
+    n_layer=2,
+    n_head=2,
+    n_embd=32,
+    dropout=0.0,
+    attn_dropout=0.0,
+    vocab_size=16,
+    frames=4,
+    tokens_h=2,
+    tokens_w=3,
+    action_kind="discrete",
+    n_actions=3,
+)
 
 
 def randomized(cfg: PriorConfig, seed: int = 0) -> Prior:
@@ -29,8 +40,10 @@ def randomized(cfg: PriorConfig, seed: int = 0) -> Prior:
 
 def clip(B=3, T=4, cfg=CFG, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, cfg.vocab_size, (B, T, cfg.tokens_h, cfg.tokens_w), generator=g),
-            torch.randint(0, cfg.n_actions, (B, T - 1), generator=g))
+    return (
+        torch.randint(0, cfg.vocab_size, (B, T, cfg.tokens_h, cfg.tokens_w), generator=g),
+        torch.randint(0, cfg.n_actions, (B, T - 1), generator=g),
+    )
 
 
 @pytest.mark.parametrize("cond", ["cond_ln", "token", "add"])
@@ -54,8 +67,15 @@ def test_cached_generation_equals_full_forward(cond):
         window_act = torch.cat([window_act, a[:, None]], 1)
 
 
-@pytest.mark.parametrize("kw", [dict(action_cond="cond_ln"), dict(action_cond="token"),
-                                dict(action_cond="add", prev_frame_kernel=3), dict(n_classes=3)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(action_cond="cond_ln"),
+        dict(action_cond="token"),
+        dict(action_cond="add", prev_frame_kernel=3),
+        dict(n_classes=3),
+    ],
+)
 def test_fused_token_decoder_equals_forward_cached_and_follows_weight_updates(kw):
     p = randomized(replace(CFG, **kw))
     B, hs = 3, CFG.n_embd // CFG.n_head
@@ -63,8 +83,12 @@ def test_fused_token_decoder_equals_forward_cached_and_follows_weight_updates(kw
     cls = torch.tensor([0, 2, 1]) if p.class_emb is not None else None
     dec = TokenDecoder(p)
     for round_ in range(2):  # the second round after an optimizer step changed every weight in place
-        caches = [KVCache(CFG.n_layer, B, CFG.n_head, CFG.frames * p.block_len, hs, torch.device("cpu"), torch.float32)
-                  for _ in range(2)]
+        caches = [
+            KVCache(
+                CFG.n_layer, B, CFG.n_head, CFG.frames * p.block_len, hs, torch.device("cpu"), torch.float32
+            )
+            for _ in range(2)
+        ]
         with torch.no_grad():
             cond = p.block_conditions(act[:, :1], B, 2, cls)
             for c in caches:  # the same context in both caches
@@ -79,15 +103,21 @@ def test_fused_token_decoder_equals_forward_cached_and_follows_weight_updates(kw
                 ref = p.forward_cached(x[:, None], ln if ln is not None else new, caches[0], None, pos)[:, 0]
                 got = dec(x, norms, caches[1], pos)
                 assert torch.allclose(got, ref, atol=1e-5), (round_, pos, (got - ref).abs().max())
-                assert torch.allclose(caches[1].kt, caches[0].kt, atol=1e-6) and torch.allclose(caches[1].v, caches[0].v, atol=1e-6)
+                assert torch.allclose(caches[1].kt, caches[0].kt, atol=1e-6) and torch.allclose(
+                    caches[1].v, caches[0].v, atol=1e-6
+                )
                 x = ref + 0.1
         p.train()
         opt = torch.optim.SGD(p.parameters(), lr=0.5)
-        loss, _ = p.compute_loss({"tokens": tok, "actions": act[:, :1], **({"class_ids": cls} if cls is not None else {})})
+        loss, _ = p.compute_loss(
+            {"tokens": tok, "actions": act[:, :1], **({"class_ids": cls} if cls is not None else {})}
+        )
         loss.backward()
         opt.step()
         p.eval()
-    assert not TokenDecoder.supported(p.train(), torch.float32, None), "dropout in training mode: the fused path must not apply"
+    assert not TokenDecoder.supported(p.train(), torch.float32, None), (
+        "dropout in training mode: the fused path must not apply"
+    )
     assert not TokenDecoder.supported(p.eval(), torch.bfloat16, None)
 
 
@@ -133,8 +163,10 @@ def test_same_seed_same_rollout_and_per_row_reset():
         r = Rollout(p, 3)
         r.start(tok, act[:, :1])
         g = torch.Generator().manual_seed(seed)
-        outs = [r.step(torch.tensor([0, 1, 2]), temperature=1.0, top_k=8, top_p=0.9, generator=g).tokens
-                for _ in range(6)]
+        outs = [
+            r.step(torch.tensor([0, 1, 2]), temperature=1.0, top_k=8, top_p=0.9, generator=g).tokens
+            for _ in range(6)
+        ]
         return torch.stack(outs), r
 
     a, r = run(5)
@@ -154,7 +186,12 @@ def test_overfits_a_handful_of_clips():
     torch.manual_seed(0)
     p = Prior(CFG)
     tok, act = clip(B=4)
-    batch = {"tokens": tok, "actions": act, "rewards": torch.randn(4, 3), "terminated": torch.zeros(4, 3, dtype=torch.bool)}
+    batch = {
+        "tokens": tok,
+        "actions": act,
+        "rewards": torch.randn(4, 3),
+        "terminated": torch.zeros(4, 3, dtype=torch.bool),
+    }
     opt = torch.optim.AdamW(p.parameters(), lr=3e-3)
     first = None
     for _ in range(150):
@@ -174,7 +211,7 @@ def test_reward_and_termination_heads_learn_a_rule():
     for _ in range(250):
         tok, act = clip(B=16, seed=int(torch.randint(0, 10**6, ())))
         rewards = act.float() * 2 - 1  # reward = f(action): -1, 1, 3
-        term = (tok[:, 1:, 0, 0] == 0)  # terminated when the new frame's first token is 0
+        term = tok[:, 1:, 0, 0] == 0  # terminated when the new frame's first token is 0
         loss, m = p.compute_loss({"tokens": tok, "actions": act, "rewards": rewards, "terminated": term})
         opt.zero_grad()
         loss.backward()
@@ -254,7 +291,9 @@ def test_unconditional_and_class_conditional():
     cls = torch.tensor([0, 1, 4])
     out = p(tok, None, cls)
     other = p(tok, None, torch.tensor([1, 1, 4]))
-    assert not torch.allclose(out.logits[0], other.logits[0]) and torch.equal(out.logits[1:], other.logits[1:])
+    assert not torch.allclose(out.logits[0], other.logits[0]) and torch.equal(
+        out.logits[1:], other.logits[1:]
+    )
     with pytest.raises(ValueError, match="class_ids"):
         p(tok, None, None)
     r = Rollout(p, 3)
@@ -265,8 +304,12 @@ def test_unconditional_and_class_conditional():
 def test_frame_conditioning_cached_equals_full_and_is_learned():
     cfg = replace(CFG, action_kind="none", n_actions=0, n_cond_frames=1, prev_frame_kernel=0)
     p = randomized(cfg)
-    tok = torch.randint(0, cfg.vocab_size, (3, 3, cfg.tokens_h, cfg.tokens_w), generator=torch.Generator().manual_seed(1))
-    cond = torch.randint(0, cfg.vocab_size, (3, 1, cfg.tokens_h, cfg.tokens_w), generator=torch.Generator().manual_seed(5))
+    tok = torch.randint(
+        0, cfg.vocab_size, (3, 3, cfg.tokens_h, cfg.tokens_w), generator=torch.Generator().manual_seed(1)
+    )
+    cond = torch.randint(
+        0, cfg.vocab_size, (3, 1, cfg.tokens_h, cfg.tokens_w), generator=torch.Generator().manual_seed(5)
+    )
     out = p(tok, None, None, cond)
     other = p(tok, None, None, cond.roll(1, dims=0))
     assert not torch.allclose(out.logits, other.logits)  # the conditioning frame reaches every position
@@ -308,7 +351,9 @@ def test_context_noise_corrupts_inputs_in_training_only():
         a = p.compute_loss(batch)[0]
         torch.manual_seed(1)
         b = p.compute_loss(batch)[0]
-    assert a != b and a != ref.train().compute_loss(batch)[0]  # fresh random corruption in every training step
+    assert (
+        a != b and a != ref.train().compute_loss(batch)[0]
+    )  # fresh random corruption in every training step
     with pytest.raises(ValueError, match="context_noise"):
         Prior(replace(CFG, context_noise=1.0))
 
@@ -330,7 +375,9 @@ def test_termination_from_history_is_a_hazard_the_new_frame_cannot_change():
     other = tok.clone()
     other[:, 2] = (other[:, 2] + 1) % CFG.vocab_size  # a different frame 2
     assert torch.equal(hist(other, act).term_logit[:, 2], hist(tok, act).term_logit[:, 2])
-    assert not torch.allclose(hist(other, act).term_logit[:, 3], hist(tok, act).term_logit[:, 3])  # frame 2 is history of 3
+    assert not torch.allclose(
+        hist(other, act).term_logit[:, 3], hist(tok, act).term_logit[:, 3]
+    )  # frame 2 is history of 3
     assert not torch.allclose(frame(other, act).term_logit[:, 2], frame(tok, act).term_logit[:, 2])
     act2 = act.clone()
     act2[:, 1] = (act2[:, 1] + 1) % CFG.n_actions  # the action into frame 2
@@ -351,4 +398,6 @@ def test_rollout_reads_the_history_termination_as_the_full_forward_does(fused):
     got = r.step(act[:, 1], temperature=0)
     full = p.eval()(torch.cat([tok[:, :2], got.tokens[:, None]], 1), act[:, :2])
     assert torch.allclose(torch.sigmoid(full.term_logit[:, 2]), got.terminated_prob, atol=1e-5)
-    assert torch.allclose(symexp_(full.reward[:, 2]), got.reward, atol=1e-4)  # the reward still reads the new frame
+    assert torch.allclose(
+        symexp_(full.reward[:, 2]), got.reward, atol=1e-4
+    )  # the reward still reads the new frame

@@ -84,7 +84,9 @@ def readme_commands() -> tuple[list[str], str]:
                 snippets.append(code)
                 cmds.append(SNIPPET)
             else:
-                assert lang in ("bash", "sh", ""), f"README {name}: a ```{lang} block the test does not know how to run"
+                assert lang in ("bash", "sh", ""), (
+                    f"README {name}: a ```{lang} block the test does not know how to run"
+                )
                 for line in code.splitlines():
                     cmds += _commands_of_line(line)
         if name == "Pieces":
@@ -96,11 +98,36 @@ def readme_commands() -> tuple[list[str], str]:
 # ---------------------------------------------------------------------------------------------- micro flags
 
 TRAIN_MICRO = [
-    "--device", "cpu", "--threads", "1", "--config.collect-episodes", "4", "--config.data.clip-len", "4",
-    "--config.tokenizer.channels", "16", "--config.tokenizer.n-res-layers", "1", "--config.tokenizer.n-heads", "2",
-    "--config.tokenizer.codebook-size", "32", "--config.tokenizer.embedding-dim", "8", "--config.tokenizer.max-frames", "4",
-    "--config.prior.n-layer", "1", "--config.prior.n-head", "2", "--config.prior.n-embd", "32",
-    "--config.prior.vocab-size", "32", "--config.prior.frames", "4",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--config.collect-episodes",
+    "4",
+    "--config.data.clip-len",
+    "4",
+    "--config.tokenizer.channels",
+    "16",
+    "--config.tokenizer.n-res-layers",
+    "1",
+    "--config.tokenizer.n-heads",
+    "2",
+    "--config.tokenizer.codebook-size",
+    "32",
+    "--config.tokenizer.embedding-dim",
+    "8",
+    "--config.tokenizer.max-frames",
+    "4",
+    "--config.prior.n-layer",
+    "1",
+    "--config.prior.n-head",
+    "2",
+    "--config.prior.n-embd",
+    "32",
+    "--config.prior.vocab-size",
+    "32",
+    "--config.prior.frames",
+    "4",
 ]
 
 
@@ -108,26 +135,93 @@ def train_micro(steps: int) -> list[str]:
     """train.py at micro scale: a 4-episode store, a tiny tokenizer and prior, ``steps`` steps per stage."""
     out = list(TRAIN_MICRO)
     for section in ("tokenizer-train", "prior-train"):
-        out += [f"--config.{section}.steps", str(steps), f"--config.{section}.batch-size", "2",
-                f"--config.{section}.warmup-steps", "1", f"--config.{section}.log-every", "1",
-                f"--config.{section}.eval-every", str(steps), f"--config.{section}.ckpt-every", str(steps)]
+        out += [
+            f"--config.{section}.steps",
+            str(steps),
+            f"--config.{section}.batch-size",
+            "2",
+            f"--config.{section}.warmup-steps",
+            "1",
+            f"--config.{section}.log-every",
+            "1",
+            f"--config.{section}.eval-every",
+            str(steps),
+            f"--config.{section}.ckpt-every",
+            str(steps),
+        ]
     return out
 
 
-POLICY_MICRO = ["--timesteps", "64", "--num-envs", "2", "--ppo.n-steps", "32", "--ppo.batch-size", "32",
-                "--ppo.n-epochs", "1", "--eval-episodes", "1", "--max-episode-steps", "8", "--no-progress",
-                "--device", "cpu", "--threads", "1"]
+POLICY_MICRO = [
+    "--timesteps",
+    "64",
+    "--num-envs",
+    "2",
+    "--ppo.n-steps",
+    "32",
+    "--ppo.batch-size",
+    "32",
+    "--ppo.n-epochs",
+    "1",
+    "--eval-episodes",
+    "1",
+    "--max-episode-steps",
+    "8",
+    "--no-progress",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+]
 ROLLOUT_MICRO = ["--steps", "4", "--upscale", "1", "--device", "cpu"]
 PLAY_KEYS = "up,left,tab,up+right,tab,up"
 PLAY_MICRO = ["--keys", PLAY_KEYS, "--record", "play.mp4", "--scale", "1", "--device", "cpu"]
 COLLECT_MICRO = ["--episodes", "2", "--num-envs", "1"]
-EVAL_MICRO = ["--n-episodes", "2", "--context", "2", "--horizon", "2", "--no-fvd", "--dream-episodes", "1",
-              "--dream-max-steps", "4", "--threads", "1"]
-MBRL_MICRO = ["--no-progress", "--threads", "1", "--tokenizer-steps", "2", "--prior-steps", "2",
-              "--real-max-episode-steps", "20", "--mbrl.iterations", "1", "--mbrl.episodes-per-iteration", "2",
-              "--mbrl.ppo-steps-per-iteration", "32", "--mbrl.eval-episodes", "1", "--mbrl.num-envs", "2",
-              "--mbrl.max-episode-steps", "8", "--mbrl.ppo.n-steps", "16", "--mbrl.ppo.batch-size", "32",
-              "--mbrl.ppo.n-epochs", "1", "--mbrl.no-direct-ppo-baseline"]
+EVAL_MICRO = [
+    "--n-episodes",
+    "2",
+    "--context",
+    "2",
+    "--horizon",
+    "2",
+    "--no-fvd",
+    "--dream-episodes",
+    "1",
+    "--dream-max-steps",
+    "4",
+    "--threads",
+    "1",
+]
+MBRL_MICRO = [
+    "--no-progress",
+    "--threads",
+    "1",
+    "--tokenizer-steps",
+    "2",
+    "--prior-steps",
+    "2",
+    "--real-max-episode-steps",
+    "20",
+    "--mbrl.iterations",
+    "1",
+    "--mbrl.episodes-per-iteration",
+    "2",
+    "--mbrl.ppo-steps-per-iteration",
+    "32",
+    "--mbrl.eval-episodes",
+    "1",
+    "--mbrl.num-envs",
+    "2",
+    "--mbrl.max-episode-steps",
+    "8",
+    "--mbrl.ppo.n-steps",
+    "16",
+    "--mbrl.ppo.batch-size",
+    "32",
+    "--mbrl.ppo.n-epochs",
+    "1",
+    "--mbrl.no-direct-ppo-baseline",
+]
 SAMPLE_MICRO = ["--n", "2", "--upscale", "1"]
 
 
@@ -158,8 +252,11 @@ def _decode(path: Path) -> list[np.ndarray]:
 
 def _new(root: Path, r: Result, pattern: str) -> list[Path]:
     """Files matching ``pattern`` under ``root`` written (created or changed) by the command."""
-    return sorted(p for p in root.glob(pattern)
-                  if str(p.relative_to(root)) not in r.before or p.stat().st_mtime > r.before[str(p.relative_to(root))])
+    return sorted(
+        p
+        for p in root.glob(pattern)
+        if str(p.relative_to(root)) not in r.before or p.stat().st_mtime > r.before[str(p.relative_to(root))]
+    )
 
 
 def _store(path: Path, episodes: int, n_actions: int) -> None:
@@ -203,7 +300,9 @@ def check_main_job(root: Path, r: Result) -> None:
 def check_snippet(root: Path, r: Result) -> None:
     rep = _last_json(r)
     assert rep["checkpoint"] == str((root / HGS).resolve())  # found the main job's bundle under ./runs
-    assert rep["obs"] == [64, 64, 3] and np.isfinite(rep["reward"]) and {"step", "entropy"} <= set(rep["info"])
+    assert (
+        rep["obs"] == [64, 64, 3] and np.isfinite(rep["reward"]) and {"step", "entropy"} <= set(rep["info"])
+    )
     assert rep["num_envs"] == 16 and rep["vec_obs"] == [16, 64, 64, 3]
 
 
@@ -234,11 +333,20 @@ def check_rollout_episode(root: Path, r: Result) -> None:
 
 def check_rollout_follow(root: Path, r: Result) -> None:
     (html,) = _new(root, r, f"{HGS}/rollouts/follow-ppo_dream-*.html")
-    for f in (html.with_suffix(".mp4"), html.with_suffix(".gif"), html.with_suffix(".png"), html.with_suffix(".json"),
-              html.with_name(f"{html.stem}-optimism.png")):
+    for f in (
+        html.with_suffix(".mp4"),
+        html.with_suffix(".gif"),
+        html.with_suffix(".png"),
+        html.with_suffix(".json"),
+        html.with_name(f"{html.stem}-optimism.png"),
+    ):
         assert f.is_file() and f.stat().st_size > 100, f
     frames = _decode(html.with_suffix(".mp4"))
-    assert 2 <= len(frames) <= 5 and frames[0].shape == (2 * 64 + 6, 3 * 64 + 8, 3)  # 2 rows × 3 panels, upscale 1
+    assert 2 <= len(frames) <= 5 and frames[0].shape == (
+        2 * 64 + 6,
+        3 * 64 + 8,
+        3,
+    )  # 2 rows × 3 panels, upscale 1
     out = _last_json(r)
     assert out["mode"] == "follow" and (root / out["html"]).resolve() == html.resolve()
     assert f"report: {out['html']}" in r.stdout and "dream optimism" in r.stdout
@@ -264,6 +372,7 @@ def check_stage(stage: str, steps: int, world_size: int = 1) -> Callable[[Path, 
         assert _new(root, r, f"{HGS}/model.safetensors")
         if world_size == 1:
             assert f"{stage}: {steps} steps" in r.stdout
+
     return check
 
 
@@ -307,9 +416,12 @@ def build_ucf101_bundle(root: Path) -> None:
     write_ucf(root / "ucf_raw", T=16, H=40, W=48)
     ucf101.convert(root / "ucf_raw", root / "data/ucf101", resolution=32, val_fraction=0.25, progress=False)
     cfg = get_preset("ucf101", "tiny")
-    cfg = replace(cfg, data=replace(cfg.data, store=str(root / "data/ucf101")),
-                  tokenizer=replace(cfg.tokenizer, channels=16, n_res_layers=1, codebook_size=32, embedding_dim=8),
-                  prior=replace(cfg.prior, n_layer=1, n_head=2, n_embd=32, vocab_size=32))
+    cfg = replace(
+        cfg,
+        data=replace(cfg.data, store=str(root / "data/ucf101")),
+        tokenizer=replace(cfg.tokenizer, channels=16, n_res_layers=1, codebook_size=32, embedding_dim=8),
+        prior=replace(cfg.prior, n_layer=1, n_head=2, n_embd=32, vocab_size=32),
+    )
     make_bundle(cfg, root / "runs/ucf101-tiny")
 
 
@@ -329,29 +441,43 @@ def check_sample(root: Path, r: Result) -> None:
 CASES: dict[str, Case] = {
     "python experiments/train.py --env vizdoom_hgs": Case(train_micro(2), check_main_job),
     SNIPPET: Case([], check_snippet),
-    "python experiments/train_policy.py --env vizdoom_hgs --timesteps 50000 --eval-real": Case(POLICY_MICRO, check_train_policy),
-    "python experiments/rollout.py --env vizdoom_hgs --policy runs/vizdoom_hgs-tiny/policies/ppo_dream.safetensors":
-        Case(ROLLOUT_MICRO, check_rollout_policy),
-    "python experiments/rollout.py --env vizdoom_hgs --policy episode": Case(ROLLOUT_MICRO, check_rollout_episode),
+    "python experiments/train_policy.py --env vizdoom_hgs --timesteps 50000 --eval-real": Case(
+        POLICY_MICRO, check_train_policy
+    ),
+    "python experiments/rollout.py --env vizdoom_hgs --policy runs/vizdoom_hgs-tiny/policies/ppo_dream.safetensors": Case(
+        ROLLOUT_MICRO, check_rollout_policy
+    ),
+    "python experiments/rollout.py --env vizdoom_hgs --policy episode": Case(
+        ROLLOUT_MICRO, check_rollout_episode
+    ),
     "python experiments/rollout.py --env vizdoom_hgs --policy runs/vizdoom_hgs-tiny/policies/ppo_dream.safetensors "
     "--mode follow": Case(ROLLOUT_MICRO, check_rollout_follow),
     "python experiments/play.py --env vizdoom_hgs": Case(PLAY_MICRO, check_play),
-    "python experiments/collect.py --env vizdoom_hgs --episodes 20 --out data/vizdoom_hgs":
-        Case(["--episodes", "6", "--num-envs", "1"], check_collect_hgs),
+    "python experiments/collect.py --env vizdoom_hgs --episodes 20 --out data/vizdoom_hgs": Case(
+        ["--episodes", "6", "--num-envs", "1"], check_collect_hgs
+    ),
     # the stages continue the main job's bundle (resume), one step further each
-    "python experiments/train.py --env vizdoom_hgs --stage tokenizer --scale tiny":
-        Case(train_micro(3), check_stage("tokenizer", 3)),
+    "python experiments/train.py --env vizdoom_hgs --stage tokenizer --scale tiny": Case(
+        train_micro(3), check_stage("tokenizer", 3)
+    ),
     "python experiments/train.py --env vizdoom_hgs --stage encode": Case(train_micro(3), check_encode),
-    "python experiments/train.py --env vizdoom_hgs --stage prior --scale tiny": Case(train_micro(3), check_stage("prior", 3)),
-    "python experiments/train_policy.py --env vizdoom_hgs --eval-real": Case(POLICY_MICRO, check_train_policy),
+    "python experiments/train.py --env vizdoom_hgs --stage prior --scale tiny": Case(
+        train_micro(3), check_stage("prior", 3)
+    ),
+    "python experiments/train_policy.py --env vizdoom_hgs --eval-real": Case(
+        POLICY_MICRO, check_train_policy
+    ),
     "python experiments/evaluate.py --checkpoint runs/vizdoom_hgs-tiny": Case(EVAL_MICRO, check_evaluate),
     "python experiments/mbrl.py --env vizdoom_hgs": Case(MBRL_MICRO, check_mbrl),
-    "python experiments/sample.py --checkpoint runs/ucf101-tiny --class-id 3":
-        Case(SAMPLE_MICRO, check_sample, prepare=build_ucf101_bundle),
-    "torchrun --nproc_per_node 2 experiments/train.py --env vizdoom_hgs --stage tokenizer":
-        Case(train_micro(4), check_stage("tokenizer", 4, world_size=2)),
-    "python experiments/collect.py --env vizdoom_battle2 --episodes 20 --out data/battle2":
-        Case(COLLECT_MICRO, check_collect_battle2),
+    "python experiments/sample.py --checkpoint runs/ucf101-tiny --class-id 3": Case(
+        SAMPLE_MICRO, check_sample, prepare=build_ucf101_bundle
+    ),
+    "torchrun --nproc_per_node 2 experiments/train.py --env vizdoom_hgs --stage tokenizer": Case(
+        train_micro(4), check_stage("tokenizer", 4, world_size=2)
+    ),
+    "python experiments/collect.py --env vizdoom_battle2 --episodes 20 --out data/battle2": Case(
+        COLLECT_MICRO, check_collect_battle2
+    ),
 }
 
 # ---------------------------------------------------------------------------------------------- running
@@ -367,11 +493,13 @@ def argv_for(cmd: str, root: Path, snippet: str) -> list[str]:
     """The command's argv with the repository's scripts by absolute path and its micro flags appended."""
     if cmd == SNIPPET:
         script = root / "quickstart_snippet.py"
-        script.write_text(snippet + "\n\n# appended by the test: what the snippet made\nimport json as _json\n"
-                          "print(_json.dumps({'checkpoint': str(env.unwrapped.world_model.path.resolve()),\n"
-                          "    'obs': list(obs.shape), 'reward': float(reward), 'info': sorted(info),\n"
-                          "    'num_envs': vec.num_envs, 'vec_obs': list(vec.reset(seed=0)[0].shape)}))\n"
-                          "vec.close()\n")
+        script.write_text(
+            snippet + "\n\n# appended by the test: what the snippet made\nimport json as _json\n"
+            "print(_json.dumps({'checkpoint': str(env.unwrapped.world_model.path.resolve()),\n"
+            "    'obs': list(obs.shape), 'reward': float(reward), 'info': sorted(info),\n"
+            "    'num_envs': vec.num_envs, 'vec_obs': list(vec.reset(seed=0)[0].shape)}))\n"
+            "vec.close()\n"
+        )
         return [sys.executable, str(script)]
     argv = shlex.split(cmd)
     if argv[0] == "torchrun":  # the same interpreter, on a free port
@@ -379,7 +507,9 @@ def argv_for(cmd: str, root: Path, snippet: str) -> list[str]:
     elif argv[0] == "python":
         argv[0] = sys.executable
     else:
-        raise AssertionError(f"README command {cmd!r}: the test runs `python ...` and `torchrun ...` commands only")
+        raise AssertionError(
+            f"README command {cmd!r}: the test runs `python ...` and `torchrun ...` commands only"
+        )
     scripts = [i for i, a in enumerate(argv) if a.startswith("experiments/")]
     assert len(scripts) == 1, f"README command {cmd!r}: expected one experiments/ script"
     script = ROOT / argv[scripts[0]]
@@ -390,8 +520,14 @@ def argv_for(cmd: str, root: Path, snippet: str) -> list[str]:
 
 def _env(root: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("WORLDMODEL_HOME", "VIZDOOM_BATTLE2_PATH")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", SDL_VIDEODRIVER="dummy", SDL_AUDIODRIVER="dummy",
-               MPLBACKEND="Agg", HOME=str(root / "home"))
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        SDL_VIDEODRIVER="dummy",
+        SDL_AUDIODRIVER="dummy",
+        MPLBACKEND="Agg",
+        HOME=str(root / "home"),
+    )
     return env
 
 
@@ -415,8 +551,12 @@ class Chain:
         if case.prepare is not None:
             case.prepare(self.root)
         argv = argv_for(cmd, self.root, self.snippet)
-        before = {str(p.relative_to(self.root)): p.stat().st_mtime for p in self.root.rglob("*") if p.is_file()}
-        res = subprocess.run(argv, cwd=self.root, env=_env(self.root), capture_output=True, text=True, timeout=600)
+        before = {
+            str(p.relative_to(self.root)): p.stat().st_mtime for p in self.root.rglob("*") if p.is_file()
+        }
+        res = subprocess.run(
+            argv, cwd=self.root, env=_env(self.root), capture_output=True, text=True, timeout=600
+        )
         return Result(cmd, argv, res.returncode, res.stdout, res.stderr, before)
 
 
@@ -429,9 +569,13 @@ def chain(tmp_path_factory) -> Chain:
 
 def test_every_readme_command_has_a_micro_scale_case():
     cmds, snippet = readme_commands()
-    assert "python experiments/train.py --env vizdoom_hgs" in cmds and "gym.make(" in snippet  # the parser works
+    assert (
+        "python experiments/train.py --env vizdoom_hgs" in cmds and "gym.make(" in snippet
+    )  # the parser works
     missing = [c for c in cmds if c not in CASES]
-    assert not missing, f"README commands without a micro-scale entry in CASES of {Path(__file__).name}: {missing}"
+    assert not missing, (
+        f"README commands without a micro-scale entry in CASES of {Path(__file__).name}: {missing}"
+    )
     stale = [c for c in CASES if c not in cmds]
     assert not stale, f"CASES entries no longer in the README's Quickstart/Pieces (update them): {stale}"
 
@@ -446,6 +590,8 @@ def test_readme_command_runs_and_writes_its_outputs(cmd, chain):
     assert cmd in CASES, f"README command {cmd!r} has no micro-scale entry in CASES"
     r = chain.result(cmd)
     failed = [c for c, x in chain.results.items() if x.returncode != 0 and c != cmd]
-    assert r.returncode == 0, (f"{cmd!r} failed (ran as {shlex.join(r.argv)}; earlier failures: {failed})\n"
-                               f"{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    assert r.returncode == 0, (
+        f"{cmd!r} failed (ran as {shlex.join(r.argv)}; earlier failures: {failed})\n"
+        f"{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    )
     CASES[cmd].check(chain.root, r)

@@ -56,9 +56,9 @@ def test_lockstep_video_panels_and_playable_files(tiny_bundle, hgs_store, tmp_pa
     S = TINY_RES * scale
     assert frames[0].shape == (S + 2 * pad, 3 * (S + pad) + pad, 3)
     for t, f in enumerate(frames):
-        real_panel = f[pad:pad + S, pad:pad + S]
-        dream_panel = f[pad:pad + S, 2 * pad + S:2 * pad + 2 * S]
-        diff_panel = f[pad:pad + S, 3 * pad + 2 * S:3 * pad + 3 * S]
+        real_panel = f[pad : pad + S, pad : pad + S]
+        dream_panel = f[pad : pad + S, 2 * pad + S : 2 * pad + 2 * S]
+        diff_panel = f[pad : pad + S, 3 * pad + 2 * S : 3 * pad + 3 * S]
         below = slice(S // 2, S)  # under the text overlays
         assert np.array_equal(real_panel[below], upscale(tr.real[t], scale)[below])
         assert np.array_equal(dream_panel[below], upscale(tr.dream[t], scale)[below])
@@ -81,40 +81,107 @@ def test_policy_trace_stops_at_termination(tiny_bundle):
 
 def test_rollout_cli_lockstep_and_policy(tiny_bundle64, tmp_path):
     policy = tmp_path / "ppo.safetensors"
-    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "train_policy.py"), "--checkpoint", str(tiny_bundle64),
-                          "--timesteps", "64", "--num-envs", "2", "--ppo.n-steps", "32", "--ppo.batch-size", "32",
-                          "--ppo.n-epochs", "1", "--out", str(policy), "--no-progress", "--eval-real",
-                          "--eval-episodes", "1", "--max-episode-steps", "8"],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "train_policy.py"),
+            "--checkpoint",
+            str(tiny_bundle64),
+            "--timesteps",
+            "64",
+            "--num-envs",
+            "2",
+            "--ppo.n-steps",
+            "32",
+            "--ppo.batch-size",
+            "32",
+            "--ppo.n-epochs",
+            "1",
+            "--out",
+            str(policy),
+            "--no-progress",
+            "--eval-real",
+            "--eval-episodes",
+            "1",
+            "--max-episode-steps",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert policy.exists() and "dream return" in res.stdout and "random" in res.stdout
     report = json.loads(res.stdout.strip().splitlines()[-1])
     assert report["real_random"] > 0 and set(report) >= {"real_ppo", "dream_ppo", "real_return_vs_random"}
     for pol in ("episode", str(policy)):
         out = tmp_path / f"video-{Path(pol).stem}"
-        res = subprocess.run([sys.executable, str(ROOT / "experiments" / "rollout.py"), "--checkpoint", str(tiny_bundle64),
-                              "--policy", pol, "--steps", "5", "--upscale", "2", "--out", str(out), "--no-gif"],
-                             capture_output=True, text=True, timeout=300)
+        res = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "experiments" / "rollout.py"),
+                "--checkpoint",
+                str(tiny_bundle64),
+                "--policy",
+                pol,
+                "--steps",
+                "5",
+                "--upscale",
+                "2",
+                "--out",
+                str(out),
+                "--no-gif",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         frames = _decode(out.with_suffix(".mp4"))
         lockstep = pol == "episode"  # three padded panels vs the dream panel alone
-        assert 2 <= len(frames) <= 6 and frames[0].shape[:2] == ((132, 3 * 130 + 2) if lockstep else (128, 128))
-    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "rollout.py"), "--checkpoint", str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)
+        assert 2 <= len(frames) <= 6 and frames[0].shape[:2] == (
+            (132, 3 * 130 + 2) if lockstep else (128, 128)
+        )
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "rollout.py"), "--checkpoint", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode != 0 and "not a bundle" in res.stderr
 
 
 def test_main_job_writes_bundle_videos_and_summary(hgs_store, tmp_path):
     cfg = tiny_experiment(hgs_store, steps=2)
-    args = [sys.executable, str(ROOT / "experiments" / "train.py"), "--env", "vizdoom_hgs", "--run-dir", str(tmp_path / "run"),
-            "--device", "cpu", "--config.data.store", str(hgs_store), "--config.data.clip-len", "4"]
+    args = [
+        sys.executable,
+        str(ROOT / "experiments" / "train.py"),
+        "--env",
+        "vizdoom_hgs",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--device",
+        "cpu",
+        "--config.data.store",
+        str(hgs_store),
+        "--config.data.clip-len",
+        "4",
+    ]
     for section in ("tokenizer", "prior"):
         for k, v in vars(getattr(cfg, section)).items():
             if k not in ("stride", "resolution") and not isinstance(v, bool):
                 args += [f"--config.{section}.{k.replace('_', '-')}", str(v)]
     for section in ("tokenizer-train", "prior-train"):
-        args += [f"--config.{section}.steps", "2", f"--config.{section}.batch-size", "2",
-                 f"--config.{section}.eval-every", "2", f"--config.{section}.ckpt-every", "2"]
+        args += [
+            f"--config.{section}.steps",
+            "2",
+            f"--config.{section}.batch-size",
+            "2",
+            f"--config.{section}.eval-every",
+            "2",
+            f"--config.{section}.ckpt-every",
+            "2",
+        ]
     res = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = res.stdout.split("== summary ==")[1]

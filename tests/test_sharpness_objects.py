@@ -24,7 +24,7 @@ def _textured(seed: int = 0) -> np.ndarray:
 def _blur(x: np.ndarray) -> np.ndarray:
     f = x.astype(np.float64)
     p = np.pad(f, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
-    out = sum(p[:, i:i + 32, j:j + 32] for i in range(3) for j in range(3)) / 9
+    out = sum(p[:, i : i + 32, j : j + 32] for i in range(3) for j in range(3)) / 9
     return out.round().astype(np.uint8)
 
 
@@ -48,7 +48,9 @@ def test_fraction_off_counts_pixels_beyond_48_grey_levels():
     assert fraction_off(b, a).tolist() == [16 / 256, 0.0]
 
 
-@pytest.mark.parametrize("env,name", [("vizdoom_hgs", "CustomMedikit"), ("vizdoom_take_cover", "DoomImpBall")])
+@pytest.mark.parametrize(
+    "env,name", [("vizdoom_hgs", "CustomMedikit"), ("vizdoom_take_cover", "DoomImpBall")]
+)
 def test_object_boxes_lie_in_the_frame_and_cover_the_labelled_pixels(env, name):
     from envs.objects import SCREEN_H, SCREEN_W, collect_object_frames
     from envs.vizdoom import VizdoomEnv
@@ -68,8 +70,12 @@ def test_object_boxes_lie_in_the_frame_and_cover_the_labelled_pixels(env, name):
                     assert 0 <= box.x0 < box.x1 <= R and 0 <= box.y0 < box.y1 <= R
                     ys, xs = np.nonzero(buf == box.value)
                     if len(ys):  # every labelled screen pixel falls inside the scaled box
-                        assert (np.floor(xs * R / SCREEN_W) >= box.x0).all() and (np.floor(xs * R / SCREEN_W) < box.x1).all()
-                        assert (np.floor(ys * R / SCREEN_H) >= box.y0).all() and (np.floor(ys * R / SCREEN_H) < box.y1).all()
+                        assert (np.floor(xs * R / SCREEN_W) >= box.x0).all() and (
+                            np.floor(xs * R / SCREEN_W) < box.x1
+                        ).all()
+                        assert (np.floor(ys * R / SCREEN_H) >= box.y0).all() and (
+                            np.floor(ys * R / SCREEN_H) < box.y1
+                        ).all()
                         checked += 1
                 _, _, term, trunc, info = e.step(int(rng.integers(e.action_space.n)))
                 if term or trunc:
@@ -84,18 +90,46 @@ def test_object_boxes_lie_in_the_frame_and_cover_the_labelled_pixels(env, name):
 
 def test_bench_tokenizer_checkpoint_json(tiny_bundle):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_tokenizer.py"), "--skip-speed",
-                        "--checkpoint", str(tiny_bundle), "--n-clips", "3", "--objects", "--object-episodes", "1",
-                        "--i3d-weights", str(tiny_bundle / "no-such-i3d.ckpt")],
-                       capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_tokenizer.py"),
+            "--skip-speed",
+            "--checkpoint",
+            str(tiny_bundle),
+            "--n-clips",
+            "3",
+            "--objects",
+            "--object-episodes",
+            "1",
+            "--i3d-weights",
+            str(tiny_bundle / "no-such-i3d.ckpt"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    for k in ("tokens_per_frame", "recon", "fvd_recon", "fvd_real_real", "fvd_info", "train_minutes", "dream",
-              "dream_frames_per_s", "objects"):
+    for k in (
+        "tokens_per_frame",
+        "recon",
+        "fvd_recon",
+        "fvd_real_real",
+        "fvd_info",
+        "train_minutes",
+        "dream",
+        "dream_frames_per_s",
+        "objects",
+    ):
         assert k in out, k
     assert out["tokens_per_frame"] == 16
     assert set(out["recon"]) == {"psnr", "ssim", "sharpness", "frac_off_48"}
-    assert set(out["dream"]) == {"1", "4", "8"} and all(set(v) == set(out["recon"]) for v in out["dream"].values())
+    assert set(out["dream"]) == {"1", "4", "8"} and all(
+        set(v) == set(out["recon"]) for v in out["dream"].values()
+    )
     assert out["fvd_recon"] is None and "I3D" in out["fvd_info"]["reason"]  # no weights: null with the reason
     assert 0 <= out["recon"]["frac_off_48"] <= 1 and out["recon"]["sharpness"] > 0
     assert "ratio" in out["objects"] or out["objects"]["n_frames"] == 0

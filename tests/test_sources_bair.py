@@ -27,7 +27,9 @@ def test_convert_exact_frames_actions_extras_and_splits(bair_src, tmp_path):
     r = bair.convert(src, tmp_path / "store", val_fraction=0.5, progress=False)
     assert r.converted == 6 and r.frames == 6 * 30 and not r.skipped
     store = EpisodeStore(tmp_path / "store")
-    assert store.meta.obs_shape == (64, 64, 3) and store.meta.action_spec == ActionSpec.continuous(4, names=("a0", "a1", "a2", "a3"))
+    assert store.meta.obs_shape == (64, 64, 3) and store.meta.action_spec == ActionSpec.continuous(
+        4, names=("a0", "a1", "a2", "a3")
+    )
     assert store.meta.extra["camera"] == "image_aux1"
     for eid in store.episode_ids():
         ep, tr = store.load(eid), _truth(truths, eid)
@@ -96,7 +98,7 @@ def test_no_tfrecords_is_a_clear_error(tmp_path):
 
 
 def test_download_dry_run_plans_the_public_tar(tmp_path):
-    (url, path), = bair.download(tmp_path, dry_run=True)
+    ((url, path),) = bair.download(tmp_path, dry_run=True)
     assert url == "http://rail.eecs.berkeley.edu/datasets/bair_robot_pushing_dataset_v0.tar"
     assert path == tmp_path / "bair_robot_pushing_dataset_v0.tar" and not path.exists()
 

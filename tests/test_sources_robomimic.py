@@ -42,8 +42,14 @@ def test_convert_exact_with_next_obs_and_mask_splits(rm_file, tmp_path):
 
 def test_camera_resolution_and_no_next_obs(rm_file, tmp_path):
     path, truth = rm_file
-    robomimic.convert(path, tmp_path / "s", camera="robot0_eye_in_hand_image", resolution=64, use_next_obs=False,
-                      progress=False)
+    robomimic.convert(
+        path,
+        tmp_path / "s",
+        camera="robot0_eye_in_hand_image",
+        resolution=64,
+        use_next_obs=False,
+        progress=False,
+    )
     store = EpisodeStore(tmp_path / "s")
     ep = store.load("image-demo_1")
     N = len(truth["demo_1"]["actions"])
@@ -55,16 +61,24 @@ def test_camera_resolution_and_no_next_obs(rm_file, tmp_path):
 
 def test_filters_select_and_leave_out_demos(tmp_path):
     path = tmp_path / "mh.hdf5"
-    write_robomimic(path, lengths=(3, 3, 3, 3, 3), masks={"train": [0, 1, 2, 3], "valid": [4], "better": [0, 4]})
+    write_robomimic(
+        path, lengths=(3, 3, 3, 3, 3), masks={"train": [0, 1, 2, 3], "valid": [4], "better": [0, 4]}
+    )
     r = robomimic.convert(path, tmp_path / "s", train_filter="better", val_filter=None, progress=False)
     assert r.converted == 2 and r.filtered == 3  # only the 'better' demos
-    with pytest.raises(SourceError, match=r"filter key\(s\) \['nope'\] not in mask/ \(available: \['better', 'train', 'valid'\]\)"):
+    with pytest.raises(
+        SourceError,
+        match=r"filter key\(s\) \['nope'\] not in mask/ \(available: \['better', 'train', 'valid'\]\)",
+    ):
         robomimic.convert(path, tmp_path / "s2", train_filter="nope", progress=False)
 
 
 def test_missing_camera_and_corrupt_demo(rm_file, tmp_path):
     path, _ = rm_file
-    with pytest.raises(SourceError, match=r"image\.hdf5: demo 'demo_0' has no obs/frontview_image \(obs keys: \['agentview_image'"):
+    with pytest.raises(
+        SourceError,
+        match=r"image\.hdf5: demo 'demo_0' has no obs/frontview_image \(obs keys: \['agentview_image'",
+    ):
         robomimic.convert(path, tmp_path / "s", camera="frontview_image", progress=False)
     with h5py.File(path, "a") as f:
         del f["data/demo_2/actions"]
@@ -87,8 +101,15 @@ def test_matches_robomimic_sequence_dataset(rm_file, tmp_path):
     store = EpisodeStore(tmp_path / "s")
     ObsUtils.initialize_obs_modality_mapping_from_dict({"rgb": ["agentview_image"], "low_dim": []})
     for filt, split in (("train", "train"), ("valid", "val")):
-        ds = SequenceDataset(str(path), obs_keys=("agentview_image",), dataset_keys=("actions", "rewards", "dones"),
-                             seq_length=1, hdf5_cache_mode=None, filter_by_attribute=filt, hdf5_use_swmr=False)
+        ds = SequenceDataset(
+            str(path),
+            obs_keys=("agentview_image",),
+            dataset_keys=("actions", "rewards", "dones"),
+            seq_length=1,
+            hdf5_cache_mode=None,
+            filter_by_attribute=filt,
+            hdf5_use_swmr=False,
+        )
         assert sorted(f"image-{d}" for d in ds.demos) == store.episode_ids(split)
         for i in range(len(ds)):
             item = ds[i]
@@ -132,11 +153,17 @@ def test_inputs_that_read_outside_the_file_are_refused(rm_file, tmp_path):
         layout[:] = h5py.VirtualSource(str(other), "x", shape=shape)
         grp.create_virtual_dataset(name, layout)
 
-    for make, what in ((external, "external storage in"), (link, "external link to"), (virtual, "virtual dataset from")):
+    for make, what in (
+        (external, "external storage in"),
+        (link, "external link to"),
+        (virtual, "virtual dataset from"),
+    ):
         bad = tmp_path / f"bad-{make.__name__}.hdf5"
         bad.write_bytes(path.read_bytes())
         _replace_with(bad, key, make)
-        with pytest.raises(SourceError, match=rf"bad-{make.__name__}\.hdf5: refers to data outside the file .*{what}"):
+        with pytest.raises(
+            SourceError, match=rf"bad-{make.__name__}\.hdf5: refers to data outside the file .*{what}"
+        ):
             robomimic.convert(bad, tmp_path / f"s-{make.__name__}", progress=False)
         assert not (tmp_path / f"s-{make.__name__}" / "store.json").exists()
 
@@ -148,8 +175,12 @@ def test_a_shard_that_reads_outside_itself_is_refused(tmp_path):
         eid = w.add_episode(np.zeros((3, 8, 8, 3), np.uint8))
     secret = tmp_path / "secret.bin"
     secret.write_bytes(bytes(range(256)) * 10)
-    _replace_with(tmp_path / "s" / "shard-00000.h5", f"episodes/{eid}/frames",
-                  lambda grp, name, shape, dtype: grp.create_dataset(
-                      name, shape=shape, dtype=dtype, external=[(str(secret), 0, int(np.prod(shape)))]))
+    _replace_with(
+        tmp_path / "s" / "shard-00000.h5",
+        f"episodes/{eid}/frames",
+        lambda grp, name, shape, dtype: grp.create_dataset(
+            name, shape=shape, dtype=dtype, external=[(str(secret), 0, int(np.prod(shape)))]
+        ),
+    )
     with pytest.raises(StoreError, match=r"shard-00000\.h5: refers to data outside the file"):
         EpisodeStore(tmp_path / "s")

@@ -36,8 +36,14 @@ def test_mp4_autograsp_file_converts_with_imputed_gripper(tmp_path):
 
 
 def test_jpeg_frames_bgr_format_and_default_square_resolution(tmp_path):
-    tr = write_robonet(tmp_path / "rn" / "widowx_traj2.hdf5", T=8, encoding="jpeg", image_format="BGR", adim=5,
-                       meta=dict(ROBONET_META, robot="widowx", primitives="none"))
+    tr = write_robonet(
+        tmp_path / "rn" / "widowx_traj2.hdf5",
+        T=8,
+        encoding="jpeg",
+        image_format="BGR",
+        adim=5,
+        meta=dict(ROBONET_META, robot="widowx", primitives="none"),
+    )
     robonet.convert(tmp_path / "rn", tmp_path / "s", progress=False)
     ep = EpisodeStore(tmp_path / "s").load("widowx_traj2")
     assert ep.frames.shape == (8, 64, 64, 3)

@@ -30,8 +30,12 @@ def test_crc32c_is_castagnoli_and_framing_matches_independent_writer(tmp_path):
 
 
 def test_example_decoding_matches_hand_encoded_wire_format():
-    feats = {"0/image/encoded": b"\x00\x01\xff" * 4, "0/action": np.array([0.5, -1.25, 3e-8, 7.0], np.float32),
-             "ids": np.array([0, 1, -3, 2**40]), "multi": [b"a", b"bc"]}
+    feats = {
+        "0/image/encoded": b"\x00\x01\xff" * 4,
+        "0/action": np.array([0.5, -1.25, 3e-8, 7.0], np.float32),
+        "ids": np.array([0, 1, -3, 2**40]),
+        "multi": [b"a", b"bc"],
+    }
     got = parse_example(pb_example(feats))
     assert got["0/image/encoded"] == [feats["0/image/encoded"]] and got["multi"] == [b"a", b"bc"]
     np.testing.assert_array_equal(got["0/action"], feats["0/action"])

@@ -53,8 +53,15 @@ def test_corrupt_gif_and_hash_split_without_split_files(tmp_path):
     for p in (tmp_path / "data" / "splits").iterdir():
         p.unlink()
     with pytest.warns(UserWarning, match=bad.name):
-        r = tgif.convert(tmp_path / "data", tmp_path / "s2", resolution=16, skip_corrupt=True, progress=False,
-                         val_fraction=0.0, test_fraction=0.0)
+        r = tgif.convert(
+            tmp_path / "data",
+            tmp_path / "s2",
+            resolution=16,
+            skip_corrupt=True,
+            progress=False,
+            val_fraction=0.0,
+            test_fraction=0.0,
+        )
     assert r.converted == 1 and r.splits["train"] == 1 and len(r.skipped) == 1
     with pytest.raises(SourceError, match="tgif-v1.0.tsv"):
         tgif.convert(tmp_path / "nowhere", tmp_path / "s3", progress=False)
@@ -88,7 +95,9 @@ class _Server:
                     return
                 rng = self.headers.get("Range")
                 if rng:
-                    start = 0 if self.path in owner.wrong_range else int(rng.removeprefix("bytes=").split("-")[0])
+                    start = (
+                        0 if self.path in owner.wrong_range else int(rng.removeprefix("bytes=").split("-")[0])
+                    )
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                     body = body[start:]
@@ -193,7 +202,9 @@ def test_length_checksum_and_resume_offset_are_verified(tmp_path):
 def test_download_dry_run_lists_metadata_files(tmp_path):
     plan = tgif.download(tmp_path, dry_run=True)
     assert plan[0] == (tgif.TSV_URL, tmp_path / "tgif-v1.0.tsv")
-    assert [p.name for _, p in plan[1:]] == ["train.txt", "val.txt", "test.txt"] and not any(tmp_path.iterdir())
+    assert [p.name for _, p in plan[1:]] == ["train.txt", "val.txt", "test.txt"] and not any(
+        tmp_path.iterdir()
+    )
 
 
 def test_extract_once_redoes_a_partial_extraction_and_refuses_bad_members(tmp_path):
@@ -210,7 +221,9 @@ def test_extract_once_redoes_a_partial_extraction_and_refuses_bad_members(tmp_pa
             t.addfile(info, io.BytesIO(data))
     into = tmp_path / "out"
     (into / "top").mkdir(parents=True)
-    (into / "top" / "a.txt").write_bytes(b"a" * 10)  # a killed extraction: the top folder exists, files are partial
+    (into / "top" / "a.txt").write_bytes(
+        b"a" * 10
+    )  # a killed extraction: the top folder exists, files are partial
     extract_once(tar, into)
     assert (into / "top" / "a.txt").read_bytes() == b"a" * 100 and (into / "top" / "b.txt").exists()
     assert (into / ".data.tar.extracted").exists()

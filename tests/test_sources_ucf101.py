@@ -22,7 +22,9 @@ def test_xvid_clips_labels_and_fold_split(tmp_path):
     for eid in store.episode_ids():
         ep = store.load(eid)
         label, frames = truth[eid]
-        assert ep.actions is None and ep.attrs["label"] == label and ep.attrs["label_name"] == UCF_CLASSES[label]
+        assert (
+            ep.actions is None and ep.attrs["label"] == label and ep.attrs["label_name"] == UCF_CLASSES[label]
+        )
         assert ep.split == ("test" if ep.attrs["group"] <= 7 else "train")
         assert ep.attrs["source_fps"] == 25.0
         assert psnr(ep.frames, frames[:, :, 10:70]) > 30.0  # 80x60 -> centre 60x60 crop, no resampling
@@ -33,8 +35,15 @@ def test_xvid_clips_labels_and_fold_split(tmp_path):
 @pytest.mark.parametrize("codec", ["rawvideo", "ffv1"])
 def test_lossless_codecs_are_exact_including_resize_and_frame_skip(tmp_path, codec):
     truth = write_ucf(tmp_path / "raw", codec=codec, groups=(1, 8), T=9)
-    ucf101.convert(tmp_path / "raw", tmp_path / "s", resolution=32, frame_skip=2, max_frames=4,
-                   classes=("Basketball",), progress=False)
+    ucf101.convert(
+        tmp_path / "raw",
+        tmp_path / "s",
+        resolution=32,
+        frame_skip=2,
+        max_frames=4,
+        classes=("Basketball",),
+        progress=False,
+    )
     store = EpisodeStore(tmp_path / "s")
     assert store.episode_ids() == ["v_Basketball_g01_c01", "v_Basketball_g08_c01"]
     for eid in store.episode_ids():
@@ -45,14 +54,19 @@ def test_lossless_codecs_are_exact_including_resize_and_frame_skip(tmp_path, cod
 
 def test_val_split_is_by_group_and_resume(tmp_path):
     write_ucf(tmp_path / "raw", codec="rawvideo", T=3)
-    r1 = ucf101.convert(tmp_path / "raw", tmp_path / "s", resolution=16, val_fraction=0.5, max_videos=5,
-                        progress=False)
+    r1 = ucf101.convert(
+        tmp_path / "raw", tmp_path / "s", resolution=16, val_fraction=0.5, max_videos=5, progress=False
+    )
     r2 = ucf101.convert(tmp_path / "raw", tmp_path / "s", resolution=16, val_fraction=0.5, progress=False)
     assert (r1.converted, r2.already_present, r2.converted) == (5, 5, 7)
     store = EpisodeStore(tmp_path / "s")
     for eid in store.episode_ids():
         ep = store.load(eid)
-        want = "test" if ep.attrs["group"] <= 7 else split_for_id(f"{ep.attrs['label_name']}_g{ep.attrs['group']:02d}", 0.5, 0.0)
+        want = (
+            "test"
+            if ep.attrs["group"] <= 7
+            else split_for_id(f"{ep.attrs['label_name']}_g{ep.attrs['group']:02d}", 0.5, 0.0)
+        )
         assert ep.split == want
 
 
@@ -64,7 +78,9 @@ def test_corrupt_and_missing_clips(tmp_path):
     with pytest.raises(SourceError, match=r"v_Basketball_g08_c01\.avi"):
         ucf101.convert(tmp_path / "raw", tmp_path / "s", resolution=16, progress=False)
     with pytest.warns(UserWarning):
-        r = ucf101.convert(tmp_path / "raw", tmp_path / "s2", resolution=16, skip_corrupt=True, progress=False)
+        r = ucf101.convert(
+            tmp_path / "raw", tmp_path / "s2", resolution=16, skip_corrupt=True, progress=False
+        )
     assert r.converted == 10 and len(r.skipped) == 2
     assert any("g09" in s and "missing on disk" in s for s in r.skipped)
 
@@ -92,13 +108,19 @@ def test_download_is_checked_against_the_published_sha256(tmp_path, monkeypatch)
 
     for sha in (ucf101.VIDEOS_SHA256, ucf101.SPLITS_SHA256):
         assert len(sha) == 64 and int(sha, 16) >= 0  # pinned SHA-256 values, not placeholders
-    with _Server({"/UCF101.rar": b"Rar!\x1a\x07\x00 not the published archive",
-                  "/splits.zip": b"PK\x05\x06" + bytes(18)}) as srv:
+    with _Server(
+        {
+            "/UCF101.rar": b"Rar!\x1a\x07\x00 not the published archive",
+            "/splits.zip": b"PK\x05\x06" + bytes(18),
+        }
+    ) as srv:
         monkeypatch.setattr(ucf101, "VIDEOS_URL", srv.url("/UCF101.rar"))
         monkeypatch.setattr(ucf101, "SPLITS_URL", srv.url("/splits.zip"))
         with pytest.raises(DownloadError, match=f"does not match the pinned {ucf101.VIDEOS_SHA256}"):
             ucf101.download(tmp_path, progress=False)
-        monkeypatch.setattr(ucf101, "VIDEOS_SHA256", None)  # the videos accepted: the split zip is checked too
+        monkeypatch.setattr(
+            ucf101, "VIDEOS_SHA256", None
+        )  # the videos accepted: the split zip is checked too
         with pytest.raises(DownloadError, match=f"does not match the pinned {ucf101.SPLITS_SHA256}"):
             ucf101.download(tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["UCF101.rar"]

@@ -29,19 +29,41 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("hgs")
-    collect("vizdoom_hgs", root, 6, num_envs=1, asynchronous=False, progress=False,
-            env_kwargs={"resolution": 32, "max_episode_steps": 24})
+    collect(
+        "vizdoom_hgs",
+        root,
+        6,
+        num_envs=1,
+        asynchronous=False,
+        progress=False,
+        env_kwargs={"resolution": 32, "max_episode_steps": 24},
+    )
     return root
 
 
 def tiny_cfg(store: Path, **train) -> ExperimentConfig:
-    tt = TrainConfig(steps=6, batch_size=2, lr=1e-3, warmup_steps=1, log_every=1, eval_every=3, ckpt_every=3, **train)
+    tt = TrainConfig(
+        steps=6, batch_size=2, lr=1e-3, warmup_steps=1, log_every=1, eval_every=3, ckpt_every=3, **train
+    )
     return ExperimentConfig(
-        name="vizdoom_hgs", scale="tiny", env="vizdoom_hgs", data=DataConfig(store=str(store), clip_len=4),
-        tokenizer=TokenizerConfig(resolution=32, stride=(1, 8, 8), channels=16, n_res_layers=1, n_heads=2,
-                                  codebook_size=32, embedding_dim=8, max_frames=4),
+        name="vizdoom_hgs",
+        scale="tiny",
+        env="vizdoom_hgs",
+        data=DataConfig(store=str(store), clip_len=4),
+        tokenizer=TokenizerConfig(
+            resolution=32,
+            stride=(1, 8, 8),
+            channels=16,
+            n_res_layers=1,
+            n_heads=2,
+            codebook_size=32,
+            embedding_dim=8,
+            max_frames=4,
+        ),
         prior=PriorConfig(n_layer=1, n_head=2, n_embd=32, dropout=0.0, attn_dropout=0.0, frames=4),
-        tokenizer_train=tt, prior_train=tt)
+        tokenizer_train=tt,
+        prior_train=tt,
+    )
 
 
 def test_pipeline_to_bundle(tmp_path, store):
@@ -93,8 +115,11 @@ def test_pipeline_to_bundle(tmp_path, store):
 def test_tokenizer_stage_resumes_exactly(tmp_path, store):
     cfg = tiny_cfg(store)
     full = train_tokenizer(cfg, tmp_path / "a", progress=False)
-    part = train_tokenizer(replace(cfg, tokenizer_train=replace(cfg.tokenizer_train, max_minutes=1e-9)),
-                           tmp_path / "b", progress=False)
+    part = train_tokenizer(
+        replace(cfg, tokenizer_train=replace(cfg.tokenizer_train, max_minutes=1e-9)),
+        tmp_path / "b",
+        progress=False,
+    )
     assert part.step == 1 and load_trainer_state(tmp_path / "b", "tokenizer")["step"] == 1
     resumed = train_tokenizer(cfg, tmp_path / "b", progress=False)
     assert resumed.step == 6
@@ -107,13 +132,44 @@ def test_tokenizer_stage_resumes_exactly(tmp_path, store):
 def test_torchrun_two_processes(tmp_path, store):
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(ROOT / "experiments" / "train.py"), "--env", "vizdoom_hgs", "--stage", "tokenizer",
-           "--run-dir", str(run), "--device", "cpu", "--config.data.store", str(store),
-           "--config.data.clip-len", "4", "--config.tokenizer.channels", "16", "--config.tokenizer.n-res-layers", "1",
-           "--config.tokenizer.codebook-size", "32", "--config.tokenizer.embedding-dim", "8",
-           "--config.tokenizer-train.steps", "3", "--config.tokenizer-train.batch-size", "2",
-           "--config.tokenizer-train.eval-every", "3", "--config.tokenizer-train.ckpt-every", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        str(ROOT / "experiments" / "train.py"),
+        "--env",
+        "vizdoom_hgs",
+        "--stage",
+        "tokenizer",
+        "--run-dir",
+        str(run),
+        "--device",
+        "cpu",
+        "--config.data.store",
+        str(store),
+        "--config.data.clip-len",
+        "4",
+        "--config.tokenizer.channels",
+        "16",
+        "--config.tokenizer.n-res-layers",
+        "1",
+        "--config.tokenizer.codebook-size",
+        "32",
+        "--config.tokenizer.embedding-dim",
+        "8",
+        "--config.tokenizer-train.steps",
+        "3",
+        "--config.tokenizer-train.batch-size",
+        "2",
+        "--config.tokenizer-train.eval-every",
+        "3",
+        "--config.tokenizer-train.ckpt-every",
+        "3",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     state = load_trainer_state(run, "tokenizer")
@@ -122,13 +178,35 @@ def test_torchrun_two_processes(tmp_path, store):
 
 
 def test_cli_rejects_unknown_preset():
-    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "train.py"), "--env", "nope"],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "train.py"), "--env", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode != 0 and "unknown preset" in res.stderr
 
 
 def test_cli_missing_store_is_a_clear_error(tmp_path):
-    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "train.py"), "--env", "ucf101", "--stage", "tokenizer",
-                          "--run-dir", str(tmp_path / "run"), "--config.data.store", str(tmp_path / "nope")],
-                         capture_output=True, text=True, timeout=60)
-    assert res.returncode != 0 and "store directory does not exist" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "train.py"),
+            "--env",
+            "ucf101",
+            "--stage",
+            "tokenizer",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--config.data.store",
+            str(tmp_path / "nope"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        res.returncode != 0
+        and "store directory does not exist" in res.stderr
+        and "Traceback" not in res.stderr
+    )

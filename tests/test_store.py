@@ -28,9 +28,11 @@ OBS = (8, 8, 3)
 
 
 def _episode(rng: np.random.Generator, T: int, spec: ActionSpec) -> dict:
-    d = {"frames": rng.integers(0, 256, (T, *OBS), dtype=np.uint8),
-         "rewards": rng.normal(size=T - 1).astype(np.float32),
-         "terminated": np.zeros(T - 1, bool)}
+    d = {
+        "frames": rng.integers(0, 256, (T, *OBS), dtype=np.uint8),
+        "rewards": rng.normal(size=T - 1).astype(np.float32),
+        "terminated": np.zeros(T - 1, bool),
+    }
     if T > 1:
         d["terminated"][-1] = True
     if spec.kind == "discrete":
@@ -40,8 +42,11 @@ def _episode(rng: np.random.Generator, T: int, spec: ActionSpec) -> dict:
     return d
 
 
-SPECS = {"discrete": ActionSpec.discrete(5), "continuous": ActionSpec.continuous(4, low=[-1] * 4, high=[1] * 4),
-         "none": ActionSpec.none()}
+SPECS = {
+    "discrete": ActionSpec.discrete(5),
+    "continuous": ActionSpec.continuous(4, low=[-1] * 4, high=[1] * 4),
+    "none": ActionSpec.none(),
+}
 
 
 @pytest.mark.parametrize("kind", list(SPECS))
@@ -49,9 +54,15 @@ def test_round_trip(tmp_path, kind):
     spec = SPECS[kind]
     rng = np.random.default_rng(0)
     eps = [_episode(rng, T, spec) for T in (5, 9, 1, 12)]
-    with StoreWriter(tmp_path, source="test", obs_shape=OBS, action_spec=spec, fps=8.75, episodes_per_shard=3) as w:
-        ids = [w.add_episode(**e, attrs={"label": i, "name": f"e{i}"}, extras={"pos": np.arange(len(e["frames"]))})
-               for i, e in enumerate(eps)]
+    with StoreWriter(
+        tmp_path, source="test", obs_shape=OBS, action_spec=spec, fps=8.75, episodes_per_shard=3
+    ) as w:
+        ids = [
+            w.add_episode(
+                **e, attrs={"label": i, "name": f"e{i}"}, extras={"pos": np.arange(len(e["frames"]))}
+            )
+            for i, e in enumerate(eps)
+        ]
     assert sorted(p.name for p in tmp_path.glob("shard-*.h5")) == ["shard-00000.h5", "shard-00001.h5"]
     store = EpisodeStore(tmp_path)
     assert store.meta.action_spec == spec and store.meta.obs_shape == OBS and store.meta.fps == 8.75
@@ -111,7 +122,10 @@ def _write_forever(root: str, ready) -> None:  # runs in a child process that ge
     spec = ActionSpec.discrete(5)
     rng = np.random.default_rng(0)
     w = StoreWriter(root, source="t", obs_shape=(64, 64, 3), action_spec=spec, episodes_per_shard=1)
-    big = {"frames": rng.integers(0, 256, (400, 64, 64, 3), dtype=np.uint8), "actions": np.zeros(399, np.int64)}
+    big = {
+        "frames": rng.integers(0, 256, (400, 64, 64, 3), dtype=np.uint8),
+        "actions": np.zeros(399, np.int64),
+    }
     w.add_episode(**big)  # one complete shard
     ready.set()
     while True:
@@ -148,7 +162,9 @@ def _hold_writer(root: str, ready, release) -> None:  # child process: holds the
     w.close()
 
 
-def _writer_with_a_forked_worker(root: str, ready, worker_pid) -> None:  # SIGKILLed with its worker still alive
+def _writer_with_a_forked_worker(
+    root: str, ready, worker_pid
+) -> None:  # SIGKILLed with its worker still alive
     w = StoreWriter(root, source="t", obs_shape=OBS, action_spec=ActionSpec.discrete(3))
     worker = mp.get_context("fork").Process(target=time.sleep, args=(60,), daemon=False)
     worker.start()  # as collect's AsyncVectorEnv workers: forked while the writer is open
@@ -168,7 +184,9 @@ def test_a_killed_writer_releases_the_store_even_while_its_forked_workers_live(t
         os.kill(p.pid, signal.SIGKILL)
         while p.exitcode is None:  # (not join(): the worker inherited the pipe join waits on)
             time.sleep(0.01)
-        os.kill(worker_pid.value, 0)  # the orphaned worker is still alive (it inherited the writer's descriptors)
+        os.kill(
+            worker_pid.value, 0
+        )  # the orphaned worker is still alive (it inherited the writer's descriptors)
         # ... and yet the store is free at once: a resumed run is not refused in the name of a dead writer
         StoreWriter(tmp_path, source="t", obs_shape=OBS, action_spec=ActionSpec.discrete(3)).close()
     finally:
@@ -225,11 +243,14 @@ def test_append_with_other_metadata_names_the_keys_unless_merged(tmp_path):
     with StoreWriter(tmp_path, source="ucf101", obs_shape=OBS, action_spec=spec, fps=25.0, extra=ucf) as w:
         w.add_episode(**_episode(rng, 4, spec))
     before = (tmp_path / "store.json").read_text()
-    cases = [({"source": "tgif"}, ["source"]), ({"fps": 10.0}, ["fps"]),
-             ({"extra": {**ucf, "fold": 2}}, ["extra.fold"]),
-             ({"extra": {**ucf, "class_names": ["A", "C"]}}, ["extra.class_names"]),
-             ({"extra": {**ucf, "env_kwargs": {"frame_skip": "2"}}}, ["extra.env_kwargs.frame_skip"]),
-             ({"extra": {**ucf, "resolution": 64}}, ["extra.resolution"])]
+    cases = [
+        ({"source": "tgif"}, ["source"]),
+        ({"fps": 10.0}, ["fps"]),
+        ({"extra": {**ucf, "fold": 2}}, ["extra.fold"]),
+        ({"extra": {**ucf, "class_names": ["A", "C"]}}, ["extra.class_names"]),
+        ({"extra": {**ucf, "env_kwargs": {"frame_skip": "2"}}}, ["extra.env_kwargs.frame_skip"]),
+        ({"extra": {**ucf, "resolution": 64}}, ["extra.resolution"]),
+    ]
     for change, keys in cases:
         kw = {"source": "ucf101", "fps": 25.0, "extra": ucf, **change}
         with pytest.raises(StoreError, match="merge") as e:
@@ -238,16 +259,31 @@ def test_append_with_other_metadata_names_the_keys_unless_merged(tmp_path):
             assert f"{k}: store has" in str(e.value)
         assert (tmp_path / "store.json").read_text() == before  # nothing rewritten
     # the same settings (tuples vs JSON lists, keys the store has and the caller omits) append fine
-    with StoreWriter(tmp_path, source="ucf101", obs_shape=OBS, action_spec=spec, fps=25.0,
-                     extra={"fold": 1, "class_names": ("A", "B")}) as w:
+    with StoreWriter(
+        tmp_path,
+        source="ucf101",
+        obs_shape=OBS,
+        action_spec=spec,
+        fps=25.0,
+        extra={"fold": 1, "class_names": ("A", "B")},
+    ) as w:
         w.add_episode(**_episode(rng, 4, spec))
-    with StoreWriter(tmp_path, source="tgif", obs_shape=OBS, action_spec=spec, fps=10.0,
-                     extra={"dataset": "TGIF-v1.0"}, merge=True) as w:
+    with StoreWriter(
+        tmp_path,
+        source="tgif",
+        obs_shape=OBS,
+        action_spec=spec,
+        fps=10.0,
+        extra={"dataset": "TGIF-v1.0"},
+        merge=True,
+    ) as w:
         w.add_episode(**_episode(rng, 4, spec))
     store = EpisodeStore(tmp_path)
     assert len(store) == 3 and store.meta.source == "ucf101" and store.meta.fps == 25.0
     assert store.meta.extra["fold"] == 1 and store.meta.extra["dataset"] == "UCF-101"
-    assert store.meta.extra["appended_with"] == [{"source": "tgif", "fps": 10.0, "extra.dataset": "TGIF-v1.0"}]
+    assert store.meta.extra["appended_with"] == [
+        {"source": "tgif", "fps": 10.0, "extra.dataset": "TGIF-v1.0"}
+    ]
 
 
 def test_files_get_the_users_umask(tmp_path):
@@ -262,8 +298,15 @@ def test_files_get_the_users_umask(tmp_path):
 
 def _make_store(root, n_eps=4, T=10, per_shard=2, spec=SPECS["discrete"]) -> list[str]:
     rng = np.random.default_rng(3)
-    with StoreWriter(root, source="t", obs_shape=OBS, action_spec=spec, episodes_per_shard=per_shard,
-                     val_fraction=0, test_fraction=0) as w:
+    with StoreWriter(
+        root,
+        source="t",
+        obs_shape=OBS,
+        action_spec=spec,
+        episodes_per_shard=per_shard,
+        val_fraction=0,
+        test_fraction=0,
+    ) as w:
         return [w.add_episode(**_episode(rng, T, spec)) for _ in range(n_eps)]
 
 
@@ -296,7 +339,9 @@ def test_clip_windows_respect_episode_boundaries(tmp_path):
     rng = np.random.default_rng(4)
     spec = SPECS["discrete"]
     lengths = [3, 7, 12, 5]
-    with StoreWriter(tmp_path, source="t", obs_shape=OBS, action_spec=spec, val_fraction=0, test_fraction=0) as w:
+    with StoreWriter(
+        tmp_path, source="t", obs_shape=OBS, action_spec=spec, val_fraction=0, test_fraction=0
+    ) as w:
         for i, T in enumerate(lengths):
             e = _episode(rng, T, spec)
             e["frames"][:] = i  # every frame of episode i has value i: a crossing clip would mix values
@@ -308,13 +353,17 @@ def test_clip_windows_respect_episode_boundaries(tmp_path):
     for k in range(len(ds)):
         item = ds[k]
         assert item["frames"].shape == (5, *OBS) and item["frames"].dtype == torch.uint8
-        assert item["actions"].shape == (4,) and item["rewards"].shape == (4,) and item["terminated"].dtype == torch.bool
+        assert (
+            item["actions"].shape == (4,)
+            and item["rewards"].shape == (4,)
+            and item["terminated"].dtype == torch.bool
+        )
         vals = item["frames"].unique()
         assert len(vals) == 1 and (item["actions"] == int(vals) % spec.n).all()
     # Window content equals the stored episode slice.
     eid, start = ds.locate(5)
     ep = ds.store.load(eid)
-    np.testing.assert_array_equal(ds[5]["rewards"].numpy(), ep.rewards[start:start + 4])
+    np.testing.assert_array_equal(ds[5]["rewards"].numpy(), ep.rewards[start : start + 4])
     with pytest.raises(ValueError, match="clip_len=13 is longer than every episode"):
         ClipDataset(tmp_path, clip_len=13)
     assert len(ClipDataset(tmp_path, clip_len=5, stride=5)) == 1 + 2 + 1
@@ -336,8 +385,15 @@ def test_action_free_clips_and_splits(tmp_path):
 def test_hash_split_is_deterministic_and_roughly_proportional(tmp_path):
     spec = SPECS["none"]
     frames = np.zeros((1, *OBS), np.uint8)
-    with StoreWriter(tmp_path, source="t", obs_shape=OBS, action_spec=spec, episodes_per_shard=1000,
-                     val_fraction=0.1, test_fraction=0.1) as w:
+    with StoreWriter(
+        tmp_path,
+        source="t",
+        obs_shape=OBS,
+        action_spec=spec,
+        episodes_per_shard=1000,
+        val_fraction=0.1,
+        test_fraction=0.1,
+    ) as w:
         for _ in range(1000):
             w.add_episode(frames)
     store = EpisodeStore(tmp_path)
@@ -364,8 +420,15 @@ def test_seeded_sampler_resume_and_ranks():
 def test_flipped_bytes_in_a_frame_chunk_fail_naming_shard_and_episode(tmp_path):
     spec = SPECS["discrete"]
     rng = np.random.default_rng(5)
-    with StoreWriter(tmp_path, source="t", obs_shape=OBS, action_spec=spec, episodes_per_shard=2,
-                     val_fraction=0, test_fraction=0) as w:
+    with StoreWriter(
+        tmp_path,
+        source="t",
+        obs_shape=OBS,
+        action_spec=spec,
+        episodes_per_shard=2,
+        val_fraction=0,
+        test_fraction=0,
+    ) as w:
         ids = [w.add_episode(**_episode(rng, 6, spec)) for _ in range(2)]
     shard = tmp_path / "shard-00000.h5"
     with h5py.File(shard, "r") as f:
@@ -409,7 +472,9 @@ def test_index_is_appended_per_shard_and_folded_into_store_json_at_close_or_next
     ids = [w.add_episode(**_episode(rng, 5, spec)) for _ in range(3)]
     assert (tmp_path / "store.json").read_text() == opened, "store.json is not rewritten per shard"
     lines = [json.loads(line) for line in (tmp_path / "index.jsonl").read_text().splitlines()]
-    assert [(d["shard"], list(d["episodes"])) for d in lines] == [(f"shard-0000{i}.h5", [e]) for i, e in enumerate(ids)]
+    assert [(d["shard"], list(d["episodes"])) for d in lines] == [
+        (f"shard-0000{i}.h5", [e]) for i, e in enumerate(ids)
+    ]
     # a writer killed now (no close): a torn last line is ignored, a journaled shard that vanishes is noticed
     with open(tmp_path / "index.jsonl", "a") as fh:
         fh.write('{"shard": "shard-000')

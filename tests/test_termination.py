@@ -30,8 +30,19 @@ from worldmodel.training_data import ClipDataset, SeededSampler
 
 L = 4  # prior window (frames)
 SIGNAL = 0  # a frame made of SIGNAL tokens may end the episode (the heads read the frame's last token)
-CFG = PriorConfig(n_layer=1, n_head=2, n_embd=32, dropout=0.0, attn_dropout=0.0, vocab_size=4, frames=L,
-                  tokens_h=2, tokens_w=2, action_kind="discrete", n_actions=2)
+CFG = PriorConfig(
+    n_layer=1,
+    n_head=2,
+    n_embd=32,
+    dropout=0.0,
+    attn_dropout=0.0,
+    vocab_size=4,
+    frames=L,
+    tokens_h=2,
+    tokens_w=2,
+    action_kind="discrete",
+    n_actions=2,
+)
 
 
 class TokenEpisodes:
@@ -50,8 +61,12 @@ class TokenEpisodes:
 
     def read_clip(self, eid: str, start: int, length: int) -> dict[str, np.ndarray]:
         ep, s, e = self.eps[eid], start, start + length
-        return {"tokens": ep["tokens"][s:e], "actions": ep["actions"][s: e - 1], "rewards": ep["rewards"][s: e - 1],
-                "terminated": ep["terminated"][s: e - 1]}
+        return {
+            "tokens": ep["tokens"][s:e],
+            "actions": ep["actions"][s : e - 1],
+            "rewards": ep["rewards"][s : e - 1],
+            "terminated": ep["terminated"][s : e - 1],
+        }
 
 
 def episode(rng: np.random.Generator, T: int, p_signal: float, p_end: float) -> dict[str, np.ndarray]:
@@ -68,8 +83,12 @@ def episode(rng: np.random.Generator, T: int, p_signal: float, p_end: float) -> 
                 break
     term = np.zeros(T - 1, bool)
     term[-1] = ends
-    return {"tokens": tokens.astype(np.int64), "actions": rng.integers(0, 2, T - 1), "terminated": term,
-            "rewards": np.where(term, -10.0, 1.0).astype(np.float32)}
+    return {
+        "tokens": tokens.astype(np.int64),
+        "actions": rng.integers(0, 2, T - 1),
+        "terminated": term,
+        "rewards": np.where(term, -10.0, 1.0).astype(np.float32),
+    }
 
 
 def train(cfg: PriorConfig, data: Dataset, steps: int, seed: int = 0) -> Prior:
@@ -89,8 +108,8 @@ def train(cfg: PriorConfig, data: Dataset, steps: int, seed: int = 0) -> Prior:
 def term_prob_at(model: Prior, ep: dict[str, np.ndarray], t: int, pos: int) -> float:
     """p(terminated) of transition t -> t+1 read at window position ``pos`` (window starts at t+1-pos)."""
     s = t + 1 - pos
-    tok = torch.as_tensor(ep["tokens"][s: t + 2])[None]
-    act = torch.as_tensor(ep["actions"][s: t + 1])[None]
+    tok = torch.as_tensor(ep["tokens"][s : t + 2])[None]
+    act = torch.as_tensor(ep["actions"][s : t + 1])[None]
     return torch.sigmoid(model(tok, act).term_logit[0, -1]).item()
 
 
@@ -100,8 +119,14 @@ class NoisySignalWindows(Dataset):
     ``hazard`` (label noise: the frames alone cannot tell which SIGNAL transitions end). Rewards are 0, or
     ``rewards = (step, terminal)``: ``terminal`` on terminated transitions and ``step`` on the others."""
 
-    def __init__(self, n: int, hazard: float, seed: int, p_signal: float = 0.5,
-                 rewards: tuple[float, float] | None = None) -> None:
+    def __init__(
+        self,
+        n: int,
+        hazard: float,
+        seed: int,
+        p_signal: float = 0.5,
+        rewards: tuple[float, float] | None = None,
+    ) -> None:
         rng = np.random.default_rng(seed)
         self.tokens = rng.integers(1, 4, (n, L, 2, 2))
         self.signal = rng.random((n, L - 1)) < p_signal
@@ -115,8 +140,12 @@ class NoisySignalWindows(Dataset):
         return len(self.tokens)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"tokens": torch.as_tensor(self.tokens[i]), "actions": torch.as_tensor(self.actions[i]),
-                "terminated": torch.as_tensor(self.terminated[i]), "rewards": torch.as_tensor(self.rewards[i])}
+        return {
+            "tokens": torch.as_tensor(self.tokens[i]),
+            "actions": torch.as_tensor(self.actions[i]),
+            "terminated": torch.as_tensor(self.terminated[i]),
+            "rewards": torch.as_tensor(self.rewards[i]),
+        }
 
 
 def test_pos_weight_lifts_recall_where_plain_bce_stays_below_half(one_thread):
@@ -151,12 +180,17 @@ def test_end_padding_teaches_termination_at_every_window_position(one_thread):
     src = TokenEpisodes(eps)
     rng_held = np.random.default_rng(3)
     held = [episode(rng_held, 20, 0.1, 0.5) for _ in range(60)]
-    terminal = [(ep, len(ep["terminated"]) - 1) for ep in held if ep["terminated"][-1] and len(ep["terminated"]) >= L]
+    terminal = [
+        (ep, len(ep["terminated"]) - 1) for ep in held if ep["terminated"][-1] and len(ep["terminated"]) >= L
+    ]
     assert len(terminal) >= 20
     plain = train(CFG, ClipDataset(src, split=None, clip_len=L), steps=300)
     padded = train(CFG, EndPaddedClips(src, "train", L), steps=300)
-    p = {(name, pos): np.mean([term_prob_at(m, ep, t, pos) for ep, t in terminal])
-         for name, m in (("plain", plain), ("padded", padded)) for pos in (1, L - 1)}
+    p = {
+        (name, pos): np.mean([term_prob_at(m, ep, t, pos) for ep, t in terminal])
+        for name, m in (("plain", plain), ("padded", padded))
+        for pos in (1, L - 1)
+    }
     assert p["plain", L - 1] > 0.3 and p["plain", 1] < 0.05, p  # the position artefact
     assert p["padded", 1] > 0.3 and abs(p["padded", 1] - p["padded", L - 1]) < 0.15, p  # gone
 
@@ -177,7 +211,7 @@ def test_end_padded_clips_put_each_last_transition_on_every_position(hgs_store):
         ep = store.read_clip(eid, start, n)
         np.testing.assert_array_equal(item["frames"][:n].numpy(), ep["frames"])
         np.testing.assert_array_equal(item["rewards"][: n - 1].numpy(), ep["rewards"])
-        assert not item["terminated"][n - 1:].any() and not item["rewards"][n - 1:].any()
+        assert not item["terminated"][n - 1 :].any() and not item["rewards"][n - 1 :].any()
         assert (item["frames"][n:] == item["frames"][n - 1]).all()  # padding repeats the last real frame
         if start + n == T:  # holds the episode's last transition, at position n-1
             positions.setdefault(eid, []).append(n - 1)
@@ -193,15 +227,19 @@ def test_valid_mask_ignores_padding_frames_entirely():
     g = torch.Generator().manual_seed(1)
     n = 3  # real frames; the 4th is padding
     tok = torch.randint(0, 4, (5, L, 2, 2), generator=g)
-    batch = {"tokens": tok, "actions": torch.randint(0, 2, (5, L - 1), generator=g),
-             "rewards": torch.randn(5, L - 1, generator=g), "terminated": torch.rand(5, L - 1, generator=g) < 0.3}
+    batch = {
+        "tokens": tok,
+        "actions": torch.randint(0, 2, (5, L - 1), generator=g),
+        "rewards": torch.randn(5, L - 1, generator=g),
+        "terminated": torch.rand(5, L - 1, generator=g) < 0.3,
+    }
     short = {k: v[:, :n] if k == "tokens" else v[:, : n - 1] for k, v in batch.items()}
     ref_loss, ref = model.compute_loss(short)
     for fill in range(2):  # whatever the padding holds
         padded = {k: v.clone() for k, v in batch.items()}
         padded["tokens"][:, n:] = fill
-        padded["rewards"][:, n - 1:] = 1000.0 * fill
-        padded["terminated"][:, n - 1:] = bool(fill)
+        padded["rewards"][:, n - 1 :] = 1000.0 * fill
+        padded["terminated"][:, n - 1 :] = bool(fill)
         padded["valid"] = torch.arange(L).expand(5, L) < n
         loss, m = model.compute_loss(padded)
         assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
@@ -214,9 +252,14 @@ def test_valid_mask_ignores_padding_frames_entirely():
     weighted = Prior(PriorConfig(**{**CFG.__dict__, "termination_pos_weight": 3.0}))
     weighted.load_state_dict(model.state_dict())
     assert weighted.eval().compute_loss(short)[1]["termination_loss"] == pytest.approx(
-        (bce * (1 + 2 * d)).mean().item(), rel=1e-5)
+        (bce * (1 + 2 * d)).mean().item(), rel=1e-5
+    )
     assert ref["reward_loss"] == pytest.approx(
-        ((model(short["tokens"], short["actions"]).reward[:, 1:] - symlog(short["rewards"])) ** 2).mean().item(), rel=1e-5)
+        ((model(short["tokens"], short["actions"]).reward[:, 1:] - symlog(short["rewards"])) ** 2)
+        .mean()
+        .item(),
+        rel=1e-5,
+    )
 
 
 def test_termination_only_windows_train_the_termination_head_alone():
@@ -225,13 +268,24 @@ def test_termination_only_windows_train_the_termination_head_alone():
     for head in (model.head, model.term_head[-1]):
         torch.nn.init.normal_(head.weight, std=0.5)
     g = torch.Generator().manual_seed(2)
-    batch = {"tokens": torch.randint(0, 4, (4, L, 2, 2), generator=g), "actions": torch.randint(0, 2, (4, L - 1), generator=g),
-             "rewards": torch.randn(4, L - 1, generator=g), "terminated": torch.rand(4, L - 1, generator=g) < 0.5,
-             "valid": torch.ones(4, L, dtype=torch.bool), "termination_only": torch.tensor([False, False, True, True])}
+    batch = {
+        "tokens": torch.randint(0, 4, (4, L, 2, 2), generator=g),
+        "actions": torch.randint(0, 2, (4, L - 1), generator=g),
+        "rewards": torch.randn(4, L - 1, generator=g),
+        "terminated": torch.rand(4, L - 1, generator=g) < 0.5,
+        "valid": torch.ones(4, L, dtype=torch.bool),
+        "termination_only": torch.tensor([False, False, True, True]),
+    }
     inside = {k: v[:2] for k, v in batch.items()}
     _, m_all = model.compute_loss(batch)
     _, m_in = model.compute_loss(inside)
-    for k in ("nats_per_token", "nats_with_history", "nats_first_frame", "reward_loss", "reward_mae"):  # inside only
+    for k in (
+        "nats_per_token",
+        "nats_with_history",
+        "nats_first_frame",
+        "reward_loss",
+        "reward_mae",
+    ):  # inside only
         assert m_all[k] == pytest.approx(m_in[k], rel=1e-5), k
     logit = model(batch["tokens"], batch["actions"]).term_logit[:, 1:]
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logit, batch["terminated"].float())
@@ -247,9 +301,16 @@ def test_end_padded_clips_mark_padded_windows_termination_only(hgs_store):
         assert not bool(ds[0]["termination_only"]) and bool(ds[n_in]["termination_only"]) is flag
 
 
-@pytest.mark.parametrize("field,value", [("termination_pos_weight", 0.0), ("termination_pos_weight", float("nan")),
-                                         ("termination_pos_weight", -1.0), ("reward_weight", -0.5),
-                                         ("termination_weight", float("nan"))])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("termination_pos_weight", 0.0),
+        ("termination_pos_weight", float("nan")),
+        ("termination_pos_weight", -1.0),
+        ("reward_weight", -0.5),
+        ("termination_weight", float("nan")),
+    ],
+)
 def test_head_loss_settings_are_validated(field, value):
     with pytest.raises(ValueError, match=field):
         PriorConfig(**{field: value})
@@ -324,12 +385,16 @@ def test_split_reward_head_learns_the_rare_terminal_reward(one_thread):
         assert model.reward_head[-1].out_features == (2 if split else 1)
         with torch.no_grad():
             out = model(tok, act)
-            _, m = model.compute_loss({"tokens": tok, "actions": act, "terminated": d,
-                                       "rewards": torch.as_tensor(held.rewards)})
+            _, m = model.compute_loss(
+                {"tokens": tok, "actions": act, "terminated": d, "rewards": torch.as_tensor(held.rewards)}
+            )
         r_cont, r_term = symexp(out.reward[:, 1:]), symexp(out.reward_if_terminated[:, 1:])  # (256, L-1)
-        got[split] = {"mae_terminal": (r_term[d] + 100).abs().mean().item(),
-                      "cont_nonterminal": r_cont[~d].mean().item(),
-                      "cont_signal_nonterminal": r_cont[signal & ~d].mean().item(), "metrics": m}
+        got[split] = {
+            "mae_terminal": (r_term[d] + 100).abs().mean().item(),
+            "cont_nonterminal": r_cont[~d].mean().item(),
+            "cont_signal_nonterminal": r_cont[signal & ~d].mean().item(),
+            "metrics": m,
+        }
     on, off = got[True], got[False]
     assert on["mae_terminal"] < 10.0, got  # within 10 of -100 on every terminal transition, on average
     assert abs(on["cont_nonterminal"] - 4.0) < 0.5 and abs(on["cont_signal_nonterminal"] - 4.0) < 0.5, got
@@ -346,15 +411,21 @@ def test_split_reward_loss_scores_each_output_on_its_own_transitions():
         torch.nn.init.normal_(head.weight, std=0.5)
     g = torch.Generator().manual_seed(3)
     B = 6
-    batch = {"tokens": torch.randint(0, 4, (B, L, 2, 2), generator=g), "actions": torch.randint(0, 2, (B, L - 1), generator=g),
-             "rewards": 10 * torch.randn(B, L - 1, generator=g), "terminated": torch.rand(B, L - 1, generator=g) < 0.3,
-             "valid": torch.arange(L).expand(B, L) < torch.tensor([L, L, L, 3, 3, 2])[:, None],
-             "termination_only": torch.tensor([False, False, False, False, True, True])}
+    batch = {
+        "tokens": torch.randint(0, 4, (B, L, 2, 2), generator=g),
+        "actions": torch.randint(0, 2, (B, L - 1), generator=g),
+        "rewards": 10 * torch.randn(B, L - 1, generator=g),
+        "terminated": torch.rand(B, L - 1, generator=g) < 0.3,
+        "valid": torch.arange(L).expand(B, L) < torch.tensor([L, L, L, 3, 3, 2])[:, None],
+        "termination_only": torch.tensor([False, False, False, False, True, True]),
+    }
     loss, m = model.compute_loss(batch)
     with torch.no_grad():
         out = model(batch["tokens"], batch["actions"])
     rc, rt, r, d = out.reward[:, 1:], out.reward_if_terminated[:, 1:], batch["rewards"], batch["terminated"]
-    scored = batch["valid"][:, 1:] & ~batch["termination_only"][:, None]  # as the one-output loss scores rewards
+    scored = (
+        batch["valid"][:, 1:] & ~batch["termination_only"][:, None]
+    )  # as the one-output loss scores rewards
     assert (scored & d).sum() >= 2 and (scored & ~d).sum() >= 2 and (~scored & d).any()
     loss_c = ((rc - symlog(r)) ** 2)[scored & ~d].mean()
     loss_t = ((rt - symlog(r)) ** 2)[scored & d].mean()
@@ -362,15 +433,22 @@ def test_split_reward_loss_scores_each_output_on_its_own_transitions():
     assert m["reward_loss_terminal"] == pytest.approx(loss_t.item(), rel=1e-5)
     matching = symexp(torch.where(d, rt, rc))
     assert m["reward_mae"] == pytest.approx((matching - r).abs()[scored].mean().item(), rel=1e-5)
-    assert m["reward_mae_terminal"] == pytest.approx((symexp(rt) - r).abs()[scored & d].mean().item(), rel=1e-5)
+    assert m["reward_mae_terminal"] == pytest.approx(
+        (symexp(rt) - r).abs()[scored & d].mean().item(), rel=1e-5
+    )
 
     # no scored terminal transition (none at all, or only in termination-only windows): the terminal
     # output's loss is 0 (not NaN) and it gets no gradient
-    for name, term in (("none", torch.zeros_like(d)), ("termination_only", d & batch["termination_only"][:, None])):
+    for name, term in (
+        ("none", torch.zeros_like(d)),
+        ("termination_only", d & batch["termination_only"][:, None]),
+    ):
         model.zero_grad()
         loss, m = model.compute_loss({**batch, "terminated": term})
         loss.backward()
-        assert torch.isfinite(loss) and m["reward_loss_terminal"] == 0.0 and "reward_mae_terminal" not in m, name
+        assert torch.isfinite(loss) and m["reward_loss_terminal"] == 0.0 and "reward_mae_terminal" not in m, (
+            name
+        )
         w, b = model.reward_head[-1].weight.grad, model.reward_head[-1].bias.grad
         assert not w[1].any() and b[1] == 0 and w[0].abs().sum() > 0, name
     with pytest.raises(ValueError, match="terminated"):
@@ -387,9 +465,13 @@ def test_bundle_saved_before_the_split_loads_with_one_reward_output(hgs_store, t
     (old / CONFIG_JSON).write_text(json.dumps(conf))
     cfg = tiny_experiment(hgs_store)
     new = make_bundle(replace(cfg, prior=replace(cfg.prior, reward_given_termination=True)), tmp_path / "new")
-    assert json.loads((new / CONFIG_JSON).read_text())["experiment"]["prior"]["reward_given_termination"] is True
+    assert (
+        json.loads((new / CONFIG_JSON).read_text())["experiment"]["prior"]["reward_given_termination"] is True
+    )
     store = EpisodeStore(hgs_store)
-    frames = np.stack([store.read_clip(e, 0, 1)["frames"] for e in store.episode_ids()[:2]])  # (2, 1, H, W, 3)
+    frames = np.stack(
+        [store.read_clip(e, 0, 1)["frames"] for e in store.episode_ids()[:2]]
+    )  # (2, 1, H, W, 3)
     for path, n_out in ((old, 1), (new, 2)):
         wm = WorldModel.from_pretrained(path)
         assert wm.cfg.prior.reward_given_termination is (n_out == 2)
@@ -400,12 +482,16 @@ def test_bundle_saved_before_the_split_loads_with_one_reward_output(hgs_store, t
         ro.reset(frames)
         for _ in range(3):
             step = ro.step(np.array([0, 3]), generator=torch.Generator().manual_seed(0))
-            assert step.rewards.shape == step.rewards_if_terminated.shape == (2,) and np.isfinite(step.rewards).all()
+            assert (
+                step.rewards.shape == step.rewards_if_terminated.shape == (2,)
+                and np.isfinite(step.rewards).all()
+            )
             if n_out == 1:
                 np.testing.assert_array_equal(step.rewards_if_terminated, step.rewards)
                 np.testing.assert_array_equal(step.expected_rewards, step.rewards)
             else:
                 assert (step.rewards_if_terminated < step.rewards).all()
                 p = step.terminated_prob
-                np.testing.assert_allclose(step.expected_rewards, p * step.rewards_if_terminated + (1 - p) * step.rewards,
-                                           rtol=1e-6)
+                np.testing.assert_allclose(
+                    step.expected_rewards, p * step.rewards_if_terminated + (1 - p) * step.rewards, rtol=1e-6
+                )

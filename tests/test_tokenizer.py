@@ -16,8 +16,16 @@ from worldmodel.codebook import Codebook
 from worldmodel.config import TokenizerConfig
 from worldmodel.tokenizer import VQVAE
 
-TINY = TokenizerConfig(resolution=16, stride=(1, 4, 4), channels=16, n_res_layers=1, n_heads=2, codebook_size=32,
-                       embedding_dim=8, max_frames=8)
+TINY = TokenizerConfig(
+    resolution=16,
+    stride=(1, 4, 4),
+    channels=16,
+    n_res_layers=1,
+    n_heads=2,
+    codebook_size=32,
+    embedding_dim=8,
+    max_frames=8,
+)
 
 
 def frames(B=2, T=4, R=16, seed=0) -> torch.Tensor:
@@ -25,8 +33,9 @@ def frames(B=2, T=4, R=16, seed=0) -> torch.Tensor:
     return torch.randint(0, 256, (B, T, R, R, 3), generator=g, dtype=torch.uint8)
 
 
-@pytest.mark.parametrize("stride,res,T", [((1, 8, 8), 64, 4), ((2, 2, 2), 16, 8), ((1, 4, 4), 16, 4),
-                                          ((4, 2, 2), 16, 8)])
+@pytest.mark.parametrize(
+    "stride,res,T", [((1, 8, 8), 64, 4), ((2, 2, 2), 16, 8), ((1, 4, 4), 16, 4), ((4, 2, 2), 16, 8)]
+)
 @pytest.mark.parametrize("causal", [True, False])
 def test_shapes(stride, res, T, causal):
     m = VQVAE(replace(TINY, stride=stride, resolution=res, causal_time=causal))
@@ -36,7 +45,9 @@ def test_shapes(stride, res, T, causal):
     assert m.decode(tok).shape == x.shape and m.decode(tok).dtype == torch.uint8
     loss, metrics = m.compute_loss({"frames": x})
     loss.backward()
-    assert loss.ndim == 0 and {"recon_loss", "commitment", "perplexity", "codebook_usage", "psnr"} <= set(metrics)
+    assert loss.ndim == 0 and {"recon_loss", "commitment", "perplexity", "codebook_usage", "psnr"} <= set(
+        metrics
+    )
 
 
 @pytest.mark.parametrize("stride", [(1, 4, 4), (2, 2, 2)])
@@ -157,7 +168,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    torch.save({k: v.clone() for k, v in m.codebook.state_dict().items()}, os.path.join(out_dir, f"cb{rank}.pt"))
+    torch.save(
+        {k: v.clone() for k, v in m.codebook.state_dict().items()}, os.path.join(out_dir, f"cb{rank}.pt")
+    )
     dist.destroy_process_group()
 
 

@@ -15,8 +15,18 @@ from worldmodel.discriminator import Adversary, PatchDiscriminator, adaptive_wei
 from worldmodel.perceptual import RandomFeatures
 from worldmodel.tokenizer import VQVAE
 
-TINY = TokenizerConfig(resolution=16, stride=(1, 4, 4), channels=16, n_res_layers=1, n_heads=2, codebook_size=32,
-                       embedding_dim=8, max_frames=8, disc_channels=8, disc_layers=2)
+TINY = TokenizerConfig(
+    resolution=16,
+    stride=(1, 4, 4),
+    channels=16,
+    n_res_layers=1,
+    n_heads=2,
+    codebook_size=32,
+    embedding_dim=8,
+    max_frames=8,
+    disc_channels=8,
+    disc_layers=2,
+)
 
 
 def scenes(B: int = 2, T: int = 4, R: int = 16, seed: int = 0) -> torch.Tensor:
@@ -28,7 +38,7 @@ def scenes(B: int = 2, T: int = 4, R: int = 16, seed: int = 0) -> torch.Tensor:
             y0, x0 = (int(v) for v in torch.randint(0, R - 2 - T, (2,), generator=g))
             color = torch.randint(150, 256, (3,), generator=g, dtype=torch.uint8)
             for t in range(T):
-                x[b, t, y0:y0 + 2, x0 + t:x0 + t + 2] = color
+                x[b, t, y0 : y0 + 2, x0 + t : x0 + t + 2] = color
     return x
 
 
@@ -99,9 +109,17 @@ def test_hard_pixel_term_is_the_mean_of_the_worst_pixels_and_pulls_on_them():
         TokenizerConfig(hard_pixel_weight=-1.0)
 
 
-@pytest.mark.parametrize("kw", [{}, {"recon_loss": "l1"}, {"recon_loss": "l1+mse"}, {"perceptual_weight": 0.2},
-                                {"adv_weight": 0.1, "adv_start_step": 10},
-                                {"hard_pixel_weight": 0.1}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"recon_loss": "l1"},
+        {"recon_loss": "l1+mse"},
+        {"perceptual_weight": 0.2},
+        {"adv_weight": 0.1, "adv_start_step": 10},
+        {"hard_pixel_weight": 0.1},
+    ],
+)
 def test_each_objective_trains(kw):
     torch.manual_seed(0)
     m = VQVAE(replace(TINY, **kw))
@@ -129,7 +147,9 @@ def test_perceptual_features_are_fixed_and_weigh_small_objects():
     torch.manual_seed(0)
     pf = RandomFeatures()
     assert torch.equal(torch.rand(3), before)  # building it does not move the global RNG
-    assert all(torch.equal(a, b) for a, b in zip(pf.state_dict().values(), RandomFeatures().state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(pf.state_dict().values(), RandomFeatures().state_dict().values())
+    )
     assert not list(pf.parameters())  # buffers: never trained, never in the optimizer
     x = VQVAE.to_float(scenes())
     assert float(pf(x, x)) == 0.0
@@ -187,16 +207,16 @@ def test_adversary_warm_up_and_adaptive_weight():
     w = torch.randn(4, requires_grad=True)
     fake = blur(real) + (w.sum() * 0.01)
     for _ in range(2):
-        loss, metrics = adv(real, fake, (w ** 2).sum(), w)
+        loss, metrics = adv(real, fake, (w**2).sum(), w)
         loss.backward(retain_graph=True)
         assert metrics == {"adv_active": 0.0} and float(loss) == 0.0
         assert all(p.grad is not None and not p.grad.any() for p in adv.parameters())  # touched, zero
     assert int(adv.steps) == 2 and "steps" in dict(adv.named_buffers())
-    loss, metrics = adv(real, fake, (w ** 2).sum(), w)
+    loss, metrics = adv(real, fake, (w**2).sum(), w)
     assert metrics["adv_active"] == 1.0 and int(adv.steps) == 3
     # lambda = |grad rec| / |grad adv| at the last layer: doubling the reconstruction loss doubles it
     g = -adv.logits(fake, detach_weights=True).mean()
-    lam1, lam2 = adaptive_weight((w ** 2).sum(), g, w), adaptive_weight(2 * (w ** 2).sum(), g, w)
+    lam1, lam2 = adaptive_weight((w**2).sum(), g, w), adaptive_weight(2 * (w**2).sum(), g, w)
     assert float(lam2) == pytest.approx(2 * float(lam1), rel=1e-4) and float(lam1) > 0
     adv.eval()  # validation: scores only, no step, nothing added
     with torch.no_grad():
@@ -221,11 +241,24 @@ def test_tokenizer_stage_with_discriminator_resumes_exactly_and_loads_as_a_bundl
     from worldmodel.stages import load_tokenizer, train_tokenizer
 
     cfg = tiny_experiment(hgs_store, steps=6)
-    cfg = replace(cfg, tokenizer=replace(cfg.tokenizer, recon_loss="l1+mse", perceptual_weight=0.5, adv_weight=0.2,
-                                         adv_start_step=3, disc_channels=8, disc_layers=2))
+    cfg = replace(
+        cfg,
+        tokenizer=replace(
+            cfg.tokenizer,
+            recon_loss="l1+mse",
+            perceptual_weight=0.5,
+            adv_weight=0.2,
+            adv_start_step=3,
+            disc_channels=8,
+            disc_layers=2,
+        ),
+    )
     full = train_tokenizer(cfg, tmp_path / "a", progress=False)
-    part = train_tokenizer(replace(cfg, tokenizer_train=replace(cfg.tokenizer_train, max_minutes=1e-9)),
-                           tmp_path / "b", progress=False)
+    part = train_tokenizer(
+        replace(cfg, tokenizer_train=replace(cfg.tokenizer_train, max_minutes=1e-9)),
+        tmp_path / "b",
+        progress=False,
+    )
     assert part.step == 1
     assert len(load_trainer_state(tmp_path / "b", "tokenizer")["optimizer"]["param_groups"]) == 4
     resumed = train_tokenizer(cfg, tmp_path / "b", progress=False)

@@ -51,7 +51,9 @@ class Kill(Exception):
 
 
 def test_resume_after_kill_gives_identical_losses(tmp_path, clips):
-    cfg = TrainConfig(steps=12, batch_size=4, lr=1e-2, warmup_steps=2, ckpt_every=5, eval_every=100, log_every=1)
+    cfg = TrainConfig(
+        steps=12, batch_size=4, lr=1e-2, warmup_steps=2, ckpt_every=5, eval_every=100, log_every=1
+    )
     torch.manual_seed(0)
     ref = ToyModel()
     fit(ref, stage="toy", run_dir=tmp_path / "a", train_set=clips, val_set=None, cfg=cfg, progress=False)
@@ -64,12 +66,22 @@ def test_resume_after_kill_gives_identical_losses(tmp_path, clips):
     torch.manual_seed(0)
     first = ToyModel()
     with pytest.raises(Kill):
-        fit(first, stage="toy", run_dir=tmp_path / "b", train_set=clips, val_set=None, cfg=cfg, progress=False,
-            on_checkpoint=kill_at_10)
+        fit(
+            first,
+            stage="toy",
+            run_dir=tmp_path / "b",
+            train_set=clips,
+            val_set=None,
+            cfg=cfg,
+            progress=False,
+            on_checkpoint=kill_at_10,
+        )
     assert first.losses == ref.losses[:10]
     torch.manual_seed(123)  # a fresh process: different init and RNG, all restored from the checkpoint
     resumed = ToyModel()
-    res = fit(resumed, stage="toy", run_dir=tmp_path / "b", train_set=clips, val_set=clips, cfg=cfg, progress=False)
+    res = fit(
+        resumed, stage="toy", run_dir=tmp_path / "b", train_set=clips, val_set=clips, cfg=cfg, progress=False
+    )
     assert res.step == 12 and "loss" in res.val_metrics
     assert resumed.losses == pytest.approx(ref.losses[10:], rel=0, abs=0)
     assert int(resumed.calls) == 12  # buffers come back with the weights
@@ -82,7 +94,11 @@ def test_resume_after_kill_gives_identical_losses(tmp_path, clips):
 def _checkpoint_files(run):
     from worldmodel.checkpoint import WEIGHTS, pending_state_path, trainer_state_path
 
-    return {"weights": run / WEIGHTS, "committed": trainer_state_path(run, "toy"), "pending": pending_state_path(run, "toy")}
+    return {
+        "weights": run / WEIGHTS,
+        "committed": trainer_state_path(run, "toy"),
+        "pending": pending_state_path(run, "toy"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +108,9 @@ def two_checkpoints(tmp_path_factory, clips):
     import shutil
 
     root = tmp_path_factory.mktemp("ckpts")
-    cfg = TrainConfig(steps=12, batch_size=4, lr=1e-2, warmup_steps=2, ckpt_every=5, eval_every=100, log_every=1)
+    cfg = TrainConfig(
+        steps=12, batch_size=4, lr=1e-2, warmup_steps=2, ckpt_every=5, eval_every=100, log_every=1
+    )
     torch.manual_seed(0)
     ref = ToyModel()
     fit(ref, stage="toy", run_dir=root / "ref", train_set=clips, val_set=None, cfg=cfg, progress=False)
@@ -101,16 +119,33 @@ def two_checkpoints(tmp_path_factory, clips):
         def hook(model, step):
             if step == n:
                 raise Kill
+
         return hook
 
     torch.manual_seed(0)
     with pytest.raises(Kill):
-        fit(ToyModel(), stage="toy", run_dir=root / "s5", train_set=clips, val_set=None, cfg=cfg, progress=False,
-            on_checkpoint=kill_at(5))
+        fit(
+            ToyModel(),
+            stage="toy",
+            run_dir=root / "s5",
+            train_set=clips,
+            val_set=None,
+            cfg=cfg,
+            progress=False,
+            on_checkpoint=kill_at(5),
+        )
     shutil.copytree(root / "s5", root / "s10")
     with pytest.raises(Kill):
-        fit(ToyModel(), stage="toy", run_dir=root / "s10", train_set=clips, val_set=None, cfg=cfg, progress=False,
-            on_checkpoint=kill_at(10))
+        fit(
+            ToyModel(),
+            stage="toy",
+            run_dir=root / "s10",
+            train_set=clips,
+            val_set=None,
+            cfg=cfg,
+            progress=False,
+            on_checkpoint=kill_at(10),
+        )
     return cfg, ref, root
 
 
@@ -139,7 +174,9 @@ def test_a_kill_inside_the_checkpoint_commit_resumes_exactly(kill, tmp_path, cli
     f = _assemble(root, tmp_path / "run", "s5" if committed_step == 5 else "s10", "s5", "s10")
     torch.manual_seed(123)
     resumed = ToyModel()
-    res = fit(resumed, stage="toy", run_dir=tmp_path / "run", train_set=clips, val_set=None, cfg=cfg, progress=False)
+    res = fit(
+        resumed, stage="toy", run_dir=tmp_path / "run", train_set=clips, val_set=None, cfg=cfg, progress=False
+    )
     assert res.step == 12
     assert resumed.losses == pytest.approx(ref.losses[committed_step:], rel=0, abs=0)
     for k, v in ref.state_dict().items():
@@ -154,14 +191,33 @@ def test_weights_that_match_no_trainer_state_are_refused_naming_the_files(tmp_pa
     cfg, _, root = two_checkpoints
     f = _assemble(root, tmp_path / "run", "s10", "s5", None)
     before = {k: p.read_bytes() for k, p in f.items() if p.exists()}
-    with pytest.raises(BundleError, match=rf"(?s){f['weights']}: the 'toy' weights .* belong to none of the trainer "
-                                          rf"states .*{f['committed']} \(step 5.*--no-resume"):
-        fit(ToyModel(), stage="toy", run_dir=tmp_path / "run", train_set=clips, val_set=None, cfg=cfg, progress=False)
+    with pytest.raises(
+        BundleError,
+        match=rf"(?s){f['weights']}: the 'toy' weights .* belong to none of the trainer "
+        rf"states .*{f['committed']} \(step 5.*--no-resume",
+    ):
+        fit(
+            ToyModel(),
+            stage="toy",
+            run_dir=tmp_path / "run",
+            train_set=clips,
+            val_set=None,
+            cfg=cfg,
+            progress=False,
+        )
     with pytest.raises(BundleError, match="belong to none"):
         load_trainer_state(tmp_path / "run", "toy")
     assert {k: p.read_bytes() for k, p in f.items() if p.exists()} == before  # nothing was changed
-    res = fit(ToyModel(), stage="toy", run_dir=tmp_path / "run", train_set=clips, val_set=None, cfg=cfg,
-              progress=False, resume=False)
+    res = fit(
+        ToyModel(),
+        stage="toy",
+        run_dir=tmp_path / "run",
+        train_set=clips,
+        val_set=None,
+        cfg=cfg,
+        progress=False,
+        resume=False,
+    )
     assert res.step == 12 and load_trainer_state(tmp_path / "run", "toy")["step"] == 12
 
 
@@ -171,37 +227,73 @@ def test_first_checkpoint_killed_before_its_commit_starts_over(tmp_path, clips, 
     (run / "trainer_state").mkdir(parents=True)
     import shutil
 
-    shutil.copy(_checkpoint_files(root / "s5")["committed"], _checkpoint_files(run)["pending"])  # no weights yet
+    shutil.copy(
+        _checkpoint_files(root / "s5")["committed"], _checkpoint_files(run)["pending"]
+    )  # no weights yet
     torch.manual_seed(0)
     again = ToyModel()
-    assert fit(again, stage="toy", run_dir=run, train_set=clips, val_set=None, cfg=cfg, progress=False).step == 12
+    assert (
+        fit(again, stage="toy", run_dir=run, train_set=clips, val_set=None, cfg=cfg, progress=False).step
+        == 12
+    )
     assert again.losses == ref.losses
 
 
 def test_checkpoint_manifest_names_the_weights(tmp_path):
     from worldmodel.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint, weights_digest
 
-    w = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor(True), "c": torch.zeros(0)}
+    w = {
+        "a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+        "b": torch.tensor(True),
+        "c": torch.zeros(0),
+    }
     save_checkpoint(tmp_path, "toy", w, {"step": 7})
     state, tensors = load_checkpoint(tmp_path, "toy")
     sha, n = weights_digest(w)
-    assert state["step"] == 7 and state["weights"] == {"file": WEIGHTS, "prefix": "toy", "sha256": sha, "bytes": 25}
+    assert state["step"] == 7 and state["weights"] == {
+        "file": WEIGHTS,
+        "prefix": "toy",
+        "sha256": sha,
+        "bytes": 25,
+    }
     assert n == 25 and all(torch.equal(tensors[k], v) for k, v in w.items())
     assert weights_digest({**w, "a": w["a"] + 1})[0] != sha and weights_digest({"x": w["a"]})[0] != sha
     assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.next.pt"))
 
 
 def test_resuming_a_checkpoint_of_another_architecture_names_the_config_change(tmp_path, clips):
-    cfg = TrainConfig(steps=4, batch_size=4, lr=1e-2, warmup_steps=1, ckpt_every=2, eval_every=100, log_every=1)
-    fit(ToyModel(), stage="toy", run_dir=tmp_path, train_set=clips, val_set=None, cfg=replace(cfg, steps=2), progress=False)
+    cfg = TrainConfig(
+        steps=4, batch_size=4, lr=1e-2, warmup_steps=1, ckpt_every=2, eval_every=100, log_every=1
+    )
+    fit(
+        ToyModel(),
+        stage="toy",
+        run_dir=tmp_path,
+        train_set=clips,
+        val_set=None,
+        cfg=replace(cfg, steps=2),
+        progress=False,
+    )
     wider = ToyModel()
     wider.net[1], wider.net[3] = nn.Linear(4 * 4 * 3, 64), nn.Linear(64, 1)  # a config change: another width
     before = {k: v.clone() for k, v in wider.state_dict().items()}
-    with pytest.raises(ValueError, match=r"(?s)'toy' checkpoint does not fit the configured model.*--no-resume.*net\.1\.weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)'toy' checkpoint does not fit the configured model.*--no-resume.*net\.1\.weight",
+    ):
         fit(wider, stage="toy", run_dir=tmp_path, train_set=clips, val_set=None, cfg=cfg, progress=False)
     # nothing of the old checkpoint was copied in (not even the tensors whose shapes match)
     assert all(torch.equal(v, before[k]) for k, v in wider.state_dict().items())
-    res = fit(wider, stage="toy", run_dir=tmp_path, train_set=clips, val_set=None, cfg=cfg, progress=False, resume=False)
+    res = fit(
+        wider,
+        stage="toy",
+        run_dir=tmp_path,
+        train_set=clips,
+        val_set=None,
+        cfg=cfg,
+        progress=False,
+        resume=False,
+    )
     assert res.step == 4
 
 
@@ -234,7 +326,9 @@ def test_reward_split_is_on_in_the_vizdoom_and_gym_presets_and_off_by_default():
             # rewards and deaths: ViZDoom and the user's own gym:<ID> envs (registered by other tests in this process)
             expected = name.startswith(("vizdoom", "gym:"))
             assert get_preset(name, scale).prior.reward_given_termination is expected, (name, scale)
-    assert get_preset("gym:ALE/Pong-v5").prior.reward_given_termination is True  # the generic preset, unregistered
+    assert (
+        get_preset("gym:ALE/Pong-v5").prior.reward_given_termination is True
+    )  # the generic preset, unregistered
     d = get_preset("vizdoom_hgs").to_dict()
     del d["prior"]["reward_given_termination"]  # a config.json from before the field
     assert ExperimentConfig.from_dict(d).prior.reward_given_termination is False
@@ -249,7 +343,10 @@ def test_validation_averages_a_metric_over_the_batches_that_report_it(clips):
 
         def compute_loss(self, batch):
             self.n += 1
-            return self.w + 1.0, {"every": float(self.n), **({"rare": 10.0 * self.n} if self.n % 2 == 0 else {})}
+            return self.w + 1.0, {
+                "every": float(self.n),
+                **({"rare": 10.0 * self.n} if self.n % 2 == 0 else {}),
+            }
 
     m = evaluate(Sparse(), clips, batch_size=2, batches=4, device=torch.device("cpu"))
     assert m == {"loss": 1.0, "every": 2.5, "rare": 30.0}  # rare: (20 + 40) / 2, not / 4

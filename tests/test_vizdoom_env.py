@@ -19,7 +19,11 @@ from envs.vizdoom import (
     packaged_battle2_path,
 )
 
-KW = {"vizdoom_hgs": {}, "vizdoom_battle2": {}, "vizdoom_take_cover": {}}  # Battle2: the map shipped with the package
+KW = {
+    "vizdoom_hgs": {},
+    "vizdoom_battle2": {},
+    "vizdoom_take_cover": {},
+}  # Battle2: the map shipped with the package
 N_ACTIONS = {"vizdoom_hgs": 5, "vizdoom_battle2": 8, "vizdoom_take_cover": 2}
 
 
@@ -29,7 +33,9 @@ def test_env_checker_passes_without_warnings(name):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            check_env(env, skip_render_check=True)  # render is checked below; the render-mode check needs a spec
+            check_env(
+                env, skip_render_check=True
+            )  # render is checked below; the render-mode check needs a spec
         ours = [w for w in caught if "envs" in str(w.filename) or "gymnasium" in str(w.filename)]
         assert not ours, [str(w.message) for w in ours]
         assert env.observation_space.shape == (64, 64, 3) and env.observation_space.dtype == np.uint8
@@ -193,14 +199,14 @@ def test_engines_starting_together_in_a_fresh_directory(tmp_path, monkeypatch):
     parent); every worker must come up and step."""
     import gymnasium as gym
 
-
     monkeypatch.chdir(tmp_path)
     for attempt in range(2):  # a fresh directory each time: the race is only on its creation
         workdir = tmp_path / f"fresh{attempt}"
         workdir.mkdir()
         monkeypatch.chdir(workdir)
-        venv = gym.vector.AsyncVectorEnv([make_real_env_fn("vizdoom_take_cover", resolution=32,
-                                                           engines_in_workers=True) for _ in range(4)])
+        venv = gym.vector.AsyncVectorEnv(
+            [make_real_env_fn("vizdoom_take_cover", resolution=32, engines_in_workers=True) for _ in range(4)]
+        )
         try:
             obs, _ = venv.reset(seed=attempt)
             obs, *_ = venv.step(np.zeros(4, dtype=np.int64))

@@ -39,20 +39,32 @@ class ToyPixelEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
 
-    def __init__(self, obs: str = "dict", action: str = "discrete", renders: bool = True,
-                 render_mode: str | None = None) -> None:
+    def __init__(
+        self,
+        obs: str = "dict",
+        action: str = "discrete",
+        renders: bool = True,
+        render_mode: str | None = None,
+    ) -> None:
         self.obs_kind, self.action_kind = obs, action
         self.metadata = {**self.metadata, "render_modes": ["rgb_array"] if renders else []}
         self.render_mode = render_mode
         image = spaces.Box(0, 255, (H, W, 3), np.uint8)
         vector = spaces.Box(-np.inf, np.inf, (2,), np.float32)
-        self.observation_space = {"dict": spaces.Dict({"screen": image, "position": vector}), "image": image,
-                                  "grey": spaces.Box(0, 255, (H, W), np.uint8), "vector": vector}[obs]
-        self.action_space = {"discrete": spaces.Discrete(3),
-                             "box": spaces.Box(np.array([-2.0, 0.0], np.float32), np.array([2.0, 1.0], np.float32)),
-                             "multibinary": spaces.MultiBinary(2), "multidiscrete": spaces.MultiDiscrete([2, 3]),
-                             "bigmb": spaces.MultiBinary(12),
-                             "free": spaces.Box(-np.inf, np.inf, (2,), np.float32)}[action]
+        self.observation_space = {
+            "dict": spaces.Dict({"screen": image, "position": vector}),
+            "image": image,
+            "grey": spaces.Box(0, 255, (H, W), np.uint8),
+            "vector": vector,
+        }[obs]
+        self.action_space = {
+            "discrete": spaces.Discrete(3),
+            "box": spaces.Box(np.array([-2.0, 0.0], np.float32), np.array([2.0, 1.0], np.float32)),
+            "multibinary": spaces.MultiBinary(2),
+            "multidiscrete": spaces.MultiDiscrete([2, 3]),
+            "bigmb": spaces.MultiBinary(12),
+            "free": spaces.Box(-np.inf, np.inf, (2,), np.float32),
+        }[action]
         self.x, self.brightness = 0.0, 1.0
         self.last_action: Any = None
 
@@ -60,14 +72,18 @@ class ToyPixelEnv(gym.Env):
         img = np.zeros((H, W, 3), np.uint8)
         img[..., 2] = 60
         x = int(np.clip(round(self.x), 0, W - 6))
-        img[9:15, x:x + 6] = int(255 * self.brightness)
+        img[9:15, x : x + 6] = int(255 * self.brightness)
         return img
 
     def _obs(self) -> Any:
         img = self._image()
         pos = np.array([self.x, self.brightness], np.float32)
-        return {"dict": {"screen": img, "position": pos}, "image": img, "grey": img[..., 0].copy(),
-                "vector": pos}[self.obs_kind]
+        return {
+            "dict": {"screen": img, "position": pos},
+            "image": img,
+            "grey": img[..., 0].copy(),
+            "vector": pos,
+        }[self.obs_kind]
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
         super().reset(seed=seed)
@@ -109,4 +125,6 @@ IDS: dict[str, dict[str, Any]] = {
 
 for _id, _kw in IDS.items():
     if _id not in gym.registry:
-        gym.register(id=_id, entry_point="tests.toy_envs:ToyPixelEnv", max_episode_steps=MAX_STEPS, kwargs=_kw)
+        gym.register(
+            id=_id, entry_point="tests.toy_envs:ToyPixelEnv", max_episode_steps=MAX_STEPS, kwargs=_kw
+        )

@@ -35,12 +35,18 @@ class AxialAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, T, H, W = x.shape
-        pattern = {2: "b c t h w -> (b h w) t c", 3: "b c t h w -> (b t w) h c", 4: "b c t h w -> (b t h) w c"}[self.axis]
+        pattern = {
+            2: "b c t h w -> (b h w) t c",
+            3: "b c t h w -> (b t w) h c",
+            4: "b c t h w -> (b t h) w c",
+        }[self.axis]
         seq = rearrange(x, pattern)  # (N, L, C): one sequence per position of the other two axes
         q, k, v = rearrange(self.qkv(seq), "n l (three nh hs) -> three n nh l hs", three=3, nh=self.n_heads)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (N, nh, L, hs)
         y = self.proj(rearrange(y, "n nh l hs -> n l (nh hs)"))
-        back = {2: "(b h w) t c -> b c t h w", 3: "(b t w) h c -> b c t h w", 4: "(b t h) w c -> b c t h w"}[self.axis]
+        back = {2: "(b h w) t c -> b c t h w", 3: "(b t w) h c -> b c t h w", 4: "(b t h) w c -> b c t h w"}[
+            self.axis
+        ]
         return rearrange(y, back, b=B, t=T, h=H, w=W)
 
 
@@ -52,7 +58,9 @@ class AxialBlock(nn.Module):
     where it sits in the window, which keeps encodings consistent under sliding windows.
     """
 
-    def __init__(self, dim: int, n_heads: int, spatial: tuple[int, int], max_frames: int, causal_time: bool) -> None:
+    def __init__(
+        self, dim: int, n_heads: int, spatial: tuple[int, int], max_frames: int, causal_time: bool
+    ) -> None:
         super().__init__()
         h, w = spatial
         self.pos_h = nn.Parameter(torch.zeros(dim, 1, h, 1))

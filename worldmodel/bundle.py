@@ -57,8 +57,10 @@ class WorldModel(nn.Module):
             try:
                 module.load_state_dict(load_weights(path, name))
             except RuntimeError as e:  # missing/unexpected keys or shapes: weights of another config
-                raise BundleError(f"{Path(path) / WEIGHTS}: the {name} weights do not fit the {name} config in "
-                                  f"{Path(path) / CONFIG_JSON} ({str(e)[:300]})") from None
+                raise BundleError(
+                    f"{Path(path) / WEIGHTS}: the {name} weights do not fit the {name} config in "
+                    f"{Path(path) / CONFIG_JSON} ({str(e)[:300]})"
+                ) from None
         wm.path = Path(path)
         return wm.to(device).eval()
 
@@ -137,7 +139,9 @@ class DreamRollout:
             on held-out clips) while the cost grows linearly, hence the default of 1.
     """
 
-    def __init__(self, wm: WorldModel, batch_size: int, *, bf16: bool = False, decode_context: int = 1) -> None:
+    def __init__(
+        self, wm: WorldModel, batch_size: int, *, bf16: bool = False, decode_context: int = 1
+    ) -> None:
         self.wm, self.B = wm, batch_size
         self.sampler = Rollout(wm.prior, batch_size, bf16=bf16)
         self.decode_context = max(1, decode_context)
@@ -155,37 +159,62 @@ class DreamRollout:
         return a.float().to(self.wm.device)
 
     @torch.inference_mode()
-    def reset(self, frames: np.ndarray | torch.Tensor, actions: Any = None, rows: list[int] | None = None) -> None:
+    def reset(
+        self, frames: np.ndarray | torch.Tensor, actions: Any = None, rows: list[int] | None = None
+    ) -> None:
         """Start ``rows`` (default all) from real context: frames uint8 (k, Tc, H, W, 3), actions (k, Tc-1[, A])."""
         frames_t = torch.as_tensor(np.asarray(frames))
         H, W, _ = self.wm.obs_shape
         k = self.B if rows is None else len(rows)
-        if frames_t.ndim != 5 or frames_t.shape[0] != k or tuple(frames_t.shape[2:]) != (H, W, 3) or frames_t.dtype != torch.uint8:
-            raise ValueError(f"frames: got {frames_t.dtype}{tuple(frames_t.shape)}, expected uint8 ({k}, Tc, {H}, {W}, 3)")
+        if (
+            frames_t.ndim != 5
+            or frames_t.shape[0] != k
+            or tuple(frames_t.shape[2:]) != (H, W, 3)
+            or frames_t.dtype != torch.uint8
+        ):
+            raise ValueError(
+                f"frames: got {frames_t.dtype}{tuple(frames_t.shape)}, expected uint8 ({k}, Tc, {H}, {W}, 3)"
+            )
         tokens = self.wm.tokenizer.encode(frames_t.to(self.wm.device))
         acts = None
         if self.spec.kind != "none" and frames_t.shape[1] > 1:
             if actions is None:
-                raise ValueError(f"actions: a context of {frames_t.shape[1]} frames needs {frames_t.shape[1] - 1} actions per row")
+                raise ValueError(
+                    f"actions: a context of {frames_t.shape[1]} frames needs {frames_t.shape[1] - 1} actions per row"
+                )
             acts = self._actions_tensor(actions, frames_t.shape[1] - 1)
         self.sampler.start(tokens, acts, rows=rows)
 
     @torch.inference_mode()
-    def step(self, actions: Any, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | Sequence[torch.Generator] | None = None, **decode_kw: Any) -> DreamStep:
+    def step(
+        self,
+        actions: Any,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        **decode_kw: Any,
+    ) -> DreamStep:
         """Advance every environment by one step; ``actions`` (B,) discrete or (B, A) continuous.
 
         ``generator``: one generator, or B per-row generators (see :meth:`Rollout.step`);
         ``decode_kw`` go to :meth:`Rollout.step` (e.g. ``decode="maskgit"``).
         """
         a = self._actions_tensor(actions, 1)
-        out = self.sampler.step(a, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, **decode_kw)
+        out = self.sampler.step(
+            a, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, **decode_kw
+        )
         frames = self.decode_latest()
-        return DreamStep(frames=frames, rewards=out.reward.cpu().numpy().astype(np.float32),
-                         terminated=(out.terminated_prob > 0.5).cpu().numpy(),
-                         terminated_prob=out.terminated_prob.cpu().numpy().astype(np.float32),
-                         entropy=out.entropy.cpu().numpy().astype(np.float32), tokens=out.tokens.cpu().numpy(),
-                         rewards_if_terminated=out.reward_if_terminated.cpu().numpy().astype(np.float32))
+        return DreamStep(
+            frames=frames,
+            rewards=out.reward.cpu().numpy().astype(np.float32),
+            terminated=(out.terminated_prob > 0.5).cpu().numpy(),
+            terminated_prob=out.terminated_prob.cpu().numpy().astype(np.float32),
+            entropy=out.entropy.cpu().numpy().astype(np.float32),
+            tokens=out.tokens.cpu().numpy(),
+            rewards_if_terminated=out.reward_if_terminated.cpu().numpy().astype(np.float32),
+        )
 
     def decode_latest(self) -> np.ndarray:
         """Decode the newest frame of every row with up to ``decode_context`` frames of token history."""

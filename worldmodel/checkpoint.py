@@ -52,10 +52,14 @@ class BundleError(ValueError):
     the message names the file and what was expected."""
 
 
-def write_run_config(run_dir: str | os.PathLike, config: dict[str, Any], store_meta: dict[str, Any] | None) -> None:
+def write_run_config(
+    run_dir: str | os.PathLike, config: dict[str, Any], store_meta: dict[str, Any] | None
+) -> None:
     """Write ``config.json``: the resolved experiment config plus what the bundle needs at load time."""
-    write_json(Path(run_dir) / CONFIG_JSON, {"format": "videogpt-worldmodel", "version": __version__,
-                                             "experiment": config, "store": store_meta})
+    write_json(
+        Path(run_dir) / CONFIG_JSON,
+        {"format": "videogpt-worldmodel", "version": __version__, "experiment": config, "store": store_meta},
+    )
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -63,20 +67,28 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     object with ``format`` 'videogpt-worldmodel', an ``experiment`` object and a ``store`` object (or null)."""
     path = Path(run_dir) / CONFIG_JSON
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; {run_dir} is not a run directory / bundle "
-                                f"(train one with: python experiments/train.py --env <preset>)")
+        raise FileNotFoundError(
+            f"{path}: missing; {run_dir} is not a run directory / bundle "
+            f"(train one with: python experiments/train.py --env <preset>)"
+        )
     try:
         d = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path}: not readable as JSON ({e}); expected the config.json train.py writes") from None
+        raise BundleError(
+            f"{path}: not readable as JSON ({e}); expected the config.json train.py writes"
+        ) from None
     if not isinstance(d, dict):
-        raise BundleError(f"{path}: holds a JSON {type(d).__name__}, expected an object with 'format', 'experiment' "
-                          f"and 'store'")
+        raise BundleError(
+            f"{path}: holds a JSON {type(d).__name__}, expected an object with 'format', 'experiment' "
+            f"and 'store'"
+        )
     if d.get("format") != "videogpt-worldmodel":
         raise BundleError(f"{path}: not a videogpt-worldmodel config (field 'format' is {d.get('format')!r})")
     if not isinstance(d.get("experiment"), dict):
-        raise BundleError(f"{path}: field 'experiment' is {type(d.get('experiment')).__name__}, expected an object "
-                          f"(the ExperimentConfig)")
+        raise BundleError(
+            f"{path}: field 'experiment' is {type(d.get('experiment')).__name__}, expected an object "
+            f"(the ExperimentConfig)"
+        )
     if d.get("store") is not None and not isinstance(d["store"], dict):
         raise BundleError(f"{path}: field 'store' is {type(d['store']).__name__}, expected an object or null")
     return d
@@ -89,21 +101,29 @@ def read_experiment_config(run_dir: str | os.PathLike) -> ExperimentConfig:
     try:
         return ExperimentConfig.from_dict(d["experiment"])
     except ValueError as e:
-        raise BundleError(f"{Path(run_dir) / CONFIG_JSON}: field 'experiment' is not a valid config: {e}") from None
+        raise BundleError(
+            f"{Path(run_dir) / CONFIG_JSON}: field 'experiment' is not a valid config: {e}"
+        ) from None
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError) as e:
-        raise BundleError(f"{path}: not a readable safetensors file ({e}); expected the weights train.py writes "
-                          f"(re-run the stage to write them again)") from None
+        raise BundleError(
+            f"{path}: not a readable safetensors file ({e}); expected the weights train.py writes "
+            f"(re-run the stage to write them again)"
+        ) from None
 
 
 def save_weights(run_dir: str | os.PathLike, prefix: str, state_dict: dict[str, torch.Tensor]) -> None:
     """Replace the ``prefix.*`` tensors of ``model.safetensors``, keeping the other components."""
     path = Path(run_dir) / WEIGHTS
-    tensors = {k: v for k, v in _load_safetensors(path).items() if not k.startswith(prefix + ".")} if path.exists() else {}
+    tensors = (
+        {k: v for k, v in _load_safetensors(path).items() if not k.startswith(prefix + ".")}
+        if path.exists()
+        else {}
+    )
     for k, v in state_dict.items():
         tensors[f"{prefix}.{k}"] = v.detach().cpu().contiguous()
     with atomic_file(path) as tmp:
@@ -114,13 +134,17 @@ def load_weights(run_dir: str | os.PathLike, prefix: str) -> dict[str, torch.Ten
     """The ``prefix.*`` tensors of ``model.safetensors`` with the prefix stripped."""
     path = Path(run_dir) / WEIGHTS
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; train the {prefix} stage first "
-                                f"(python experiments/train.py --env <preset> --stage {prefix})")
+        raise FileNotFoundError(
+            f"{path}: missing; train the {prefix} stage first "
+            f"(python experiments/train.py --env <preset> --stage {prefix})"
+        )
     n = len(prefix) + 1
     out = {k[n:]: v for k, v in _load_safetensors(path).items() if k.startswith(prefix + ".")}
     if not out:
-        raise KeyError(f"{path} holds no '{prefix}' weights; train that stage first "
-                       f"(python experiments/train.py --env <preset> --stage {prefix})")
+        raise KeyError(
+            f"{path} holds no '{prefix}' weights; train that stage first "
+            f"(python experiments/train.py --env <preset> --stage {prefix})"
+        )
     return out
 
 
@@ -134,7 +158,9 @@ def has_weights(run_dir: str | os.PathLike, prefix: str) -> bool:
         with safe_open(str(path), "pt") as f:
             return any(k.startswith(prefix + ".") for k in f.keys())  # noqa: SIM118 (safe_open has no __iter__)
     except (SafetensorError, OSError) as e:
-        raise BundleError(f"{path}: not a readable safetensors file ({e}); expected the weights train.py writes") from None
+        raise BundleError(
+            f"{path}: not a readable safetensors file ({e}); expected the weights train.py writes"
+        ) from None
 
 
 def trainer_state_path(run_dir: str | os.PathLike, stage: str) -> Path:
@@ -169,7 +195,9 @@ def _stage_tensors(run_dir: Path, stage: str) -> dict[str, torch.Tensor]:
     return {k[n:]: v for k, v in _load_safetensors(path).items() if k.startswith(stage + ".")}
 
 
-def save_trainer_state(run_dir: str | os.PathLike, stage: str, state: dict[str, Any], *, pending: bool = False) -> None:
+def save_trainer_state(
+    run_dir: str | os.PathLike, stage: str, state: dict[str, Any], *, pending: bool = False
+) -> None:
     """Write a trainer state atomically (``pending``: as ``<stage>.next.pt``). Training commits weights and
     state together with :func:`save_checkpoint`; this alone is for states that go with no weights."""
     path = (pending_state_path if pending else trainer_state_path)(run_dir, stage)
@@ -177,8 +205,9 @@ def save_trainer_state(run_dir: str | os.PathLike, stage: str, state: dict[str, 
         torch.save(state, tmp)
 
 
-def save_checkpoint(run_dir: str | os.PathLike, stage: str, weights: dict[str, torch.Tensor],
-                    state: dict[str, Any]) -> None:
+def save_checkpoint(
+    run_dir: str | os.PathLike, stage: str, weights: dict[str, torch.Tensor], state: dict[str, Any]
+) -> None:
     """Commit the ``stage`` weights (into ``model.safetensors``) and its trainer ``state`` as one checkpoint:
     state with a manifest of the weights first (pending), weights second (the commit), then the pending
     state becomes the committed one. A kill at any point leaves a pair :func:`load_checkpoint` resumes."""
@@ -195,19 +224,26 @@ def _read_state(path: Path, stage: str) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError ... for a bad file
-        raise BundleError(f"{path}: unreadable trainer state ({type(e).__name__}: {str(e)[:200]}); expected the "
-                          f"{stage} stage's checkpoint (delete it to train the stage again from scratch)") from None
+        raise BundleError(
+            f"{path}: unreadable trainer state ({type(e).__name__}: {str(e)[:200]}); expected the "
+            f"{stage} stage's checkpoint (delete it to train the stage again from scratch)"
+        ) from None
     if not isinstance(state, dict):
-        raise BundleError(f"{path}: holds a {type(state).__name__}, expected the {stage} stage's trainer state (a dict)")
+        raise BundleError(
+            f"{path}: holds a {type(state).__name__}, expected the {stage} stage's trainer state (a dict)"
+        )
     manifest = state.get("weights")
     if manifest is not None and not (isinstance(manifest, dict) and isinstance(manifest.get("sha256"), str)):
-        raise BundleError(f"{path}: field 'weights' is {manifest!r}, expected the manifest of the {stage} weights "
-                          f"(file, prefix, sha256, bytes)")
+        raise BundleError(
+            f"{path}: field 'weights' is {manifest!r}, expected the manifest of the {stage} weights "
+            f"(file, prefix, sha256, bytes)"
+        )
     return state
 
 
-def load_checkpoint(run_dir: str | os.PathLike, stage: str, *,
-                    repair: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+def load_checkpoint(
+    run_dir: str | os.PathLike, stage: str, *, repair: bool = False
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
     """The consistent ``(trainer state, stage weights)`` pair of ``stage`` to resume from, or None when the
     stage has no committed checkpoint.
 
@@ -236,18 +272,25 @@ def load_checkpoint(run_dir: str | os.PathLike, stage: str, *,
             return state, tensors
     if committed in states and states[committed].get("weights") is None:  # a state from before the manifest
         if not tensors:
-            raise FileNotFoundError(f"{run_dir / WEIGHTS}: no '{stage}' weights for the trainer state {committed}; "
-                                    f"delete {committed} (or pass --no-resume) to train the stage from scratch")
+            raise FileNotFoundError(
+                f"{run_dir / WEIGHTS}: no '{stage}' weights for the trainer state {committed}; "
+                f"delete {committed} (or pass --no-resume) to train the stage from scratch"
+            )
         return states[committed], tensors
     if committed not in states:
         return None  # only a pending state: the stage's first checkpoint never reached its commit point
-    found = "; ".join(f"{p} (step {s.get('step')}, weights sha256 "
-                      f"{(s.get('weights') or {}).get('sha256', 'not recorded')[:16]})" for p, s in states.items())
+    found = "; ".join(
+        f"{p} (step {s.get('step')}, weights sha256 "
+        f"{(s.get('weights') or {}).get('sha256', 'not recorded')[:16]})"
+        for p, s in states.items()
+    )
     have = f"sha256 {sha[:16]}" if tensors else "absent"
-    raise BundleError(f"{run_dir / WEIGHTS}: the '{stage}' weights ({have}) belong to none of the trainer states "
-                      f"({found}); they were written by something other than this stage's training, so resuming "
-                      f"would pair them with another step's optimizer. Pass --no-resume (resume=False) to train the "
-                      f"stage from these files' config from scratch, or restore the matching files")
+    raise BundleError(
+        f"{run_dir / WEIGHTS}: the '{stage}' weights ({have}) belong to none of the trainer states "
+        f"({found}); they were written by something other than this stage's training, so resuming "
+        f"would pair them with another step's optimizer. Pass --no-resume (resume=False) to train the "
+        f"stage from these files' config from scratch, or restore the matching files"
+    )
 
 
 def load_trainer_state(run_dir: str | os.PathLike, stage: str) -> dict[str, Any] | None:

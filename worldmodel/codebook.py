@@ -56,8 +56,15 @@ class Codebook(nn.Module):
             output of the current batch.
     """
 
-    def __init__(self, n_codes: int, dim: int, beta: float = 0.25, decay: float = 0.99,
-                 restart_threshold: float = 1.0, eps: float = 1e-5) -> None:
+    def __init__(
+        self,
+        n_codes: int,
+        dim: int,
+        beta: float = 0.25,
+        decay: float = 0.99,
+        restart_threshold: float = 1.0,
+        eps: float = 1e-5,
+    ) -> None:
         super().__init__()
         self.n_codes, self.dim, self.beta, self.decay = n_codes, dim, beta, decay
         self.restart_threshold, self.eps = restart_threshold, eps
@@ -86,8 +93,11 @@ class Codebook(nn.Module):
 
     def codes_for(self, flat: torch.Tensor) -> torch.Tensor:
         """Nearest code index for each row of ``flat`` (N, D)."""
-        d = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embeddings.t()
-             + self.embeddings.pow(2).sum(1)[None])  # (N, K) squared distances
+        d = (
+            flat.pow(2).sum(1, keepdim=True)
+            - 2 * flat @ self.embeddings.t()
+            + self.embeddings.pow(2).sum(1)[None]
+        )  # (N, K) squared distances
         return d.argmin(1)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
@@ -123,8 +133,9 @@ class Codebook(nn.Module):
         probs = onehot.mean(0)
         perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
         usage = (probs > 0).float().mean()
-        return QuantizerOutput(z_q, rearrange(codes, "(b t h w) -> b t h w", b=B, t=T, h=H, w=W), commitment,
-                               perplexity, usage)
+        return QuantizerOutput(
+            z_q, rearrange(codes, "(b t h w) -> b t h w", b=B, t=T, h=H, w=W), commitment, perplexity, usage
+        )
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Code vectors of ``codes`` (B, T, H, W) as (B, D, T, H, W)."""

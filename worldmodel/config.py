@@ -108,17 +108,25 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         if self.recon_loss not in ("mse", "l1", "l1+mse"):
-            raise ValueError(f"tokenizer.recon_loss: got {self.recon_loss!r}, expected 'mse', 'l1' or 'l1+mse'")
+            raise ValueError(
+                f"tokenizer.recon_loss: got {self.recon_loss!r}, expected 'mse', 'l1' or 'l1+mse'"
+            )
         if not 0 < self.hard_pixel_fraction <= 1:
-            raise ValueError(f"tokenizer.hard_pixel_fraction: got {self.hard_pixel_fraction}, expected a share in (0, 1]")
+            raise ValueError(
+                f"tokenizer.hard_pixel_fraction: got {self.hard_pixel_fraction}, expected a share in (0, 1]"
+            )
         for name in ("perceptual_weight", "adv_weight", "hard_pixel_weight"):
             if not getattr(self, name) >= 0:
-                raise ValueError(f"tokenizer.{name}: got {getattr(self, name)}, expected a weight >= 0 (0 = off)")
+                raise ValueError(
+                    f"tokenizer.{name}: got {getattr(self, name)}, expected a weight >= 0 (0 = off)"
+                )
         if self.adv_start_step < 0:
             raise ValueError(f"tokenizer.adv_start_step: got {self.adv_start_step}, expected a step >= 0")
         if self.disc_channels < 1 or self.disc_layers < 1:
-            raise ValueError(f"tokenizer.disc_channels / disc_layers: got {self.disc_channels}, {self.disc_layers}, "
-                             "expected both >= 1")
+            raise ValueError(
+                f"tokenizer.disc_channels / disc_layers: got {self.disc_channels}, {self.disc_layers}, "
+                "expected both >= 1"
+            )
 
 
 @dataclass(frozen=True)
@@ -190,10 +198,14 @@ class PriorConfig:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"prior.{name}: got {getattr(self, name)}, expected a weight >= 0")
         if self.termination_from not in ("frame", "history"):
-            raise ValueError(f"prior.termination_from: got {self.termination_from!r}, expected 'frame' or 'history'")
+            raise ValueError(
+                f"prior.termination_from: got {self.termination_from!r}, expected 'frame' or 'history'"
+            )
         if not self.termination_pos_weight > 0:
-            raise ValueError(f"prior.termination_pos_weight: got {self.termination_pos_weight}, expected a BCE "
-                             "pos_weight > 0 (1 = plain, calibrated BCE)")
+            raise ValueError(
+                f"prior.termination_pos_weight: got {self.termination_pos_weight}, expected a BCE "
+                "pos_weight > 0 (1 = plain, calibrated BCE)"
+            )
 
 
 @dataclass(frozen=True)
@@ -269,6 +281,7 @@ _SCALARS: dict[type, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]] = 
 
 def _checked(value: Any, t: Any, where: str) -> Any:
     """``value`` (from JSON) as the type ``t`` of a config field, or ``ValueError`` naming ``where``."""
+
     def bad(expected: str) -> ValueError:
         return ValueError(f"{where}: got {value!r} ({type(value).__name__}), expected {expected}")
 
@@ -299,13 +312,17 @@ def _from_dict(cls: type, d: Any, where: str = "") -> Any:
     field's type; errors name the field path (``tokenizer.channels``)."""
     name = where or cls.__name__
     if not isinstance(d, dict):
-        raise ValueError(f"{name}: got {type(d).__name__} {d!r:.80}, expected a JSON object of {cls.__name__} fields")
+        raise ValueError(
+            f"{name}: got {type(d).__name__} {d!r:.80}, expected a JSON object of {cls.__name__} fields"
+        )
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     known = {f.name for f in fields(cls)}
     unknown = set(d) - known
     if unknown:
-        raise ValueError(f"{name}: unknown config fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+        raise ValueError(
+            f"{name}: unknown config fields {sorted(unknown)}; expected a subset of {sorted(known)}"
+        )
     for f in fields(cls):
         if f.name in d:
             kwargs[f.name] = _checked(d[f.name], hints[f.name], f"{where}.{f.name}" if where else f.name)
@@ -329,11 +346,19 @@ def _vizdoom(name: str, scale: str, n_actions: int) -> ExperimentConfig:
     # nats/token with history 2.45 -> 2.50; the gap to shuffled actions stays (0.40 -> 0.34 nats).
     # reward_given_termination: death ends HGS and Battle2 episodes with a reward unlike any other step's
     # (HGS: -100 vs +4; Battle2: the health lost), which one regression output averages away.
-    prior = PriorConfig(action_kind="discrete", n_actions=n_actions, tokens_h=8, tokens_w=8, context_noise=0.1,
-                        reward_given_termination=True)
+    prior = PriorConfig(
+        action_kind="discrete",
+        n_actions=n_actions,
+        tokens_h=8,
+        tokens_w=8,
+        context_noise=0.1,
+        reward_given_termination=True,
+    )
     if scale == "tiny":
         tok = replace(tok, channels=64, n_res_layers=1, codebook_size=256, embedding_dim=32)
-        prior = replace(prior, n_layer=2, n_head=4, n_embd=128, frames=8, vocab_size=256, dropout=0.0, attn_dropout=0.0)
+        prior = replace(
+            prior, n_layer=2, n_head=4, n_embd=128, frames=8, vocab_size=256, dropout=0.0, attn_dropout=0.0
+        )
         tt = TrainConfig(steps=600, batch_size=8, lr=1e-3, warmup_steps=20, eval_every=200, ckpt_every=200)
         # On ~300 random-policy HGS episodes (benchmarks/bench_dynamics.py, context 4), without context
         # noise: after 1800 prior steps true actions beat shuffled ones at every open-loop step but
@@ -346,30 +371,55 @@ def _vizdoom(name: str, scale: str, n_actions: int) -> ExperimentConfig:
     elif scale == "small":
         tok = replace(tok, channels=128, n_res_layers=2, codebook_size=512, embedding_dim=64)
         prior = replace(prior, n_layer=4, n_head=4, n_embd=256, frames=8, vocab_size=512)
-        tt = TrainConfig(steps=1500, batch_size=8, lr=7e-4, warmup_steps=50, eval_every=250, ckpt_every=250,
-                         max_minutes=30.0)
+        tt = TrainConfig(
+            steps=1500,
+            batch_size=8,
+            lr=7e-4,
+            warmup_steps=50,
+            eval_every=250,
+            ckpt_every=250,
+            max_minutes=30.0,
+        )
         pt = TrainConfig(steps=6000, batch_size=16, lr=5e-4, eval_every=500, ckpt_every=500)
         data = DataConfig(store=f"data/{name}", clip_len=8)
         episodes = 400
     else:  # paper
         tok = replace(tok, channels=240, n_res_layers=4, codebook_size=1024, embedding_dim=256)
-        prior = replace(prior, n_layer=8, n_head=4, n_embd=512, frames=16, vocab_size=1024, dropout=0.2, attn_dropout=0.3)
+        prior = replace(
+            prior, n_layer=8, n_head=4, n_embd=512, frames=16, vocab_size=1024, dropout=0.2, attn_dropout=0.3
+        )
         tt = TrainConfig(steps=100_000, batch_size=32, lr=3e-4)
         pt = TrainConfig(steps=200_000, batch_size=32, lr=3e-4)
         data = DataConfig(store=f"data/{name}", clip_len=16)
         episodes = 5000
-    return ExperimentConfig(name=name, scale=scale, env=name, data=data, tokenizer=tok, prior=prior,
-                            tokenizer_train=tt, prior_train=pt, collect_episodes=episodes)
+    return ExperimentConfig(
+        name=name,
+        scale=scale,
+        env=name,
+        data=data,
+        tokenizer=tok,
+        prior=prior,
+        tokenizer_train=tt,
+        prior_train=pt,
+        collect_episodes=episodes,
+    )
 
 
 def _robot(name: str, scale: str, action_dim: int) -> ExperimentConfig:
     """BAIR / RoboNet as action-conditioned dreams: 64×64 frames, one latent frame per action, 8×8 tokens."""
     base = _vizdoom(name, scale, n_actions=0)
     # BAIR/RoboNet stores carry no rewards and no terminations: a terminal-reward output would never train
-    prior = replace(base.prior, action_kind="continuous", n_actions=0, action_dim=action_dim,
-                    reward_given_termination=False)
+    prior = replace(
+        base.prior,
+        action_kind="continuous",
+        n_actions=0,
+        action_dim=action_dim,
+        reward_given_termination=False,
+    )
     clip = 16 if scale == "paper" else 8  # BAIR trajectories have 30 frames, RoboNet's ~31
-    return replace(base, prior=replace(prior, frames=clip), data=replace(base.data, clip_len=clip), collect_episodes=0)
+    return replace(
+        base, prior=replace(prior, frames=clip), data=replace(base.data, clip_len=clip), collect_episodes=0
+    )
 
 
 # The paper's own configs (wilson1yan/VideoGPT-Paper, videogpt/config_model.py; the appendix tables):
@@ -378,20 +428,49 @@ def _robot(name: str, scale: str, action_dim: int) -> ExperimentConfig:
 # 0.2); UCF-101 128×128 and TGIF 64×64 "-> 4×32×32" (strides 4, 4, 4 and 4, 2, 2) with gpt_large
 # (20 layers, 8 heads, width 1024, dropout 0.2); batch 32. The tiny/small scales keep the conditioning
 # and the 16-frame clips but halve the latents and shrink the widths so they run on 2 CPU cores.
-_PAPER_TOKENIZER = TokenizerConfig(channels=240, n_res_layers=4, n_heads=2, codebook_size=1024, embedding_dim=256,
-                                   causal_time=False, max_frames=16)
-_PAPER_GPT_SMALL = PriorConfig(n_layer=8, n_head=4, n_embd=512, dropout=0.2, attn_dropout=0.0, vocab_size=1024,
-                               action_kind="none", prev_frame_kernel=0)
+_PAPER_TOKENIZER = TokenizerConfig(
+    channels=240,
+    n_res_layers=4,
+    n_heads=2,
+    codebook_size=1024,
+    embedding_dim=256,
+    causal_time=False,
+    max_frames=16,
+)
+_PAPER_GPT_SMALL = PriorConfig(
+    n_layer=8,
+    n_head=4,
+    n_embd=512,
+    dropout=0.2,
+    attn_dropout=0.0,
+    vocab_size=1024,
+    action_kind="none",
+    prev_frame_kernel=0,
+)
 _PAPER_GPT_LARGE = replace(_PAPER_GPT_SMALL, n_layer=20, n_head=8, n_embd=1024)
 
 
-def _shrunk(tok: TokenizerConfig, prior: PriorConfig, scale: str) -> tuple[TokenizerConfig, PriorConfig, TrainConfig]:
+def _shrunk(
+    tok: TokenizerConfig, prior: PriorConfig, scale: str
+) -> tuple[TokenizerConfig, PriorConfig, TrainConfig]:
     """tiny/small widths of an action-free paper preset (geometry and conditioning unchanged)."""
     tiny = scale == "tiny"
-    tok = replace(tok, channels=32 if tiny else 128, n_res_layers=1 if tiny else 2, codebook_size=256 if tiny else 512,
-                  embedding_dim=32 if tiny else 64)
-    prior = replace(prior, n_layer=2 if tiny else 4, n_head=4, n_embd=128 if tiny else 256, dropout=0.0, attn_dropout=0.0,
-                    vocab_size=tok.codebook_size)
+    tok = replace(
+        tok,
+        channels=32 if tiny else 128,
+        n_res_layers=1 if tiny else 2,
+        codebook_size=256 if tiny else 512,
+        embedding_dim=32 if tiny else 64,
+    )
+    prior = replace(
+        prior,
+        n_layer=2 if tiny else 4,
+        n_head=4,
+        n_embd=128 if tiny else 256,
+        dropout=0.0,
+        attn_dropout=0.0,
+        vocab_size=tok.codebook_size,
+    )
     return tok, prior, TrainConfig(steps=600 if tiny else 3000, batch_size=4, lr=1e-3 if tiny else 5e-4)
 
 
@@ -404,13 +483,24 @@ def _bair_paper(scale: str) -> ExperimentConfig:
     tok = replace(_PAPER_TOKENIZER, resolution=64, stride=(2, 2, 2) if paper else (4, 2, 2))
     n_latent = 16 // tok.stride[0]
     prior = replace(_PAPER_GPT_SMALL, frames=n_latent - 1, tokens_h=32, tokens_w=32, n_cond_frames=1)
-    tt, pt = TrainConfig(steps=100_000, batch_size=32, lr=3e-4), TrainConfig(steps=200_000, batch_size=32, lr=3e-4)
+    tt, pt = (
+        TrainConfig(steps=100_000, batch_size=32, lr=3e-4),
+        TrainConfig(steps=200_000, batch_size=32, lr=3e-4),
+    )
     if not paper:
         tok, prior, tt = _shrunk(tok, prior, scale)
         pt = tt
-    return ExperimentConfig(name="bair_paper", scale=scale, env="bair", data=DataConfig(store="data/bair", clip_len=16,
-                            use_actions=False), tokenizer=tok, prior=prior, tokenizer_train=tt, prior_train=pt,
-                            collect_episodes=0)
+    return ExperimentConfig(
+        name="bair_paper",
+        scale=scale,
+        env="bair",
+        data=DataConfig(store="data/bair", clip_len=16, use_actions=False),
+        tokenizer=tok,
+        prior=prior,
+        tokenizer_train=tt,
+        prior_train=pt,
+        collect_episodes=0,
+    )
 
 
 def _video(name: str, scale: str, n_classes: int) -> ExperimentConfig:
@@ -420,18 +510,36 @@ def _video(name: str, scale: str, n_classes: int) -> ExperimentConfig:
     tiny/small: 64×64 at stride (4, 4, 4) -> 4×16×16 for both. Convert with ``--resolution`` = the
     preset's resolution (the store's frame size decides the tokenizer's)."""
     paper = scale == "paper"
-    res, stride = (128, (4, 4, 4)) if paper and name.startswith("ucf101") else (64, (4, 2, 2) if paper else (4, 4, 4))
+    res, stride = (
+        (128, (4, 4, 4)) if paper and name.startswith("ucf101") else (64, (4, 2, 2) if paper else (4, 4, 4))
+    )
     tok = replace(_PAPER_TOKENIZER, resolution=res, stride=stride)
-    prior = replace(_PAPER_GPT_LARGE, frames=16 // stride[0], tokens_h=res // stride[1], tokens_w=res // stride[2],
-                    n_classes=n_classes)
-    tt, pt = TrainConfig(steps=100_000, batch_size=32, lr=3e-4), TrainConfig(steps=200_000, batch_size=32, lr=3e-4)
+    prior = replace(
+        _PAPER_GPT_LARGE,
+        frames=16 // stride[0],
+        tokens_h=res // stride[1],
+        tokens_w=res // stride[2],
+        n_classes=n_classes,
+    )
+    tt, pt = (
+        TrainConfig(steps=100_000, batch_size=32, lr=3e-4),
+        TrainConfig(steps=200_000, batch_size=32, lr=3e-4),
+    )
     if not paper:
         tok, prior, tt = _shrunk(tok, prior, scale)
         pt = tt
     store = "data/ucf101" if name.startswith("ucf101") else f"data/{name}"
-    return ExperimentConfig(name=name, scale=scale, env=name.split("_")[0], data=DataConfig(store=store, clip_len=16,
-                            resolution=res, use_actions=False), tokenizer=tok, prior=prior, tokenizer_train=tt,
-                            prior_train=pt, collect_episodes=0)
+    return ExperimentConfig(
+        name=name,
+        scale=scale,
+        env=name.split("_")[0],
+        data=DataConfig(store=store, clip_len=16, resolution=res, use_actions=False),
+        tokenizer=tok,
+        prior=prior,
+        tokenizer_train=tt,
+        prior_train=pt,
+        collect_episodes=0,
+    )
 
 
 def safe_name(preset: str) -> str:
@@ -445,9 +553,15 @@ _GENERIC_RESOLUTION = {"tiny": 64, "small": 64, "paper": 128}
 _GENERIC_EPISODES = {"tiny": 60, "small": 300, "paper": 2000}
 
 
-def generic_preset(name: str, scale: str, *, frame_size: int | None = None,
-                   action_kind: Literal["discrete", "continuous", "none"] = "discrete", n_actions: int = 0,
-                   action_dim: int = 0) -> ExperimentConfig:
+def generic_preset(
+    name: str,
+    scale: str,
+    *,
+    frame_size: int | None = None,
+    action_kind: Literal["discrete", "continuous", "none"] = "discrete",
+    n_actions: int = 0,
+    action_dim: int = 0,
+) -> ExperimentConfig:
     """The preset of an env that has no tuned one (``"gym:<ID>"``): the ViZDoom presets' dream geometry
     (per-frame tokens, stride (1, 8, 8), causal tokenizer, conditional-LayerNorm prior with context noise and a
     reward head split by termination) with the env's spaces filled in.
@@ -466,15 +580,26 @@ def generic_preset(name: str, scale: str, *, frame_size: int | None = None,
     res = _GENERIC_RESOLUTION[scale]
     if frame_size is not None:
         if frame_size < 8:
-            raise ValueError(f"frame_size: got {frame_size}, expected the frame's smaller side in pixels (>= 8)")
+            raise ValueError(
+                f"frame_size: got {frame_size}, expected the frame's smaller side in pixels (>= 8)"
+            )
         res = min(res, frame_size // 8 * 8)
     # Termination and its reward differ from other steps in most envs (a crash, a lost point, a death): the
     # split reward head (see PriorConfig.reward_given_termination) keeps the terminal reward in the dream.
-    prior = replace(base.prior, action_kind=action_kind, n_actions=n_actions if action_kind == "discrete" else 0,
-                    action_dim=action_dim if action_kind == "continuous" else 0)
-    return replace(base, env=name, tokenizer=replace(base.tokenizer, resolution=res), prior=prior,
-                   data=replace(base.data, store=f"data/{safe_name(name)}", resolution=res),
-                   collect_episodes=_GENERIC_EPISODES[scale])
+    prior = replace(
+        base.prior,
+        action_kind=action_kind,
+        n_actions=n_actions if action_kind == "discrete" else 0,
+        action_dim=action_dim if action_kind == "continuous" else 0,
+    )
+    return replace(
+        base,
+        env=name,
+        tokenizer=replace(base.tokenizer, resolution=res),
+        prior=prior,
+        data=replace(base.data, store=f"data/{safe_name(name)}", resolution=res),
+        collect_episodes=_GENERIC_EPISODES[scale],
+    )
 
 
 _PRESETS: dict[str, Any] = {

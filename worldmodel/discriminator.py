@@ -55,10 +55,13 @@ class PatchDiscriminator(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
         c = channels
         for i in range(1, n_layers + 1):
-            c_out = channels * min(2 ** i, 4)
+            c_out = channels * min(2**i, 4)
             stride = 2 if i < n_layers else 1
-            layers += [nn.Conv2d(c, c_out, 4, stride, 1, bias=False), nn.GroupNorm(_groups(c_out), c_out),
-                       nn.LeakyReLU(0.2)]
+            layers += [
+                nn.Conv2d(c, c_out, 4, stride, 1, bias=False),
+                nn.GroupNorm(_groups(c_out), c_out),
+                nn.LeakyReLU(0.2),
+            ]
             c = c_out
         layers.append(nn.Conv2d(c, 1, 4, 1, 1))
         self.net = nn.Sequential(*layers)
@@ -66,7 +69,7 @@ class PatchDiscriminator(nn.Module):
 
     def min_resolution(self) -> int:
         """Smallest frame side (pixels) that leaves at least one patch logit."""
-        return 3 * 2 ** self.n_layers
+        return 3 * 2**self.n_layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) -> (N, 1, h, w)
         return self.net(x)
@@ -97,11 +100,14 @@ class Adversary(nn.Module):
         channels / n_layers: the :class:`PatchDiscriminator`'s size.
     """
 
-    def __init__(self, weight: float, start_step: int = 0, adaptive: bool = True, channels: int = 32,
-                 n_layers: int = 3) -> None:
+    def __init__(
+        self, weight: float, start_step: int = 0, adaptive: bool = True, channels: int = 32, n_layers: int = 3
+    ) -> None:
         super().__init__()
         if not weight > 0 or start_step < 0:
-            raise ValueError(f"weight / start_step: got {weight}, {start_step}, expected weight > 0 and start_step >= 0")
+            raise ValueError(
+                f"weight / start_step: got {weight}, {start_step}, expected weight > 0 and start_step >= 0"
+            )
         self.weight, self.start_step, self.adaptive = float(weight), int(start_step), bool(adaptive)
         self.net = PatchDiscriminator(channels, n_layers)
         # training steps seen (compute_loss calls in training mode with gradients): in the state_dict, so a
@@ -122,8 +128,9 @@ class Adversary(nn.Module):
         params = {k: v.detach() for k, v in self.net.named_parameters()}
         return functional_call(self.net, params, (frames,))
 
-    def forward(self, real: torch.Tensor, fake: torch.Tensor, rec_loss: torch.Tensor,
-                last_layer: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self, real: torch.Tensor, fake: torch.Tensor, rec_loss: torch.Tensor, last_layer: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """The adversarial part of the tokenizer's loss: ``adv_weight * lambda * g_loss + d_loss``.
 
         Args:
@@ -150,6 +157,12 @@ class Adversary(nn.Module):
         d_loss = hinge_d_loss(logits[:n], logits[n:])
         g_loss = -self.logits(fake, detach_weights=True).mean()
         lam = adaptive_weight(rec_loss, g_loss, last_layer) if self.adaptive else g_loss.new_ones(())
-        metrics = {"adv_active": 1.0, "d_loss": d_loss.item(), "g_loss": g_loss.item(), "adv_lambda": float(lam),
-                   "d_real": logits[:n].mean().item(), "d_fake": logits[n:].mean().item()}
+        metrics = {
+            "adv_active": 1.0,
+            "d_loss": d_loss.item(),
+            "g_loss": g_loss.item(),
+            "adv_lambda": float(lam),
+            "d_real": logits[:n].mean().item(),
+            "d_fake": logits[n:].mean().item(),
+        }
         return self.weight * lam * g_loss + d_loss, metrics

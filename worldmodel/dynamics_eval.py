@@ -29,9 +29,21 @@ from worldmodel.prior_heads import symexp
 from worldmodel.store import EpisodeStore, heldout_episode_ids
 
 __all__ = [
-    "DynamicsReport", "HeldoutClips", "OpenLoopRollout", "TeacherForced", "encode_windows", "evaluate_dynamics",
-    "evaluate_dynamics_on", "heldout_nll", "open_loop", "psnr", "reconstruct",
-    "render_action_strips", "sample_clips", "teacher_forced_episodes", "window_starts",
+    "DynamicsReport",
+    "HeldoutClips",
+    "OpenLoopRollout",
+    "TeacherForced",
+    "encode_windows",
+    "evaluate_dynamics",
+    "evaluate_dynamics_on",
+    "heldout_nll",
+    "open_loop",
+    "psnr",
+    "reconstruct",
+    "render_action_strips",
+    "sample_clips",
+    "teacher_forced_episodes",
+    "window_starts",
 ]
 
 
@@ -49,16 +61,22 @@ class HeldoutClips:
     split: str  # the split the clips were drawn from
 
 
-def sample_clips(store: EpisodeStore, *, split: str = "test", n: int = 32, length: int = 20, seed: int = 0) -> HeldoutClips:
+def sample_clips(
+    store: EpisodeStore, *, split: str = "test", n: int = 32, length: int = 20, seed: int = 0
+) -> HeldoutClips:
     """``n`` random clips of ``length`` frames (episode, then start, drawn uniformly with ``seed``)."""
     if n < 1 or length < 2:
         raise ValueError(f"n and length: got n={n}, length={length}, expected n >= 1 and length >= 2")
     if store.meta.action_spec.kind == "none":
-        raise ValueError(f"store {store.root} has no actions; open-loop evaluation needs an action-conditioned store")
+        raise ValueError(
+            f"store {store.root} has no actions; open-loop evaluation needs an action-conditioned store"
+        )
     try:
         ids, used = heldout_episode_ids(store, split, length)
     except ValueError as e:
-        raise ValueError(f"length: {e} (a clip of context + horizon frames); use a shorter context or horizon") from None
+        raise ValueError(
+            f"length: {e} (a clip of context + horizon frames); use a shorter context or horizon"
+        ) from None
     rng = np.random.default_rng(seed)
     clips, eids, starts = [], [], []
     for _ in range(n):
@@ -67,17 +85,25 @@ def sample_clips(store: EpisodeStore, *, split: str = "test", n: int = 32, lengt
         clips.append(store.read_clip(eid, start, length))
         eids.append(eid)
         starts.append(start)
-    return HeldoutClips(np.stack([c["frames"] for c in clips]), np.stack([c["actions"] for c in clips]),
-                        np.stack([c["rewards"] for c in clips]), np.stack([c["terminated"] for c in clips]),
-                        eids, starts, used)
+    return HeldoutClips(
+        np.stack([c["frames"] for c in clips]),
+        np.stack([c["actions"] for c in clips]),
+        np.stack([c["rewards"] for c in clips]),
+        np.stack([c["terminated"] for c in clips]),
+        eids,
+        starts,
+        used,
+    )
 
 
 # -- tokenizer windows ----------------------------------------------------------------------------
 def _check_stride(wm: WorldModel) -> None:
     st = int(wm.cfg.tokenizer.stride[0])
     if st != 1:
-        raise ValueError(f"the bundle's tokenizer has temporal stride {st}; this evaluation needs one token frame "
-                         "per video frame (temporal stride 1, as every dream preset uses)")
+        raise ValueError(
+            f"the bundle's tokenizer has temporal stride {st}; this evaluation needs one token frame "
+            "per video frame (temporal stride 1, as every dream preset uses)"
+        )
 
 
 @torch.inference_mode()
@@ -121,8 +147,17 @@ class OpenLoopRollout:
 
 
 @torch.inference_mode()
-def open_loop(wm: WorldModel, frames: np.ndarray, actions: np.ndarray, *, context: int, horizon: int,
-              temperature: float = 0.0, seed: int = 0, **decode_kw: Any) -> OpenLoopRollout:
+def open_loop(
+    wm: WorldModel,
+    frames: np.ndarray,
+    actions: np.ndarray,
+    *,
+    context: int,
+    horizon: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    **decode_kw: Any,
+) -> OpenLoopRollout:
     """Start from ``frames[:, :context]`` (with ``actions[:, :context-1]``) and generate ``horizon`` frames
     replaying ``actions[:, context-1 : context-1+horizon]``.
 
@@ -137,18 +172,27 @@ def open_loop(wm: WorldModel, frames: np.ndarray, actions: np.ndarray, *, contex
     if context < 1 or horizon < 1:
         raise ValueError(f"context and horizon: got {context}, {horizon}, expected both >= 1")
     if frames.shape[1] < context or len(actions) != n or actions.shape[1] < context - 1 + horizon:
-        raise ValueError(f"frames/actions: got {frames.shape} and {actions.shape}, expected (n, >= {context}, H, W, 3) "
-                         f"and (n, >= {context - 1 + horizon}[, A]) for context={context}, horizon={horizon}")
+        raise ValueError(
+            f"frames/actions: got {frames.shape} and {actions.shape}, expected (n, >= {context}, H, W, 3) "
+            f"and (n, >= {context - 1 + horizon}[, A]) for context={context}, horizon={horizon}"
+        )
     t0 = time.perf_counter()
     ro = wm.rollout(n)
     ro.reset(frames[:, :context], actions[:, : context - 1])
     g = torch.Generator(device=wm.device).manual_seed(seed)
-    steps = [ro.step(actions[:, context - 1 + k], temperature=temperature, generator=g, **decode_kw)
-             for k in range(horizon)]
+    steps = [
+        ro.step(actions[:, context - 1 + k], temperature=temperature, generator=g, **decode_kw)
+        for k in range(horizon)
+    ]
     seconds = time.perf_counter() - t0
-    return OpenLoopRollout(np.stack([s.frames for s in steps], 1), np.stack([s.rewards for s in steps], 1),
-                           np.stack([s.terminated_prob for s in steps], 1), np.stack([s.entropy for s in steps], 1),
-                           seconds, np.stack([s.rewards_if_terminated for s in steps], 1))
+    return OpenLoopRollout(
+        np.stack([s.frames for s in steps], 1),
+        np.stack([s.rewards for s in steps], 1),
+        np.stack([s.terminated_prob for s in steps], 1),
+        np.stack([s.entropy for s in steps], 1),
+        seconds,
+        np.stack([s.rewards_if_terminated for s in steps], 1),
+    )
 
 
 @dataclass
@@ -173,9 +217,17 @@ def _per_step(fn, a: np.ndarray, b: np.ndarray) -> list[float]:
     return [float(x) for x in fn(a, b).mean(0)]
 
 
-def evaluate_dynamics_on(wm: WorldModel, clips: HeldoutClips, *, context: int = 4, horizon: int = 16,
-                         temperature: float = 0.0, seed: int = 0, reconstruction: np.ndarray | None = None,
-                         **decode_kw: Any) -> DynamicsReport:
+def evaluate_dynamics_on(
+    wm: WorldModel,
+    clips: HeldoutClips,
+    *,
+    context: int = 4,
+    horizon: int = 16,
+    temperature: float = 0.0,
+    seed: int = 0,
+    reconstruction: np.ndarray | None = None,
+    **decode_kw: Any,
+) -> DynamicsReport:
     """Open-loop PSNR/SSIM per step for true vs shuffled actions vs copy-last vs decode-ceiling on ``clips``.
 
     ``clips`` must hold at least ``context + horizon`` frames; ``reconstruction`` (optional) is
@@ -185,31 +237,57 @@ def evaluate_dynamics_on(wm: WorldModel, clips: HeldoutClips, *, context: int = 
     n, L = clips.frames.shape[:2]
     if L < context + horizon:
         raise ValueError(f"clips: {L} frames, expected >= context + horizon = {context + horizon}")
-    real = clips.frames[:, context: context + horizon]
+    real = clips.frames[:, context : context + horizon]
     perm = np.roll(np.arange(n), 1)  # every row gets another row's actions
     rollouts = {}
     for name, acts in (("true", clips.actions), ("shuffled", clips.actions[perm])):
         if name == "shuffled":  # only the *future* actions are swapped; the context keeps its own actions
-            acts = np.concatenate([clips.actions[:, : context - 1], acts[:, context - 1:]], 1)
-        rollouts[name] = open_loop(wm, clips.frames, acts, context=context, horizon=horizon,
-                                   temperature=temperature, seed=seed, **decode_kw)
-    copy = np.repeat(clips.frames[:, context - 1: context], horizon, 1)
+            acts = np.concatenate([clips.actions[:, : context - 1], acts[:, context - 1 :]], 1)
+        rollouts[name] = open_loop(
+            wm,
+            clips.frames,
+            acts,
+            context=context,
+            horizon=horizon,
+            temperature=temperature,
+            seed=seed,
+            **decode_kw,
+        )
+    copy = np.repeat(clips.frames[:, context - 1 : context], horizon, 1)
     recon = reconstruct(wm, clips.frames) if reconstruction is None else reconstruction
-    ceiling = recon[:, context: context + horizon]
+    ceiling = recon[:, context : context + horizon]
     return DynamicsReport(
         list(range(1, horizon + 1)),
-        _per_step(psnr, rollouts["true"].frames, real), _per_step(psnr, rollouts["shuffled"].frames, real),
-        _per_step(psnr, copy, real), _per_step(psnr, ceiling, real),
-        _per_step(ssim, rollouts["true"].frames, real), _per_step(ssim, rollouts["shuffled"].frames, real),
-        _per_step(ssim, copy, real), _per_step(ssim, ceiling, real), n, rollouts)
+        _per_step(psnr, rollouts["true"].frames, real),
+        _per_step(psnr, rollouts["shuffled"].frames, real),
+        _per_step(psnr, copy, real),
+        _per_step(psnr, ceiling, real),
+        _per_step(ssim, rollouts["true"].frames, real),
+        _per_step(ssim, rollouts["shuffled"].frames, real),
+        _per_step(ssim, copy, real),
+        _per_step(ssim, ceiling, real),
+        n,
+        rollouts,
+    )
 
 
-def evaluate_dynamics(wm: WorldModel, store: EpisodeStore, *, split: str = "test", n: int = 32, context: int = 4,
-                      horizon: int = 16, seed: int = 0, temperature: float = 0.0, **decode_kw: Any) -> DynamicsReport:
+def evaluate_dynamics(
+    wm: WorldModel,
+    store: EpisodeStore,
+    *,
+    split: str = "test",
+    n: int = 32,
+    context: int = 4,
+    horizon: int = 16,
+    seed: int = 0,
+    temperature: float = 0.0,
+    **decode_kw: Any,
+) -> DynamicsReport:
     """:func:`evaluate_dynamics_on` ``n`` clips drawn from ``store``'s held-out episodes with ``seed``."""
     clips = sample_clips(store, split=split, n=n, length=context + horizon, seed=seed)
-    rep = evaluate_dynamics_on(wm, clips, context=context, horizon=horizon, temperature=temperature, seed=seed,
-                               **decode_kw)
+    rep = evaluate_dynamics_on(
+        wm, clips, context=context, horizon=horizon, temperature=temperature, seed=seed, **decode_kw
+    )
     rep.extra.update(split=clips.split, clips=[[e, s] for e, s in zip(clips.episode_ids, clips.starts)])
     return rep
 
@@ -245,14 +323,22 @@ class TeacherForced:
     def reward_pred_given_truth(self) -> list[np.ndarray]:
         """Per episode, the predicted reward of the outcome that really happened (the output matching
         the real termination; the one output of a one-output head)."""
-        return [np.where(d, rt, rc) for rc, rt, d in zip(self.reward_pred, self.reward_pred_if_terminated, self.terminated)]
+        return [
+            np.where(d, rt, rc)
+            for rc, rt, d in zip(self.reward_pred, self.reward_pred_if_terminated, self.terminated)
+        ]
 
     def expected_reward_pred(self) -> list[np.ndarray]:
         """Per episode, both predicted rewards weighted by the predicted termination probability."""
-        return [p * rt + (1 - p) * rc for rc, rt, p in zip(self.reward_pred, self.reward_pred_if_terminated, self.term_prob)]
+        return [
+            p * rt + (1 - p) * rc
+            for rc, rt, p in zip(self.reward_pred, self.reward_pred_if_terminated, self.term_prob)
+        ]
 
 
-def encoded_episode(wm: WorldModel, store: EpisodeStore, eid: str) -> tuple[Any, torch.Tensor, torch.Tensor] | None:
+def encoded_episode(
+    wm: WorldModel, store: EpisodeStore, eid: str
+) -> tuple[Any, torch.Tensor, torch.Tensor] | None:
     """(episode, tokens (T, h, w), actions (T-1[, A]) on the model's device) of a stored episode, or
     None when it has fewer than 2 frames (no transition); raises when it has no actions."""
     ep = store.load(eid)
@@ -264,8 +350,9 @@ def encoded_episode(wm: WorldModel, store: EpisodeStore, eid: str) -> tuple[Any,
 
 
 @torch.inference_mode()
-def teacher_forced_episodes(wm: WorldModel, store: EpisodeStore, episode_ids: list[str],
-                            batch_size: int = 16) -> TeacherForced:
+def teacher_forced_episodes(
+    wm: WorldModel, store: EpisodeStore, episode_ids: list[str], batch_size: int = 16
+) -> TeacherForced:
     """Reward and termination predictions of the prior's heads for every transition of ``episode_ids``
     (``batch_size`` prior windows per forward).
 
@@ -283,21 +370,21 @@ def teacher_forced_episodes(wm: WorldModel, store: EpisodeStore, episode_ids: li
         T = len(ep)
         starts = window_starts(T, F)
         L = min(F, T)
-        tok = torch.stack([tokens[s: s + L] for s in starts])  # (nw, L, h, w)
-        act = torch.stack([acts[s: s + L - 1] for s in starts])  # (nw, L-1[, A])
+        tok = torch.stack([tokens[s : s + L] for s in starts])  # (nw, L, h, w)
+        act = torch.stack([acts[s : s + L - 1] for s in starts])  # (nw, L-1[, A])
         reward, reward_t, term = [], [], []
         for i in range(0, len(starts), batch_size):
-            res = wm.prior(tok[i: i + batch_size], act[i: i + batch_size])
+            res = wm.prior(tok[i : i + batch_size], act[i : i + batch_size])
             reward.append(symexp(res.reward[:, 1:].float()).cpu().numpy())  # (b, L-1): transitions s .. s+L-2
             reward_t.append(symexp(res.reward_if_terminated[:, 1:].float()).cpu().numpy())
             term.append(torch.sigmoid(res.term_logit[:, 1:].float()).cpu().numpy())
         reward, reward_t, term = np.concatenate(reward), np.concatenate(reward_t), np.concatenate(term)
         r_pred, r_pred_t, p_term = (np.full(T - 1, np.nan, np.float32) for _ in range(3))
         for i, s in enumerate(starts):
-            new = np.isnan(r_pred[s: s + L - 1])  # the first window that covers a transition predicts it
-            r_pred[s: s + L - 1][new] = reward[i][new]
-            r_pred_t[s: s + L - 1][new] = reward_t[i][new]
-            p_term[s: s + L - 1][new] = term[i][new]
+            new = np.isnan(r_pred[s : s + L - 1])  # the first window that covers a transition predicts it
+            r_pred[s : s + L - 1][new] = reward[i][new]
+            r_pred_t[s : s + L - 1][new] = reward_t[i][new]
+            p_term[s : s + L - 1][new] = term[i][new]
         out.episode_ids.append(eid)
         out.reward_pred.append(r_pred)
         out.reward_pred_if_terminated.append(r_pred_t)
@@ -305,12 +392,16 @@ def teacher_forced_episodes(wm: WorldModel, store: EpisodeStore, episode_ids: li
         out.rewards.append(ep.rewards.astype(np.float32))
         out.terminated.append(ep.terminated.astype(bool))
         if L == F:
-            out.token_windows += [{"tokens": tok[i].cpu(), "actions": act[i].cpu()} for i in range(len(starts))]
+            out.token_windows += [
+                {"tokens": tok[i].cpu(), "actions": act[i].cpu()} for i in range(len(starts))
+            ]
     return out
 
 
 @torch.inference_mode()
-def heldout_nll(wm: WorldModel, token_clips: list[dict], shuffle_seed: int = 0, batch_size: int = 16) -> dict[str, float]:
+def heldout_nll(
+    wm: WorldModel, token_clips: list[dict], shuffle_seed: int = 0, batch_size: int = 16
+) -> dict[str, float]:
     """Teacher-forced nats/token on token clips (each {"tokens": (F, h, w), "actions": (F-1[, A])}): all
     frames, first frames, frames with history (true and shuffled actions). ``batch_size`` clips per forward."""
     from worldmodel.sampling import teacher_forced_nll
@@ -324,16 +415,28 @@ def heldout_nll(wm: WorldModel, token_clips: list[dict], shuffle_seed: int = 0, 
     chunks = [slice(i, i + batch_size) for i in range(0, len(tok), batch_size)]
     nll = torch.cat([teacher_forced_nll(wm.prior, tok[c], act[c]) for c in chunks])  # (N, F)
     nll_shuf = torch.cat([teacher_forced_nll(wm.prior, tok[c], act_shuf[c]) for c in chunks])
-    return {"nats_per_token": float(nll.mean()), "nats_first_frame": float(nll[:, 0].mean()),
-            "nats_with_history_true": float(nll[:, 1:].mean()),
-            "nats_with_history_shuffled": float(nll_shuf[:, 1:].mean())}
+    return {
+        "nats_per_token": float(nll.mean()),
+        "nats_first_frame": float(nll[:, 0].mean()),
+        "nats_with_history_true": float(nll[:, 1:].mean()),
+        "nats_with_history_shuffled": float(nll_shuf[:, 1:].mean()),
+    }
 
 
 # -- pictures --------------------------------------------------------------------------------------
 @torch.inference_mode()
-def render_action_strips(wm: WorldModel, store: EpisodeStore, path: str, *, actions: list[int] | None = None,
-                         context: int = 4, horizon: int = 8, split: str = "test", seed: int = 0,
-                         upscale_factor: int = 2) -> str:
+def render_action_strips(
+    wm: WorldModel,
+    store: EpisodeStore,
+    path: str,
+    *,
+    actions: list[int] | None = None,
+    context: int = 4,
+    horizon: int = 8,
+    split: str = "test",
+    seed: int = 0,
+    upscale_factor: int = 2,
+) -> str:
     """PNG: one row per constant action (e.g. turn left vs turn right) rolled out from the same real
     context; the first ``context`` columns are the real context frames. Discrete actions only."""
     from worldmodel.video import annotate, grid, save_png, upscale
@@ -348,7 +451,9 @@ def render_action_strips(wm: WorldModel, store: EpisodeStore, path: str, *, acti
     eid = ids[int(np.random.default_rng(seed).integers(len(ids)))]
     clip = store.read_clip(eid, 0, context)
     ro = wm.rollout(len(actions))
-    ro.reset(np.repeat(clip["frames"][None], len(actions), 0), np.repeat(clip["actions"][None], len(actions), 0))
+    ro.reset(
+        np.repeat(clip["frames"][None], len(actions), 0), np.repeat(clip["actions"][None], len(actions), 0)
+    )
     g = torch.Generator().manual_seed(seed)
     gen = [ro.step(np.array(actions), temperature=0.0, generator=g).frames for _ in range(horizon)]
     names = spec.names or tuple(str(a) for a in range(spec.n))

@@ -115,8 +115,10 @@ class EvalSettings:
         if self.temperature < 0:
             raise ValueError(f"temperature: got {self.temperature}, expected >= 0")
         if self.dream_episodes < 0 or self.dream_max_steps < 0:
-            raise ValueError(f"dream_episodes and dream_max_steps: got {self.dream_episodes}, {self.dream_max_steps}, "
-                             "expected both >= 0")
+            raise ValueError(
+                f"dream_episodes and dream_max_steps: got {self.dream_episodes}, {self.dream_max_steps}, "
+                "expected both >= 0"
+            )
         if self.dream_temperature < 0:
             raise ValueError(f"dream_temperature: got {self.dream_temperature}, expected >= 0")
 
@@ -134,8 +136,15 @@ def binary_scores(pred: np.ndarray, true: np.ndarray) -> dict[str, float | int |
     precision = tp / n_pred if n_pred else None
     recall = tp / n_true if n_true else None
     f1 = 2 * tp / (n_pred + n_true) if n_pred + n_true else None
-    return {"precision": precision, "recall": recall, "f1": f1, "true_positives": tp, "n_predicted": n_pred,
-            "n_positive": n_true, "n_transitions": int(pred.size)}
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "true_positives": tp,
+        "n_predicted": n_pred,
+        "n_positive": n_true,
+        "n_transitions": int(pred.size),
+    }
 
 
 def choose_threshold(prob: np.ndarray, true: np.ndarray) -> float | None:
@@ -156,27 +165,43 @@ def _mean(x: np.ndarray) -> float:
 
 # -- sections ---------------------------------------------------------------------------------------
 def reconstruction_section(clips: HeldoutClips, recon: np.ndarray) -> dict[str, Any]:
-    return {"psnr": _mean(psnr(recon, clips.frames)), "ssim": _mean(ssim(recon, clips.frames)),
-            "n_frames": int(np.prod(clips.frames.shape[:2]))}
+    return {
+        "psnr": _mean(psnr(recon, clips.frames)),
+        "ssim": _mean(ssim(recon, clips.frames)),
+        "n_frames": int(np.prod(clips.frames.shape[:2])),
+    }
 
 
 def open_loop_section(rep: DynamicsReport, clips: HeldoutClips, context: int) -> dict[str, Any]:
     H = len(rep.steps)
-    real_r = clips.rewards[:, context - 1: context - 1 + H]  # rewards of the generated transitions
-    real_d = clips.terminated[:, context - 1: context - 1 + H]
+    real_r = clips.rewards[:, context - 1 : context - 1 + H]  # rewards of the generated transitions
+    real_d = clips.terminated[:, context - 1 : context - 1 + H]
     ro = rep.rollouts["true"]
     return {
         "steps": rep.steps,
-        "psnr": {"model": rep.psnr_true, "shuffled_actions": rep.psnr_shuffled, "copy_last": rep.psnr_copy_last,
-                 "ceiling": rep.psnr_ceiling},
-        "ssim": {"model": rep.ssim_true, "shuffled_actions": rep.ssim_shuffled, "copy_last": rep.ssim_copy_last,
-                 "ceiling": rep.ssim_ceiling},
+        "psnr": {
+            "model": rep.psnr_true,
+            "shuffled_actions": rep.psnr_shuffled,
+            "copy_last": rep.psnr_copy_last,
+            "ceiling": rep.psnr_ceiling,
+        },
+        "ssim": {
+            "model": rep.ssim_true,
+            "shuffled_actions": rep.ssim_shuffled,
+            "copy_last": rep.ssim_copy_last,
+            "ceiling": rep.ssim_ceiling,
+        },
         "psnr_gain_over_copy_last": [m - c for m, c in zip(rep.psnr_true, rep.psnr_copy_last)],
         "reward_mae": [float(x) for x in np.abs(ro.rewards_given(real_d) - real_r).mean(0)],
         "token_entropy": [float(x) for x in ro.entropy.mean(0)],
-        "at_horizon": {"step": H, "psnr_model": rep.psnr_true[-1], "psnr_copy_last": rep.psnr_copy_last[-1],
-                       "gain_db": rep.psnr_true[-1] - rep.psnr_copy_last[-1],
-                       "ssim_model": rep.ssim_true[-1], "ssim_copy_last": rep.ssim_copy_last[-1]},
+        "at_horizon": {
+            "step": H,
+            "psnr_model": rep.psnr_true[-1],
+            "psnr_copy_last": rep.psnr_copy_last[-1],
+            "gain_db": rep.psnr_true[-1] - rep.psnr_copy_last[-1],
+            "ssim_model": rep.ssim_true[-1],
+            "ssim_copy_last": rep.ssim_copy_last[-1],
+        },
     }
 
 
@@ -209,8 +234,9 @@ def dream_schedule_windows(T: int, frames: int, keep: int) -> list[tuple[int, in
 
 
 @torch.inference_mode()
-def heads_on_dream_schedule(wm: WorldModel, store: EpisodeStore, episode_ids: list[str],
-                            batch_size: int = 16) -> TeacherForced:
+def heads_on_dream_schedule(
+    wm: WorldModel, store: EpisodeStore, episode_ids: list[str], batch_size: int = 16
+) -> TeacherForced:
     """Reward and termination heads on every transition of ``episode_ids``, teacher forced (real frames
     and actions) in the windows of :func:`dream_schedule_windows` (the sampler's ``keep``), i.e. with the
     history and at the window position the dream env would read each transition with. ``token_windows``
@@ -233,16 +259,18 @@ def heads_on_dream_schedule(wm: WorldModel, store: EpisodeStore, episode_ids: li
         for n in sorted({n for _, n, _ in wins}):  # windows of equal length go through the prior together
             group = [(s, first) for s, m, first in wins if m == n]
             for i in range(0, len(group), batch_size):
-                part = group[i: i + batch_size]
-                res = wm.prior(torch.stack([tokens[s: s + n] for s, _ in part]),
-                               torch.stack([acts[s: s + n - 1] for s, _ in part]))
+                part = group[i : i + batch_size]
+                res = wm.prior(
+                    torch.stack([tokens[s : s + n] for s, _ in part]),
+                    torch.stack([acts[s : s + n - 1] for s, _ in part]),
+                )
                 reward = symexp(res.reward.float()).cpu().numpy()  # (b, n): [j] = transition into frame s+j
                 reward_t = symexp(res.reward_if_terminated.float()).cpu().numpy()
                 term = torch.sigmoid(res.term_logit.float()).cpu().numpy()
                 for k, (s, first) in enumerate(part):
-                    r_pred[s + first - 1: s + n - 1] = reward[k, first:]
-                    r_pred_t[s + first - 1: s + n - 1] = reward_t[k, first:]
-                    p_term[s + first - 1: s + n - 1] = term[k, first:]
+                    r_pred[s + first - 1 : s + n - 1] = reward[k, first:]
+                    r_pred_t[s + first - 1 : s + n - 1] = reward_t[k, first:]
+                    p_term[s + first - 1 : s + n - 1] = term[k, first:]
         out.episode_ids.append(eid)
         out.reward_pred.append(r_pred)
         out.reward_pred_if_terminated.append(r_pred_t)
@@ -250,24 +278,35 @@ def heads_on_dream_schedule(wm: WorldModel, store: EpisodeStore, episode_ids: li
         out.rewards.append(ep.rewards.astype(np.float32))
         out.terminated.append(ep.terminated.astype(bool))
         if T >= F:
-            out.token_windows += [{"tokens": tokens[s: s + F].cpu(), "actions": acts[s: s + F - 1].cpu()}
-                                  for s in window_starts(T, F)]
+            out.token_windows += [
+                {"tokens": tokens[s : s + F].cpu(), "actions": acts[s : s + F - 1].cpu()}
+                for s in window_starts(T, F)
+            ]
     return out
 
 
-def tuned_termination(wm: WorldModel, store: EpisodeStore, split: str, n: int, p_term: np.ndarray,
-                      d_true: np.ndarray) -> dict[str, Any]:
+def tuned_termination(
+    wm: WorldModel, store: EpisodeStore, split: str, n: int, p_term: np.ndarray, d_true: np.ndarray
+) -> dict[str, Any]:
     """Scores on (p_term, d_true) at a threshold chosen on up to ``n`` ``val`` episodes (never the
     evaluated ones): only when the evaluated split is ``test``."""
     if split != "test":
-        return {"threshold": None, "reason": f"the report is on the {split!r} split: no separate split to tune on"}
+        return {
+            "threshold": None,
+            "reason": f"the report is on the {split!r} split: no separate split to tune on",
+        }
     ids, used, n_term = choose_episodes(store, "val", n)
     if used != "val" or n_term == 0:
         return {"threshold": None, "reason": "no 'val' episode ends in termination"}
     tf = heads_on_dream_schedule(wm, store, ids)
     thr = choose_threshold(np.concatenate(tf.term_prob), np.concatenate(tf.terminated))
-    return {**binary_scores(p_term > thr, d_true), "threshold": thr, "chosen_on": "val", "n_val_episodes": len(ids),
-            "n_val_terminating": n_term}
+    return {
+        **binary_scores(p_term > thr, d_true),
+        "threshold": thr,
+        "chosen_on": "val",
+        "n_val_episodes": len(ids),
+        "n_val_terminating": n_term,
+    }
 
 
 def heads_sections(wm: WorldModel, store: EpisodeStore, split: str, n: int) -> tuple[dict, dict, dict]:
@@ -276,20 +315,32 @@ def heads_sections(wm: WorldModel, store: EpisodeStore, split: str, n: int) -> t
     ids, used, n_term = choose_episodes(store, split, n)
     hs = heads_on_dream_schedule(wm, store, ids)
     r_true = np.concatenate(hs.rewards)
-    r_pred = np.concatenate(hs.reward_pred_given_truth())  # the output for the real outcome (as the dream env reads it)
-    r_exp = np.concatenate(hs.expected_reward_pred())  # before termination is known: weighted by p(terminated)
+    r_pred = np.concatenate(
+        hs.reward_pred_given_truth()
+    )  # the output for the real outcome (as the dream env reads it)
+    r_exp = np.concatenate(
+        hs.expected_reward_pred()
+    )  # before termination is known: weighted by p(terminated)
     p_term, d_true = np.concatenate(hs.term_prob), np.concatenate(hs.terminated)
     where = {"split": used, "n_episodes": len(hs.episode_ids), "episode_ids": hs.episode_ids}
-    reward = {"reward_given_termination": wm.cfg.prior.reward_given_termination,
-              "mae_teacher_forced": _mean(np.abs(r_pred - r_true)),
-              "mae_teacher_forced_expected": _mean(np.abs(r_exp - r_true)),
-              "mae_constant_baseline": _mean(np.abs(np.median(r_true) - r_true)),
-              "mean_abs_reward": _mean(np.abs(r_true)), **where}
+    reward = {
+        "reward_given_termination": wm.cfg.prior.reward_given_termination,
+        "mae_teacher_forced": _mean(np.abs(r_pred - r_true)),
+        "mae_teacher_forced_expected": _mean(np.abs(r_exp - r_true)),
+        "mae_constant_baseline": _mean(np.abs(np.median(r_true) - r_true)),
+        "mean_abs_reward": _mean(np.abs(r_true)),
+        **where,
+    }
     if d_true.any():  # the rare rewards that come with termination (HGS: the death penalty)
         reward["mae_on_terminal"] = _mean(np.abs(r_pred[d_true] - r_true[d_true]))
         reward["mae_on_terminal_expected"] = _mean(np.abs(r_exp[d_true] - r_true[d_true]))
-    termination = {**binary_scores(p_term > TERMINATION_THRESHOLD, d_true), "threshold": TERMINATION_THRESHOLD,
-                   "expected_terminations": float(p_term.sum()), "n_terminating_episodes": n_term, **where}
+    termination = {
+        **binary_scores(p_term > TERMINATION_THRESHOLD, d_true),
+        "threshold": TERMINATION_THRESHOLD,
+        "expected_terminations": float(p_term.sum()),
+        "n_terminating_episodes": n_term,
+        **where,
+    }
     if n_term == 0:
         termination["note"] = "no held-out episode ends in termination: recall is undefined"
     termination["tuned"] = tuned_termination(wm, store, used, n, p_term, d_true)
@@ -299,17 +350,28 @@ def heads_sections(wm: WorldModel, store: EpisodeStore, split: str, n: int) -> t
         h, w = wm.cfg.prior.tokens_h, wm.cfg.prior.tokens_w
         H, W, C = wm.obs_shape
         F = wm.cfg.prior.frames
-        bits.update(nll, bits_per_token=bits_per_token(nll["nats_per_token"]),
-                    bits_per_dim=bits_per_dim(nll["nats_per_token"], (F, h, w), (F, H, W, C)))
+        bits.update(
+            nll,
+            bits_per_token=bits_per_token(nll["nats_per_token"]),
+            bits_per_dim=bits_per_dim(nll["nats_per_token"], (F, h, w), (F, H, W, C)),
+        )
     else:
         bits["note"] = f"no held-out episode has the {wm.cfg.prior.frames} frames of a prior window"
     return reward, termination, bits
 
 
 @torch.inference_mode()
-def dream_episode_section(wm: WorldModel, store: EpisodeStore, episode_ids: list[str], *, rows: int,
-                          max_steps: int = 0, thresholds: dict[str, float | None] | None = None,
-                          temperature: float = 1.0, seed: int = 0) -> dict[str, Any]:
+def dream_episode_section(
+    wm: WorldModel,
+    store: EpisodeStore,
+    episode_ids: list[str],
+    *,
+    rows: int,
+    max_steps: int = 0,
+    thresholds: dict[str, float | None] | None = None,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Lengths (steps) of ``rows`` dream episodes started from the first frame of ``episode_ids``
     (cycled) under a :class:`~worldmodel.random_policy.StickyRandomPolicy`, for several ways of ending them on one rollout:
     ``sample`` (the first step whose Bernoulli(p) draw says terminated, the dream env's default) and
@@ -342,18 +404,36 @@ def dream_episode_section(wm: WorldModel, store: EpisodeStore, episode_ids: list
             ended[k][(ended[k] < 0) & hit] = steps
         if all((v >= 0).all() for v in ended.values()):
             break
-    out: dict[str, Any] = {"policy": "sticky random (mean repeat 4)", "n_episodes": rows, "max_steps": max_steps,
-                           "temperature": temperature, "real_mean_length": float(real.mean()),
-                           "real_n_episodes": len(ids), "steps_run": steps, "seconds": time.perf_counter() - t0}
+    out: dict[str, Any] = {
+        "policy": "sticky random (mean repeat 4)",
+        "n_episodes": rows,
+        "max_steps": max_steps,
+        "temperature": temperature,
+        "real_mean_length": float(real.mean()),
+        "real_n_episodes": len(ids),
+        "steps_run": steps,
+        "seconds": time.perf_counter() - t0,
+    }
     for k, thr in rules.items():
         lengths = np.where(ended[k] < 0, max_steps, ended[k])
-        out[k] = {"mean_length": float(lengths.mean()), "median_length": float(np.median(lengths)),
-                  "n_censored": int((ended[k] < 0).sum()), **({} if thr is None else {"threshold": thr})}
+        out[k] = {
+            "mean_length": float(lengths.mean()),
+            "median_length": float(np.median(lengths)),
+            "n_censored": int((ended[k] < 0).sum()),
+            **({} if thr is None else {"threshold": thr}),
+        }
     return out
 
 
-def fvd_section(real: np.ndarray, recon: np.ndarray, dream: np.ndarray, *, weights: str | None,
-                batch_size: int = 8, device: str | torch.device = "cpu") -> dict[str, Any]:
+def fvd_section(
+    real: np.ndarray,
+    recon: np.ndarray,
+    dream: np.ndarray,
+    *,
+    weights: str | None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
     """FVD(real, dream), FVD*(recon, dream) and FVD(real, recon) on 16-frame clips; never raises.
 
     All three sets are uint8 (n, T, H, W, 3) over the same clips; the first 16 frames are used.
@@ -364,7 +444,9 @@ def fvd_section(real: np.ndarray, recon: np.ndarray, dream: np.ndarray, *, weigh
     info: dict[str, Any] = {"n_clips": int(len(dream)), "frames": FVD_FRAMES, "weights": None, "reason": None}
     out["fvd_info"] = info
     if dream.shape[1] < FVD_FRAMES:
-        info["reason"] = f"horizon {dream.shape[1]} < {FVD_FRAMES}: FVD needs {FVD_FRAMES}-frame clips (use --horizon 16)"
+        info["reason"] = (
+            f"horizon {dream.shape[1]} < {FVD_FRAMES}: FVD needs {FVD_FRAMES}-frame clips (use --horizon 16)"
+        )
         return out
     if len(dream) < 2:
         info["reason"] = "FVD needs at least 2 clips per set"
@@ -374,13 +456,17 @@ def fvd_section(real: np.ndarray, recon: np.ndarray, dream: np.ndarray, *, weigh
         info["weights"] = str(path)
         t0 = time.perf_counter()
         model = get_i3d(path, device)
-        emb = {k: i3d_embed(np.ascontiguousarray(v[:, :FVD_FRAMES]), model, batch_size)
-               for k, v in (("real", real), ("recon", recon), ("dream", dream))}
+        emb = {
+            k: i3d_embed(np.ascontiguousarray(v[:, :FVD_FRAMES]), model, batch_size)
+            for k, v in (("real", real), ("recon", recon), ("dream", dream))
+        }
         out["fvd"] = frechet_distance(emb["real"], emb["dream"])
         out["fvd_star"] = frechet_distance(emb["recon"], emb["dream"])
         out["fvd_recon"] = frechet_distance(emb["real"], emb["recon"])
         info["seconds"] = time.perf_counter() - t0
-    except Exception as e:  # FVD is optional: missing/corrupt weights or a degenerate covariance is recorded, not fatal
+    except (
+        Exception
+    ) as e:  # FVD is optional: missing/corrupt weights or a degenerate covariance is recorded, not fatal
         info["reason"] = f"{type(e).__name__}: {e}"
         warnings.warn(f"FVD skipped: {info['reason']}", stacklevel=2)
     return out
@@ -416,7 +502,9 @@ def plot_open_loop(section: dict[str, Any], path: Path) -> Path:
     return _save_figure(fig, path)
 
 
-def plot_rollouts(clips: HeldoutClips, dream: np.ndarray, context: int, path: Path, max_rows: int = 4) -> Path:
+def plot_rollouts(
+    clips: HeldoutClips, dream: np.ndarray, context: int, path: Path, max_rows: int = 4
+) -> Path:
     """Image grid: for up to ``max_rows`` clips, the real frames above the dream (context frames repeated)."""
     from worldmodel.video import grid, save_png, upscale
 
@@ -429,8 +517,13 @@ def plot_rollouts(clips: HeldoutClips, dream: np.ndarray, context: int, path: Pa
 
 
 # -- the report ---------------------------------------------------------------------------------------
-def evaluate_world_model(wm: WorldModel, store: EpisodeStore, settings: EvalSettings = EvalSettings(), *,
-                         plot_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+def evaluate_world_model(
+    wm: WorldModel,
+    store: EpisodeStore,
+    settings: EvalSettings = EvalSettings(),
+    *,
+    plot_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
     """Compute the evaluation report (a JSON-ready dict; see the module docstring) of ``wm`` on ``store``.
 
     ``plot_dir``: if given, ``eval_open_loop.png`` and ``eval_rollouts.png`` are written there and
@@ -438,55 +531,101 @@ def evaluate_world_model(wm: WorldModel, store: EpisodeStore, settings: EvalSett
     """
     settings.validate()
     if wm.action_spec.kind == "none":
-        raise ValueError("the bundle models action-free video; evaluate.py needs an action-conditioned bundle")
+        raise ValueError(
+            "the bundle models action-free video; evaluate.py needs an action-conditioned bundle"
+        )
     t_all = time.perf_counter()
     s = settings
     clips = sample_clips(store, split=s.split, n=s.n_episodes, length=s.context + s.horizon, seed=s.seed)
     t0 = time.perf_counter()
     recon = reconstruct(wm, clips.frames)
     t_recon = time.perf_counter() - t0
-    rep = evaluate_dynamics_on(wm, clips, context=s.context, horizon=s.horizon, temperature=s.temperature,
-                               seed=s.seed, reconstruction=recon)
+    rep = evaluate_dynamics_on(
+        wm,
+        clips,
+        context=s.context,
+        horizon=s.horizon,
+        temperature=s.temperature,
+        seed=s.seed,
+        reconstruction=recon,
+    )
     open_loop = open_loop_section(rep, clips, s.context)
     reward, termination, bits = heads_sections(wm, store, s.split, s.n_episodes)
     dream_eps = dream_episode_section(
-        wm, store, termination["episode_ids"], rows=s.dream_episodes, max_steps=s.dream_max_steps,
+        wm,
+        store,
+        termination["episode_ids"],
+        rows=s.dream_episodes,
+        max_steps=s.dream_max_steps,
         thresholds={"threshold_0.5": TERMINATION_THRESHOLD, "tuned": termination["tuned"]["threshold"]},
-        temperature=s.dream_temperature, seed=s.seed)
+        temperature=s.dream_temperature,
+        seed=s.seed,
+    )
     dream = rep.rollouts["true"]
-    real_r = clips.rewards[:, s.context - 1: s.context - 1 + s.horizon]
-    reward["mae_open_loop"] = _mean(np.abs(dream.rewards_given(clips.terminated[:, s.context - 1: s.context - 1 + s.horizon])
-                                           - real_r))
+    real_r = clips.rewards[:, s.context - 1 : s.context - 1 + s.horizon]
+    reward["mae_open_loop"] = _mean(
+        np.abs(dream.rewards_given(clips.terminated[:, s.context - 1 : s.context - 1 + s.horizon]) - real_r)
+    )
     reward["mae_open_loop_expected"] = _mean(np.abs(dream.expected_rewards - real_r))
-    real_future = clips.frames[:, s.context: s.context + s.horizon]
+    real_future = clips.frames[:, s.context : s.context + s.horizon]
     if s.fvd:
-        fvd = fvd_section(real_future, recon[:, s.context: s.context + s.horizon], dream.frames,
-                          weights=s.i3d_weights, batch_size=s.fvd_batch_size, device=wm.device)
+        fvd = fvd_section(
+            real_future,
+            recon[:, s.context : s.context + s.horizon],
+            dream.frames,
+            weights=s.i3d_weights,
+            batch_size=s.fvd_batch_size,
+            device=wm.device,
+        )
     else:
-        fvd = {"fvd": None, "fvd_star": None, "fvd_recon": None, "fvd_info": {"reason": "disabled (fvd=False / --no-fvd)"}}
+        fvd = {
+            "fvd": None,
+            "fvd_star": None,
+            "fvd_recon": None,
+            "fvd_info": {"reason": "disabled (fvd=False / --no-fvd)"},
+        }
     report: dict[str, Any] = {
-        "format": REPORT_FORMAT, "version": REPORT_VERSION, "store": str(store.root),
-        "settings": asdict(s), "split": clips.split, "n_clips": len(clips.episode_ids),
+        "format": REPORT_FORMAT,
+        "version": REPORT_VERSION,
+        "store": str(store.root),
+        "settings": asdict(s),
+        "split": clips.split,
+        "n_clips": len(clips.episode_ids),
         "clips": [[e, st] for e, st in zip(clips.episode_ids, clips.starts)],
         "reconstruction": {**reconstruction_section(clips, recon), "seconds": t_recon},
         "open_loop": open_loop,
-        "reward": reward, "termination": termination, "dream_episodes": dream_eps, "bits": bits, **fvd,
-        "sampling": {"frames_per_s": dream.frames.shape[0] * dream.frames.shape[1] / dream.seconds,
-                     "batch_size": int(dream.frames.shape[0]), "seconds": dream.seconds,
-                     "temperature": s.temperature, "includes": "context encoding, prior sampling, frame decoding"},
+        "reward": reward,
+        "termination": termination,
+        "dream_episodes": dream_eps,
+        "bits": bits,
+        **fvd,
+        "sampling": {
+            "frames_per_s": dream.frames.shape[0] * dream.frames.shape[1] / dream.seconds,
+            "batch_size": int(dream.frames.shape[0]),
+            "seconds": dream.seconds,
+            "temperature": s.temperature,
+            "includes": "context encoding, prior sampling, frame decoding",
+        },
     }
     if plot_dir is not None:
         d = Path(plot_dir)
         d.mkdir(parents=True, exist_ok=True)
-        report["plots"] = [plot_open_loop(open_loop, d / "eval_open_loop.png").name,
-                           plot_rollouts(clips, dream.frames, s.context, d / "eval_rollouts.png").name]
+        report["plots"] = [
+            plot_open_loop(open_loop, d / "eval_open_loop.png").name,
+            plot_rollouts(clips, dream.frames, s.context, d / "eval_rollouts.png").name,
+        ]
     report["seconds"] = time.perf_counter() - t_all
     return report
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, *, store: str | os.PathLike | None = None,
-                        out: str | os.PathLike | None = None, settings: EvalSettings = EvalSettings(),
-                        device: str = "cpu") -> tuple[dict[str, Any], Path]:
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    *,
+    store: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    settings: EvalSettings = EvalSettings(),
+    device: str = "cpu",
+) -> tuple[dict[str, Any], Path]:
     """Load the bundle ``checkpoint``, evaluate it on ``store`` (default: the store it was trained on) and
     write ``eval.json`` + the plots to ``out`` (default: the bundle directory). Returns (report, json path)."""
     wm = WorldModel.from_pretrained(checkpoint, device=device)

@@ -44,8 +44,12 @@ class TokenDecoder:
     def supported(prior: Prior, dtype: torch.dtype, memory: object) -> bool:
         """True when the fused path computes what ``forward_cached`` would: fp32 cache and weights,
         no cross-attention memory, eval mode (no dropout)."""
-        return (memory is None and dtype == torch.float32 and not prior.training
-                and next(prior.parameters()).dtype == torch.float32)
+        return (
+            memory is None
+            and dtype == torch.float32
+            and not prior.training
+            and next(prior.parameters()).dtype == torch.float32
+        )
 
     def _refresh(self) -> None:
         """(Re)derive the fused weights when any parameter changed since the last call."""
@@ -63,17 +67,25 @@ class TokenDecoder:
                 # GELU(z) = z * (1 + erf(z / sqrt 2)) / 2: fc computes z' = z / sqrt 2 and fc2 reads
                 # z' * (1 + erf(z')) scaled by 1 / sqrt 2 (erf + addcmul cost ~2 us against ~8 us
                 # for the exact-erf F.gelu kernel on a 512-vector on this CPU)
-                r2 = 2 ** -0.5
-                self.layers.append({
-                    "qkv_t": w.t().contiguous(), "qkv_b": b,
-                    "proj_t": blk.attn.proj.weight.detach().t().contiguous(), "proj_b": blk.attn.proj.bias.detach(),
-                    "fc_t": (blk.mlp[0].weight.detach() * r2).t().contiguous(), "fc_b": blk.mlp[0].bias.detach() * r2,
-                    "fc2_t": (blk.mlp[2].weight.detach() * r2).t().contiguous(), "fc2_b": blk.mlp[2].bias.detach(),
-                })
+                r2 = 2**-0.5
+                self.layers.append(
+                    {
+                        "qkv_t": w.t().contiguous(),
+                        "qkv_b": b,
+                        "proj_t": blk.attn.proj.weight.detach().t().contiguous(),
+                        "proj_b": blk.attn.proj.bias.detach(),
+                        "fc_t": (blk.mlp[0].weight.detach() * r2).t().contiguous(),
+                        "fc_b": blk.mlp[0].bias.detach() * r2,
+                        "fc2_t": (blk.mlp[2].weight.detach() * r2).t().contiguous(),
+                        "fc2_b": blk.mlp[2].bias.detach(),
+                    }
+                )
             self.head_t = prior.head.weight.detach().t().contiguous()  # (C, V)
         self._version = version
 
-    def frame_norms(self, ln_params: list[tuple[torch.Tensor, torch.Tensor]] | None, B: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def frame_norms(
+        self, ln_params: list[tuple[torch.Tensor, torch.Tensor]] | None, B: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-frame (gain, bias) of every LayerNorm (ln1, ln2 of each block, then ln_f), each (B, C) or (C,),
         with the LayerNorm's own affine folded in: ``LN(x) = layer_norm(x) * gain + bias``.
 
@@ -91,7 +103,9 @@ class TokenDecoder:
                 out.append(((w * s).reshape(B, -1), torch.addcmul(c, b, s).reshape(B, -1)))
         return out
 
-    def __call__(self, x: torch.Tensor, norms: list[tuple[torch.Tensor, torch.Tensor]], cache: KVCache, pos: int) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, norms: list[tuple[torch.Tensor, torch.Tensor]], cache: KVCache, pos: int
+    ) -> torch.Tensor:
         """Input embeddings ``x`` (B, C) of cache slot ``pos`` of every row -> final normalised hidden (B, C).
 
         Writes the position's keys/values into ``cache`` (all B rows); it attends to slots ``0..pos``.
@@ -107,7 +121,9 @@ class TokenDecoder:
             kt, v = cache.kt[i], cache.v[i]  # (B, nh, hs, cap), (B, nh, cap, hs)
             kt[:, :, :, pos] = qkv[:, 1]
             v[:, :, pos] = qkv[:, 2]
-            att = torch.bmm(qkv[:, 0].reshape(B * nh, 1, hs), kt[:, :, :, :L].reshape(B * nh, hs, L))  # (B*nh, 1, L)
+            att = torch.bmm(
+                qkv[:, 0].reshape(B * nh, 1, hs), kt[:, :, :, :L].reshape(B * nh, hs, L)
+            )  # (B*nh, 1, L)
             y = torch.bmm(torch.softmax(att, -1), v[:, :, :L].reshape(B * nh, L, hs)).view(B, C)
             x = torch.addmm(x, y, lw["proj_t"]).add_(lw["proj_b"])  # x + proj(y)
             g, c = norms[2 * i + 1]

@@ -32,7 +32,9 @@ def default_run_dir(preset: str, scale: str) -> Path:
 def search_roots() -> list[Path]:
     """The existing runs directories bundles are discovered in: ``runs_dir()`` and ``./runs`` (once each)."""
     roots = [runs_dir(), Path("runs")]
-    return [r for i, r in enumerate(roots) if r.is_dir() and r.resolve() not in {x.resolve() for x in roots[:i]}]
+    return [
+        r for i, r in enumerate(roots) if r.is_dir() and r.resolve() not in {x.resolve() for x in roots[:i]}
+    ]
 
 
 def bundle_preset(path: str | os.PathLike) -> str | None:

@@ -35,7 +35,9 @@ class RandomFeatures(nn.Module):
         for i, (cin, cout, _) in enumerate(LAYERS):
             # He-normal scale keeps the response magnitude about constant through the ReLUs
             w = torch.randn(cout, cin, 3, 3, generator=g) * (2.0 / (cin * 9)) ** 0.5
-            self.register_buffer(f"weight{i}", w - w.mean(dim=(1, 2, 3), keepdim=True))  # zero-mean: no DC response
+            self.register_buffer(
+                f"weight{i}", w - w.mean(dim=(1, 2, 3), keepdim=True)
+            )  # zero-mean: no DC response
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Rectified responses of every layer for frames (N, 3, H, W) in about [-0.5, 0.5]."""
@@ -50,8 +52,10 @@ class RandomFeatures(nn.Module):
         detached, so each layer counts about equally), per frame of float videos (B, 3, T, H, W). 0 iff the
         features agree; scalar."""
         if recon.shape != target.shape or recon.ndim != 5:
-            raise ValueError(f"recon / target: got {tuple(recon.shape)} and {tuple(target.shape)}, expected two "
-                             "float videos of one shape (B, 3, T, H, W)")
+            raise ValueError(
+                f"recon / target: got {tuple(recon.shape)} and {tuple(target.shape)}, expected two "
+                "float videos of one shape (B, 3, T, H, W)"
+            )
         fr = self.features(rearrange(recon, "b c t h w -> (b t) c h w"))
         ft = self.features(rearrange(target, "b c t h w -> (b t) c h w"))
         terms = [(a - b).abs().mean() / (b.detach().abs().mean() + 1e-6) for a, b in zip(fr, ft)]

@@ -64,7 +64,9 @@ class CondLayerNorm(nn.Module):
         g, b = self.to_gain_bias(cond).chunk(2, dim=-1)
         return 1 + g, b
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
         y = self.norm(x)
         if self.to_gain_bias is not None and cond is not None:
             scale, bias = cond if isinstance(cond, tuple) else self.gain_bias(cond)  # (B, S, C) each
@@ -80,8 +82,16 @@ class KVCache:
     (n_layer, B, nh, capacity, hs) view of the same memory, used for writing and by the other paths.
     """
 
-    def __init__(self, n_layer: int, B: int, n_head: int, capacity: int, head_dim: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        n_layer: int,
+        B: int,
+        n_head: int,
+        capacity: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
         self.kt = torch.zeros(n_layer, B, n_head, head_dim, capacity, device=device, dtype=dtype)
         self.v = torch.zeros(n_layer, B, n_head, capacity, head_dim, device=device, dtype=dtype)
         self.capacity = capacity
@@ -99,9 +109,16 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rows: torch.Tensor | None = None,
-                pos: torch.Tensor | int | None = None, attn_mask: torch.Tensor | None = None,
-                write: bool = True) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        rows: torch.Tensor | None = None,
+        pos: torch.Tensor | int | None = None,
+        attn_mask: torch.Tensor | None = None,
+        write: bool = True,
+    ) -> torch.Tensor:
         """Causal self-attention.
 
         Without ``cache``: full causal attention over ``x`` (B, S, C), or attention under ``attn_mask``
@@ -115,7 +132,9 @@ class SelfAttention(nn.Module):
         """
         B, S, C = x.shape
         # view + permute rather than einops here: this runs once per token per layer when generating
-        q, k, v = self.qkv(x).view(B, S, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, S, hs)
+        q, k, v = (
+            self.qkv(x).view(B, S, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        )  # 3 x (B, nh, S, hs)
         if cache is None:
             drop = self.dropout if self.training else 0.0
             if attn_mask is None:
@@ -137,12 +156,12 @@ class SelfAttention(nn.Module):
         elif isinstance(pos, int):  # every row at the same position: plain slicing, no mask needed
             ck, cv = cache.k[layer], cache.v[layer]  # (B_all, nh, cap, hs)
             if rows is None:
-                ck[:, :, pos:pos + S] = k.to(ck.dtype)
-                cv[:, :, pos:pos + S] = v.to(cv.dtype)
+                ck[:, :, pos : pos + S] = k.to(ck.dtype)
+                cv[:, :, pos : pos + S] = v.to(cv.dtype)
                 K, V = ck[:, :, : pos + S], cv[:, :, : pos + S]
             else:
-                ck[rows, :, pos:pos + S] = k.to(ck.dtype)
-                cv[rows, :, pos:pos + S] = v.to(cv.dtype)
+                ck[rows, :, pos : pos + S] = k.to(ck.dtype)
+                cv[rows, :, pos : pos + S] = v.to(cv.dtype)
                 K, V = ck[rows, :, : pos + S], cv[rows, :, : pos + S]
             if S == 1:  # one query per row: two small matmuls beat SDPA's kernel launch cost on CPU
                 Kt = K.transpose(-1, -2)  # (B, nh, hs, pos+1): contiguous rows of the transposed store
@@ -183,10 +202,14 @@ class CrossAttention(nn.Module):
         k, v = rearrange(self.kv(memory), "b m (two nh hs) -> two b nh m hs", two=2, nh=self.n_head)
         return k, v
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         k, v = memory if isinstance(memory, tuple) else self.keys_values(memory)
         q = rearrange(self.q(x), "b s (nh hs) -> b nh s hs", nh=self.n_head)
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), dropout_p=self.dropout if self.training else 0.0
+        )
         return self.resid_drop(self.proj(rearrange(y, "b nh s hs -> b s (nh hs)")))
 
 
@@ -202,9 +225,19 @@ class FrameCondEncoder(nn.Module):
         super().__init__()
         C = cfg.n_embd
         groups = 8 if C % 8 == 0 else 1
-        self.blocks = nn.ModuleList([nn.Sequential(nn.GroupNorm(groups, C), nn.GELU(), nn.Conv2d(C, C, 3, padding=1),
-                                                   nn.GroupNorm(groups, C), nn.GELU(), nn.Conv2d(C, C, 3, padding=1))
-                                     for _ in range(n_blocks)])
+        self.blocks = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.GroupNorm(groups, C),
+                    nn.GELU(),
+                    nn.Conv2d(C, C, 3, padding=1),
+                    nn.GroupNorm(groups, C),
+                    nn.GELU(),
+                    nn.Conv2d(C, C, 3, padding=1),
+                )
+                for _ in range(n_blocks)
+            ]
+        )
         self.pos_f = nn.Parameter(torch.zeros(cfg.n_cond_frames, C))
         nn.init.normal_(self.pos_f, std=0.02)
         self.ln = nn.LayerNorm(C)
@@ -229,11 +262,21 @@ class Block(nn.Module):
         self.ln_x = nn.LayerNorm(cfg.n_embd) if cfg.n_cond_frames else None
         self.xattn = CrossAttention(cfg) if cfg.n_cond_frames else None
         self.ln2 = CondLayerNorm(cfg.n_embd, cond_dim)
-        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
-                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.n_embd, 4 * cfg.n_embd),
+            nn.GELU(),
+            nn.Linear(4 * cfg.n_embd, cfg.n_embd),
+            nn.Dropout(cfg.dropout),
+        )
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None, cond2: object = None, memory: object = None,
-                **cache_kw) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor | None,
+        cond2: object = None,
+        memory: object = None,
+        **cache_kw,
+    ) -> torch.Tensor:
         """``cond``: the LayerNorm condition (B, S, C); or precomputed (scale, bias) pairs for ln1 in
         ``cond`` and for ln2 in ``cond2``. ``memory``: conditioning-frame features (B, M, C) or their
         precomputed (keys, values), for the cross-attention."""
@@ -246,9 +289,13 @@ class Block(nn.Module):
 @dataclass
 class PriorOutput:
     logits: torch.Tensor  # (B, T, h*w, V): logits of every token of every frame
-    reward: torch.Tensor  # (B, T) symlog reward of the transition into frame t if it did not end the episode (t >= 1)
+    reward: (
+        torch.Tensor
+    )  # (B, T) symlog reward of the transition into frame t if it did not end the episode (t >= 1)
     term_logit: torch.Tensor  # (B, T) termination logit of the transition into frame t
-    reward_if_terminated: torch.Tensor  # (B, T) symlog reward of that transition if it ended the episode (== reward
+    reward_if_terminated: (
+        torch.Tensor
+    )  # (B, T) symlog reward of that transition if it ended the episode (== reward
     #                                     for a one-output head, PriorConfig.reward_given_termination False)
     mask_logits: torch.Tensor | None = None  # (B, T, h*w, V): MaskGIT stream's logits (forward with ``mask``)
 
@@ -262,11 +309,15 @@ class StepEmbedding:
     """
 
     cond: torch.Tensor  # (B, 1, C) the block's condition: emb(a_{t-1}) or the start vector (+ class)
-    ln: list[tuple[torch.Tensor, torch.Tensor]] | None  # conditional-LayerNorm (scale, bias) of cond (Prior.ln_params)
+    ln: (
+        list[tuple[torch.Tensor, torch.Tensor]] | None
+    )  # conditional-LayerNorm (scale, bias) of cond (Prior.ln_params)
     slot: torch.Tensor  # (B, 1, C) the slot's input, without previous-frame features
     pos_t: torch.Tensor  # (B, 1, C) the block's time position embedding
     pos_hw: torch.Tensor  # (hw, C) the tokens' spatial position embeddings
-    token_pos: torch.Tensor  # (hw, B, C) what joins token j's embedding: pos_hw[j] + pos_t (+ cond with "add")
+    token_pos: (
+        torch.Tensor
+    )  # (hw, B, C) what joins token j's embedding: pos_hw[j] + pos_t (+ cond with "add")
     prev: torch.Tensor | None  # (B, hw, C) previous-frame features (None without the previous-frame path)
     tok_weight: torch.Tensor  # (V, C) the token embedding table
     add_cond: bool  # action_cond == "add": the condition joins every position
@@ -337,7 +388,15 @@ class Prior(nn.Module):
         self.maskgit = cfg.maskgit_weight > 0
         self.mask_emb = nn.Parameter(torch.zeros(C)) if self.maskgit else None
         self.mstream_emb = nn.Parameter(torch.zeros(C)) if self.maskgit else None
-        for p in (self.pos_t, self.pos_h, self.pos_w, self.slot_emb, self.start_emb, self.mask_emb, self.mstream_emb):
+        for p in (
+            self.pos_t,
+            self.pos_h,
+            self.pos_w,
+            self.slot_emb,
+            self.start_emb,
+            self.mask_emb,
+            self.mstream_emb,
+        ):
             if p is not None:
                 nn.init.normal_(p, std=0.02)
         use_cond_ln = cfg.action_cond == "cond_ln" or self.class_emb is not None
@@ -371,11 +430,19 @@ class Prior(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     # -- validation ------------------------------------------------------------------------------
-    def validate(self, tokens: torch.Tensor, actions: torch.Tensor | None, class_ids: torch.Tensor | None) -> None:
+    def validate(
+        self, tokens: torch.Tensor, actions: torch.Tensor | None, class_ids: torch.Tensor | None
+    ) -> None:
         """Raise ValueError naming the argument when an input is not of the expected form."""
         cfg = self.cfg
-        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 4 or tuple(tokens.shape[2:]) != (cfg.tokens_h, cfg.tokens_w):
-            raise ValueError(f"tokens: got {getattr(tokens, 'shape', type(tokens))}, expected int64 (B, T, {cfg.tokens_h}, {cfg.tokens_w})")
+        if (
+            not isinstance(tokens, torch.Tensor)
+            or tokens.ndim != 4
+            or tuple(tokens.shape[2:]) != (cfg.tokens_h, cfg.tokens_w)
+        ):
+            raise ValueError(
+                f"tokens: got {getattr(tokens, 'shape', type(tokens))}, expected int64 (B, T, {cfg.tokens_h}, {cfg.tokens_w})"
+            )
         if tokens.dtype not in (torch.int64, torch.int32, torch.int16):
             raise ValueError(f"tokens: got dtype {tokens.dtype}, expected int64")
         B, T = tokens.shape[:2]
@@ -386,8 +453,10 @@ class Prior(nn.Module):
         self.validate_actions(actions, B, T - 1)
         if self.class_emb is not None:
             if class_ids is None or class_ids.shape != (B,):
-                raise ValueError(f"class_ids: expected int64 ({B},) for a class-conditional prior, got "
-                                 f"{None if class_ids is None else tuple(class_ids.shape)}")
+                raise ValueError(
+                    f"class_ids: expected int64 ({B},) for a class-conditional prior, got "
+                    f"{None if class_ids is None else tuple(class_ids.shape)}"
+                )
             if int(class_ids.min()) < 0 or int(class_ids.max()) >= cfg.n_classes:
                 raise ValueError(f"class_ids: values must lie in [0, {cfg.n_classes})")
 
@@ -399,15 +468,31 @@ class Prior(nn.Module):
         if n == 0 and actions is None:
             return
         if not isinstance(actions, torch.Tensor):
-            raise ValueError(f"actions: got {type(actions).__name__}, expected a tensor of {self._action_form(B, n)}")
+            raise ValueError(
+                f"actions: got {type(actions).__name__}, expected a tensor of {self._action_form(B, n)}"
+            )
         if cfg.action_kind == "discrete":
-            if actions.ndim != 2 or actions.shape[0] != B or actions.shape[1] < n or actions.dtype.is_floating_point:
-                raise ValueError(f"actions: got {actions.dtype}{tuple(actions.shape)}, expected {self._action_form(B, n)}")
+            if (
+                actions.ndim != 2
+                or actions.shape[0] != B
+                or actions.shape[1] < n
+                or actions.dtype.is_floating_point
+            ):
+                raise ValueError(
+                    f"actions: got {actions.dtype}{tuple(actions.shape)}, expected {self._action_form(B, n)}"
+                )
             a = actions[:, :n]
             if a.numel() and (int(a.min()) < 0 or int(a.max()) >= cfg.n_actions):
-                raise ValueError(f"actions: values must lie in [0, {cfg.n_actions}), got [{int(a.min())}, {int(a.max())}]")
+                raise ValueError(
+                    f"actions: values must lie in [0, {cfg.n_actions}), got [{int(a.min())}, {int(a.max())}]"
+                )
         else:
-            if actions.ndim != 3 or actions.shape[0] != B or actions.shape[1] < n or actions.shape[2] != cfg.action_dim:
+            if (
+                actions.ndim != 3
+                or actions.shape[0] != B
+                or actions.shape[1] < n
+                or actions.shape[2] != cfg.action_dim
+            ):
                 raise ValueError(f"actions: got {tuple(actions.shape)}, expected {self._action_form(B, n)}")
             if not actions.dtype.is_floating_point or not torch.isfinite(actions[:, :n]).all():
                 raise ValueError("actions: continuous actions must be finite floats (no NaN/inf)")
@@ -418,8 +503,9 @@ class Prior(nn.Module):
         return f"float32 ({B}, {n}, {self.cfg.action_dim})"
 
     # -- embeddings ------------------------------------------------------------------------------
-    def block_conditions(self, actions: torch.Tensor | None, B: int, T: int,
-                         class_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def block_conditions(
+        self, actions: torch.Tensor | None, B: int, T: int, class_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Condition vector of each block: start for block 0, ``emb(a_{t-1})`` for block t. (B, T, C)."""
         start = self.start_emb.expand(B, 1, -1)
         if self.act_emb is not None and T > 1:
@@ -450,19 +536,30 @@ class Prior(nn.Module):
         B = tokens.shape[0]
         return torch.cat([self.no_prev.expand(B, 1, self.hw, -1), self.prev_features(tokens[:, :-1])], dim=1)
 
-    def embed_masked(self, tokens: torch.Tensor, known: torch.Tensor, cond: torch.Tensor, t_idx: torch.Tensor,
-                     prev: torch.Tensor | None) -> torch.Tensor:
+    def embed_masked(
+        self,
+        tokens: torch.Tensor,
+        known: torch.Tensor,
+        cond: torch.Tensor,
+        t_idx: torch.Tensor,
+        prev: torch.Tensor | None,
+    ) -> torch.Tensor:
         """Inputs of MaskGIT-stream blocks: position j of block t holds z_t[j] where ``known`` else [MASK],
         and predicts z_t[j].
 
         tokens, known (B, T, hw); cond (B, T, C); t_idx (B, T) window index of each block; prev
         (B, T, hw, C) previous-frame features (None without the previous-frame path). -> (B, T, hw, C).
         """
-        tok = torch.where(known[..., None], self.tok_emb(tokens.long()), self.mask_emb.to(self.tok_emb.weight.dtype))
+        tok = torch.where(
+            known[..., None], self.tok_emb(tokens.long()), self.mask_emb.to(self.tok_emb.weight.dtype)
+        )
         x = tok + (self.pos_hw()) + self.pos_t[t_idx][:, :, None] + self.mstream_emb
         if prev is not None:
             x = x + prev
-        if self.cfg.action_cond in ("token", "add"):  # no slot in this stream: the action joins every position
+        if self.cfg.action_cond in (
+            "token",
+            "add",
+        ):  # no slot in this stream: the action joins every position
             x = x + cond[:, :, None]
         return x
 
@@ -485,13 +582,17 @@ class Prior(nn.Module):
         bottom = torch.cat([left, blk_m[:, None] == blk_m[None]], 1)
         return torch.cat([top, bottom], 0)
 
-    def embed_blocks(self, tokens: torch.Tensor, cond: torch.Tensor, t0: torch.Tensor | int = 0) -> torch.Tensor:
+    def embed_blocks(
+        self, tokens: torch.Tensor, cond: torch.Tensor, t0: torch.Tensor | int = 0
+    ) -> torch.Tensor:
         """Input embeddings of whole blocks: tokens (B, T, h, w), cond (B, T, C) -> (B, T*(1+hw), C).
 
         ``t0`` is the window index of the first block (scalar or per row (B,)).
         """
         B, T = tokens.shape[:2]
-        t_idx = torch.as_tensor(t0, device=tokens.device).reshape(-1, 1) + torch.arange(T, device=tokens.device)
+        t_idx = torch.as_tensor(t0, device=tokens.device).reshape(-1, 1) + torch.arange(
+            T, device=tokens.device
+        )
         pos_t = self.pos_t[t_idx].expand(B, T, -1)  # (B, T, C)
         tok = self.tok_emb(rearrange(tokens.long(), "b t h w -> b t (h w)"))  # (B, T, hw, C)
         tok = tok + (self.pos_hw())[None, None] + pos_t[:, :, None]
@@ -499,14 +600,21 @@ class Prior(nn.Module):
         if self.cfg.action_cond == "token":
             slot = slot + cond
         x = torch.cat([slot[:, :, None], tok], dim=2)  # (B, T, 1+hw, C)
-        if self.prev_conv is not None:  # positions 0..hw-1 of block t predict z_t[0..hw-1]: add z_{t-1} features
+        if (
+            self.prev_conv is not None
+        ):  # positions 0..hw-1 of block t predict z_t[0..hw-1]: add z_{t-1} features
             x = torch.cat([x[:, :, :-1] + self.prev_stream(tokens), x[:, :, -1:]], dim=2)
         if self.cfg.action_cond == "add":
             x = x + cond[:, :, None]
         return rearrange(x, "b t l c -> b (t l) c")
 
-    def embed_step(self, action: torch.Tensor | None, t_idx: torch.Tensor, last_tokens: torch.Tensor | None,
-                   class_ids: torch.Tensor | None = None) -> StepEmbedding:
+    def embed_step(
+        self,
+        action: torch.Tensor | None,
+        t_idx: torch.Tensor,
+        last_tokens: torch.Tensor | None,
+        class_ids: torch.Tensor | None = None,
+    ) -> StepEmbedding:
         """Inputs of one new block per row, for generation (the one-block counterpart of :meth:`block_conditions`
         + :meth:`embed_blocks`, computed once per frame and used by every sampler path).
 
@@ -537,8 +645,17 @@ class Prior(nn.Module):
             prev = self.prev_features(last_tokens[:, None])[:, 0]  # (B, hw, C)
             if bool(first.any()):  # no previous frame: the learned vector of block 0
                 prev = torch.where(first[:, None, None], self.no_prev.to(prev.dtype).expand_as(prev), prev)
-        return StepEmbedding(cond, self.ln_params(cond), slot, pos_t, pos_hw, token_pos, prev, self.tok_emb.weight,
-                             self.cfg.action_cond == "add")
+        return StepEmbedding(
+            cond,
+            self.ln_params(cond),
+            slot,
+            pos_t,
+            pos_hw,
+            token_pos,
+            prev,
+            self.tok_emb.weight,
+            self.cfg.action_cond == "add",
+        )
 
     def ln_condition(self, cond: torch.Tensor) -> torch.Tensor | None:
         """Per-position condition for conditional LayerNorms: (B, T, C) -> (B, T*(1+hw), C)."""
@@ -555,8 +672,10 @@ class Prior(nn.Module):
             return None
         shape = (B, cfg.n_cond_frames, cfg.tokens_h, cfg.tokens_w)
         if cond_tokens is None or tuple(cond_tokens.shape) != shape:
-            raise ValueError(f"cond_tokens: expected int64 {shape} (the conditioning frames' tokens), got "
-                             f"{None if cond_tokens is None else tuple(cond_tokens.shape)}")
+            raise ValueError(
+                f"cond_tokens: expected int64 {shape} (the conditioning frames' tokens), got "
+                f"{None if cond_tokens is None else tuple(cond_tokens.shape)}"
+            )
         if int(cond_tokens.min()) < 0 or int(cond_tokens.max()) >= cfg.vocab_size:
             raise ValueError(f"cond_tokens: values must lie in [0, {cfg.vocab_size})")
         pos_hw = self.pos_hw()  # (hw, C)
@@ -567,9 +686,15 @@ class Prior(nn.Module):
         return [blk.xattn.keys_values(memory) for blk in self.blocks]
 
     # -- full forward (training, evaluation) ----------------------------------------------------
-    def forward(self, tokens: torch.Tensor, actions: torch.Tensor | None = None,
-                class_ids: torch.Tensor | None = None, cond_tokens: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, mask_frames: torch.Tensor | None = None) -> PriorOutput:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        actions: torch.Tensor | None = None,
+        class_ids: torch.Tensor | None = None,
+        cond_tokens: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        mask_frames: torch.Tensor | None = None,
+    ) -> PriorOutput:
         """Teacher-forced forward over whole frames. tokens (B, T, h, w); actions (B, >=T-1[, A]);
         ``cond_tokens`` (B, n_cond_frames, h, w) for a frame-conditioned prior.
 
@@ -587,10 +712,18 @@ class Prior(nn.Module):
         attn_mask, S = None, x.shape[1]
         if mask is not None:
             if not self.maskgit:
-                raise ValueError("mask: this prior has no MaskGIT stream (train with prior.maskgit_weight > 0)")
+                raise ValueError(
+                    "mask: this prior has no MaskGIT stream (train with prior.maskgit_weight > 0)"
+                )
             if mask.shape != tokens.shape or mask.dtype != torch.bool:
-                raise ValueError(f"mask: got {mask.dtype}{tuple(mask.shape)}, expected bool {tuple(tokens.shape)}")
-            fr = torch.arange(T, device=tokens.device) if mask_frames is None else mask_frames.to(tokens.device).long()
+                raise ValueError(
+                    f"mask: got {mask.dtype}{tuple(mask.shape)}, expected bool {tuple(tokens.shape)}"
+                )
+            fr = (
+                torch.arange(T, device=tokens.device)
+                if mask_frames is None
+                else mask_frames.to(tokens.device).long()
+            )
             known = ~rearrange(mask[:, fr], "b t h w -> b t (h w)")
             z = rearrange(tokens[:, fr], "b t h w -> b t (h w)")
             prev = self.prev_stream(tokens)[:, fr] if self.prev_conv is not None else None
@@ -610,7 +743,9 @@ class Prior(nn.Module):
         if mask is not None:
             mask_logits = self.head(rearrange(x[:, S:], "b (t n) c -> b t n c", n=self.hw))  # (B, T, hw, V)
         reward, reward_term = self.rewards(last)
-        return PriorOutput(logits, reward, self.termination_logit(xc[:, :, 0], last), reward_term, mask_logits)
+        return PriorOutput(
+            logits, reward, self.termination_logit(xc[:, :, 0], last), reward_term, mask_logits
+        )
 
     def termination_logit(self, h_slot: torch.Tensor, h_last: torch.Tensor) -> torch.Tensor:
         """Termination logits (...,) of the transitions into the blocks whose slot hidden states are ``h_slot``
@@ -641,9 +776,16 @@ class Prior(nn.Module):
         each block, then ln_f."""
         return [ln for blk in self.blocks for ln in (blk.ln1, blk.ln2)] + [self.ln_f]
 
-    def forward_cached(self, x: torch.Tensor, cond: torch.Tensor | list | None, cache: KVCache,
-                       rows: torch.Tensor | None, pos: torch.Tensor | int,
-                       memory_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None, write: bool = True) -> torch.Tensor:
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor | list | None,
+        cache: KVCache,
+        rows: torch.Tensor | None,
+        pos: torch.Tensor | int,
+        memory_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        write: bool = True,
+    ) -> torch.Tensor:
         """Run input embeddings ``x`` (B, n, C) at cache positions ``pos..pos+n`` of ``rows`` (None: all rows).
 
         ``cond`` is the per-position LayerNorm condition (B, n, C), or the list from

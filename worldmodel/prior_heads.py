@@ -51,8 +51,14 @@ def termination_head(n_embd: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_embd, n_embd), nn.GELU(), nn.Linear(n_embd, 1))
 
 
-def sample_maskgit_mask(B: int, T: int, tokens_h: int, tokens_w: int, device: torch.device,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_maskgit_mask(
+    B: int,
+    T: int,
+    tokens_h: int,
+    tokens_w: int,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """MaskGIT training masks (B, T, h, w) bool: per frame a ratio r = cos(pi/2 * u), u ~ U(0, 1), of
     its tokens (at least one) is hidden, at random positions (MaskGIT's cosine schedule)."""
     hw = tokens_h * tokens_w
@@ -105,16 +111,27 @@ def prior_loss(prior: Prior, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     if prior.training and cfg.context_noise > 0:  # corrupt inputs only; the targets below stay clean
         noisy = torch.rand(tokens.shape, device=tokens.device) < cfg.context_noise
         inputs = torch.where(noisy, torch.randint_like(tokens, cfg.vocab_size), tokens)
-    out = prior(inputs, actions, batch.get("class_ids") if prior.class_emb is not None else None, cond_tokens,
-                mask, frames)
+    out = prior(
+        inputs,
+        actions,
+        batch.get("class_ids") if prior.class_emb is not None else None,
+        cond_tokens,
+        mask,
+        frames,
+    )
     valid = batch.get("valid")
-    valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device) if valid is None else valid.bool()  # (B, T)
+    valid = (
+        torch.ones(B, T, dtype=torch.bool, device=tokens.device) if valid is None else valid.bool()
+    )  # (B, T)
     tok_valid = valid  # (B, T) frames whose tokens (and rewards) are scored
     if "termination_only" in batch:  # windows that train the termination head only (end-padded windows)
         tok_valid = valid & ~batch["termination_only"].bool().view(B, 1)
     loss, metrics = _token_loss(prior, out, tokens, tok_valid, mask, frames)
     if T > 1:
-        tv, rv = valid[:, 1:], tok_valid[:, 1:]  # (B, T-1) transitions into a real frame; those scored for reward
+        tv, rv = (
+            valid[:, 1:],
+            tok_valid[:, 1:],
+        )  # (B, T-1) transitions into a real frame; those scored for reward
         if "rewards" in batch:
             loss = loss + cfg.reward_weight * _reward_loss(prior, out, batch, rv, metrics)
         if "terminated" in batch:
@@ -122,22 +139,33 @@ def prior_loss(prior: Prior, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     return loss, metrics
 
 
-def _token_loss(prior: Prior, out: PriorOutput, tokens: torch.Tensor, tok_valid: torch.Tensor,
-                mask: torch.Tensor | None, frames: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+def _token_loss(
+    prior: Prior,
+    out: PriorOutput,
+    tokens: torch.Tensor,
+    tok_valid: torch.Tensor,
+    mask: torch.Tensor | None,
+    frames: torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Token cross-entropy over the scored frames ``tok_valid`` (B, T) (+ MaskGIT's over the hidden tokens of
     ``frames``): the loss and the first metrics."""
     B, T = tokens.shape[:2]
     target = rearrange(tokens.long(), "b t h w -> b t (h w)")
-    ce = F.cross_entropy(rearrange(out.logits, "b t n v -> (b t n) v").float(), target.flatten(),
-                         reduction="none").view(B, T, -1)
+    ce = F.cross_entropy(
+        rearrange(out.logits, "b t n v -> (b t n) v").float(), target.flatten(), reduction="none"
+    ).view(B, T, -1)
     token_loss = masked_mean(ce, tok_valid[..., None])
     loss = token_loss
-    metrics = {"nats_per_token": token_loss.item(), "bits_per_token": token_loss.item() / math.log(2),
-               "nats_first_frame": masked_mean(ce[:, 0], tok_valid[:, :1]).item()}
+    metrics = {
+        "nats_per_token": token_loss.item(),
+        "bits_per_token": token_loss.item() / math.log(2),
+        "nats_first_frame": masked_mean(ce[:, 0], tok_valid[:, :1]).item(),
+    }
     if mask is not None:  # MaskGIT objective: cross-entropy of the hidden tokens only
         m = rearrange(mask[:, frames], "b t h w -> b t (h w)") & tok_valid[:, frames, None]
-        ce_m = F.cross_entropy(rearrange(out.mask_logits, "b t n v -> b v t n").float(), target[:, frames],
-                               reduction="none")
+        ce_m = F.cross_entropy(
+            rearrange(out.mask_logits, "b t n v -> b v t n").float(), target[:, frames], reduction="none"
+        )
         mg_loss = masked_mean(ce_m, m)
         loss = loss + prior.cfg.maskgit_weight * mg_loss
         metrics["maskgit_nats"] = mg_loss.item()
@@ -146,8 +174,13 @@ def _token_loss(prior: Prior, out: PriorOutput, tokens: torch.Tensor, tok_valid:
     return loss, metrics
 
 
-def _reward_loss(prior: Prior, out: PriorOutput, batch: dict[str, torch.Tensor], rv: torch.Tensor,
-                 metrics: dict[str, float]) -> torch.Tensor:
+def _reward_loss(
+    prior: Prior,
+    out: PriorOutput,
+    batch: dict[str, torch.Tensor],
+    rv: torch.Tensor,
+    metrics: dict[str, float],
+) -> torch.Tensor:
     """Symlog MSE of the reward head on the scored transitions ``rv`` (B, T-1) (see :func:`prior_loss`);
     adds its metrics to ``metrics``."""
     T = out.reward.shape[1]
@@ -155,7 +188,9 @@ def _reward_loss(prior: Prior, out: PriorOutput, batch: dict[str, torch.Tensor],
     pred = out.reward[:, 1:].float()  # (B, T-1) symlog reward if not terminated
     if prior.cfg.reward_given_termination:
         if "terminated" not in batch:
-            raise ValueError("batch: prior.reward_given_termination needs 'terminated' (B, T-1) with 'rewards'")
+            raise ValueError(
+                "batch: prior.reward_given_termination needs 'terminated' (B, T-1) with 'rewards'"
+            )
         d = batch["terminated"][:, : T - 1].bool()
         pred_t = out.reward_if_terminated[:, 1:].float()
         # each output on the transitions of its kind, each a mean over its own (0 when there are none)
@@ -172,8 +207,13 @@ def _reward_loss(prior: Prior, out: PriorOutput, batch: dict[str, torch.Tensor],
     return r_loss
 
 
-def _termination_loss(prior: Prior, out: PriorOutput, batch: dict[str, torch.Tensor], tv: torch.Tensor,
-                      metrics: dict[str, float]) -> torch.Tensor:
+def _termination_loss(
+    prior: Prior,
+    out: PriorOutput,
+    batch: dict[str, torch.Tensor],
+    tv: torch.Tensor,
+    metrics: dict[str, float],
+) -> torch.Tensor:
     """BCE of the termination head on the transitions into real frames ``tv`` (B, T-1); adds its metrics."""
     T = out.term_logit.shape[1]
     d = batch["terminated"][:, : T - 1].float()

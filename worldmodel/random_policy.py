@@ -15,7 +15,9 @@ class StickyRandomPolicy:
     learned policy does and what the world model must learn to follow.
     """
 
-    def __init__(self, n_actions: int, num_envs: int, mean_repeat: float = 4.0, seed: int | None = None) -> None:
+    def __init__(
+        self, n_actions: int, num_envs: int, mean_repeat: float = 4.0, seed: int | None = None
+    ) -> None:
         if mean_repeat < 1:
             raise ValueError(f"mean_repeat must be >= 1 step, got {mean_repeat}")
         self.n, self.p_switch = n_actions, 1.0 / mean_repeat

@@ -72,8 +72,11 @@ def _table(rows: list[list[str]], header: list[str] | None = None) -> str:
     if header:
         out.append("<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
     for r in rows:
-        out.append("<tr>" + "".join(f'<td{" class=k" if i == 0 else ""}>{html.escape(c)}</td>'
-                                    for i, c in enumerate(r)) + "</tr>")
+        out.append(
+            "<tr>"
+            + "".join(f"<td{' class=k' if i == 0 else ''}>{html.escape(c)}</td>" for i, c in enumerate(r))
+            + "</tr>"
+        )
     out.append("</table>")
     return "\n".join(out)
 
@@ -117,64 +120,119 @@ def step_rows(trace: RolloutTrace) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
-def report_html(trace: RolloutTrace, files: dict[str, Path], summary: RolloutSummary | None, *, title: str,
-                meta: dict[str, Any]) -> str:
+def report_html(
+    trace: RolloutTrace,
+    files: dict[str, Path],
+    summary: RolloutSummary | None,
+    *,
+    title: str,
+    meta: dict[str, Any],
+) -> str:
     """The HTML page of a rollout whose ``files`` (``mp4``, ``gif``, ``png``, ``optimism``, ``json``; all in one
     directory) are written; ``meta`` (bundle, policy, mode, seed, ...) is shown as a table at the top."""
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{html.escape(title)}</title>",
-             f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
-             _table([[str(k), _fmt(v)] for k, v in meta.items()])]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        _table([[str(k), _fmt(v)] for k, v in meta.items()]),
+    ]
     if "mp4" in files:
-        parts.append(f'<h2>Video</h2><video controls loop muted playsinline src="{_src(files["mp4"])}"></video>')
+        parts.append(
+            f'<h2>Video</h2><video controls loop muted playsinline src="{_src(files["mp4"])}"></video>'
+        )
         links = [f'<a href="{_src(files[k])}">{k}</a>' for k in ("mp4", "gif") if k in files]
         parts.append(f"<p>{' · '.join(links)}</p>")
     if summary is None:  # a dream-only rollout: nothing real to compare with
-        parts += ["<h2>Summary</h2>", _table([
-            ["steps", str(trace.steps), "dream steps (until the dream predicted the end or --steps)"],
-            ["predicted return", _fmt(float(np.sum(trace.reward_pred))), "sum of the dream's rewards"],
-            ["max p(termination)", _fmt(float(np.max(trace.term_prob, initial=0.0))), ""],
-            ["mean token entropy", _fmt(float(np.mean(trace.entropy)) if trace.steps else None), "nats"]],
-            ["", "value", ""])]
+        parts += [
+            "<h2>Summary</h2>",
+            _table(
+                [
+                    ["steps", str(trace.steps), "dream steps (until the dream predicted the end or --steps)"],
+                    [
+                        "predicted return",
+                        _fmt(float(np.sum(trace.reward_pred))),
+                        "sum of the dream's rewards",
+                    ],
+                    ["max p(termination)", _fmt(float(np.max(trace.term_prob, initial=0.0))), ""],
+                    [
+                        "mean token entropy",
+                        _fmt(float(np.mean(trace.entropy)) if trace.steps else None),
+                        "nats",
+                    ],
+                ],
+                ["", "value", ""],
+            ),
+        ]
     else:
         d = summary.to_dict()
         rows = [[label, _fmt(d[k]), unit] for k, label, unit in _ROWS if d.get(k) is not None]
         parts += ["<h2>Summary</h2>", _table(rows, ["", "value", ""])]
         if summary.disagreement_steps is not None:
             steps = ", ".join(map(str, summary.disagreement_steps)) or "none"
-            parts.append(f"<p>Steps where the policy's choice on the dream frame differs from its choice on the real "
-                         f'frame (it sees a different world there): <span class="bad">{html.escape(steps)}</span></p>')
+            parts.append(
+                f"<p>Steps where the policy's choice on the dream frame differs from its choice on the real "
+                f'frame (it sees a different world there): <span class="bad">{html.escape(steps)}</span></p>'
+            )
     if "png" in files:
         parts.append(f'<h2>Per-step trace</h2><img alt="per-step trace" src="{_src(files["png"])}">')
     if "optimism" in files:
-        parts.append(f'<h2>Dream optimism</h2><img alt="cumulative predicted vs real reward" '
-                     f'src="{_src(files["optimism"])}">')
+        parts.append(
+            f'<h2>Dream optimism</h2><img alt="cumulative predicted vs real reward" '
+            f'src="{_src(files["optimism"])}">'
+        )
     if trace.action_names:
-        parts += ["<h2>Actions</h2>", _table([[str(i), n] for i, n in enumerate(trace.action_names)], ["index", "name"])]
+        parts += [
+            "<h2>Actions</h2>",
+            _table([[str(i), n] for i, n in enumerate(trace.action_names)], ["index", "name"]),
+        ]
     head, rows = step_rows(trace)
     parts += ["<details><summary>Per-step table</summary>", _table(rows, head), "</details>"]
     if "json" in files:
-        parts.append(f'<p>Summary as JSON: <a href="{_src(files["json"])}">{html.escape(files["json"].name)}</a></p>')
+        parts.append(
+            f'<p>Summary as JSON: <a href="{_src(files["json"])}">{html.escape(files["json"].name)}</a></p>'
+        )
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
 
-def write_report(trace: RolloutTrace, out_stem: str | os.PathLike, *, scale: int = 4, fps: float = 8.75,
-                 gif: bool = True, psnr_threshold: float = DEFAULT_PSNR_THRESHOLD, title: str | None = None,
-                 meta: dict[str, Any] | None = None) -> tuple[dict[str, Path], RolloutSummary | None]:
+def write_report(
+    trace: RolloutTrace,
+    out_stem: str | os.PathLike,
+    *,
+    scale: int = 4,
+    fps: float = 8.75,
+    gif: bool = True,
+    psnr_threshold: float = DEFAULT_PSNR_THRESHOLD,
+    title: str | None = None,
+    meta: dict[str, Any] | None = None,
+) -> tuple[dict[str, Path], RolloutSummary | None]:
     """Write the rollout's files (see the module docstring) and return their paths (keys ``mp4``, ``gif``,
     ``png``, ``optimism``, ``json``, ``html``) and the summary (None for a dream-only trace, which has no real
     frames to compare with: then there is no optimism figure either)."""
     stem = Path(out_stem)
-    files = render_trace(trace, stem, scale=scale, fps=fps, gif=gif,
-                         psnr_threshold=psnr_threshold if trace.real is not None else None)
+    files = render_trace(
+        trace,
+        stem,
+        scale=scale,
+        fps=fps,
+        gif=gif,
+        psnr_threshold=psnr_threshold if trace.real is not None else None,
+    )
     summary = summarize(trace, psnr_threshold) if trace.real is not None else None
     if trace.reward_real is not None:
         files["optimism"] = save_figure(optimism_figure(trace), stem.with_name(f"{stem.name}-optimism.png"))
     meta = dict(meta or {})
-    doc = {"meta": meta, "summary": None if summary is None else summary.to_dict(),
-           "files": {k: v.name for k, v in files.items()}}
+    doc = {
+        "meta": meta,
+        "summary": None if summary is None else summary.to_dict(),
+        "files": {k: v.name for k, v in files.items()},
+    }
     files["json"] = stem.with_suffix(".json")
     write_json(files["json"], doc)
-    files["html"] = write_text(stem.with_suffix(".html"),
-                               report_html(trace, files, summary, title=title or f"Rollout {stem.name}", meta=meta))
+    files["html"] = write_text(
+        stem.with_suffix(".html"),
+        report_html(trace, files, summary, title=title or f"Rollout {stem.name}", meta=meta),
+    )
     return files, summary

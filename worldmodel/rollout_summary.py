@@ -68,32 +68,47 @@ def _first_below(values: np.ndarray, threshold: float) -> int | None:
 def summarize(trace: RolloutTrace, psnr_threshold: float = DEFAULT_PSNR_THRESHOLD) -> RolloutSummary:
     """The :class:`RolloutSummary` of a lockstep trace (one with real frames); ``psnr_threshold`` in dB."""
     if trace.real is None or trace.reward_real is None:
-        raise ValueError("trace: a summary compares dream and real; this trace has no real frames (a dream-only "
-                         "rollout)")
+        raise ValueError(
+            "trace: a summary compares dream and real; this trace has no real frames (a dream-only rollout)"
+        )
     p = trace.psnr()
     real_ret, pred_ret = float(trace.reward_real.sum()), float(trace.reward_pred.sum())
     term = np.flatnonzero(trace.terminated_real) if trace.terminated_real is not None else np.zeros(0, int)
     kw: dict[str, Any] = {}
     if trace.resync is not None:
         pr = trace.psnr_resync()
-        kw.update(resync_every=trace.resync.resync_every, mean_psnr_resync_db=float(pr.mean()),
-                  first_divergence_step_resync=_first_below(pr, psnr_threshold),
-                  predicted_return_resync=float(trace.resync.reward_pred.sum()),
-                  optimism_resync=float(trace.resync.reward_pred.sum()) - real_ret)
+        kw.update(
+            resync_every=trace.resync.resync_every,
+            mean_psnr_resync_db=float(pr.mean()),
+            first_divergence_step_resync=_first_below(pr, psnr_threshold),
+            predicted_return_resync=float(trace.resync.reward_pred.sum()),
+            optimism_resync=float(trace.resync.reward_pred.sum()) - real_ret,
+        )
     dis = trace.disagreements()
     if dis is not None:
         real, dream = trace.policy_real, trace.policy_dream
-        kw.update(policy=trace.policy_name, disagreement_steps=tuple(int(s) for s in dis),
-                  disagreement_rate=len(dis) / max(trace.steps, 1))
+        kw.update(
+            policy=trace.policy_name,
+            disagreement_steps=tuple(int(s) for s in dis),
+            disagreement_rate=len(dis) / max(trace.steps, 1),
+        )
         if real.probs is not None and dream.probs is not None:
             kw["mean_tv_distance"] = float(0.5 * np.abs(real.probs[1:] - dream.probs[1:]).sum(1).mean())
         if real.value is not None and dream.value is not None:
             kw.update(mean_value_real=float(real.value.mean()), mean_value_dream=float(dream.value.mean()))
-    return RolloutSummary(steps=trace.steps, psnr_threshold_db=float(psnr_threshold), mean_psnr_db=float(p.mean()),
-                          first_divergence_step=_first_below(p, psnr_threshold), real_return=real_ret,
-                          predicted_return=pred_ret, optimism=pred_ret - real_ret,
-                          real_terminated_step=int(term[0]) + 1 if len(term) else None,
-                          max_term_prob=float(trace.term_prob.max()), mean_entropy=float(trace.entropy.mean()), **kw)
+    return RolloutSummary(
+        steps=trace.steps,
+        psnr_threshold_db=float(psnr_threshold),
+        mean_psnr_db=float(p.mean()),
+        first_divergence_step=_first_below(p, psnr_threshold),
+        real_return=real_ret,
+        predicted_return=pred_ret,
+        optimism=pred_ret - real_ret,
+        real_terminated_step=int(term[0]) + 1 if len(term) else None,
+        max_term_prob=float(trace.term_prob.max()),
+        mean_entropy=float(trace.entropy.mean()),
+        **kw,
+    )
 
 
 def optimism_figure(trace: RolloutTrace) -> Any:
@@ -107,7 +122,9 @@ def optimism_figure(trace: RolloutTrace) -> Any:
     import matplotlib.pyplot as plt
 
     if trace.reward_real is None:
-        raise ValueError("trace: dream optimism compares predicted with real rewards; this trace has no real rewards")
+        raise ValueError(
+            "trace: dream optimism compares predicted with real rewards; this trace has no real rewards"
+        )
     t = np.arange(0, trace.steps + 1)
     real = np.concatenate([[0.0], np.cumsum(trace.reward_real, dtype=np.float64)])
     pred = np.concatenate([[0.0], np.cumsum(trace.reward_pred, dtype=np.float64)])
@@ -124,8 +141,11 @@ def optimism_figure(trace: RolloutTrace) -> Any:
     top.set_ylabel("cumulative reward")
     gap.set_ylabel("predicted - real")
     gap.set_xlabel("step")
-    top.set_title(f"dream optimism {pred[-1] - real[-1]:+.2f} = predicted {pred[-1]:.2f} - real {real[-1]:.2f} "
-                  f"over {trace.steps} steps", fontsize=9)
+    top.set_title(
+        f"dream optimism {pred[-1] - real[-1]:+.2f} = predicted {pred[-1]:.2f} - real {real[-1]:.2f} "
+        f"over {trace.steps} steps",
+        fontsize=9,
+    )
     top.legend(fontsize=7)
     gap.legend(fontsize=7)
     fig.tight_layout()

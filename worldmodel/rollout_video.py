@@ -32,7 +32,9 @@ class DreamTrack:
     """A second dream of the same rollout under the same actions: here, one re-synced to the real frames every
     ``resync_every`` steps (it restarts from the real history, so its error is that of 1..K steps ahead)."""
 
-    frames: np.ndarray  # (T+1, H, W, 3) uint8: frame t is the prediction of real frame t (index 0: the context)
+    frames: (
+        np.ndarray
+    )  # (T+1, H, W, 3) uint8: frame t is the prediction of real frame t (index 0: the context)
     reward_pred: np.ndarray  # (T,) float32 expected reward (p(term)-weighted)
     term_prob: np.ndarray  # (T,) float32
     entropy: np.ndarray  # (T,) float32, mean token entropy in nats
@@ -65,7 +67,9 @@ class RolloutTrace:
     terminated_real: np.ndarray | None = None  # (T,) bool
     action_names: tuple[str, ...] | None = None
     resync: DreamTrack | None = None  # policy lockstep: the dream re-synced every K steps
-    policy_real: PolicyTrack | None = None  # policy lockstep: the policy on the real frames (its actions are these)
+    policy_real: PolicyTrack | None = (
+        None  # policy lockstep: the policy on the real frames (its actions are these)
+    )
     policy_dream: PolicyTrack | None = None  # policy lockstep: the policy on the open-loop dream frames
     policy_name: str | None = None
 
@@ -79,7 +83,9 @@ class RolloutTrace:
 
     def psnr_resync(self) -> np.ndarray | None:
         """Per-step PSNR (dB) of the re-synced dream vs the real frames (T,); None without that track."""
-        return None if self.real is None or self.resync is None else psnr(self.resync.frames[1:], self.real[1:])
+        return (
+            None if self.real is None or self.resync is None else psnr(self.resync.frames[1:], self.real[1:])
+        )
 
     def disagreements(self) -> np.ndarray | None:
         """Steps t in 1..T (int64) where the policy's choice on the dream frame differs from its choice on the
@@ -97,8 +103,18 @@ class RolloutTrace:
 
 
 @torch.inference_mode()
-def lockstep_trace(wm: WorldModel, store: EpisodeStore, episode_id: str, *, start: int = 0, context: int = 1,
-                   steps: int | None = None, temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> RolloutTrace:
+def lockstep_trace(
+    wm: WorldModel,
+    store: EpisodeStore,
+    episode_id: str,
+    *,
+    start: int = 0,
+    context: int = 1,
+    steps: int | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> RolloutTrace:
     """Replay a real episode's actions in the dream from the same ``context`` real frames.
 
     Frames ``[start, start+context)`` are the context; the dream then takes the episode's actions
@@ -109,7 +125,9 @@ def lockstep_trace(wm: WorldModel, store: EpisodeStore, episode_id: str, *, star
         raise ValueError(f"context: got {context}, expected 1..{wm.cfg.prior.frames - 1}")
     avail = n - start - context
     if start < 0 or avail < 1:
-        raise ValueError(f"episode {episode_id!r} has {n} frames: no step left after start={start} + context={context}")
+        raise ValueError(
+            f"episode {episode_id!r} has {n} frames: no step left after start={start} + context={context}"
+        )
     steps = avail if steps is None else min(steps, avail)
     clip = store.read_clip(episode_id, start, context + steps)
     acts = clip.get("actions")
@@ -127,14 +145,24 @@ def lockstep_trace(wm: WorldModel, store: EpisodeStore, episode_id: str, *, star
         term.append(out.terminated_prob[0])
         ent.append(out.entropy[0])
     names = wm.action_spec.names
-    return RolloutTrace(dream=np.stack(dream), actions=acts[context - 1:], reward_pred=np.array(rew, np.float32),
-                        term_prob=np.array(term, np.float32), entropy=np.array(ent, np.float32),
-                        real=clip["frames"][context - 1:], reward_real=clip["rewards"][context - 1:].astype(np.float32),
-                        terminated_real=clip["terminated"][context - 1:].astype(bool),
-                        action_names=tuple(names) if names else None)
+    return RolloutTrace(
+        dream=np.stack(dream),
+        actions=acts[context - 1 :],
+        reward_pred=np.array(rew, np.float32),
+        term_prob=np.array(term, np.float32),
+        entropy=np.array(ent, np.float32),
+        real=clip["frames"][context - 1 :],
+        reward_real=clip["rewards"][context - 1 :].astype(np.float32),
+        terminated_real=clip["terminated"][context - 1 :].astype(bool),
+        action_names=tuple(names) if names else None,
+    )
 
 
-BAR_BACK, BAR_FILL, BAR_PICK = (48, 48, 48), (0, 190, 255), (255, 140, 0)  # bar colours: back, probability, choice
+BAR_BACK, BAR_FILL, BAR_PICK = (
+    (48, 48, 48),
+    (0, 190, 255),
+    (255, 140, 0),
+)  # bar colours: back, probability, choice
 
 
 def prob_bar_boxes(size: int, n: int) -> list[tuple[int, int, int, int]]:
@@ -157,7 +185,7 @@ def draw_prob_bars(panel: np.ndarray, probs: np.ndarray, pick: int | None = None
     for i, ((x0, y0, x1, y1), p) in enumerate(zip(boxes, probs)):
         out[y0:y1, x0:x1] = BAR_BACK
         fill = int(round(float(np.clip(p, 0.0, 1.0)) * (x1 - x0)))
-        out[y0:y1, x0:x0 + fill] = BAR_PICK if i == pick else BAR_FILL
+        out[y0:y1, x0 : x0 + fill] = BAR_PICK if i == pick else BAR_FILL
     if out.shape[0] >= 192:
         img = Image.fromarray(out)
         draw, font = ImageDraw.Draw(img), ImageFont.load_default()
@@ -191,29 +219,46 @@ def panel_lines(trace: RolloutTrace, t: int) -> dict[str, list[str]]:
         real += _value_line(pr, t)
     dream = ["dream open loop"]
     if t >= 1:
-        dream += [f"r^={trace.reward_pred[t - 1]:+.2f} p(end)={trace.term_prob[t - 1]:.2f}", f"H={trace.entropy[t - 1]:.2f}"]
+        dream += [
+            f"r^={trace.reward_pred[t - 1]:+.2f} p(end)={trace.term_prob[t - 1]:.2f}",
+            f"H={trace.entropy[t - 1]:.2f}",
+        ]
     if pd is not None:
         dream += _value_line(pd, t)
         if pr is not None and pd.choice[t] != pr.choice[t]:
             dream.append(f"choice {pd.choice[t]} != real {pr.choice[t]}")
-    out = {"real": real, "dream": dream,
-           "diff": ["|diff|"] + ([f"psnr={float(psnr(trace.dream[t], trace.real[t])):.1f}"] if t >= 1 else [])}
+    out = {
+        "real": real,
+        "dream": dream,
+        "diff": ["|diff|"] + ([f"psnr={float(psnr(trace.dream[t], trace.real[t])):.1f}"] if t >= 1 else []),
+    }
     rs = trace.resync
     if rs is not None:
         cum_real = float(trace.reward_real[:t].sum())
         cum_open, cum_rs = float(trace.reward_pred[:t].sum()), float(rs.reward_pred[:t].sum())
-        info = [f"step {t}/{T}", f"sum r real   {cum_real:+.1f}", f"sum r^ open  {cum_open:+.1f}",
-                f"  optimism   {cum_open - cum_real:+.1f}", f"sum r^ resync {cum_rs:+.1f}"]
+        info = [
+            f"step {t}/{T}",
+            f"sum r real   {cum_real:+.1f}",
+            f"sum r^ open  {cum_open:+.1f}",
+            f"  optimism   {cum_open - cum_real:+.1f}",
+            f"sum r^ resync {cum_rs:+.1f}",
+        ]
         if trace.policy_name:
             info.insert(1, f"policy {trace.policy_name}")
         if trace.action_names:
             info += [f"{i} {n}" for i, n in enumerate(trace.action_names)]
         resync = [f"dream resync/{rs.resync_every}"]
         if t >= 1:
-            resync += [f"r^={rs.reward_pred[t - 1]:+.2f} p(end)={rs.term_prob[t - 1]:.2f}", f"H={rs.entropy[t - 1]:.2f}"]
-        out.update(info=info, resync=resync,
-                   resync_diff=["|diff| resync"] + ([f"psnr={float(psnr(rs.frames[t], trace.real[t])):.1f}"]
-                                                    if t >= 1 else []))
+            resync += [
+                f"r^={rs.reward_pred[t - 1]:+.2f} p(end)={rs.term_prob[t - 1]:.2f}",
+                f"H={rs.entropy[t - 1]:.2f}",
+            ]
+        out.update(
+            info=info,
+            resync=resync,
+            resync_diff=["|diff| resync"]
+            + ([f"psnr={float(psnr(rs.frames[t], trace.real[t])):.1f}"] if t >= 1 else []),
+        )
     return out
 
 
@@ -232,14 +277,24 @@ def _follow_frame(trace: RolloutTrace, t: int, scale: int) -> np.ndarray:
         r = draw_prob_bars(r, pr.probs[t], int(trace.actions[t]) if t < T else None)
     if pd is not None and pd.probs is not None:  # ... on the dream: the policy's choice there
         d = draw_prob_bars(d, pd.probs[t], int(pd.choice[t]))
-    row = [annotate(r, lines["real"]), annotate(d, lines["dream"]),
-           annotate(upscale(_diff(trace.real[t], trace.dream[t]), scale), lines["diff"])]
+    row = [
+        annotate(r, lines["real"]),
+        annotate(d, lines["dream"]),
+        annotate(upscale(_diff(trace.real[t], trace.dream[t]), scale), lines["diff"]),
+    ]
     rows = [np.stack(row)]
     rs = trace.resync
     if rs is not None:
         info = annotate(np.zeros_like(r), lines["info"], color=(255, 255, 255))
-        rows.append(np.stack([info, annotate(upscale(rs.frames[t], scale), lines["resync"]),
-                              annotate(upscale(_diff(trace.real[t], rs.frames[t]), scale), lines["resync_diff"])]))
+        rows.append(
+            np.stack(
+                [
+                    info,
+                    annotate(upscale(rs.frames[t], scale), lines["resync"]),
+                    annotate(upscale(_diff(trace.real[t], rs.frames[t]), scale), lines["resync_diff"]),
+                ]
+            )
+        )
     return grid(rows)
 
 
@@ -254,17 +309,39 @@ def trace_frames(trace: RolloutTrace, scale: int = 4) -> list[np.ndarray]:
         if t == 0:
             head = ["context"]
         else:
-            head = [f"t={t} a={trace.action_label(t - 1)}", f"r^={trace.reward_pred[t - 1]:.2f}",
-                    f"p(term)={trace.term_prob[t - 1]:.2f} H={trace.entropy[t - 1]:.2f}"]
+            head = [
+                f"t={t} a={trace.action_label(t - 1)}",
+                f"r^={trace.reward_pred[t - 1]:.2f}",
+                f"p(term)={trace.term_prob[t - 1]:.2f} H={trace.entropy[t - 1]:.2f}",
+            ]
         if trace.real is None:
             frames.append(annotate(d, ["dream", *head]))
             continue
         r = upscale(trace.real[t], scale)
-        real_lines = ["real"] if t == 0 else ["real", f"r={trace.reward_real[t - 1]:.2f}"
-                                              + (" TERM" if trace.terminated_real[t - 1] else "")]
-        diff_lines = ["|diff|"] if t == 0 else ["|diff|", f"psnr={float(psnr(trace.dream[t], trace.real[t])):.1f}"]
-        frames.append(grid([np.stack([annotate(r, real_lines), annotate(d, ["dream", *head]),
-                                      annotate(upscale(_diff(trace.real[t], trace.dream[t]), scale), diff_lines)])]))
+        real_lines = (
+            ["real"]
+            if t == 0
+            else [
+                "real",
+                f"r={trace.reward_real[t - 1]:.2f}" + (" TERM" if trace.terminated_real[t - 1] else ""),
+            ]
+        )
+        diff_lines = (
+            ["|diff|"] if t == 0 else ["|diff|", f"psnr={float(psnr(trace.dream[t], trace.real[t])):.1f}"]
+        )
+        frames.append(
+            grid(
+                [
+                    np.stack(
+                        [
+                            annotate(r, real_lines),
+                            annotate(d, ["dream", *head]),
+                            annotate(upscale(_diff(trace.real[t], trace.dream[t]), scale), diff_lines),
+                        ]
+                    )
+                ]
+            )
+        )
     return frames
 
 
@@ -310,7 +387,9 @@ def plot_trace(trace: RolloutTrace, path: str | os.PathLike, *, psnr_threshold: 
     a.plot(t, trace.term_prob, label="p(terminated)")
     a.plot(t, trace.entropy / max(float(trace.entropy.max()), 1e-9), ":", label="token entropy (scaled)")
     if trace.terminated_real is not None and trace.terminated_real.any():
-        a.axvline(int(np.flatnonzero(trace.terminated_real)[0]) + 1, color="k", lw=0.8, label="real termination")
+        a.axvline(
+            int(np.flatnonzero(trace.terminated_real)[0]) + 1, color="k", lw=0.8, label="real termination"
+        )
     a.set_ylim(0, 1.05)
     a.legend(fontsize=7)
     if with_policy:
@@ -338,8 +417,15 @@ def plot_trace(trace: RolloutTrace, path: str | os.PathLike, *, psnr_threshold: 
     return save_figure(fig, path)
 
 
-def render_trace(trace: RolloutTrace, out_stem: str | os.PathLike, *, scale: int = 4, fps: float = 8.75,
-                 gif: bool = True, psnr_threshold: float | None = None) -> dict[str, Path]:
+def render_trace(
+    trace: RolloutTrace,
+    out_stem: str | os.PathLike,
+    *,
+    scale: int = 4,
+    fps: float = 8.75,
+    gif: bool = True,
+    psnr_threshold: float | None = None,
+) -> dict[str, Path]:
     """Write ``<out_stem>.mp4`` (+ ``.gif``) and ``<out_stem>.png`` (traces); returns their paths."""
     if scale < 1:
         raise ValueError(f"scale: got {scale}, expected an integer >= 1")

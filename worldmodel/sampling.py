@@ -71,9 +71,14 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, generator: torch.Generator | None = None,
-                  gumbel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_logits(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    gumbel: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row; returns (tokens (B,), entropy (B,) of the unfiltered distribution).
 
     With ``gumbel`` (B, V) Gumbel(0, 1) noise the sample is ``argmax(filtered logits / T + gumbel)``
@@ -90,7 +95,9 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1), entropy
 
 
-def row_gumbel(generators: Sequence[torch.Generator], n: int, vocab: int, device: torch.device) -> torch.Tensor:
+def row_gumbel(
+    generators: Sequence[torch.Generator], n: int, vocab: int, device: torch.device
+) -> torch.Tensor:
     """Gumbel(0, 1) noise (B, n, V), row b drawn from ``generators[b]`` only.
 
     Per-row generators make a row's samples independent of which other rows share the batch, so a
@@ -100,15 +107,23 @@ def row_gumbel(generators: Sequence[torch.Generator], n: int, vocab: int, device
     return -torch.log(-torch.log(u.clamp_(1e-20, 1.0 - 1e-7)))
 
 
-def frame_gumbel(B: int, n: int, vocab: int, device: torch.device, generator: torch.Generator | None = None,
-                 row_generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+def frame_gumbel(
+    B: int,
+    n: int,
+    vocab: int,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    row_generators: Sequence[torch.Generator] | None = None,
+) -> torch.Tensor:
     """Gumbel(0, 1) noise (B, n, V) for the n tokens of a frame, drawn in one call per frame (per row with
     ``row_generators``, see :func:`row_gumbel`). One draw per frame instead of one ``multinomial`` per
     token: a token is then ``argmax(filtered logits / T + noise)`` (the Gumbel-max trick), which is cheaper
     in the token loop."""
     if row_generators is not None:
         return row_gumbel(row_generators, n, vocab, device)
-    u = torch.rand(B, n, vocab, generator=generator, device=device)  # (rand is ~5x faster than exponential_ on CPU)
+    u = torch.rand(
+        B, n, vocab, generator=generator, device=device
+    )  # (rand is ~5x faster than exponential_ on CPU)
     return -torch.log(-torch.log(u.clamp_(1e-20, 1.0 - 1e-7)))
 
 
@@ -141,8 +156,15 @@ class Rollout:
         self.device = p.device
         self.bf16 = bf16
         hs = cfg.n_embd // cfg.n_head
-        self.cache = KVCache(cfg.n_layer, batch_size, cfg.n_head, cfg.frames * prior.block_len, hs, self.device,
-                             torch.bfloat16 if bf16 else p.dtype)
+        self.cache = KVCache(
+            cfg.n_layer,
+            batch_size,
+            cfg.n_head,
+            cfg.frames * prior.block_len,
+            hs,
+            self.device,
+            torch.bfloat16 if bf16 else p.dtype,
+        )
         h, w = cfg.tokens_h, cfg.tokens_w
         self.tokens = torch.zeros(batch_size, cfg.frames, h, w, dtype=torch.long, device=self.device)
         if cfg.action_kind == "continuous":
@@ -153,7 +175,9 @@ class Rollout:
         self.mem_k = self.mem_v = None  # frame conditioning: cross-attention keys/values per layer and row
         if prior.cond_encoder is not None:
             M = cfg.n_cond_frames * cfg.tokens_h * cfg.tokens_w
-            self.mem_k = torch.zeros(cfg.n_layer, batch_size, cfg.n_head, M, hs, device=self.device, dtype=p.dtype)
+            self.mem_k = torch.zeros(
+                cfg.n_layer, batch_size, cfg.n_head, M, hs, device=self.device, dtype=p.dtype
+            )
             self.mem_v = torch.zeros_like(self.mem_k)
         self.decoder = TokenDecoder(prior)  # fused single-position forward of the token loop
         self.n_frames = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # frames in each window
@@ -164,8 +188,14 @@ class Rollout:
 
     # -- context --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def start(self, tokens: torch.Tensor, actions: torch.Tensor | None = None, rows: torch.Tensor | list[int] | None = None,
-              class_ids: torch.Tensor | None = None, cond_tokens: torch.Tensor | None = None) -> None:
+    def start(
+        self,
+        tokens: torch.Tensor,
+        actions: torch.Tensor | None = None,
+        rows: torch.Tensor | list[int] | None = None,
+        class_ids: torch.Tensor | None = None,
+        cond_tokens: torch.Tensor | None = None,
+    ) -> None:
         """Set the context of ``rows`` (default: all): tokens (k, Tc, h, w), actions (k, Tc-1[, A]);
         ``cond_tokens`` (k, n_cond_frames, h, w) for a frame-conditioned prior.
 
@@ -174,11 +204,17 @@ class Rollout:
         start vector (+ class, + conditioning frames) like block 0 of a training clip, ignoring that
         step's action (video sampling from scratch).
         """
-        rows_t = torch.arange(self.B, device=self.device) if rows is None else torch.as_tensor(rows, device=self.device).long()
+        rows_t = (
+            torch.arange(self.B, device=self.device)
+            if rows is None
+            else torch.as_tensor(rows, device=self.device).long()
+        )
         k = len(rows_t)
         if tokens.ndim != 4 or tokens.shape[0] != k:
-            raise ValueError(f"tokens: got {tuple(tokens.shape)}, expected ({k}, Tc, {self.cfg.tokens_h}, {self.cfg.tokens_w}) "
-                             f"for {k} rows")
+            raise ValueError(
+                f"tokens: got {tuple(tokens.shape)}, expected ({k}, Tc, {self.cfg.tokens_h}, {self.cfg.tokens_w}) "
+                f"for {k} rows"
+            )
         Tc = tokens.shape[1]
         if class_ids is None and self.prior.class_emb is not None:
             raise ValueError("class_ids: required by a class-conditional prior")
@@ -188,7 +224,9 @@ class Rollout:
             actions = actions[:, cut:].to(self.device)
         # an empty context (Tc = 0) is validated as one placeholder frame: class ids and token grid
         check = tokens if Tc else torch.zeros(k, 1, *tokens.shape[2:], dtype=torch.long, device=self.device)
-        self.prior.validate(check, actions if Tc else None, None if class_ids is None else class_ids.to(self.device))
+        self.prior.validate(
+            check, actions if Tc else None, None if class_ids is None else class_ids.to(self.device)
+        )
         T = tokens.shape[1]
         self.tokens[rows_t, :T] = tokens.long()
         if actions is not None and T > 1:
@@ -198,7 +236,10 @@ class Rollout:
         memory = self.prior.cond_memory(None if cond_tokens is None else cond_tokens.to(self.device), k)
         if memory is not None:
             for i, (mk, mv) in enumerate(self.prior.memory_kv(memory)):
-                self.mem_k[i, rows_t], self.mem_v[i, rows_t] = mk.to(self.mem_k.dtype), mv.to(self.mem_v.dtype)
+                self.mem_k[i, rows_t], self.mem_v[i, rows_t] = (
+                    mk.to(self.mem_k.dtype),
+                    mv.to(self.mem_v.dtype),
+                )
         self.n_frames[rows_t] = T
         self.started[rows_t] = True
         self._prefill(rows_t)
@@ -220,26 +261,42 @@ class Rollout:
             tok = self.tokens[r, :T]
             acts = self.actions[r, : max(T - 1, 0)]
             cls = self.class_ids[r] if self.prior.class_emb is not None else None
-            every_row = len(r) == self.B and bool((r == torch.arange(self.B, device=self.device)).all())  # plain slicing
+            every_row = len(r) == self.B and bool(
+                (r == torch.arange(self.B, device=self.device)).all()
+            )  # plain slicing
             with self._autocast():
                 cond = self.prior.block_conditions(acts, len(r), T, cls)
                 x = self.prior.embed_blocks(tok, cond)
-                self.prior.forward_cached(x, self.prior.ln_condition(cond), self.cache, None if every_row else r, 0,
-                                          self._memory(None if every_row else r))
+                self.prior.forward_cached(
+                    x,
+                    self.prior.ln_condition(cond),
+                    self.cache,
+                    None if every_row else r,
+                    0,
+                    self._memory(None if every_row else r),
+                )
 
     def _slide(self, rows: torch.Tensor) -> None:
         keep, F_ = self.keep, self.cfg.frames
-        self.tokens[rows, :keep] = self.tokens[rows, F_ - keep:].clone()
+        self.tokens[rows, :keep] = self.tokens[rows, F_ - keep :].clone()
         if keep > 1:
-            self.actions[rows, : keep - 1] = self.actions[rows, F_ - keep: F_ - 1].clone()
+            self.actions[rows, : keep - 1] = self.actions[rows, F_ - keep : F_ - 1].clone()
         self.n_frames[rows] = keep
         self._prefill(rows)
 
     # -- generation -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, actions: torch.Tensor | None, *, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, generator: torch.Generator | Sequence[torch.Generator] | None = None,
-             decode: str = "autoregressive", maskgit_steps: int = 8) -> StepResult:
+    def step(
+        self,
+        actions: torch.Tensor | None,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        decode: str = "autoregressive",
+        maskgit_steps: int = 8,
+    ) -> StepResult:
         """Generate the next frame of every row given ``actions`` (B,) discrete or (B, A) continuous.
 
         ``generator``: one ``torch.Generator`` for the whole batch, or a sequence of B generators
@@ -267,13 +324,22 @@ class Rollout:
             raise ValueError(f"decode: got {decode!r}, expected one of {DECODES}")
         if decode == "maskgit":
             if not self.prior.maskgit:
-                raise ValueError("decode='maskgit' needs a prior trained with the MaskGIT objective "
-                                 "(prior.maskgit_weight > 0); this one was not")
+                raise ValueError(
+                    "decode='maskgit' needs a prior trained with the MaskGIT objective "
+                    "(prior.maskgit_weight > 0); this one was not"
+                )
             if not 1 <= maskgit_steps <= self.prior.hw:
-                raise ValueError(f"maskgit_steps: got {maskgit_steps}, expected 1..{self.prior.hw} (tokens per frame)")
+                raise ValueError(
+                    f"maskgit_steps: got {maskgit_steps}, expected 1..{self.prior.hw} (tokens per frame)"
+                )
 
-    def _sampling(self, temperature: float, top_k: int | None, top_p: float | None,
-                  generator: torch.Generator | Sequence[torch.Generator] | None) -> Sampling:
+    def _sampling(
+        self,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
+    ) -> Sampling:
         """The step's sampling settings, with ``generator`` split into one for the batch or one per row."""
         if generator is None or isinstance(generator, torch.Generator):
             return Sampling(temperature, top_k, top_p, generator, None)
@@ -285,7 +351,9 @@ class Rollout:
     def _check_actions(self, actions: torch.Tensor | None) -> torch.Tensor | None:
         """``actions`` on the device after checking them (None for a prior without actions)."""
         if not bool(self.started.all()):
-            raise RuntimeError(f"rows {torch.nonzero(~self.started).flatten().tolist()} have no context; call start() first")
+            raise RuntimeError(
+                f"rows {torch.nonzero(~self.started).flatten().tolist()} have no context; call start() first"
+            )
         if self.cfg.action_kind == "none":
             return None
         if not isinstance(actions, torch.Tensor):
@@ -310,8 +378,12 @@ class Rollout:
         cls = self.class_ids if self.prior.class_emb is not None else None
         return self.prior.embed_step(action, t_idx, self.tokens[rows, last], cls)
 
-    def _token_frame(self, emb: StepEmbedding, base: torch.Tensor | int, s: Sampling,
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _token_frame(
+        self,
+        emb: StepEmbedding,
+        base: torch.Tensor | int,
+        s: Sampling,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One frame token by token: hw + 1 single-position forwards (the slot, then each sampled token).
         Returns tokens (B, hw), mean entropy (B,), the last position's hidden state h_last (B, C) and the slot's
         h_slot (B, C)."""
@@ -326,7 +398,9 @@ class Rollout:
         for j in range(hw + 1):
             h = forward(x, base + j)  # (B, C)
             if j == 0:
-                h_slot = h  # the slot: has seen frames < t and the block's action (termination_from="history")
+                h_slot = (
+                    h  # the slot: has seen frames < t and the block's action (termination_from="history")
+                )
             if j == hw:
                 break
             logits = head(h, j)  # (B, V)
@@ -340,8 +414,12 @@ class Rollout:
             x = emb.token_input(tok, j)
         return out.t(), mean_entropy(all_logits.transpose(0, 1)), h, h_slot
 
-    def _position_forward(self, emb: StepEmbedding, base: torch.Tensor | int, all_logits: torch.Tensor,
-                          ) -> tuple[Callable[[torch.Tensor, Any], torch.Tensor], Callable[[torch.Tensor, int], torch.Tensor]]:
+    def _position_forward(
+        self,
+        emb: StepEmbedding,
+        base: torch.Tensor | int,
+        all_logits: torch.Tensor,
+    ) -> tuple[Callable[[torch.Tensor, Any], torch.Tensor], Callable[[torch.Tensor, int], torch.Tensor]]:
         """The token loop's one-position forward ``(x (B, C), pos) -> h (B, C)`` and token head ``(h, j) -> logits
         (B, V)`` (written into ``all_logits[j]``): the fused :class:`TokenDecoder` for fp32 rows in lockstep without
         memory, else :meth:`Prior.forward_cached`."""
@@ -354,17 +432,26 @@ class Rollout:
 
             def head(h: torch.Tensor, j: int) -> torch.Tensor:
                 return torch.mm(h, self.decoder.head_t, out=all_logits[j])
+
             return forward, head
+
         def forward_general(x: torch.Tensor, pos: torch.Tensor | int) -> torch.Tensor:
             return prior.forward_cached(x[:, None], emb.ln, self.cache, None, pos, memory)[:, 0]
 
         def head_general(h: torch.Tensor, j: int) -> torch.Tensor:
             all_logits[j] = prior.head(h).float()
             return all_logits[j]
+
         return forward_general, head_general
 
-    def _finish(self, t_idx: torch.Tensor, out: torch.Tensor, entropy: torch.Tensor, h_last: torch.Tensor,
-                h_slot: torch.Tensor) -> StepResult:
+    def _finish(
+        self,
+        t_idx: torch.Tensor,
+        out: torch.Tensor,
+        entropy: torch.Tensor,
+        h_last: torch.Tensor,
+        h_slot: torch.Tensor,
+    ) -> StepResult:
         """Store the new frames ``out`` (B, hw) at window index ``t_idx`` and read the reward head from
         ``h_last`` (B, C), the hidden state of each new block's last position, and the termination head from it
         or from the block's slot ``h_slot`` (B, C) (``PriorConfig.termination_from``)."""
@@ -376,8 +463,9 @@ class Rollout:
         self.n_frames += 1
         return StepResult(frame, reward, term, entropy, reward_term)
 
-    def _maskgit_frame(self, emb: StepEmbedding, t_idx: torch.Tensor, base: torch.Tensor | int, steps: int,
-                       s: Sampling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _maskgit_frame(
+        self, emb: StepEmbedding, t_idx: torch.Tensor, base: torch.Tensor | int, steps: int, s: Sampling
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One frame by MaskGIT decoding (Chang et al. 2022) on top of the KV cache.
 
         The block's slot is written into the cache first (position ``base``). Then, ``steps`` times, the
@@ -391,34 +479,52 @@ class Rollout:
         the slot's hidden state h_slot (B, C).
         """
         prior, B, hw, memory = self.prior, self.B, self.prior.hw, self._memory(None)
-        h_slot = prior.forward_cached(emb.slot_input()[:, None], emb.ln, self.cache, None, base, memory)[:, 0]  # (B, C)
+        h_slot = prior.forward_cached(emb.slot_input()[:, None], emb.ln, self.cache, None, base, memory)[
+            :, 0
+        ]  # (B, C)
         out = torch.zeros(B, hw, dtype=torch.long, device=self.device)
         known = torch.zeros(B, hw, dtype=torch.bool, device=self.device)
         ent = torch.zeros(B, device=self.device)
         prev_b = None if emb.prev is None else emb.prev[:, None]  # (B, 1, hw, C)
         for k in range(steps):
-            xm = prior.embed_masked(out[:, None], known[:, None], emb.cond, t_idx[:, None], prev_b)[:, 0]  # (B, hw, C)
-            h = prior.forward_cached(xm, emb.ln, self.cache, None, base + 1, memory, write=False)  # (B, hw, C)
+            xm = prior.embed_masked(out[:, None], known[:, None], emb.cond, t_idx[:, None], prev_b)[
+                :, 0
+            ]  # (B, hw, C)
+            h = prior.forward_cached(
+                xm, emb.ln, self.cache, None, base + 1, memory, write=False
+            )  # (B, hw, C)
             cand, e, conf = self._maskgit_candidates(prior.head(h).float(), s)
             conf = conf.masked_fill(known, float("inf"))  # committed tokens stay
-            n_known = hw if k == steps - 1 else max(int(known[0].sum()) + 1,
-                                                    math.ceil(hw * (1 - math.cos(math.pi / 2 * (k + 1) / steps))))
+            n_known = (
+                hw
+                if k == steps - 1
+                else max(
+                    int(known[0].sum()) + 1, math.ceil(hw * (1 - math.cos(math.pi / 2 * (k + 1) / steps)))
+                )
+            )
             new = torch.zeros_like(known).scatter_(1, conf.topk(n_known, dim=1).indices, True) & ~known
             out = torch.where(new, cand, out)
             ent += (e * new).sum(1)
             known |= new
-        h = prior.forward_cached(emb.frame_inputs(out), emb.ln, self.cache, None, base + 1, memory)  # (B, hw, C), cached
+        h = prior.forward_cached(
+            emb.frame_inputs(out), emb.ln, self.cache, None, base + 1, memory
+        )  # (B, hw, C), cached
         return out, ent / hw, h[:, -1], h_slot
 
-    def _maskgit_candidates(self, logits: torch.Tensor, s: Sampling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _maskgit_candidates(
+        self, logits: torch.Tensor, s: Sampling
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A token sampled at every position of ``logits`` (B, hw, V): tokens (B, hw), the entropy of each
         position's distribution (B, hw) and the sampled token's log-probability, its confidence (B, hw)."""
         B, hw, V = logits.shape
         noise = None
         if s.temperature > 0:
-            noise = rearrange(frame_gumbel(B, hw, V, self.device, s.generator, s.row_gens), "b n v -> (b n) v")
-        cand, e = sample_logits(rearrange(logits, "b n v -> (b n) v"), s.temperature, s.top_k, s.top_p, s.generator,
-                                noise)
+            noise = rearrange(
+                frame_gumbel(B, hw, V, self.device, s.generator, s.row_gens), "b n v -> (b n) v"
+            )
+        cand, e = sample_logits(
+            rearrange(logits, "b n v -> (b n) v"), s.temperature, s.top_k, s.top_p, s.generator, noise
+        )
         cand, e = cand.view(B, hw), e.view(B, hw)
         return cand, e, logits.log_softmax(-1).gather(-1, cand[..., None])[..., 0]
 
@@ -428,8 +534,15 @@ class Rollout:
 
 
 @torch.inference_mode()
-def generate_uncached(prior: Prior, tokens: torch.Tensor, actions: torch.Tensor | None, next_action: torch.Tensor | None,
-                      *, temperature: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def generate_uncached(
+    prior: Prior,
+    tokens: torch.Tensor,
+    actions: torch.Tensor | None,
+    next_action: torch.Tensor | None,
+    *,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Reference generation of one frame by full recomputation (no cache): one whole forward per token.
 
     tokens (B, Tc, h, w) with ``Tc < cfg.frames``; returns the new frame's tokens (B, h, w). Used by
@@ -453,4 +566,6 @@ def teacher_forced_nll(prior: Prior, tokens: torch.Tensor, actions: torch.Tensor
     """Per-frame mean token NLL (nats), (B, T), under teacher forcing."""
     out = prior(tokens, actions)
     target = rearrange(tokens.long(), "b t h w -> b t (h w)")
-    return F.cross_entropy(rearrange(out.logits.float(), "b t n v -> b v t n"), target, reduction="none").mean(-1)
+    return F.cross_entropy(
+        rearrange(out.logits.float(), "b t n v -> b v t n"), target, reduction="none"
+    ).mean(-1)

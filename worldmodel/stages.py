@@ -47,7 +47,9 @@ def resolve_config(cfg: ExperimentConfig, meta: StoreMeta) -> ExperimentConfig:
     """
     H, W, _ = meta.obs_shape
     if H != W:
-        raise ValueError(f"store frames are {H}x{W}; the tokenizer needs square frames (convert with a center crop)")
+        raise ValueError(
+            f"store frames are {H}x{W}; the tokenizer needs square frames (convert with a center crop)"
+        )
     tok = replace(cfg.tokenizer, resolution=H)
     st, sh, sw = tok.stride
     if H % sh or W % sw:
@@ -55,11 +57,20 @@ def resolve_config(cfg: ExperimentConfig, meta: StoreMeta) -> ExperimentConfig:
     if cfg.data.clip_len % st:
         raise ValueError(f"data.clip_len={cfg.data.clip_len} must be a multiple of the temporal stride {st}")
     spec = meta.action_spec if cfg.data.use_actions else ActionSpec.none()
-    prior = replace(cfg.prior, vocab_size=tok.codebook_size, tokens_h=H // sh, tokens_w=W // sw,
-                    action_kind=spec.kind, n_actions=spec.n, action_dim=spec.dim)
+    prior = replace(
+        cfg.prior,
+        vocab_size=tok.codebook_size,
+        tokens_h=H // sh,
+        tokens_w=W // sw,
+        action_kind=spec.kind,
+        n_actions=spec.n,
+        action_dim=spec.dim,
+    )
     if spec.kind != "none" and st != 1:
-        raise ValueError(f"action-conditioned priors need temporal stride 1 (one latent frame per action); "
-                         f"tokenizer.stride={tok.stride}")
+        raise ValueError(
+            f"action-conditioned priors need temporal stride 1 (one latent frame per action); "
+            f"tokenizer.stride={tok.stride}"
+        )
     tok = replace(tok, max_frames=max(tok.max_frames, cfg.data.clip_len))
     return replace(cfg, tokenizer=tok, prior=prior, data=replace(cfg.data, resolution=H))
 
@@ -127,16 +138,20 @@ def prepare_run(cfg: ExperimentConfig, run_dir: str | os.PathLike) -> tuple[Expe
     trained, diffs = run_config_differences(run_dir, cfg) if (run_dir / WEIGHTS).exists() else ([], [])
     if diffs:
         shown = "; ".join(diffs[:12]) + (f"; ... ({len(diffs)} in all)" if len(diffs) > 12 else "")
-        raise ValueError(f"{run_dir} holds a trained {' and '.join(trained)} of another config ({shown}); nothing was "
-                         f"changed there. Use a new --run-dir, or the config the run was trained with "
-                         f"({run_dir / CONFIG_JSON})")
+        raise ValueError(
+            f"{run_dir} holds a trained {' and '.join(trained)} of another config ({shown}); nothing was "
+            f"changed there. Use a new --run-dir, or the config the run was trained with "
+            f"({run_dir / CONFIG_JSON})"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = store.meta.to_dict()
     meta["path"] = str(Path(cfg.data.store).resolve())
     spec = store.meta.action_spec
     if cfg.data.use_actions and spec.kind == "continuous" and (spec.low is None or spec.high is None):
         # dream envs expose continuous actions normalised to [-1, 1]; record the data's range to map them back
-        acts = np.concatenate([a for e in store.episode_ids() if (a := store.load_actions(e)) is not None and len(a)])
+        acts = np.concatenate(
+            [a for e in store.episode_ids() if (a := store.load_actions(e)) is not None and len(a)]
+        )
         meta["action_spec"]["low"] = acts.min(0).astype(float).tolist()
         meta["action_spec"]["high"] = acts.max(0).astype(float).tolist()
     write_run_config(run_dir, cfg.to_dict(), meta)
@@ -151,8 +166,14 @@ def estimate_variance(dataset: ClipDataset, n_clips: int = 64, seed: int = 0) ->
     return float(x.var())
 
 
-def train_tokenizer(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, dist_info: DistInfo | None = None,
-                    resume: bool = True, progress: bool = True) -> FitResult:
+def train_tokenizer(
+    cfg: ExperimentConfig,
+    run_dir: str | os.PathLike,
+    *,
+    dist_info: DistInfo | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> FitResult:
     """Train the VQ-VAE on clips of the store; writes weights, TensorBoard logs and ``recon.png``."""
 
     cfg, store = prepare_run(cfg, run_dir)
@@ -163,7 +184,9 @@ def train_tokenizer(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, dist_i
     model = VQVAE(cfg.tokenizer)
     model.set_data_variance(estimate_variance(train_set, seed=cfg.tokenizer_train.seed))
     di = dist_info or DistInfo()
-    sample = torch.stack([(val_set or train_set)[i]["frames"] for i in range(min(4, len(val_set or train_set)))])
+    sample = torch.stack(
+        [(val_set or train_set)[i]["frames"] for i in range(min(4, len(val_set or train_set)))]
+    )
 
     def on_eval(m: torch.nn.Module, step: int, writer: Any) -> None:
         recon = _reconstruct(m, sample.to(di.device))
@@ -171,11 +194,23 @@ def train_tokenizer(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, dist_i
         if writer is not None:
             writer.add_image("tokenizer/reconstruction", np.asarray(Image.open(png)), step, dataformats="HWC")
             # video: originals (top) over reconstructions (bottom), clips side by side
-            vid = torch.cat([torch.cat(list(sample), dim=2), torch.cat(list(recon), dim=2)], dim=1)  # (T, 2H, N*W, 3)
+            vid = torch.cat(
+                [torch.cat(list(sample), dim=2), torch.cat(list(recon), dim=2)], dim=1
+            )  # (T, 2H, N*W, 3)
             tensorboard_video(writer, "tokenizer/reconstruction_video", vid.numpy(), step)
 
-    return fit(model, stage="tokenizer", run_dir=run_dir, train_set=train_set, val_set=val_set,
-               cfg=cfg.tokenizer_train, dist_info=di, resume=resume, on_eval=on_eval, progress=progress)
+    return fit(
+        model,
+        stage="tokenizer",
+        run_dir=run_dir,
+        train_set=train_set,
+        val_set=val_set,
+        cfg=cfg.tokenizer_train,
+        dist_info=di,
+        resume=resume,
+        on_eval=on_eval,
+        progress=progress,
+    )
 
 
 @torch.no_grad()
@@ -204,8 +239,14 @@ def load_tokenizer(run_dir: str | os.PathLike, device: torch.device | str = "cpu
     return model.to(device).eval()
 
 
-def encode_tokens(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, device: str | torch.device = "cpu",
-                  force: bool = False, progress: bool = True) -> Path:
+def encode_tokens(
+    cfg: ExperimentConfig,
+    run_dir: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
     """Encode the whole store with the run's tokenizer into ``run_dir/tokens.h5`` (skipped if up to date)."""
     cfg, store = prepare_run(cfg, run_dir)
     out = Path(run_dir) / TOKENS_FILE
@@ -217,8 +258,15 @@ def encode_tokens(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, device: 
         if cache.attrs.get("tokenizer_sha1") == digest and len(cache) == len(store):
             return out
     tok = load_tokenizer(run_dir, device)
-    return encode_store(tok, store, out, clip_len=cfg.data.clip_len, device=device, progress=progress,
-                        meta={"tokenizer_sha1": digest})
+    return encode_store(
+        tok,
+        store,
+        out,
+        clip_len=cfg.data.clip_len,
+        device=device,
+        progress=progress,
+        meta={"tokenizer_sha1": digest},
+    )
 
 
 def tokenizer_digest(run_dir: str | os.PathLike) -> str:
@@ -256,8 +304,13 @@ class EndPaddedClips(Dataset):
     def __init__(self, source: Any, split: str, clip_len: int, termination_only: bool = True) -> None:
         self.inside = ClipDataset(source, split=split, clip_len=clip_len)
         self.source, self.clip_len, self.termination_only = source, clip_len, termination_only
-        self.padded = [(e, s) for e in source.episode_ids(split)
-                       for n in [source.length(e)] if n >= 2 for s in range(max(0, n - clip_len + 1), n - 1)]
+        self.padded = [
+            (e, s)
+            for e in source.episode_ids(split)
+            for n in [source.length(e)]
+            if n >= 2
+            for s in range(max(0, n - clip_len + 1), n - 1)
+        ]
 
     def __len__(self) -> int:
         return len(self.inside) + len(self.padded)
@@ -265,7 +318,11 @@ class EndPaddedClips(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         L = self.clip_len
         if index < len(self.inside):
-            return {**self.inside[index], "valid": torch.ones(L, dtype=torch.bool), "termination_only": torch.tensor(False)}
+            return {
+                **self.inside[index],
+                "valid": torch.ones(L, dtype=torch.bool),
+                "termination_only": torch.tensor(False),
+            }
         eid, start = self.padded[index - len(self.inside)]
         n = self.source.length(eid) - start  # real frames in the window, 2 <= n < L
         clip = self.source.read_clip(eid, start, n)
@@ -298,7 +355,9 @@ def _prior_video_hook(cfg: ExperimentConfig, run_dir: str | os.PathLike, n: int 
             return
         if "wm" not in state:
             try:
-                clips = sample_clips(EpisodeStore(cfg.data.store), split="val", n=n, length=context + horizon, seed=0)
+                clips = sample_clips(
+                    EpisodeStore(cfg.data.store), split="val", n=n, length=context + horizon, seed=0
+                )
             except ValueError as e:
                 warnings.warn(f"prior stage: no open-loop video in TensorBoard ({e})", stacklevel=2)
                 state["skip"] = True
@@ -310,18 +369,28 @@ def _prior_video_hook(cfg: ExperimentConfig, run_dir: str | os.PathLike, n: int 
         wm.prior = m  # the weights being trained, no copy
         was_training = m.training
         try:
-            dream = open_loop(wm, clips.frames, clips.actions, context=context, horizon=horizon).frames  # (n, H, h, w, 3)
+            dream = open_loop(
+                wm, clips.frames, clips.actions, context=context, horizon=horizon
+            ).frames  # (n, H, h, w, 3)
         finally:
             m.train(was_training)
-        real = clips.frames[:, context: context + horizon]
-        video = np.concatenate([np.concatenate(list(real), axis=2), np.concatenate(list(dream), axis=2)], axis=1)
+        real = clips.frames[:, context : context + horizon]
+        video = np.concatenate(
+            [np.concatenate(list(real), axis=2), np.concatenate(list(dream), axis=2)], axis=1
+        )
         tensorboard_video(writer, "prior/open_loop", video, step)  # (horizon, 2h, n*w, 3)
 
     return on_eval
 
 
-def train_prior(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, dist_info: DistInfo | None = None,
-                resume: bool = True, progress: bool = True) -> FitResult:
+def train_prior(
+    cfg: ExperimentConfig,
+    run_dir: str | os.PathLike,
+    *,
+    dist_info: DistInfo | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> FitResult:
     """Train the GPT prior on windows of the token cache (encodes it first if needed)."""
 
     di = dist_info or DistInfo()
@@ -333,19 +402,37 @@ def train_prior(cfg: ExperimentConfig, run_dir: str | os.PathLike, *, dist_info:
         torch.distributed.barrier()
     cache = TokenCache(path)
     clip = cfg.prior.frames + cfg.prior.n_cond_frames  # conditioning frames come first in each clip
-    if cfg.prior.n_cond_frames or not cfg.data.pad_episode_ends:  # frame-conditioned priors need real conditioning frames
-        train_set, val_set = ClipDataset(cache, split="train", clip_len=clip), _split_with_fallback(cache, "val", clip)
+    if (
+        cfg.prior.n_cond_frames or not cfg.data.pad_episode_ends
+    ):  # frame-conditioned priors need real conditioning frames
+        train_set, val_set = (
+            ClipDataset(cache, split="train", clip_len=clip),
+            _split_with_fallback(cache, "val", clip),
+        )
     else:
         train_set = EndPaddedClips(cache, "train", clip)
         val = _split_with_fallback(cache, "val", clip)
         val_set = None if val is None else EndPaddedClips(cache, val.split, clip)
     torch.manual_seed(cfg.prior_train.seed)
     model = Prior(cfg.prior)
-    res = fit(model, stage="prior", run_dir=run_dir, train_set=train_set, val_set=val_set, cfg=cfg.prior_train,
-              dist_info=di, resume=resume, progress=progress, on_eval=_prior_video_hook(cfg, run_dir))
+    res = fit(
+        model,
+        stage="prior",
+        run_dir=run_dir,
+        train_set=train_set,
+        val_set=val_set,
+        cfg=cfg.prior_train,
+        dist_info=di,
+        resume=resume,
+        progress=progress,
+        on_eval=_prior_video_hook(cfg, run_dir),
+    )
     if di.is_main and cfg.prior.action_kind == "discrete":
-
         wm = WorldModel.from_pretrained(run_dir)
-        render_action_strips(wm, EpisodeStore(cfg.data.store), str(Path(run_dir) / "action_strips.png"),
-                             context=min(4, cfg.prior.frames - 1))
+        render_action_strips(
+            wm,
+            EpisodeStore(cfg.data.store),
+            str(Path(run_dir) / "action_strips.png"),
+            context=min(4, cfg.prior.frames - 1),
+        )
     return res

@@ -96,11 +96,20 @@ class ActionSpec:
         return cls("discrete", n=int(n), names=tuple(names) if names is not None else None)
 
     @classmethod
-    def continuous(cls, dim: int, low: Sequence[float] | None = None, high: Sequence[float] | None = None,
-                   names: Sequence[str] | None = None) -> ActionSpec:
-        return cls("continuous", dim=int(dim), low=None if low is None else tuple(float(x) for x in low),
-                   high=None if high is None else tuple(float(x) for x in high),
-                   names=tuple(names) if names is not None else None)
+    def continuous(
+        cls,
+        dim: int,
+        low: Sequence[float] | None = None,
+        high: Sequence[float] | None = None,
+        names: Sequence[str] | None = None,
+    ) -> ActionSpec:
+        return cls(
+            "continuous",
+            dim=int(dim),
+            low=None if low is None else tuple(float(x) for x in low),
+            high=None if high is None else tuple(float(x) for x in high),
+            names=tuple(names) if names is not None else None,
+        )
 
     @classmethod
     def none(cls) -> ActionSpec:
@@ -121,7 +130,9 @@ class ActionSpec:
         """Check ``actions`` for ``n_steps`` transitions and return them in the stored dtype."""
         if self.kind == "none":
             if actions is not None:
-                raise StoreError(f"{where}: this store has no actions (ActionSpec kind 'none') but actions were given")
+                raise StoreError(
+                    f"{where}: this store has no actions (ActionSpec kind 'none') but actions were given"
+                )
             return None
         if actions is None:
             raise StoreError(f"{where}: missing; expected {self.describe(n_steps)}")
@@ -130,7 +141,9 @@ class ActionSpec:
             if a.shape != (n_steps,) or not np.issubdtype(a.dtype, np.integer):
                 raise StoreError(f"{where}: got {a.dtype}{a.shape}, expected {self.describe(n_steps)}")
             if n_steps and (a.min() < 0 or a.max() >= self.n):
-                raise StoreError(f"{where}: values must lie in [0, {self.n}), got range [{a.min()}, {a.max()}]")
+                raise StoreError(
+                    f"{where}: values must lie in [0, {self.n}), got range [{a.min()}, {a.max()}]"
+                )
             return a.astype(np.int64)
         if a.shape != (n_steps, self.dim) or not np.issubdtype(a.dtype, np.floating):
             raise StoreError(f"{where}: got {a.dtype}{a.shape}, expected {self.describe(n_steps)}")
@@ -159,21 +172,34 @@ class StoreMeta:
     """Free-form source metadata (e.g. env config, dataset version, class names)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": self.schema_version, "source": self.source, "obs_shape": list(self.obs_shape),
-                "action_spec": self.action_spec.to_dict(), "fps": self.fps, "extra": self.extra}
+        return {
+            "schema_version": self.schema_version,
+            "source": self.source,
+            "obs_shape": list(self.obs_shape),
+            "action_spec": self.action_spec.to_dict(),
+            "fps": self.fps,
+            "extra": self.extra,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = STORE_JSON) -> StoreMeta:
         try:
             version = int(d["schema_version"])
             if version > SCHEMA_VERSION:
-                raise StoreError(f"{where}: schema_version {version} is newer than this code supports ({SCHEMA_VERSION})")
+                raise StoreError(
+                    f"{where}: schema_version {version} is newer than this code supports ({SCHEMA_VERSION})"
+                )
             shape = tuple(int(x) for x in d["obs_shape"])
             if len(shape) != 3 or shape[2] != 3:
                 raise StoreError(f"{where}: obs_shape must be [H, W, 3], got {list(shape)}")
-            return cls(source=str(d["source"]), obs_shape=shape,  # type: ignore[arg-type]
-                       action_spec=ActionSpec.from_dict(d["action_spec"]), fps=float(d.get("fps", 0.0)),
-                       schema_version=version, extra=dict(d.get("extra", {})))
+            return cls(
+                source=str(d["source"]),
+                obs_shape=shape,  # type: ignore[arg-type]
+                action_spec=ActionSpec.from_dict(d["action_spec"]),
+                fps=float(d.get("fps", 0.0)),
+                schema_version=version,
+                extra=dict(d.get("extra", {})),
+            )
         except KeyError as e:
             raise StoreError(f"{where}: missing field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
@@ -228,7 +254,9 @@ def external_references(f: h5py.File) -> list[str]:
                 walk(obj, path)
             elif isinstance(obj, h5py.Dataset):
                 if obj.is_virtual:
-                    found.append(f"{path} (virtual dataset from {sorted({m.file_name for m in obj.virtual_sources()})})")
+                    found.append(
+                        f"{path} (virtual dataset from {sorted({m.file_name for m in obj.virtual_sources()})})"
+                    )
                 elif obj.external:
                     found.append(f"{path} (external storage in {sorted({str(e[0]) for e in obj.external})})")
 
@@ -242,8 +270,10 @@ def refuse_external(f: h5py.File, path: str | os.PathLike, error: type[Exception
     refs = external_references(f)
     if refs:
         shown = "; ".join(refs[:5]) + (f"; ... ({len(refs)} in all)" if len(refs) > 5 else "")
-        raise (error or StoreError)(f"{path}: refers to data outside the file ({shown}); only self-contained HDF5 "
-                                    f"files are read (no external links, external storage or virtual datasets)")
+        raise (error or StoreError)(
+            f"{path}: refers to data outside the file ({shown}); only self-contained HDF5 "
+            f"files are read (no external links, external storage or virtual datasets)"
+        )
 
 
 def journal_shards(root: Path) -> set[str]:
@@ -282,8 +312,10 @@ def _acquire_writer_lock(root: Path) -> tuple[IO[str], tuple[int, int]]:
     st = root.stat()
     key = (st.st_dev, st.st_ino)
     if _HELD_LOCKS.get(key) == os.getpid():
-        raise StoreLockedError(f"{root}: another writer of this process is appending to this store (pid "
-                               f"{os.getpid()}, lock file {path}); close it first, or write to another directory")
+        raise StoreLockedError(
+            f"{root}: another writer of this process is appending to this store (pid "
+            f"{os.getpid()}, lock file {path}); close it first, or write to another directory"
+        )
     fh = open(path, "a+")  # noqa: SIM115 - held open for the writer's lifetime (the lock lives with the descriptor)
     try:
         fcntl.lockf(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -294,8 +326,10 @@ def _acquire_writer_lock(root: Path) -> tuple[IO[str], tuple[int, int]]:
         fh.seek(0)
         holder = fh.read().strip() or "unknown"
         fh.close()
-        raise StoreLockedError(f"{root}: another writer is appending to this store (pid {holder}, lock file {path}); "
-                               f"wait for it to finish, or write to another directory") from None
+        raise StoreLockedError(
+            f"{root}: another writer is appending to this store (pid {holder}, lock file {path}); "
+            f"wait for it to finish, or write to another directory"
+        ) from None
     fh.seek(0)
     fh.truncate()
     fh.write(f"{os.getpid()}\n")
@@ -365,20 +399,38 @@ class StoreWriter:
     link, so even without the lock two writers could never write the same shard.
     """
 
-    def __init__(self, root: str | os.PathLike, *, source: str, obs_shape: Sequence[int], action_spec: ActionSpec,
-                 fps: float = 0.0, episodes_per_shard: int = 16, val_fraction: float = 0.05,
-                 test_fraction: float = 0.05, extra: dict[str, Any] | None = None, merge: bool = False) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        source: str,
+        obs_shape: Sequence[int],
+        action_spec: ActionSpec,
+        fps: float = 0.0,
+        episodes_per_shard: int = 16,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        extra: dict[str, Any] | None = None,
+        merge: bool = False,
+    ) -> None:
         if episodes_per_shard < 1:
             raise ValueError(f"episodes_per_shard must be >= 1, got {episodes_per_shard}")
         if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
-            raise ValueError(f"val_fraction + test_fraction must lie in [0, 1), got {val_fraction} + {test_fraction}")
+            raise ValueError(
+                f"val_fraction + test_fraction must lie in [0, 1), got {val_fraction} + {test_fraction}"
+            )
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         shape = tuple(int(x) for x in obs_shape)
         if len(shape) != 3 or shape[2] != 3:
             raise ValueError(f"obs_shape must be (H, W, 3), got {shape}")
-        self.meta = StoreMeta(source=source, obs_shape=shape, action_spec=action_spec, fps=float(fps),  # type: ignore[arg-type]
-                              extra=dict(extra or {}))
+        self.meta = StoreMeta(
+            source=source,
+            obs_shape=shape,
+            action_spec=action_spec,
+            fps=float(fps),  # type: ignore[arg-type]
+            extra=dict(extra or {}),
+        )
         self.episodes_per_shard = episodes_per_shard
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self._pending: list[Episode] = []
@@ -399,21 +451,35 @@ class StoreWriter:
         meta_path = self.root / STORE_JSON
         if meta_path.exists():
             existing = EpisodeStore(self.root)
-            if existing.meta.obs_shape != self.meta.obs_shape or existing.meta.action_spec != self.meta.action_spec:
+            if (
+                existing.meta.obs_shape != self.meta.obs_shape
+                or existing.meta.action_spec != self.meta.action_spec
+            ):
                 raise StoreError(
                     f"{meta_path}: existing store has obs_shape={existing.meta.obs_shape}, "
                     f"action_spec={existing.meta.action_spec}; cannot append episodes with "
-                    f"obs_shape={self.meta.obs_shape}, action_spec={self.meta.action_spec}")
+                    f"obs_shape={self.meta.obs_shape}, action_spec={self.meta.action_spec}"
+                )
             diffs = meta_differences(existing.meta, self.meta)
             if diffs and not merge:
                 listed = "; ".join(f"{k}: store has {a!r}, got {b!r}" for k, (a, b) in diffs.items())
-                raise StoreError(f"{meta_path}: cannot append, the metadata differs ({listed}); write to another "
-                                 f"store, or pass merge=True (CLI: --merge) to append anyway")
+                raise StoreError(
+                    f"{meta_path}: cannot append, the metadata differs ({listed}); write to another "
+                    f"store, or pass merge=True (CLI: --merge) to append anyway"
+                )
             extra = dict(existing.meta.extra)
             if diffs:  # merge: the store keeps its metadata and records what the appended episodes came with
-                extra["appended_with"] = [*extra.get("appended_with", []), {k: b for k, (_, b) in diffs.items()}]
-            self.meta = StoreMeta(source=existing.meta.source, obs_shape=self.meta.obs_shape,
-                                  action_spec=self.meta.action_spec, fps=existing.meta.fps, extra=extra)
+                extra["appended_with"] = [
+                    *extra.get("appended_with", []),
+                    {k: b for k, (_, b) in diffs.items()},
+                ]
+            self.meta = StoreMeta(
+                source=existing.meta.source,
+                obs_shape=self.meta.obs_shape,
+                action_spec=self.meta.action_spec,
+                fps=existing.meta.fps,
+                extra=extra,
+            )
             self._index = dict(existing.index)
         shards = _list_shards(self.root)
         self._next_shard = (int(_SHARD_RE.match(shards[-1].name).group(1)) + 1) if shards else 0  # type: ignore[union-attr]
@@ -437,10 +503,19 @@ class StoreWriter:
     def num_pending(self) -> int:
         return len(self._pending)
 
-    def add_episode(self, frames: np.ndarray, actions: np.ndarray | None = None, rewards: np.ndarray | None = None,
-                    terminated: np.ndarray | None = None, *, truncated: bool = False, split: str | None = None,
-                    episode_id: str | None = None, attrs: dict[str, Any] | None = None,
-                    extras: dict[str, np.ndarray] | None = None) -> str:
+    def add_episode(
+        self,
+        frames: np.ndarray,
+        actions: np.ndarray | None = None,
+        rewards: np.ndarray | None = None,
+        terminated: np.ndarray | None = None,
+        *,
+        truncated: bool = False,
+        split: str | None = None,
+        episode_id: str | None = None,
+        attrs: dict[str, Any] | None = None,
+        extras: dict[str, np.ndarray] | None = None,
+    ) -> str:
         """Validate and buffer one episode; returns its id. Flushes a shard when the buffer is full.
 
         Args:
@@ -458,7 +533,9 @@ class StoreWriter:
             raise StoreError(f"{self.root}: this writer is closed; open a new StoreWriter to append")
         frames = np.asarray(frames)
         if frames.dtype != np.uint8 or frames.ndim != 4 or tuple(frames.shape[1:]) != self.meta.obs_shape:
-            raise StoreError(f"frames: got {frames.dtype}{tuple(frames.shape)}, expected uint8 (T, {', '.join(map(str, self.meta.obs_shape))})")
+            raise StoreError(
+                f"frames: got {frames.dtype}{tuple(frames.shape)}, expected uint8 (T, {', '.join(map(str, self.meta.obs_shape))})"
+            )
         T = frames.shape[0]
         if T < 1:
             raise StoreError("frames: an episode needs at least one frame")
@@ -479,8 +556,19 @@ class StoreWriter:
             split = split_for_id(episode_id, self.val_fraction, self.test_fraction)
         if split not in SPLITS:
             raise StoreError(f"split: got {split!r}, expected one of {SPLITS}")
-        self._pending.append(Episode(episode_id, frames, acts, rew.astype(np.float32), term, bool(truncated), split,
-                                     dict(attrs or {}), {k: np.asarray(v) for k, v in (extras or {}).items()}))
+        self._pending.append(
+            Episode(
+                episode_id,
+                frames,
+                acts,
+                rew.astype(np.float32),
+                term,
+                bool(truncated),
+                split,
+                dict(attrs or {}),
+                {k: np.asarray(v) for k, v in (extras or {}).items()},
+            )
+        )
         if len(self._pending) >= self.episodes_per_shard:
             self.flush()
         return episode_id
@@ -491,7 +579,9 @@ class StoreWriter:
             return
         if self._lock is None:
             raise StoreError(f"{self.root}: this writer is closed; open a new StoreWriter to append")
-        fd, tmp_name = tempfile.mkstemp(dir=self.root, prefix=".shard-", suffix=".h5.tmp")  # unique per writer
+        fd, tmp_name = tempfile.mkstemp(
+            dir=self.root, prefix=".shard-", suffix=".h5.tmp"
+        )  # unique per writer
         os.close(fd)
         tmp = Path(tmp_name)
         try:
@@ -505,7 +595,9 @@ class StoreWriter:
                     # built-in fast compressor (gzip costs ~5x more CPU to read for ~20% less disk).
                     # fletcher32: every chunk carries a checksum, so flipped bytes fail to read instead of
                     # loading silently (read errors name the shard and the episode)
-                    g.create_dataset("frames", data=ep.frames, chunks=(1, H, W, 3), compression="lzf", fletcher32=True)
+                    g.create_dataset(
+                        "frames", data=ep.frames, chunks=(1, H, W, 3), compression="lzf", fletcher32=True
+                    )
                     if ep.actions is not None:
                         g.create_dataset("actions", data=ep.actions, fletcher32=True)
                     g.create_dataset("rewards", data=ep.rewards, fletcher32=True)
@@ -601,7 +693,9 @@ class EpisodeStore:
         if not self.root.is_dir():
             raise StoreError(f"{self.root}: store directory does not exist")
         if not meta_path.exists():
-            raise StoreError(f"{meta_path}: missing; not an episode store (expected store.json and shard-NNNNN.h5 files)")
+            raise StoreError(
+                f"{meta_path}: missing; not an episode store (expected store.json and shard-NNNNN.h5 files)"
+            )
         try:
             raw = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
@@ -638,7 +732,9 @@ class EpisodeStore:
         with f:
             refs = external_references(f)
             if refs:
-                raise StoreError(f"refers to data outside the file ({'; '.join(refs[:5])}); a shard must be self-contained")
+                raise StoreError(
+                    f"refers to data outside the file ({'; '.join(refs[:5])}); a shard must be self-contained"
+                )
             if "episodes" not in f:
                 raise StoreError("missing group 'episodes'")
             for eid, g in f["episodes"].items():
@@ -647,19 +743,25 @@ class EpisodeStore:
                     raise StoreError(f"{where}: missing dataset 'frames'")
                 fr = g["frames"]
                 if fr.dtype != np.uint8 or fr.ndim != 4 or fr.shape[1:] != (H, W, C):
-                    raise StoreError(f"{where}: field 'frames' is {fr.dtype}{fr.shape}, expected uint8 (T, {H}, {W}, {C})")
+                    raise StoreError(
+                        f"{where}: field 'frames' is {fr.dtype}{fr.shape}, expected uint8 (T, {H}, {W}, {C})"
+                    )
                 T = fr.shape[0]
                 for key, dtype in (("rewards", np.float32), ("terminated", np.bool_)):
                     if key not in g or g[key].shape != (T - 1,) or g[key].dtype != dtype:
                         got = f"{g[key].dtype}{g[key].shape}" if key in g else "missing"
-                        raise StoreError(f"{where}: field {key!r} is {got}, expected {np.dtype(dtype)} ({T - 1},)")
+                        raise StoreError(
+                            f"{where}: field {key!r} is {got}, expected {np.dtype(dtype)} ({T - 1},)"
+                        )
                 if spec.kind != "none":
                     exp = (T - 1,) if spec.kind == "discrete" else (T - 1, spec.dim)
                     edt = np.int64 if spec.kind == "discrete" else np.float32
                     a = g.get("actions")
                     if a is None or a.shape != exp or a.dtype != edt:
                         got = "missing" if a is None else f"{a.dtype}{a.shape}"
-                        raise StoreError(f"{where}: field 'actions' is {got}, expected {spec.describe(T - 1)}")
+                        raise StoreError(
+                            f"{where}: field 'actions' is {got}, expected {spec.describe(T - 1)}"
+                        )
                 out[eid] = {"shard": path.name, "length": int(T), "split": str(g.attrs.get("split", "train"))}
         return out
 
@@ -693,9 +795,11 @@ class EpisodeStore:
 
     def _read_error(self, episode_id: str, what: str, e: BaseException) -> StoreError:
         shard = self.index.get(episode_id, {}).get("shard", "?")
-        return StoreError(f"{self.root / shard}: episode {episode_id!r}: reading {what} failed ({type(e).__name__}: {e}); "
-                          f"the shard is damaged (checksum or structure); re-create it or open the store with "
-                          f"skip_corrupt=True after removing it")
+        return StoreError(
+            f"{self.root / shard}: episode {episode_id!r}: reading {what} failed ({type(e).__name__}: {e}); "
+            f"the shard is damaged (checksum or structure); re-create it or open the store with "
+            f"skip_corrupt=True after removing it"
+        )
 
     def load(self, episode_id: str) -> Episode:
         """Load a whole episode into memory (``StoreError`` naming the shard and episode if it cannot be read)."""
@@ -711,9 +815,17 @@ class EpisodeStore:
         attrs = {k: v for k, v in g.attrs.items() if k not in ("truncated", "split")}
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
         extras = {k: d[()] for k, d in g["extras"].items()} if "extras" in g else {}
-        return Episode(id=episode_id, frames=g["frames"][()], actions=g["actions"][()] if "actions" in g else None,
-                       rewards=g["rewards"][()], terminated=g["terminated"][()], truncated=bool(g.attrs["truncated"]),
-                       split=str(g.attrs.get("split", "train")), attrs=attrs, extras=extras)
+        return Episode(
+            id=episode_id,
+            frames=g["frames"][()],
+            actions=g["actions"][()] if "actions" in g else None,
+            rewards=g["rewards"][()],
+            terminated=g["terminated"][()],
+            truncated=bool(g.attrs["truncated"]),
+            split=str(g.attrs.get("split", "train")),
+            attrs=attrs,
+            extras=extras,
+        )
 
     def load_actions(self, episode_id: str) -> np.ndarray | None:
         """An episode's actions only (T-1, ...) without reading its frames; None for action-free stores."""
@@ -727,13 +839,19 @@ class EpisodeStore:
         """Frames ``[start, start+length)`` and the ``length-1`` transitions between them."""
         T = self.length(episode_id)
         if start < 0 or length < 1 or start + length > T:
-            raise ValueError(f"clip [{start}, {start + length}) out of range for episode {episode_id!r} of {T} frames")
+            raise ValueError(
+                f"clip [{start}, {start + length}) out of range for episode {episode_id!r} of {T} frames"
+            )
         s, e = start, start + length
         try:
             g = self._group(episode_id)
-            out = {"frames": g["frames"][s:e], "rewards": g["rewards"][s:e - 1], "terminated": g["terminated"][s:e - 1]}
+            out = {
+                "frames": g["frames"][s:e],
+                "rewards": g["rewards"][s : e - 1],
+                "terminated": g["terminated"][s : e - 1],
+            }
             if "actions" in g:
-                out["actions"] = g["actions"][s:e - 1]
+                out["actions"] = g["actions"][s : e - 1]
         except (OSError, ValueError, RuntimeError) as err:
             raise self._read_error(episode_id, f"frames [{s}, {e})", err) from None
         return out
@@ -772,7 +890,10 @@ def heldout_episode_ids(store: Any, split: str = "test", min_length: int = 1) ->
         ids = [i for i in store.episode_ids(s) if store.length(i) >= min_length]
         if ids:
             if s == "train" != split:
-                warnings.warn(f"{store.root}: no held-out episodes with {min_length} frames ('{split}' asked for); "
-                              f"using 'train' episodes", stacklevel=2)
+                warnings.warn(
+                    f"{store.root}: no held-out episodes with {min_length} frames ('{split}' asked for); "
+                    f"using 'train' episodes",
+                    stacklevel=2,
+                )
             return ids, s
     raise ValueError(f"no episode of {store.root} has {min_length} frames")

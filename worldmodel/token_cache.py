@@ -35,8 +35,17 @@ TOKENS_FILE = "tokens.h5"
 
 
 @torch.inference_mode()
-def encode_store(tokenizer: Any, store: EpisodeStore, out: str | os.PathLike, *, clip_len: int, batch_size: int = 16,
-                 device: torch.device | str = "cpu", progress: bool = True, meta: dict[str, Any] | None = None) -> Path:
+def encode_store(
+    tokenizer: Any,
+    store: EpisodeStore,
+    out: str | os.PathLike,
+    *,
+    clip_len: int,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    meta: dict[str, Any] | None = None,
+) -> Path:
     """Encode every episode of ``store`` with ``tokenizer.encode`` into the token cache ``out``.
 
     Args:
@@ -66,7 +75,7 @@ def encode_store(tokenizer: Any, store: EpisodeStore, out: str | os.PathLike, *,
             codes = []
             full = [w for w in windows if len(w) == clip_len]
             for i in range(0, len(full), batch_size):
-                batch = torch.stack(full[i:i + batch_size]).to(device)
+                batch = torch.stack(full[i : i + batch_size]).to(device)
                 codes.extend(tokenizer.encode(batch).cpu())
             if len(windows[-1]) != clip_len:
                 codes.append(tokenizer.encode(windows[-1][None].to(device))[0].cpu())
@@ -79,8 +88,12 @@ def encode_store(tokenizer: Any, store: EpisodeStore, out: str | os.PathLike, *,
             rew = ep.rewards[: T - 1]
             term = ep.terminated[: T - 1]
             n = len(tokens) - 1
-            g.create_dataset("rewards", data=np.array([rew[i * st:(i + 1) * st].sum() for i in range(n)], np.float32))
-            g.create_dataset("terminated", data=np.array([term[i * st:(i + 1) * st].any() for i in range(n)], bool))
+            g.create_dataset(
+                "rewards", data=np.array([rew[i * st : (i + 1) * st].sum() for i in range(n)], np.float32)
+            )
+            g.create_dataset(
+                "terminated", data=np.array([term[i * st : (i + 1) * st].any() for i in range(n)], bool)
+            )
             g.attrs["split"] = ep.split
             if "label" in ep.attrs:
                 g.attrs["label"] = int(ep.attrs["label"])
@@ -97,14 +110,18 @@ class TokenCache:
     def __init__(self, path: str | os.PathLike) -> None:
         self.root = Path(path)
         if not self.root.exists():
-            raise FileNotFoundError(f"{self.root}: token cache missing; create it with "
-                                    f"python experiments/train.py --env <preset> --stage encode")
+            raise FileNotFoundError(
+                f"{self.root}: token cache missing; create it with "
+                f"python experiments/train.py --env <preset> --stage encode"
+            )
         self._f: h5py.File | None = None
         self._pid = -1
         with h5py.File(self.root, "r") as f:
             self.attrs = dict(f.attrs)
-            self.index = {eid: {"length": int(g["tokens"].shape[0]), "split": str(g.attrs.get("split", "train"))}
-                          for eid, g in f["episodes"].items()}
+            self.index = {
+                eid: {"length": int(g["tokens"].shape[0]), "split": str(g.attrs.get("split", "train"))}
+                for eid, g in f["episodes"].items()
+            }
             first = next(iter(f["episodes"].values()), None)
             self.grid = tuple(first["tokens"].shape[1:]) if first is not None else None
 
@@ -130,13 +147,18 @@ class TokenCache:
     def read_clip(self, episode_id: str, start: int, length: int) -> dict[str, np.ndarray]:
         T = self.length(episode_id)
         if start < 0 or length < 1 or start + length > T:
-            raise ValueError(f"clip [{start}, {start + length}) out of range for episode {episode_id!r} of {T} latent frames")
+            raise ValueError(
+                f"clip [{start}, {start + length}) out of range for episode {episode_id!r} of {T} latent frames"
+            )
         g = self._file()["episodes"][episode_id]
         s, e = start, start + length
-        out = {"tokens": g["tokens"][s:e].astype(np.int64), "rewards": g["rewards"][s:e - 1],
-               "terminated": g["terminated"][s:e - 1]}
+        out = {
+            "tokens": g["tokens"][s:e].astype(np.int64),
+            "rewards": g["rewards"][s : e - 1],
+            "terminated": g["terminated"][s : e - 1],
+        }
         if "actions" in g:
-            out["actions"] = g["actions"][s:e - 1]
+            out["actions"] = g["actions"][s : e - 1]
         if "label" in g.attrs:
             out["class_ids"] = np.array(int(g.attrs["label"]), np.int64)
         return out

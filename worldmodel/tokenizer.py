@@ -46,8 +46,14 @@ class ChannelNorm(nn.Module):
 class Conv3d(nn.Module):
     """3D convolution with 'same' padding in H, W and, in T, causal or 'same' padding."""
 
-    def __init__(self, cin: int, cout: int, kernel: tuple[int, int, int], stride: tuple[int, int, int] = (1, 1, 1),
-                 causal: bool = False) -> None:
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: tuple[int, int, int],
+        stride: tuple[int, int, int] = (1, 1, 1),
+        causal: bool = False,
+    ) -> None:
         super().__init__()
         pads = []
         for i, (k, s) in enumerate(zip(kernel, stride)):
@@ -71,8 +77,14 @@ class ConvTranspose3d(nn.Module):
     so output frame o depends on inputs ``<= o // stride`` only.
     """
 
-    def __init__(self, cin: int, cout: int, kernel: tuple[int, int, int], stride: tuple[int, int, int],
-                 causal: bool = False) -> None:
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: tuple[int, int, int],
+        stride: tuple[int, int, int],
+        causal: bool = False,
+    ) -> None:
         super().__init__()
         self.conv = nn.ConvTranspose3d(cin, cout, kernel, stride)
         self.crops = []
@@ -84,18 +96,27 @@ class ConvTranspose3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
         (t0, t1), (h0, h1), (w0, w1) = self.crops
-        return y[:, :, t0:y.shape[2] - t1, h0:y.shape[3] - h1, w0:y.shape[4] - w1]
+        return y[:, :, t0 : y.shape[2] - t1, h0 : y.shape[3] - h1, w0 : y.shape[4] - w1]
 
 
 class AttentionResidualBlock(nn.Module):
     """norm-ReLU-conv3-norm-ReLU-conv1-norm-ReLU-axial attention, added to the input (VideoGPT)."""
 
-    def __init__(self, dim: int, n_heads: int, spatial: tuple[int, int], max_frames: int, causal: bool) -> None:
+    def __init__(
+        self, dim: int, n_heads: int, spatial: tuple[int, int], max_frames: int, causal: bool
+    ) -> None:
         super().__init__()
         self.block = nn.Sequential(
-            ChannelNorm(dim), nn.ReLU(), Conv3d(dim, dim // 2, (3, 3, 3), causal=causal),
-            ChannelNorm(dim // 2), nn.ReLU(), Conv3d(dim // 2, dim, (1, 1, 1)),
-            ChannelNorm(dim), nn.ReLU(), AxialBlock(dim, n_heads, spatial, max_frames, causal))
+            ChannelNorm(dim),
+            nn.ReLU(),
+            Conv3d(dim, dim // 2, (3, 3, 3), causal=causal),
+            ChannelNorm(dim // 2),
+            nn.ReLU(),
+            Conv3d(dim // 2, dim, (1, 1, 1)),
+            ChannelNorm(dim),
+            nn.ReLU(),
+            AxialBlock(dim, n_heads, spatial, max_frames, causal),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.block(x)
@@ -106,7 +127,9 @@ def _n_halvings(stride: tuple[int, int, int]) -> list[int]:
     for s in stride:
         n = int(round(math.log2(s))) if s >= 1 else -1
         if s < 1 or 2**n != s:
-            raise ValueError(f"tokenizer stride {stride}: every factor must be a power of two (1, 2, 4, 8, ...)")
+            raise ValueError(
+                f"tokenizer stride {stride}: every factor must be a power of two (1, 2, 4, 8, ...)"
+            )
         out.append(n)
     return out
 
@@ -139,8 +162,14 @@ class Encoder(nn.Module):
         self.down = nn.Sequential(*layers)
         spatial = (cfg.resolution // cfg.stride[1], cfg.resolution // cfg.stride[2])
         max_t = max(1, cfg.max_frames // cfg.stride[0])
-        self.res = nn.Sequential(*[AttentionResidualBlock(C, cfg.n_heads, spatial, max_t, causal)
-                                   for _ in range(cfg.n_res_layers)], ChannelNorm(C), nn.ReLU())
+        self.res = nn.Sequential(
+            *[
+                AttentionResidualBlock(C, cfg.n_heads, spatial, max_t, causal)
+                for _ in range(cfg.n_res_layers)
+            ],
+            ChannelNorm(C),
+            nn.ReLU(),
+        )
         self.to_code = Conv3d(C, cfg.embedding_dim, (1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, T, H, W) -> (B, D, T', h, w)
@@ -155,8 +184,14 @@ class Decoder(nn.Module):
         spatial = (cfg.resolution // cfg.stride[1], cfg.resolution // cfg.stride[2])
         max_t = max(1, cfg.max_frames // cfg.stride[0])
         self.from_code = Conv3d(cfg.embedding_dim, C, (1, 1, 1))
-        self.res = nn.Sequential(*[AttentionResidualBlock(C, cfg.n_heads, spatial, max_t, causal)
-                                   for _ in range(cfg.n_res_layers)], ChannelNorm(C), nn.ReLU())
+        self.res = nn.Sequential(
+            *[
+                AttentionResidualBlock(C, cfg.n_heads, spatial, max_t, causal)
+                for _ in range(cfg.n_res_layers)
+            ],
+            ChannelNorm(C),
+            nn.ReLU(),
+        )
         layers: list[nn.Module] = []
         n_up = max(halvings)
         for i in range(n_up):
@@ -199,7 +234,9 @@ class VQVAE(nn.Module):
         super().__init__()
         _n_halvings(cfg.stride)
         if cfg.resolution % cfg.stride[1] or cfg.resolution % cfg.stride[2]:
-            raise ValueError(f"resolution {cfg.resolution} is not divisible by the spatial strides {cfg.stride[1:]}")
+            raise ValueError(
+                f"resolution {cfg.resolution} is not divisible by the spatial strides {cfg.stride[1:]}"
+            )
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
@@ -210,12 +247,15 @@ class VQVAE(nn.Module):
         self.perceptual = RandomFeatures() if cfg.perceptual_weight > 0 else None
         self.adversary = None
         if cfg.adv_weight > 0:
-            self.adversary = Adversary(cfg.adv_weight, cfg.adv_start_step, cfg.adv_adaptive, cfg.disc_channels,
-                                       cfg.disc_layers)
+            self.adversary = Adversary(
+                cfg.adv_weight, cfg.adv_start_step, cfg.adv_adaptive, cfg.disc_channels, cfg.disc_layers
+            )
             if cfg.resolution < self.adversary.net.min_resolution():
-                raise ValueError(f"tokenizer.disc_layers={cfg.disc_layers}: the discriminator needs frames of at "
-                                 f"least {self.adversary.net.min_resolution()} pixels, got {cfg.resolution}; "
-                                 "use fewer layers")
+                raise ValueError(
+                    f"tokenizer.disc_layers={cfg.disc_layers}: the discriminator needs frames of at "
+                    f"least {self.adversary.net.min_resolution()} pixels, got {cfg.resolution}; "
+                    "use fewer layers"
+                )
 
     # -- shapes and validation ------------------------------------------------------------------
     @property
@@ -244,8 +284,10 @@ class VQVAE(nn.Module):
         if codes.dtype not in (torch.int64, torch.int32, torch.int16):
             raise ValueError(f"tokens: got dtype {codes.dtype}, expected an integer tensor")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.cfg.codebook_size):
-            raise ValueError(f"tokens: values must lie in [0, {self.cfg.codebook_size}), "
-                             f"got [{int(codes.min())}, {int(codes.max())}]")
+            raise ValueError(
+                f"tokens: values must lie in [0, {self.cfg.codebook_size}), "
+                f"got [{int(codes.min())}, {int(codes.max())}]"
+            )
 
     @staticmethod
     def to_float(frames: torch.Tensor) -> torch.Tensor:
@@ -255,7 +297,9 @@ class VQVAE(nn.Module):
     @staticmethod
     def to_uint8(x: torch.Tensor) -> torch.Tensor:
         """float (B, 3, T, H, W) in [-0.5, 0.5] -> uint8 (B, T, H, W, 3)."""
-        return rearrange(((x.float() + 0.5).clamp(0, 1) * 255).round().to(torch.uint8), "b c t h w -> b t h w c")
+        return rearrange(
+            ((x.float() + 0.5).clamp(0, 1) * 255).round().to(torch.uint8), "b c t h w -> b t h w c"
+        )
 
     def set_data_variance(self, v: float) -> None:
         """Variance of the training pixels in [-0.5, 0.5]; the reconstruction loss is divided by it."""
@@ -322,8 +366,14 @@ class VQVAE(nn.Module):
         with torch.no_grad():
             mse = F.mse_loss(out.recon.float().clamp(-0.5, 0.5), x).item()
         psnr = 10 * math.log10(1.0 / max(mse, 1e-10))
-        return loss, {"recon_loss": out.recon_loss.item(), "commitment": out.commitment.item(),
-                      "perplexity": out.perplexity.item(), "codebook_usage": out.usage.item(), "psnr": psnr, **metrics}
+        return loss, {
+            "recon_loss": out.recon_loss.item(),
+            "commitment": out.commitment.item(),
+            "perplexity": out.perplexity.item(),
+            "codebook_usage": out.usage.item(),
+            "psnr": psnr,
+            **metrics,
+        }
 
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> torch.Tensor:

@@ -105,8 +105,15 @@ class FitResult:
     minutes: float
 
 
-def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, batches: int, device: torch.device,
-             bf16: bool = False, seed: int = 1234) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    batches: int,
+    device: torch.device,
+    bf16: bool = False,
+    seed: int = 1234,
+) -> dict[str, float]:
     """Mean metrics of ``compute_loss`` over ``batches`` fixed (seeded) validation batches; a metric that
     only some batches report (e.g. the prior's ``reward_mae_terminal``) is averaged over those."""
     sampler = SeededSampler(len(dataset), seed=seed)
@@ -135,17 +142,25 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimize
     tokenizer and its discriminator): each set gets its decay / no-decay groups and its own gradient-norm
     clip. Default: one set of all parameters (two groups, one clip).
     """
-    param_sets = model.optimizer_param_sets() if hasattr(model, "optimizer_param_sets") else {"model": list(model.parameters())}
+    param_sets = (
+        model.optimizer_param_sets()
+        if hasattr(model, "optimizer_param_sets")
+        else {"model": list(model.parameters())}
+    )
     groups, clip_sets = [], []
     for params in param_sets.values():
         params = [p for p in params if p.requires_grad]
-        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        groups += [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
         clip_sets.append(params)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95)), clip_sets
 
 
-def _resume(model: nn.Module, opt: torch.optim.Optimizer, run_dir: Path, stage: str, di: DistInfo) -> dict[str, Any] | None:
+def _resume(
+    model: nn.Module, opt: torch.optim.Optimizer, run_dir: Path, stage: str, di: DistInfo
+) -> dict[str, Any] | None:
     """Load the stage's last committed checkpoint into ``model`` and ``opt``; its trainer state, or None without one."""
     found = load_checkpoint(run_dir, stage, repair=di.world_size == 1)  # other ranks read it too
     if found is None:
@@ -154,20 +169,24 @@ def _resume(model: nn.Module, opt: torch.optim.Optimizer, run_dir: Path, stage: 
     own = model.state_dict()
     # checked before loading: load_state_dict copies the matching tensors before it raises, which would
     # leave the model half-overwritten for a caller that then starts over with resume=False
-    misfit = sorted((saved.keys() ^ own.keys()) | {k for k in saved.keys() & own.keys()
-                                                    if saved[k].shape != own[k].shape})
+    misfit = sorted(
+        (saved.keys() ^ own.keys()) | {k for k in saved.keys() & own.keys() if saved[k].shape != own[k].shape}
+    )
     if misfit:
         raise ValueError(
             f"{run_dir}: the '{stage}' checkpoint does not fit the configured model -- the config changed since it "
             f"was saved (e.g. a newer preset default such as prior.reward_given_termination). Pass the old setting "
             f"as a flag to resume, or --no-resume / a new --run-dir to start over. Missing, unexpected or "
-            f"differently shaped: {', '.join(misfit)}")
+            f"differently shaped: {', '.join(misfit)}"
+        )
     model.load_state_dict(saved)
     opt.load_state_dict(state["optimizer"])
     return state
 
 
-def _log_step(writer: Any, bar: Any, stage: str, step: int, loss: float, lr: float, metrics: dict[str, float]) -> None:
+def _log_step(
+    writer: Any, bar: Any, stage: str, step: int, loss: float, lr: float, metrics: dict[str, float]
+) -> None:
     writer.add_scalar(f"{stage}/loss", loss, step)
     writer.add_scalar(f"{stage}/lr", lr, step)
     for k, v in metrics.items():
@@ -185,8 +204,17 @@ def _out_of_time(t0: float, cfg: TrainConfig, di: DistInfo) -> bool:
     return timed_out
 
 
-def _validate(model: nn.Module, val_set: Dataset, cfg: TrainConfig, val_batches: int, di: DistInfo, writer: Any,
-              stage: str, step: int, on_eval: Callable[[nn.Module, int, Any], None] | None) -> dict[str, float]:
+def _validate(
+    model: nn.Module,
+    val_set: Dataset,
+    cfg: TrainConfig,
+    val_batches: int,
+    di: DistInfo,
+    writer: Any,
+    stage: str,
+    step: int,
+    on_eval: Callable[[nn.Module, int, Any], None] | None,
+) -> dict[str, float]:
     """Validation metrics (logged) and the ``on_eval`` hook, without moving the training RNG (or a resumed run
     would diverge)."""
     with torch.random.fork_rng(devices=[di.device] if di.device.type == "cuda" else []):
@@ -198,17 +226,26 @@ def _validate(model: nn.Module, val_set: Dataset, cfg: TrainConfig, val_batches:
     return val_metrics
 
 
-def _train_step(wrapped: nn.Module, opt: torch.optim.Optimizer, clip_sets: list[list[nn.Parameter]],
-                batch: dict[str, Any], cfg: TrainConfig, step: int, stage: str,
-                device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+def _train_step(
+    wrapped: nn.Module,
+    opt: torch.optim.Optimizer,
+    clip_sets: list[list[nn.Parameter]],
+    batch: dict[str, Any],
+    cfg: TrainConfig,
+    step: int,
+    stage: str,
+    device: torch.device,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """One optimizer step at the learning rate of ``step``: the loss and the model's metrics."""
     for g in opt.param_groups:
         g["lr"] = lr_at(step, cfg)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         loss, metrics = wrapped(batch)
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"{stage}: loss became {float(loss)} at step {step}; lower the learning rate "
-                                 f"(--{stage}-train.lr) or disable bf16")
+        raise FloatingPointError(
+            f"{stage}: loss became {float(loss)} at step {step}; lower the learning rate "
+            f"(--{stage}-train.lr) or disable bf16"
+        )
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip > 0:
@@ -218,10 +255,21 @@ def _train_step(wrapped: nn.Module, opt: torch.optim.Optimizer, clip_sets: list[
     return loss, metrics
 
 
-def fit(model: nn.Module, *, stage: str, run_dir: str | os.PathLike, train_set: Dataset, val_set: Dataset | None,
-        cfg: TrainConfig, dist_info: DistInfo | None = None, resume: bool = True, val_batches: int = 8,
-        on_eval: Callable[[nn.Module, int, Any], None] | None = None,
-        on_checkpoint: Callable[[nn.Module, int], None] | None = None, progress: bool = True) -> FitResult:
+def fit(
+    model: nn.Module,
+    *,
+    stage: str,
+    run_dir: str | os.PathLike,
+    train_set: Dataset,
+    val_set: Dataset | None,
+    cfg: TrainConfig,
+    dist_info: DistInfo | None = None,
+    resume: bool = True,
+    val_batches: int = 8,
+    on_eval: Callable[[nn.Module, int, Any], None] | None = None,
+    on_checkpoint: Callable[[nn.Module, int], None] | None = None,
+    progress: bool = True,
+) -> FitResult:
     """Train ``model`` for ``cfg.steps`` optimizer steps and checkpoint it under ``run_dir``.
 
     Args:
@@ -246,10 +294,14 @@ def fit(model: nn.Module, *, stage: str, run_dir: str | os.PathLike, train_set: 
     wrapped: nn.Module = _LossModule(model)
     if di.world_size > 1:
         wrapped = nn.parallel.DistributedDataParallel(
-            wrapped, device_ids=[di.device.index] if di.device.type == "cuda" else None, broadcast_buffers=False)
+            wrapped,
+            device_ids=[di.device.index] if di.device.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
 
-    sampler = SeededSampler(len(train_set), seed=cfg.seed, start=step * cfg.batch_size, rank=di.rank,
-                            world_size=di.world_size)
+    sampler = SeededSampler(
+        len(train_set), seed=cfg.seed, start=step * cfg.batch_size, rank=di.rank, world_size=di.world_size
+    )
     loader = iter(DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True))
     # Restore RNG only now: creating the DataLoader iterator above draws from torch's generator.
     if state is not None and di.rank < len(state.get("rng", [])):
@@ -269,19 +321,26 @@ def fit(model: nn.Module, *, stage: str, run_dir: str | os.PathLike, train_set: 
         if di.is_main:
             # weights and trainer state committed as one checkpoint (a kill between the two files cannot
             # pair one step's weights with another step's optimizer; see worldmodel.checkpoint)
-            save_checkpoint(run_dir, stage, model.state_dict(), {"step": step, "optimizer": opt.state_dict(),
-                                                                 "rng": rng, "world_size": di.world_size})
+            save_checkpoint(
+                run_dir,
+                stage,
+                model.state_dict(),
+                {"step": step, "optimizer": opt.state_dict(), "rng": rng, "world_size": di.world_size},
+            )
             if on_checkpoint is not None:
                 on_checkpoint(model, step)
 
     t0 = time.monotonic()
     metrics: dict[str, float] = {}
     val_metrics: dict[str, float] = {}
-    bar = tqdm(total=cfg.steps, initial=step, desc=stage, disable=not (progress and di.is_main), dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps, initial=step, desc=stage, disable=not (progress and di.is_main), dynamic_ncols=True
+    )
     stopped_early = False
     while step < cfg.steps:
-        loss, metrics = _train_step(wrapped, opt, clip_sets, _to_device(next(loader), di.device), cfg, step, stage,
-                                    di.device)
+        loss, metrics = _train_step(
+            wrapped, opt, clip_sets, _to_device(next(loader), di.device), cfg, step, stage, di.device
+        )
         step += 1
         bar.update(1)
         if writer is not None and (step % cfg.log_every == 0 or step == 1):
@@ -301,5 +360,9 @@ def fit(model: nn.Module, *, stage: str, run_dir: str | os.PathLike, train_set: 
     minutes = (time.monotonic() - t0) / 60
     if stopped_early and di.is_main:
         print(f"{stage}: stopped at step {step}/{cfg.steps} after the {cfg.max_minutes}-minute budget")
-    return FitResult(step=step, last_metrics={k: float(v) for k, v in metrics.items()}, val_metrics=val_metrics,
-                     minutes=minutes)
+    return FitResult(
+        step=step,
+        last_metrics={k: float(v) for k, v in metrics.items()},
+        val_metrics=val_metrics,
+        minutes=minutes,
+    )

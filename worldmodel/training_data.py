@@ -35,8 +35,13 @@ class ClipDataset(Dataset):
         stride: distance in frames between consecutive window starts (default 1: every window).
     """
 
-    def __init__(self, store: EpisodeStore | str | os.PathLike, split: str | None = "train", clip_len: int = 16,
-                 stride: int = 1) -> None:
+    def __init__(
+        self,
+        store: EpisodeStore | str | os.PathLike,
+        split: str | None = "train",
+        clip_len: int = 16,
+        stride: int = 1,
+    ) -> None:
         self.store = EpisodeStore(store) if isinstance(store, (str, os.PathLike)) else store
         if clip_len < 1 or stride < 1:
             raise ValueError(f"clip_len and stride must be >= 1, got clip_len={clip_len}, stride={stride}")
@@ -46,8 +51,10 @@ class ClipDataset(Dataset):
             raise ValueError(f"store {self.store.root} has no episodes in split {split!r}")
         lengths = np.array([self.store.length(i) for i in ids])
         if lengths.max() < clip_len:
-            raise ValueError(f"clip_len={clip_len} is longer than every episode in split {split!r} of "
-                             f"{self.store.root} (longest has {lengths.max()} frames)")
+            raise ValueError(
+                f"clip_len={clip_len} is longer than every episode in split {split!r} of "
+                f"{self.store.root} (longest has {lengths.max()} frames)"
+            )
         self.episode_ids = [i for i, n in zip(ids, lengths) if n >= clip_len]
         self.num_skipped = len(ids) - len(self.episode_ids)
         counts = np.array([(n - clip_len) // stride + 1 for n in lengths if n >= clip_len])
@@ -67,7 +74,10 @@ class ClipDataset(Dataset):
         eid, start = self.locate(int(index))
         clip = self.store.read_clip(eid, start, self.clip_len)
         # np.ascontiguousarray turns 0-d arrays (e.g. a clip's class id) into 1-d ones: keep scalars scalar
-        return {k: torch.from_numpy(np.ascontiguousarray(v) if np.ndim(v) else np.asarray(v)) for k, v in clip.items()}
+        return {
+            k: torch.from_numpy(np.ascontiguousarray(v) if np.ndim(v) else np.asarray(v))
+            for k, v in clip.items()
+        }
 
 
 class SeededSampler(Sampler[int]):

@@ -35,7 +35,7 @@ def grid(rows: Sequence[np.ndarray], pad: int = 2, pad_value: int = 255) -> np.n
             raise ValueError(f"grid row {r} has shape {row.shape}, expected {rows[0].shape}")
         for c in range(n):
             y, x = pad + r * (h + pad), pad + c * (w + pad)
-            out[y:y + h, x:x + w] = row[c]
+            out[y : y + h, x : x + w] = row[c]
     return out
 
 
@@ -62,7 +62,9 @@ def save_figure(fig: object, path: str | os.PathLike, dpi: int = 100) -> Path:
     return path
 
 
-def write_video(frames: Sequence[np.ndarray] | np.ndarray, path: str | os.PathLike, fps: float = 10.0) -> Path:
+def write_video(
+    frames: Sequence[np.ndarray] | np.ndarray, path: str | os.PathLike, fps: float = 10.0
+) -> Path:
     """Write frames to ``path`` (``.mp4`` with H.264 or ``.gif``) with moviepy (ffmpeg from imageio-ffmpeg).
 
     H.264 in yuv420p needs even sizes, so frames are padded by one pixel where needed.
@@ -91,8 +93,9 @@ def write_video(frames: Sequence[np.ndarray] | np.ndarray, path: str | os.PathLi
     try:
         with atomic_file(path, suffix=f".tmp{suffix}") as tmp:  # moviepy picks the format from the name
             if suffix == ".mp4":
-                clip.write_videofile(str(tmp), codec="libx264", audio=False, logger=None,
-                                     ffmpeg_params=["-pix_fmt", "yuv420p"])
+                clip.write_videofile(
+                    str(tmp), codec="libx264", audio=False, logger=None, ffmpeg_params=["-pix_fmt", "yuv420p"]
+                )
             else:
                 clip.write_gif(str(tmp), fps=fps, logger=None)
     finally:
@@ -100,7 +103,9 @@ def write_video(frames: Sequence[np.ndarray] | np.ndarray, path: str | os.PathLi
     return path
 
 
-def annotate(frame: np.ndarray, lines: Sequence[str], color: tuple[int, int, int] = (255, 255, 0)) -> np.ndarray:
+def annotate(
+    frame: np.ndarray, lines: Sequence[str], color: tuple[int, int, int] = (255, 255, 0)
+) -> np.ndarray:
     """Draw text ``lines`` on a copy of ``frame`` (top-left, with a dark backing for legibility)."""
     img = Image.fromarray(frame)
     draw = ImageDraw.Draw(img)

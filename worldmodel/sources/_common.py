@@ -60,8 +60,11 @@ class ConvertReport:
         self.splits[split] = self.splits.get(split, 0) + 1
 
     def __str__(self) -> str:
-        parts = [f"{self.store}: converted {self.converted} {self.source} episodes ({self.frames} frames; "
-                 + ", ".join(f"{k} {v}" for k, v in self.splits.items()) + ")"]
+        parts = [
+            f"{self.store}: converted {self.converted} {self.source} episodes ({self.frames} frames; "
+            + ", ".join(f"{k} {v}" for k, v in self.splits.items())
+            + ")"
+        ]
         if self.already_present:
             parts.append(f"{self.already_present} already present")
         if self.filtered:

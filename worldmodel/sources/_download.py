@@ -48,10 +48,14 @@ def check_url(url: str, allow_file: bool = False) -> None:
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     allowed = ("http", "https", "file") if allow_file else ("http", "https")
     if scheme not in allowed:
-        raise DownloadError(url, f"scheme {scheme or '(none)'!r} refused; expected one of {list(allowed)}", permanent=True)
+        raise DownloadError(
+            url, f"scheme {scheme or '(none)'!r} refused; expected one of {list(allowed)}", permanent=True
+        )
 
 
-def _fetch_once(url: str, part: Path, timeout: float, chunk: int, bar: tqdm | None, need_length: bool) -> None:
+def _fetch_once(
+    url: str, part: Path, timeout: float, chunk: int, bar: tqdm | None, need_length: bool
+) -> None:
     offset = part.stat().st_size if part.exists() else 0
     req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     if offset:
@@ -61,7 +65,9 @@ def _fetch_once(url: str, part: Path, timeout: float, chunk: int, bar: tqdm | No
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:  # range not satisfiable: the .part already holds the whole file
             return
-        raise DownloadError(url, f"HTTP {e.code} {e.reason}", permanent=400 <= e.code < 500 and e.code != 429) from None
+        raise DownloadError(
+            url, f"HTTP {e.code} {e.reason}", permanent=400 <= e.code < 500 and e.code != 429
+        ) from None
     with resp:
         status = resp.getcode() or 200  # file:// URLs have no status
         content_range = resp.headers.get("Content-Range") or ""
@@ -72,8 +78,12 @@ def _fetch_once(url: str, part: Path, timeout: float, chunk: int, bar: tqdm | No
         length = resp.headers.get("Content-Length")
         expected = int(length) if length is not None and length.isdigit() else None
         if expected is None and need_length:
-            raise DownloadError(url, "the server sent no Content-Length, so a cut-off body cannot be told from a "
-                                     "complete one; pass sha256= to verify the file instead", permanent=True)
+            raise DownloadError(
+                url,
+                "the server sent no Content-Length, so a cut-off body cannot be told from a "
+                "complete one; pass sha256= to verify the file instead",
+                permanent=True,
+            )
         if bar is not None and expected is not None:
             bar.reset(total=offset + expected)
             bar.update(offset)
@@ -91,10 +101,19 @@ def _fetch_once(url: str, part: Path, timeout: float, chunk: int, bar: tqdm | No
         raise DownloadError(url, f"connection closed after {got} of {expected} bytes")
 
 
-def download_file(url: str, dest: str | os.PathLike, *, retries: int = 3, timeout: float = 60.0,
-                  backoff: float = 1.0, chunk: int = 1 << 20, progress: bool = False,
-                  sleep: Callable[[float], None] = time.sleep, sha256: str | None = None,
-                  allow_file: bool = False) -> Path:
+def download_file(
+    url: str,
+    dest: str | os.PathLike,
+    *,
+    retries: int = 3,
+    timeout: float = 60.0,
+    backoff: float = 1.0,
+    chunk: int = 1 << 20,
+    progress: bool = False,
+    sleep: Callable[[float], None] = time.sleep,
+    sha256: str | None = None,
+    allow_file: bool = False,
+) -> Path:
     """Fetch ``url`` to ``dest`` (skipped if ``dest`` exists), resuming a previous ``.part``.
 
     Args:
@@ -136,8 +155,12 @@ def download_file(url: str, dest: str | os.PathLike, *, retries: int = 3, timeou
                             h.update(block)
                     if h.hexdigest() != sha256.lower():
                         part.unlink()
-                        raise DownloadError(url, f"SHA-256 {h.hexdigest()} does not match the pinned {sha256}; "
-                                                 f"the download was deleted", permanent=True)
+                        raise DownloadError(
+                            url,
+                            f"SHA-256 {h.hexdigest()} does not match the pinned {sha256}; "
+                            f"the download was deleted",
+                            permanent=True,
+                        )
                 atomic_replace(part, dest)
                 return dest
             except DownloadError as e:
@@ -162,13 +185,21 @@ class DownloadReport:
     failed: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        return (f"downloaded {len(self.downloaded)}, already present {len(self.present)}, "
-                f"failed {len(self.failed)}")
+        return (
+            f"downloaded {len(self.downloaded)}, already present {len(self.present)}, "
+            f"failed {len(self.failed)}"
+        )
 
 
-def download_many(items: Iterable[tuple[str, Path]], *, retries: int = 3, timeout: float = 60.0,
-                  backoff: float = 1.0, progress: bool = True,
-                  sleep: Callable[[float], None] = time.sleep) -> DownloadReport:
+def download_many(
+    items: Iterable[tuple[str, Path]],
+    *,
+    retries: int = 3,
+    timeout: float = 60.0,
+    backoff: float = 1.0,
+    progress: bool = True,
+    sleep: Callable[[float], None] = time.sleep,
+) -> DownloadReport:
     """Download each ``(url, dest)``; a failure is recorded in the report and the rest go on."""
     items = list(items)
     report = DownloadReport()
@@ -177,8 +208,9 @@ def download_many(items: Iterable[tuple[str, Path]], *, retries: int = 3, timeou
             report.present.append(Path(dest))
             continue
         try:
-            report.downloaded.append(download_file(url, dest, retries=retries, timeout=timeout, backoff=backoff,
-                                                   sleep=sleep))
+            report.downloaded.append(
+                download_file(url, dest, retries=retries, timeout=timeout, backoff=backoff, sleep=sleep)
+            )
         except DownloadError as e:
             report.failed[url] = e.why
     return report
@@ -192,7 +224,9 @@ def extract(archive: str | os.PathLike, into: str | os.PathLike) -> Path:
         with zipfile.ZipFile(archive) as z:
             for name in z.namelist():
                 if not (into / name).resolve().is_relative_to(into.resolve()):
-                    raise DownloadError(str(archive), f"member {name!r} would be written outside {into}", True)
+                    raise DownloadError(
+                        str(archive), f"member {name!r} would be written outside {into}", True
+                    )
             z.extractall(into)
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as t:
@@ -204,7 +238,9 @@ def extract(archive: str | os.PathLike, into: str | os.PathLike) -> Path:
             else:
                 for m in t.getmembers():
                     if m.issym() or m.islnk() or not (into / m.name).resolve().is_relative_to(into.resolve()):
-                        raise DownloadError(str(archive), f"member {m.name!r} is a link or escapes {into}", True)
+                        raise DownloadError(
+                            str(archive), f"member {m.name!r} is a link or escapes {into}", True
+                        )
                 t.extractall(into)
     else:
         raise DownloadError(str(archive), "not a zip or tar archive; extract it by hand", permanent=True)

@@ -43,9 +43,14 @@ class Video:
     decoded: int
 
 
-def iter_frames(src: VideoSource, *, every: int = 1, max_frames: int | None = None,
-                transform: Callable[[np.ndarray], np.ndarray] | None = None,
-                stats: dict[str, float] | None = None) -> Iterator[np.ndarray]:
+def iter_frames(
+    src: VideoSource,
+    *,
+    every: int = 1,
+    max_frames: int | None = None,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    stats: dict[str, float] | None = None,
+) -> Iterator[np.ndarray]:
     """Yield RGB frames of ``src``: every ``every``-th decoded frame, at most ``max_frames``.
 
     Args:
@@ -90,8 +95,13 @@ def iter_frames(src: VideoSource, *, every: int = 1, max_frames: int | None = No
             raise VideoDecodeError(f"{where}: decoding failed after {kept} frames ({e})") from None
 
 
-def decode_video(src: VideoSource, *, every: int = 1, max_frames: int | None = None,
-                 transform: Callable[[np.ndarray], np.ndarray] | None = None) -> Video:
+def decode_video(
+    src: VideoSource,
+    *,
+    every: int = 1,
+    max_frames: int | None = None,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Video:
     """Decode ``src`` into a :class:`Video` (see :func:`iter_frames` for the arguments)."""
     stats: dict[str, float] = {}
     frames = list(iter_frames(src, every=every, max_frames=max_frames, transform=transform, stats=stats))
@@ -120,12 +130,16 @@ def resize_center_crop(frame: np.ndarray, resolution: int) -> np.ndarray:
     nh, nw = (resolution, math.ceil(w * scale)) if h <= w else (math.ceil(h * scale), resolution)
     frame = resize(frame, (nh, nw))
     top, left = (nh - resolution) // 2, (nw - resolution) // 2
-    return frame[top:top + resolution, left:left + resolution]
+    return frame[top : top + resolution, left : left + resolution]
 
 
 def parse_size(resolution: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     """``64`` -> ``(64, 64)``; ``(48, 64)`` -> ``(48, 64)`` (height, width); validated > 0."""
-    hw = (int(resolution), int(resolution)) if isinstance(resolution, (int, np.integer)) else tuple(int(x) for x in resolution)
+    hw = (
+        (int(resolution), int(resolution))
+        if isinstance(resolution, (int, np.integer))
+        else tuple(int(x) for x in resolution)
+    )
     if len(hw) != 2 or min(hw) < 1:
         raise ValueError(f"resolution: expected a positive int or (height, width), got {resolution!r}")
     return hw  # type: ignore[return-value]

@@ -58,8 +58,9 @@ def find_tfrecords(src: str | os.PathLike) -> dict[str, list[Path]]:
         root = root / "softmotion30_44k"
     files = {s: sorted((root / s).glob("*.tfrecords")) for s in ("train", "test")}
     if not any(files.values()):
-        raise SourceError(f"{root}: no *.tfrecords under train/ or test/ (expected the softmotion30_44k "
-                          f"directory of {URL})")
+        raise SourceError(
+            f"{root}: no *.tfrecords under train/ or test/ (expected the softmotion30_44k directory of {URL})"
+        )
     return files
 
 
@@ -78,8 +79,10 @@ def decode_example(data: bytes, camera: str = "image_aux1") -> dict[str, np.ndar
     while f"{T}/action" in feats:
         T += 1
     if T < 2:
-        raise ValueError(f"expected features '0/action', '1/action', ... (30 steps); found {T} steps among "
-                         f"keys {sorted(feats)[:6]}")
+        raise ValueError(
+            f"expected features '0/action', '1/action', ... (30 steps); found {T} steps among "
+            f"keys {sorted(feats)[:6]}"
+        )
     n_pix = int(np.prod(FRAME_SHAPE))
     frames = np.empty((T, *FRAME_SHAPE), np.uint8)
     actions = np.empty((T, ACTION_DIM), np.float32)
@@ -93,7 +96,9 @@ def decode_example(data: bytes, camera: str = "image_aux1") -> dict[str, np.ndar
             got = f"{len(img)} bytes values" if isinstance(img, list) else f"a {img.dtype} list"
             if isinstance(img, list) and len(img) == 1:
                 got = f"{len(img[0])} bytes"
-            raise ValueError(f"feature {key!r}: expected one bytes value of {n_pix} raw uint8 pixels (64x64x3), got {got}")
+            raise ValueError(
+                f"feature {key!r}: expected one bytes value of {n_pix} raw uint8 pixels (64x64x3), got {got}"
+            )
         frames[t] = np.frombuffer(img[0], np.uint8).reshape(FRAME_SHAPE)
         for key, dim, out in ((f"{t}/action", ACTION_DIM, actions), (f"{t}/endeffector_pos", EEF_DIM, eef)):
             v = feats.get(key)
@@ -106,10 +111,21 @@ def decode_example(data: bytes, camera: str = "image_aux1") -> dict[str, np.ndar
     return {"frames": frames, "actions": actions, "endeffector_pos": eef}
 
 
-def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: str = "image_aux1",
-            val_fraction: float = 0.05, splits: tuple[str, ...] = ("train", "test"), max_files: int | None = None,
-            max_episodes: int | None = None, fps: float = 0.0, episodes_per_shard: int = 64,
-            skip_corrupt: bool = False, merge: bool = False, progress: bool = True) -> ConvertReport:
+def convert(
+    src: str | os.PathLike,
+    out_store: str | os.PathLike,
+    *,
+    camera: str = "image_aux1",
+    val_fraction: float = 0.05,
+    splits: tuple[str, ...] = ("train", "test"),
+    max_files: int | None = None,
+    max_episodes: int | None = None,
+    fps: float = 0.0,
+    episodes_per_shard: int = 64,
+    skip_corrupt: bool = False,
+    merge: bool = False,
+    progress: bool = True,
+) -> ConvertReport:
     """Convert BAIR TFRecords into an episode store (resumable: ids are ``<split>-<file stem>-<record>``).
 
     Args:
@@ -141,11 +157,24 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: str
     done = existing_episode_ids(out)
     report = ConvertReport(out, "bair")
     spec = ActionSpec.continuous(ACTION_DIM, names=("a0", "a1", "a2", "a3"))
-    extra = {"dataset": "bair_robot_pushing_dataset_v0", "url": URL, "camera": camera,
-             "action_alignment": "actions[t] = '{t}/action' for t < T-1; the last action is dropped"}
-    with StoreWriter(out, source="bair", obs_shape=FRAME_SHAPE, action_spec=spec, fps=fps,
-                     episodes_per_shard=episodes_per_shard, val_fraction=val_fraction, test_fraction=0.0,
-                     extra=extra, merge=merge) as writer:
+    extra = {
+        "dataset": "bair_robot_pushing_dataset_v0",
+        "url": URL,
+        "camera": camera,
+        "action_alignment": "actions[t] = '{t}/action' for t < T-1; the last action is dropped",
+    }
+    with StoreWriter(
+        out,
+        source="bair",
+        obs_shape=FRAME_SHAPE,
+        action_spec=spec,
+        fps=fps,
+        episodes_per_shard=episodes_per_shard,
+        val_fraction=val_fraction,
+        test_fraction=0.0,
+        extra=extra,
+        merge=merge,
+    ) as writer:
         bar = tqdm(todo, desc="bair", unit="file", disable=not progress)
         for split, path in bar:
             rel = f"{split}/{path.name}"
@@ -166,9 +195,14 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: str
                         fail(report, f"{path} record {rec.index}", str(e), skip_corrupt)
                         continue
                     ep_split = "test" if split == "test" else split_for_id(eid, val_fraction, 0.0)
-                    writer.add_episode(ep["frames"], ep["actions"][:-1], split=ep_split, episode_id=eid,
-                                       attrs={"source_file": rel, "record_index": rec.index, "camera": camera},
-                                       extras={"endeffector_pos": ep["endeffector_pos"]})
+                    writer.add_episode(
+                        ep["frames"],
+                        ep["actions"][:-1],
+                        split=ep_split,
+                        episode_id=eid,
+                        attrs={"source_file": rel, "record_index": rec.index, "camera": camera},
+                        extras={"endeffector_pos": ep["endeffector_pos"]},
+                    )
                     report.add(ep_split, len(ep["frames"]))
                     bar.set_postfix(episodes=report.converted)
             except TFRecordError as e:
@@ -176,7 +210,9 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: str
     return report
 
 
-def download(dest: str | os.PathLike, *, dry_run: bool = False, progress: bool = True) -> list[tuple[str, Path]]:
+def download(
+    dest: str | os.PathLike, *, dry_run: bool = False, progress: bool = True
+) -> list[tuple[str, Path]]:
     """Fetch the BAIR tar into ``dest`` and unpack it (``dest/softmotion30_44k``); resumable.
 
     With ``dry_run`` only returns what would be fetched: ``[(url, local path)]``.

@@ -50,7 +50,9 @@ from worldmodel.sources._download import download_file
 from worldmodel.sources._video import as_path, parse_size, resize
 from worldmodel.store import ActionSpec, StoreWriter, refuse_external, split_for_id
 
-URL_TEMPLATE = "http://downloads.cs.stanford.edu/downloads/rt_benchmark/{task}/{dataset_type}/{hdf5_type}.hdf5"
+URL_TEMPLATE = (
+    "http://downloads.cs.stanford.edu/downloads/rt_benchmark/{task}/{dataset_type}/{hdf5_type}.hdf5"
+)
 """robomimic v0.1 release links (``task``: lift, can, square, transport, tool_hang; ``dataset_type``:
 ph, mh, mg; ``hdf5_type``: image, low_dim, raw=demo). Real-robot tasks (``lift_real`` ...) ship only
 ``demo.hdf5``, which already holds images."""
@@ -65,12 +67,21 @@ def read_masks(f: h5py.File) -> dict[str, list[str]]:
     """``{filter_key: [demo names]}`` from the ``mask`` group (empty if absent)."""
     if "mask" not in f:
         return {}
-    return {k: [x.decode() if isinstance(x, bytes) else str(x) for x in np.asarray(d[()]).ravel()]
-            for k, d in f["mask"].items()}
+    return {
+        k: [x.decode() if isinstance(x, bytes) else str(x) for x in np.asarray(d[()]).ravel()]
+        for k, d in f["mask"].items()
+    }
 
 
-def assign_splits(demos: list[str], masks: dict[str, list[str]], train_filter: str | None, val_filter: str | None,
-                  test_filter: str | None, val_fraction: float, where: str) -> dict[str, str | None]:
+def assign_splits(
+    demos: list[str],
+    masks: dict[str, list[str]],
+    train_filter: str | None,
+    val_filter: str | None,
+    test_filter: str | None,
+    val_fraction: float,
+    where: str,
+) -> dict[str, str | None]:
     """Map each demo to ``'train' | 'val' | 'test'`` or None (left out); see the module doc."""
     chosen = {"train": train_filter, "val": val_filter, "test": test_filter}
     if masks:
@@ -96,7 +107,9 @@ def assign_splits(demos: list[str], masks: dict[str, list[str]], train_filter: s
     return out
 
 
-def read_demo(g: h5py.Group, camera: str, size: tuple[int, int] | None, use_next_obs: bool = True) -> dict[str, Any]:
+def read_demo(
+    g: h5py.Group, camera: str, size: tuple[int, int] | None, use_next_obs: bool = True
+) -> dict[str, Any]:
     """One demo group -> ``frames``, ``actions``, ``rewards``, ``terminated``, ``truncated``.
 
     Raises:
@@ -113,7 +126,9 @@ def read_demo(g: h5py.Group, camera: str, size: tuple[int, int] | None, use_next
     N = obs.shape[0]
     actions = g["actions"][()]
     if actions.ndim != 2 or actions.shape[0] != N:
-        raise ValueError(f"actions is {actions.dtype}{actions.shape}, expected ({N}, A) to match obs/{camera}")
+        raise ValueError(
+            f"actions is {actions.dtype}{actions.shape}, expected ({N}, A) to match obs/{camera}"
+        )
     rewards = g["rewards"][()].astype(np.float32).ravel() if "rewards" in g else np.zeros(N, np.float32)
     dones = g["dones"][()].ravel() if "dones" in g else np.zeros(N, bool)
     if rewards.shape != (N,) or dones.shape != (N,):
@@ -123,22 +138,40 @@ def read_demo(g: h5py.Group, camera: str, size: tuple[int, int] | None, use_next
     if nxt is not None:
         if nxt.shape != obs.shape or nxt.dtype != np.uint8:
             raise ValueError(f"next_obs/{camera} is {nxt.dtype}{nxt.shape}, expected {obs.dtype}{obs.shape}")
-        frames = np.concatenate([frames, nxt[N - 1:N]])
+        frames = np.concatenate([frames, nxt[N - 1 : N]])
         n_steps = N
     else:
         n_steps = N - 1
     if size is not None:
         frames = np.stack([resize(fr, size) for fr in frames])
     terminated = dones[:n_steps] != 0
-    return {"frames": frames, "actions": actions[:n_steps].astype(np.float32), "rewards": rewards[:n_steps],
-            "terminated": terminated, "truncated": not bool(dones[-1]) if nxt is not None else True}
+    return {
+        "frames": frames,
+        "actions": actions[:n_steps].astype(np.float32),
+        "rewards": rewards[:n_steps],
+        "terminated": terminated,
+        "truncated": not bool(dones[-1]) if nxt is not None else True,
+    }
 
 
-def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: str = "agentview_image",
-            resolution: int | tuple[int, int] | None = None, train_filter: str | None = "train",
-            val_filter: str | None = "valid", test_filter: str | None = None, val_fraction: float = 0.05,
-            use_next_obs: bool = True, max_demos: int | None = None, fps: float = 20.0,
-            episodes_per_shard: int = 32, skip_corrupt: bool = False, merge: bool = False, progress: bool = True) -> ConvertReport:
+def convert(
+    src: str | os.PathLike,
+    out_store: str | os.PathLike,
+    *,
+    camera: str = "agentview_image",
+    resolution: int | tuple[int, int] | None = None,
+    train_filter: str | None = "train",
+    val_filter: str | None = "valid",
+    test_filter: str | None = None,
+    val_fraction: float = 0.05,
+    use_next_obs: bool = True,
+    max_demos: int | None = None,
+    fps: float = 20.0,
+    episodes_per_shard: int = 32,
+    skip_corrupt: bool = False,
+    merge: bool = False,
+    progress: bool = True,
+) -> ConvertReport:
     """Convert a robomimic hdf5 file into an episode store (resumable; id ``<file stem>-<demo>``).
 
     Args:
@@ -181,20 +214,37 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: str
         demos = sorted(data.keys(), key=_demo_sort_key)[:max_demos]
         if not demos:
             raise SourceError(f"{path}: no demos under data/")
-        splits = assign_splits(demos, read_masks(f), train_filter, val_filter, test_filter, val_fraction, str(path))
+        splits = assign_splits(
+            demos, read_masks(f), train_filter, val_filter, test_filter, val_fraction, str(path)
+        )
         first = data[demos[0]].get(f"obs/{camera}")
         if first is None:
             keys = sorted(data[demos[0]]["obs"]) if "obs" in data[demos[0]] else []
-            raise SourceError(f"{path}: demo {demos[0]!r} has no obs/{camera} (obs keys: {keys}); "
-                              "pick one with camera=")
+            raise SourceError(
+                f"{path}: demo {demos[0]!r} has no obs/{camera} (obs keys: {keys}); pick one with camera="
+            )
         hw = size if size is not None else tuple(first.shape[1:3])
         A = data[demos[0]]["actions"].shape[1]
         done = existing_episode_ids(out)
-        extra = {"dataset": "robomimic", "source_file": path.name, "camera": camera, "env_args": env_args,
-                 "filters": {"train": train_filter, "val": val_filter, "test": test_filter}}
-        with StoreWriter(out, source="robomimic", obs_shape=(*hw, 3), action_spec=ActionSpec.continuous(A), fps=fps,
-                         episodes_per_shard=episodes_per_shard, val_fraction=val_fraction, test_fraction=0.0,
-                         extra=extra, merge=merge) as writer:
+        extra = {
+            "dataset": "robomimic",
+            "source_file": path.name,
+            "camera": camera,
+            "env_args": env_args,
+            "filters": {"train": train_filter, "val": val_filter, "test": test_filter},
+        }
+        with StoreWriter(
+            out,
+            source="robomimic",
+            obs_shape=(*hw, 3),
+            action_spec=ActionSpec.continuous(A),
+            fps=fps,
+            episodes_per_shard=episodes_per_shard,
+            val_fraction=val_fraction,
+            test_fraction=0.0,
+            extra=extra,
+            merge=merge,
+        ) as writer:
             for demo in tqdm(demos, desc="robomimic", unit="demo", disable=not progress):
                 split = splits[demo]
                 if split is None:
@@ -207,21 +257,41 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: str
                 try:
                     ep = read_demo(data[demo], camera, size, use_next_obs)
                     if ep["frames"].shape[1:3] != hw or ep["actions"].shape[1] != A:
-                        raise ValueError(f"frames {ep['frames'].shape[1:3]} / action dim {ep['actions'].shape[1]} "
-                                         f"differ from the first demo's {hw} / {A}")
+                        raise ValueError(
+                            f"frames {ep['frames'].shape[1:3]} / action dim {ep['actions'].shape[1]} "
+                            f"differ from the first demo's {hw} / {A}"
+                        )
                 except (ValueError, KeyError, OSError) as e:
                     fail(report, f"{path} demo {demo!r}", str(e), skip_corrupt)
                     continue
-                writer.add_episode(ep["frames"], ep["actions"], ep["rewards"], ep["terminated"],
-                                   truncated=ep["truncated"], split=split, episode_id=eid,
-                                   attrs={"demo": demo, "num_samples": int(data[demo].attrs.get("num_samples", -1)),
-                                          "camera": camera, "source_file": path.name})
+                writer.add_episode(
+                    ep["frames"],
+                    ep["actions"],
+                    ep["rewards"],
+                    ep["terminated"],
+                    truncated=ep["truncated"],
+                    split=split,
+                    episode_id=eid,
+                    attrs={
+                        "demo": demo,
+                        "num_samples": int(data[demo].attrs.get("num_samples", -1)),
+                        "camera": camera,
+                        "source_file": path.name,
+                    },
+                )
                 report.add(split, len(ep["frames"]))
     return report
 
 
-def download(dest: str | os.PathLike, *, task: str = "lift", dataset_type: str = "ph", hdf5_type: str = "image",
-             dry_run: bool = False, progress: bool = True) -> list[tuple[str, Path]]:
+def download(
+    dest: str | os.PathLike,
+    *,
+    task: str = "lift",
+    dataset_type: str = "ph",
+    hdf5_type: str = "image",
+    dry_run: bool = False,
+    progress: bool = True,
+) -> list[tuple[str, Path]]:
     """Fetch one robomimic v0.1 dataset file to ``dest/<task>/<dataset_type>/<hdf5_type>.hdf5`` (resumable)."""
     url = URL_TEMPLATE.format(task=task, dataset_type=dataset_type, hdf5_type=hdf5_type)
     target = as_path(dest) / task / dataset_type / f"{hdf5_type}.hdf5"

@@ -96,14 +96,22 @@ def file_metadata(f: h5py.File) -> dict[str, Any]:
     """Metadata of an open RoboNet file, computed as RoboNet's ``load_metadata_dict`` does."""
     try:
         env, pol = f["env"], f["policy"]
-        meta: dict[str, Any] = {"sdim": env["state"].shape[1], "state_T": env["state"].shape[0],
-                                "adim": pol["actions"].shape[1], "action_T": pol["actions"].shape[0]}
+        meta: dict[str, Any] = {
+            "sdim": env["state"].shape[1],
+            "state_T": env["state"].shape[0],
+            "adim": pol["actions"].shape[1],
+            "action_T": pol["actions"].shape[0],
+        }
     except KeyError as e:
-        raise _Corrupt(f"missing {e.args[0] if e.args else 'env/state or policy/actions'} "
-                       "(expected datasets env/state and policy/actions)") from None
+        raise _Corrupt(
+            f"missing {e.args[0] if e.args else 'env/state or policy/actions'} "
+            "(expected datasets env/state and policy/actions)"
+        ) from None
     except IndexError:
-        raise _Corrupt(f"env/state {f['env']['state'].shape} and policy/actions {f['policy']['actions'].shape} "
-                       "must be 2-D (T, dim)") from None
+        raise _Corrupt(
+            f"env/state {f['env']['state'].shape} and policy/actions {f['policy']['actions'].shape} "
+            "must be 2-D (T, dim)"
+        ) from None
     meta["file_version"] = attr_value(f["file_version"][()]) if "file_version" in f else None
     meta["ncam"] = int(env.attrs.get("n_cams", 0))
     if meta["ncam"]:
@@ -115,15 +123,22 @@ def file_metadata(f: h5py.File) -> dict[str, Any]:
             if "frames" not in cam0:
                 raise _Corrupt("env/cam0_video/frames is missing (cam_encoding is 'mp4')")
             a = cam0["frames"].attrs
-            meta.update(img_encoding="mp4", img_T=int(a.get("T", 0)), frame_dim=tuple(attr_value(a.get("shape", [0, 0]))[:2]),
-                        image_format=attr_value(a.get("image_format", "RGB")))
+            meta.update(
+                img_encoding="mp4",
+                img_T=int(a.get("T", 0)),
+                frame_dim=tuple(attr_value(a.get("shape", [0, 0]))[:2]),
+                image_format=attr_value(a.get("image_format", "RGB")),
+            )
         else:
             if "frame0" not in cam0:
                 raise _Corrupt("env/cam0_video/frame0 is missing (cam_encoding is not 'mp4')")
             a = cam0["frame0"].attrs
-            meta.update(img_encoding="jpg", img_T=sum(1 for k in cam0 if k.startswith("frame")),
-                        frame_dim=tuple(attr_value(a.get("shape", [0, 0]))[:2]),
-                        image_format=attr_value(a.get("image_format", "RGB")))
+            meta.update(
+                img_encoding="jpg",
+                img_T=sum(1 for k in cam0 if k.startswith("frame")),
+                frame_dim=tuple(attr_value(a.get("shape", [0, 0]))[:2]),
+                image_format=attr_value(a.get("image_format", "RGB")),
+            )
     if "metadata" in f:
         for k, v in f["metadata"].attrs.items():
             meta.setdefault(k, attr_value(v))
@@ -137,21 +152,25 @@ def _load_frames(f: h5py.File, meta: dict[str, Any], cam: int, n: int, size: tup
     group = f["env"].get(f"cam{cam}_video")
     if group is None:
         raise _Corrupt(f"camera {cam} not present (env/cam{cam}_video missing; n_cams={meta['ncam']})")
-    transform = (lambda img: resize(img, size))  # noqa: E731
+    transform = lambda img: resize(img, size)  # noqa: E731
     if meta["img_encoding"] == "mp4":
         if "frames" not in group:
             raise _Corrupt(f"env/cam{cam}_video/frames is missing")
         blob = group["frames"][()]
         if blob.dtype != np.uint8 or blob.ndim != 1:
-            raise _Corrupt(f"env/cam{cam}_video/frames is {blob.dtype}{blob.shape}, expected uint8 (n_bytes,) mp4 bytes")
+            raise _Corrupt(
+                f"env/cam{cam}_video/frames is {blob.dtype}{blob.shape}, expected uint8 (n_bytes,) mp4 bytes"
+            )
         fmt = attr_value(group["frames"].attrs.get("image_format", meta["image_format"]))
         try:
             frames = list(iter_frames(blob.tobytes(), max_frames=n, transform=transform))
         except VideoDecodeError as e:
             raise _Corrupt(f"env/cam{cam}_video/frames: {e}") from None
         if len(frames) < n:
-            raise _Corrupt(f"env/cam{cam}_video/frames: mp4 decodes to {len(frames)} frames, but {n} are needed "
-                           f"(attr T={meta['img_T']}); truncated video")
+            raise _Corrupt(
+                f"env/cam{cam}_video/frames: mp4 decodes to {len(frames)} frames, but {n} are needed "
+                f"(attr T={meta['img_T']}); truncated video"
+            )
     else:
         frames, fmt = [], meta["image_format"]
         for t in range(n):
@@ -170,8 +189,9 @@ def _load_frames(f: h5py.File, meta: dict[str, Any], cam: int, n: int, size: tup
     return np.ascontiguousarray(arr[..., ::-1]) if fmt == "BGR" else arr
 
 
-def normalise_actions(actions: np.ndarray, states: np.ndarray, meta: dict[str, Any],
-                      action_dim: int = 5) -> tuple[np.ndarray, str]:
+def normalise_actions(
+    actions: np.ndarray, states: np.ndarray, meta: dict[str, Any], action_dim: int = 5
+) -> tuple[np.ndarray, str]:
     """Bring RoboNet actions ``(T_action, adim)`` to ``(T_action, action_dim)``; see the module doc.
 
     Returns:
@@ -185,13 +205,17 @@ def normalise_actions(actions: np.ndarray, states: np.ndarray, meta: dict[str, A
     if adim == action_dim - 1 and meta.get("primitives") == "autograsp":
         low, high = meta.get("low_bound"), meta.get("high_bound")
         if low is None or high is None:
-            raise _Corrupt("autograsp actions need low_bound/high_bound (metadata attrs or env datasets) to impute "
-                           "the gripper action; none found")
+            raise _Corrupt(
+                "autograsp actions need low_bound/high_bound (metadata attrs or env datasets) to impute "
+                "the gripper action; none found"
+            )
         low_v, high_v = float(np.ravel(low)[-1]), float(np.ravel(high)[-1])
-        next_gripper = states[1:actions.shape[0] + 1, -1]
+        next_gripper = states[1 : actions.shape[0] + 1, -1]
         if len(next_gripper) < actions.shape[0]:
-            raise _Corrupt(f"env/state has {states.shape[0]} rows; autograsp imputation needs T_action + 1 = "
-                           f"{actions.shape[0] + 1}")
+            raise _Corrupt(
+                f"env/state has {states.shape[0]} rows; autograsp imputation needs T_action + 1 = "
+                f"{actions.shape[0] + 1}"
+            )
         grip = np.where(next_gripper > (high_v + low_v) / 2.0, high_v, low_v).astype(np.float32)
         return np.concatenate([actions, grip[:, None]], axis=1), "autograsp_imputed"
     if adim < action_dim:
@@ -199,8 +223,9 @@ def normalise_actions(actions: np.ndarray, states: np.ndarray, meta: dict[str, A
     return actions[:, :action_dim], "truncated"
 
 
-def read_file(path: str | os.PathLike, *, camera: int = 0, resolution: int | tuple[int, int] = 64,
-              action_dim: int = 5) -> dict[str, Any]:
+def read_file(
+    path: str | os.PathLike, *, camera: int = 0, resolution: int | tuple[int, int] = 64, action_dim: int = 5
+) -> dict[str, Any]:
     """Decode one RoboNet file into ``frames`` ``(n, H, W, 3)``, ``actions`` ``(n-1, action_dim)``,
     ``state`` ``(n, sdim)``, ``meta`` (dict) and ``rule`` (action normalisation).
 
@@ -217,8 +242,10 @@ def read_file(path: str | os.PathLike, *, camera: int = 0, resolution: int | tup
         with f:
             refs = external_references(f)
             if refs:
-                raise _Corrupt(f"refers to data outside the file ({'; '.join(refs[:5])}); only self-contained HDF5 "
-                               f"files are read (no external links, external storage or virtual datasets)")
+                raise _Corrupt(
+                    f"refers to data outside the file ({'; '.join(refs[:5])}); only self-contained HDF5 "
+                    f"files are read (no external links, external storage or virtual datasets)"
+                )
             meta = file_metadata(f)
             if not meta["ncam"]:
                 raise _Corrupt("no cameras (env attr n_cams is 0 or missing)")
@@ -226,8 +253,10 @@ def read_file(path: str | os.PathLike, *, camera: int = 0, resolution: int | tup
                 raise _Corrupt(f"camera {camera} out of range: the file has n_cams={meta['ncam']}")
             n = min(meta["state_T"], meta["img_T"], meta["action_T"] + 1)
             if n < 2:
-                raise _Corrupt(f"usable length min(T_state={meta['state_T']}, T_img={meta['img_T']}, "
-                               f"T_action+1={meta['action_T'] + 1}) = {n} < 2")
+                raise _Corrupt(
+                    f"usable length min(T_state={meta['state_T']}, T_img={meta['img_T']}, "
+                    f"T_action+1={meta['action_T'] + 1}) = {n} < 2"
+                )
             states = f["env"]["state"][()].astype(np.float32)
             actions, rule = normalise_actions(f["policy"]["actions"][()], states, meta, action_dim)
             if not np.all(np.isfinite(actions)):
@@ -235,14 +264,26 @@ def read_file(path: str | os.PathLike, *, camera: int = 0, resolution: int | tup
             frames = _load_frames(f, meta, camera, n, size)
     except _Corrupt as e:
         raise SourceError(f"{path}: {e}") from None
-    return {"frames": frames, "actions": actions[:n - 1], "state": states[:n], "meta": meta, "rule": rule}
+    return {"frames": frames, "actions": actions[: n - 1], "state": states[:n], "meta": meta, "rule": rule}
 
 
-def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: int = 0,
-            robots: tuple[str, ...] | None = None, resolution: int | tuple[int, int] = 64, action_dim: int = 5,
-            val_fraction: float = 0.05, test_fraction: float = 0.05, max_files: int | None = None,
-            fps: float = 0.0, episodes_per_shard: int = 32, skip_corrupt: bool = False, merge: bool = False,
-            progress: bool = True) -> ConvertReport:
+def convert(
+    src: str | os.PathLike,
+    out_store: str | os.PathLike,
+    *,
+    camera: int = 0,
+    robots: tuple[str, ...] | None = None,
+    resolution: int | tuple[int, int] = 64,
+    action_dim: int = 5,
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    max_files: int | None = None,
+    fps: float = 0.0,
+    episodes_per_shard: int = 32,
+    skip_corrupt: bool = False,
+    merge: bool = False,
+    progress: bool = True,
+) -> ConvertReport:
     """Convert RoboNet hdf5 files into an episode store (resumable; episode id = file stem).
 
     Args:
@@ -273,11 +314,24 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: int
     report = ConvertReport(out, "robonet")
     names = ACTION_NAMES if action_dim == len(ACTION_NAMES) else None
     spec = ActionSpec.continuous(action_dim, names=names)
-    extra = {"dataset": "robonet_v3", "camera": camera, "robots": list(robots) if robots else None,
-             "action_dim": action_dim}
-    with StoreWriter(out, source="robonet", obs_shape=(*size, 3), action_spec=spec, fps=fps,
-                     episodes_per_shard=episodes_per_shard, val_fraction=val_fraction,
-                     test_fraction=test_fraction, extra=extra, merge=merge) as writer:
+    extra = {
+        "dataset": "robonet_v3",
+        "camera": camera,
+        "robots": list(robots) if robots else None,
+        "action_dim": action_dim,
+    }
+    with StoreWriter(
+        out,
+        source="robonet",
+        obs_shape=(*size, 3),
+        action_spec=spec,
+        fps=fps,
+        episodes_per_shard=episodes_per_shard,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        extra=extra,
+        merge=merge,
+    ) as writer:
         bar = tqdm(files, desc="robonet", unit="file", disable=not progress)
         for path in bar:
             eid = episode_id(path.stem)
@@ -303,14 +357,22 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, camera: int
             attrs = {k: json_safe(v) for k, v in meta.items() if v is not None and k not in ("sha256",)}
             attrs.update(camera=camera, source_file=path.name, action_normalisation=ep["rule"])
             split = split_for_id(eid, val_fraction, test_fraction)
-            writer.add_episode(ep["frames"], ep["actions"], split=split, episode_id=eid, attrs=attrs,
-                               extras={"state": ep["state"]})
+            writer.add_episode(
+                ep["frames"],
+                ep["actions"],
+                split=split,
+                episode_id=eid,
+                attrs=attrs,
+                extras={"state": ep["state"]},
+            )
             report.add(split, len(ep["frames"]))
             bar.set_postfix(episodes=report.converted)
     return report
 
 
-def download(dest: str | os.PathLike, *, sample: bool = False, dry_run: bool = False) -> list[tuple[str, Path]]:
+def download(
+    dest: str | os.PathLike, *, sample: bool = False, dry_run: bool = False
+) -> list[tuple[str, Path]]:
     """Fetch RoboNet from Google Drive with ``gdown`` (not a dependency: ``pip install gdown``).
 
     Google Drive needs a confirmation round-trip for large files that only ``gdown`` handles well, so
@@ -326,8 +388,10 @@ def download(dest: str | os.PathLike, *, sample: bool = False, dry_run: bool = F
     try:
         import gdown  # type: ignore[import-not-found]
     except ImportError:
-        raise SourceError(f"RoboNet is on Google Drive; install gdown (pip install gdown) or fetch {url} "
-                          f"by hand into {dest} and unpack it with tar -xzf") from None
+        raise SourceError(
+            f"RoboNet is on Google Drive; install gdown (pip install gdown) or fetch {url} "
+            f"by hand into {dest} and unpack it with tar -xzf"
+        ) from None
     from worldmodel.sources._download import extract
 
     dest.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,9 @@ class Record:
     error: TFRecordError | None = None
 
 
-def iter_records(path: str | os.PathLike, *, verify: bool = True, skip_corrupt: bool = False) -> Iterator[Record]:
+def iter_records(
+    path: str | os.PathLike, *, verify: bool = True, skip_corrupt: bool = False
+) -> Iterator[Record]:
     """Iterate over the records of a TFRecord file (uncompressed).
 
     Args:
@@ -93,19 +95,23 @@ def iter_records(path: str | os.PathLike, *, verify: bool = True, skip_corrupt: 
                 return
             err = None
             if len(header) < 12:
-                err = TFRecordError(path, index, f"truncated header ({len(header)} of 12 bytes)", framing_ok=False)
+                err = TFRecordError(
+                    path, index, f"truncated header ({len(header)} of 12 bytes)", framing_ok=False
+                )
             else:
                 (length,) = struct.unpack("<Q", header[:8])
                 (len_crc,) = struct.unpack("<I", header[8:])
                 if verify and masked_crc32c(header[:8]) != len_crc:
-                    err = TFRecordError(path, index, "length CRC mismatch (corrupt or not a TFRecord file)",
-                                        framing_ok=False)
+                    err = TFRecordError(
+                        path, index, "length CRC mismatch (corrupt or not a TFRecord file)", framing_ok=False
+                    )
             if err is None:
                 data = f.read(length)
                 footer = f.read(4)
                 if len(data) < length or len(footer) < 4:
-                    err = TFRecordError(path, index, f"truncated data ({len(data)} of {length} bytes)",
-                                        framing_ok=False)
+                    err = TFRecordError(
+                        path, index, f"truncated data ({len(data)} of {length} bytes)", framing_ok=False
+                    )
                 elif verify and masked_crc32c(data) != struct.unpack("<I", footer)[0]:
                     err = TFRecordError(path, index, "data CRC mismatch (corrupt record)", framing_ok=True)
             if err is not None:
@@ -136,11 +142,16 @@ def write_records(path: str | os.PathLike, records: list[bytes]) -> Path:
 
 def _build_example_class() -> type:
     F = descriptor_pb2.FieldDescriptorProto
-    fd = descriptor_pb2.FileDescriptorProto(name="tensorflow/core/example/example.proto", package="tensorflow",
-                                            syntax="proto3")
+    fd = descriptor_pb2.FileDescriptorProto(
+        name="tensorflow/core/example/example.proto", package="tensorflow", syntax="proto3"
+    )
 
-    def message(name: str, fields: list[tuple[str, int, int, int, str | None]], oneof: str | None = None,
-                packed: bool = False) -> descriptor_pb2.DescriptorProto:
+    def message(
+        name: str,
+        fields: list[tuple[str, int, int, int, str | None]],
+        oneof: str | None = None,
+        packed: bool = False,
+    ) -> descriptor_pb2.DescriptorProto:
         m = fd.message_type.add(name=name)
         if oneof:
             m.oneof_decl.add(name=oneof)
@@ -158,9 +169,15 @@ def _build_example_class() -> type:
     message("BytesList", [("value", 1, F.TYPE_BYTES, rep, None)])
     message("FloatList", [("value", 1, F.TYPE_FLOAT, rep, None)], packed=True)
     message("Int64List", [("value", 1, F.TYPE_INT64, rep, None)], packed=True)
-    message("Feature", [("bytes_list", 1, F.TYPE_MESSAGE, opt, ".tensorflow.BytesList"),
-                        ("float_list", 2, F.TYPE_MESSAGE, opt, ".tensorflow.FloatList"),
-                        ("int64_list", 3, F.TYPE_MESSAGE, opt, ".tensorflow.Int64List")], oneof="kind")
+    message(
+        "Feature",
+        [
+            ("bytes_list", 1, F.TYPE_MESSAGE, opt, ".tensorflow.BytesList"),
+            ("float_list", 2, F.TYPE_MESSAGE, opt, ".tensorflow.FloatList"),
+            ("int64_list", 3, F.TYPE_MESSAGE, opt, ".tensorflow.Int64List"),
+        ],
+        oneof="kind",
+    )
     features = message("Features", [("feature", 1, F.TYPE_MESSAGE, rep, ".tensorflow.Features.FeatureEntry")])
     entry = features.nested_type.add(name="FeatureEntry")
     entry.options.map_entry = True
@@ -222,5 +239,7 @@ def make_example(features: dict[str, Any]) -> bytes:
             elif np.issubdtype(a.dtype, np.integer):
                 feat.int64_list.value.extend(a.ravel().astype(np.int64).tolist())
             else:
-                raise TypeError(f"feature {key!r}: expected bytes, a list of bytes, or a numeric array; got {a.dtype}")
+                raise TypeError(
+                    f"feature {key!r}: expected bytes, a list of bytes, or a numeric array; got {a.dtype}"
+                )
     return ex.SerializeToString(deterministic=True)

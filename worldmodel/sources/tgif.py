@@ -51,7 +51,9 @@ def read_tsv(path: str | os.PathLike) -> dict[str, list[str]]:
     """
     path = as_path(path)
     if not path.is_file():
-        raise SourceError(f"{path}: missing (expected tgif-v1.0.tsv: '<gif url>\\t<sentence>' per line; {TSV_URL})")
+        raise SourceError(
+            f"{path}: missing (expected tgif-v1.0.tsv: '<gif url>\\t<sentence>' per line; {TSV_URL})"
+        )
     out: dict[str, list[str]] = {}
     for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines()):
         if not line.strip():
@@ -85,11 +87,26 @@ def index_gifs(gif_dir: str | os.PathLike) -> dict[str, Path]:
     return out
 
 
-def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, gif_dir: str | os.PathLike | None = None,
-            tsv: str | os.PathLike | None = None, splits_dir: str | os.PathLike | None = None, resolution: int = 64,
-            frame_skip: int = 1, max_frames: int | None = None, min_frames: int = 2, val_fraction: float = 0.05,
-            test_fraction: float = 0.05, max_videos: int | None = None, fps: float | None = None,
-            episodes_per_shard: int = 64, skip_corrupt: bool = False, merge: bool = False, progress: bool = True) -> ConvertReport:
+def convert(
+    src: str | os.PathLike,
+    out_store: str | os.PathLike,
+    *,
+    gif_dir: str | os.PathLike | None = None,
+    tsv: str | os.PathLike | None = None,
+    splits_dir: str | os.PathLike | None = None,
+    resolution: int = 64,
+    frame_skip: int = 1,
+    max_frames: int | None = None,
+    min_frames: int = 2,
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    max_videos: int | None = None,
+    fps: float | None = None,
+    episodes_per_shard: int = 64,
+    skip_corrupt: bool = False,
+    merge: bool = False,
+    progress: bool = True,
+) -> ConvertReport:
     """Convert downloaded TGIF GIFs into an action-free store (resumable; id = GIF basename stem).
 
     Args:
@@ -128,9 +145,17 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, gif_dir: st
     writer: StoreWriter | None = None
     # a resumed conversion keeps the rate its store recorded (another first GIF may have another rate)
     meta_path = out / STORE_JSON
-    stored_fps = StoreMeta.from_dict(json.loads(meta_path.read_text()), str(meta_path)).fps if meta_path.exists() else None
-    extra = {"dataset": "TGIF-v1.0", "resolution": resolution, "frame_skip": frame_skip,
-             "split_source": "split files" if split_of else "id hash"}
+    stored_fps = (
+        StoreMeta.from_dict(json.loads(meta_path.read_text()), str(meta_path)).fps
+        if meta_path.exists()
+        else None
+    )
+    extra = {
+        "dataset": "TGIF-v1.0",
+        "resolution": resolution,
+        "frame_skip": frame_skip,
+        "split_source": "split files" if split_of else "id hash",
+    }
     try:
         for url, path in tqdm(todo, desc="tgif", unit="gif", disable=not progress):
             eid = episode_id(Path(path).stem)
@@ -138,8 +163,12 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, gif_dir: st
                 report.already_present += 1
                 continue
             try:
-                video = decode_video(path, every=frame_skip, max_frames=max_frames,
-                                     transform=lambda fr: resize_center_crop(fr, resolution))
+                video = decode_video(
+                    path,
+                    every=frame_skip,
+                    max_frames=max_frames,
+                    transform=lambda fr: resize_center_crop(fr, resolution),
+                )
             except VideoDecodeError as e:
                 fail(report, str(path), str(e).removeprefix(f"{path}: "), skip_corrupt)
                 continue
@@ -147,14 +176,35 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, gif_dir: st
                 report.filtered += 1
                 continue
             if writer is None:  # the store's fps comes from the first GIF unless given (or already recorded)
-                rate = fps if fps is not None else (stored_fps if stored_fps is not None else video.fps / frame_skip)
-                writer = StoreWriter(out, source="tgif", obs_shape=(resolution, resolution, 3),
-                                     action_spec=ActionSpec.none(), fps=rate, episodes_per_shard=episodes_per_shard,
-                                     val_fraction=val_fraction, test_fraction=test_fraction, extra=extra, merge=merge)
+                rate = (
+                    fps
+                    if fps is not None
+                    else (stored_fps if stored_fps is not None else video.fps / frame_skip)
+                )
+                writer = StoreWriter(
+                    out,
+                    source="tgif",
+                    obs_shape=(resolution, resolution, 3),
+                    action_spec=ActionSpec.none(),
+                    fps=rate,
+                    episodes_per_shard=episodes_per_shard,
+                    val_fraction=val_fraction,
+                    test_fraction=test_fraction,
+                    extra=extra,
+                    merge=merge,
+                )
             split = split_of.get(url, "train") if split_of else split_for_id(eid, val_fraction, test_fraction)
-            writer.add_episode(np.ascontiguousarray(video.frames), split=split, episode_id=eid,
-                               attrs={"captions": captions[url], "url": url, "source_file": path.name,
-                                      "source_fps": video.fps})
+            writer.add_episode(
+                np.ascontiguousarray(video.frames),
+                split=split,
+                episode_id=eid,
+                attrs={
+                    "captions": captions[url],
+                    "url": url,
+                    "source_file": path.name,
+                    "source_fps": video.fps,
+                },
+            )
             report.add(split, len(video.frames))
     finally:
         if writer is not None:
@@ -162,9 +212,16 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, gif_dir: st
     return report
 
 
-def download(dest: str | os.PathLike, *, splits: tuple[str, ...] = ("train", "val", "test"),
-             max_gifs: int | None = None, retries: int = 3, timeout: float = 30.0, dry_run: bool = False,
-             progress: bool = True) -> DownloadReport | list[tuple[str, Path]]:
+def download(
+    dest: str | os.PathLike,
+    *,
+    splits: tuple[str, ...] = ("train", "val", "test"),
+    max_gifs: int | None = None,
+    retries: int = 3,
+    timeout: float = 30.0,
+    dry_run: bool = False,
+    progress: bool = True,
+) -> DownloadReport | list[tuple[str, Path]]:
     """Fetch ``tgif-v1.0.tsv``, the split lists and the GIFs of ``splits`` into ``dest`` (resumable).
 
     GIFs land in ``dest/gifs/<basename>``; present files are skipped, partial ones resumed. Dead
@@ -172,13 +229,16 @@ def download(dest: str | os.PathLike, *, splits: tuple[str, ...] = ("train", "va
     ``dry_run``, returns the metadata files to fetch ``[(url, path)]`` without fetching anything.
     """
     dest = as_path(dest)
-    meta = [(TSV_URL, dest / "tgif-v1.0.tsv")] + [(SPLIT_URLS[s], dest / "splits" / f"{s}.txt") for s in splits]
+    meta = [(TSV_URL, dest / "tgif-v1.0.tsv")] + [
+        (SPLIT_URLS[s], dest / "splits" / f"{s}.txt") for s in splits
+    ]
     if dry_run:
         return meta
     for url, path in meta:
         download_file(url, path, retries=retries, timeout=timeout)
-    return download_gifs(gif_urls(dest, splits)[:max_gifs], dest / "gifs", retries=retries, timeout=timeout,
-                         progress=progress)
+    return download_gifs(
+        gif_urls(dest, splits)[:max_gifs], dest / "gifs", retries=retries, timeout=timeout, progress=progress
+    )
 
 
 def gif_urls(src: str | os.PathLike, splits: tuple[str, ...] = ("train", "val", "test")) -> list[str]:
@@ -190,9 +250,23 @@ def gif_urls(src: str | os.PathLike, splits: tuple[str, ...] = ("train", "val", 
     return list(read_tsv(root / "tgif-v1.0.tsv"))
 
 
-def download_gifs(urls: list[str], out_dir: str | os.PathLike, *, retries: int = 3, timeout: float = 30.0,
-                  backoff: float = 1.0, progress: bool = True, **kwargs) -> DownloadReport:
+def download_gifs(
+    urls: list[str],
+    out_dir: str | os.PathLike,
+    *,
+    retries: int = 3,
+    timeout: float = 30.0,
+    backoff: float = 1.0,
+    progress: bool = True,
+    **kwargs,
+) -> DownloadReport:
     """Download GIF ``urls`` to ``out_dir/<basename>``; skip present files, resume ``.part`` files."""
     out_dir = as_path(out_dir)
-    return download_many([(u, out_dir / url_basename(u)) for u in urls], retries=retries, timeout=timeout,
-                         backoff=backoff, progress=progress, **kwargs)
+    return download_many(
+        [(u, out_dir / url_basename(u)) for u in urls],
+        retries=retries,
+        timeout=timeout,
+        backoff=backoff,
+        progress=progress,
+        **kwargs,
+    )

@@ -50,8 +50,18 @@ def find_layout(src: str | os.PathLike) -> tuple[Path, Path]:
     """``(videos_dir, lists_dir)``: ``src/UCF-101`` (or ``src``) and ``src/ucfTrainTestlist``."""
     root = as_path(src)
     videos = root / "UCF-101" if (root / "UCF-101").is_dir() else root
-    lists = next((p for p in (root / "ucfTrainTestlist", videos / "ucfTrainTestlist", root.parent / "ucfTrainTestlist")
-                  if (p / "classInd.txt").is_file()), None)
+    lists = next(
+        (
+            p
+            for p in (
+                root / "ucfTrainTestlist",
+                videos / "ucfTrainTestlist",
+                root.parent / "ucfTrainTestlist",
+            )
+            if (p / "classInd.txt").is_file()
+        ),
+        None,
+    )
     if lists is None:
         raise SourceError(f"{root}: no ucfTrainTestlist/classInd.txt (unpack {SPLITS_URL} next to UCF-101/)")
     return videos, lists
@@ -60,7 +70,9 @@ def find_layout(src: str | os.PathLike) -> tuple[Path, Path]:
 def _lines(path: Path) -> list[str]:
     if not path.is_file():
         raise SourceError(f"{path}: missing (expected the official UCF-101 split list)")
-    return [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    return [
+        ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()
+    ]
 
 
 def read_class_index(lists: Path) -> list[str]:
@@ -81,10 +93,22 @@ def read_split(lists: Path, fold: int, which_list: str) -> list[str]:
     return [ln.split()[0].replace("\\", "/") for ln in _lines(lists / f"{which_list}0{fold}.txt")]
 
 
-def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, fold: int = 1, resolution: int = 64,
-            frame_skip: int = 1, max_frames: int | None = None, val_fraction: float = 0.0,
-            classes: tuple[str, ...] | None = None, max_videos: int | None = None, episodes_per_shard: int = 32,
-            skip_corrupt: bool = False, merge: bool = False, progress: bool = True) -> ConvertReport:
+def convert(
+    src: str | os.PathLike,
+    out_store: str | os.PathLike,
+    *,
+    fold: int = 1,
+    resolution: int = 64,
+    frame_skip: int = 1,
+    max_frames: int | None = None,
+    val_fraction: float = 0.0,
+    classes: tuple[str, ...] | None = None,
+    max_videos: int | None = None,
+    episodes_per_shard: int = 32,
+    skip_corrupt: bool = False,
+    merge: bool = False,
+    progress: bool = True,
+) -> ConvertReport:
     """Convert UCF-101 clips of one official fold into an action-free store (resumable; id = clip name).
 
     Args:
@@ -117,17 +141,36 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, fold: int =
         if unknown:
             raise ValueError(f"classes: {unknown} not in classInd.txt (e.g. {class_names[:3]})")
         keep = {c.lower() for c in classes}
-    on_disk = {str(p.relative_to(videos)).replace("\\", "/").lower(): p for p in videos.rglob("*") if p.suffix.lower() == ".avi"}
+    on_disk = {
+        str(p.relative_to(videos)).replace("\\", "/").lower(): p
+        for p in videos.rglob("*")
+        if p.suffix.lower() == ".avi"
+    }
     items = [(rel, "train") for rel in read_split(lists, fold, "trainlist")]
     items += [(rel, "test") for rel in read_split(lists, fold, "testlist")]
     out = as_path(out_store)
     done = existing_episode_ids(out)
     report = ConvertReport(out, "ucf101")
-    extra = {"dataset": "UCF-101", "fold": fold, "class_names": class_names, "frame_skip": frame_skip,
-             "resolution": resolution, "url": VIDEOS_URL}
-    with StoreWriter(out, source="ucf101", obs_shape=(resolution, resolution, 3), action_spec=ActionSpec.none(),
-                     fps=NOMINAL_FPS / frame_skip, episodes_per_shard=episodes_per_shard,
-                     val_fraction=val_fraction, test_fraction=0.0, extra=extra, merge=merge) as writer:
+    extra = {
+        "dataset": "UCF-101",
+        "fold": fold,
+        "class_names": class_names,
+        "frame_skip": frame_skip,
+        "resolution": resolution,
+        "url": VIDEOS_URL,
+    }
+    with StoreWriter(
+        out,
+        source="ucf101",
+        obs_shape=(resolution, resolution, 3),
+        action_spec=ActionSpec.none(),
+        fps=NOMINAL_FPS / frame_skip,
+        episodes_per_shard=episodes_per_shard,
+        val_fraction=val_fraction,
+        test_fraction=0.0,
+        extra=extra,
+        merge=merge,
+    ) as writer:
         n_seen = 0
         bar = tqdm(items, desc=f"ucf101 fold {fold}", unit="clip", disable=not progress)
         for rel, list_split in bar:
@@ -140,8 +183,13 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, fold: int =
             n_seen += 1
             m = _NAME_RE.match(fname)
             if cls_dir.lower() not in label_of or m is None:
-                fail(report, str(lists), f"list entry {rel!r} is not '<Class>/v_<Class>_gXX_cYY.avi' with a class "
-                     "from classInd.txt", skip_corrupt)
+                fail(
+                    report,
+                    str(lists),
+                    f"list entry {rel!r} is not '<Class>/v_<Class>_gXX_cYY.avi' with a class "
+                    "from classInd.txt",
+                    skip_corrupt,
+                )
                 continue
             eid = episode_id(Path(fname).stem)
             if eid in done:
@@ -149,11 +197,20 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, fold: int =
                 continue
             path = on_disk.get(rel.lower())
             if path is None:
-                fail(report, str(videos / rel), "clip listed in the split file is missing on disk", skip_corrupt)
+                fail(
+                    report,
+                    str(videos / rel),
+                    "clip listed in the split file is missing on disk",
+                    skip_corrupt,
+                )
                 continue
             try:
-                video = decode_video(path, every=frame_skip, max_frames=max_frames,
-                                     transform=lambda fr: resize_center_crop(fr, resolution))
+                video = decode_video(
+                    path,
+                    every=frame_skip,
+                    max_frames=max_frames,
+                    transform=lambda fr: resize_center_crop(fr, resolution),
+                )
                 if len(video.frames) == 0:
                     raise VideoDecodeError(f"{path}: no frames decoded")
             except VideoDecodeError as e:
@@ -161,17 +218,33 @@ def convert(src: str | os.PathLike, out_store: str | os.PathLike, *, fold: int =
                 continue
             label = label_of[cls_dir.lower()]
             group = int(m.group("group"))
-            split = "test" if list_split == "test" else split_for_id(f"{class_names[label]}_g{group:02d}", val_fraction, 0.0)
-            writer.add_episode(np.ascontiguousarray(video.frames), split=split, episode_id=eid,
-                               attrs={"label": label, "label_name": class_names[label], "group": group,
-                                      "clip": int(m.group("clip")), "source_file": f"{class_names[label]}/{fname}",
-                                      "source_fps": video.fps, "frame_skip": frame_skip})
+            split = (
+                "test"
+                if list_split == "test"
+                else split_for_id(f"{class_names[label]}_g{group:02d}", val_fraction, 0.0)
+            )
+            writer.add_episode(
+                np.ascontiguousarray(video.frames),
+                split=split,
+                episode_id=eid,
+                attrs={
+                    "label": label,
+                    "label_name": class_names[label],
+                    "group": group,
+                    "clip": int(m.group("clip")),
+                    "source_file": f"{class_names[label]}/{fname}",
+                    "source_fps": video.fps,
+                    "frame_skip": frame_skip,
+                },
+            )
             report.add(split, len(video.frames))
             bar.set_postfix(episodes=report.converted)
     return report
 
 
-def download(dest: str | os.PathLike, *, dry_run: bool = False, progress: bool = True) -> list[tuple[str, Path]]:
+def download(
+    dest: str | os.PathLike, *, dry_run: bool = False, progress: bool = True
+) -> list[tuple[str, Path]]:
     """Fetch the UCF-101 rar (6.5 GB) and the split zip into ``dest`` (resumable); unpack the zip.
 
     The rar needs an external tool: if ``unrar``, ``7z`` or ``bsdtar`` is on PATH it is used,
@@ -189,13 +262,20 @@ def download(dest: str | os.PathLike, *, dry_run: bool = False, progress: bool =
     extract_once(zp, dest)  # redone unless a previous extraction completed (marker file)
     rar_done = dest / f".{rar.name}.extracted"
     if not rar_done.exists():
-        for tool, args in (("unrar", ["x", "-o+", str(rar), str(dest) + os.sep]), ("7z", ["x", "-y", f"-o{dest}", str(rar)]),
-                           ("bsdtar", ["-xf", str(rar), "-C", str(dest)])):
+        for tool, args in (
+            ("unrar", ["x", "-o+", str(rar), str(dest) + os.sep]),
+            ("7z", ["x", "-y", f"-o{dest}", str(rar)]),
+            ("bsdtar", ["-xf", str(rar), "-C", str(dest)]),
+        ):
             if which(tool):
                 subprocess.run([tool, *args], check=True)
-                rar_done.write_text(f"{rar.name}\n")  # only after the tool finished: a partial unpack is redone
+                rar_done.write_text(
+                    f"{rar.name}\n"
+                )  # only after the tool finished: a partial unpack is redone
                 break
         else:
-            raise SourceError(f"{rar}: downloaded; unpack it with `unrar x {rar} {dest}` (apt-get install unrar-free "
-                              "or 7zip), then run the conversion")
+            raise SourceError(
+                f"{rar}: downloaded; unpack it with `unrar x {rar} {dest}` (apt-get install unrar-free "
+                "or 7zip), then run the conversion"
+            )
     return plan
