@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from envs.gym_source import is_gym_env
 from envs.real import check_real_env, make_real_env_fn, recorded_settings, store_action_spec
-from envs.vizdoom import action_names
+from envs.vizdoom import action_names, exit_if_terminated
 from worldmodel.random_policy import StickyRandomBoxPolicy, StickyRandomPolicy
 from worldmodel.store import STORE_JSON, ActionSpec, EpisodeStore, StoreWriter
 
@@ -214,6 +214,7 @@ def collect(
         ]
         fresh = np.zeros(num_envs, bool)  # NEXT_STEP autoreset: this step's obs starts a new episode
         while finished < todo:
+            exit_if_terminated()  # a SIGTERM whose SystemExit was dropped (it hit a finalizer) still ends the run
             actions = act(obs)
             obs, rew, term, trunc, _ = venv.step(actions)
             stored = (

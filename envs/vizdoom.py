@@ -320,8 +320,20 @@ def _close_game(game: vzd.DoomGame) -> None:
         pass
 
 
+_terminated: list[int] = []  # the SIGTERM received, if any (see exit_if_terminated)
+
+
 def _sigterm_to_system_exit(signum: int, frame: Any) -> None:
+    _terminated.append(signum)
     raise SystemExit(128 + signum)
+
+
+def exit_if_terminated() -> None:
+    """Raise ``SystemExit(128 + SIGTERM)`` if a SIGTERM arrived. The handler raises it at once, but when the
+    signal lands while Python runs a finalizer or ``__del__`` the exception is printed and dropped, and the
+    run would go on to finish with exit code 0; long loops call this once per step so that a SIGTERM is never lost."""
+    if _terminated:
+        raise SystemExit(128 + _terminated[0])
 
 
 def sigterm_exits() -> None:
