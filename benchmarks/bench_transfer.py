@@ -30,7 +30,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from envs.controller import CMAESConfig, LinearController, train_cmaes
+from envs.controller import CMAESConfig, LinearController, cmaes_agent_steps, train_cmaes
 from envs.dream import DreamVectorEnv, load_world_model
 from envs.policy import real_env_kwargs
 from envs.real import check_real_env, make_real_env_fn
@@ -208,7 +208,7 @@ def main() -> None:
         t0 = time.process_time()
         ctrl, hist = train_cmaes(wm, dream, cfg, seed=s)
         train_min = (time.process_time() - t0) / 60
-        steps = int(sum(h["mean_length"] for h in hist) * cfg.popsize * cfg.episodes)
+        steps = cmaes_agent_steps(hist, cfg)
         t0 = time.process_time()
         by_view = {
             v: _stats(
@@ -256,7 +256,7 @@ def main() -> None:
         out["real_trained"] = {
             "seed": args.seeds[0],
             "real": _stats(r),
-            "real_agent_steps": int(sum(h["mean_length"] for h in hist) * cfg.popsize * cfg.episodes),
+            "real_agent_steps": cmaes_agent_steps(hist, cfg),
             "cpu_minutes": round((time.process_time() - t0) / 60, 2),
         }
         out["dream_over_real_trained"] = round(float(reals.mean() / max(r.mean(), 1e-9)), 3)

@@ -5,6 +5,12 @@ Several env processes step in a Gymnasium ``AsyncVectorEnv``; each finished epis
 after a kill counts the episodes already stored and collects only the rest, so the store ends with
 exactly the requested number: episodes that were in flight or buffered at the kill are dropped
 whole, never half-written or duplicated.
+
+The acting policy is sticky random actions, a saved SB3 policy file, a World Models controller directory
+(:mod:`envs.controller`; read with the world-model bundle it was trained in), or any callable; with
+``epsilon > 0`` each env takes a uniform random action instead of the policy's with that probability per
+step (the exploration of "the policy collects" rounds, :mod:`envs.mbrl`). Every episode records the policy's
+name, its kind and ``epsilon`` in its attrs.
 """
 
 from __future__ import annotations
@@ -27,7 +33,13 @@ from worldmodel.store import STORE_JSON, ActionSpec, EpisodeStore, StoreWriter
 
 Policy = Callable[[np.ndarray], np.ndarray]
 """Maps a batch of observations uint8 ``(N, H, W, 3)`` to actions of the env's (exposed) action space: int64
-``(N,)`` for discrete actions, float32 ``(N, dim)`` in [-1, 1] for a ``gym:`` env's Box."""
+``(N,)`` for discrete actions, float32 ``(N, dim)`` in [-1, 1] for a ``gym:`` env's Box. A policy with memory
+(e.g. :class:`envs.controller.LinearController`) may also have ``reset(rows)``: :func:`collect` calls it with
+``None`` before the first step and with the env rows (int array) whose observation starts a new episode."""
+
+POLICY_KINDS = ("random", "policy_file", "controller", "callable")
+"""``policy_kind`` attr of collected episodes: sticky random actions, an SB3 policy file, a controller
+directory, or a callable given by the caller."""
 
 
 class SB3Policy:
@@ -59,6 +71,84 @@ class SB3Policy:
         return a.astype(np.float32).reshape(len(obs), -1)
 
 
+class EpsilonRandom:
+    """``policy``, except that each env row takes a uniform random action instead with probability ``epsilon``
+    per step (drawn from its own generator seeded ``seed``: deterministic under the seed).
+
+    The wrapped policy still sees every frame and chooses every step (a controller's remembered previous action
+    is its own choice, not the random one that replaced it).
+    """
+
+    def __init__(self, policy: Policy, spec: ActionSpec, epsilon: float, seed: int) -> None:
+        self.policy, self.spec, self.epsilon = policy, spec, epsilon
+        self.rng = np.random.default_rng(seed)
+
+    def reset(self, rows: np.ndarray | None = None) -> None:
+        reset_policy(self.policy, rows)
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        a = np.asarray(self.policy(obs))
+        n = len(obs)
+        flip = self.rng.random(n) < self.epsilon  # (N,)
+        if self.spec.kind == "continuous":
+            rand = self.rng.uniform(-1.0, 1.0, (n, self.spec.dim)).astype(np.float32)
+            return np.where(flip[:, None], rand, a.reshape(n, -1)).astype(np.float32)
+        rand = self.rng.integers(0, self.spec.n, n)
+        return np.where(flip, rand, a.reshape(n)).astype(np.int64)
+
+
+def reset_policy(policy: Any, rows: np.ndarray | None) -> None:
+    """Tell a policy with memory (one with ``reset(rows)``) that ``rows`` start an episode (all rows when None)."""
+    reset = getattr(policy, "reset", None)
+    if callable(reset):
+        reset(rows)
+
+
+def load_collect_policy(
+    policy: str | Policy,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    trust_pickle: bool = False,
+) -> tuple[Policy | None, str, str]:
+    """Load the policy named by ``policy`` (before any engine starts: a bad one fails with nothing to clean up).
+
+    Returns ``(loaded policy or None for "random", name, kind)``; kind is one of :data:`POLICY_KINDS`. A
+    controller directory (``envs.controller.save_controller``) is read with the world-model bundle
+    ``checkpoint`` (required for one, refused for any other policy).
+    """
+    if not isinstance(policy, str):
+        if checkpoint is not None:
+            raise ValueError("checkpoint: only a controller directory given as policy reads the bundle")
+        return policy, "callable", "callable"
+    if policy == "random":
+        if checkpoint is not None:
+            raise ValueError("checkpoint: only a controller directory given as policy reads the bundle")
+        return None, "random", "random"
+    from envs.controller import is_controller  # the policy layer: loaded only for a policy that needs it
+
+    if is_controller(policy):
+        if checkpoint is None:
+            raise ValueError(
+                f"checkpoint: policy {policy!r} is a controller directory; loading it needs the world-model "
+                "bundle it was trained in (checkpoint=<bundle dir>, collect.py --checkpoint); got none"
+            )
+        from envs.controller import load_controller
+        from worldmodel.bundle import WorldModel
+
+        return load_controller(policy, WorldModel.from_pretrained(checkpoint)), policy, "controller"
+    if Path(policy).is_dir():
+        raise ValueError(
+            f"policy: {policy!r} is a directory without a controller.json; expected 'random', a policy file "
+            "(envs.policy.save_policy, .safetensors) or a controller directory (envs.controller.save_controller)"
+        )
+    if checkpoint is not None:
+        raise ValueError(
+            f"checkpoint: policy {policy!r} is a policy file, which does not read a bundle; "
+            "give checkpoint only with a controller directory"
+        )
+    return SB3Policy(policy, trust_pickle=trust_pickle), policy, "policy_file"
+
+
 @dataclass
 class CollectReport:
     store: Path
@@ -84,19 +174,31 @@ def _probe_gym_env(
 
 
 def _acting_policy(
-    policy: str | Policy,
     loaded: Policy | None,
     spec: ActionSpec,
     num_envs: int,
     mean_repeat: float,
     seed: int,
+    epsilon: float,
 ) -> Policy:
-    """The collection policy: sticky random actions (discrete or Box), a loaded policy file, or the callable given."""
-    if policy == "random" and spec.kind == "continuous":
-        return StickyRandomBoxPolicy(spec.dim, num_envs, mean_repeat, seed=seed)
-    if policy == "random":
-        return StickyRandomPolicy(spec.n, num_envs, mean_repeat, seed=seed)
-    return loaded if loaded is not None else policy  # type: ignore[return-value]
+    """The collection policy: sticky random actions (discrete or Box) when ``loaded`` is None, else ``loaded``
+    (a policy file, a controller or the callable given); with ``epsilon > 0`` wrapped in :class:`EpsilonRandom`."""
+    if loaded is None and spec.kind == "continuous":
+        act: Policy = StickyRandomBoxPolicy(spec.dim, num_envs, mean_repeat, seed=seed)
+    elif loaded is None:
+        act = StickyRandomPolicy(spec.n, num_envs, mean_repeat, seed=seed)
+    else:
+        act = loaded
+    # its own stream: the sticky random policy's draws stay as they were without epsilon
+    return EpsilonRandom(act, spec, epsilon, seed=seed + 7919) if epsilon > 0 else act
+
+
+def _check_counts(episodes: int, num_envs: int, epsilon: float) -> None:
+    """``ValueError`` naming the first of collect's counts (or epsilon) out of range."""
+    if episodes < 1 or num_envs < 1:
+        raise ValueError(f"episodes and num_envs must be >= 1, got episodes={episodes}, num_envs={num_envs}")
+    if not 0.0 <= epsilon <= 1.0:
+        raise ValueError(f"epsilon: got {epsilon}, expected a probability in [0, 1]")
 
 
 def collect(
@@ -114,6 +216,8 @@ def collect(
     asynchronous: bool = True,
     trust_pickle: bool = False,
     merge: bool = False,
+    epsilon: float = 0.0,
+    checkpoint: str | os.PathLike | None = None,
 ) -> CollectReport:
     """Collect ``episodes`` episodes of the real env ``env`` into the store at ``out``.
 
@@ -123,7 +227,8 @@ def collect(
         out: store directory; if it already holds episodes, only the missing ones are collected.
         episodes: total number of episodes the store should hold at the end.
         policy: ``"random"`` (sticky random actions), the path of a policy file (``envs.policy.save_policy``),
-            or a callable ``obs (N,H,W,3) -> actions (N,)``.
+            a controller directory (``envs.controller.save_controller``; needs ``checkpoint``), or a callable
+            ``obs (N,H,W,3) -> actions (N,)`` (:data:`Policy`; one with ``reset(rows)`` is told of episode starts).
         num_envs: env processes stepping in parallel.
         seed: base seed; a resumed run offsets it by the number of stored episodes.
         mean_repeat: mean number of steps a random action is held.
@@ -139,17 +244,21 @@ def collect(
             code it holds; only for zips of trusted origin.
         merge: append to a store collected with other settings (``env``, ``env_kwargs``); without it that
             is a :class:`~worldmodel.store.StoreError` naming the differing keys.
+        epsilon: probability in [0, 1], per env and step, of a uniform random action instead of the policy's
+            (:class:`EpsilonRandom`; deterministic under ``seed``). Episodes record it (attr ``epsilon``).
+        checkpoint: the world-model bundle a controller directory given as ``policy`` reads frames with
+            (its tokenizer, for token features); only with a controller.
+
+    Each episode's attrs record ``policy`` (``"random"``, the path given, or ``"callable"``), ``policy_kind``
+    (one of :data:`POLICY_KINDS`) and ``epsilon``.
     """
     check_real_env(env)
-    if episodes < 1 or num_envs < 1:
-        raise ValueError(f"episodes and num_envs must be >= 1, got episodes={episodes}, num_envs={num_envs}")
+    _check_counts(episodes, num_envs, epsilon)
     env_kwargs = dict(env_kwargs or {})
     out = Path(out)
-    # load a policy file before any engine starts: a bad file fails here, with no process to clean up
-    loaded = (
-        SB3Policy(policy, trust_pickle=trust_pickle)
-        if isinstance(policy, str) and policy != "random"
-        else None
+    # load a policy file or controller before any engine starts: a bad one fails here, with no process to clean up
+    loaded, policy_name, policy_kind = load_collect_policy(
+        policy, checkpoint=checkpoint, trust_pickle=trust_pickle
     )
     to_store = None
     if is_gym_env(env):  # a gym env runs in-process anyway: its effective settings come from a probe
@@ -198,17 +307,17 @@ def collect(
             extra={"env": env, "env_kwargs": recorded, **described},
             merge=merge,
         )
-        policy_name = (
-            policy if isinstance(policy, str) else "callable"
-        )  # per episode: a store may grow under several
+        # per episode: a store may grow under several policies
+        attrs = {"policy": policy_name, "policy_kind": policy_kind, "epsilon": float(epsilon)}
         present = report.already_present = writer.num_episodes
         if present >= episodes:
             return report
         todo = episodes - present
         run_seed = seed + 100_003 * present  # a resumed run must not replay the episodes it already stored
-        act = _acting_policy(policy, loaded, spec, num_envs, mean_repeat, run_seed)
+        act = _acting_policy(loaded, spec, num_envs, mean_repeat, run_seed, epsilon)
         bar = tqdm(total=episodes, initial=present, desc=f"collect {env}", unit="ep", disable=not progress)
         obs, _ = venv.reset(seed=run_seed)
+        reset_policy(act, None)
         buf: list[dict[str, list]] = [
             {"frames": [o], "actions": [], "rewards": [], "terminated": []} for o in obs
         ]
@@ -238,12 +347,14 @@ def collect(
                         np.array(b["rewards"], np.float32),
                         np.array(b["terminated"], bool),
                         truncated=bool(trunc[i]) and not bool(term[i]),
-                        attrs={"policy": policy_name},
+                        attrs=attrs,
                     )
                     report.returns.append(float(np.sum(b["rewards"])))
                     report.lengths.append(len(b["frames"]))
                     finished += 1
                     bar.update(1)
+            if fresh.any():  # these rows' observations start episodes: a policy with memory forgets the last
+                reset_policy(act, np.flatnonzero(fresh))
             fresh = term | trunc
     except BaseException:
         clean = False

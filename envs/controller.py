@@ -37,6 +37,7 @@ import torch
 from gymnasium.vector import VectorEnv
 from safetensors.torch import load_file, save_file
 
+from envs.dream import DreamVectorEnv
 from worldmodel.atomic import atomic_file, write_json
 from worldmodel.bundle import WorldModel
 from worldmodel.store import EpisodeStore
@@ -293,6 +294,11 @@ class LinearController:
         """Actions (N,) int64 for frames uint8 (N, H, W, 3); remembers this frame and action."""
         return self.choose(self.scores(obs))
 
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        """:meth:`act`: a controller is a collection policy (``envs.collect.Policy``; collect calls :meth:`reset`
+        with the rows whose episode starts)."""
+        return self.act(obs)
+
     def predict(
         self,
         obs: np.ndarray,
@@ -452,6 +458,36 @@ def train_cmaes(
         if log is not None:
             log(row)
     return LinearController(ccfg, feats, np.asarray(es.mean)), history
+
+
+def train_cmaes_in_dream(
+    wm: WorldModel,
+    cfg: CMAESConfig,
+    *,
+    seed: int = 0,
+    log: Callable[[dict[str, float]], None] | None = None,
+    **dream_kw: Any,
+) -> tuple[LinearController, list[dict[str, float]]]:
+    """:func:`train_cmaes` in the batched dream of ``wm``: a :class:`~envs.dream.DreamVectorEnv` of
+    ``popsize × episodes`` rows whose episodes are truncated at ``cfg.max_episode_steps`` steps.
+
+    ``dream_kw``: the dream's sampling options (``temperature``, ``top_k``, ``context_frames``, ``termination``,
+    ``termination_threshold``, ``decode``, ``maskgit_steps``; :class:`~envs.dream.DreamVectorEnv`).
+    Returns the controller and the log of each generation, as :func:`train_cmaes`.
+    """
+    venv = DreamVectorEnv(
+        cfg.popsize * cfg.episodes, world_model=wm, max_episode_steps=cfg.max_episode_steps, **dream_kw
+    )
+    try:
+        return train_cmaes(wm, venv, cfg, seed=seed, log=log)
+    finally:
+        venv.close()
+
+
+def cmaes_agent_steps(history: list[dict[str, float]], cfg: CMAESConfig) -> int:
+    """Agent steps (env steps summed over rows, each row counted until its episode ended) that a
+    :func:`train_cmaes` run with ``cfg`` took, from its per-generation log ``history``."""
+    return round(sum(h["mean_length"] for h in history) * cfg.popsize * cfg.episodes)
 
 
 def save_controller(policy: LinearController, path: str | Path, extra: dict[str, Any] | None = None) -> Path:

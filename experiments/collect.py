@@ -6,10 +6,18 @@ Examples:
     python experiments/collect.py --env gym:ALE/Pong-v5 --episodes 20                       # -> data/gym-ALE-Pong-v5
     python experiments/collect.py --env gym:CarRacing-v3 --episodes 20 --max-episode-steps 250
     python experiments/collect.py --env gym:MyEnv-v0 --env-module my_package --pixels key:camera
+    python experiments/collect.py --env vizdoom_take_cover --episodes 300 --out runs/vizdoom_take_cover-tiny/data \
+        --policy runs/vizdoom_take_cover-tiny/policies/cmaes_dream --checkpoint runs/vizdoom_take_cover-tiny \
+        --epsilon 0.2 --merge                  # a dream-trained controller plays, 20 % random actions
 
 ``--env gym:<ID>`` collects any Gymnasium env with pixels (an image observation, an image entry of a Dict
 observation, or render_mode='rgb_array'; envs/gym_source.py); the store records the env id, the gym.make
 kwargs and the wrapper settings, so a policy trained in its dream is later scored in the same real env.
+
+``--policy`` is ``random``, a policy file (train_policy.py --algo ppo) or a controller directory
+(train_policy.py --algo cmaes; it reads frames with its world-model bundle: give ``--checkpoint``). ``--epsilon``
+replaces the policy's action by a uniform random one with that probability per step. Each episode records
+the policy, its kind and epsilon in its attrs.
 """
 
 from __future__ import annotations
@@ -40,7 +48,14 @@ class Args:
     """Episode store directory (created, or appended to when it exists; default: data/<env>, the store
     experiments/train.py reads, with ':' and '/' of gym: ids as '-')."""
     policy: str = "random"
-    """'random' (sticky random actions) or the path of a policy file (train_policy.py's .safetensors)."""
+    """'random' (sticky random actions), the path of a policy file (train_policy.py's .safetensors) or a
+    controller directory (train_policy.py --algo cmaes; needs --checkpoint)."""
+    checkpoint: str | None = None
+    """World-model bundle directory a controller directory given as --policy reads frames with (required for a
+    controller, refused with any other policy)."""
+    epsilon: float = 0.0
+    """Probability per env step of a uniform random action instead of the policy's (0..1; deterministic under
+    --seed)."""
     trust_pickle: bool = False
     """Also accept an SB3 PPO .zip as --policy. Loading a zip unpickles it: it RUNS ANY CODE the file holds.
     Only for zips of trusted origin."""
@@ -95,6 +110,8 @@ def main(args: Args) -> None:
             env_kwargs=env_kwargs,
             trust_pickle=args.trust_pickle,
             merge=args.merge,
+            epsilon=args.epsilon,
+            checkpoint=args.checkpoint,
         )
     except (FileNotFoundError, ImportError, ValueError, StoreError) as e:
         sys.exit(f"error: {e}")

@@ -32,8 +32,8 @@ import torch
 import tyro
 
 from envs.callbacks import LockstepVideoCallback
-from envs.controller import CMAESConfig, save_controller, train_cmaes
-from envs.dream import DreamVectorEnv, load_world_model
+from envs.controller import CMAESConfig, save_controller, train_cmaes_in_dream
+from envs.dream import load_world_model
 from envs.follow import has_real_env, make_bundle_real_env
 from envs.policy import PPOConfig, real_env_kwargs, save_policy, score_dream, score_real, train_ppo
 from envs.real import is_real_env
@@ -174,10 +174,6 @@ def main(args: Args) -> dict:
         )
         out = save_policy(model, args.out or run / "policies" / "ppo_dream.safetensors")
     else:
-        c = args.cmaes
-        evo_env = DreamVectorEnv(
-            c.popsize * c.episodes, world_model=wm, max_episode_steps=c.max_episode_steps, **dream_kw
-        )
 
         def log(row: dict[str, float]) -> None:
             if args.progress:
@@ -186,7 +182,7 @@ def main(args: Args) -> dict:
                     f"length {row['mean_length']:5.1f}  sigma {row['sigma']:.3f}  ({row['seconds']:.1f} s)"
                 )
 
-        model, history = train_cmaes(wm, evo_env, c, seed=args.seed, log=log)
+        model, history = train_cmaes_in_dream(wm, args.cmaes, seed=args.seed, log=log, **dream_kw)
         out = save_controller(model, args.out or run / "policies" / "cmaes_dream", {"history": history})
         venv = DreamVecEnv(
             args.num_envs, world_model=wm, max_episode_steps=args.max_episode_steps, **dream_kw
