@@ -1,29 +1,35 @@
 """Model-based RL loop: collect real data with the current policy -> update the world model ->
-train PPO in the batched dream -> score it in the real env; repeat.
+train a policy in the batched dream (PPO or World Models' CMA-ES controller) -> score it in the real env; repeat.
 
 One iteration ``k`` (0-based) of :func:`run_mbrl`:
 
 1. collect ``episodes_per_iteration`` real episodes into the store (iteration 0: sticky random
-   actions; later: the current PPO policy, stochastic);
+   actions; later: the current policy -- PPO's, stochastic; or the previous round's controller, with
+   ``collect_epsilon`` uniform random actions);
 2. continue the world model on the grown store: the tokenizer is trained once (its preset budget)
    and optionally continued for ``tokenizer_steps_per_iteration`` more steps per later iteration;
    the token cache is re-encoded (it is keyed to the tokenizer's weights and the store's size); the
    prior resumes from its checkpoint for ``prior_steps_per_iteration`` more steps. The training
    step counter continues, so iteration k trains up to ``preset steps + k * per-iteration steps``;
-3. continue the same PPO model for ``ppo_steps_per_iteration`` steps in the batched dream of the
-   updated model (reward-normalisation statistics carried over);
+3. the learner (``algo``), in the batched dream of the updated model sampled at ``temperature``:
+   ``"ppo"`` continues the same PPO model for ``ppo_steps_per_iteration`` steps (reward-normalisation
+   statistics carried over); ``"cmaes"`` evolves a fresh :class:`~envs.controller.LinearController` with
+   CMA-ES (``cmaes``; seed ``seed + k``; :func:`envs.controller.train_cmaes_in_dream`);
 4. score the policy in the real env and in the dream (``eval_episodes`` each).
 
 At the end the loop's policy is compared with a uniform random policy and with PPO trained
 directly in the real env for as many real steps as the loop consumed (the sample-efficiency
-question a world model has to answer). "Real env steps" are the transitions the loop added to the
-store -- what the world model learnt from; evaluation episodes are the measurement (every method is
-scored on the same episodes) and are not counted.
+question a world model has to answer; with ``algo="cmaes"`` too: a CMA-ES controller evolved in the real
+env is not offered, as its population needs ``popsize × episodes`` engines at once). "Real env steps" are
+the transitions the loop added to the store -- what the world model learnt from; evaluation episodes are
+the measurement (every method is scored on the same episodes) and are not counted.
 
-Files in the run directory: ``mbrl.csv`` (one row per iteration, rewritten atomically),
-TensorBoard scalars under ``tb_mbrl/`` (PPO's own curves under ``tb_mbrl/PPO_0``),
-``policies/mbrl-iterNNN.safetensors`` (the policy after each iteration), ``policies/ppo_mbrl.safetensors`` (final;
-policy files of :mod:`envs.policy_file`: safetensors + JSON, no pickle),
+Files in the run directory: ``mbrl.csv`` (one row per iteration, rewritten atomically; ``ppo_timesteps`` is
+the learner's agent steps in the dream: PPO's cumulative timesteps, or for cmaes the steps the round's
+controller was evolved with), TensorBoard scalars under ``tb_mbrl/`` (PPO's own curves under ``tb_mbrl/PPO_0``),
+the policy after each iteration: ``policies/mbrl-iterNNN.safetensors`` (PPO; policy files of
+:mod:`envs.policy_file`: safetensors + JSON, no pickle; final copy ``policies/ppo_mbrl.safetensors``) or
+``policies/controller-iterNNN/`` (cmaes; :func:`envs.controller.save_controller`, with the generation log),
 ``mbrl_state.json`` (what a killed run resumes from) and ``mbrl_report.json`` (the final report).
 Re-running with the same run directory and budgets resumes after the last finished iteration;
 raising ``iterations`` continues a finished run.
@@ -39,7 +45,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from stable_baselines3 import PPO
@@ -49,6 +55,14 @@ from tqdm.auto import tqdm
 
 from envs.callbacks import DreamExploitWarning
 from envs.collect import collect
+from envs.controller import (
+    CMAESConfig,
+    LinearController,
+    cmaes_agent_steps,
+    is_controller,
+    save_controller,
+    train_cmaes_in_dream,
+)
 from envs.policy import PPOConfig, Score, real_vec_env, save_policy, score_dream, score_real
 from envs.policy_file import is_zip, load_algorithm, load_sb3_zip, resolve_in_dir
 from envs.real import is_real_env
@@ -117,11 +131,40 @@ class MBRLConfig:
     """Warn when the dream return exceeds this many times the real return (the policy may exploit the model)."""
     seed: int = 0
     """Seed of collection, PPO and evaluation episodes."""
+    algo: Literal["ppo", "cmaes"] = "ppo"
+    """Learner in the dream: PPO (continued across rounds) or a CMA-ES linear controller (a fresh one each round;
+    World Models' recipe). experiments/mbrl.py defaults to cmaes for vizdoom_take_cover (ENV_DEFAULTS)."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """PPO hyperparameters (used in the dream and by the direct baseline)."""
+    cmaes: CMAESConfig = field(default_factory=CMAESConfig)
+    """CMA-ES hyperparameters (algo cmaes); its max_episode_steps caps dream episodes during evolution."""
+    collect_epsilon: float = 0.2
+    """algo cmaes: probability per step of a uniform random action while the controller collects (rounds >= 1;
+    PPO's own policy is stochastic and collects without it)."""
+    temperature: float = 1.0
+    """Sampling temperature of the dream's frame tokens, for the learner and the dream scores (World Models
+    used 1.15 for Take Cover: a harder dream whose policy transfers better)."""
+
+    @classmethod
+    def for_env(cls, env: str, **overrides: Any) -> MBRLConfig:
+        """The defaults for real env ``env`` (:data:`ENV_DEFAULTS`), then ``overrides``."""
+        return cls(**{**ENV_DEFAULTS.get(env, {}), **overrides})
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first budget out of range."""
+        if self.algo not in ("ppo", "cmaes"):
+            raise ValueError(f"mbrl.algo: got {self.algo!r}, expected 'ppo' or 'cmaes'")
+        if not 0.0 <= self.collect_epsilon <= 1.0:
+            raise ValueError(
+                f"mbrl.collect_epsilon: got {self.collect_epsilon}, expected a probability in [0, 1]"
+            )
+        if not self.temperature > 0:
+            raise ValueError(f"mbrl.temperature: got {self.temperature}, expected > 0")
+        for name, lo in (("generations", 1), ("popsize", 2), ("episodes", 1), ("max_episode_steps", 1)):
+            if getattr(self.cmaes, name) < lo:
+                raise ValueError(
+                    f"mbrl.cmaes.{name}: got {getattr(self.cmaes, name)}, expected an integer >= {lo}"
+                )
         for name, lo in (
             ("iterations", 1),
             ("episodes_per_iteration", 1),
@@ -139,17 +182,28 @@ class MBRLConfig:
             raise ValueError(f"mbrl.exploit_factor: got {self.exploit_factor}, expected > 0")
 
 
-# The budgets that fix what each iteration trains to; a resumed run must keep them.
+ENV_DEFAULTS: dict[str, dict[str, Any]] = {
+    # CMA-ES in the dream is the learner measured best on Take Cover (README Results; train_policy.py --algo
+    # auto picks it too), at World Models' temperature
+    "vizdoom_take_cover": {"algo": "cmaes", "temperature": 1.15},
+}
+"""Per real env, the :class:`MBRLConfig` fields whose default differs (:meth:`MBRLConfig.for_env`)."""
+
+# The budgets that fix what each iteration trains to; a resumed run must keep them (the learner's own ones
+# only for its algo).
 _FIXED_BUDGETS = (
     "episodes_per_iteration",
     "tokenizer_steps_per_iteration",
     "prior_steps_per_iteration",
-    "ppo_steps_per_iteration",
     "num_envs",
     "max_episode_steps",
     "seed",
-    "ppo",
+    "algo",
+    "temperature",
 )
+_LEARNER_BUDGETS = {"ppo": ("ppo_steps_per_iteration", "ppo"), "cmaes": ("cmaes", "collect_epsilon")}
+# what a state written before a budget existed ran with
+_BUDGETS_BEFORE = {"algo": "ppo", "temperature": 1.0}
 
 
 def store_transitions(store: str | os.PathLike) -> int:
@@ -204,9 +258,10 @@ def _load_state(run: Path, cfg: ExperimentConfig, m: MBRLConfig) -> dict[str, An
         )
     now = _budgets(cfg, m)
     for k, v in now.items():
-        if state["budgets"].get(k) != v:
+        was = state["budgets"].get(k, _BUDGETS_BEFORE.get(k))
+        if was != v:
             raise ValueError(
-                f"run directory {run} holds an MBRL run with {k}={state['budgets'].get(k)!r}, but got "
+                f"run directory {run} holds an MBRL run with {k}={was!r}, but got "
                 f"{k}={v!r}; resume with the same budgets (only iterations, eval_episodes, "
                 f"direct_ppo_baseline, direct_ppo_envs and exploit_factor may change) or use a new run directory"
             )
@@ -214,7 +269,7 @@ def _load_state(run: Path, cfg: ExperimentConfig, m: MBRLConfig) -> dict[str, An
 
 
 def _budgets(cfg: ExperimentConfig, m: MBRLConfig) -> dict[str, Any]:
-    out = {k: asdict(m)[k] for k in _FIXED_BUDGETS}
+    out = {k: asdict(m)[k] for k in (*_FIXED_BUDGETS, *_LEARNER_BUDGETS[m.algo])}
     out.update(
         env=cfg.env,
         store=str(Path(cfg.data.store).resolve()),
@@ -237,6 +292,29 @@ def _score_from_row(row: dict[str, Any], prefix: str) -> dict[str, Any]:
     }
 
 
+def _dream_vec_env(wm: WorldModel, m: MBRLConfig) -> DreamVecEnv:
+    """``m.num_envs`` dream envs of ``wm`` at ``m.temperature``, episodes capped at ``m.max_episode_steps``: PPO's
+    training env and every learner's dream score."""
+    return DreamVecEnv(
+        m.num_envs, world_model=wm, max_episode_steps=m.max_episode_steps, temperature=m.temperature
+    )
+
+
+def _dream_cmaes(
+    wm: WorldModel, m: MBRLConfig, it: int, progress: bool
+) -> tuple[LinearController, list[dict]]:
+    """A fresh controller evolved in the dream of ``wm`` (seed ``m.seed + it``); returns it and its generation log."""
+
+    def log(row: dict[str, float]) -> None:
+        if progress:
+            print(
+                f"round {it} generation {row['generation']:3d}: mean {row['mean_return']:7.1f}  "
+                f"best {row['best_return']:7.1f}  sigma {row['sigma']:.3f}  ({row['seconds']:.1f} s)"
+            )
+
+    return train_cmaes_in_dream(wm, m.cmaes, seed=m.seed + it, log=log, temperature=m.temperature)
+
+
 def _dream_ppo(
     model: PPO | None,
     wm: WorldModel,
@@ -247,7 +325,7 @@ def _dream_ppo(
     progress: bool,
 ) -> tuple[PPO, DreamVecEnv, VecNormalize]:
     """Create (round 0) or continue the PPO model for ``m.ppo_steps_per_iteration`` steps in the dream of ``wm``."""
-    venv = DreamVecEnv(m.num_envs, world_model=wm, max_episode_steps=m.max_episode_steps)
+    venv = _dream_vec_env(wm, m)
     venv.seed(m.seed + it)
     # Rewards normalised by a running std of the discounted return, as in envs.policy.train_ppo (HGS
     # returns are in the hundreds); the statistics continue across rounds like the policy does.
@@ -288,6 +366,28 @@ def _load_loop_policy(run: Path, rel: str, trust_pickle: bool) -> PPO:
     return model
 
 
+def _loop_controller(run: Path, rel: str) -> Path:
+    """The controller directory named by the run state: a path inside ``run`` holding a controller."""
+    path = resolve_in_dir(run, rel, f"{run / STATE_FILE}: 'policy'")
+    if not is_controller(path):
+        raise FileNotFoundError(
+            f"{run / STATE_FILE}: 'policy' names {rel!r}, which is not a controller directory in {run}"
+        )
+    return path
+
+
+def _collect_args(run: Path, state: dict[str, Any], m: MBRLConfig, model: PPO | None) -> dict[str, Any]:
+    """collect()'s policy arguments for this round: random in round 0, then the loop's current policy."""
+    if m.algo == "cmaes":
+        if not state["policy"]:
+            return {"policy": "random"}
+        path = _loop_controller(run, state["policy"])
+        return {"policy": str(path), "checkpoint": run, "epsilon": m.collect_epsilon}
+    if model is None:
+        return {"policy": "random"}
+    return {"policy": lambda obs, mdl=model: mdl.predict(obs, deterministic=False)[0]}
+
+
 def run_mbrl(
     cfg: ExperimentConfig,
     run_dir: str | os.PathLike,
@@ -314,7 +414,7 @@ def run_mbrl(
             loading one unpickles it and runs any code it holds.
 
     Returns:
-        ``{"env", "iterations": [CSV rows], "real_env_steps", "mbrl": score, "random": score,
+        ``{"env", "algo", "iterations": [CSV rows], "real_env_steps", "mbrl": score, "random": score,
         "direct_ppo": score + "real_env_steps" (if enabled), "mbrl_vs_random", "mbrl_vs_direct_ppo",
         "minutes" (wall time of this call)}`` where a score is ``{"mean", "std", "mean_length", "episodes"}`` of real returns.
     """
@@ -346,7 +446,9 @@ def run_mbrl(
             "baselines": None,
         }
     rows: list[dict[str, Any]] = state["rows"]
-    model: PPO | None = _load_loop_policy(run, state["policy"], trust_pickle) if state["policy"] else None
+    model: PPO | None = (
+        _load_loop_policy(run, state["policy"], trust_pickle) if state["policy"] and m.algo == "ppo" else None
+    )
     writer = SummaryWriter(str(run / "tb_mbrl"))
     try:
         for it in range(len(rows), m.iterations):
@@ -354,16 +456,11 @@ def run_mbrl(
             # 1. real data from the current policy (round 0: sticky random actions); collect() tops the
             # store up to a total count, so a killed round resumes without duplicating episodes
             before = store_transitions(store)
-            policy: Any = (
-                "random"
-                if model is None
-                else (lambda obs, mdl=model: mdl.predict(obs, deterministic=False)[0])
-            )
             rep = collect(
                 cfg.env,
                 store,
                 state["base_episodes"] + m.episodes_per_iteration * (it + 1),
-                policy=policy,
+                **_collect_args(run, state, m, model),
                 seed=m.seed + 1000 * it,
                 env_kwargs={"resolution": H, **env_kwargs},
                 progress=progress,
@@ -386,11 +483,17 @@ def run_mbrl(
             )  # re-encodes: the store grew (or the tokenizer changed)
             train_prior(cfg_it, run, progress=progress)
             wm = WorldModel.from_pretrained(run)
-            # 3. PPO in the dream of the updated model (the same policy continues)
-            model, venv, norm = _dream_ppo(model, wm, m, it, run / "tb_mbrl", state["ret_rms"], progress)
+            # 3. the learner in the dream of the updated model (PPO continues; CMA-ES starts afresh)
+            policy: Any
+            if m.algo == "ppo":
+                model, venv, norm = _dream_ppo(model, wm, m, it, run / "tb_mbrl", state["ret_rms"], progress)
+                policy, agent_steps = model, int(model.num_timesteps)
+            else:
+                policy, history = _dream_cmaes(wm, m, it, progress)
+                venv, agent_steps = _dream_vec_env(wm, m), cmaes_agent_steps(history, m.cmaes)
             # 4. evaluate in reality and in the dream (the same seeds every round: comparable rows)
-            real = score_real(model, cfg.env, H, m.eval_episodes, seed=m.seed, **env_kwargs)
-            dream = score_dream(model, venv, m.eval_episodes, seed=m.seed)
+            real = score_real(policy, cfg.env, H, m.eval_episodes, seed=m.seed, **env_kwargs)
+            dream = score_dream(policy, venv, m.eval_episodes, seed=m.seed)
             venv.close()
             if dream.mean > m.exploit_factor * real.mean:
                 warnings.warn(
@@ -408,7 +511,7 @@ def run_mbrl(
                 "collect_return": float(np.mean(rep.returns)) if rep.returns else None,
                 "tokenizer_steps": tok_steps,
                 "prior_steps": prior_steps,
-                "ppo_timesteps": int(model.num_timesteps),
+                "ppo_timesteps": agent_steps,
                 "real_return": real.mean,
                 "real_return_std": real.std,
                 "real_length": real.mean_length,
@@ -419,16 +522,20 @@ def run_mbrl(
                 "eval_episodes": real.episodes,
                 "minutes": round((time.monotonic() - t0) / 60, 3),
             }
-            # the policy file first, then the state naming it: a kill in between repeats this round's PPO
+            # the policy file first, then the state naming it: a kill in between repeats this round's learner
             # from the previous policy instead of training it twice
-            state["policy"] = str(
-                save_policy(model, run / "policies" / f"mbrl-iter{it:03d}.safetensors").relative_to(run)
-            )
-            state["ret_rms"] = {
-                "mean": float(norm.ret_rms.mean),
-                "var": float(norm.ret_rms.var),
-                "count": float(norm.ret_rms.count),
-            }
+            if m.algo == "ppo":
+                saved = save_policy(model, run / "policies" / f"mbrl-iter{it:03d}.safetensors")
+                state["ret_rms"] = {
+                    "mean": float(norm.ret_rms.mean),
+                    "var": float(norm.ret_rms.var),
+                    "count": float(norm.ret_rms.count),
+                }
+            else:
+                saved = save_controller(
+                    policy, run / "policies" / f"controller-iter{it:03d}", {"round": it, "history": history}
+                )
+            state["policy"] = str(saved.relative_to(run))
             rows.append(row)
             _save_state(run, state)
             write_csv(run / CSV_FILE, rows)
@@ -442,8 +549,9 @@ def run_mbrl(
                     f"round {it}: {real_steps} real steps, real return {real.mean:.1f}, dream {dream.mean:.1f}, "
                     f"gap {dream.mean - real.mean:+.1f} ({row['minutes']:.1f} min)"
                 )
-        assert model is not None  # iterations >= 1
-        save_policy(model, run / "policies" / "ppo_mbrl.safetensors")
+        if m.algo == "ppo":
+            assert model is not None  # iterations >= 1
+            save_policy(model, run / "policies" / "ppo_mbrl.safetensors")
         report = _report(cfg, run, m, state, env_kwargs, progress)
         for k in ("random", "direct_ppo"):
             if k in report:
@@ -485,6 +593,7 @@ def _report(
         _save_state(run, state)
     report: dict[str, Any] = {
         "env": cfg.env,
+        "algo": m.algo,
         "iterations": rows,
         "real_env_steps": steps,
         "mbrl": _score_from_row(rows[-1], "real"),
