@@ -126,6 +126,26 @@ def tiny_bundle64(tmp_path_factory, hgs_store64) -> Path:
     return make_bundle(tiny_experiment(hgs_store64), tmp_path_factory.mktemp("bundle64") / "vizdoom_hgs-tiny")
 
 
+@pytest.fixture(scope="session")
+def tc_bundle(tmp_path_factory) -> Path:
+    """A vizdoom_take_cover bundle (random weights) over 6 short real Take Cover episodes at 32×32."""
+    from envs.collect import collect
+
+    root = tmp_path_factory.mktemp("take_cover")
+    collect(
+        "vizdoom_take_cover",
+        root / "store",
+        6,
+        num_envs=1,
+        asynchronous=False,
+        progress=False,
+        env_kwargs={"resolution": TINY_RES, "max_episode_steps": 16},
+    )
+    return make_bundle(
+        tiny_experiment(root / "store", name="vizdoom_take_cover"), root / "vizdoom_take_cover-tiny"
+    )
+
+
 def write_continuous_store(
     root: str | Path,
     *,

@@ -154,3 +154,101 @@ def test_resume_with_other_env_settings_is_refused_unless_merged(tmp_path):
         {"fps": 17.5, "extra.env_kwargs.frame_skip": "2"}
     ]  # 35 tics/s / 2
     assert {store.load(e).attrs["policy"] for e in store.episode_ids()} == {"random"}
+
+
+# ---------------------------------------------------------------------------------------------- controller policies
+
+
+def _alternating_controller(bundle: Path, out: Path) -> Path:
+    """A colour-key controller (Take Cover) that mostly alternates its action (it reads its previous action:
+    0.5 - a_{t-1}, so an episode that does not start with a clean memory shows) and also reads the frames."""
+    from envs.controller import (
+        CMAESConfig,
+        LinearController,
+        controller_config,
+        make_features,
+        save_controller,
+    )
+    from worldmodel.bundle import WorldModel
+
+    wm = WorldModel.from_pretrained(bundle)
+    ccfg = controller_config(wm, 2, CMAESConfig(features="color_keys", last_action=True, motion=False))
+    p = np.random.default_rng(0).normal(0, 0.3, ccfg.n_params).astype(np.float32)
+    p[-2], p[-1] = -1.0, 0.5
+    return save_controller(LinearController(ccfg, make_features(wm, ccfg), p), out)
+
+
+def _replayed_actions(ctrl_dir: Path, bundle: Path, frames: np.ndarray) -> np.ndarray:
+    """The controller's own actions on an episode's stored frames (a fresh memory at its first frame)."""
+    from envs.controller import load_controller
+    from worldmodel.bundle import WorldModel
+
+    ctrl = load_controller(ctrl_dir, WorldModel.from_pretrained(bundle))
+    return np.concatenate([ctrl.act(frames[t : t + 1]) for t in range(len(frames) - 1)])
+
+
+def test_collect_with_a_controller_follows_it_and_epsilon_replaces_its_actions(tc_bundle, tmp_path):
+    ctrl_dir = _alternating_controller(tc_bundle, tmp_path / "ctrl")
+    kw = {
+        "num_envs": 2,  # 3 episodes in 2 envs: one env starts a second episode (the controller's memory resets)
+        "asynchronous": False,
+        "progress": False,
+        "checkpoint": tc_bundle,
+        "env_kwargs": {"resolution": 32, "max_episode_steps": 12},
+    }
+    collect("vizdoom_take_cover", tmp_path / "s0", 3, policy=str(ctrl_dir), seed=3, **kw)
+    store = EpisodeStore(tmp_path / "s0")
+    for eid in store.episode_ids():
+        ep = store.load(eid)
+        assert ep.attrs["policy"] == str(ctrl_dir) and ep.attrs["policy_kind"] == "controller"
+        assert ep.attrs["epsilon"] == 0.0
+        np.testing.assert_array_equal(ep.actions, _replayed_actions(ctrl_dir, tc_bundle, ep.frames))
+
+    eps = 0.4
+    runs = []
+    for out in ("s1", "s2"):  # the same seed twice: the same random replacements
+        collect(
+            "vizdoom_take_cover",
+            tmp_path / out,
+            6,
+            policy=str(ctrl_dir),
+            seed=5,
+            epsilon=eps,
+            **{**kw, "env_kwargs": {"resolution": 32, "max_episode_steps": 40}},
+        )
+        st = EpisodeStore(tmp_path / out)
+        runs.append([st.load(e) for e in st.episode_ids()])
+    differ = total = 0
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a.actions, b.actions)
+        np.testing.assert_array_equal(a.frames, b.frames)
+        assert a.attrs["epsilon"] == eps and a.attrs["policy_kind"] == "controller"
+        differ += int((a.actions != _replayed_actions(ctrl_dir, tc_bundle, a.frames)).sum())
+        total += len(a.actions)
+    # a uniform random action of 2 differs from the controller's half the time: expected rate eps / 2
+    assert total >= 150 and 0.5 * eps / 2 < differ / total < 1.5 * eps / 2, (differ, total)
+
+
+def test_collect_controller_errors_name_the_argument(tc_bundle, tmp_path):
+    ctrl_dir = _alternating_controller(tc_bundle, tmp_path / "ctrl")
+    out = tmp_path / "s"
+    with pytest.raises(ValueError, match="checkpoint: policy .* is a controller directory"):
+        collect("vizdoom_take_cover", out, 1, policy=str(ctrl_dir), progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="without a controller.json; expected 'random', a policy file"):
+        collect("vizdoom_take_cover", out, 1, policy=str(tmp_path / "empty"), checkpoint=tc_bundle)
+    with pytest.raises(ValueError, match="checkpoint: only a controller"):
+        collect("vizdoom_take_cover", out, 1, checkpoint=tc_bundle)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"epsilon: got .*, expected a probability in \[0, 1\]"):
+            collect("vizdoom_take_cover", out, 1, epsilon=bad)
+    assert not out.exists()  # every error came before any engine or store
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "collect.py"), "--env", "vizdoom_take_cover"]
+        + ["--out", str(out), "--episodes", "1", "--policy", str(ctrl_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode != 0 and "error: checkpoint: policy" in res.stderr and "--checkpoint" in res.stderr
+    assert not out.exists()

@@ -25,31 +25,11 @@ from envs.controller import (
     save_controller,
     train_cmaes,
 )
-from tests.conftest import TINY_RES, make_bundle, tiny_experiment
+from tests.conftest import TINY_RES
 from worldmodel.bundle import WorldModel
 from worldmodel.store import EpisodeStore
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tc_bundle(tmp_path_factory):
-    """A vizdoom_take_cover bundle (random weights) over 6 short real Take Cover episodes at 32×32."""
-    from envs.collect import collect
-
-    root = tmp_path_factory.mktemp("take_cover")
-    collect(
-        "vizdoom_take_cover",
-        root / "store",
-        6,
-        num_envs=1,
-        asynchronous=False,
-        progress=False,
-        env_kwargs={"resolution": TINY_RES, "max_episode_steps": 16},
-    )
-    return make_bundle(
-        tiny_experiment(root / "store", name="vizdoom_take_cover"), root / "vizdoom_take_cover-tiny"
-    )
 
 
 class BrightnessEnv(gym.Env):
