@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import tyro
 
+from envs.controller import CMAESConfig, cmaes_agent_steps, is_controller
 from envs.mbrl import CSV_FIELDS, MBRLConfig, run_mbrl, store_transitions
 from envs.policy import PPOConfig
-from tests.conftest import tiny_experiment
+from tests.conftest import TINY_RES, tiny_experiment
 from worldmodel.checkpoint import trainer_state_path
 from worldmodel.store import EpisodeStore
 from worldmodel.token_cache import TOKENS_FILE, TokenCache
@@ -143,3 +145,84 @@ def test_resume_continues_world_model_and_policy(tmp_path, one_thread):
         assert [int(r["iteration"]) for r in csv.DictReader(fh)] == [0, 1]
     state = json.loads((run / "mbrl_state.json").read_text())
     assert state["policy"] == "policies/mbrl-iter001.safetensors" and (run / state["policy"]).exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*(no held-out episodes)")
+def test_cmaes_loop_saves_a_controller_per_round_and_resumes(tmp_path, one_thread):
+    """algo=cmaes on Take Cover: round 0 collects randomly and evolves controller-iter000; a second call with
+    iterations=2 (as after a kill) keeps round 0 and lets that controller collect round 1 with epsilon."""
+    run = tmp_path / "run"
+    cfg = tiny_experiment(tmp_path / "data", name="vizdoom_take_cover", steps=3)
+    cfg = replace(cfg, data=replace(cfg.data, resolution=TINY_RES))
+    m = MBRLConfig(
+        algo="cmaes",
+        iterations=1,
+        episodes_per_iteration=2,
+        prior_steps_per_iteration=2,
+        eval_episodes=1,
+        num_envs=2,
+        max_episode_steps=8,
+        direct_ppo_baseline=False,
+        cmaes=CMAESConfig(generations=2, popsize=4, episodes=1, max_episode_steps=6),
+        collect_epsilon=0.5,
+        temperature=1.15,
+    )
+    kw = {"max_episode_steps": 16}
+    first = run_mbrl(cfg, run, m, env_kwargs=kw, progress=False)
+    assert first["algo"] == "cmaes" and is_controller(run / "policies" / "controller-iter000")
+    assert json.loads((run / "mbrl_state.json").read_text())["policy"] == "policies/controller-iter000"
+
+    with pytest.raises(ValueError, match="collect_epsilon"):
+        run_mbrl(cfg, run, replace(m, iterations=2, collect_epsilon=0.1), env_kwargs=kw, progress=False)
+    with pytest.raises(ValueError, match="algo"):
+        run_mbrl(cfg, run, replace(m, iterations=2, algo="ppo"), env_kwargs=kw, progress=False)
+
+    second = run_mbrl(cfg, run, replace(m, iterations=2), env_kwargs=kw, progress=False)
+    r0, r1 = second["iterations"]
+    assert r0 == first["iterations"][0]  # not redone
+    assert is_controller(run / "policies" / "controller-iter001")
+    assert json.loads((run / "mbrl_state.json").read_text())["policy"] == "policies/controller-iter001"
+    store = EpisodeStore(cfg.data.store)
+    assert len(store) == r1["episodes"] == 4 and r1["new_real_steps"] > 0
+    attrs = [store.load(e).attrs for e in store.episode_ids()]
+    assert [a["policy_kind"] for a in attrs].count("random") == 2  # round 0
+    by_ctrl = [a for a in attrs if a["policy_kind"] == "controller"]
+    assert len(by_ctrl) == 2 and all(a["epsilon"] == 0.5 for a in by_ctrl)
+    assert all(Path(a["policy"]) == run / "policies" / "controller-iter000" for a in by_ctrl)
+    assert r1["prior_steps"] == 3 + 2 and trained_steps(run, "prior") == 5
+    # ppo_timesteps: the agent steps the round's controller was evolved with (popsize x episodes rows, <= 6 steps)
+    for it, row in enumerate((r0, r1)):
+        meta = json.loads((run / "policies" / f"controller-iter{it:03d}" / "controller.json").read_text())
+        assert meta["round"] == it and len(meta["history"]) == 2
+        assert row["ppo_timesteps"] == cmaes_agent_steps(meta["history"], m.cmaes)
+        assert 0 < row["ppo_timesteps"] <= 2 * 4 * 6
+    assert not (run / "policies" / "ppo_mbrl.safetensors").exists()
+    with (run / "mbrl.csv").open() as fh:
+        assert [int(r["iteration"]) for r in csv.DictReader(fh)] == [0, 1]
+
+
+def test_take_cover_defaults_to_cmaes_unless_the_flags_say_otherwise(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mbrl_cli", ROOT / "experiments" / "mbrl.py")
+    cli = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "mbrl_cli", cli)  # its dataclasses look their module up
+    spec.loader.exec_module(cli)
+
+    def parse(*argv: str) -> MBRLConfig:
+        return tyro.cli(cli.Args, default=cli.default_args(list(argv)), args=list(argv)).mbrl
+
+    assert MBRLConfig().algo == "ppo" and MBRLConfig().temperature == 1.0
+    tc = parse("--env", "vizdoom_take_cover")
+    assert (tc.algo, tc.temperature, tc.collect_epsilon) == ("cmaes", 1.15, 0.2)
+    assert (parse("--env=vizdoom_take_cover", "--mbrl.algo", "ppo").algo) == "ppo"
+    assert parse("--env", "vizdoom_take_cover", "--mbrl.temperature", "1.0").temperature == 1.0
+    assert (parse("--env", "vizdoom_hgs").algo, parse().algo) == ("ppo", "ppo")
+    for bad, match in (
+        ({"algo": "sac"}, "mbrl.algo: got 'sac', expected 'ppo' or 'cmaes'"),
+        ({"collect_epsilon": 2.0}, r"mbrl.collect_epsilon: got 2.0, expected a probability in \[0, 1\]"),
+        ({"temperature": 0.0}, "mbrl.temperature"),
+        ({"cmaes": CMAESConfig(popsize=1)}, "mbrl.cmaes.popsize"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            MBRLConfig(**bad).validate()
