@@ -100,7 +100,9 @@ CSV_FIELDS = (
 """Columns of ``mbrl.csv``: real/dream returns are means over ``eval_episodes`` episodes; ``gap`` is
 dream minus real; ``real_env_steps`` the store's transitions after collection (cumulative);
 ``collect_return`` the mean return of the episodes collected this iteration (the behaviour policy;
-empty when a resumed iteration found them already collected)."""
+empty when a resumed iteration found them already collected); ``ppo_timesteps`` the learner's agent steps in
+the dream (PPO: cumulative timesteps of the continued model; cmaes: the steps the round's fresh controller was
+evolved with, :func:`envs.controller.cmaes_agent_steps`)."""
 
 
 @dataclass
@@ -108,7 +110,7 @@ class MBRLConfig:
     """Budgets of the loop (every one a CLI flag in experiments/mbrl.py)."""
 
     iterations: int = 3
-    """Collect -> update -> PPO -> evaluate rounds (raise it to continue a finished run)."""
+    """Collect -> update -> learner in the dream -> evaluate rounds (raise it to continue a finished run)."""
     episodes_per_iteration: int = 100
     """Real episodes collected per round (round 0 with sticky random actions)."""
     tokenizer_steps_per_iteration: int = 0
@@ -116,11 +118,11 @@ class MBRLConfig:
     prior_steps_per_iteration: int = 1000
     """Extra prior optimizer steps per round after the first (round 0 trains the preset's budget)."""
     ppo_steps_per_iteration: int = 10_000
-    """Dream env steps of PPO per round (the same PPO model continues across rounds)."""
+    """Dream env steps of PPO per round (the same PPO model continues across rounds; algo ppo)."""
     eval_episodes: int = 10
     """Real (and dream) episodes per evaluation."""
     num_envs: int = 16
-    """Dream envs stepped together by PPO."""
+    """Dream envs stepped together by PPO, and by the dream scores of either learner."""
     max_episode_steps: int = 525
     """Dream episode time limit, in env steps (525 = HGS's real 2100-tic timeout at frame skip 4)."""
     direct_ppo_baseline: bool = True
