@@ -75,6 +75,14 @@ class TokenizerConfig:
     """Temporal convs pad from the past only and temporal attention is masked."""
     max_frames: int = 16
     """Largest clip length seen by the temporal position embedding."""
+    res_channels: int = 0
+    """Width of the residual blocks' inner 3x3x3 conv (0 = ``channels // 2``; the paper's configs: 128)."""
+    paper_layers: bool = False
+    """The paper code's layer details (wilson1yan/VideoGPT-Paper ``layers/vqvae.py``): a 3x3x3 conv after the
+    downsampling stack, a 3x3x3 (not 1x1x1) decoder input conv, kernel 4 on every axis of every resampling layer
+    (also where that layer keeps an axis), the decoder upsampling all halved axes first, bias-free residual
+    convs, and one broadcast position embedding (T', h, w; ``channels / 3`` each, concatenated) shared by every
+    axial-attention block of encoder and decoder. False: our layers (see docs/ARCHITECTURE.md)."""
     # -- training objective (not geometry: the bundle's encode/decode never read these) ------------
     recon_loss: Literal["mse", "l1", "l1+mse"] = "mse"
     """Pixel reconstruction term: ``mse`` (the paper's: MSE / data variance), ``l1`` (mean absolute error /
