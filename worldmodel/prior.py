@@ -51,14 +51,15 @@ class CondLayerNorm(nn.Module):
     """LayerNorm whose gain and bias are affine functions of a condition vector (zero-initialised,
     so training starts from a plain LayerNorm)."""
 
-    def __init__(self, dim: int, cond_dim: int | None) -> None:
+    def __init__(self, dim: int, cond_dim: int | None, bias: bool = True) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.to_gain_bias = None
         if cond_dim:
-            self.to_gain_bias = nn.Linear(cond_dim, 2 * dim)
+            self.to_gain_bias = nn.Linear(cond_dim, 2 * dim, bias=bias)  # the paper's affine_norm: no bias
             nn.init.zeros_(self.to_gain_bias.weight)
-            nn.init.zeros_(self.to_gain_bias.bias)
+            if bias:
+                nn.init.zeros_(self.to_gain_bias.bias)
 
     def gain_bias(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(1 + gain, bias)`` for a condition (..., cond_dim); precompute once per frame when generating."""
@@ -279,6 +280,20 @@ class SigmoidGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+class FixedEmbedding(nn.Module):
+    """A fixed (not learned) map into a condition vector of size ``dim`` at ``offset``: index i -> the unit vector
+    e_{offset+i} (one-hot), or, ``continuous``, the (..., n) vector itself placed at ``offset``."""
+
+    def __init__(self, n: int, dim: int, offset: int, continuous: bool = False) -> None:
+        super().__init__()
+        self.n, self.dim, self.offset, self.continuous = n, dim, offset, continuous
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (...,) int64 or (..., n) float -> (..., dim)
+        if self.continuous:
+            return F.pad(x.float(), (self.offset, self.dim - self.offset - self.n))
+        return F.one_hot(x.long() + self.offset, self.dim).float()
+
+
 class CodeEmbedding(nn.Module):
     """The paper's prior input (``fc_in``): a token's code vector from the tokenizer's codebook (a frozen copy,
     (V, D), loaded by :meth:`set_codes`) through a bias-free linear layer D -> C.
@@ -317,11 +332,11 @@ class Block(nn.Module):
         self, cfg: PriorConfig, cond_dim: int | None, sparse: StridedSparsePattern | None = None
     ) -> None:
         super().__init__()
-        self.ln1 = CondLayerNorm(cfg.n_embd, cond_dim)
+        self.ln1 = CondLayerNorm(cfg.n_embd, cond_dim, bias=not cfg.paper_layers)
         self.attn = SelfAttention(cfg, sparse)
         self.ln_x = nn.LayerNorm(cfg.n_embd) if cfg.n_cond_frames else None
         self.xattn = CrossAttention(cfg) if cfg.n_cond_frames else None
-        self.ln2 = CondLayerNorm(cfg.n_embd, cond_dim)
+        self.ln2 = CondLayerNorm(cfg.n_embd, cond_dim, bias=not cfg.paper_layers)
         self.mlp = nn.Sequential(
             nn.Linear(cfg.n_embd, 4 * cfg.n_embd),
             SigmoidGELU() if cfg.paper_layers else nn.GELU(),
@@ -432,14 +447,8 @@ class Prior(nn.Module):
         self.pos_h = nn.Parameter(torch.zeros(cfg.tokens_h, C))
         self.pos_w = nn.Parameter(torch.zeros(cfg.tokens_w, C))
         self.slot_emb = nn.Parameter(torch.zeros(C))
-        self.start_emb = nn.Parameter(torch.zeros(C))  # the condition of block 0 (no previous action)
-        if cfg.action_kind == "discrete":
-            self.act_emb: nn.Module | None = nn.Embedding(cfg.n_actions, C)
-        elif cfg.action_kind == "continuous":
-            self.act_emb = nn.Linear(cfg.action_dim, C)
-        else:
-            self.act_emb = None
-        self.class_emb = nn.Embedding(cfg.n_classes, C) if cfg.n_classes else None
+        # the condition vector of each block (size d_cond): learned embeddings, or the paper's fixed vector
+        d_cond = self._paper_condition(cfg) if cfg.paper_layers else self._our_condition(cfg)
         self.cond_encoder = FrameCondEncoder(cfg) if cfg.n_cond_frames else None
         k = cfg.prev_frame_kernel
         if k and k % 2 == 0:
@@ -457,14 +466,18 @@ class Prior(nn.Module):
             self.pos_h,
             self.pos_w,
             self.slot_emb,
-            self.start_emb,
+            None if cfg.paper_layers else self.start_emb,
             self.mask_emb,
             self.mstream_emb,
         ):
             if p is not None:
                 nn.init.normal_(p, std=0.02)
         use_cond_ln = cfg.action_cond == "cond_ln" or self.class_emb is not None
-        cond_dim = C if use_cond_ln else None
+        if (
+            cfg.paper_layers
+        ):  # nothing to condition on: plain LayerNorms (the paper's unconditional LayerNorm)
+            use_cond_ln = d_cond > 0
+        cond_dim = d_cond if use_cond_ln else None
         self.drop = nn.Dropout(0.0 if cfg.paper_layers else cfg.dropout)  # the paper has no embedding dropout
         self.sparse = None
         if cfg.attn_pattern == "strided":
@@ -474,7 +487,7 @@ class Prior(nn.Module):
                 cfg.frames, cfg.tokens_h, cfg.tokens_w, cfg.sparse_block, cfg.sparse_local_blocks
             )
         self.blocks = nn.ModuleList([Block(cfg, cond_dim, self.sparse) for _ in range(cfg.n_layer)])
-        self.ln_f = CondLayerNorm(C, cond_dim)
+        self.ln_f = CondLayerNorm(C, cond_dim, bias=not cfg.paper_layers)
         self.head = nn.Linear(C, cfg.vocab_size, bias=False)
         # outputs: symlog reward [if not terminated, if terminated] (reward_given_termination) or one for both
         self.reward_head = reward_head(C, cfg.reward_given_termination)
@@ -490,6 +503,40 @@ class Prior(nn.Module):
         hh, ww = torch.meshgrid(torch.arange(cfg.tokens_h), torch.arange(cfg.tokens_w), indexing="ij")
         self.register_buffer("_grid_h", hh.flatten(), persistent=False)
         self.register_buffer("_grid_w", ww.flatten(), persistent=False)
+
+    def _our_condition(self, cfg: PriorConfig) -> int:
+        """Learned start, action and class embeddings of size n_embd, summed into each block's condition."""
+        C = cfg.n_embd
+        self.start_emb = nn.Parameter(torch.zeros(C))  # the condition of block 0 (no previous action)
+        if cfg.action_kind == "discrete":
+            self.act_emb: nn.Module | None = nn.Embedding(cfg.n_actions, C)
+        elif cfg.action_kind == "continuous":
+            self.act_emb = nn.Linear(cfg.action_dim, C)
+        else:
+            self.act_emb = None
+        self.class_emb = nn.Embedding(cfg.n_classes, C) if cfg.n_classes else None
+        return C
+
+    def _paper_condition(self, cfg: PriorConfig) -> int:
+        """Set up the paper's condition vector (``paper_layers``) and return its size d: [start flag | action
+        (one-hot, or the continuous vector) | one-hot class], fixed maps rather than learned embeddings, so each
+        conditional LayerNorm learns its own bias-free linear gain and bias of it (the paper's ``affine_norm``,
+        which reads the one-hot class or action vector). d = 0 without actions and classes."""
+        n_act = cfg.n_actions if cfg.action_kind == "discrete" else cfg.action_dim
+        n_act = 0 if cfg.action_kind == "none" else n_act
+        first = 1 if n_act else 0  # the start flag: block 0 has no previous action
+        if cfg.action_cond != "cond_ln":
+            raise ValueError(
+                "prior.paper_layers conditions through the LayerNorms: set action_cond='cond_ln'"
+            )
+        d = first + n_act + cfg.n_classes
+        start = torch.zeros(d)
+        if first:
+            start[0] = 1.0
+        self.register_buffer("start_emb", start)  # the condition of block 0 (no previous action)
+        self.act_emb = FixedEmbedding(n_act, d, first, cfg.action_kind == "continuous") if n_act else None
+        self.class_emb = FixedEmbedding(cfg.n_classes, d, first + n_act) if cfg.n_classes else None
+        return d
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -416,7 +416,9 @@ def train_prior(
         val_set = None if val is None else EndPaddedClips(cache, val.split, clip)
     torch.manual_seed(cfg.prior_train.seed)
     model = Prior(cfg.prior)
-    if cfg.prior.code_dim:  # the paper's input: the trained tokenizer's code vectors (a checkpoint restores its own)
+    if (
+        cfg.prior.code_dim
+    ):  # the paper's input: the trained tokenizer's code vectors (a checkpoint restores its own)
         model.tok_emb.set_codes(load_tokenizer(run_dir).codebook.embeddings)
     res = fit(
         model,
