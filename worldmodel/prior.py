@@ -28,7 +28,12 @@ tokens and the transition's reward/termination see ``a_{<t}`` only. ``action_con
 Class labels (UCF-101) join the condition vector; with no actions and no classes the condition
 is a constant and the model is the unconditional VideoGPT prior.
 
-Position embeddings are learned and broadcast per axis (T, H, W) and summed, as in the paper.
+Position embeddings are learned and broadcast per axis (T, H, W) and summed (the paper concatenates them).
+
+The paper scale (docs/ARCHITECTURE.md "Paper scale") switches on the paper code's details: the strided sparse
+attention mask (``attn_pattern``, :mod:`worldmodel.sparse_attention`), the code-vector input (``code_dim``) and
+``paper_layers`` (bias-free attention projections, sigmoid GELU, no embedding dropout, and conditional
+LayerNorms that read a fixed start/action/class vector through bias-free maps, the paper's affine norm).
 Shapes: B batch, T frames, h×w tokens per frame, S = T*(1+h*w) positions, C = n_embd.
 """
 

@@ -2,9 +2,12 @@
 
     frames uint8 (B, T, H, W, 3)
       -> [-0.5, 0.5] float (B, 3, T, H, W)
-      -> encoder: strided 3D convs (per-axis strides) -> residual blocks with axial attention
+      -> encoder: strided 3D convs (per-axis strides) [-> 3x3x3 conv] -> residual blocks with axial attention
       -> 1x1 conv to D -> codebook -> tokens int64 (B, T/st, H/sh, W/sw)
-      -> decoder: 1x1 conv -> residual blocks -> transposed 3D convs -> (B, 3, T, H, W)
+      -> decoder: 1x1 [3x3x3] conv -> residual blocks -> transposed 3D convs -> (B, 3, T, H, W)
+
+[...]: ``TokenizerConfig.paper_layers``, the paper code's layer details (also kernel 4 on every resampling axis,
+the paper's upsampling order, bias-free residual convs, one shared broadcast position embedding).
 
 With ``causal_time`` every temporal convolution pads from the past only, temporal transposed
 convolutions are cropped at the end, and temporal attention is masked: tokens of latent frame t
