@@ -103,6 +103,8 @@ DEVIATIONS: dict[str, str] = {
     "trains on tokens only, so pixel-frame conditioning is not implemented",
     "prior.conditioning": "per-step causal actions (each frame sees a_{<t}, so the dream env can step); the "
     "paper's whole-clip vector needs every action up front",
+    "prior.bair_actions": "bair is our action-conditioned BAIR dream (per-step actions, so the dream env can "
+    "step); the paper's BAIR setup (one pixel frame, no actions) is the bair_paper preset",
     "prior.frame_conditioning": "a 2-block ResNet over the conditioning tokens' embeddings instead of ResNet-34 "
     "over pixels: the token cache stores no pixels",
     "prior.layout": "one slot position per frame (predicts the frame's first token, carries the frame's "
@@ -176,6 +178,8 @@ def _note(key: str, cfg: ExperimentConfig) -> str:
     if key == "prior.conditioning":
         if cfg.name == "bair_paper":
             return DEVIATIONS["prior.frame_conditioning"]
+        if cfg.name == "bair":
+            return DEVIATIONS["prior.bair_actions"]
         if cfg.name.startswith("vizdoom") or cfg.name in ("bair", "robonet"):
             return DEVIATIONS["prior.conditioning"]
         return ""
