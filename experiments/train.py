@@ -68,6 +68,10 @@ class Args:
     """After the whole pipeline (--stage all), render a lockstep (real · dream · |diff|) and a random-policy rollout video."""
     config: ExperimentConfig = ExperimentConfig()
     """The preset's configuration; override any field, e.g. --config.prior-train.steps 500."""
+    print_config: bool = False
+    """Print the resolved config and exit (nothing is trained). At --scale paper also print, side by side, every
+    hyperparameter ours vs the paper's code (wilson1yan/VideoGPT-Paper) with the reason of each difference, and
+    the parameter counts of tokenizer and prior, ours and the paper code's."""
 
 
 def render_rollouts(run_dir: Path, seed: int = 0, steps: int = 64) -> dict[str, Path]:
@@ -140,7 +144,24 @@ def parse(argv: list[str] | None = None) -> Args:
     return tyro.cli(Args, default=default, args=argv, description=__doc__)
 
 
+def print_config(args: Args) -> None:
+    """``--print-config``: the resolved config, and at ``--scale paper`` the side-by-side table with the paper."""
+    print(json.dumps(args.config.to_dict(), indent=1))
+    if args.scale == "paper":
+        from worldmodel.paper_reference import paper_setup, side_by_side
+
+        try:
+            paper_setup(args.config)
+        except ValueError as e:
+            print(f"\n{e}")
+            return
+        print("\n" + side_by_side(args.config))
+
+
 def main(args: Args) -> None:
+    if args.print_config:
+        print_config(args)
+        return
     sigterm_exits()  # SIGTERM runs the cleanup (every ViZDoom engine closed) instead of killing outright
     if args.threads:
         torch.set_num_threads(args.threads)

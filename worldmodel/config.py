@@ -75,6 +75,14 @@ class TokenizerConfig:
     """Temporal convs pad from the past only and temporal attention is masked."""
     max_frames: int = 16
     """Largest clip length seen by the temporal position embedding."""
+    res_channels: int = 0
+    """Width of the residual blocks' inner 3x3x3 conv (0 = ``channels // 2``; the paper's configs: 128)."""
+    paper_layers: bool = False
+    """The paper code's layer details (wilson1yan/VideoGPT-Paper ``layers/vqvae.py``): a 3x3x3 conv after the
+    downsampling stack, a 3x3x3 (not 1x1x1) decoder input conv, kernel 4 on every axis of every resampling layer
+    (also where that layer keeps an axis), the decoder upsampling all halved axes first, bias-free residual
+    convs, and one broadcast position embedding (T', h, w; ``channels / 3`` each, concatenated) shared by every
+    axial-attention block of encoder and decoder. False: our layers (see docs/ARCHITECTURE.md)."""
     # -- training objective (not geometry: the bundle's encode/decode never read these) ------------
     recon_loss: Literal["mse", "l1", "l1+mse"] = "mse"
     """Pixel reconstruction term: ``mse`` (the paper's: MSE / data variance), ``l1`` (mean absolute error /
@@ -192,6 +200,23 @@ class PriorConfig:
     prev_frame_kernel: int = 3
     """Each position also sees the previous frame's tokens around the location it predicts, through a
     k×k conv over their embeddings (0 = off): a direct path for copying and shifting content."""
+    attn_pattern: Literal["full", "strided"] = "full"
+    """Self-attention pattern: ``full`` causal, or the paper's ``strided`` sparse pattern (DeepSpeed
+    ``StridedSparsityConfig`` semantics as a boolean mask, :mod:`worldmodel.sparse_attention`): blocks of
+    ``sparse_block`` tokens read the ``sparse_local_blocks`` blocks before them and the same block of every
+    earlier frame. Training and every cached sampling path apply the same mask."""
+    sparse_block: int = 32
+    """Tokens per block of the strided pattern (the paper's 32: one row of a 32-wide grid)."""
+    sparse_local_blocks: int = 4
+    """Earlier blocks every block reads in the strided pattern (the paper's 4)."""
+    code_dim: int = 0
+    """0: a learned token embedding table (V, n_embd). > 0 (the paper's input): the tokenizer's code vectors of this
+    dimension (a frozen copy, set when the prior's training starts) through a bias-free linear layer (the paper's
+    ``fc_in``)."""
+    paper_layers: bool = False
+    """The paper's transformer layer details (wilson1yan/VideoGPT-Paper ``layers/attention``): bias-free query,
+    key, value and output projections, the sigmoid GELU ``x * sigmoid(1.702 x)`` in the MLP and no dropout on the
+    input embeddings. False: nanoGPT's (biases, exact GELU, embedding dropout)."""
 
     def __post_init__(self) -> None:  # the heads' loss settings; the model's own are checked by Prior
         for name in ("reward_weight", "termination_weight"):
@@ -200,6 +225,13 @@ class PriorConfig:
         if self.termination_from not in ("frame", "history"):
             raise ValueError(
                 f"prior.termination_from: got {self.termination_from!r}, expected 'frame' or 'history'"
+            )
+        if self.attn_pattern not in ("full", "strided"):
+            raise ValueError(f"prior.attn_pattern: got {self.attn_pattern!r}, expected 'full' or 'strided'")
+        if self.sparse_block < 1 or self.sparse_local_blocks < 0 or self.code_dim < 0:
+            raise ValueError(
+                f"prior.sparse_block / sparse_local_blocks / code_dim: got {self.sparse_block}, "
+                f"{self.sparse_local_blocks}, {self.code_dim}; expected >= 1, >= 0, >= 0"
             )
         if not self.termination_pos_weight > 0:
             raise ValueError(
@@ -338,7 +370,50 @@ def _from_dict(cls: type, d: Any, where: str = "") -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
-def _vizdoom(name: str, scale: str, n_actions: int) -> ExperimentConfig:
+# The paper's own configs (wilson1yan/VideoGPT-Paper, videogpt/config_model.py): vae_res64_ds222 /
+# vae_res64_ds422 / vae_res128_ds444 = VQ-VAE with 240 hidden units, 128 residual hidden units, 4 residual
+# layers with axial attention (2 heads), 1024 codes of dim 256, beta 0.25, EMA 0.99, the paper's layer details
+# (TokenizerConfig.paper_layers); BAIR/ViZDoom/RoboNet "16×64×64 -> 8×32×32" (stride 2, 2, 2) with gpt_small
+# (8 layers, 4 heads of 128, width 512, ff x4, residual dropout 0.2, attention dropout 0, strided sparse
+# attention: block 32, 4 local blocks); UCF-101 128×128 and TGIF 64×64 "-> 4×32×32" (strides 4, 4, 4 and
+# 4, 2, 2) with gpt_large (20 layers, 8 heads of 128, width 1024). worldmodel/paper_reference.py lists them
+# next to ours (--print-config). The tiny/small scales keep the conditioning and the 16-frame clips but halve
+# the latents and shrink the widths (our layers, full attention) so they run on 2 CPU cores.
+_PAPER_TOKENIZER = TokenizerConfig(
+    channels=240,
+    res_channels=128,
+    n_res_layers=4,
+    n_heads=2,
+    codebook_size=1024,
+    embedding_dim=256,
+    beta=0.25,
+    ema_decay=0.99,
+    causal_time=False,
+    max_frames=16,
+    paper_layers=True,
+)
+_PAPER_GPT_SMALL = PriorConfig(
+    n_layer=8,
+    n_head=4,
+    n_embd=512,
+    dropout=0.2,
+    attn_dropout=0.0,
+    vocab_size=1024,
+    action_kind="none",
+    prev_frame_kernel=0,
+    context_noise=0.0,
+    attn_pattern="strided",
+    sparse_block=32,
+    sparse_local_blocks=4,
+    code_dim=256,
+    paper_layers=True,
+)
+_PAPER_GPT_LARGE = replace(_PAPER_GPT_SMALL, n_layer=20, n_head=8, n_embd=1024)
+
+
+def _vizdoom(name: str, scale: str, n_actions: int, paper_arch: bool = True) -> ExperimentConfig:
+    """A ViZDoom dream preset. ``paper_arch=False``: at the paper scale, the paper's widths on our dream geometry
+    (stride (1, 8, 8), our layers, full attention; the generic ``gym:<ID>`` preset's paper scale)."""
     tok = TokenizerConfig(resolution=64, stride=(1, 8, 8), causal_time=True)
     # context_noise 0.1: on 300 HGS episodes, tiny scale, 3000 steps (benchmarks/bench_dynamics.py) it
     # trades 0.4 dB at open-loop step 1 (25.47 -> 25.07) for +0.4 dB at step 16 (20.00 -> 20.36, copy-last
@@ -383,10 +458,29 @@ def _vizdoom(name: str, scale: str, n_actions: int) -> ExperimentConfig:
         pt = TrainConfig(steps=6000, batch_size=16, lr=5e-4, eval_every=500, ckpt_every=500)
         data = DataConfig(store=f"data/{name}", clip_len=8)
         episodes = 400
-    else:  # paper
+    elif not paper_arch:  # the paper's widths on our dream geometry
         tok = replace(tok, channels=240, n_res_layers=4, codebook_size=1024, embedding_dim=256)
         prior = replace(
             prior, n_layer=8, n_head=4, n_embd=512, frames=16, vocab_size=1024, dropout=0.2, attn_dropout=0.3
+        )
+        tt = TrainConfig(steps=100_000, batch_size=32, lr=3e-4)
+        pt = TrainConfig(steps=200_000, batch_size=32, lr=3e-4)
+        data = DataConfig(store=f"data/{name}", clip_len=16)
+        episodes = 5000
+    else:  # paper: vae_res64_ds222 and gpt_small of the paper's code, with temporal stride 1 (see below)
+        # Per-step action conditioning (the dream env steps one action per latent frame) needs temporal stride 1:
+        # 16x32x32 latents where the paper's vae_res64_ds222 has 8x32x32 (it conditions on the whole clip's
+        # actions at once instead; docs/ARCHITECTURE.md "Paper scale"). Causal in time for the dream's sliding
+        # windows (the paper's tokenizer is not). Every layer and width is the paper's.
+        tok = replace(_PAPER_TOKENIZER, resolution=64, stride=(1, 2, 2), causal_time=True)
+        prior = replace(
+            _PAPER_GPT_SMALL,
+            action_kind="discrete",
+            n_actions=n_actions,
+            frames=16,
+            tokens_h=32,
+            tokens_w=32,
+            reward_given_termination=True,
         )
         tt = TrainConfig(steps=100_000, batch_size=32, lr=3e-4)
         pt = TrainConfig(steps=200_000, batch_size=32, lr=3e-4)
@@ -422,41 +516,16 @@ def _robot(name: str, scale: str, action_dim: int) -> ExperimentConfig:
     )
 
 
-# The paper's own configs (wilson1yan/VideoGPT-Paper, videogpt/config_model.py; the appendix tables):
-# VQ-VAE 240 hidden units, 4 residual layers, 1024 codes of dim 256, axial attention with 2 heads;
-# BAIR "16×64×64 -> 8×32×32" (stride 2, 2, 2) with gpt_small (8 layers, 4 heads, width 512, dropout
-# 0.2); UCF-101 128×128 and TGIF 64×64 "-> 4×32×32" (strides 4, 4, 4 and 4, 2, 2) with gpt_large
-# (20 layers, 8 heads, width 1024, dropout 0.2); batch 32. The tiny/small scales keep the conditioning
-# and the 16-frame clips but halve the latents and shrink the widths so they run on 2 CPU cores.
-_PAPER_TOKENIZER = TokenizerConfig(
-    channels=240,
-    n_res_layers=4,
-    n_heads=2,
-    codebook_size=1024,
-    embedding_dim=256,
-    causal_time=False,
-    max_frames=16,
-)
-_PAPER_GPT_SMALL = PriorConfig(
-    n_layer=8,
-    n_head=4,
-    n_embd=512,
-    dropout=0.2,
-    attn_dropout=0.0,
-    vocab_size=1024,
-    action_kind="none",
-    prev_frame_kernel=0,
-)
-_PAPER_GPT_LARGE = replace(_PAPER_GPT_SMALL, n_layer=20, n_head=8, n_embd=1024)
-
-
 def _shrunk(
     tok: TokenizerConfig, prior: PriorConfig, scale: str
 ) -> tuple[TokenizerConfig, PriorConfig, TrainConfig]:
-    """tiny/small widths of an action-free paper preset (geometry and conditioning unchanged)."""
+    """tiny/small widths of an action-free paper preset (geometry and conditioning unchanged; our layers and full
+    attention, as before the paper's layers were added)."""
     tiny = scale == "tiny"
     tok = replace(
         tok,
+        res_channels=0,
+        paper_layers=False,
         channels=32 if tiny else 128,
         n_res_layers=1 if tiny else 2,
         codebook_size=256 if tiny else 512,
@@ -470,6 +539,9 @@ def _shrunk(
         dropout=0.0,
         attn_dropout=0.0,
         vocab_size=tok.codebook_size,
+        attn_pattern="full",
+        code_dim=0,
+        paper_layers=False,
     )
     return tok, prior, TrainConfig(steps=600 if tiny else 3000, batch_size=4, lr=1e-3 if tiny else 5e-4)
 
@@ -576,7 +648,7 @@ def generic_preset(
     """
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; expected one of {list(SCALES)}")
-    base = _vizdoom(name, scale, n_actions=n_actions)
+    base = _vizdoom(name, scale, n_actions=n_actions, paper_arch=False)
     res = _GENERIC_RESOLUTION[scale]
     if frame_size is not None:
         if frame_size < 8:

@@ -43,9 +43,12 @@ class TokenDecoder:
     @staticmethod
     def supported(prior: Prior, dtype: torch.dtype, memory: object) -> bool:
         """True when the fused path computes what ``forward_cached`` would: fp32 cache and weights,
-        no cross-attention memory, eval mode (no dropout)."""
+        no cross-attention memory, eval mode (no dropout), full attention and nanoGPT's layers (biases, exact
+        GELU; not ``paper_layers``)."""
         return (
             memory is None
+            and prior.sparse is None
+            and not prior.cfg.paper_layers
             and dtype == torch.float32
             and not prior.training
             and next(prior.parameters()).dtype == torch.float32

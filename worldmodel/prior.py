@@ -28,7 +28,12 @@ tokens and the transition's reward/termination see ``a_{<t}`` only. ``action_con
 Class labels (UCF-101) join the condition vector; with no actions and no classes the condition
 is a constant and the model is the unconditional VideoGPT prior.
 
-Position embeddings are learned and broadcast per axis (T, H, W) and summed, as in the paper.
+Position embeddings are learned and broadcast per axis (T, H, W) and summed (the paper concatenates them).
+
+The paper scale (docs/ARCHITECTURE.md "Paper scale") switches on the paper code's details: the strided sparse
+attention mask (``attn_pattern``, :mod:`worldmodel.sparse_attention`), the code-vector input (``code_dim``) and
+``paper_layers`` (bias-free attention projections, sigmoid GELU, no embedding dropout, and conditional
+LayerNorms that read a fixed start/action/class vector through bias-free maps, the paper's affine norm).
 Shapes: B batch, T frames, h×w tokens per frame, S = T*(1+h*w) positions, C = n_embd.
 """
 
@@ -44,20 +49,22 @@ from torch import nn
 
 from worldmodel.config import PriorConfig
 from worldmodel.prior_heads import prior_loss, reward_head, termination_head
+from worldmodel.sparse_attention import StridedSparsePattern
 
 
 class CondLayerNorm(nn.Module):
     """LayerNorm whose gain and bias are affine functions of a condition vector (zero-initialised,
     so training starts from a plain LayerNorm)."""
 
-    def __init__(self, dim: int, cond_dim: int | None) -> None:
+    def __init__(self, dim: int, cond_dim: int | None, bias: bool = True) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.to_gain_bias = None
         if cond_dim:
-            self.to_gain_bias = nn.Linear(cond_dim, 2 * dim)
+            self.to_gain_bias = nn.Linear(cond_dim, 2 * dim, bias=bias)  # the paper's affine_norm: no bias
             nn.init.zeros_(self.to_gain_bias.weight)
-            nn.init.zeros_(self.to_gain_bias.bias)
+            if bias:
+                nn.init.zeros_(self.to_gain_bias.bias)
 
     def gain_bias(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(1 + gain, bias)`` for a condition (..., cond_dim); precompute once per frame when generating."""
@@ -102,12 +109,17 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: PriorConfig) -> None:
+    """Causal multi-head self-attention (full, or under the prior's strided sparse pattern ``sparse``)."""
+
+    def __init__(self, cfg: PriorConfig, sparse: StridedSparsePattern | None = None) -> None:
         super().__init__()
         self.n_head, self.dropout = cfg.n_head, cfg.attn_dropout
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        bias = not cfg.paper_layers  # the paper's projections have no biases
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
+        # the Prior owns the pattern (one for all layers); a tuple keeps it from being registered per layer
+        self._sparse = (sparse,) if sparse is not None else None
 
     def forward(
         self,
@@ -129,8 +141,11 @@ class SelfAttention(nn.Module):
         With ``write=False`` (MaskGIT's masked queries, all rows): nothing is written; the ``n``
         positions attend to the first ``pos`` cache slots of their row and to each other (no causal
         order among them).
+        With the strided sparse pattern every cached path reads the pattern's rows of its positions (the
+        uncached forward gets the whole pattern as ``attn_mask`` from :meth:`Prior.forward`).
         """
         B, S, C = x.shape
+        sparse = None if self._sparse is None else self._sparse[0]
         # view + permute rather than einops here: this runs once per token per layer when generating
         q, k, v = (
             self.qkv(x).view(B, S, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
@@ -166,7 +181,14 @@ class SelfAttention(nn.Module):
             if S == 1:  # one query per row: two small matmuls beat SDPA's kernel launch cost on CPU
                 Kt = K.transpose(-1, -2)  # (B, nh, hs, pos+1): contiguous rows of the transposed store
                 att = (q * q.shape[-1] ** -0.5) @ Kt.to(q.dtype)  # (B, nh, 1, pos+1)
+                if sparse is not None:  # the pattern's row of this position: (1, pos+1)
+                    keys = torch.arange(pos + 1, device=x.device)
+                    att = att.masked_fill(~sparse.allowed(keys[-1:], keys), float("-inf"))
                 y = att.softmax(-1) @ V.to(q.dtype)
+            elif sparse is not None:  # queries at pos..pos+S-1: the pattern's rows, keys 0..pos+S-1
+                keys = torch.arange(pos + S, device=x.device)
+                mask = sparse.allowed(keys[pos:], keys)  # (S, pos+S)
+                y = F.scaled_dot_product_attention(q, K.to(q.dtype), V.to(q.dtype), attn_mask=mask)
             elif pos == 0:  # a window encoded from its start: its own keys, plain causal (SDPA's fused kernel
                 # needs unit-stride keys, which the transposed key store is not; ~2x the masked path)
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -181,7 +203,10 @@ class SelfAttention(nn.Module):
             cv[r, :, idx] = v.transpose(1, 2).to(cv.dtype)
             K, V = (ck, cv) if rows is None else (ck[rows], cv[rows])  # (B, nh, cap, hs)
             keys = torch.arange(cache.capacity, device=x.device)
-            mask = keys[None, None, :] <= idx[:, :, None]  # (B, S, cap): causal within each row
+            if sparse is not None:
+                mask = sparse.allowed(idx, keys)  # (B, S, cap): the pattern's rows, causal
+            else:
+                mask = keys[None, None, :] <= idx[:, :, None]  # (B, S, cap): causal within each row
             y = F.scaled_dot_product_attention(q, K.to(q.dtype), V.to(q.dtype), attn_mask=mask[:, None])
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, S, C)))  # (B, S, C)
 
@@ -192,9 +217,10 @@ class CrossAttention(nn.Module):
     def __init__(self, cfg: PriorConfig) -> None:
         super().__init__()
         self.n_head, self.dropout = cfg.n_head, cfg.attn_dropout
-        self.q = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.kv = nn.Linear(cfg.n_embd, 2 * cfg.n_embd)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        bias = not cfg.paper_layers
+        self.q = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
+        self.kv = nn.Linear(cfg.n_embd, 2 * cfg.n_embd, bias=bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,19 +278,73 @@ class FrameCondEncoder(nn.Module):
         return self.ln(rearrange(x, "b k n c -> b (k n) c"))
 
 
+class SigmoidGELU(nn.Module):
+    """The paper's ``GeLU2``: ``x * sigmoid(1.702 x)``, the sigmoid approximation of GELU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class FixedEmbedding(nn.Module):
+    """A fixed (not learned) map into a condition vector of size ``dim`` at ``offset``: index i -> the unit vector
+    e_{offset+i} (one-hot), or, ``continuous``, the (..., n) vector itself placed at ``offset``."""
+
+    def __init__(self, n: int, dim: int, offset: int, continuous: bool = False) -> None:
+        super().__init__()
+        self.n, self.dim, self.offset, self.continuous = n, dim, offset, continuous
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (...,) int64 or (..., n) float -> (..., dim)
+        if self.continuous:
+            return F.pad(x.float(), (self.offset, self.dim - self.offset - self.n))
+        return F.one_hot(x.long() + self.offset, self.dim).float()
+
+
+class CodeEmbedding(nn.Module):
+    """The paper's prior input (``fc_in``): a token's code vector from the tokenizer's codebook (a frozen copy,
+    (V, D), loaded by :meth:`set_codes`) through a bias-free linear layer D -> C.
+
+    Quacks like ``nn.Embedding``: ``emb(tokens)`` and ``emb.weight`` (V, C), so every path that embeds tokens
+    works unchanged."""
+
+    def __init__(self, vocab_size: int, code_dim: int, n_embd: int) -> None:
+        super().__init__()
+        self.register_buffer("codes", torch.randn(vocab_size, code_dim))  # replaced by the tokenizer's codes
+        self.proj = nn.Linear(code_dim, n_embd, bias=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Embedding of every token: (V, C)."""
+        return self.proj(self.codes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (...,) int64 -> (..., C)
+        return self.proj(F.embedding(tokens, self.codes))
+
+    def set_codes(self, codes: torch.Tensor) -> None:
+        """Copy the tokenizer's code vectors (V, D) in."""
+        if tuple(codes.shape) != tuple(self.codes.shape):
+            raise ValueError(
+                f"codes: got {tuple(codes.shape)}, expected {tuple(self.codes.shape)} (the tokenizer's codebook "
+                "size x prior.code_dim = tokenizer.embedding_dim)"
+            )
+        with torch.no_grad():
+            self.codes.copy_(codes)
+
+
 class Block(nn.Module):
     """Pre-LN transformer block with (optionally conditional) LayerNorms and optional cross-attention."""
 
-    def __init__(self, cfg: PriorConfig, cond_dim: int | None) -> None:
+    def __init__(
+        self, cfg: PriorConfig, cond_dim: int | None, sparse: StridedSparsePattern | None = None
+    ) -> None:
         super().__init__()
-        self.ln1 = CondLayerNorm(cfg.n_embd, cond_dim)
-        self.attn = SelfAttention(cfg)
+        self.ln1 = CondLayerNorm(cfg.n_embd, cond_dim, bias=not cfg.paper_layers)
+        self.attn = SelfAttention(cfg, sparse)
         self.ln_x = nn.LayerNorm(cfg.n_embd) if cfg.n_cond_frames else None
         self.xattn = CrossAttention(cfg) if cfg.n_cond_frames else None
-        self.ln2 = CondLayerNorm(cfg.n_embd, cond_dim)
+        self.ln2 = CondLayerNorm(cfg.n_embd, cond_dim, bias=not cfg.paper_layers)
         self.mlp = nn.Sequential(
             nn.Linear(cfg.n_embd, 4 * cfg.n_embd),
-            nn.GELU(),
+            SigmoidGELU() if cfg.paper_layers else nn.GELU(),
             nn.Linear(4 * cfg.n_embd, cfg.n_embd),
             nn.Dropout(cfg.dropout),
         )
@@ -363,19 +443,17 @@ class Prior(nn.Module):
         C = cfg.n_embd
         self.hw = cfg.tokens_h * cfg.tokens_w
         self.block_len = 1 + self.hw
-        self.tok_emb = nn.Embedding(cfg.vocab_size, C)
+        self.tok_emb: nn.Module = (
+            CodeEmbedding(cfg.vocab_size, cfg.code_dim, C)
+            if cfg.code_dim
+            else nn.Embedding(cfg.vocab_size, C)
+        )
         self.pos_t = nn.Parameter(torch.zeros(cfg.frames, C))
         self.pos_h = nn.Parameter(torch.zeros(cfg.tokens_h, C))
         self.pos_w = nn.Parameter(torch.zeros(cfg.tokens_w, C))
         self.slot_emb = nn.Parameter(torch.zeros(C))
-        self.start_emb = nn.Parameter(torch.zeros(C))  # the condition of block 0 (no previous action)
-        if cfg.action_kind == "discrete":
-            self.act_emb: nn.Module | None = nn.Embedding(cfg.n_actions, C)
-        elif cfg.action_kind == "continuous":
-            self.act_emb = nn.Linear(cfg.action_dim, C)
-        else:
-            self.act_emb = None
-        self.class_emb = nn.Embedding(cfg.n_classes, C) if cfg.n_classes else None
+        # the condition vector of each block (size d_cond): learned embeddings, or the paper's fixed vector
+        d_cond = self._paper_condition(cfg) if cfg.paper_layers else self._our_condition(cfg)
         self.cond_encoder = FrameCondEncoder(cfg) if cfg.n_cond_frames else None
         k = cfg.prev_frame_kernel
         if k and k % 2 == 0:
@@ -393,17 +471,28 @@ class Prior(nn.Module):
             self.pos_h,
             self.pos_w,
             self.slot_emb,
-            self.start_emb,
+            None if cfg.paper_layers else self.start_emb,
             self.mask_emb,
             self.mstream_emb,
         ):
             if p is not None:
                 nn.init.normal_(p, std=0.02)
         use_cond_ln = cfg.action_cond == "cond_ln" or self.class_emb is not None
-        cond_dim = C if use_cond_ln else None
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList([Block(cfg, cond_dim) for _ in range(cfg.n_layer)])
-        self.ln_f = CondLayerNorm(C, cond_dim)
+        if (
+            cfg.paper_layers
+        ):  # nothing to condition on: plain LayerNorms (the paper's unconditional LayerNorm)
+            use_cond_ln = d_cond > 0
+        cond_dim = d_cond if use_cond_ln else None
+        self.drop = nn.Dropout(0.0 if cfg.paper_layers else cfg.dropout)  # the paper has no embedding dropout
+        self.sparse = None
+        if cfg.attn_pattern == "strided":
+            if self.maskgit:
+                raise ValueError("prior.attn_pattern='strided' has no MaskGIT stream: set maskgit_weight=0")
+            self.sparse = StridedSparsePattern(
+                cfg.frames, cfg.tokens_h, cfg.tokens_w, cfg.sparse_block, cfg.sparse_local_blocks
+            )
+        self.blocks = nn.ModuleList([Block(cfg, cond_dim, self.sparse) for _ in range(cfg.n_layer)])
+        self.ln_f = CondLayerNorm(C, cond_dim, bias=not cfg.paper_layers)
         self.head = nn.Linear(C, cfg.vocab_size, bias=False)
         # outputs: symlog reward [if not terminated, if terminated] (reward_given_termination) or one for both
         self.reward_head = reward_head(C, cfg.reward_given_termination)
@@ -419,6 +508,40 @@ class Prior(nn.Module):
         hh, ww = torch.meshgrid(torch.arange(cfg.tokens_h), torch.arange(cfg.tokens_w), indexing="ij")
         self.register_buffer("_grid_h", hh.flatten(), persistent=False)
         self.register_buffer("_grid_w", ww.flatten(), persistent=False)
+
+    def _our_condition(self, cfg: PriorConfig) -> int:
+        """Learned start, action and class embeddings of size n_embd, summed into each block's condition."""
+        C = cfg.n_embd
+        self.start_emb = nn.Parameter(torch.zeros(C))  # the condition of block 0 (no previous action)
+        if cfg.action_kind == "discrete":
+            self.act_emb: nn.Module | None = nn.Embedding(cfg.n_actions, C)
+        elif cfg.action_kind == "continuous":
+            self.act_emb = nn.Linear(cfg.action_dim, C)
+        else:
+            self.act_emb = None
+        self.class_emb = nn.Embedding(cfg.n_classes, C) if cfg.n_classes else None
+        return C
+
+    def _paper_condition(self, cfg: PriorConfig) -> int:
+        """Set up the paper's condition vector (``paper_layers``) and return its size d: [start flag | action
+        (one-hot, or the continuous vector) | one-hot class], fixed maps rather than learned embeddings, so each
+        conditional LayerNorm learns its own bias-free linear gain and bias of it (the paper's ``affine_norm``,
+        which reads the one-hot class or action vector). d = 0 without actions and classes."""
+        n_act = cfg.n_actions if cfg.action_kind == "discrete" else cfg.action_dim
+        n_act = 0 if cfg.action_kind == "none" else n_act
+        first = 1 if n_act else 0  # the start flag: block 0 has no previous action
+        if cfg.action_cond != "cond_ln":
+            raise ValueError(
+                "prior.paper_layers conditions through the LayerNorms: set action_cond='cond_ln'"
+            )
+        d = first + n_act + cfg.n_classes
+        start = torch.zeros(d)
+        if first:
+            start[0] = 1.0
+        self.register_buffer("start_emb", start)  # the condition of block 0 (no previous action)
+        self.act_emb = FixedEmbedding(n_act, d, first, cfg.action_kind == "continuous") if n_act else None
+        self.class_emb = FixedEmbedding(cfg.n_classes, d, first + n_act) if cfg.n_classes else None
+        return d
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -732,6 +855,8 @@ class Prior(nn.Module):
             if ln_cond is not None:
                 ln_cond = torch.cat([ln_cond, repeat(cond[:, fr], "b t c -> b (t n) c", n=self.hw)], 1)
             attn_mask = self.maskgit_attention_mask(T, fr)
+        elif self.sparse is not None:
+            attn_mask = self.sparse.mask(S, x.device)  # (S, S) the strided pattern, causal
         x = self.drop(x)
         for blk in self.blocks:
             x = blk(x, ln_cond, memory=memory, **({} if attn_mask is None else {"attn_mask": attn_mask}))

@@ -65,6 +65,7 @@ def resolve_config(cfg: ExperimentConfig, meta: StoreMeta) -> ExperimentConfig:
         action_kind=spec.kind,
         n_actions=spec.n,
         action_dim=spec.dim,
+        code_dim=tok.embedding_dim if cfg.prior.code_dim else 0,  # the paper's input reads the code vectors
     )
     if spec.kind != "none" and st != 1:
         raise ValueError(
@@ -415,6 +416,10 @@ def train_prior(
         val_set = None if val is None else EndPaddedClips(cache, val.split, clip)
     torch.manual_seed(cfg.prior_train.seed)
     model = Prior(cfg.prior)
+    if (
+        cfg.prior.code_dim
+    ):  # the paper's input: the trained tokenizer's code vectors (a checkpoint restores its own)
+        model.tok_emb.set_codes(load_tokenizer(run_dir).codebook.embeddings)
     res = fit(
         model,
         stage="prior",

@@ -2,9 +2,12 @@
 
     frames uint8 (B, T, H, W, 3)
       -> [-0.5, 0.5] float (B, 3, T, H, W)
-      -> encoder: strided 3D convs (per-axis strides) -> residual blocks with axial attention
+      -> encoder: strided 3D convs (per-axis strides) [-> 3x3x3 conv] -> residual blocks with axial attention
       -> 1x1 conv to D -> codebook -> tokens int64 (B, T/st, H/sh, W/sw)
-      -> decoder: 1x1 conv -> residual blocks -> transposed 3D convs -> (B, 3, T, H, W)
+      -> decoder: 1x1 [3x3x3] conv -> residual blocks -> transposed 3D convs -> (B, 3, T, H, W)
+
+[...]: ``TokenizerConfig.paper_layers``, the paper code's layer details (also kernel 4 on every resampling axis,
+the paper's upsampling order, bias-free residual convs, one shared broadcast position embedding).
 
 With ``causal_time`` every temporal convolution pads from the past only, temporal transposed
 convolutions are cropped at the end, and temporal attention is masked: tokens of latent frame t
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from worldmodel.attention import AxialBlock
+from worldmodel.attention import AxialBlock, BroadcastPosEmbed
 from worldmodel.codebook import Codebook
 from worldmodel.config import TokenizerConfig
 from worldmodel.discriminator import Adversary
@@ -53,6 +56,7 @@ class Conv3d(nn.Module):
         kernel: tuple[int, int, int],
         stride: tuple[int, int, int] = (1, 1, 1),
         causal: bool = False,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         pads = []
@@ -64,7 +68,7 @@ class Conv3d(nn.Module):
                 pads.append((p // 2 + p % 2, p // 2))
         # F.pad takes the last axis first: (w_lo, w_hi, h_lo, h_hi, t_lo, t_hi)
         self.pad = (*pads[2], *pads[1], *pads[0])
-        self.conv = nn.Conv3d(cin, cout, kernel, stride)
+        self.conv = nn.Conv3d(cin, cout, kernel, stride, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, self.pad))
@@ -100,22 +104,34 @@ class ConvTranspose3d(nn.Module):
 
 
 class AttentionResidualBlock(nn.Module):
-    """norm-ReLU-conv3-norm-ReLU-conv1-norm-ReLU-axial attention, added to the input (VideoGPT)."""
+    """norm-ReLU-conv3-norm-ReLU-conv1-norm-ReLU-axial attention, added to the input (VideoGPT).
+
+    ``hidden``: width of the inner conv (0 = dim // 2); ``shared_pos``: the paper's position embedding shared by
+    all blocks (None: per-block embeddings); ``bias``: biases of the two convs (the paper has none)."""
 
     def __init__(
-        self, dim: int, n_heads: int, spatial: tuple[int, int], max_frames: int, causal: bool
+        self,
+        dim: int,
+        n_heads: int,
+        spatial: tuple[int, int],
+        max_frames: int,
+        causal: bool,
+        hidden: int = 0,
+        shared_pos: BroadcastPosEmbed | None = None,
+        bias: bool = True,
     ) -> None:
         super().__init__()
+        hidden = hidden or dim // 2
         self.block = nn.Sequential(
             ChannelNorm(dim),
             nn.ReLU(),
-            Conv3d(dim, dim // 2, (3, 3, 3), causal=causal),
-            ChannelNorm(dim // 2),
+            Conv3d(dim, hidden, (3, 3, 3), causal=causal, bias=bias),
+            ChannelNorm(hidden),
             nn.ReLU(),
-            Conv3d(dim // 2, dim, (1, 1, 1)),
+            Conv3d(hidden, dim, (1, 1, 1), bias=bias),
             ChannelNorm(dim),
             nn.ReLU(),
-            AxialBlock(dim, n_heads, spatial, max_frames, causal),
+            AxialBlock(dim, n_heads, spatial, max_frames, causal, shared_pos),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,69 +150,94 @@ def _n_halvings(stride: tuple[int, int, int]) -> list[int]:
     return out
 
 
-def _kernel(stride: tuple[int, ...], halvings: list[int]) -> tuple[int, int, int]:
-    """Kernel of a resampling layer: 4 along halved axes (as VideoGPT), else 3.
+def _kernel(stride: tuple[int, ...], halvings: list[int], paper: bool = False) -> tuple[int, int, int]:
+    """Kernel of a resampling layer: 4 along halved axes (as VideoGPT), else 3; ``paper``: 4 on every axis
+    (the paper code's ``kernel_size=4``).
 
     When the tokenizer keeps every frame (temporal stride 1) the resampling layers, which run at
     the highest resolutions and dominate the cost, use temporal kernel 1 (3x cheaper); frames
     still mix in time in the residual blocks (3x3x3 convs and temporal attention).
     """
+    if paper:
+        return (4, 4, 4)
     t = 4 if stride[0] == 2 else (1 if halvings[0] == 0 else 3)
     return (t, 4 if stride[1] == 2 else 3, 4 if stride[2] == 2 else 3)
 
 
+def _res_stack(cfg: TokenizerConfig, shared_pos: BroadcastPosEmbed | None) -> nn.Sequential:
+    """``n_res_layers`` residual blocks, then norm and ReLU (as the paper's ``AttentionResidualStack``)."""
+    spatial = (cfg.resolution // cfg.stride[1], cfg.resolution // cfg.stride[2])
+    max_t = max(1, cfg.max_frames // cfg.stride[0])
+    C, paper = cfg.channels, cfg.paper_layers
+    return nn.Sequential(
+        *[
+            AttentionResidualBlock(
+                C, cfg.n_heads, spatial, max_t, cfg.causal_time, cfg.res_channels, shared_pos, bias=not paper
+            )
+            for _ in range(cfg.n_res_layers)
+        ],
+        ChannelNorm(C),
+        nn.ReLU(),
+    )
+
+
+def _check_shared_pos(cfg: TokenizerConfig, shared_pos: BroadcastPosEmbed | None) -> None:
+    if cfg.paper_layers != (shared_pos is not None):
+        raise ValueError(
+            "tokenizer.paper_layers needs the shared position embedding (built by VQVAE), and only it"
+        )
+
+
 class Encoder(nn.Module):
-    def __init__(self, cfg: TokenizerConfig) -> None:
+    """Frames (B, 3, T, H, W) -> pre-quantisation vectors (B, D, T', h, w)."""
+
+    def __init__(self, cfg: TokenizerConfig, shared_pos: BroadcastPosEmbed | None = None) -> None:
         super().__init__()
+        _check_shared_pos(cfg, shared_pos)
         halvings = _n_halvings(cfg.stride)
         C, causal = cfg.channels, cfg.causal_time
         layers: list[nn.Module] = []
         cin = 3
         for i in range(max(halvings)):
             stride = tuple(2 if n > i else 1 for n in halvings)
-            kernel = _kernel(stride, halvings)
+            kernel = _kernel(stride, halvings, cfg.paper_layers)
             layers += [Conv3d(cin, C, kernel, stride, causal=causal), nn.ReLU()]  # type: ignore[arg-type]
             cin = C
         if not layers:
             layers += [Conv3d(3, C, (3, 3, 3), causal=causal), nn.ReLU()]
         self.down = nn.Sequential(*layers)
-        spatial = (cfg.resolution // cfg.stride[1], cfg.resolution // cfg.stride[2])
-        max_t = max(1, cfg.max_frames // cfg.stride[0])
-        self.res = nn.Sequential(
-            *[
-                AttentionResidualBlock(C, cfg.n_heads, spatial, max_t, causal)
-                for _ in range(cfg.n_res_layers)
-            ],
-            ChannelNorm(C),
-            nn.ReLU(),
-        )
+        # the paper's conv_last: 3x3x3, no activation, between the downsampling stack and the residual blocks
+        self.post_down = Conv3d(C, C, (3, 3, 3), causal=causal) if cfg.paper_layers else None
+        self.res = _res_stack(cfg, shared_pos)
         self.to_code = Conv3d(C, cfg.embedding_dim, (1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, T, H, W) -> (B, D, T', h, w)
-        return self.to_code(self.res(self.down(x)))
+        h = self.down(x)  # (B, C, T', h, w)
+        if self.post_down is not None:
+            h = self.post_down(h)
+        return self.to_code(self.res(h))
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: TokenizerConfig) -> None:
+    """Code vectors (B, D, T', h, w) -> frames (B, 3, T, H, W)."""
+
+    def __init__(self, cfg: TokenizerConfig, shared_pos: BroadcastPosEmbed | None = None) -> None:
         super().__init__()
+        _check_shared_pos(cfg, shared_pos)
         halvings = _n_halvings(cfg.stride)
-        C, causal = cfg.channels, cfg.causal_time
-        spatial = (cfg.resolution // cfg.stride[1], cfg.resolution // cfg.stride[2])
-        max_t = max(1, cfg.max_frames // cfg.stride[0])
-        self.from_code = Conv3d(cfg.embedding_dim, C, (1, 1, 1))
-        self.res = nn.Sequential(
-            *[
-                AttentionResidualBlock(C, cfg.n_heads, spatial, max_t, causal)
-                for _ in range(cfg.n_res_layers)
-            ],
-            ChannelNorm(C),
-            nn.ReLU(),
-        )
+        C, causal, paper = cfg.channels, cfg.causal_time, cfg.paper_layers
+        # the paper's decoder input conv is 3x3x3 (conv1); ours 1x1x1
+        self.from_code = Conv3d(cfg.embedding_dim, C, (3, 3, 3) if paper else (1, 1, 1), causal=causal)
+        self.res = _res_stack(cfg, shared_pos)
         layers: list[nn.Module] = []
         n_up = max(halvings)
         for i in range(n_up):
-            stride = tuple(2 if n > n_up - 1 - i else 1 for n in halvings)  # mirror of the encoder
-            kernel = _kernel(stride, halvings)
+            # the paper's order: every still-halved axis first ((4, 2, 2): (2, 2, 2) then (2, 1, 1))
+            if paper:
+                stride = tuple(2 if n > i else 1 for n in halvings)
+            else:  # mirror of the encoder
+                stride = tuple(2 if n > n_up - 1 - i else 1 for n in halvings)
+            kernel = _kernel(stride, halvings, paper)
             cout = 3 if i == n_up - 1 else C
             if all(s == 1 for s in stride):
                 layers.append(Conv3d(C, cout, kernel, causal=causal))  # type: ignore[arg-type]
@@ -238,8 +279,13 @@ class VQVAE(nn.Module):
                 f"resolution {cfg.resolution} is not divisible by the spatial strides {cfg.stride[1:]}"
             )
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        # paper_layers: one position embedding of the latent grid, shared by encoder and decoder (the paper's)
+        self.pos = None
+        if cfg.paper_layers:
+            T_lat = max(1, cfg.max_frames // cfg.stride[0])
+            self.pos = BroadcastPosEmbed(cfg.channels, (T_lat, *self.grid))
+        self.encoder = Encoder(cfg, self.pos)
+        self.decoder = Decoder(cfg, self.pos)
         self.codebook = Codebook(cfg.codebook_size, cfg.embedding_dim, cfg.beta, cfg.ema_decay)
         self.register_buffer("data_variance", torch.ones(()))
         # Training-only loss modules, built after the autoencoder so that its initial weights do not depend
