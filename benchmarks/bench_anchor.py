@@ -155,6 +155,62 @@ def training_step_seconds(prior: Prior, bf16_reps: int, batch: int = 8) -> tuple
     return statistics.median(fp32), statistics.median(bf16)
 
 
+def bf16_divergence(cfg: PriorConfig, B: int = 16, contexts: int = 2) -> dict:
+    """How far the bf16 token loop's next-token distributions are from fp32's: mean and max KL(p_fp32 || p_bf16)
+    (nats) over every position of ``contexts`` × ``B`` generated frames, teacher-forced on tokens sampled
+    from the fp32 distributions, for the fused bf16 decoder and for the bf16 autocast path through
+    ``Prior.forward_cached``; and the mean entropy of p_fp32 (nats) for scale.
+
+    The prior has random weights with a head of std 2/sqrt(C) (logits of std ~2; the default zero-initialised
+    head would give uniform logits, and any two paths would agree).
+    """
+    torch.manual_seed(1)
+    prior = Prior(cfg).eval()
+    torch.nn.init.normal_(prior.head.weight, std=2 * cfg.n_embd**-0.5)
+    with torch.inference_mode():
+        return _divergence(prior, B, contexts)
+
+
+def _divergence(prior: Prior, B: int, contexts: int) -> dict:
+    cfg = prior.cfg
+    L, hw, V = prior.block_len, prior.hw, cfg.vocab_size
+    g = torch.Generator().manual_seed(0)
+    paths = {"fp32": Rollout(prior, B), "bf16_fused": Rollout(prior, B, bf16=True)}
+    paths["bf16_autocast"] = Rollout(prior, B, bf16=True)
+    paths["bf16_autocast"].decoder = None  # no fused decoder: the general forward_cached path
+    kl: dict[str, list[torch.Tensor]] = {k: [] for k in paths if k != "fp32"}
+    ent = []
+    for _ in range(contexts):
+        tok, act = _context(prior, B, g)
+        a = torch.randint(0, cfg.n_actions, (B,), generator=g)
+        loops = {}
+        for name, r in paths.items():
+            r.start(tok, act)
+            t_idx = r._advance(a)
+            with r._autocast():
+                emb = r._embed_step(t_idx)
+                logits = torch.empty(hw, B, V)
+                loops[name] = (r, emb, logits, *r._position_forward(emb, int(t_idx[0]) * L, logits))
+        xs = {name: lp[1].slot_input() for name, lp in loops.items()}
+        for j in range(hw):
+            for name, (r, emb, logits, forward, head) in loops.items():
+                with r._autocast():
+                    head(forward(xs[name], int(t_idx[0]) * L + j), j)
+            logp32 = loops["fp32"][2][j].log_softmax(-1)  # (B, V)
+            ent.append(-(logp32.exp() * logp32).sum(-1))
+            nxt = torch.multinomial(logp32.exp(), 1, generator=g)[:, 0]  # the same history for every path
+            for name in kl:
+                kl[name].append((logp32.exp() * (logp32 - loops[name][2][j].log_softmax(-1))).sum(-1))
+            for name, (r, emb, *_rest) in loops.items():
+                with r._autocast():
+                    xs[name] = emb.token_input(nxt, j)
+    out = {"entropy_fp32_nats": round(float(torch.cat(ent).mean()), 3)}
+    for name, v in kl.items():
+        v = torch.cat(v)
+        out[f"kl_{name}_mean"], out[f"kl_{name}_max"] = float(f"{v.mean():.2e}"), float(f"{v.max():.2e}")
+    return out
+
+
 def measure(cfg: PriorConfig, batches: tuple[int, ...], repeats: int, train_reps: int, peak: float) -> dict:
     """Every figure of one geometry (module docstring), with fractions of the fp32 peak ``peak`` GFLOP/s."""
     torch.manual_seed(0)
@@ -191,6 +247,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed generation steps per batch size (median)")
     p.add_argument("--train-reps", type=int, default=4, help="timed training steps per precision (median)")
     p.add_argument(
+        "--bf16-check",
+        action="store_true",
+        help="also measure how far the bf16 token loop's distributions are from fp32's (KL, 2 x 16 frames)",
+    )
+    p.add_argument(
         "--geometry", choices=["anchor", "tiny", "both"], default="both", help="which prior(s) to measure"
     )
     args = p.parse_args()
@@ -209,6 +270,8 @@ def main() -> None:
     for name, cfg in geometries.items():
         if args.geometry in (name, "both"):
             out[name] = measure(cfg, batches, repeats, train_reps, peak32)
+            if args.bf16_check:
+                out[name]["bf16_vs_fp32"] = bf16_divergence(cfg)
     print(json.dumps(out))
 
 

@@ -77,9 +77,11 @@ class CondLayerNorm(nn.Module):
 class KVCache:
     """Preallocated keys/values of every layer for B rows of up to ``capacity`` positions.
 
-    Keys are stored transposed, ``kt`` (n_layer, B, nh, hs, capacity), because a single query's
-    ``q @ K^T`` then reads contiguous rows (about 1.7x faster on CPU at batch 16); ``k`` is the
-    (n_layer, B, nh, capacity, hs) view of the same memory, used for writing and by the other paths.
+    With ``keys_transposed`` (the fp32 default) keys are stored transposed, ``kt`` (n_layer, B, nh, hs,
+    capacity), because a single query's ``q @ K^T`` then reads contiguous rows (about 1.7x faster on CPU at
+    batch 16); without it (the bf16 token loop, whose fused attention kernel needs unit-stride keys) they are
+    stored as ``k`` (n_layer, B, nh, capacity, hs). ``k`` and ``kt`` are views of the same memory either
+    way; ``v`` is always (n_layer, B, nh, capacity, hs).
     """
 
     def __init__(
@@ -91,14 +93,22 @@ class KVCache:
         head_dim: int,
         device: torch.device,
         dtype: torch.dtype,
+        keys_transposed: bool = True,
     ) -> None:
-        self.kt = torch.zeros(n_layer, B, n_head, head_dim, capacity, device=device, dtype=dtype)
+        shape = (n_layer, B, n_head) + ((head_dim, capacity) if keys_transposed else (capacity, head_dim))
+        self._keys = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(n_layer, B, n_head, capacity, head_dim, device=device, dtype=dtype)
-        self.capacity = capacity
+        self.capacity, self.keys_transposed = capacity, keys_transposed
 
     @property
     def k(self) -> torch.Tensor:
-        return self.kt.transpose(-1, -2)
+        """Keys (n_layer, B, nh, capacity, hs)."""
+        return self._keys.transpose(-1, -2) if self.keys_transposed else self._keys
+
+    @property
+    def kt(self) -> torch.Tensor:
+        """Keys transposed (n_layer, B, nh, hs, capacity)."""
+        return self._keys if self.keys_transposed else self._keys.transpose(-1, -2)
 
 
 class SelfAttention(nn.Module):
