@@ -193,7 +193,7 @@ def _divergence(prior: Prior, B: int, contexts: int) -> dict:
                 loops[name] = (r, emb, logits, *r._position_forward(emb, int(t_idx[0]) * L, logits))
         xs = {name: lp[1].slot_input() for name, lp in loops.items()}
         for j in range(hw):
-            for name, (r, emb, logits, forward, head) in loops.items():
+            for name, (r, _emb, _logits, forward, head) in loops.items():
                 with r._autocast():
                     head(forward(xs[name], int(t_idx[0]) * L + j), j)
             logp32 = loops["fp32"][2][j].log_softmax(-1)  # (B, V)
