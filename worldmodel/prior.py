@@ -136,9 +136,10 @@ class SelfAttention(nn.Module):
         With ``cache``: ``x`` (B, n, C) are the next ``n`` positions of cache rows ``rows`` starting at
         ``pos`` (an int shared by all rows, or (B,) per row); their keys/values are written into the
         cache and they attend to everything before them in their row.
-        With ``write=False`` (MaskGIT's masked queries, all rows): nothing is written; the ``n``
-        positions attend to the first ``pos`` cache slots of their row and to each other (no causal
-        order among them).
+        With ``write=False`` (MaskGIT's masked queries, all rows): the cache's first ``pos`` slots are left as
+        they are; the ``n`` positions attend to them and to each other (no causal order among them). Slots
+        ``pos..pos+n`` serve as scratch (a row-major bf16 cache keeps the new keys/values there instead of
+        copying the prefix): the caller writes the finished positions there afterwards.
         """
         B, S, C = x.shape
         # view + permute rather than einops here: this runs once per token per layer when generating
@@ -153,7 +154,12 @@ class SelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
         elif not write:
             ck, cv = cache.k[layer], cache.v[layer]  # (B, nh, cap, hs)
-            if isinstance(pos, int):  # every row has the same prefix: no mask
+            if isinstance(pos, int) and not cache.keys_transposed:  # same prefix, row-major keys: the new
+                # positions go to scratch slots pos..pos+S (free until the caller writes the finished block
+                # there) and attend to slots < pos + S in place -- no copy of the cache, no mask
+                ck[:, :, pos : pos + S], cv[:, :, pos : pos + S] = k.to(ck.dtype), v.to(cv.dtype)
+                y = F.scaled_dot_product_attention(q, ck[:, :, : pos + S], cv[:, :, : pos + S])
+            elif isinstance(pos, int):  # every row has the same prefix: no mask
                 K = torch.cat([ck[:, :, :pos].to(q.dtype), k], 2)
                 V = torch.cat([cv[:, :, :pos].to(q.dtype), v], 2)
                 y = F.scaled_dot_product_attention(q, K, V)
