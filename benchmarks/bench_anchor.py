@@ -13,9 +13,14 @@ Measured in one process:
   ``8*65 .. 9*65-1`` at the anchor); the context's prefill is not timed. Median of ``--repeats`` steps.
 - ``train_tok_s_{fp32,bf16}``: training positions/s (forward + backward + AdamW, batch 8 whole windows),
   fp32 and under bf16 autocast, interleaved (A, B, A, B...), medians.
+- ``fps_b{B}_bf16``: the same through ``Rollout(bf16=True)`` (the fused bf16 token loop).
 - ``matmul_{fp32,bf16}_gflops``: this process's GEMM peak (2048² matmul; bf16 uses AMX/AVX512-BF16 when
-  the CPU has them).
-- ``*_frac``: each figure as a fraction of its FLOP limit = peak GFLOP/s / FLOPs per unit (below).
+  the CPU has them); ``stream_gbytes_s``: reading a 256 MB fp32 tensor.
+- ``*_frac``: each figure as a fraction of its FLOP limit = peak GFLOP/s / FLOPs per unit (below), fp32
+  figures against the fp32 peak, bf16 ones against the bf16 peak.
+- ``cache_mb_per_frame``, ``fps_cache_limit[_bf16]``: the KV cache one row's new frame reads (every position
+  reads every layer's keys and values up to itself; batching does not share it) and the frames/s that
+  ``stream_gbytes_s`` allows for it in fp32 (bf16): the bound that one-query attention actually meets here.
 
 FLOP count (multiply-adds × 2; C width, V codes, L layers, hw = 64 tokens, n = 1 + hw positions per frame):
 
@@ -79,6 +84,27 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, seconds: float = 0.5) -> fl
     return best
 
 
+def stream_gbytes_s(mbytes: int = 256, seconds: float = 0.5) -> float:
+    """Best-of GB/s of summing an fp32 tensor of ``mbytes`` MB: what reading a KV cache far larger than L2 costs."""
+    x = torch.randn(mbytes * 2**20 // 4)
+    x.sum()
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def frame_cache_bytes(cfg: PriorConfig, bytes_per_value: int = 4) -> float:
+    """Bytes of KV cache that one row's new frame reads: every position reads the keys and values of every
+    layer up to itself (the one-query attention's memory traffic, which no batching shares)."""
+    n = 1 + cfg.tokens_h * cfg.tokens_w
+    first = (cfg.frames - 1) * n
+    keys = sum(first + j + 1 for j in range(n))
+    return 2 * keys * cfg.n_embd * cfg.n_layer * bytes_per_value
+
+
 def frame_flops(cfg: PriorConfig) -> float:
     """FLOPs to generate one new frame per row after ``frames - 1`` context frames (module docstring)."""
     C, Lyr, V, hw = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.tokens_h * cfg.tokens_w
@@ -108,10 +134,10 @@ def _context(prior: Prior, B: int, g: torch.Generator) -> tuple[torch.Tensor, to
     return tok, torch.randint(0, cfg.n_actions, (B, cfg.frames - 2), generator=g)
 
 
-def generation_step_seconds(prior: Prior, B: int, repeats: int, **step_kw) -> float:
+def generation_step_seconds(prior: Prior, B: int, repeats: int, bf16: bool = False, **step_kw) -> float:
     """Median seconds of one ``Rollout.step`` (B rows, one new frame each) after a full context."""
     g = torch.Generator().manual_seed(0)
-    r = Rollout(prior, B)
+    r = Rollout(prior, B, bf16=bf16)
     times = []
     for _ in range(repeats + 1):  # the first is a warm-up
         r.start(*_context(prior, B, g))
@@ -211,22 +237,31 @@ def _divergence(prior: Prior, B: int, contexts: int) -> dict:
     return out
 
 
-def measure(cfg: PriorConfig, batches: tuple[int, ...], repeats: int, train_reps: int, peak: float) -> dict:
-    """Every figure of one geometry (module docstring), with fractions of the fp32 peak ``peak`` GFLOP/s."""
+def measure(
+    cfg: PriorConfig, batches: tuple[int, ...], repeats: int, train_reps: int, peaks: dict[str, float]
+) -> dict:
+    """Every figure of one geometry (module docstring), with fractions of the ``peaks`` (``fp32``, ``bf16``
+    GFLOP/s, ``stream`` GB/s)."""
     torch.manual_seed(0)
     prior = Prior(cfg).eval()
-    ff = frame_flops(cfg)
+    ff, peak = frame_flops(cfg), peaks["fp32"]
     out: dict = {
         "model": f"{cfg.n_layer}x{cfg.n_embd}x{cfg.n_head}h latent ({cfg.frames},{cfg.tokens_h},{cfg.tokens_w}) "
         f"V={cfg.vocab_size}",
         "params_M": round(sum(p.numel() for p in prior.parameters()) / 1e6, 2),
         "gflop_per_frame": round(ff / 1e9, 4),
         "fps_limit": round(peak * 1e9 / ff, 1),
+        "cache_mb_per_frame": round(frame_cache_bytes(cfg) / 1e6, 1),
+        "fps_cache_limit": round(peaks["stream"] * 1e9 / frame_cache_bytes(cfg), 1),
+        "fps_cache_limit_bf16": round(peaks["stream"] * 1e9 / frame_cache_bytes(cfg, 2), 1),
     }
     for B in batches:
         fps = B / generation_step_seconds(prior, B, repeats)
         out[f"fps_b{B}"] = round(fps, 1)
         out[f"fps_b{B}_frac"] = round(fps * ff / (peak * 1e9), 3)
+        fps16 = B / generation_step_seconds(prior, B, repeats, bf16=True)
+        out[f"fps_b{B}_bf16"] = round(fps16, 1)
+        out[f"fps_b{B}_bf16_frac"] = round(fps16 * ff / (peaks["bf16"] * 1e9), 3)
     tf = train_flops_per_position(cfg)
     positions = 8 * cfg.frames * prior.block_len
     t32, t16 = training_step_seconds(prior, train_reps)
@@ -234,7 +269,7 @@ def measure(cfg: PriorConfig, batches: tuple[int, ...], repeats: int, train_reps
     out["train_tok_s_fp32"] = round(positions / t32)
     out["train_tok_s_bf16"] = round(positions / t16)
     out["train_fp32_frac"] = round(positions / t32 * tf / (peak * 1e9), 3)
-    out["train_bf16_frac_of_fp32_peak"] = round(positions / t16 * tf / (peak * 1e9), 3)
+    out["train_bf16_frac"] = round(positions / t16 * tf / (peaks["bf16"] * 1e9), 3)
     return out
 
 
@@ -259,17 +294,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     batches = (1, 16) if args.quick else (1, 16, 64)
     repeats, train_reps = (2, 2) if args.quick else (args.repeats, args.train_reps)
-    peak32, peak16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    peaks = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    peaks["stream"] = stream_gbytes_s()
     out: dict = {
         "bench": "anchor",
         "threads": torch.get_num_threads(),
-        "matmul_fp32_gflops": round(peak32, 1),
-        "matmul_bf16_gflops": round(peak16, 1),
+        "matmul_fp32_gflops": round(peaks["fp32"], 1),
+        "matmul_bf16_gflops": round(peaks["bf16"], 1),
+        "stream_gbytes_s": round(peaks["stream"], 1),
     }
     geometries = {"anchor": ANCHOR, "tiny": tiny_config()}
     for name, cfg in geometries.items():
         if args.geometry in (name, "both"):
-            out[name] = measure(cfg, batches, repeats, train_reps, peak32)
+            out[name] = measure(cfg, batches, repeats, train_reps, peaks)
             if args.bf16_check:
                 out[name]["bf16_vs_fp32"] = bf16_divergence(cfg)
     print(json.dumps(out))
