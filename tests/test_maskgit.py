@@ -187,3 +187,31 @@ def test_dream_env_with_maskgit_decoding(tmp_path, hgs_store, tiny_bundle):
         gym.make(envs.dream_id("VizdoomHGS"), checkpoint=tiny_bundle, decode="maskgit")
     with pytest.raises(ValueError, match="maskgit_steps"):
         gym.make(envs.dream_id("VizdoomHGS"), checkpoint=bundle, decode="maskgit", maskgit_steps=0)
+
+
+def test_masked_pass_on_a_row_major_cache_attends_in_place_exactly_as_on_a_copy():
+    """bf16 (row-major keys): the masked queries' keys/values go to the block's own slots instead of a copy of
+    the cache prefix; the output is bit-identical and the prefix is untouched."""
+    from types import SimpleNamespace
+
+    p = randomized(replace(CFG, maskgit_weight=1.0))
+    B = 3
+    tok, act = clip(B=B, T=3)
+    r = Rollout(p, B, bf16=True)
+    assert not r.cache.keys_transposed
+    r.start(tok[:, :2], act[:, :1])
+    t_idx = r._advance(act[:, 1])
+    base = int(t_idx[0]) * p.block_len
+    with torch.inference_mode(), r._autocast():
+        emb = r._embed_step(t_idx)
+        p.forward_cached(emb.slot_input()[:, None], emb.ln, r.cache, None, base)
+        known = torch.rand(B, 1, p.hw, generator=torch.Generator().manual_seed(0)) < 0.5
+        xm = p.embed_masked(tok[:, 2:3].flatten(2), known, emb.cond, t_idx[:, None], emb.prev[:, None])[:, 0]
+        prefix = (r.cache.k[:, :, :, : base + 1].clone(), r.cache.v[:, :, :, : base + 1].clone())
+        copied = SimpleNamespace(k=r.cache.k, v=r.cache.v, capacity=r.cache.capacity, keys_transposed=True)
+        want = p.forward_cached(xm, emb.ln, copied, None, base + 1, write=False)  # the concatenating path
+        got = p.forward_cached(xm, emb.ln, r.cache, None, base + 1, write=False)
+    assert torch.equal(got, want)
+    assert torch.equal(r.cache.k[:, :, :, : base + 1], prefix[0]) and torch.equal(
+        r.cache.v[:, :, :, : base + 1], prefix[1]
+    )

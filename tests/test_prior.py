@@ -96,7 +96,7 @@ def test_fused_token_decoder_equals_forward_cached_and_follows_weight_updates(kw
             a = torch.tensor([[2, 2], [0, 0], [1, 1]])  # the next block's action
             new = p.block_conditions(a, B, 2, cls)[:, 1:]  # (B, 1, C)
             ln = p.ln_params(new)
-            assert TokenDecoder.supported(p, torch.float32, None)
+            assert TokenDecoder.supported(p, caches[1], None)
             norms = dec.frame_norms(ln, B)
             x = torch.randn(B, CFG.n_embd, generator=torch.Generator().manual_seed(round_))
             for pos in range(2 * p.block_len, 2 * p.block_len + 4):
@@ -115,10 +115,48 @@ def test_fused_token_decoder_equals_forward_cached_and_follows_weight_updates(kw
         loss.backward()
         opt.step()
         p.eval()
-    assert not TokenDecoder.supported(p.train(), torch.float32, None), (
+    assert not TokenDecoder.supported(p.train(), caches[1], None), (
         "dropout in training mode: the fused path must not apply"
     )
-    assert not TokenDecoder.supported(p.eval(), torch.bfloat16, None)
+    cache16 = KVCache(CFG.n_layer, B, CFG.n_head, 8, hs, torch.device("cpu"), torch.bfloat16)
+    assert not TokenDecoder.supported(p.eval(), cache16, None), "bf16 needs row-major keys"
+
+
+def test_bf16_token_decoder_is_close_to_autocast_forward_cached():
+    """The fused bf16 loop (bf16 GEMMs, row-major bf16 cache, SDPA) against the autocast general path."""
+    p = randomized(CFG)
+    B, hs = 3, CFG.n_embd // CFG.n_head
+    tok, act = clip(B=B, T=2)
+    dec = TokenDecoder(p, torch.bfloat16)
+    caches = [
+        KVCache(
+            CFG.n_layer,
+            B,
+            CFG.n_head,
+            CFG.frames * p.block_len,
+            hs,
+            torch.device("cpu"),
+            torch.bfloat16,
+            False,
+        )
+        for _ in range(2)
+    ]
+    assert TokenDecoder.supported(p, caches[0], None)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cond = p.block_conditions(act[:, :1], B, 2)
+        for c in caches:
+            p.forward_cached(p.embed_blocks(tok, cond), p.ln_condition(cond), c, None, 0)
+        ln = p.ln_params(p.block_conditions(torch.tensor([[2, 2], [0, 0], [1, 1]]), B, 2)[:, 1:])
+        norms = dec.frame_norms(ln, B)
+        x = torch.randn(B, CFG.n_embd, generator=torch.Generator().manual_seed(0))
+        for pos in range(2 * p.block_len, 2 * p.block_len + 4):
+            ref = p.forward_cached(x[:, None], ln, caches[0], None, pos)[:, 0].float()
+            got = dec(x, norms, caches[1], pos)
+            assert got.dtype == torch.float32 and torch.allclose(got, ref, atol=0.1), (got - ref).abs().max()
+            assert torch.allclose(caches[1].k.float(), caches[0].k.float(), atol=0.05)
+            x = ref + 0.1
+    with pytest.raises(ValueError, match="dtype"):
+        TokenDecoder(p, torch.float16)
 
 
 def symexp_(x):
@@ -393,7 +431,7 @@ def test_rollout_reads_the_history_termination_as_the_full_forward_does(fused):
     r = Rollout(p, 3)
     if not fused:
         p.train()  # dropout is 0: same numbers, but the fused single-position path does not apply
-        assert not TokenDecoder.supported(p, torch.float32, None)
+        assert not TokenDecoder.supported(p, r.cache, None)
     r.start(tok[:, :2], act[:, :1])
     got = r.step(act[:, 1], temperature=0)
     full = p.eval()(torch.cat([tok[:, :2], got.tokens[:, None]], 1), act[:, :2])

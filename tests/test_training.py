@@ -13,7 +13,7 @@ from torch import nn
 from worldmodel.checkpoint import has_weights, load_weights, read_run_config, write_run_config
 from worldmodel.config import ExperimentConfig, TrainConfig, get_preset, preset_names
 from worldmodel.store import ActionSpec, StoreWriter
-from worldmodel.training import evaluate, fit, lr_at
+from worldmodel.training import evaluate, fit, lr_at, probe_bf16
 from worldmodel.training_data import ClipDataset
 
 
@@ -367,3 +367,70 @@ def test_lr_schedule():
     cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(100, cfg) == pytest.approx(0.1) and lr_at(55, cfg) < lr_at(20, cfg)
+
+
+def test_bf16_probe_leaves_model_and_rng_untouched(clips):
+    torch.manual_seed(0)
+    m = ToyModel()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    rng = torch.get_rng_state()
+    batch = {"frames": torch.stack([clips[i]["frames"] for i in range(4)])}
+    found = probe_bf16(m, batch, TrainConfig(lr=1e-2), torch.device("cpu"), steps=1)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items()) and m.losses == []
+    assert torch.equal(rng, torch.get_rng_state())
+    assert found.fp32_s > 0 and found.bf16_s > 0 and np.isfinite(found.fp32_loss)
+    assert "bf16 probe" in found.describe() and isinstance(found.use_bf16, bool)
+
+
+@pytest.mark.parametrize("choice", [False, True])
+def test_bf16_auto_trains_as_the_probe_chose_and_a_resumed_run_keeps_it(tmp_path, clips, monkeypatch, choice):
+    import worldmodel.training as training
+
+    calls = []
+
+    def fake_probe(model, batch, cfg, device, **kw):
+        calls.append(len(batch["frames"]))
+        return training.Bf16Probe(1.0, 0.5, 1.0, 1.0, choice)
+
+    monkeypatch.setattr(training, "probe_bf16", fake_probe)
+    base = TrainConfig(steps=6, batch_size=4, lr=1e-2, warmup_steps=2, ckpt_every=3, eval_every=100)
+    runs = {}
+    for name, bf16 in (("auto", "auto"), ("fixed", choice)):
+        torch.manual_seed(0)
+        runs[name] = ToyModel()
+        cfg = replace(base, bf16=bf16)
+        fit(
+            runs[name],
+            stage="toy",
+            run_dir=tmp_path / name,
+            train_set=clips,
+            val_set=None,
+            cfg=cfg,
+            progress=False,
+        )
+    assert calls == [4], "probed once, on one batch of the training set"
+    assert runs["auto"].losses == runs["fixed"].losses  # the probe moved neither the weights nor the RNG
+    state = torch.load(tmp_path / "auto" / "trainer_state" / "toy.pt", weights_only=False)
+    assert state["bf16"] is choice
+    more = replace(base, steps=9, bf16="auto")
+    fit(
+        ToyModel(),
+        stage="toy",
+        run_dir=tmp_path / "auto",
+        train_set=clips,
+        val_set=None,
+        cfg=more,
+        progress=False,
+    )
+    assert calls == [4], "a resumed run keeps the recorded choice without probing again"
+
+
+def test_bf16_config_accepts_auto_and_names_bad_values():
+    d = get_preset("vizdoom_hgs", "tiny").to_dict()
+    d["prior_train"]["bf16"] = "auto"
+    assert ExperimentConfig.from_dict(d).prior_train.bf16 == "auto"
+    d["prior_train"]["bf16"] = "yes"
+    with pytest.raises(ValueError, match="prior_train.bf16: got 'yes'.*true or false or one of \\['auto'\\]"):
+        ExperimentConfig.from_dict(d)
+    with pytest.raises(ValueError, match="bf16"):
+        TrainConfig(bf16="on")

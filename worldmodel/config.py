@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -264,10 +265,18 @@ class TrainConfig:
     """Checkpoint every this many steps; a kill loses at most this much training."""
     seed: int = 0
     """Seed of initialisation, dropout and data order."""
-    bf16: bool = False
-    """bf16 autocast (CPU and CUDA)."""
+    bf16: bool | Literal["auto"] = False
+    """bf16 autocast (CPU and CUDA): true, false, or ``"auto"``: a start-up probe on this device times a few
+    training steps each way and turns bf16 on when it is at least 10% faster and the loss of one batch agrees
+    to 1% (``worldmodel.training.probe_bf16``; the choice is logged and kept in the trainer state, so a
+    resumed run keeps it). Measured at issue 22's anchor prior on a CPU with AMX: bf16 2.1x fp32
+    (benchmarks/bench_anchor.py)."""
     max_minutes: float = 0.0
     """Stop after this many minutes of training (0 = no limit); the last checkpoint is written."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bf16, bool) and self.bf16 != "auto":
+            raise ValueError(f"bf16: got {self.bf16!r}, expected true, false or 'auto'")
 
 
 @dataclass(frozen=True)
@@ -311,6 +320,13 @@ _SCALARS: dict[type, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]] = 
 """Scalar field types: (accepts the JSON value, what was expected, conversion)."""
 
 
+def _expected(t: Any) -> str:
+    """What a JSON value of field type ``t`` should be, in words (for errors)."""
+    if typing.get_origin(t) is Literal:
+        return f"one of {list(typing.get_args(t))}"
+    return _SCALARS[t][1] if t in _SCALARS else _typename(t)
+
+
 def _checked(value: Any, t: Any, where: str) -> Any:
     """``value`` (from JSON) as the type ``t`` of a config field, or ``ValueError`` naming ``where``."""
 
@@ -320,6 +336,13 @@ def _checked(value: Any, t: Any, where: str) -> Any:
     if dataclasses.is_dataclass(t):
         return _from_dict(t, value, where)
     origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):  # the first member that accepts the value
+        for a in args:
+            try:
+                return _checked(value, a, where)
+            except ValueError:
+                pass
+        raise bad(" or ".join(_expected(a) for a in args))
     if origin is Literal:
         if value not in args or type(value) is bool:
             raise bad(f"one of {list(args)}")

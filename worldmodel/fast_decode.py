@@ -15,6 +15,12 @@ per layer on 2-D (B, C) tensors:
 - attention of the single query is two ``bmm`` on the cache's storage (keys stored transposed, so
   ``q @ K^T`` reads contiguous rows) with the new key/value written in place.
 
+bf16 (``TokenDecoder(prior, torch.bfloat16)``, ``Rollout(bf16=True)``): the same loop with bf16 weights
+(cast once), a bf16 cache with row-major keys and attention through ``scaled_dot_product_attention``'s
+fused kernel; LayerNorms, the residual stream and the logits stay fp32, as under autocast. At issue 22's
+anchor geometry one-query attention is bound by reading the cache (about 4.7 MB per row and position in
+fp32, at ~20 GB/s on this machine), so halving its bytes is what pays (docs/ARCHITECTURE.md "Generation").
+
 Hand-written rather than ``torch.compile``d: on this CPU inductor made the loop 4-5x slower (its
 guards and graph launches cost more than the ops it fuses), and TorchScript is deprecated. The
 derived weights are refreshed whenever a parameter changes in place (``Tensor._version``), so a
@@ -30,26 +36,32 @@ from worldmodel.prior import KVCache, Prior
 
 
 class TokenDecoder:
-    """Single-position incremental forward of ``prior`` for fp32 rows in lockstep, without
-    cross-attention memory (:meth:`supported` says when it applies; otherwise use
-    :meth:`Prior.forward_cached`)."""
+    """Single-position incremental forward of ``prior`` for rows in lockstep, without cross-attention
+    memory, in fp32 (bit-for-bit the fp32 ``forward_cached`` up to summation order) or bf16 (``dtype``;
+    bf16 GEMMs and cache). :meth:`supported` says when it applies; otherwise use :meth:`Prior.forward_cached`."""
 
-    def __init__(self, prior: Prior) -> None:
-        self.prior = prior
+    DTYPES = (torch.float32, torch.bfloat16)
+
+    def __init__(self, prior: Prior, dtype: torch.dtype = torch.float32) -> None:
+        if dtype not in self.DTYPES:
+            raise ValueError(f"dtype: got {dtype}, expected one of {self.DTYPES}")
+        self.prior, self.dtype = prior, dtype
         self._params = list(prior.parameters())
         self._version: tuple[int, ...] | None = None
         self.layers: list[dict[str, torch.Tensor]] = []
 
     @staticmethod
-    def supported(prior: Prior, dtype: torch.dtype, memory: object) -> bool:
-        """True when the fused path computes what ``forward_cached`` would: fp32 cache and weights,
-        no cross-attention memory, eval mode (no dropout), full attention and nanoGPT's layers (biases, exact
-        GELU; not ``paper_layers``)."""
+    def supported(prior: Prior, cache: KVCache, memory: object) -> bool:
+        """True when the fused path computes what ``forward_cached`` would: fp32 weights, no cross-attention
+        memory, eval mode (no dropout), full attention and nanoGPT's layers (biases, exact GELU; not
+        ``paper_layers``), and an fp32 cache with transposed keys or a bf16 one with row-major keys."""
+        layout_ok = cache.keys_transposed == (cache.v.dtype == torch.float32)
         return (
             memory is None
             and prior.sparse is None
             and not prior.cfg.paper_layers
-            and dtype == torch.float32
+            and cache.v.dtype in TokenDecoder.DTYPES
+            and layout_ok
             and not prior.training
             and next(prior.parameters()).dtype == torch.float32
         )
@@ -71,19 +83,18 @@ class TokenDecoder:
                 # z' * (1 + erf(z')) scaled by 1 / sqrt 2 (erf + addcmul cost ~2 us against ~8 us
                 # for the exact-erf F.gelu kernel on a 512-vector on this CPU)
                 r2 = 2**-0.5
-                self.layers.append(
-                    {
-                        "qkv_t": w.t().contiguous(),
-                        "qkv_b": b,
-                        "proj_t": blk.attn.proj.weight.detach().t().contiguous(),
-                        "proj_b": blk.attn.proj.bias.detach(),
-                        "fc_t": (blk.mlp[0].weight.detach() * r2).t().contiguous(),
-                        "fc_b": blk.mlp[0].bias.detach() * r2,
-                        "fc2_t": (blk.mlp[2].weight.detach() * r2).t().contiguous(),
-                        "fc2_b": blk.mlp[2].bias.detach(),
-                    }
-                )
-            self.head_t = prior.head.weight.detach().t().contiguous()  # (C, V)
+                layer = {
+                    "qkv_t": w.t().contiguous(),
+                    "qkv_b": b,
+                    "proj_t": blk.attn.proj.weight.detach().t().contiguous(),
+                    "proj_b": blk.attn.proj.bias.detach(),
+                    "fc_t": (blk.mlp[0].weight.detach() * r2).t().contiguous(),
+                    "fc_b": blk.mlp[0].bias.detach() * r2,
+                    "fc2_t": (blk.mlp[2].weight.detach() * r2).t().contiguous(),
+                    "fc2_b": blk.mlp[2].bias.detach(),
+                }
+                self.layers.append({k: t.to(self.dtype) for k, t in layer.items()})
+            self.head_t = prior.head.weight.detach().t().contiguous().to(self.dtype)  # (C, V)
         self._version = version
 
     def frame_norms(
@@ -113,6 +124,8 @@ class TokenDecoder:
 
         Writes the position's keys/values into ``cache`` (all B rows); it attends to slots ``0..pos``.
         """
+        if self.dtype != torch.float32:
+            return self._forward_low(x, norms, cache, pos)
         B, C = x.shape
         nh = self.prior.cfg.n_head
         hs, L = C // nh, pos + 1
@@ -136,3 +149,38 @@ class TokenDecoder:
             x = torch.addmm(x, h, lw["fc2_t"]).add_(lw["fc2_b"])  # x + mlp(h)
         g, c = norms[-1]
         return torch.addcmul(c, F.layer_norm(x, (C,), eps=eps), g)
+
+    def _forward_low(
+        self, x: torch.Tensor, norms: list[tuple[torch.Tensor, torch.Tensor]], cache: KVCache, pos: int
+    ) -> torch.Tensor:
+        """:meth:`__call__` in bf16: GEMMs and attention in bf16 on a row-major bf16 cache; LayerNorms and the
+        residual stream ``x`` (B, C) in fp32 (what autocast keeps in fp32)."""
+        B, C = x.shape
+        nh, dt = self.prior.cfg.n_head, self.dtype
+        hs, L = C // nh, pos + 1
+        eps = self.prior.ln_f.norm.eps
+        for i, lw in enumerate(self.layers):
+            g, c = norms[2 * i]
+            h = torch.addcmul(c, F.layer_norm(x, (C,), eps=eps), g).to(dt)
+            qkv = torch.addmm(lw["qkv_b"], h, lw["qkv_t"]).view(B, 3, nh, hs)  # q pre-scaled
+            k, v = cache.k[i], cache.v[i]  # (B, nh, cap, hs) each
+            k[:, :, pos] = qkv[:, 1]
+            v[:, :, pos] = qkv[:, 2]
+            y = F.scaled_dot_product_attention(
+                qkv[:, 0, :, None], k[:, :, :L], v[:, :, :L], scale=1.0
+            )  # (B, nh, 1, hs)
+            x = x + torch.addmm(lw["proj_b"], y.view(B, C), lw["proj_t"])  # fp32 + bf16 -> fp32
+            g, c = norms[2 * i + 1]
+            h = torch.addcmul(c, F.layer_norm(x, (C,), eps=eps), g).to(dt)
+            z = torch.addmm(lw["fc_b"], h, lw["fc_t"])  # z / sqrt 2
+            h = torch.addcmul(z, z, torch.erf(z))  # sqrt 2 * GELU(z), fc2 rescales
+            x = x + torch.addmm(lw["fc2_b"], h, lw["fc2_t"])
+        g, c = norms[-1]
+        return torch.addcmul(c, F.layer_norm(x, (C,), eps=eps), g)
+
+    def logits(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Token logits of final hidden states ``h`` (B, C) into ``out`` (B, V) fp32 (the head in this decoder's dtype)."""
+        if self.dtype == torch.float32:
+            return torch.mm(h, self.head_t, out=out)
+        out.copy_(torch.mm(h.to(self.dtype), self.head_t))
+        return out

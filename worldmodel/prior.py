@@ -84,9 +84,11 @@ class CondLayerNorm(nn.Module):
 class KVCache:
     """Preallocated keys/values of every layer for B rows of up to ``capacity`` positions.
 
-    Keys are stored transposed, ``kt`` (n_layer, B, nh, hs, capacity), because a single query's
-    ``q @ K^T`` then reads contiguous rows (about 1.7x faster on CPU at batch 16); ``k`` is the
-    (n_layer, B, nh, capacity, hs) view of the same memory, used for writing and by the other paths.
+    With ``keys_transposed`` (the fp32 default) keys are stored transposed, ``kt`` (n_layer, B, nh, hs,
+    capacity), because a single query's ``q @ K^T`` then reads contiguous rows (about 1.7x faster on CPU at
+    batch 16); without it (the bf16 token loop, whose fused attention kernel needs unit-stride keys) they are
+    stored as ``k`` (n_layer, B, nh, capacity, hs). ``k`` and ``kt`` are views of the same memory either
+    way; ``v`` is always (n_layer, B, nh, capacity, hs).
     """
 
     def __init__(
@@ -98,14 +100,22 @@ class KVCache:
         head_dim: int,
         device: torch.device,
         dtype: torch.dtype,
+        keys_transposed: bool = True,
     ) -> None:
-        self.kt = torch.zeros(n_layer, B, n_head, head_dim, capacity, device=device, dtype=dtype)
+        shape = (n_layer, B, n_head) + ((head_dim, capacity) if keys_transposed else (capacity, head_dim))
+        self._keys = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(n_layer, B, n_head, capacity, head_dim, device=device, dtype=dtype)
-        self.capacity = capacity
+        self.capacity, self.keys_transposed = capacity, keys_transposed
 
     @property
     def k(self) -> torch.Tensor:
-        return self.kt.transpose(-1, -2)
+        """Keys (n_layer, B, nh, capacity, hs)."""
+        return self._keys.transpose(-1, -2) if self.keys_transposed else self._keys
+
+    @property
+    def kt(self) -> torch.Tensor:
+        """Keys transposed (n_layer, B, nh, hs, capacity)."""
+        return self._keys if self.keys_transposed else self._keys.transpose(-1, -2)
 
 
 class SelfAttention(nn.Module):
@@ -138,9 +148,10 @@ class SelfAttention(nn.Module):
         With ``cache``: ``x`` (B, n, C) are the next ``n`` positions of cache rows ``rows`` starting at
         ``pos`` (an int shared by all rows, or (B,) per row); their keys/values are written into the
         cache and they attend to everything before them in their row.
-        With ``write=False`` (MaskGIT's masked queries, all rows): nothing is written; the ``n``
-        positions attend to the first ``pos`` cache slots of their row and to each other (no causal
-        order among them).
+        With ``write=False`` (MaskGIT's masked queries, all rows): the cache's first ``pos`` slots are left as
+        they are; the ``n`` positions attend to them and to each other (no causal order among them). Slots
+        ``pos..pos+n`` serve as scratch (a row-major bf16 cache keeps the new keys/values there instead of
+        copying the prefix): the caller writes the finished positions there afterwards.
         With the strided sparse pattern every cached path reads the pattern's rows of its positions (the
         uncached forward gets the whole pattern as ``attn_mask`` from :meth:`Prior.forward`).
         """
@@ -158,7 +169,12 @@ class SelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
         elif not write:
             ck, cv = cache.k[layer], cache.v[layer]  # (B, nh, cap, hs)
-            if isinstance(pos, int):  # every row has the same prefix: no mask
+            if isinstance(pos, int) and not cache.keys_transposed:  # same prefix, row-major keys: the new
+                # positions go to scratch slots pos..pos+S (free until the caller writes the finished block
+                # there) and attend to slots < pos + S in place -- no copy of the cache, no mask
+                ck[:, :, pos : pos + S], cv[:, :, pos : pos + S] = k.to(ck.dtype), v.to(cv.dtype)
+                y = F.scaled_dot_product_attention(q, ck[:, :, : pos + S], cv[:, :, : pos + S])
+            elif isinstance(pos, int):  # every row has the same prefix: no mask
                 K = torch.cat([ck[:, :, :pos].to(q.dtype), k], 2)
                 V = torch.cat([cv[:, :, :pos].to(q.dtype), v], 2)
                 y = F.scaled_dot_product_attention(q, K, V)

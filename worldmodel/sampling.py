@@ -164,6 +164,7 @@ class Rollout:
             hs,
             self.device,
             torch.bfloat16 if bf16 else p.dtype,
+            keys_transposed=not bf16,  # the bf16 token loop's fused attention reads row-major keys
         )
         h, w = cfg.tokens_h, cfg.tokens_w
         self.tokens = torch.zeros(batch_size, cfg.frames, h, w, dtype=torch.long, device=self.device)
@@ -179,7 +180,8 @@ class Rollout:
                 cfg.n_layer, batch_size, cfg.n_head, M, hs, device=self.device, dtype=p.dtype
             )
             self.mem_v = torch.zeros_like(self.mem_k)
-        self.decoder = TokenDecoder(prior)  # fused single-position forward of the token loop
+        # fused single-position forward of the token loop (fp32, or bf16 GEMMs and cache with bf16)
+        self.decoder = TokenDecoder(prior, torch.bfloat16 if bf16 else torch.float32)
         self.n_frames = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # frames in each window
         self.started = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
 
@@ -424,14 +426,15 @@ class Rollout:
         (B, V)`` (written into ``all_logits[j]``): the fused :class:`TokenDecoder` for fp32 rows in lockstep without
         memory, else :meth:`Prior.forward_cached`."""
         prior, memory = self.prior, self._memory(None)
-        if isinstance(base, int) and TokenDecoder.supported(prior, self.cache.kt.dtype, memory):
+        fused = self.decoder is not None and isinstance(base, int)
+        if fused and TokenDecoder.supported(prior, self.cache, memory):
             norms = self.decoder.frame_norms(emb.ln, self.B)
 
             def forward(x: torch.Tensor, pos: int) -> torch.Tensor:
                 return self.decoder(x, norms, self.cache, pos)
 
             def head(h: torch.Tensor, j: int) -> torch.Tensor:
-                return torch.mm(h, self.decoder.head_t, out=all_logits[j])
+                return self.decoder.logits(h, all_logits[j])
 
             return forward, head
 

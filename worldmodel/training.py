@@ -10,18 +10,20 @@ step, RNG and data order) so that a ``kill -9`` loses at most one checkpoint int
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from worldmodel.checkpoint import load_checkpoint, save_checkpoint
@@ -226,6 +228,110 @@ def _validate(
     return val_metrics
 
 
+@dataclass(frozen=True)
+class Bf16Probe:
+    """What :func:`probe_bf16` measured: seconds per training step each way (medians), the loss of one batch
+    each way on the same weights, and the choice."""
+
+    fp32_s: float
+    bf16_s: float
+    fp32_loss: float
+    bf16_loss: float
+    use_bf16: bool
+
+    def describe(self) -> str:
+        return (
+            f"bf16 probe: {self.fp32_s * 1e3:.0f} ms/step fp32, {self.bf16_s * 1e3:.0f} ms/step bf16 "
+            f"({self.fp32_s / self.bf16_s:.2f}x), loss {self.fp32_loss:.4f} vs {self.bf16_loss:.4f} -> "
+            f"bf16 {'on' if self.use_bf16 else 'off'}"
+        )
+
+
+def probe_bf16(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    cfg: TrainConfig,
+    device: torch.device,
+    steps: int = 3,
+    min_speedup: float = 1.1,
+    loss_rtol: float = 0.01,
+) -> Bf16Probe:
+    """Decide bf16 autocast for training ``model`` on ``device`` (``TrainConfig.bf16 = "auto"``).
+
+    On a deep copy of ``model`` (the model, its optimizer and torch's RNG are left as they were): one warm-up
+    step each way, then ``steps`` interleaved training steps each way (forward, backward, AdamW with ``cfg``'s
+    settings) on ``batch``, timed. bf16 is chosen when its median step is ``min_speedup`` times faster and the
+    loss of ``batch`` under bf16 autocast matches fp32's on the same weights to ``loss_rtol`` (relative). This
+    checks a step's numerics, not held-out quality after training; it takes about ``2 * (steps + 1) + 2``
+    training steps.
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        probe = copy.deepcopy(model).train()
+        opt, _ = _optimizer(probe, cfg)
+
+        def loss_of(bf16: bool) -> torch.Tensor:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                return probe.compute_loss(batch)[0]
+
+        losses = {}
+        with torch.no_grad():
+            for bf16 in (False, True):  # the same weights, and the same random draws (masks, context noise)
+                torch.manual_seed(0)
+                losses[bf16] = float(loss_of(bf16))
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for i in range(steps + 1):
+            for bf16 in (False, True):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                loss = loss_of(bf16)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i:  # the first of each is a warm-up
+                    times[bf16].append(time.perf_counter() - t0)
+    fp32_s, bf16_s = statistics.median(times[False]), statistics.median(times[True])
+    agree = abs(losses[True] - losses[False]) <= loss_rtol * abs(losses[False])
+    use = bool(fp32_s >= min_speedup * bf16_s and agree and math.isfinite(losses[True]))
+    return Bf16Probe(fp32_s, bf16_s, losses[False], losses[True], use)
+
+
+def _resolve_bf16(
+    model: nn.Module,
+    train_set: Dataset,
+    cfg: TrainConfig,
+    state: dict[str, Any] | None,
+    di: DistInfo,
+    stage: str,
+    writer: Any,
+) -> TrainConfig:
+    """``cfg`` with ``bf16`` a bool: as configured, as a resumed run chose it, or by :func:`probe_bf16` on
+    this device's first ``batch_size`` training clips (every rank probes; bf16 only if all of them choose it)."""
+    if cfg.bf16 != "auto":
+        return cfg
+    if state is not None and "bf16" in state:
+        return replace(cfg, bf16=bool(state["bf16"]))
+    n = min(cfg.batch_size, len(train_set))
+    batch = _to_device(default_collate([train_set[i] for i in range(n)]), di.device)
+    found = probe_bf16(model, batch, cfg, di.device)
+    use = found.use_bf16
+    if di.world_size > 1:
+        flag = torch.tensor([float(use)], device=di.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        use = bool(flag.item())
+    if di.is_main:
+        print(
+            f"{stage}: {found.describe()}"
+            + ("" if use == found.use_bf16 else " (off: another rank chose fp32)")
+        )
+        if writer is not None:
+            writer.add_scalar(f"{stage}/bf16", float(use), 0)
+            writer.add_scalar(f"{stage}/bf16_probe_speedup", found.fp32_s / found.bf16_s, 0)
+    return replace(cfg, bf16=use)
+
+
 def _train_step(
     wrapped: nn.Module,
     opt: torch.optim.Optimizer,
@@ -311,6 +417,7 @@ def fit(
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tb" / stage))
+    cfg = _resolve_bf16(model, train_set, cfg, state, di, stage, writer)
 
     def checkpoint() -> None:
         rng = [_rng_state()]
@@ -325,7 +432,13 @@ def fit(
                 run_dir,
                 stage,
                 model.state_dict(),
-                {"step": step, "optimizer": opt.state_dict(), "rng": rng, "world_size": di.world_size},
+                {
+                    "step": step,
+                    "optimizer": opt.state_dict(),
+                    "rng": rng,
+                    "world_size": di.world_size,
+                    "bf16": cfg.bf16,
+                },
             )
             if on_checkpoint is not None:
                 on_checkpoint(model, step)
