@@ -23,14 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import torch
 
-from envs.controller import CMAESConfig, LinearController, cmaes_agent_steps, train_cmaes
+from envs.controller import FITNESSES, CMAESConfig, LinearController, cmaes_agent_steps, train_cmaes
 from envs.dream import DreamVectorEnv, load_world_model
 from envs.policy import real_env_kwargs
 from envs.real import check_real_env, make_real_env_fn
@@ -123,6 +123,20 @@ def main() -> None:
     )
     p.add_argument("--temperature", type=float, default=1.0, help="dream sampling temperature")
     p.add_argument(
+        "--hazard-scale",
+        type=float,
+        default=1.0,
+        help="dream hazard scale k: each predicted termination probability p becomes 1 - (1 - p)^k "
+        "(evolution and dream scoring alike; envs/dream.py)",
+    )
+    p.add_argument(
+        "--fitness",
+        default=CMAESConfig.fitness,
+        choices=list(FITNESSES),
+        help="CMA-ES fitness in the dream: 'sampled' (return until a drawn termination) or 'expected' "
+        "(return expected under the predicted termination; episodes run to the cap)",
+    )
+    p.add_argument(
         "--real-baseline", action="store_true", help="also evolve the learner in the real game (seed 0)"
     )
     p.add_argument(
@@ -159,6 +173,7 @@ def main() -> None:
         features=args.features,
         motion=args.motion,
         last_action=args.last_action,
+        fitness=args.fitness,
     )
     real = gym.vector.SyncVectorEnv(
         [make_real_env_fn(args.env, resolution=H, **kw) for _ in range(args.real_envs)]
@@ -196,12 +211,15 @@ def main() -> None:
         world_model=wm,
         max_episode_steps=cfg.max_episode_steps,
         temperature=args.temperature,
+        hazard_scale=args.hazard_scale,
+        termination="never" if cfg.fitness == "expected" else "sample",
     )
     score_dream = DreamVectorEnv(
         min(args.dream_episodes, 16),
         world_model=wm,
         max_episode_steps=args.max_steps,
         temperature=args.temperature,
+        hazard_scale=args.hazard_scale,
     )
     per_seed = []
     for s in args.seeds:
@@ -251,7 +269,8 @@ def main() -> None:
         rv = gym.vector.SyncVectorEnv(
             [make_real_env_fn(args.env, resolution=H, **kw) for _ in range(cfg.popsize * cfg.episodes)]
         )
-        ctrl, hist = train_cmaes(wm, rv, cfg, seed=args.seeds[0])
+        # the real game draws its own deaths: its fitness is the sampled return
+        ctrl, hist = train_cmaes(wm, rv, replace(cfg, fitness="sampled"), seed=args.seeds[0])
         r = play(real, _Controller(ctrl), args.real_episodes, 7_000_000, args.max_steps)
         out["real_trained"] = {
             "seed": args.seeds[0],

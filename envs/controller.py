@@ -43,6 +43,7 @@ from worldmodel.bundle import WorldModel
 from worldmodel.store import EpisodeStore
 
 CONTROLLER_JSON, CONTROLLER_WEIGHTS = "controller.json", "controller.safetensors"
+FITNESSES = ("sampled", "expected")
 
 
 @dataclass(frozen=True)
@@ -318,20 +319,40 @@ class LinearController:
 
 
 def episode_returns(
-    venv: VectorEnv, policy: LinearController, seeds: list[int], max_steps: int
+    venv: VectorEnv,
+    policy: LinearController,
+    seeds: list[int],
+    max_steps: int,
+    expected: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Play one episode per row of ``venv`` (row i seeded ``seeds[i]``), each row with its own controller.
 
     Returns (returns (N,), lengths (N,)): the sum of rewards until the row terminated, truncated or
     ran ``max_steps`` steps; later steps of a finished row are ignored.
+
+    ``expected``: the return expected under the env's predicted termination instead of one drawn
+    termination: sum_t S_{t-1} * info["expected_reward"]_t with S_t = prod_{s<=t} (1 - info["terminated_prob"]_s)
+    (a dream made with ``termination="never"``, whose rows run to ``max_steps``). It removes the noise of the
+    termination draw from a candidate's fitness (Rao-Blackwellisation); the frames' sampling noise stays.
     """
     obs, _ = venv.reset(seed=list(seeds))
     policy.reset()
     n = venv.num_envs
     ret, length, done = np.zeros(n), np.zeros(n, np.int64), np.zeros(n, bool)
+    alive = np.ones(n)  # S_{t-1}: probability of being alive before this step (expected mode)
     for _ in range(max_steps):
-        obs, r, term, trunc, _ = venv.step(policy.act(obs))
-        ret += np.where(done, 0.0, r)
+        obs, r, term, trunc, info = venv.step(policy.act(obs))
+        if expected:
+            if "terminated_prob" not in info or "expected_reward" not in info:
+                raise ValueError(
+                    "expected=True: the env's info has no 'terminated_prob'/'expected_reward' (a dream env "
+                    "gives them); use expected=False for a real env"
+                )
+            p = np.asarray(info["terminated_prob"], np.float64)
+            ret += np.where(done, 0.0, alive * np.asarray(info["expected_reward"], np.float64))
+            alive *= 1.0 - p
+        else:
+            ret += np.where(done, 0.0, r)
         length += ~done
         done |= np.asarray(term) | np.asarray(trunc)
         if done.all():
@@ -361,6 +382,10 @@ class CMAESConfig:
     """Also read f_t - f_{t-1}."""
     last_action: bool = True
     """Also read the previous action."""
+    fitness: str = "sampled"
+    """A candidate's fitness in the dream: "sampled" (the return until a drawn termination) or "expected"
+    (the return expected under the predicted termination probabilities; episodes run to max_episode_steps;
+    removes the termination draw's noise; dream only)."""
 
 
 def make_features(
@@ -422,6 +447,8 @@ def train_cmaes(
     """
     import cma  # optional at import time: only this learner needs it
 
+    if cfg.fitness not in FITNESSES:
+        raise ValueError(f"fitness: got {cfg.fitness!r}, expected one of {FITNESSES}")
     if venv.num_envs != cfg.popsize * cfg.episodes:
         raise ValueError(
             f"venv: has {venv.num_envs} rows, expected popsize × episodes = {cfg.popsize * cfg.episodes}"
@@ -442,7 +469,11 @@ def train_cmaes(
             seed * 1_000_003 + g * cfg.episodes + e for _ in range(cfg.popsize) for e in range(cfg.episodes)
         ]
         ret, length = episode_returns(
-            venv, LinearController(ccfg, feats, params), seeds, cfg.max_episode_steps
+            venv,
+            LinearController(ccfg, feats, params),
+            seeds,
+            cfg.max_episode_steps,
+            expected=cfg.fitness == "expected",
         )
         fitness = ret.reshape(cfg.popsize, cfg.episodes).mean(1)
         es.tell(list(X), list(-fitness))
@@ -473,8 +504,18 @@ def train_cmaes_in_dream(
 
     ``dream_kw``: the dream's sampling options (``temperature``, ``top_k``, ``context_frames``, ``termination``,
     ``termination_threshold``, ``decode``, ``maskgit_steps``; :class:`~envs.dream.DreamVectorEnv`).
-    Returns the controller and the log of each generation, as :func:`train_cmaes`.
+    With ``cfg.fitness == "expected"`` the dream is made with ``termination="never"`` (a ``termination``
+    in ``dream_kw`` is then an error). Returns the controller and the log of each generation, as
+    :func:`train_cmaes`.
     """
+    if cfg.fitness == "expected":
+        if dream_kw.get("termination", "never") != "never":
+            raise ValueError(
+                f"termination: got {dream_kw['termination']!r} with fitness='expected', which runs every dream "
+                "episode to its cap and weighs steps by the predicted survival; drop termination or use "
+                "fitness='sampled'"
+            )
+        dream_kw = {**dream_kw, "termination": "never"}
     venv = DreamVectorEnv(
         cfg.popsize * cfg.episodes, world_model=wm, max_episode_steps=cfg.max_episode_steps, **dream_kw
     )

@@ -15,7 +15,11 @@ of the bundle's store (its first ``context_frames`` frames, or a random window w
 returns the predicted reward and termination — by default drawn as a Bernoulli of the predicted
 termination probability (``termination="sample"``; ``"threshold"`` ends only when it exceeds
 ``termination_threshold``, default 0.5 -- evaluate.py reports one tuned on validation episodes,
-which for rare, barely predictable events such as an HGS death never happens). The reward is the
+which for rare, barely predictable events such as an HGS death never happens; ``"never"`` runs every
+episode to its time limit and leaves the termination to the caller, e.g. a learner that weighs each step
+by the predicted probability of surviving to it). ``hazard_scale`` k turns every predicted termination
+probability p into 1 - (1 - p)^k (the hazard rate times k: k > 1 is a pessimistic dream, calibrated so
+that the data's behaviour policy lives as long in the dream as in the data). The reward is the
 one the bundle predicts for the outcome drawn: ``reward_if_terminated`` on a terminating step,
 ``reward_if_not_terminated`` otherwise (the same value for bundles with a one-output reward head,
 ``PriorConfig.reward_given_termination`` False), so an ending dream episode carries the terminal
@@ -51,7 +55,7 @@ from worldmodel.sampling import DECODES
 from worldmodel.store import ActionSpec, EpisodeStore, heldout_episode_ids
 
 STARTS = ("episode_start", "random")
-TERMINATIONS = ("sample", "threshold")
+TERMINATIONS = ("sample", "threshold", "never")
 OPTION_KEYS = ("frames", "actions", "episode_id", "start")
 # per-step float entries of ``info`` besides "step" (see the module docstring)
 STEP_INFO_FLOATS = (
@@ -184,12 +188,14 @@ def _check_sampling_args(
     termination_threshold: Any,
     top_k: Any,
     top_p: Any,
+    hazard_scale: Any = 1.0,
 ) -> None:
     """Type checks of :class:`DreamCore`'s numeric arguments (``ValueError``/``TypeError`` naming the argument)."""
     _check_number("num_envs", num_envs, integer=True, low=1, what="an integer >= 1")
     _check_number("context_frames", context_frames, integer=True, what="an integer >= 1")
     _check_number("maskgit_steps", maskgit_steps, integer=True, what="an integer >= 1")
     _check_number("temperature", temperature, integer=False, low=0, what="a number >= 0")
+    _check_number("hazard_scale", hazard_scale, integer=False, low=0, what="a number >= 0")
     _check_number(
         "termination_threshold", termination_threshold, integer=False, what="a probability in (0, 1)"
     )
@@ -253,10 +259,13 @@ class DreamCore:
         start: where a drawn context starts in its episode: ``"episode_start"`` or ``"random"``.
         termination: ``"sample"`` (Bernoulli of the predicted probability, from the row's generator)
             or ``"threshold"`` (probability > ``termination_threshold``; ``eval.json``'s
-            ``termination.tuned.threshold`` is one chosen on validation episodes).
+            ``termination.tuned.threshold`` is one chosen on validation episodes), or ``"never"`` (episodes
+            end only at the time limit; ``info["terminated_prob"]`` tells the caller the hazard).
         bf16: bf16 autocast for the prior.
         clip_actions: continuous actions outside [-1, 1] (and reset context actions outside the data's
             range) are clipped; by default they raise ``ValueError``.
+        hazard_scale: k >= 0; every predicted termination probability p becomes 1 - (1 - p)^k (the
+            hazard rate times k) before it is drawn, thresholded or reported.
     """
 
     def __init__(
@@ -275,9 +284,17 @@ class DreamCore:
         termination_threshold: float = 0.5,
         bf16: bool = False,
         clip_actions: bool = False,
+        hazard_scale: float = 1.0,
     ) -> None:
         _check_sampling_args(
-            num_envs, context_frames, maskgit_steps, temperature, termination_threshold, top_k, top_p
+            num_envs,
+            context_frames,
+            maskgit_steps,
+            temperature,
+            termination_threshold,
+            top_k,
+            top_p,
+            hazard_scale,
         )
         if not isinstance(clip_actions, (bool, np.bool_)):
             raise TypeError(f"clip_actions: got {_show(clip_actions)}, expected True or False")
@@ -294,6 +311,7 @@ class DreamCore:
         )
         self.clip_actions = bool(clip_actions)
         self.termination, self.termination_threshold = termination, termination_threshold
+        self.hazard_scale = float(hazard_scale)
         self.wm, self.N = wm, num_envs
         self.spec = wm.action_spec
         self.observation_space = spaces.Box(0, 255, wm.obs_shape, np.uint8)
@@ -487,21 +505,29 @@ class DreamCore:
         out = self.rollout.step(a, generator=gens, **self.sample_kw)
         self.obs[:] = out.frames
         self.steps += 1
+        p, expected = out.terminated_prob, out.expected_rewards
+        if (
+            self.hazard_scale != 1.0
+        ):  # hazard rate x k: p -> 1 - (1 - p)^k, and the expected reward's mix with it
+            p = (1.0 - (1.0 - p.astype(np.float64)) ** self.hazard_scale).astype(np.float32)
+            expected = ((1.0 - p) * out.rewards + p * out.rewards_if_terminated).astype(np.float32)
         info = {
             "step": self.steps.copy(),
             "entropy": out.entropy,
-            "terminated_prob": out.terminated_prob,
+            "terminated_prob": p,
             "reward_if_terminated": out.rewards_if_terminated,
             "reward_if_not_terminated": out.rewards,
-            "expected_reward": out.expected_rewards,
+            "expected_reward": expected,
         }
         if self.termination == "sample":  # skipped rows draw nothing: their streams stay those of single envs
             u = np.array(
                 [1.0 if skip is not None and skip[i] else self.rngs[i].random() for i in range(self.N)]
             )
-            terminated = u < out.terminated_prob
-        else:
-            terminated = out.terminated_prob > self.termination_threshold
+            terminated = u < p
+        elif self.termination == "threshold":
+            terminated = p > self.termination_threshold
+        else:  # "never": the caller weighs steps by info["terminated_prob"]
+            terminated = np.zeros(self.N, bool)
         # the reward of the outcome drawn: a dream episode that ends carries the terminal reward (HGS: the death penalty)
         rewards = np.where(terminated, out.rewards_if_terminated, out.rewards).astype(np.float32)
         return self.obs.copy(), rewards, terminated, info
@@ -568,7 +594,7 @@ class DreamEnv(gym.Env):
         preset: the preset this id stands for (set by the registration; checked against the bundle).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         temperature, top_k, top_p, decode, maskgit_steps, context_frames, start, termination,
-            termination_threshold, bf16, clip_actions: see :class:`DreamCore`.
+            termination_threshold, bf16, clip_actions, hazard_scale: see :class:`DreamCore`.
         max_episode_steps: truncate after this many steps (``gym.make`` applies its TimeLimit instead).
         render_mode: ``None``, ``"rgb_array"`` (the current frame) or ``"human"`` (a pygame window).
         world_model: an already loaded :class:`WorldModel` to share (then ``checkpoint`` is ignored).
@@ -595,6 +621,7 @@ class DreamEnv(gym.Env):
         bf16: bool = False,
         world_model: WorldModel | None = None,
         clip_actions: bool = False,
+        hazard_scale: float = 1.0,
     ) -> None:
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(
@@ -615,6 +642,7 @@ class DreamEnv(gym.Env):
             termination_threshold=termination_threshold,
             bf16=bf16,
             clip_actions=clip_actions,
+            hazard_scale=hazard_scale,
         )
         self.world_model = wm
         self.observation_space = self.core.observation_space
@@ -705,6 +733,7 @@ class DreamVectorEnv(VectorEnv):
         bf16: bool = False,
         world_model: WorldModel | None = None,
         clip_actions: bool = False,
+        hazard_scale: float = 1.0,
     ) -> None:
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode: got {render_mode!r}, expected None or 'rgb_array'")
@@ -723,6 +752,7 @@ class DreamVectorEnv(VectorEnv):
             termination_threshold=termination_threshold,
             bf16=bf16,
             clip_actions=clip_actions,
+            hazard_scale=hazard_scale,
         )
         self.world_model = wm
         self.num_envs = num_envs

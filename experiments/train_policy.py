@@ -64,7 +64,11 @@ class Args:
     """Real frames each dream episode starts from."""
     termination: Literal["sample", "threshold"] = "sample"
     """Dream episodes end by a Bernoulli draw of the predicted termination probability, or when it exceeds
-    --termination-threshold."""
+    --termination-threshold (with --cmaes.fitness expected, CMA-ES's dream ignores it: episodes run to the cap,
+    weighted by the predicted survival)."""
+    hazard_scale: float = 1.0
+    """Scale the dream's hazard: each predicted termination probability p becomes 1 - (1 - p)^k (k > 1: a
+    pessimistic dream; envs/dream.py)."""
     termination_threshold: float = 0.5
     """Threshold of --termination threshold (evaluate.py's eval.json reports one tuned on validation episodes)."""
     decode: Literal["autoregressive", "maskgit"] = "autoregressive"
@@ -158,6 +162,7 @@ def main(args: Args) -> dict:
         "termination_threshold": args.termination_threshold,
         "decode": args.decode,
         "maskgit_steps": args.maskgit_steps,
+        "hazard_scale": args.hazard_scale,
     }
     if algo == "ppo":
         model, venv = train_ppo(
@@ -182,7 +187,11 @@ def main(args: Args) -> dict:
                     f"length {row['mean_length']:5.1f}  sigma {row['sigma']:.3f}  ({row['seconds']:.1f} s)"
                 )
 
-        model, history = train_cmaes_in_dream(wm, args.cmaes, seed=args.seed, log=log, **dream_kw)
+        # expected fitness runs its own dream to the cap (termination "never"); scoring keeps the drawn ends
+        evolve_kw = {
+            k: v for k, v in dream_kw.items() if k != "termination" or args.cmaes.fitness == "sampled"
+        }
+        model, history = train_cmaes_in_dream(wm, args.cmaes, seed=args.seed, log=log, **evolve_kw)
         out = save_controller(model, args.out or run / "policies" / "cmaes_dream", {"history": history})
         venv = DreamVecEnv(
             args.num_envs, world_model=wm, max_episode_steps=args.max_episode_steps, **dream_kw

@@ -202,6 +202,49 @@ def test_cmaes_learns_a_pixel_rule(tc_bundle):
         train_cmaes(wm, test_env, cfg)
 
 
+def test_expected_fitness_weighs_rewards_by_predicted_survival(tc_bundle):
+    """``episode_returns(expected=True)`` = sum_t S_{t-1} e_t over a dream run to its cap: with no hazard it is
+    the plain sum of rewards, with a hazard that ends everything at once it is the first step's expected
+    reward, and in between it lies strictly between them; a real env (no hazard in info) is refused."""
+    from envs.controller import episode_returns, train_cmaes_in_dream
+    from envs.dream import DreamVectorEnv
+
+    wm = WorldModel.from_pretrained(tc_bundle)
+    ccfg = controller_config(wm, 2, CMAESConfig())
+    ctrl = LinearController(ccfg, ColorKeyFeatures(ccfg.color_keys), np.zeros(ccfg.n_params))
+
+    def returns(k, expected=True):
+        venv = DreamVectorEnv(3, world_model=wm, max_episode_steps=6, termination="never", hazard_scale=k)
+        return episode_returns(venv, ctrl, [0, 1, 2], 6, expected=expected)
+
+    plain, length = returns(1.0, expected=False)  # "never": every row runs 6 steps, no drawn end
+    assert np.all(length == 6)
+    np.testing.assert_allclose(returns(0.0)[0], plain, rtol=1e-5)  # no hazard: the plain sum
+
+    def replay(k):  # the same seeds and actions (the zero controller always plays 0), read step by step
+        venv = DreamVectorEnv(3, world_model=wm, max_episode_steps=6, termination="never", hazard_scale=k)
+        venv.reset(seed=[0, 1, 2])
+        infos = [venv.step(np.zeros(3, np.int64))[4] for _ in range(6)]
+        p = np.stack([i["terminated_prob"] for i in infos]).astype(np.float64)  # (6, 3)
+        e = np.stack([i["expected_reward"] for i in infos]).astype(np.float64)
+        return p, e
+
+    p, e = replay(1e9)
+    assert np.all(p[0] > 0.999)  # everyone dies at step 1: the return is that step's expected reward
+    np.testing.assert_allclose(returns(1e9)[0], e[0], rtol=1e-5, atol=1e-6)
+    p, e = replay(1.0)
+    alive = np.vstack([np.ones((1, 3)), np.cumprod(1 - p, 0)[:-1]])  # S_{t-1}
+    np.testing.assert_allclose(returns(1.0)[0], (alive * e).sum(0), rtol=1e-5, atol=1e-6)
+    assert 0 < p.min() and p.max() < 1  # a real mix of both cases above
+    real_like = gym.vector.SyncVectorEnv([BrightnessEnv for _ in range(2)])
+    with pytest.raises(ValueError, match="terminated_prob"):
+        episode_returns(real_like, ctrl, [0, 1], 3, expected=True)
+    with pytest.raises(ValueError, match="fitness='expected'"):
+        train_cmaes_in_dream(wm, CMAESConfig(fitness="expected", popsize=2, episodes=1), termination="sample")
+    with pytest.raises(ValueError, match="fitness"):
+        train_cmaes(wm, real_like, CMAESConfig(fitness="mean", popsize=2, episodes=1))
+
+
 def test_train_policy_cmaes_cli_and_bench_transfer(tc_bundle, tmp_path):
     res = subprocess.run(
         [

@@ -501,7 +501,60 @@ def test_sampled_termination_follows_predicted_probability(tiny_bundle):
         expected,
     )  # within 4 sigma of the Bernoulli sum
     with pytest.raises(ValueError, match="termination"):
-        DreamVecEnv(2, tiny_bundle, termination="never")
+        DreamVecEnv(2, tiny_bundle, termination="sometimes")
+
+
+def test_hazard_scale_and_never_termination(tiny_bundle):
+    """``hazard_scale`` k reports and draws 1 - (1 - p)^k; ``termination="never"`` runs episodes to the time
+    limit; neither changes the frames a seed samples."""
+    from envs.dream import DreamVectorEnv
+
+    wm = WorldModel.from_pretrained(tiny_bundle)
+
+    def run(**kw):
+        venv = DreamVectorEnv(4, world_model=wm, max_episode_steps=5, **kw)
+        obs, _ = venv.reset(seed=3)
+        frames, probs, expected, ends = [obs], [], [], []
+        for _ in range(5):
+            obs, r, term, trunc, info = venv.step(np.ones(4, np.int64))
+            frames.append(obs)
+            probs.append(info["terminated_prob"])
+            expected.append(info["expected_reward"])
+            ends.append((term.copy(), trunc.copy(), r.copy(), info))
+        return np.stack(frames), np.stack(probs), np.stack(expected), ends
+
+    f1, p1, e1, ends1 = run(termination="never")
+    f3, p3, e3, ends3 = run(termination="never", hazard_scale=3.0)
+    f0, p0, _, _ = run(termination="never", hazard_scale=0.0)
+    assert np.array_equal(f1, f3) and np.array_equal(f1, f0)  # the hazard never touches the frames' sampling
+    assert p1.max() > 0
+    np.testing.assert_allclose(p3, 1 - (1 - p1.astype(np.float64)) ** 3, rtol=1e-5, atol=1e-7)
+    assert np.all(p3 >= p1) and np.all(p0 == 0)
+    for (term, _trunc, r, info), (_, _, _, info1) in zip(ends3, ends1):
+        assert not term.any()  # "never": no drawn ending, whatever the hazard
+        mix = (1 - info["terminated_prob"]) * info["reward_if_not_terminated"] + info[
+            "terminated_prob"
+        ] * info["reward_if_terminated"]
+        np.testing.assert_allclose(info["expected_reward"], mix, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            r, info1["reward_if_not_terminated"]
+        )  # never ends: the non-terminal reward
+    assert ends1[-1][1].all() and not any(t.any() for _, t, _, _ in ends1[:-1])  # truncated at the limit only
+
+    # a hazard scaled up ends sampled episodes sooner (same seeds: the same uniform draws, larger p)
+    def ended(k):
+        venv = DreamVectorEnv(16, world_model=wm, max_episode_steps=12, hazard_scale=k)
+        venv.reset(seed=0)
+        done = np.zeros(16, bool)
+        for _ in range(12):
+            _, _, term, _, _ = venv.step(np.zeros(16, np.int64))
+            done |= term
+        return done.sum()
+
+    assert ended(200.0) >= ended(1.0) and ended(200.0) > 0
+    for bad, err in ((-1.0, ValueError), ("2", TypeError), (float("nan"), ValueError)):
+        with pytest.raises(err, match="hazard_scale"):
+            DreamVectorEnv(2, world_model=wm, hazard_scale=bad)
 
 
 def test_termination_threshold(bundles):
