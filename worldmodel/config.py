@@ -157,13 +157,37 @@ class PriorConfig:
     """Number of discrete actions (action_kind='discrete')."""
     action_dim: int = 0
     """Action vector size (action_kind='continuous')."""
-    action_cond: Literal["cond_ln", "token", "add"] = "cond_ln"
+    action_cond: Literal["cond_ln", "token", "add", "clip"] = "cond_ln"
     """How actions enter: conditional LayerNorm, a per-frame action token, or an added embedding
-    (cond_ln is the default: lower held-out loss than the action token on HGS, docs/ARCHITECTURE.md)."""
+    (cond_ln is the default: lower held-out loss than the action token on HGS, docs/ARCHITECTURE.md), each
+    per step and causal (block t sees a_{t-1}); or ``"clip"``, the paper's ViZDoom/RoboNet protocol: the whole
+    clip's ``clip_actions`` pixel-rate actions, flattened into one vector (one-hot per step, or the continuous
+    vectors), condition every conditional LayerNorm of every block. A clip-conditioned prior needs every action
+    before the first frame, so it samples clips (video sampling, FVD) but cannot be stepped as a dream env."""
+    clip_actions: int = 0
+    """Actions in the whole-clip condition vector (``action_cond="clip"``): the clip's transitions at the pixel
+    frame rate (16 frames: 15)."""
     n_classes: int = 0
     """Class-conditional prior (UCF-101) when > 0."""
     n_cond_frames: int = 0
-    """Context frames read by a ResNet encoder + cross-attention (paper's BAIR setup) when > 0."""
+    """Context frames read by a ResNet encoder + cross-attention (paper's BAIR setup) when > 0: latent frames of
+    tokens (not modelled), or with ``cond_pixels`` pixel frames."""
+    cond_pixels: bool = False
+    """Frame conditioning on pixels, as the paper's BAIR prior: the clip's first ``n_cond_frames`` pixel frames
+    (uint8, ``cond_resolution`` square) go through the paper's 3D ResNet (``resnet_depth``, ``resnet_width``,
+    ``resnet_dim``, output grid ``resnet_out``; :mod:`worldmodel.resnet`) into the cross-attention memory, and
+    every latent frame of the clip is modelled. False: the first ``n_cond_frames`` latent frames' tokens condition
+    through a 2-block ResNet over their embeddings and are not modelled (no pixels needed)."""
+    cond_resolution: int = 64
+    """Height and width of the conditioning pixel frames (``cond_pixels``)."""
+    resnet_depth: int = 34
+    """Depth of the conditioning ResNet (``cond_pixels``): 18 or 34 (the paper's BAIR: 34)."""
+    resnet_width: int = 1
+    """Width multiplier of the conditioning ResNet (the paper's: 1)."""
+    resnet_dim: int = 576
+    """Output channels of the conditioning ResNet, the cross-attention memory's width (the paper's: 576)."""
+    resnet_out: tuple[int, int, int] = (1, 16, 16)
+    """Output grid (k', h', w') of the conditioning ResNet (the paper's BAIR: (1, 16, 16))."""
     reward_weight: float = 1.0
     """Weight of the reward head's loss (symlog MSE)."""
     reward_given_termination: bool = False
@@ -233,6 +257,13 @@ class PriorConfig:
                 f"prior.sparse_block / sparse_local_blocks / code_dim: got {self.sparse_block}, "
                 f"{self.sparse_local_blocks}, {self.code_dim}; expected >= 1, >= 0, >= 0"
             )
+        if self.action_cond == "clip" and (self.clip_actions < 1 or self.action_kind == "none"):
+            raise ValueError(
+                f"prior.action_cond='clip' needs actions (action_kind 'discrete' or 'continuous', got "
+                f"{self.action_kind!r}) and clip_actions >= 1 (got {self.clip_actions})"
+            )
+        if self.cond_pixels and self.n_cond_frames < 1:
+            raise ValueError("prior.cond_pixels needs n_cond_frames >= 1 (the pixel frames to condition on)")
         if not self.termination_pos_weight > 0:
             raise ValueError(
                 f"prior.termination_pos_weight: got {self.termination_pos_weight}, expected a BCE "
