@@ -79,6 +79,11 @@ def main(args: Args) -> None:
         )
     except (ValueError, FileNotFoundError, StoreError) as e:
         sys.exit(f"error: {e}")
+    if report.get("protocol") == "clip":  # a whole-clip conditioned bundle: sampled clips and FVD only
+        keys = {"recon_psnr": round(report["reconstruction"]["psnr"], 2), "fvd": report["fvd"]}
+        keys["fvd_reason"] = report["fvd_info"].get("reason")
+        print(json.dumps({"eval_json": str(path), **keys, "seconds": round(report["seconds"], 1)}))
+        return
     ol = report["open_loop"]["at_horizon"]
     print(
         json.dumps(
