@@ -99,7 +99,9 @@ def paper_setup(cfg: ExperimentConfig) -> PaperSetup:
         )
         return PaperSetup(
             "vae_res64_ds222", "gpt_small", "vae_res64_ds122", "gpt_small@16x32x32", True,
-            "gpt_small@8x32x32+resnet34" if name == "bair" else "gpt_small@8x32x32", cond,
+            "gpt_small@8x32x32+resnet34" if name == "bair"
+            else f"gpt_small@8x32x32+clip{PAPER_CLIP_SIZES[name]}" if name in PAPER_CLIP_SIZES
+            else "gpt_small@8x32x32", cond,
         )  # fmt: skip
     if name == "bair_paper":
         return PaperSetup(
