@@ -85,7 +85,9 @@ def main(args: Args) -> dict[str, str]:
     context = actions = real = None
     total = args.frames or cfg.frames
     k = cfg.n_cond_frames  # a frame-conditioned prior takes its conditioning frames from the store
-    k_tok = 0 if cfg.cond_pixels else k  # latent frames of it (pixel conditioning: k pixel frames, all modelled)
+    k_tok = (
+        0 if cfg.cond_pixels else k
+    )  # latent frames of it (pixel conditioning: k pixel frames, all modelled)
     clip = cfg.action_cond == "clip" and cfg.action_kind != "none"  # the whole clip's actions condition
     if args.from_store or cfg.action_kind != "none" or k:
         try:

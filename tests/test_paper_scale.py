@@ -315,7 +315,9 @@ def _cached_step_matches_forward(prior: Prior, codes, acts, memory) -> None:
         L, hs = prior.block_len, pcfg.n_embd // pcfg.n_head
         cache = KVCache(pcfg.n_layer, 1, pcfg.n_head, 2 * L, hs, torch.device("cpu"), torch.float32)
         prior.forward_cached(x[:, :L], None if ln is None else ln[:, :L], cache, None, 0, kv)
-        h = prior.forward_cached(x[:, L : L + 1], None if ln is None else ln[:, L : L + 1], cache, None, L, kv)
+        h = prior.forward_cached(
+            x[:, L : L + 1], None if ln is None else ln[:, L : L + 1], cache, None, L, kv
+        )
         step_logits = prior.head(h)[:, 0]
     assert torch.allclose(step_logits, out.logits[:, 1, 0], atol=1e-4)
 
@@ -353,7 +355,9 @@ def test_whole_clip_action_conditioning_forward_and_cached_step(one_thread):
     acts = torch.randint(0, 5, (1, 15))
     _cached_step_matches_forward(prior, codes, acts, None)
     other = (acts + 1) % 5  # every block, frame 0's too, is conditioned on the whole clip
-    assert not torch.allclose(prior.block_conditions(acts, 1, 2)[:, 0], prior.block_conditions(other, 1, 2)[:, 0])
+    assert not torch.allclose(
+        prior.block_conditions(acts, 1, 2)[:, 0], prior.block_conditions(other, 1, 2)[:, 0]
+    )
     with pytest.raises(ValueError, match="15"):
         prior(codes, acts[:, :1])
     r = Rollout(prior, 1)

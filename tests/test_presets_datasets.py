@@ -332,7 +332,9 @@ def test_paper_protocols_train_from_the_token_cache_and_sample(name, tmp_path, o
     ep = EpisodeStore(store).load(eid)
     wm = WorldModel.from_pretrained(run)
     if name == "bair_paper":
-        assert np.array_equal(item["cond_frames"][0], ep.frames[st])  # latent frame 1 starts at pixel frame st
+        assert np.array_equal(
+            item["cond_frames"][0], ep.frames[st]
+        )  # latent frame 1 starts at pixel frame st
         frames = np.stack([ep.frames[:1], ep.frames[5:6]])
         v = sample_videos(wm, 2, context=frames, seed=1)
         assert v.shape == (2, 16, 64, 64, 3)

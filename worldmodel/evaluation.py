@@ -531,10 +531,19 @@ def evaluate_clip_sampling(wm: WorldModel, store: EpisodeStore, settings: EvalSe
     recon = reconstruct(wm, clips.frames)
     t0 = time.perf_counter()
     dream = sample_videos(
-        wm, len(clips.frames), actions=clips.actions[:, : cfg.prior.clip_actions], temperature=s.temperature, seed=s.seed
+        wm,
+        len(clips.frames),
+        actions=clips.actions[:, : cfg.prior.clip_actions],
+        temperature=s.temperature,
+        seed=s.seed,
     )
     t_sample = time.perf_counter() - t0
-    fvd: dict[str, Any] = {"fvd": None, "fvd_star": None, "fvd_recon": None, "fvd_info": {"reason": "disabled"}}
+    fvd: dict[str, Any] = {
+        "fvd": None,
+        "fvd_star": None,
+        "fvd_recon": None,
+        "fvd_info": {"reason": "disabled"},
+    }
     if s.fvd:
         fvd = fvd_section(
             clips.frames, recon, dream, weights=s.i3d_weights, batch_size=s.fvd_batch_size, device=wm.device
@@ -549,7 +558,10 @@ def evaluate_clip_sampling(wm: WorldModel, store: EpisodeStore, settings: EvalSe
         "n_clips": len(clips.episode_ids),
         "clips": [[e, st] for e, st in zip(clips.episode_ids, clips.starts)],
         "reconstruction": reconstruction_section(clips, recon),
-        "sampling": {"frames_per_s": dream.shape[0] * dream.shape[1] / max(t_sample, 1e-9), "seconds": t_sample},
+        "sampling": {
+            "frames_per_s": dream.shape[0] * dream.shape[1] / max(t_sample, 1e-9),
+            "seconds": t_sample,
+        },
         **fvd,
         "seconds": time.perf_counter() - t_all,
     }

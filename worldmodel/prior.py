@@ -25,6 +25,9 @@ tokens and the transition's reward/termination see ``a_{<t}`` only. ``action_con
 - ``"token"``: the slot's input embedding is the action embedding (an action token per frame);
 - ``"add"``: the action embedding is added to the input of every position of the block.
 
+With ``action_cond="clip"`` (the paper's ViZDoom/RoboNet protocol) every block instead reads one vector of the
+whole clip's actions, so the prior samples clips but cannot be stepped action by action.
+
 Class labels (UCF-101) join the condition vector; with no actions and no classes the condition
 is a constant and the model is the unconditional VideoGPT prior.
 
@@ -219,7 +222,9 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.n_head, self.dropout = cfg.n_head, cfg.attn_dropout
         bias = not cfg.paper_layers
-        mem_dim = cfg.resnet_dim if cfg.cond_pixels else cfg.n_embd  # the memory's width (paper: ResNet's 576)
+        mem_dim = (
+            cfg.resnet_dim if cfg.cond_pixels else cfg.n_embd
+        )  # the memory's width (paper: ResNet's 576)
         self.q = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
         self.kv = nn.Linear(mem_dim, 2 * cfg.n_embd, bias=bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
@@ -456,14 +461,7 @@ class Prior(nn.Module):
         self.slot_emb = nn.Parameter(torch.zeros(C))
         # the condition vector of each block (size d_cond): learned embeddings, or the paper's fixed vector
         d_cond = self._paper_condition(cfg) if cfg.paper_layers else self._our_condition(cfg)
-        self.cond_encoder: nn.Module | None = None
-        if cfg.cond_pixels:  # the paper's BAIR: pixel frames through its 3D ResNet
-            R = cfg.cond_resolution
-            self.cond_encoder = PixelFrameEncoder(
-                cfg.resnet_depth, cfg.resnet_width, cfg.resnet_dim, (cfg.n_cond_frames, R, R), cfg.resnet_out
-            )
-        elif cfg.n_cond_frames:
-            self.cond_encoder = FrameCondEncoder(cfg)
+        self.cond_encoder = self._frame_conditioning(cfg)
         k = cfg.prev_frame_kernel
         if k and k % 2 == 0:
             raise ValueError(f"prev_frame_kernel must be odd (or 0 = off), got {k}")
@@ -557,6 +555,17 @@ class Prior(nn.Module):
         self.act_emb = FixedEmbedding(n_act, d, first, continuous) if n_act else None
         self.class_emb = FixedEmbedding(cfg.n_classes, d, first + n_act) if cfg.n_classes else None
         return d
+
+    @staticmethod
+    def _frame_conditioning(cfg: PriorConfig) -> nn.Module | None:
+        """The conditioning frames' encoder: the paper's 3D ResNet over pixels (``cond_pixels``, its BAIR setup), a
+        small ResNet over token embeddings (``n_cond_frames``), or None."""
+        if cfg.cond_pixels:
+            R = cfg.cond_resolution
+            return PixelFrameEncoder(
+                cfg.resnet_depth, cfg.resnet_width, cfg.resnet_dim, (cfg.n_cond_frames, R, R), cfg.resnet_out
+            )
+        return FrameCondEncoder(cfg) if cfg.n_cond_frames else None
 
     def clip_dim(self) -> int:
         """Size of the whole-clip action vector (``action_cond="clip"``): clip_actions x (n_actions one-hot or
@@ -788,7 +797,9 @@ class Prior(nn.Module):
         B = t_idx.shape[0]
         first = t_idx == 0  # rows started from nothing: block 0 gets the start condition
         start = self.start_emb.expand(B, 1, -1)
-        clip = self.cfg.action_cond == "clip"  # ``action``: the whole clip's actions, the same for every block
+        clip = (
+            self.cfg.action_cond == "clip"
+        )  # ``action``: the whole clip's actions, the same for every block
         if self.act_emb is None:
             cond = start
         else:  # (B, 1, C)
@@ -849,7 +860,9 @@ class Prior(nn.Module):
             shape = (B, cfg.n_cond_frames, R, R, 3)
             if cond_frames is None or tuple(cond_frames.shape) != shape or cond_frames.dtype != torch.uint8:
                 got = None if cond_frames is None else f"{cond_frames.dtype}{tuple(cond_frames.shape)}"
-                raise ValueError(f"cond_frames: expected uint8 {shape} (the conditioning pixel frames), got {got}")
+                raise ValueError(
+                    f"cond_frames: expected uint8 {shape} (the conditioning pixel frames), got {got}"
+                )
             return self.cond_encoder(cond_frames)
         if cond_frames is not None:
             raise ValueError("cond_frames: this prior conditions on tokens (cond_tokens), not pixels")

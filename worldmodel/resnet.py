@@ -139,7 +139,9 @@ class PixelFrameEncoder(nn.Module):
     ) -> None:
         super().__init__()
         if out_dim % 3:
-            raise ValueError(f"resnet_dim: got {out_dim}, expected a multiple of 3 (one position table per axis)")
+            raise ValueError(
+                f"resnet_dim: got {out_dim}, expected a multiple of 3 (one position table per axis)"
+            )
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         self.resnet = ResNet3d(depth, width, out_dim, self.in_shape, self.out_shape)
         self.pos = nn.ParameterList([nn.Parameter(torch.randn(n, out_dim // 3) * 0.01) for n in out_shape])

@@ -177,7 +177,11 @@ class Rollout:
         self.class_ids = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.mem_k = self.mem_v = None  # frame conditioning: cross-attention keys/values per layer and row
         if prior.cond_encoder is not None:
-            M = math.prod(cfg.resnet_out) if cfg.cond_pixels else cfg.n_cond_frames * cfg.tokens_h * cfg.tokens_w
+            M = (
+                math.prod(cfg.resnet_out)
+                if cfg.cond_pixels
+                else cfg.n_cond_frames * cfg.tokens_h * cfg.tokens_w
+            )
             self.mem_k = torch.zeros(
                 cfg.n_layer, batch_size, cfg.n_head, M, hs, device=self.device, dtype=p.dtype
             )
@@ -232,7 +236,9 @@ class Rollout:
         # an empty context (Tc = 0) is validated as one placeholder frame: class ids and token grid
         check = tokens if Tc else torch.zeros(k, 1, *tokens.shape[2:], dtype=torch.long, device=self.device)
         self.prior.validate(
-            check, actions if Tc or self.clip else None, None if class_ids is None else class_ids.to(self.device)
+            check,
+            actions if Tc or self.clip else None,
+            None if class_ids is None else class_ids.to(self.device),
         )
         T = tokens.shape[1]
         self.tokens[rows_t, :T] = tokens.long()

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from worldmodel.bundle import WorldModel
+from worldmodel.config import PriorConfig
 from worldmodel.sampling import Rollout
 
 
@@ -77,16 +78,16 @@ def sample_videos(
         ctx = torch.as_tensor(np.asarray(context), device=dev)
         if ctx.ndim != 5 or ctx.shape[0] != n or ctx.dtype != torch.uint8:
             raise ValueError(f"context: got {ctx.dtype}{tuple(ctx.shape)}, expected uint8 ({n}, Tc, H, W, 3)")
-        if cfg.cond_pixels:  # the first pixel frames condition (ResNet + cross-attention); every latent frame is drawn
+        if (
+            cfg.cond_pixels
+        ):  # the first pixel frames condition (ResNet + cross-attention); every latent frame is drawn
             if ctx.shape[1] < cfg.n_cond_frames:
                 raise ValueError(
                     f"context: a pixel frame-conditioned prior needs {cfg.n_cond_frames} pixel frames of context"
                 )
             cond_frames, ctx = ctx[:, : cfg.n_cond_frames], ctx[:, :0]
         tokens = wm.tokenizer.encode(ctx) if ctx.shape[1] else tokens  # (n, Tc', h, w)
-        if (
-            k_tok
-        ):  # the first latent frames condition (cross-attention); the sequence starts after them
+        if k_tok:  # the first latent frames condition (cross-attention); the sequence starts after them
             if tokens.shape[1] < cfg.n_cond_frames:
                 raise ValueError(
                     f"context: a frame-conditioned prior needs {cfg.n_cond_frames} latent frames of context"
@@ -100,6 +101,26 @@ def sample_videos(
     Tc = tokens.shape[1]
     if Tc >= total:
         raise ValueError(f"frames: {total} latent frames requested but the context already has {Tc}")
+    acts = _checked_actions(acts, cfg, n, total, clip)
+    ro = Rollout(prior, n)
+    ctx_acts = acts if clip or acts is None else acts[:, : max(Tc - 1, 0)]
+    ro.start(tokens, ctx_acts, class_ids=cls, cond_tokens=cond_tokens, cond_frames=cond_frames)
+    out = [tokens]
+    for t in range(
+        Tc, total
+    ):  # t = 0 only without context: an action-free (or whole-clip conditioned) first frame
+        step_act = None if acts is None or clip else acts[:, t - 1]
+        step = ro.step(step_act, temperature=temperature, top_k=top_k, generator=g)
+        out.append(step.tokens[:, None])
+    all_tokens = torch.cat(([] if cond_tokens is None else [cond_tokens]) + out, 1)  # (n, [k +] total, h, w)
+    return wm.tokenizer.decode(all_tokens).cpu().numpy()  # (n, total * stride_t, H, W, 3)
+
+
+def _checked_actions(
+    acts: torch.Tensor | None, cfg: PriorConfig, n: int, total: int, clip: bool
+) -> torch.Tensor | None:
+    """``acts`` as the prior's action dtype after checking their shape: the whole clip's (n, clip_actions[, A]) for a
+    whole-clip conditioned prior, else at least one per generated latent frame."""
     if acts is not None and clip:
         if acts.shape[0] != n or acts.shape[1] != cfg.clip_actions:
             raise ValueError(
@@ -113,13 +134,4 @@ def sample_videos(
                 f"actions: got {tuple(acts.shape)}, expected ({n}, {total - 1}[, A]) for {total} latent frames"
             )
         acts = acts.long() if cfg.action_kind == "discrete" else acts.float()
-    ro = Rollout(prior, n)
-    ctx_acts = acts if clip or acts is None else acts[:, : max(Tc - 1, 0)]
-    ro.start(tokens, ctx_acts, class_ids=cls, cond_tokens=cond_tokens, cond_frames=cond_frames)
-    out = [tokens]
-    for t in range(Tc, total):  # t = 0 only without context: an action-free (or whole-clip conditioned) first frame
-        step_act = None if acts is None or clip else acts[:, t - 1]
-        step = ro.step(step_act, temperature=temperature, top_k=top_k, generator=g)
-        out.append(step.tokens[:, None])
-    all_tokens = torch.cat(([] if cond_tokens is None else [cond_tokens]) + out, 1)  # (n, [k +] total, h, w)
-    return wm.tokenizer.decode(all_tokens).cpu().numpy()  # (n, total * stride_t, H, W, 3)
+    return acts
