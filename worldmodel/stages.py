@@ -67,10 +67,19 @@ def resolve_config(cfg: ExperimentConfig, meta: StoreMeta) -> ExperimentConfig:
         action_dim=spec.dim,
         code_dim=tok.embedding_dim if cfg.prior.code_dim else 0,  # the paper's input reads the code vectors
     )
-    if spec.kind != "none" and st != 1:
+    if spec.kind != "none" and prior.action_cond == "clip":
+        # whole-clip conditioning reads the window's pixel-rate actions at once: any temporal stride (the paper's 2)
+        window = (prior.frames + (0 if prior.cond_pixels else prior.n_cond_frames)) * st
+        if prior.clip_actions != window - 1:
+            raise ValueError(
+                f"prior.clip_actions={prior.clip_actions}: a whole-clip conditioned prior reads the "
+                f"{window - 1} actions between the {window} pixel frames of its window (prior.frames x stride "
+                f"{st}); set clip_actions={window - 1}"
+            )
+    elif spec.kind != "none" and st != 1:
         raise ValueError(
-            f"action-conditioned priors need temporal stride 1 (one latent frame per action); "
-            f"tokenizer.stride={tok.stride}"
+            f"per-step action-conditioned priors need temporal stride 1 (one latent frame per action; "
+            f"prior.action_cond='clip' conditions on the whole clip at any stride); tokenizer.stride={tok.stride}"
         )
     tok = replace(tok, max_frames=max(tok.max_frames, cfg.data.clip_len))
     return replace(cfg, tokenizer=tok, prior=prior, data=replace(cfg.data, resolution=H))
