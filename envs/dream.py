@@ -207,6 +207,20 @@ def _check_sampling_args(
             raise ValueError(f"top_p: got {top_p!r}, expected None or a probability in (0, 1]")
 
 
+def refuse_whole_clip_conditioning(wm: WorldModel) -> None:
+    """``ValueError`` for a bundle whose prior conditions on the whole clip's actions (``prior.action_cond='clip'``,
+    the paper's ViZDoom/RoboNet protocol): it needs every action of a clip before the first frame, while a
+    Gymnasium env receives them one at a time."""
+    if wm.cfg.prior.action_cond == "clip":
+        raise ValueError(
+            "this bundle's prior uses prior.action_cond='clip' (the paper's whole-clip action conditioning): it "
+            "needs all of a clip's actions before the first frame, so it cannot be stepped as a Gymnasium env "
+            "(actions arrive one at a time). Sample or evaluate its clips instead (experiments/sample.py, "
+            "worldmodel.video_sampling.sample_videos), or train a steppable bundle with per-step actions "
+            "(python experiments/train.py --scale paper --paper-actions step, or prior.action_cond='cond_ln')"
+        )
+
+
 def _check_settings(
     wm: WorldModel,
     num_envs: int,
@@ -286,6 +300,7 @@ class DreamCore:
         clip_actions: bool = False,
         hazard_scale: float = 1.0,
     ) -> None:
+        refuse_whole_clip_conditioning(wm)
         _check_sampling_args(
             num_envs,
             context_frames,

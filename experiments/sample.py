@@ -85,13 +85,17 @@ def main(args: Args) -> dict[str, str]:
     context = actions = real = None
     total = args.frames or cfg.frames
     k = cfg.n_cond_frames  # a frame-conditioned prior takes its conditioning frames from the store
+    k_tok = (
+        0 if cfg.cond_pixels else k
+    )  # latent frames of it (pixel conditioning: k pixel frames, all modelled)
+    clip = cfg.action_cond == "clip" and cfg.action_kind != "none"  # the whole clip's actions condition
     if args.from_store or cfg.action_kind != "none" or k:
         try:
             store = EpisodeStore(wm.store_path or "")
         except (StoreError, FileNotFoundError) as e:
             sys.exit(f"error: the bundle's store is needed for context frames: {e}")
         st = wm.cfg.tokenizer.stride[0]
-        length = (total + k) * st
+        length = (total + k_tok) * st
         ids: list[str] = []
         for split in ("test", "val", "train"):  # held-out episodes first
             ids = [e for e in store.episode_ids(split) if store.length(e) >= length]
@@ -105,9 +109,15 @@ def main(args: Args) -> dict[str, str]:
         ]
         clips = [store.read_clip(e, 0, length) for e in pick]
         real = np.stack([c["frames"] for c in clips])
-        context = real[:, : max(args.context, k) * st]
+        context = real[:, : max(args.context, k_tok) * st]
+        if cfg.cond_pixels:  # the first pixel frames condition; the prior draws every latent frame
+            context = real[:, :k]
+        elif clip and not args.context:  # whole-clip actions: the clip is drawn from scratch under them
+            context = None
         if cfg.action_kind != "none":
             actions = np.stack([c["actions"] for c in clips])
+            if clip:
+                actions = actions[:, : cfg.clip_actions]
         if cfg.n_classes and class_ids is None:  # continue each real clip under its own label
             labels = [store.load(e).attrs.get("label") for e in pick]
             if all(lab is not None for lab in labels):

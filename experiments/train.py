@@ -66,6 +66,11 @@ class Args:
     --sticky-actions)."""
     rollout_videos: bool = True
     """After the whole pipeline (--stage all), render a lockstep (real · dream · |diff|) and a random-policy rollout video."""
+    paper_actions: Literal["clip", "step"] = "clip"
+    """Action protocol of vizdoom_hgs, vizdoom_battle2 and robonet at --scale paper: 'clip' the paper's (stride
+    (2, 2, 2) tokenizer, 8x32x32 latents, the whole clip's actions condition the prior; it samples clips and FVD
+    but cannot be stepped as a dream env), 'step' ours (per-step causal actions, 16x32x32 latents, steppable).
+    The tiny/small scales always use per-step actions."""
     config: ExperimentConfig = ExperimentConfig()
     """The preset's configuration; override any field, e.g. --config.prior-train.steps 500."""
     print_config: bool = False
@@ -113,6 +118,7 @@ def parse(argv: list[str] | None = None) -> Args:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--env", default="vizdoom_hgs")
     pre.add_argument("--scale", default="tiny")
+    pre.add_argument("--paper-actions", default="clip", choices=("clip", "step"))
     for flag, default in (
         ("--env-module", None),
         ("--env-kwargs", "{}"),
@@ -140,7 +146,12 @@ def parse(argv: list[str] | None = None) -> Args:
             register_gym_preset(known.env, **opts.env_kwargs_for(known.env))
         except (ImportError, ValueError) as e:
             sys.exit(f"error: {e}")
-    default = Args(env=known.env, scale=known.scale, config=get_preset(known.env, known.scale))
+    default = Args(
+        env=known.env,
+        scale=known.scale,
+        paper_actions=known.paper_actions,
+        config=get_preset(known.env, known.scale, paper_actions=known.paper_actions),
+    )
     return tyro.cli(Args, default=default, args=argv, description=__doc__)
 
 
@@ -220,7 +231,8 @@ def main(args: Args) -> None:
         for name, r in results.items():
             record_minutes(run_dir, name, r.minutes)
     videos: dict[str, Path] = {}
-    if args.stage == "all" and di.is_main and args.rollout_videos and cfg.prior.action_kind != "none":
+    steppable = cfg.prior.action_kind != "none" and cfg.prior.action_cond != "clip"  # a dream env can step it
+    if args.stage == "all" and di.is_main and args.rollout_videos and steppable:
         videos = render_rollouts(run_dir, seed=cfg.prior_train.seed)
     if di.is_main:
         print("\n== summary ==")

@@ -286,3 +286,113 @@ def test_choose_threshold_maximises_f1_between_scores():
     assert choose_threshold(prob, true) == pytest.approx(0.2)
     assert binary_scores(prob > choose_threshold(prob, true), true)["recall"] == 1.0
     assert choose_threshold(prob, np.zeros(5, bool)) is None
+
+
+# ------------------------------------------------ whole-clip action-conditioned bundles (the paper's protocol)
+@pytest.fixture(scope="module")
+def clip_bundle(tmp_path_factory, hgs_store) -> Path:
+    """A tiny whole-clip action-conditioned vizdoom_hgs bundle, the paper-protocol geometry shrunk: 16-frame clips
+    at temporal stride 2 (8 latent frames of 4x4 tokens, decoded as one clip) and the clip's 15 actions as one
+    condition vector. Both stages train 2 steps (token cache with pixel-rate actions included); then the token head
+    and the conditional LayerNorms are perturbed (both start at zero) so that the sampled clips depend on the
+    actions."""
+    from tests.conftest import tiny_experiment
+    from worldmodel.stages import train_prior, train_tokenizer
+
+    cfg = tiny_experiment(hgs_store, clip_len=16, steps=2)
+    cfg = replace(
+        cfg,
+        tokenizer=replace(cfg.tokenizer, stride=(2, 8, 8)),
+        prior=replace(cfg.prior, frames=8, action_cond="clip", clip_actions=15),
+    )
+    run = tmp_path_factory.mktemp("clip_bundle") / "vizdoom_hgs-clip"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_tokenizer(cfg, run, progress=False)
+        assert train_prior(cfg, run, progress=False).step == 2
+    finally:
+        torch.set_num_threads(n)
+    wm = WorldModel.from_pretrained(run)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        torch.nn.init.normal_(wm.prior.head.weight, std=0.5)
+        for m in wm.prior.modules():
+            if getattr(m, "to_gain_bias", None) is not None:
+                torch.nn.init.normal_(m.to_gain_bias.weight, std=1.0)
+    wm.save_pretrained(run)
+    return run
+
+
+def test_evaluate_cli_clip_report_for_a_whole_clip_conditioned_bundle(
+    clip_bundle, hgs_store, tmp_path, one_thread
+):
+    """experiments/evaluate.py on a bundle that cannot be stepped: reconstruction and FVD/FVD*/FVD(recon) on real
+    16-frame clips and clips sampled under their real actions; the per-step sections are absent, each with its
+    reason."""
+    from worldmodel.video_sampling import sample_videos
+
+    out, n = tmp_path / "ev", 2
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "experiments/evaluate.py"),
+            "--checkpoint",
+            str(clip_bundle),
+            "--out",
+            str(out),
+            "--n-episodes",
+            str(n),
+            "--threads",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    rep = json.loads((out / "eval.json").read_text())
+    assert summary["eval_json"] == str(out / "eval.json") and summary["fvd"] == rep["fvd"]
+    assert rep["protocol"] == "clip" and rep["preset"] == "vizdoom_hgs"
+    assert rep["n_clips"] == n and len(rep["clips"]) == n and rep["clip_frames"] == 16
+    for name in rep["plots"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # no open loop, heads, dream episodes or bits: absent, each with the reason
+    absent = ("open_loop", "reward", "termination", "dream_episodes", "bits")
+    assert not set(absent) & set(rep)
+    assert set(rep["not_evaluated"]) == set(absent)
+    assert all("action_cond='clip'" in why and "stepped" in why for why in rep["not_evaluated"].values())
+
+    # reconstruction of the real clips (temporal stride 2: whole 16-frame windows), recomputed from the store
+    store = EpisodeStore(hgs_store)
+    frames = np.stack([store.read_clip(e, s, 16)["frames"] for e, s in rep["clips"]])
+    actions = np.stack([store.read_clip(e, s, 16)["actions"] for e, s in rep["clips"]])
+    wm = WorldModel.from_pretrained(clip_bundle)
+    recon = reconstruct(wm, frames)
+    assert recon.shape == frames.shape == (n, 16, 32, 32, 3)
+    rec = rep["reconstruction"]
+    assert rec["psnr"] == pytest.approx(psnr(recon, frames).mean(), rel=1e-9)
+    assert rec["ssim"] == pytest.approx(ssim(recon, frames).mean(), rel=1e-9)
+    assert rec["n_frames"] == n * 16 and np.isfinite(rec["psnr"])
+
+    # clips sampled from nothing under the clip's 15 real actions, one frame per real frame
+    smp = rep["sampling"]
+    assert smp["clip_shape"] == [n, 16, 32, 32, 3] and smp["actions_shape"] == [n, 15]
+    assert smp["batch_size"] == n and smp["frames_per_s"] > 0 and smp["temperature"] == 0.0
+    v = sample_videos(wm, n, actions=actions, temperature=0.0, seed=0)
+    assert v.shape == frames.shape
+    np.testing.assert_array_equal(v, sample_videos(wm, n, actions=actions, temperature=0.0, seed=0))
+    other = (actions + 1) % wm.cfg.prior.n_actions  # the whole clip's actions condition every frame
+    assert not np.array_equal(v, sample_videos(wm, n, actions=other, temperature=0.0, seed=0))
+    with pytest.raises(ValueError, match="action_cond='clip'"):
+        sample_videos(wm, n, actions=actions[:, :8])
+
+    if default_i3d_weights_path().is_file():  # FVD with the real Kinetics-400 I3D on the 16-frame clips
+        assert rep["fvd_info"]["reason"] is None and rep["fvd_info"]["n_clips"] == n
+        assert all(isinstance(rep[k], float) and rep[k] > -1e-3 for k in ("fvd", "fvd_star", "fvd_recon"))
+    else:
+        assert rep["fvd"] is None and "fetch_weights.py i3d" in rep["fvd_info"]["reason"]

@@ -240,8 +240,8 @@ def test_tiny_and_small_scales_keep_our_layers():
 def test_paper_width_forward_and_one_cached_sampling_step_on_cpu(one_thread):
     """The vizdoom_hgs paper tokenizer and prior at full width (the prior's window shortened to 2 frames so the
     dense mask and cache stay small): tokenizer round trip, a prior forward, then one cached token step that
-    must reproduce the full forward's logits."""
-    cfg = get_preset("vizdoom_hgs", "paper")
+    must reproduce the full forward's logits. Per-step actions (--paper-actions step), the steppable variant."""
+    cfg = get_preset("vizdoom_hgs", "paper", paper_actions="step")
     torch.manual_seed(0)
     tok = VQVAE(cfg.tokenizer).eval()
     frames = torch.randint(0, 256, (1, 2, 64, 64, 3), dtype=torch.uint8)
@@ -285,3 +285,92 @@ def test_print_config_shows_ours_and_the_papers_side_by_side():
     out = res.stdout
     assert "prior.attn_pattern (attn_type)" in out and "DIFFERS" not in out
     assert f"{PAPER_PARAMS['gpt_large@4x32x32']:,}" in out and f"{PAPER_PARAMS['vae_res64_ds422']:,}" in out
+
+
+# ------------------------------------------------ the paper's BAIR pixel conditioning and whole-clip actions
+def test_resnet34_conditioner_has_the_paper_codes_parameter_count():
+    n = param_counts(get_preset("bair_paper", "paper"))
+    assert abs(n["prior_resnet"] / PAPER_PARAMS["resnet34@bair"] - 1) < 0.005
+
+
+@pytest.mark.parametrize("name", ["vizdoom_hgs", "vizdoom_battle2", "robonet"])
+def test_per_step_variant_of_the_paper_presets_keeps_its_counts(name):
+    cfg = get_preset(name, "paper", paper_actions="step")
+    assert cfg.prior.action_cond == "cond_ln" and cfg.tokenizer.stride == (1, 2, 2)
+    setup, n = paper_setup(cfg), param_counts(cfg)
+    assert abs(n["tokenizer"] / PAPER_PARAMS[setup.tokenizer_same] - 1) < 0.005
+    assert abs(n["prior_trunk"] / PAPER_PARAMS[setup.prior_same] - 1) < 0.005
+
+
+def _cached_step_matches_forward(prior: Prior, codes, acts, memory) -> None:
+    """Prefill frame 0's block, run frame 1's slot as one cached step: its logits equal the full forward's."""
+    pcfg = prior.cfg
+    with torch.no_grad():
+        out = prior(codes, acts, cond_frames=memory)
+        assert torch.isfinite(out.logits).all()
+        mem = prior.cond_memory(None, 1, memory)
+        kv = None if mem is None else prior.memory_kv(mem)
+        cond = prior.block_conditions(acts, 1, 2)
+        x, ln = prior.embed_blocks(codes, cond), prior.ln_condition(cond)
+        L, hs = prior.block_len, pcfg.n_embd // pcfg.n_head
+        cache = KVCache(pcfg.n_layer, 1, pcfg.n_head, 2 * L, hs, torch.device("cpu"), torch.float32)
+        prior.forward_cached(x[:, :L], None if ln is None else ln[:, :L], cache, None, 0, kv)
+        h = prior.forward_cached(
+            x[:, L : L + 1], None if ln is None else ln[:, L : L + 1], cache, None, L, kv
+        )
+        step_logits = prior.head(h)[:, 0]
+    assert torch.allclose(step_logits, out.logits[:, 1, 0], atol=1e-4)
+
+
+def test_bair_paper_pixel_frame_conditioning_forward_and_cached_step(one_thread):
+    """bair_paper at paper width: one 64x64 pixel frame through the ResNet-34 conditions 8x32x32 latents (the window
+    shortened to 2 latent frames); a prior forward and one cached step reproduce each other."""
+    cfg = get_preset("bair_paper", "paper")
+    assert cfg.prior.cond_pixels and cfg.prior.frames == 8 and cfg.prior.n_cond_frames == 1
+    torch.manual_seed(0)
+    prior = Prior(replace(cfg.prior, frames=2)).eval()
+    torch.nn.init.normal_(prior.head.weight, std=0.02)
+    codes = torch.randint(0, 1024, (1, 2, 32, 32))
+    frame = torch.randint(0, 256, (1, 1, 64, 64, 3), dtype=torch.uint8)
+    _cached_step_matches_forward(prior, codes, None, frame)
+    with pytest.raises(ValueError, match="cond_frames"):
+        prior(codes, cond_frames=frame[:, :, :32])
+    r = Rollout(prior, 1)  # the cached sampler takes the frame too
+    r.start(codes[:, :0], cond_frames=frame)
+    assert r.mem_k.shape[3] == 16 * 16
+
+
+def test_whole_clip_action_conditioning_forward_and_cached_step(one_thread):
+    """vizdoom_hgs at paper scale follows the paper's protocol: 8x32x32 latents and the clip's 15 actions as one
+    condition vector; forward and one cached step at batch 1 (window shortened to 2 frames)."""
+    cfg = get_preset("vizdoom_hgs", "paper")
+    assert cfg.prior.action_cond == "clip" and cfg.tokenizer.stride == (2, 2, 2) and cfg.prior.frames == 8
+    torch.manual_seed(0)
+    prior = Prior(replace(cfg.prior, frames=2)).eval()
+    torch.nn.init.normal_(prior.head.weight, std=0.02)
+    for m in prior.modules():
+        if getattr(m, "to_gain_bias", None) is not None:
+            torch.nn.init.normal_(m.to_gain_bias.weight, std=0.1)
+    codes = torch.randint(0, 1024, (1, 2, 32, 32))
+    acts = torch.randint(0, 5, (1, 15))
+    _cached_step_matches_forward(prior, codes, acts, None)
+    other = (acts + 1) % 5  # every block, frame 0's too, is conditioned on the whole clip
+    assert not torch.allclose(
+        prior.block_conditions(acts, 1, 2)[:, 0], prior.block_conditions(other, 1, 2)[:, 0]
+    )
+    with pytest.raises(ValueError, match="15"):
+        prior(codes, acts[:, :1])
+    r = Rollout(prior, 1)
+    r.start(codes[:, :1], acts)
+    with pytest.raises(ValueError, match="start"):
+        r.step(acts[:, 0])
+
+
+def test_dream_env_refuses_a_whole_clip_conditioned_bundle():
+    from types import SimpleNamespace
+
+    from envs.dream import DreamEnv
+
+    wm = SimpleNamespace(cfg=get_preset("vizdoom_hgs", "paper"))
+    with pytest.raises(ValueError, match="action_cond='clip'.*--paper-actions step"):
+        DreamEnv(world_model=wm)

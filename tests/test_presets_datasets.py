@@ -21,6 +21,7 @@ from worldmodel.config import SCALES, get_preset, preset_names
 from worldmodel.sources import bair, robonet, tgif, ucf101
 from worldmodel.stages import train_prior, train_tokenizer
 from worldmodel.store import EpisodeStore
+from worldmodel.token_cache import TOKENS_FILE, TokenCache
 from worldmodel.video_sampling import sample_videos
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,14 +110,18 @@ def test_dataset_presets_follow_the_paper_at_paper_scale_and_stay_consistent_at_
                 w,
             ) and c.data.resolution == c.tokenizer.resolution
             # the modelled latent frames (after any conditioning frames) fill the clip exactly
-            assert c.prior.n_cond_frames + c.prior.frames == T
-            if name in ("bair", "robonet"):  # action-conditioned dreams: one latent frame per action
+            assert (0 if c.prior.cond_pixels else c.prior.n_cond_frames) + c.prior.frames == T
+            if name == "robonet" and scale == "paper":  # the paper's protocol: whole-clip actions, 8x32x32
+                assert c.tokenizer.stride == (2, 2, 2) and not c.tokenizer.causal_time
+                assert (c.prior.action_cond, c.prior.clip_actions, c.prior.action_dim) == ("clip", 15, 5)
+            elif name in ("bair", "robonet"):  # action-conditioned dreams: one latent frame per action
                 assert c.tokenizer.stride[0] == 1 and c.tokenizer.causal_time and c.data.use_actions
                 assert (c.prior.action_kind, c.prior.action_dim) == ("continuous", 4 if name == "bair" else 5)
             else:  # the paper's action-free setups, 16-frame clips
                 assert c.data.clip_len == 16 and not c.data.use_actions and c.prior.action_kind == "none"
                 assert c.prior.n_classes == (101 if name == "ucf101" else 0)
                 assert c.prior.n_cond_frames == (1 if name == "bair_paper" else 0)
+                assert c.prior.cond_pixels == (name == "bair_paper" and scale == "paper")
 
 
 @pytest.mark.parametrize("name", ["bair", "robonet", "bair_paper", "ucf101", "ucf101_uncond", "tgif"])
@@ -300,3 +305,45 @@ def test_bair_documented_commands_convert_train_and_gym_make(tmp_path, one_threa
     assert env.spec.max_episode_steps == 30  # BAIR trajectories
     with pytest.raises(ValueError, match="is a 'bair' bundle"):
         gym.make("VideoGPTDream-RoboNet-v0", checkpoint=run)
+
+
+@pytest.mark.parametrize("name", ["bair_paper", "robonet"])
+def test_paper_protocols_train_from_the_token_cache_and_sample(name, tmp_path, one_thread):
+    """The paper's BAIR (one pixel frame through a ResNet, every latent frame modelled) and whole-clip action
+    conditioning, at a shrunk width: the token cache stores the conditioning pixels / pixel-rate actions, the
+    prior trains on them, and clips sample from them."""
+    store = _convert(name, tmp_path)
+    clip_len = 16 if name == "bair_paper" else 4
+    cfg = shrink(get_preset(name, "tiny"), store, clip_len=clip_len)
+    st = cfg.tokenizer.stride[0]
+    if name == "bair_paper":
+        prior = replace(cfg.prior, n_cond_frames=1, cond_pixels=True, frames=clip_len // st, resnet_depth=18)
+        prior = replace(prior, resnet_dim=24, resnet_out=(1, 8, 8))
+    else:
+        prior = replace(cfg.prior, action_cond="clip", clip_actions=clip_len - 1, frames=clip_len // st)
+    cfg = replace(cfg, prior=prior)
+    run = tmp_path / "run"
+    train_tokenizer(cfg, run, progress=False)
+    res = train_prior(cfg, run, progress=False)
+    assert res.step == 2 and np.isfinite(res.val_metrics["nats_per_token"])
+    cache = TokenCache(run / TOKENS_FILE)
+    eid = cache.episode_ids()[0]
+    item = cache.read_clip(eid, 1, cfg.prior.frames)
+    ep = EpisodeStore(store).load(eid)
+    wm = WorldModel.from_pretrained(run)
+    if name == "bair_paper":
+        assert np.array_equal(
+            item["cond_frames"][0], ep.frames[st]
+        )  # latent frame 1 starts at pixel frame st
+        frames = np.stack([ep.frames[:1], ep.frames[5:6]])
+        v = sample_videos(wm, 2, context=frames, seed=1)
+        assert v.shape == (2, 16, 64, 64, 3)
+    else:
+        assert np.array_equal(item["clip_actions"], ep.actions[st : (1 + cfg.prior.frames) * st - 1])
+        acts = np.stack([ep.actions[: clip_len - 1]] * 2).astype(np.float32)
+        v = sample_videos(wm, 2, actions=acts, seed=1)
+        assert v.shape[:2] == (2, clip_len)
+        with pytest.raises(ValueError, match="action_cond='clip'"):
+            from envs.dream import DreamEnv
+
+            DreamEnv(world_model=wm)

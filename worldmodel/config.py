@@ -158,13 +158,37 @@ class PriorConfig:
     """Number of discrete actions (action_kind='discrete')."""
     action_dim: int = 0
     """Action vector size (action_kind='continuous')."""
-    action_cond: Literal["cond_ln", "token", "add"] = "cond_ln"
+    action_cond: Literal["cond_ln", "token", "add", "clip"] = "cond_ln"
     """How actions enter: conditional LayerNorm, a per-frame action token, or an added embedding
-    (cond_ln is the default: lower held-out loss than the action token on HGS, docs/ARCHITECTURE.md)."""
+    (cond_ln is the default: lower held-out loss than the action token on HGS, docs/ARCHITECTURE.md), each
+    per step and causal (block t sees a_{t-1}); or ``"clip"``, the paper's ViZDoom/RoboNet protocol: the whole
+    clip's ``clip_actions`` pixel-rate actions, flattened into one vector (one-hot per step, or the continuous
+    vectors), condition every conditional LayerNorm of every block. A clip-conditioned prior needs every action
+    before the first frame, so it samples clips (video sampling, FVD) but cannot be stepped as a dream env."""
+    clip_actions: int = 0
+    """Actions in the whole-clip condition vector (``action_cond="clip"``): the clip's transitions at the pixel
+    frame rate (16 frames: 15)."""
     n_classes: int = 0
     """Class-conditional prior (UCF-101) when > 0."""
     n_cond_frames: int = 0
-    """Context frames read by a ResNet encoder + cross-attention (paper's BAIR setup) when > 0."""
+    """Context frames read by a ResNet encoder + cross-attention (paper's BAIR setup) when > 0: latent frames of
+    tokens (not modelled), or with ``cond_pixels`` pixel frames."""
+    cond_pixels: bool = False
+    """Frame conditioning on pixels, as the paper's BAIR prior: the clip's first ``n_cond_frames`` pixel frames
+    (uint8, ``cond_resolution`` square) go through the paper's 3D ResNet (``resnet_depth``, ``resnet_width``,
+    ``resnet_dim``, output grid ``resnet_out``; :mod:`worldmodel.resnet`) into the cross-attention memory, and
+    every latent frame of the clip is modelled. False: the first ``n_cond_frames`` latent frames' tokens condition
+    through a 2-block ResNet over their embeddings and are not modelled (no pixels needed)."""
+    cond_resolution: int = 64
+    """Height and width of the conditioning pixel frames (``cond_pixels``)."""
+    resnet_depth: int = 34
+    """Depth of the conditioning ResNet (``cond_pixels``): 18 or 34 (the paper's BAIR: 34)."""
+    resnet_width: int = 1
+    """Width multiplier of the conditioning ResNet (the paper's: 1)."""
+    resnet_dim: int = 576
+    """Output channels of the conditioning ResNet, the cross-attention memory's width (the paper's: 576)."""
+    resnet_out: tuple[int, int, int] = (1, 16, 16)
+    """Output grid (k', h', w') of the conditioning ResNet (the paper's BAIR: (1, 16, 16))."""
     reward_weight: float = 1.0
     """Weight of the reward head's loss (symlog MSE)."""
     reward_given_termination: bool = False
@@ -234,6 +258,13 @@ class PriorConfig:
                 f"prior.sparse_block / sparse_local_blocks / code_dim: got {self.sparse_block}, "
                 f"{self.sparse_local_blocks}, {self.code_dim}; expected >= 1, >= 0, >= 0"
             )
+        if self.action_cond == "clip" and (self.clip_actions < 1 or self.action_kind == "none"):
+            raise ValueError(
+                f"prior.action_cond='clip' needs actions (action_kind 'discrete' or 'continuous', got "
+                f"{self.action_kind!r}) and clip_actions >= 1 (got {self.clip_actions})"
+            )
+        if self.cond_pixels and self.n_cond_frames < 1:
+            raise ValueError("prior.cond_pixels needs n_cond_frames >= 1 (the pixel frames to condition on)")
         if not self.termination_pos_weight > 0:
             raise ValueError(
                 f"prior.termination_pos_weight: got {self.termination_pos_weight}, expected a BCE "
@@ -434,9 +465,22 @@ _PAPER_GPT_SMALL = PriorConfig(
 _PAPER_GPT_LARGE = replace(_PAPER_GPT_SMALL, n_layer=20, n_head=8, n_embd=1024)
 
 
-def _vizdoom(name: str, scale: str, n_actions: int, paper_arch: bool = True) -> ExperimentConfig:
+PaperActions = Literal["clip", "step"]
+PAPER_CLIP_PRESETS: tuple[str, ...] = ("vizdoom_hgs", "vizdoom_battle2", "robonet")
+"""The presets of the paper's action-conditioned datasets: at ``--scale paper`` they follow the paper's protocol
+(``paper_actions="clip"``: stride (2, 2, 2) tokenizer, 8x32x32 latents, the whole clip's actions condition the
+prior) unless ``paper_actions="step"`` asks for our steppable per-step conditioning at the paper's widths."""
+
+
+def _vizdoom(
+    name: str, scale: str, n_actions: int, paper_arch: bool = True, paper_actions: PaperActions = "step"
+) -> ExperimentConfig:
     """A ViZDoom dream preset. ``paper_arch=False``: at the paper scale, the paper's widths on our dream geometry
-    (stride (1, 8, 8), our layers, full attention; the generic ``gym:<ID>`` preset's paper scale)."""
+    (stride (1, 8, 8), our layers, full attention; the generic ``gym:<ID>`` preset's paper scale).
+    ``paper_actions`` (paper scale only): ``"clip"`` the paper's protocol (whole-clip action vector, 8x32x32
+    latents; not steppable as a dream env), ``"step"`` our per-step causal conditioning (16x32x32 latents)."""
+    if paper_actions not in ("clip", "step"):
+        raise ValueError(f"paper_actions: got {paper_actions!r}, expected 'clip' or 'step'")
     tok = TokenizerConfig(resolution=64, stride=(1, 8, 8), causal_time=True)
     # context_noise 0.1: on 300 HGS episodes, tiny scale, 3000 steps (benchmarks/bench_dynamics.py) it
     # trades 0.4 dB at open-loop step 1 (25.47 -> 25.07) for +0.4 dB at step 16 (20.00 -> 20.36, copy-last
@@ -490,7 +534,27 @@ def _vizdoom(name: str, scale: str, n_actions: int, paper_arch: bool = True) -> 
         pt = TrainConfig(steps=200_000, batch_size=32, lr=3e-4)
         data = DataConfig(store=f"data/{name}", clip_len=16)
         episodes = 5000
-    else:  # paper: vae_res64_ds222 and gpt_small of the paper's code, with temporal stride 1 (see below)
+    elif paper_actions == "clip":  # paper: vae_res64_ds222 + gpt_small, the paper's action protocol
+        # 16x64x64 -> 8x32x32 (stride 2, 2, 2; not causal in time) and the whole clip's 15 actions (one-hot per
+        # step) as one affine-norm condition vector, as the paper; a dream env cannot step it (it needs every
+        # action before the first frame): paper_actions="step" is the steppable variant.
+        tok = replace(_PAPER_TOKENIZER, resolution=64, stride=(2, 2, 2))
+        prior = replace(
+            _PAPER_GPT_SMALL,
+            action_kind="discrete",
+            n_actions=n_actions,
+            action_cond="clip",
+            clip_actions=15,
+            frames=8,
+            tokens_h=32,
+            tokens_w=32,
+            reward_given_termination=True,
+        )
+        tt = TrainConfig(steps=100_000, batch_size=32, lr=3e-4)
+        pt = TrainConfig(steps=200_000, batch_size=32, lr=3e-4)
+        data = DataConfig(store=f"data/{name}", clip_len=16)
+        episodes = 5000
+    else:  # paper widths and layers, our per-step protocol: temporal stride 1 (see below)
         # Per-step action conditioning (the dream env steps one action per latent frame) needs temporal stride 1:
         # 16x32x32 latents where the paper's vae_res64_ds222 has 8x32x32 (it conditions on the whole clip's
         # actions at once instead; docs/ARCHITECTURE.md "Paper scale"). Causal in time for the dream's sliding
@@ -522,9 +586,10 @@ def _vizdoom(name: str, scale: str, n_actions: int, paper_arch: bool = True) -> 
     )
 
 
-def _robot(name: str, scale: str, action_dim: int) -> ExperimentConfig:
-    """BAIR / RoboNet as action-conditioned dreams: 64×64 frames, one latent frame per action, 8×8 tokens."""
-    base = _vizdoom(name, scale, n_actions=0)
+def _robot(name: str, scale: str, action_dim: int, paper_actions: PaperActions = "step") -> ExperimentConfig:
+    """BAIR / RoboNet as action-conditioned dreams: 64×64 frames, one latent frame per action, 8×8 tokens (at the
+    paper scale with ``paper_actions="clip"``: the paper's protocol, 8×32×32 latents and the whole clip's actions)."""
+    base = _vizdoom(name, scale, n_actions=0, paper_actions=paper_actions)
     # BAIR/RoboNet stores carry no rewards and no terminations: a terminal-reward output would never train
     prior = replace(
         base.prior,
@@ -534,8 +599,9 @@ def _robot(name: str, scale: str, action_dim: int) -> ExperimentConfig:
         reward_given_termination=False,
     )
     clip = 16 if scale == "paper" else 8  # BAIR trajectories have 30 frames, RoboNet's ~31
+    frames = clip // base.tokenizer.stride[0]
     return replace(
-        base, prior=replace(prior, frames=clip), data=replace(base.data, clip_len=clip), collect_episodes=0
+        base, prior=replace(prior, frames=frames), data=replace(base.data, clip_len=clip), collect_episodes=0
     )
 
 
@@ -570,14 +636,31 @@ def _shrunk(
 
 
 def _bair_paper(scale: str) -> ExperimentConfig:
-    """The paper's BAIR setup: 16 frames of 64×64, no actions, the start of the clip conditions the rest
-    through a ResNet + cross-attention (``n_cond_frames=1`` latent frame: its 2 pixel frames at the paper's
-    stride (2, 2, 2), 4 at the tiny/small scales' stride (4, 2, 2) -- the official ``bair_stride4x2x2``
-    VQ-VAE). The prior models the remaining latent frames: ``frames = 16 / stride_t - 1``."""
+    """The paper's BAIR setup: 16 frames of 64×64, no actions. Paper scale, as the paper: the clip's first 64×64
+    pixel frame conditions through the paper's 3D ResNet-34 (LayerNorm, width 1, 576 channels, (1, 16, 16) output)
+    and cross-attention, and the prior models all 8×32×32 latents of the stride (2, 2, 2) tokenizer. tiny/small:
+    the first latent frame's *tokens* condition (a 2-block ResNet over their embeddings: a ResNet-34 is 73 M
+    parameters, more than these scales' whole model) and the remaining latent frames are modelled, at the
+    official ``bair_stride4x2x2`` VQ-VAE's stride (4, 2, 2): ``frames = 16 / 4 - 1``."""
     paper = scale == "paper"
     tok = replace(_PAPER_TOKENIZER, resolution=64, stride=(2, 2, 2) if paper else (4, 2, 2))
     n_latent = 16 // tok.stride[0]
-    prior = replace(_PAPER_GPT_SMALL, frames=n_latent - 1, tokens_h=32, tokens_w=32, n_cond_frames=1)
+    if paper:
+        prior = replace(
+            _PAPER_GPT_SMALL,
+            frames=n_latent,
+            tokens_h=32,
+            tokens_w=32,
+            n_cond_frames=1,
+            cond_pixels=True,
+            cond_resolution=64,
+            resnet_depth=34,
+            resnet_width=1,
+            resnet_dim=576,
+            resnet_out=(1, 16, 16),
+        )
+    else:
+        prior = replace(_PAPER_GPT_SMALL, frames=n_latent - 1, tokens_h=32, tokens_w=32, n_cond_frames=1)
     tt, pt = (
         TrainConfig(steps=100_000, batch_size=32, lr=3e-4),
         TrainConfig(steps=200_000, batch_size=32, lr=3e-4),
@@ -698,11 +781,13 @@ def generic_preset(
 
 
 _PRESETS: dict[str, Any] = {
-    "vizdoom_hgs": lambda scale: _vizdoom("vizdoom_hgs", scale, n_actions=5),
-    "vizdoom_battle2": lambda scale: _vizdoom("vizdoom_battle2", scale, n_actions=8),
+    "vizdoom_hgs": lambda scale, paper_actions="clip": _vizdoom("vizdoom_hgs", scale, 5, True, paper_actions),
+    "vizdoom_battle2": lambda scale, paper_actions="clip": _vizdoom(
+        "vizdoom_battle2", scale, 8, True, paper_actions
+    ),
     "vizdoom_take_cover": lambda scale: _vizdoom("vizdoom_take_cover", scale, n_actions=2),
     "bair": lambda scale: _robot("bair", scale, action_dim=4),  # store data/bair
-    "robonet": lambda scale: _robot("robonet", scale, action_dim=5),  # store data/robonet
+    "robonet": lambda scale, paper_actions="clip": _robot("robonet", scale, 5, paper_actions),  # data/robonet
     "bair_paper": _bair_paper,
     "ucf101": lambda scale: _video("ucf101", scale, n_classes=101),
     "ucf101_uncond": lambda scale: _video("ucf101_uncond", scale, n_classes=0),
@@ -724,14 +809,20 @@ def is_preset(name: str) -> bool:
     return name in _PRESETS or (name.startswith(GYM_PREFIX) and len(name) > len(GYM_PREFIX))
 
 
-def get_preset(name: str, scale: str = "tiny") -> ExperimentConfig:
+def get_preset(name: str, scale: str = "tiny", *, paper_actions: PaperActions = "clip") -> ExperimentConfig:
     """Return the named preset at ``scale`` ('tiny' | 'small' | 'paper'). ``"gym:<ID>"`` without a registered preset
     (``envs.gym_source.register_gym_preset`` builds one from the env's spaces) is :func:`generic_preset` without
-    the env's spaces."""
+    the env's spaces. ``paper_actions`` picks the action protocol of the ``PAPER_CLIP_PRESETS`` at the paper
+    scale: ``"clip"`` the paper's (whole-clip action vector, not steppable as a dream env), ``"step"`` ours
+    (per-step causal actions, steppable); other presets and scales ignore it."""
+    if paper_actions not in ("clip", "step"):
+        raise ValueError(f"paper_actions: got {paper_actions!r}, expected 'clip' or 'step'")
     if name not in _PRESETS and is_preset(name):
         return generic_preset(name, scale)
     if name not in _PRESETS:
         raise ValueError(f"unknown preset {name!r}; expected one of {preset_names()} or 'gym:<Gymnasium id>'")
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; expected one of {list(SCALES)}")
+    if name in PAPER_CLIP_PRESETS:
+        return _PRESETS[name](scale, paper_actions)
     return _PRESETS[name](scale)

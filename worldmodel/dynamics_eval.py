@@ -117,10 +117,12 @@ def encode_windows(wm: WorldModel, frames: np.ndarray) -> torch.Tensor:
 
 @torch.inference_mode()
 def reconstruct(wm: WorldModel, frames: np.ndarray) -> np.ndarray:
-    """Tokenizer round trip of frames (B, T, H, W, 3) uint8, window by window (see :func:`encode_windows`)."""
-    tok = encode_windows(wm, frames)
-    L = wm.cfg.data.clip_len
-    return np.concatenate([wm.tokenizer.decode(t).cpu().numpy() for t in torch.split(tok, L, dim=1)], 1)
+    """Tokenizer round trip of frames (B, T, H, W, 3) uint8, window by window of ``cfg.data.clip_len`` frames (the
+    windows of :func:`encode_windows`). Any temporal stride: each window is encoded and decoded on its own, so a
+    strided tokenizer (the paper's whole-clip presets) needs windows of a multiple of its stride."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).to(wm.device)
+    windows = torch.split(x, wm.cfg.data.clip_len, dim=1)
+    return np.concatenate([wm.tokenizer.decode(wm.tokenizer.encode(w)).cpu().numpy() for w in windows], 1)
 
 
 # -- open loop -------------------------------------------------------------------------------------

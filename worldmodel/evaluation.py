@@ -39,6 +39,11 @@ store has none — then ``split`` says so):
   FVD is biased by the clip count: compare numbers with the same ``n_clips``.
 - ``sampling``: dream frames per second of the open-loop rollout (batch of ``n_clips``, prior
   sampling + decoding).
+
+A whole-clip action-conditioned bundle (``prior.action_cond="clip"``, the paper's protocol) cannot be stepped:
+its report (``protocol: "clip"``, :func:`evaluate_clip_sampling`) has ``reconstruction``, ``fvd``/``fvd_star``/
+``fvd_recon`` on clips of the prior's window sampled under their real actions, and ``sampling``; the per-step
+sections are absent and ``not_evaluated`` gives the reason for each.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ from worldmodel.metrics.bits import bits_per_dim, bits_per_token
 from worldmodel.metrics.image import psnr, ssim
 from worldmodel.random_policy import StickyRandomPolicy
 from worldmodel.store import EpisodeStore, heldout_episode_ids
+from worldmodel.video_sampling import sample_videos
 
 EVAL_JSON = "eval.json"
 REPORT_FORMAT = "videogpt-worldmodel-eval"
@@ -517,6 +523,114 @@ def plot_rollouts(
 
 
 # -- the report ---------------------------------------------------------------------------------------
+CLIP_PROTOCOL_ABSENT = {
+    key: "not evaluated: a whole-clip action-conditioned prior (prior.action_cond='clip') needs every action of a "
+    "clip before its first frame, so it cannot be stepped " + what
+    for key, what in (
+        ("open_loop", "from real context frames one action at a time"),
+        ("reward", "to read its reward head per transition as the dream env does"),
+        ("termination", "to read its termination head per transition as the dream env does"),
+        ("dream_episodes", "as a dream env (envs.dream refuses it; --paper-actions step can be stepped)"),
+        ("bits", "on the per-step windows the teacher-forced sections read"),
+    )
+}
+"""The sections of the per-step report a ``protocol: "clip"`` report leaves out, with the reason (``not_evaluated``)."""
+
+
+def evaluate_clip_sampling(
+    wm: WorldModel,
+    store: EpisodeStore,
+    settings: EvalSettings,
+    *,
+    plot_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """The report of a whole-clip action-conditioned bundle (``prior.action_cond='clip'``, the paper's
+    ViZDoom/RoboNet protocol). Such a prior needs every action of a clip up front, so there is no open loop, no
+    dream episode and no head evaluation (``not_evaluated`` gives each reason): ``n_episodes`` held-out clips of
+    the prior's window (``prior.frames`` latent frames, 16 pixel frames at paper scale) are reconstructed by the
+    tokenizer and sampled from scratch under their real actions (temperature ``settings.temperature``), and FVD /
+    FVD* / FVD(real, recon) are computed on them as the paper does (``protocol: "clip"`` in the report).
+    ``context`` and ``horizon`` do not apply (the clip is the prior's window). A frame-conditioned prior
+    (``n_cond_frames``) gets its conditioning frames from the start of each real clip."""
+    s, t_all = settings, time.perf_counter()
+    p = wm.cfg.prior
+    st = int(wm.cfg.tokenizer.stride[0])
+    # latent frames of token conditioning come first in the window (pixel conditioning adds none)
+    k_tok = 0 if p.cond_pixels else p.n_cond_frames
+    length = (k_tok + p.frames) * st
+    if p.clip_actions > length - 1:
+        raise ValueError(
+            f"prior.clip_actions={p.clip_actions} is more than the {length - 1} transitions of a clip of the "
+            f"prior's window ({length} frames)"
+        )
+    clips = sample_clips(store, split=s.split, n=s.n_episodes, length=length, seed=s.seed)
+    t0 = time.perf_counter()
+    recon = reconstruct(wm, clips.frames)
+    t_recon = time.perf_counter() - t0
+    actions = clips.actions[:, : p.clip_actions]
+    t0 = time.perf_counter()
+    dream = sample_videos(
+        wm,
+        len(clips.frames),
+        context=clips.frames if p.n_cond_frames else None,
+        actions=actions,
+        temperature=s.temperature,
+        seed=s.seed,
+    )
+    t_sample = time.perf_counter() - t0
+    if dream.shape != clips.frames.shape or recon.shape != clips.frames.shape:
+        raise RuntimeError(
+            f"clip evaluation: real clips {clips.frames.shape}, reconstructions {recon.shape} and sampled clips "
+            f"{dream.shape} should have the same shape"
+        )
+    if s.fvd:
+        fvd = fvd_section(
+            clips.frames, recon, dream, weights=s.i3d_weights, batch_size=s.fvd_batch_size, device=wm.device
+        )
+        from worldmodel.metrics.fvd import FVD_FRAMES
+
+        if length < FVD_FRAMES:  # the clip is the prior's window, not --horizon
+            fvd["fvd_info"]["reason"] = (
+                f"clips of {length} frames (the prior's window) < {FVD_FRAMES}: FVD needs {FVD_FRAMES}-frame clips"
+            )
+    else:
+        fvd = {
+            "fvd": None,
+            "fvd_star": None,
+            "fvd_recon": None,
+            "fvd_info": {"reason": "disabled (fvd=False / --no-fvd)"},
+        }
+    report: dict[str, Any] = {
+        "format": REPORT_FORMAT,
+        "version": REPORT_VERSION,
+        "protocol": "clip",
+        "store": str(store.root),
+        "settings": asdict(s),
+        "split": clips.split,
+        "n_clips": len(clips.episode_ids),
+        "clip_frames": length,
+        "clips": [[e, st_] for e, st_ in zip(clips.episode_ids, clips.starts)],
+        "reconstruction": {**reconstruction_section(clips, recon), "seconds": t_recon},
+        **fvd,
+        "sampling": {
+            "frames_per_s": dream.shape[0] * dream.shape[1] / max(t_sample, 1e-9),
+            "batch_size": int(dream.shape[0]),
+            "seconds": t_sample,
+            "temperature": s.temperature,
+            "clip_shape": list(dream.shape),
+            "actions_shape": list(actions.shape),
+            "includes": "prior sampling of every latent frame under the clip's actions, frame decoding",
+        },
+        "not_evaluated": dict(CLIP_PROTOCOL_ABSENT),
+    }
+    if plot_dir is not None:
+        d = Path(plot_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        report["plots"] = [plot_rollouts(clips, dream, 0, d / "eval_clips.png").name]
+    report["seconds"] = time.perf_counter() - t_all
+    return report
+
+
 def evaluate_world_model(
     wm: WorldModel,
     store: EpisodeStore,
@@ -534,6 +648,8 @@ def evaluate_world_model(
         raise ValueError(
             "the bundle models action-free video; evaluate.py needs an action-conditioned bundle"
         )
+    if wm.cfg.prior.action_cond == "clip":
+        return evaluate_clip_sampling(wm, store, settings, plot_dir=plot_dir)
     t_all = time.perf_counter()
     s = settings
     clips = sample_clips(store, split=s.split, n=s.n_episodes, length=s.context + s.horizon, seed=s.seed)

@@ -39,7 +39,26 @@ PAPER_PARAMS: dict[str, int] = {
     "gpt_large@4x32x32": 253_174_016,  # shape (4, 32, 32, 1), no cond (TGIF, UCF-101 unconditional)
     "gpt_large@4x32x32+class101": 261_570_816,  # + class_cond: affine-norm LayerNorms of a 101-d one-hot
     "gpt_small@8x32x32+resnet34": 108_113_408,  # BAIR: + n_cond_frames=1 through the ResNet-34 (73,317,056)
+    # models/resnet.py resnet_v1(depth 34, width_multiplier 1, resnet_dim 576, input (3, 1, 64, 64), output
+    # (1, 16, 16), cifar_stem, norm_type 'ln', pool=False) as config_cond.py / train_videogpt.py build it for BAIR:
+    # stem 3x3x3 conv 3->64 + LN; groups of 3/4/6/3 basic blocks (two 3x3x3 bias-free convs + LN each; every
+    # group's first block with a 1x1x1 projection + LN) of 64/128/256/576 channels = 73,317,056; + the encoder
+    # attention's BroadcastPosEmbedND((1, 16, 16), 576) 6,336 (our PixelFrameEncoder: both).
+    "resnet34@bair": 73_317_056,
+    # gpt_small at 8x32x32 with an affine-norm condition vector of d values (train_videogpt.py --class_cond,
+    # "condition on actions"): each of the 17 LayerNorms' g, b (2 x 512) becomes two bias-free d x 512 maps.
+    "gpt_small@8x32x32+clip60": 26_896_000,  # d = 60: the paper's ViZDoom HGS condition size
+    "gpt_small@8x32x32+clip315": 31_335_040,  # d = 315: the paper's ViZDoom Battle2
+    "gpt_small@8x32x32+clip64": 26_965_632,  # d = 64: the paper's RoboNet
+    "gpt_small@8x32x32+clip75": 27_157_120,  # d = 75: our HGS / RoboNet clip vector (15 x 5)
+    "gpt_small@8x32x32+clip120": 27_940_480,  # d = 120: our Battle2 clip vector (15 x 8)
 }
+
+# The condition sizes the paper reports for its action-conditioned datasets. The released code builds the vector
+# through --class_cond (affine_norm of the dataset's vector) but ships no ViZDoom/RoboNet dataset, so how they
+# factor is not in the code; 60 = 15 x 4 and 315 = 15 x 21 fit a 16-frame clip's 15 transitions one-hot over 4 /
+# 21 actions. Ours is 15 x our env's action space (HGS 5, Battle2 8 actions one-hot; RoboNet 5-d).
+PAPER_CLIP_SIZES: dict[str, int] = {"vizdoom_hgs": 60, "vizdoom_battle2": 315, "robonet": 64}
 
 
 @dataclass(frozen=True)
@@ -65,21 +84,30 @@ class PaperSetup:
 def paper_setup(cfg: ExperimentConfig) -> PaperSetup:
     """The paper's setup for our preset ``cfg`` (a ``paper``-scale config); ``ValueError`` for other presets."""
     name = cfg.name
+    p = cfg.prior
+    if p.action_cond == "clip" and name in PAPER_CLIP_SIZES:  # the paper's protocol (paper_actions="clip")
+        d = p.clip_actions * (p.n_actions if p.action_kind == "discrete" else p.action_dim)
+        return PaperSetup(
+            "vae_res64_ds222", "gpt_small", "vae_res64_ds222", f"gpt_small@8x32x32+clip{d}", False,
+            f"gpt_small@8x32x32+clip{PAPER_CLIP_SIZES[name]}", "whole-clip action vector -> affine-norm LayerNorms",
+        )  # fmt: skip
     if name.startswith("vizdoom") or name in ("bair", "robonet"):
         cond = (
-            "whole-clip action vector -> affine-norm LayerNorms (--class_cond 'condition on actions')"
+            "whole-clip action vector -> affine-norm LayerNorms"
             if name != "bair"
             else "one 64x64 pixel frame -> ResNet-34 -> cross-attention (n_cond_frames=1), no actions"
         )
         return PaperSetup(
             "vae_res64_ds222", "gpt_small", "vae_res64_ds122", "gpt_small@16x32x32", True,
-            "gpt_small@8x32x32+resnet34" if name == "bair" else "gpt_small@8x32x32", cond,
+            "gpt_small@8x32x32+resnet34" if name == "bair"
+            else f"gpt_small@8x32x32+clip{PAPER_CLIP_SIZES[name]}" if name in PAPER_CLIP_SIZES
+            else "gpt_small@8x32x32", cond,
         )  # fmt: skip
     if name == "bair_paper":
         return PaperSetup(
-            "vae_res64_ds222", "gpt_small", "vae_res64_ds222", "gpt_small@7x32x32", True,
+            "vae_res64_ds222", "gpt_small", "vae_res64_ds222", "gpt_small@8x32x32+resnet34", False,
             "gpt_small@8x32x32+resnet34",
-            "one 64x64 pixel frame -> ResNet-34 (LayerNorm, 576 channels, (1, 16, 16)) -> cross-attention",
+            "1 64x64 pixel frame(s) -> ResNet-34 (LayerNorm, width x1, 576 channels, (1, 16, 16)) -> cross-attention",
         )  # fmt: skip
     if name.startswith("ucf101") or name == "tgif":
         tok = "vae_res128_ds444" if name.startswith("ucf101") else "vae_res64_ds422"
@@ -94,19 +122,18 @@ def paper_setup(cfg: ExperimentConfig) -> PaperSetup:
 # (row, our value from the config, the paper's value, note); notes name the deviation's reason in one line.
 DEVIATIONS: dict[str, str] = {
     "tokenizer.stride": "temporal stride 1: per-step action conditioning (the dream env) needs one latent frame per "
-    "action; the paper conditions on the whole clip's actions at once",
+    "action (bair, vizdoom_take_cover, --paper-actions step); the paper conditions on the whole clip's actions "
+    "at once (--paper-actions clip, the default of its datasets)",
     "tokenizer.causal_time": "causal in time so a frame's tokens do not depend on later frames in the dream's "
     "sliding windows",
     "tokenizer.norm": "per-position LayerNorm: batch statistics pool over time (leak future frames) and differ "
     "between training and inference",
-    "prior.frames": "bair_paper conditions on latent frame 0 (2 pixel frames) and models the other 7: our prior "
-    "trains on tokens only, so pixel-frame conditioning is not implemented",
-    "prior.conditioning": "per-step causal actions (each frame sees a_{<t}, so the dream env can step); the "
-    "paper's whole-clip vector needs every action up front",
+    "prior.conditioning": "per-step causal actions (each frame sees a_{<t}, so the dream env can step; "
+    "--paper-actions step); the paper's whole-clip vector (--paper-actions clip) needs every action up front",
+    "prior.clip_size": "15 transitions x our env's action space (one-hot of HGS's 5 / Battle2's 8 actions, "
+    "RoboNet's 5-d vector); the paper's data encoded actions differently (60 / 315 / 64 values)",
     "prior.bair_actions": "bair is our action-conditioned BAIR dream (per-step actions, so the dream env can "
     "step); the paper's BAIR setup (one pixel frame, no actions) is the bair_paper preset",
-    "prior.frame_conditioning": "a 2-block ResNet over the conditioning tokens' embeddings instead of ResNet-34 "
-    "over pixels: the token cache stores no pixels",
     "prior.layout": "one slot position per frame (predicts the frame's first token, carries the frame's "
     "condition) + reward/termination heads: the world model's transition outputs",
     "prior.pos": "position embeddings summed per axis (T, h, w, width each) instead of concatenated quarters",
@@ -155,6 +182,7 @@ def _rows(cfg: ExperimentConfig, setup: PaperSetup) -> list[tuple[str, str, str,
         ("prior.frames", str(p.frames), str(lat_t), ""),
         ("prior.tokens_h x tokens_w", f"{p.tokens_h}x{p.tokens_w}", f"{res // st[1]}x{res // st[2]}", ""),
         ("prior.conditioning", _our_conditioning(cfg), setup.conditioning, ""),
+        *_clip_rows(cfg),
         ("prior positions per frame", f"1 + {p.tokens_h * p.tokens_w}", str(p.tokens_h * p.tokens_w), ""),
         ("prior.pos", "per axis, summed", "per axis, concatenated", ""),
         ("prior.sparse_kernel", "dense boolean mask", "DeepSpeed block-sparse", ""),
@@ -169,6 +197,17 @@ def _rows(cfg: ExperimentConfig, setup: PaperSetup) -> list[tuple[str, str, str,
     return out
 
 
+def _clip_rows(cfg: ExperimentConfig) -> list[tuple[str, str, str, str]]:
+    """The whole-clip condition's size, ours vs the paper's, for the presets of its action-conditioned datasets."""
+    p = cfg.prior
+    if p.action_cond != "clip" or cfg.name not in PAPER_CLIP_SIZES:
+        return []
+    d = p.clip_actions * (p.n_actions if p.action_kind == "discrete" else p.action_dim)
+    width = f"{p.n_actions} one-hot" if p.action_kind == "discrete" else f"{p.action_dim}-d"
+    return [("prior.clip_size (affine-norm vector)", f"{d} ({p.clip_actions} x {width})",
+             str(PAPER_CLIP_SIZES[cfg.name]), "")]  # fmt: skip
+
+
 def _same(ours: str, paper: str) -> bool:
     """Equal, or ours names the paper's value followed by its own wording (``strided`` vs ``strided (sparse)``)."""
     return ours == paper or ours.lower() == paper.split(" ")[0].lower()
@@ -176,15 +215,15 @@ def _same(ours: str, paper: str) -> bool:
 
 def _note(key: str, cfg: ExperimentConfig) -> str:
     if key == "prior.conditioning":
-        if cfg.name == "bair_paper":
-            return DEVIATIONS["prior.frame_conditioning"]
         if cfg.name == "bair":
             return DEVIATIONS["prior.bair_actions"]
         if cfg.name.startswith("vizdoom") or cfg.name in ("bair", "robonet"):
             return DEVIATIONS["prior.conditioning"]
         return ""
     if key == "prior.frames":
-        return DEVIATIONS["prior.frames"] if cfg.name == "bair_paper" else DEVIATIONS["tokenizer.stride"]
+        return DEVIATIONS["tokenizer.stride"]
+    if key.startswith("prior.clip_size"):
+        return DEVIATIONS["prior.clip_size"]
     if key.startswith("prior positions"):
         return DEVIATIONS["prior.layout"]
     if key.startswith(("tokenizer_train", "prior_train")):
@@ -194,8 +233,16 @@ def _note(key: str, cfg: ExperimentConfig) -> str:
 
 def _our_conditioning(cfg: ExperimentConfig) -> str:
     p = cfg.prior
+    if p.cond_pixels:
+        R, o = p.cond_resolution, p.resnet_out
+        return (
+            f"{p.n_cond_frames} {R}x{R} pixel frame(s) -> ResNet-{p.resnet_depth} (LayerNorm, width x{p.resnet_width}, "
+            f"{p.resnet_dim} channels, {tuple(o)}) -> cross-attention"
+        )
     if p.n_cond_frames:
         return f"{p.n_cond_frames} latent frame(s) of tokens -> ResNet -> cross-attention"
+    if p.action_kind != "none" and p.action_cond == "clip":
+        return "whole-clip action vector -> affine-norm LayerNorms"
     if p.action_kind != "none":
         return f"per-step {p.action_kind} action a_(t-1) of each frame -> affine-norm LayerNorms"
     if p.n_classes:
@@ -210,7 +257,8 @@ def _train(t: object) -> str:
 def param_counts(cfg: ExperimentConfig) -> dict[str, int]:
     """Our parameter counts at ``cfg`` (built on the meta device: no memory, no time): ``tokenizer``; ``prior``
     (everything); ``prior_heads`` (our reward/termination heads, which the paper has not);
-    ``prior_conditioning`` (condition maps, frame-conditioning encoder and cross-attention); ``prior_trunk``
+    ``prior_conditioning`` (condition maps, frame-conditioning encoder and cross-attention; ``prior_resnet`` the
+    pixel conditioning's ResNet alone, 0 without one); ``prior_trunk``
     (the rest: what the paper's unconditional ImageGPT has)."""
     from worldmodel.prior import Prior
     from worldmodel.tokenizer import VQVAE
@@ -228,7 +276,9 @@ def param_counts(cfg: ExperimentConfig) -> dict[str, int]:
         elif ".xattn." in name or ".ln_x." in name:
             cond += prm.numel()
     total = sum(p.numel() for p in prior.parameters())
+    resnet = getattr(prior.cond_encoder, "resnet", None)  # the pixel conditioning's ResNet (cond_pixels)
     return {
+        "prior_resnet": 0 if resnet is None else sum(p.numel() for p in resnet.parameters()),
         "tokenizer": sum(p.numel() for p in tok.parameters()),
         "prior": total,
         "prior_heads": heads,
@@ -277,6 +327,12 @@ def side_by_side(cfg: ExperimentConfig) -> str:
         ours = n["prior"] - n["prior_heads"]
         lines.append(
             f"prior (trunk + cond.)      {ours:>13,}  {same:>13,}  ({setup.prior_same}; {pct(ours, same)})"
+        )
+    if cfg.prior.cond_pixels:  # the conditioning ResNet alone (resnet_v1 of models/resnet.py)
+        ours_rn, paper_rn = n["prior_resnet"], pp["resnet34@bair"]
+        lines.append(
+            f"  of which ResNet-{cfg.prior.resnet_depth}       {ours_rn:>13,}  {paper_rn:>13,}  (resnet34@bair; "
+            f"{pct(ours_rn, paper_rn)})"
         )
     lines += [
         f"prior heads (ours only)    {n['prior_heads']:>13,}  {0:>13,}  (reward and termination heads)",

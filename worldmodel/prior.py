@@ -25,6 +25,9 @@ tokens and the transition's reward/termination see ``a_{<t}`` only. ``action_con
 - ``"token"``: the slot's input embedding is the action embedding (an action token per frame);
 - ``"add"``: the action embedding is added to the input of every position of the block.
 
+With ``action_cond="clip"`` (the paper's ViZDoom/RoboNet protocol) every block instead reads one vector of the
+whole clip's actions, so the prior samples clips but cannot be stepped action by action.
+
 Class labels (UCF-101) join the condition vector; with no actions and no classes the condition
 is a constant and the model is the unconditional VideoGPT prior.
 
@@ -49,6 +52,7 @@ from torch import nn
 
 from worldmodel.config import PriorConfig
 from worldmodel.prior_heads import prior_loss, reward_head, termination_head
+from worldmodel.resnet import PixelFrameEncoder
 from worldmodel.sparse_attention import StridedSparsePattern
 
 
@@ -234,13 +238,16 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.n_head, self.dropout = cfg.n_head, cfg.attn_dropout
         bias = not cfg.paper_layers
+        mem_dim = (
+            cfg.resnet_dim if cfg.cond_pixels else cfg.n_embd
+        )  # the memory's width (paper: ResNet's 576)
         self.q = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
-        self.kv = nn.Linear(cfg.n_embd, 2 * cfg.n_embd, bias=bias)
+        self.kv = nn.Linear(mem_dim, 2 * cfg.n_embd, bias=bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """memory (B, M, C) -> keys, values (B, nh, M, hs); computed once per row when generating."""
+        """memory (B, M, C_mem) -> keys, values (B, nh, M, hs); computed once per row when generating."""
         k, v = rearrange(self.kv(memory), "b m (two nh hs) -> two b nh m hs", two=2, nh=self.n_head)
         return k, v
 
@@ -470,7 +477,7 @@ class Prior(nn.Module):
         self.slot_emb = nn.Parameter(torch.zeros(C))
         # the condition vector of each block (size d_cond): learned embeddings, or the paper's fixed vector
         d_cond = self._paper_condition(cfg) if cfg.paper_layers else self._our_condition(cfg)
-        self.cond_encoder = FrameCondEncoder(cfg) if cfg.n_cond_frames else None
+        self.cond_encoder = self._frame_conditioning(cfg)
         k = cfg.prev_frame_kernel
         if k and k % 2 == 0:
             raise ValueError(f"prev_frame_kernel must be odd (or 0 = off), got {k}")
@@ -493,7 +500,7 @@ class Prior(nn.Module):
         ):
             if p is not None:
                 nn.init.normal_(p, std=0.02)
-        use_cond_ln = cfg.action_cond == "cond_ln" or self.class_emb is not None
+        use_cond_ln = cfg.action_cond in ("cond_ln", "clip") or self.class_emb is not None
         if (
             cfg.paper_layers
         ):  # nothing to condition on: plain LayerNorms (the paper's unconditional LayerNorm)
@@ -529,7 +536,9 @@ class Prior(nn.Module):
         """Learned start, action and class embeddings of size n_embd, summed into each block's condition."""
         C = cfg.n_embd
         self.start_emb = nn.Parameter(torch.zeros(C))  # the condition of block 0 (no previous action)
-        if cfg.action_kind == "discrete":
+        if cfg.action_cond == "clip":  # the whole clip's fixed action vector through a learned map
+            self.act_emb = nn.Linear(self.clip_dim(), C)
+        elif cfg.action_kind == "discrete":
             self.act_emb: nn.Module | None = nn.Embedding(cfg.n_actions, C)
         elif cfg.action_kind == "continuous":
             self.act_emb = nn.Linear(cfg.action_dim, C)
@@ -545,19 +554,40 @@ class Prior(nn.Module):
         which reads the one-hot class or action vector). d = 0 without actions and classes."""
         n_act = cfg.n_actions if cfg.action_kind == "discrete" else cfg.action_dim
         n_act = 0 if cfg.action_kind == "none" else n_act
-        first = 1 if n_act else 0  # the start flag: block 0 has no previous action
-        if cfg.action_cond != "cond_ln":
+        clip = cfg.action_cond == "clip"
+        if clip:  # the whole clip's actions, flattened: every block gets the same vector, no start flag
+            n_act = self.clip_dim()
+        first = 1 if n_act and not clip else 0  # the start flag: block 0 has no previous action
+        if cfg.action_cond not in ("cond_ln", "clip"):
             raise ValueError(
-                "prior.paper_layers conditions through the LayerNorms: set action_cond='cond_ln'"
+                "prior.paper_layers conditions through the LayerNorms: set action_cond='cond_ln' or 'clip'"
             )
         d = first + n_act + cfg.n_classes
         start = torch.zeros(d)
         if first:
             start[0] = 1.0
         self.register_buffer("start_emb", start)  # the condition of block 0 (no previous action)
-        self.act_emb = FixedEmbedding(n_act, d, first, cfg.action_kind == "continuous") if n_act else None
+        continuous = clip or cfg.action_kind == "continuous"  # a clip vector is placed as it is
+        self.act_emb = FixedEmbedding(n_act, d, first, continuous) if n_act else None
         self.class_emb = FixedEmbedding(cfg.n_classes, d, first + n_act) if cfg.n_classes else None
         return d
+
+    @staticmethod
+    def _frame_conditioning(cfg: PriorConfig) -> nn.Module | None:
+        """The conditioning frames' encoder: the paper's 3D ResNet over pixels (``cond_pixels``, its BAIR setup), a
+        small ResNet over token embeddings (``n_cond_frames``), or None."""
+        if cfg.cond_pixels:
+            R = cfg.cond_resolution
+            return PixelFrameEncoder(
+                cfg.resnet_depth, cfg.resnet_width, cfg.resnet_dim, (cfg.n_cond_frames, R, R), cfg.resnet_out
+            )
+        return FrameCondEncoder(cfg) if cfg.n_cond_frames else None
+
+    def clip_dim(self) -> int:
+        """Size of the whole-clip action vector (``action_cond="clip"``): clip_actions x (n_actions one-hot or
+        action_dim)."""
+        cfg = self.cfg
+        return cfg.clip_actions * (cfg.n_actions if cfg.action_kind == "discrete" else cfg.action_dim)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -604,7 +634,9 @@ class Prior(nn.Module):
         cfg = self.cfg
         if cfg.action_kind == "none":
             return
-        if n == 0 and actions is None:
+        if cfg.action_cond == "clip":  # the whole clip's actions, whatever the number of frames
+            n = cfg.clip_actions
+        elif n == 0 and actions is None:
             return
         if not isinstance(actions, torch.Tensor):
             raise ValueError(
@@ -615,6 +647,7 @@ class Prior(nn.Module):
                 actions.ndim != 2
                 or actions.shape[0] != B
                 or actions.shape[1] < n
+                or (cfg.action_cond == "clip" and actions.shape[1] != n)
                 or actions.dtype.is_floating_point
             ):
                 raise ValueError(
@@ -630,6 +663,7 @@ class Prior(nn.Module):
                 actions.ndim != 3
                 or actions.shape[0] != B
                 or actions.shape[1] < n
+                or (cfg.action_cond == "clip" and actions.shape[1] != n)
                 or actions.shape[2] != cfg.action_dim
             ):
                 raise ValueError(f"actions: got {tuple(actions.shape)}, expected {self._action_form(B, n)}")
@@ -637,6 +671,8 @@ class Prior(nn.Module):
                 raise ValueError("actions: continuous actions must be finite floats (no NaN/inf)")
 
     def _action_form(self, B: int, n: int) -> str:
+        if self.cfg.action_cond == "clip":
+            n = f"{self.cfg.clip_actions} (the whole clip's actions, action_cond='clip')"
         if self.cfg.action_kind == "discrete":
             return f"int64 ({B}, {n}) in [0, {self.cfg.n_actions})"
         return f"float32 ({B}, {n}, {self.cfg.action_dim})"
@@ -645,9 +681,13 @@ class Prior(nn.Module):
     def block_conditions(
         self, actions: torch.Tensor | None, B: int, T: int, class_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Condition vector of each block: start for block 0, ``emb(a_{t-1})`` for block t. (B, T, C)."""
+        """Condition vector of each block: start for block 0, ``emb(a_{t-1})`` for block t; with
+        ``action_cond="clip"`` the embedding of the whole clip's actions (B, clip_actions[, A]) for every block.
+        (B, T, C)."""
         start = self.start_emb.expand(B, 1, -1)
-        if self.act_emb is not None and T > 1:
+        if self.cfg.action_cond == "clip":
+            cond = self.action_embedding(actions)[:, None].expand(B, T, -1)
+        elif self.act_emb is not None and T > 1:
             cond = torch.cat([start, self.action_embedding(actions[:, : T - 1])], dim=1)
         else:
             cond = start.expand(B, T, -1)
@@ -656,7 +696,14 @@ class Prior(nn.Module):
         return cond
 
     def action_embedding(self, actions: torch.Tensor) -> torch.Tensor:
-        """emb(a): actions (B, n) discrete or (B, n, A) continuous -> (B, n, C)."""
+        """emb(a): actions (B, n) discrete or (B, n, A) continuous -> (B, n, C); with ``action_cond="clip"`` the
+        whole clip's actions -> (B, C): one-hot per step (discrete) or the vectors, flattened, then mapped."""
+        if self.cfg.action_cond == "clip":
+            if self.cfg.action_kind == "discrete":
+                vec = F.one_hot(actions.long(), self.cfg.n_actions).float()  # (B, n, n_actions)
+            else:
+                vec = actions.float()  # (B, n, A)
+            return self.act_emb(rearrange(vec, "b n a -> b (n a)"))  # (B, C)
         a = actions.float() if self.cfg.action_kind == "continuous" else actions.long()
         return self.act_emb(a)
 
@@ -758,18 +805,25 @@ class Prior(nn.Module):
         + :meth:`embed_blocks`, computed once per frame and used by every sampler path).
 
         ``action`` (B,) or (B, A): a_{t-1}, the action into the new frame (None for a prior without actions;
-        ignored on rows with ``t_idx == 0``, which get the start condition); ``t_idx`` (B,) the new block's
+        ignored on rows with ``t_idx == 0``, which get the start condition; with ``action_cond="clip"`` the whole
+        clip's actions (B, clip_actions[, A])); ``t_idx`` (B,) the new block's
         window index; ``last_tokens`` (B, h, w) the frame before it (previous-frame path; ignored where
         ``t_idx == 0``); ``class_ids`` (B,) for a class-conditional prior.
         """
         B = t_idx.shape[0]
         first = t_idx == 0  # rows started from nothing: block 0 gets the start condition
         start = self.start_emb.expand(B, 1, -1)
-        cond = start if self.act_emb is None else self.action_embedding(action[:, None])  # (B, 1, C)
+        clip = (
+            self.cfg.action_cond == "clip"
+        )  # ``action``: the whole clip's actions, the same for every block
+        if self.act_emb is None:
+            cond = start
+        else:  # (B, 1, C)
+            cond = self.action_embedding(action)[:, None] if clip else self.action_embedding(action[:, None])
         if self.class_emb is not None:
             cls = self.class_emb(class_ids)[:, None]
             cond, start = cond + cls, start + cls
-        if self.act_emb is not None and bool(first.any()):
+        if self.act_emb is not None and not clip and bool(first.any()):
             cond = torch.where(first[:, None, None], start, cond)
         pos_t = self.pos_t[t_idx][:, None]  # (B, 1, C)
         slot = self.slot_emb + pos_t
@@ -802,13 +856,32 @@ class Prior(nn.Module):
             return None
         return repeat(cond, "b t c -> b (t l) c", l=self.block_len)
 
-    def cond_memory(self, cond_tokens: torch.Tensor | None, B: int) -> torch.Tensor | None:
-        """Conditioning-frame features (B, k*h*w, C) from their tokens (B, k, h, w); None without frame conditioning."""
+    def cond_memory(
+        self, cond_tokens: torch.Tensor | None, B: int, cond_frames: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Conditioning-frame features (B, M, C_mem) from their tokens (B, k, h, w), or with ``cond_pixels`` from
+        their pixels ``cond_frames`` uint8 (B, k, R, R, 3); None without frame conditioning."""
         cfg = self.cfg
-        if self.cond_encoder is None:
+        if self.cond_encoder is None or cfg.cond_pixels:
             if cond_tokens is not None:
-                raise ValueError("cond_tokens: this prior has no frame conditioning (n_cond_frames = 0)")
+                raise ValueError(
+                    "cond_tokens: this prior has no token frame conditioning (n_cond_frames = 0 or cond_pixels)"
+                )
+        if self.cond_encoder is None:
+            if cond_frames is not None:
+                raise ValueError("cond_frames: this prior has no frame conditioning (n_cond_frames = 0)")
             return None
+        if cfg.cond_pixels:
+            R = cfg.cond_resolution
+            shape = (B, cfg.n_cond_frames, R, R, 3)
+            if cond_frames is None or tuple(cond_frames.shape) != shape or cond_frames.dtype != torch.uint8:
+                got = None if cond_frames is None else f"{cond_frames.dtype}{tuple(cond_frames.shape)}"
+                raise ValueError(
+                    f"cond_frames: expected uint8 {shape} (the conditioning pixel frames), got {got}"
+                )
+            return self.cond_encoder(cond_frames)
+        if cond_frames is not None:
+            raise ValueError("cond_frames: this prior conditions on tokens (cond_tokens), not pixels")
         shape = (B, cfg.n_cond_frames, cfg.tokens_h, cfg.tokens_w)
         if cond_tokens is None or tuple(cond_tokens.shape) != shape:
             raise ValueError(
@@ -833,9 +906,11 @@ class Prior(nn.Module):
         cond_tokens: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         mask_frames: torch.Tensor | None = None,
+        cond_frames: torch.Tensor | None = None,
     ) -> PriorOutput:
-        """Teacher-forced forward over whole frames. tokens (B, T, h, w); actions (B, >=T-1[, A]);
-        ``cond_tokens`` (B, n_cond_frames, h, w) for a frame-conditioned prior.
+        """Teacher-forced forward over whole frames. tokens (B, T, h, w); actions (B, >=T-1[, A]), or with
+        ``action_cond="clip"`` the whole clip's (B, clip_actions[, A]); ``cond_tokens`` (B, n_cond_frames, h, w)
+        for a token frame-conditioned prior, ``cond_frames`` uint8 (B, n_cond_frames, R, R, 3) for a pixel one.
 
         ``mask`` (B, T, h, w) bool (MaskGIT priors only): also run the masked stream, where the True
         tokens of every frame are hidden, and return its logits in ``mask_logits`` (B, n, hw, V) for the
@@ -844,7 +919,7 @@ class Prior(nn.Module):
         """
         self.validate(tokens, actions, class_ids)
         B, T = tokens.shape[:2]
-        memory = self.cond_memory(cond_tokens, B)
+        memory = self.cond_memory(cond_tokens, B, cond_frames)
         cond = self.block_conditions(actions, B, T, class_ids)
         x = self.embed_blocks(tokens, cond)
         ln_cond = self.ln_condition(cond)

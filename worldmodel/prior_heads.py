@@ -96,8 +96,23 @@ def prior_loss(prior: Prior, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     tokens = batch["tokens"]
     # a store's actions / labels are ignored by a prior configured without them (DataConfig.use_actions)
     actions = batch.get("actions") if cfg.action_kind != "none" else None
-    k = cfg.n_cond_frames  # frame conditioning: the clip's first k frames condition, the rest are modelled
+    if cfg.action_cond == "clip":  # the whole clip's pixel-rate actions (the token cache's ``clip_actions``)
+        if "clip_actions" not in batch:
+            raise ValueError(
+                "batch: prior.action_cond='clip' needs 'clip_actions' (the clip's pixel-rate actions); re-encode "
+                "the token cache with this config (python experiments/train.py --stage encode)"
+            )
+        actions = batch["clip_actions"]
+    # frame conditioning on tokens: the clip's first k latent frames condition, the rest are modelled; on pixels
+    # (cond_pixels) the cache's ``cond_frames`` condition and every latent frame is modelled
+    k = 0 if cfg.cond_pixels else cfg.n_cond_frames
     cond_tokens = tokens[:, :k] if k else None
+    cond_frames = batch.get("cond_frames") if cfg.cond_pixels else None
+    if cfg.cond_pixels and cond_frames is None:
+        raise ValueError(
+            "batch: prior.cond_pixels needs 'cond_frames' (the conditioning pixel frames); re-encode the token "
+            "cache with this config (python experiments/train.py --stage encode)"
+        )
     if k:
         tokens = tokens[:, k:]
         actions = None if actions is None else actions[:, k:]
@@ -118,6 +133,7 @@ def prior_loss(prior: Prior, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
         cond_tokens,
         mask,
         frames,
+        cond_frames=cond_frames,
     )
     valid = batch.get("valid")
     valid = (

@@ -168,14 +168,21 @@ class Rollout:
         )
         h, w = cfg.tokens_h, cfg.tokens_w
         self.tokens = torch.zeros(batch_size, cfg.frames, h, w, dtype=torch.long, device=self.device)
+        # per-step actions of each window (a_t between frames t and t+1), or the whole clip's (action_cond="clip")
+        self.clip = cfg.action_cond == "clip" and cfg.action_kind != "none"
+        n_act = cfg.clip_actions if self.clip else cfg.frames
         if cfg.action_kind == "continuous":
-            self.actions = torch.zeros(batch_size, cfg.frames, cfg.action_dim, device=self.device)
+            self.actions = torch.zeros(batch_size, n_act, cfg.action_dim, device=self.device)
         else:
-            self.actions = torch.zeros(batch_size, cfg.frames, dtype=torch.long, device=self.device)
+            self.actions = torch.zeros(batch_size, n_act, dtype=torch.long, device=self.device)
         self.class_ids = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.mem_k = self.mem_v = None  # frame conditioning: cross-attention keys/values per layer and row
         if prior.cond_encoder is not None:
-            M = cfg.n_cond_frames * cfg.tokens_h * cfg.tokens_w
+            M = (
+                math.prod(cfg.resnet_out)
+                if cfg.cond_pixels
+                else cfg.n_cond_frames * cfg.tokens_h * cfg.tokens_w
+            )
             self.mem_k = torch.zeros(
                 cfg.n_layer, batch_size, cfg.n_head, M, hs, device=self.device, dtype=p.dtype
             )
@@ -197,9 +204,13 @@ class Rollout:
         rows: torch.Tensor | list[int] | None = None,
         class_ids: torch.Tensor | None = None,
         cond_tokens: torch.Tensor | None = None,
+        cond_frames: torch.Tensor | None = None,
     ) -> None:
-        """Set the context of ``rows`` (default: all): tokens (k, Tc, h, w), actions (k, Tc-1[, A]);
-        ``cond_tokens`` (k, n_cond_frames, h, w) for a frame-conditioned prior.
+        """Set the context of ``rows`` (default: all): tokens (k, Tc, h, w), actions (k, Tc-1[, A]), or for a
+        whole-clip conditioned prior (``action_cond="clip"``) the clip's actions (k, clip_actions[, A]), which
+        condition every frame the rows generate (``step`` then takes no actions); ``cond_tokens``
+        (k, n_cond_frames, h, w) for a token frame-conditioned prior, ``cond_frames`` uint8
+        (k, n_cond_frames, R, R, 3) for a pixel frame-conditioned one (``cond_pixels``).
 
         Only the most recent ``frames - 1`` context frames are kept (room for the next frame).
         ``Tc = 0`` starts rows from nothing: their next ``step`` draws a first frame conditioned on the
@@ -223,19 +234,27 @@ class Rollout:
         cut = max(0, Tc - (self.cfg.frames - 1))
         tokens = tokens[:, cut:].to(self.device)
         if actions is not None:
-            actions = actions[:, cut:].to(self.device)
+            actions = (actions if self.clip else actions[:, cut:]).to(self.device)
         # an empty context (Tc = 0) is validated as one placeholder frame: class ids and token grid
         check = tokens if Tc else torch.zeros(k, 1, *tokens.shape[2:], dtype=torch.long, device=self.device)
         self.prior.validate(
-            check, actions if Tc else None, None if class_ids is None else class_ids.to(self.device)
+            check,
+            actions if Tc or self.clip else None,
+            None if class_ids is None else class_ids.to(self.device),
         )
         T = tokens.shape[1]
         self.tokens[rows_t, :T] = tokens.long()
-        if actions is not None and T > 1:
+        if self.clip:
+            self.actions[rows_t] = actions.to(self.actions.dtype)
+        elif actions is not None and T > 1:
             self.actions[rows_t, : T - 1] = actions[:, : T - 1].to(self.actions.dtype)
         if class_ids is not None:
             self.class_ids[rows_t] = class_ids.to(self.device).long()
-        memory = self.prior.cond_memory(None if cond_tokens is None else cond_tokens.to(self.device), k)
+        memory = self.prior.cond_memory(
+            None if cond_tokens is None else cond_tokens.to(self.device),
+            k,
+            None if cond_frames is None else cond_frames.to(self.device),
+        )
         if memory is not None:
             for i, (mk, mv) in enumerate(self.prior.memory_kv(memory)):
                 self.mem_k[i, rows_t], self.mem_v[i, rows_t] = (
@@ -261,7 +280,7 @@ class Rollout:
                 continue
             r = rows[self.n_frames[rows] == T]
             tok = self.tokens[r, :T]
-            acts = self.actions[r, : max(T - 1, 0)]
+            acts = self.actions[r] if self.clip else self.actions[r, : max(T - 1, 0)]
             cls = self.class_ids[r] if self.prior.class_emb is not None else None
             every_row = len(r) == self.B and bool(
                 (r == torch.arange(self.B, device=self.device)).all()
@@ -281,7 +300,7 @@ class Rollout:
     def _slide(self, rows: torch.Tensor) -> None:
         keep, F_ = self.keep, self.cfg.frames
         self.tokens[rows, :keep] = self.tokens[rows, F_ - keep :].clone()
-        if keep > 1:
+        if keep > 1 and not self.clip:
             self.actions[rows, : keep - 1] = self.actions[rows, F_ - keep : F_ - 1].clone()
         self.n_frames[rows] = keep
         self._prefill(rows)
@@ -358,6 +377,13 @@ class Rollout:
             )
         if self.cfg.action_kind == "none":
             return None
+        if self.clip:  # the whole clip's actions came with start()
+            if actions is not None:
+                raise ValueError(
+                    "actions: a whole-clip conditioned prior (action_cond='clip') takes the clip's actions in "
+                    "start(); step() takes None"
+                )
+            return None
         if not isinstance(actions, torch.Tensor):
             raise ValueError(f"actions: got {type(actions).__name__}, expected a tensor of {self.B} actions")
         self.prior.validate_actions(actions.to(self.device)[:, None], self.B, 1)
@@ -376,7 +402,9 @@ class Rollout:
     def _embed_step(self, t_idx: torch.Tensor) -> StepEmbedding:
         """The new blocks' inputs (:meth:`Prior.embed_step`) from each row's last action and frame."""
         rows, last = torch.arange(self.B, device=self.device), (t_idx - 1).clamp(min=0)
-        action = self.actions[rows, last] if self.cfg.action_kind != "none" else None
+        action = None
+        if self.cfg.action_kind != "none":
+            action = self.actions if self.clip else self.actions[rows, last]
         cls = self.class_ids if self.prior.class_emb is not None else None
         return self.prior.embed_step(action, t_idx, self.tokens[rows, last], cls)
 

@@ -67,10 +67,19 @@ def resolve_config(cfg: ExperimentConfig, meta: StoreMeta) -> ExperimentConfig:
         action_dim=spec.dim,
         code_dim=tok.embedding_dim if cfg.prior.code_dim else 0,  # the paper's input reads the code vectors
     )
-    if spec.kind != "none" and st != 1:
+    if spec.kind != "none" and prior.action_cond == "clip":
+        # whole-clip conditioning reads the window's pixel-rate actions at once: any temporal stride (the paper's 2)
+        window = (prior.frames + (0 if prior.cond_pixels else prior.n_cond_frames)) * st
+        if prior.clip_actions != window - 1:
+            raise ValueError(
+                f"prior.clip_actions={prior.clip_actions}: a whole-clip conditioned prior reads the "
+                f"{window - 1} actions between the {window} pixel frames of its window (prior.frames x stride "
+                f"{st}); set clip_actions={window - 1}"
+            )
+    elif spec.kind != "none" and st != 1:
         raise ValueError(
-            f"action-conditioned priors need temporal stride 1 (one latent frame per action); "
-            f"tokenizer.stride={tok.stride}"
+            f"per-step action-conditioned priors need temporal stride 1 (one latent frame per action; "
+            f"prior.action_cond='clip' conditions on the whole clip at any stride); tokenizer.stride={tok.stride}"
         )
     tok = replace(tok, max_frames=max(tok.max_frames, cfg.data.clip_len))
     return replace(cfg, tokenizer=tok, prior=prior, data=replace(cfg.data, resolution=H))
@@ -254,9 +263,17 @@ def encode_tokens(
     # Keyed to the tokenizer's weights themselves: model.safetensors also changes whenever the prior
     # is saved, which must not trigger a re-encode.
     digest = tokenizer_digest(run_dir)
+    # what the prior reads beside the tokens: conditioning pixels (cond_pixels), pixel-rate actions (clip)
+    k = cfg.prior.n_cond_frames if cfg.prior.cond_pixels else 0
+    frame_actions = cfg.prior.action_cond == "clip"
     if out.exists() and not force:
         cache = TokenCache(out)
-        if cache.attrs.get("tokenizer_sha1") == digest and len(cache) == len(store):
+        if (
+            cache.attrs.get("tokenizer_sha1") == digest
+            and len(cache) == len(store)
+            and (k == 0 or int(cache.attrs.get("cond_frames", 0)) == k)
+            and (bool(cache.attrs.get("frame_actions", False)) or not frame_actions)
+        ):
             return out
     tok = load_tokenizer(run_dir, device)
     return encode_store(
@@ -267,6 +284,8 @@ def encode_tokens(
         device=device,
         progress=progress,
         meta={"tokenizer_sha1": digest},
+        cond_frames=k,
+        frame_actions=frame_actions,
     )
 
 
@@ -346,8 +365,8 @@ def _prior_video_hook(cfg: ExperimentConfig, run_dir: str | os.PathLike, n: int 
     dream (bottom), clips side by side. Action-conditioned priors without frame conditioning only;
     skipped with one warning when the store has no clip long enough."""
 
-    if cfg.prior.action_kind == "none" or cfg.prior.n_cond_frames:
-        return None
+    if cfg.prior.action_kind == "none" or cfg.prior.n_cond_frames or cfg.prior.action_cond == "clip":
+        return None  # (a clip-conditioned prior is not stepped action by action)
     context = min(4, cfg.prior.frames - 1)
     state: dict[str, Any] = {}
 
@@ -402,10 +421,11 @@ def train_prior(
     if di.world_size > 1:
         torch.distributed.barrier()
     cache = TokenCache(path)
-    clip = cfg.prior.frames + cfg.prior.n_cond_frames  # conditioning frames come first in each clip
-    if (
-        cfg.prior.n_cond_frames or not cfg.data.pad_episode_ends
-    ):  # frame-conditioned priors need real conditioning frames
+    # conditioning latent frames come first in each clip (token frame conditioning; pixel frames come beside it)
+    p = cfg.prior
+    clip = p.frames + (0 if p.cond_pixels else p.n_cond_frames)
+    # frame-conditioned priors need real conditioning frames; a whole-clip action vector has no padded form
+    if p.n_cond_frames or p.action_cond == "clip" or not cfg.data.pad_episode_ends:
         train_set, val_set = (
             ClipDataset(cache, split="train", clip_len=clip),
             _split_with_fallback(cache, "val", clip),
@@ -432,7 +452,7 @@ def train_prior(
         progress=progress,
         on_eval=_prior_video_hook(cfg, run_dir),
     )
-    if di.is_main and cfg.prior.action_kind == "discrete":
+    if di.is_main and cfg.prior.action_kind == "discrete" and cfg.prior.action_cond != "clip":
         wm = WorldModel.from_pretrained(run_dir)
         render_action_strips(
             wm,

@@ -6,6 +6,10 @@ File ``<run>/tokens.h5``::
     episodes/<id>/tokens      int16 (T', h, w)   codes of the episode's frames
                  /actions     as in the store, sub-sampled to the latent frame rate (stride_t == 1: unchanged)
                  /rewards, terminated
+                 /cond_frames  uint8 (T', k, H, W, 3)  only if written with ``cond_frames=k``: pixel frames
+                               s*stride_t .. s*stride_t+k-1 for each latent frame s (pixel frame conditioning)
+                 /frame_actions   the store's actions at the pixel frame rate, only if written with
+                               ``frame_actions`` (whole-clip action conditioning)
                  attrs: split, label (if the episode has one)
 
 Episodes are encoded in consecutive windows of ``clip_len`` frames, the clip length the tokenizer
@@ -45,6 +49,8 @@ def encode_store(
     device: torch.device | str = "cpu",
     progress: bool = True,
     meta: dict[str, Any] | None = None,
+    cond_frames: int = 0,
+    frame_actions: bool = False,
 ) -> Path:
     """Encode every episode of ``store`` with ``tokenizer.encode`` into the token cache ``out``.
 
@@ -53,7 +59,15 @@ def encode_store(
             ``cfg.stride`` (t, h, w).
         clip_len: frames per encoding window (a multiple of the temporal stride).
         batch_size: windows per ``encode`` call.
+        cond_frames: k > 0 also stores, per latent frame, its first k pixel frames (a pixel frame-conditioned
+            prior's input, ``PriorConfig.cond_pixels``).
+        frame_actions: also store the actions at the pixel frame rate (whole-clip action conditioning,
+            ``PriorConfig.action_cond="clip"``; ``actions`` holds them at the latent rate).
     """
+    # The conditioning pixels live in the cache rather than being read back from the store by index: the prior
+    # stage then reads one file, and the cache stays a consistent snapshot of what the tokenizer encoded (a store
+    # converted or collected again later cannot pair tokens with other pixels). Only the presets that need them
+    # pay for them: k of every stride_t pixel frames (the paper's BAIR: half the store).
     out = Path(out)
     st = int(tokenizer.cfg.stride[0])
     if clip_len % st:
@@ -62,6 +76,7 @@ def encode_store(
     ids = store.episode_ids()
     with atomic_file(out) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["clip_len"], f.attrs["stride_t"], f.attrs["store"] = clip_len, st, str(store.root)
+        f.attrs["cond_frames"], f.attrs["frame_actions"] = cond_frames, frame_actions
         for k, v in (meta or {}).items():
             f.attrs[k] = v
         grp = f.create_group("episodes")
@@ -84,6 +99,11 @@ def encode_store(
             g.create_dataset("tokens", data=tokens.astype(np.int16))
             if ep.actions is not None:
                 g.create_dataset("actions", data=ep.actions[: T - 1][::st][: len(tokens) - 1])
+                if frame_actions:
+                    g.create_dataset("frame_actions", data=ep.actions[: T - 1])
+            if cond_frames:  # (T', k, H, W, 3): pixel frames s*st + i, clamped to the episode's last one
+                idx = np.minimum(np.arange(len(tokens))[:, None] * st + np.arange(cond_frames)[None], T - 1)
+                g.create_dataset("cond_frames", data=ep.frames[idx])
             # Per latent step: sum of rewards and any termination over the stride's transitions.
             rew = ep.rewards[: T - 1]
             term = ep.terminated[: T - 1]
@@ -104,7 +124,9 @@ class TokenCache:
     """Read-only view of a token cache with the clip interface of an :class:`EpisodeStore`.
 
     ``read_clip`` returns ``tokens`` int64 ``(L, h, w)``, ``rewards``, ``terminated``, ``actions``
-    (if any) and ``class_ids`` int64 scalar (if episodes carry a ``label``).
+    (if any), ``class_ids`` int64 scalar (if episodes carry a ``label``), ``cond_frames`` uint8 (k, H, W, 3) (the
+    window's first k pixel frames, if the cache holds them) and ``clip_actions`` (the window's
+    ``L * stride_t - 1`` pixel-rate actions, if the cache holds them).
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -159,6 +181,11 @@ class TokenCache:
         }
         if "actions" in g:
             out["actions"] = g["actions"][s : e - 1]
+        if "frame_actions" in g:  # the pixel-rate actions between the window's pixel frames
+            st = int(self.attrs["stride_t"])
+            out["clip_actions"] = g["frame_actions"][s * st : e * st - 1]
+        if "cond_frames" in g:
+            out["cond_frames"] = g["cond_frames"][s]
         if "label" in g.attrs:
             out["class_ids"] = np.array(int(g.attrs["label"]), np.int64)
         return out
