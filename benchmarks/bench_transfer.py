@@ -30,7 +30,14 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from envs.controller import FITNESSES, CMAESConfig, LinearController, cmaes_agent_steps, train_cmaes
+from envs.controller import (
+    FITNESSES,
+    CMAESConfig,
+    LinearController,
+    cmaes_agent_steps,
+    save_controller,
+    train_cmaes,
+)
 from envs.dream import DreamVectorEnv, load_world_model
 from envs.policy import real_env_kwargs
 from envs.real import check_real_env, make_real_env_fn
@@ -123,6 +130,11 @@ def main() -> None:
     )
     p.add_argument("--temperature", type=float, default=1.0, help="dream sampling temperature")
     p.add_argument(
+        "--save-dir",
+        default=None,
+        help="also save each seed's dream-trained controller to SAVE_DIR/seed<S> (envs/controller.py format)",
+    )
+    p.add_argument(
         "--hazard-scale",
         type=float,
         default=1.0,
@@ -186,6 +198,7 @@ def main() -> None:
         "checkpoint": str(wm.path),
         "algo": "cmaes",
         "cmaes": asdict(cfg),
+        "dream": {"temperature": args.temperature, "hazard_scale": args.hazard_scale},
         "world_model_real_steps": int(sum(store.length(e) - 1 for e in store.episode_ids())),
     }
     timings = Path(wm.path) / "timings.json"
@@ -227,6 +240,8 @@ def main() -> None:
         ctrl, hist = train_cmaes(wm, dream, cfg, seed=s)
         train_min = (time.process_time() - t0) / 60
         steps = cmaes_agent_steps(hist, cfg)
+        if args.save_dir:  # each seed's controller, for rollout.py videos or collection
+            save_controller(ctrl, Path(args.save_dir) / f"seed{s}", {"history": hist, "bench": vars(args)})
         t0 = time.process_time()
         by_view = {
             v: _stats(

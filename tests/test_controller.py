@@ -311,6 +311,12 @@ def test_train_policy_cmaes_cli_and_bench_transfer(tc_bundle, tmp_path):
             "--train-max-steps",
             "5",
             "--real-baseline",
+            "--fitness",
+            "expected",
+            "--hazard-scale",
+            "2",
+            "--save-dir",
+            str(tmp_path / "ctrls"),
         ],
         capture_output=True,
         text=True,
@@ -328,6 +334,13 @@ def test_train_policy_cmaes_cli_and_bench_transfer(tc_bundle, tmp_path):
         len(e) - 1 for e in EpisodeStore(out_store(tc_bundle)).iter_episodes()
     )
     assert 0 < out["real_trained"]["real_agent_steps"] <= 1 * 2 * 1 * 5
+    # expected fitness: every dream row runs to the 5-step cap; the real baseline draws its own deaths
+    assert out["cmaes"]["fitness"] == "expected" and out["dream"]["hazard_scale"] == 2.0
+    assert all(s["dream_agent_steps"] == 1 * 2 * 1 * 5 for s in out["per_seed"])
+    wm = WorldModel.from_pretrained(tc_bundle)
+    for s in (0, 1):  # each seed's controller saved, loadable, acting
+        ctrl = load_controller(tmp_path / "ctrls" / f"seed{s}", wm)
+        assert ctrl.act(np.zeros((1, *wm.obs_shape), np.uint8)).shape == (1,)
     assert out["real_view"] == "tokenized"  # the default headline: the real game seen through the tokenizer
     for seed in out["per_seed"]:
         assert (
