@@ -146,6 +146,9 @@ class MBRLConfig:
     temperature: float = 1.0
     """Sampling temperature of the dream's frame tokens, for the learner and the dream scores (World Models
     used 1.15 for Take Cover: a harder dream whose policy transfers better)."""
+    hazard_scale: float = 1.0
+    """The dream's hazard scale k for the learner and the dream scores: each predicted termination probability p
+    becomes 1 - (1 - p)^k (envs/dream.py; k > 1: a pessimistic dream)."""
 
     @classmethod
     def for_env(cls, env: str, **overrides: Any) -> MBRLConfig:
@@ -162,6 +165,8 @@ class MBRLConfig:
             )
         if not self.temperature > 0:
             raise ValueError(f"mbrl.temperature: got {self.temperature}, expected > 0")
+        if not self.hazard_scale >= 0:
+            raise ValueError(f"mbrl.hazard_scale: got {self.hazard_scale}, expected a number >= 0")
         for name, lo in (("generations", 1), ("popsize", 2), ("episodes", 1), ("max_episode_steps", 1)):
             if getattr(self.cmaes, name) < lo:
                 raise ValueError(
@@ -202,10 +207,11 @@ _FIXED_BUDGETS = (
     "seed",
     "algo",
     "temperature",
+    "hazard_scale",
 )
 _LEARNER_BUDGETS = {"ppo": ("ppo_steps_per_iteration", "ppo"), "cmaes": ("cmaes", "collect_epsilon")}
 # what a state written before a budget existed ran with
-_BUDGETS_BEFORE = {"algo": "ppo", "temperature": 1.0}
+_BUDGETS_BEFORE = {"algo": "ppo", "temperature": 1.0, "hazard_scale": 1.0}
 
 
 def store_transitions(store: str | os.PathLike) -> int:
@@ -298,7 +304,11 @@ def _dream_vec_env(wm: WorldModel, m: MBRLConfig) -> DreamVecEnv:
     """``m.num_envs`` dream envs of ``wm`` at ``m.temperature``, episodes capped at ``m.max_episode_steps``: PPO's
     training env and every learner's dream score."""
     return DreamVecEnv(
-        m.num_envs, world_model=wm, max_episode_steps=m.max_episode_steps, temperature=m.temperature
+        m.num_envs,
+        world_model=wm,
+        max_episode_steps=m.max_episode_steps,
+        temperature=m.temperature,
+        hazard_scale=m.hazard_scale,
     )
 
 
@@ -314,7 +324,9 @@ def _dream_cmaes(
                 f"best {row['best_return']:7.1f}  sigma {row['sigma']:.3f}  ({row['seconds']:.1f} s)"
             )
 
-    return train_cmaes_in_dream(wm, m.cmaes, seed=m.seed + it, log=log, temperature=m.temperature)
+    return train_cmaes_in_dream(
+        wm, m.cmaes, seed=m.seed + it, log=log, temperature=m.temperature, hazard_scale=m.hazard_scale
+    )
 
 
 def _dream_ppo(

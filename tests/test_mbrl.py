@@ -163,9 +163,10 @@ def test_cmaes_loop_saves_a_controller_per_round_and_resumes(tmp_path, one_threa
         num_envs=2,
         max_episode_steps=8,
         direct_ppo_baseline=False,
-        cmaes=CMAESConfig(generations=2, popsize=4, episodes=1, max_episode_steps=6),
+        cmaes=CMAESConfig(generations=2, popsize=4, episodes=1, max_episode_steps=6, fitness="expected"),
         collect_epsilon=0.5,
         temperature=1.15,
+        hazard_scale=1.5,
     )
     kw = {"max_episode_steps": 16}
     first = run_mbrl(cfg, run, m, env_kwargs=kw, progress=False)
@@ -176,6 +177,8 @@ def test_cmaes_loop_saves_a_controller_per_round_and_resumes(tmp_path, one_threa
         run_mbrl(cfg, run, replace(m, iterations=2, collect_epsilon=0.1), env_kwargs=kw, progress=False)
     with pytest.raises(ValueError, match="algo"):
         run_mbrl(cfg, run, replace(m, iterations=2, algo="ppo"), env_kwargs=kw, progress=False)
+    with pytest.raises(ValueError, match="hazard_scale"):
+        run_mbrl(cfg, run, replace(m, iterations=2, hazard_scale=1.0), env_kwargs=kw, progress=False)
 
     second = run_mbrl(cfg, run, replace(m, iterations=2), env_kwargs=kw, progress=False)
     r0, r1 = second["iterations"]
@@ -195,7 +198,7 @@ def test_cmaes_loop_saves_a_controller_per_round_and_resumes(tmp_path, one_threa
         meta = json.loads((run / "policies" / f"controller-iter{it:03d}" / "controller.json").read_text())
         assert meta["round"] == it and len(meta["history"]) == 2
         assert row["ppo_timesteps"] == cmaes_agent_steps(meta["history"], m.cmaes)
-        assert 0 < row["ppo_timesteps"] <= 2 * 4 * 6
+        assert row["ppo_timesteps"] == 2 * 4 * 6  # expected fitness: every dream row runs to the cap
     assert not (run / "policies" / "ppo_mbrl.safetensors").exists()
     with (run / "mbrl.csv").open() as fh:
         assert [int(r["iteration"]) for r in csv.DictReader(fh)] == [0, 1]
@@ -222,6 +225,7 @@ def test_take_cover_defaults_to_cmaes_unless_the_flags_say_otherwise(monkeypatch
         ({"algo": "sac"}, "mbrl.algo: got 'sac', expected 'ppo' or 'cmaes'"),
         ({"collect_epsilon": 2.0}, r"mbrl.collect_epsilon: got 2.0, expected a probability in \[0, 1\]"),
         ({"temperature": 0.0}, "mbrl.temperature"),
+        ({"hazard_scale": -1.0}, "mbrl.hazard_scale"),
         ({"cmaes": CMAESConfig(popsize=1)}, "mbrl.cmaes.popsize"),
     ):
         with pytest.raises(ValueError, match=match):
