@@ -20,19 +20,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from worldmodel.tokenizer import ChannelNorm  # the tokenizer's per-position LayerNorm over channels
+
 RESNET_LAYERS: dict[int, tuple[int, int, int, int]] = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 """Blocks per group of the basic-block ResNets the paper code defines (its deeper ones use bottlenecks)."""
-
-
-class ChannelLayerNorm(nn.Module):
-    """LayerNorm over the channel axis of (B, C, k, H, W)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rearrange(self.norm(rearrange(x, "b c t h w -> b t h w c")), "b t h w c -> b c t h w")
 
 
 class SamePadConv3d(nn.Module):
@@ -54,10 +45,10 @@ class BasicBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: tuple[int, int, int], project: bool) -> None:
         super().__init__()
         self.proj = (
-            nn.Sequential(SamePadConv3d(c_in, c_out, 1, stride), ChannelLayerNorm(c_out)) if project else None
+            nn.Sequential(SamePadConv3d(c_in, c_out, 1, stride), ChannelNorm(c_out)) if project else None
         )
-        self.conv1, self.norm1 = SamePadConv3d(c_in, c_out, 3, stride), ChannelLayerNorm(c_out)
-        self.conv2, self.norm2 = SamePadConv3d(c_out, c_out, 3, (1, 1, 1)), ChannelLayerNorm(c_out)
+        self.conv1, self.norm1 = SamePadConv3d(c_in, c_out, 3, stride), ChannelNorm(c_out)
+        self.conv2, self.norm2 = SamePadConv3d(c_out, c_out, 3, (1, 1, 1)), ChannelNorm(c_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.proj is None else self.proj(x)
@@ -101,7 +92,7 @@ class ResNet3d(nn.Module):
                 )
             halvings.append(int(math.log2(ratio)))
         c0 = 64 * width
-        self.stem = nn.Sequential(SamePadConv3d(3, c0, 3, (1, 1, 1)), ChannelLayerNorm(c0), nn.ReLU())
+        self.stem = nn.Sequential(SamePadConv3d(3, c0, 3, (1, 1, 1)), ChannelNorm(c0), nn.ReLU())
         groups, c_in = [], c0
         widths = (c0, 128 * width, 256 * width, out_dim)
         for g, (n_blocks, c_out) in enumerate(zip(RESNET_LAYERS[depth], widths)):
