@@ -431,6 +431,16 @@ def dream_episode_section(
     return out
 
 
+def _fvd_disabled() -> dict[str, Any]:
+    """The FVD keys of a report whose settings turned FVD off (``fvd=False`` / ``--no-fvd``): null, with the reason."""
+    return {
+        "fvd": None,
+        "fvd_star": None,
+        "fvd_recon": None,
+        "fvd_info": {"reason": "disabled (fvd=False / --no-fvd)"},
+    }
+
+
 def fvd_section(
     real: np.ndarray,
     recon: np.ndarray,
@@ -594,12 +604,7 @@ def evaluate_clip_sampling(
                 f"clips of {length} frames (the prior's window) < {FVD_FRAMES}: FVD needs {FVD_FRAMES}-frame clips"
             )
     else:
-        fvd = {
-            "fvd": None,
-            "fvd_star": None,
-            "fvd_recon": None,
-            "fvd_info": {"reason": "disabled (fvd=False / --no-fvd)"},
-        }
+        fvd = _fvd_disabled()
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
@@ -694,12 +699,7 @@ def evaluate_world_model(
             device=wm.device,
         )
     else:
-        fvd = {
-            "fvd": None,
-            "fvd_star": None,
-            "fvd_recon": None,
-            "fvd_info": {"reason": "disabled (fvd=False / --no-fvd)"},
-        }
+        fvd = _fvd_disabled()
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
