@@ -463,6 +463,9 @@ _PAPER_GPT_SMALL = PriorConfig(
     paper_layers=True,
 )
 _PAPER_GPT_LARGE = replace(_PAPER_GPT_SMALL, n_layer=20, n_head=8, n_embd=1024)
+# The paper scale's training budget (every paper-scale preset): tokenizer, prior.
+_PAPER_TOKENIZER_TRAIN = TrainConfig(steps=100_000, batch_size=32, lr=3e-4)
+_PAPER_PRIOR_TRAIN = TrainConfig(steps=200_000, batch_size=32, lr=3e-4)
 
 
 PaperActions = Literal["clip", "step"]
@@ -525,54 +528,44 @@ def _vizdoom(
         pt = TrainConfig(steps=6000, batch_size=16, lr=5e-4, eval_every=500, ckpt_every=500)
         data = DataConfig(store=f"data/{name}", clip_len=8)
         episodes = 400
-    elif not paper_arch:  # the paper's widths on our dream geometry
-        tok = replace(tok, channels=240, n_res_layers=4, codebook_size=1024, embedding_dim=256)
-        prior = replace(
-            prior, n_layer=8, n_head=4, n_embd=512, frames=16, vocab_size=1024, dropout=0.2, attn_dropout=0.3
-        )
-        tt = TrainConfig(steps=100_000, batch_size=32, lr=3e-4)
-        pt = TrainConfig(steps=200_000, batch_size=32, lr=3e-4)
+    else:  # the paper scale: the paper's training budget, 16-frame clips
+        tt, pt = _PAPER_TOKENIZER_TRAIN, _PAPER_PRIOR_TRAIN
         data = DataConfig(store=f"data/{name}", clip_len=16)
         episodes = 5000
-    elif paper_actions == "clip":  # paper: vae_res64_ds222 + gpt_small, the paper's action protocol
-        # 16x64x64 -> 8x32x32 (stride 2, 2, 2; not causal in time) and the whole clip's 15 actions (one-hot per
-        # step) as one affine-norm condition vector, as the paper; a dream env cannot step it (it needs every
-        # action before the first frame): paper_actions="step" is the steppable variant.
-        tok = replace(_PAPER_TOKENIZER, resolution=64, stride=(2, 2, 2))
-        prior = replace(
+        # gpt_small with our actions, rewards and terminations on the paper's 32x32 latent grid
+        paper_prior = replace(
             _PAPER_GPT_SMALL,
             action_kind="discrete",
             n_actions=n_actions,
-            action_cond="clip",
-            clip_actions=15,
-            frames=8,
             tokens_h=32,
             tokens_w=32,
             reward_given_termination=True,
         )
-        tt = TrainConfig(steps=100_000, batch_size=32, lr=3e-4)
-        pt = TrainConfig(steps=200_000, batch_size=32, lr=3e-4)
-        data = DataConfig(store=f"data/{name}", clip_len=16)
-        episodes = 5000
-    else:  # paper widths and layers, our per-step protocol: temporal stride 1 (see below)
-        # Per-step action conditioning (the dream env steps one action per latent frame) needs temporal stride 1:
-        # 16x32x32 latents where the paper's vae_res64_ds222 has 8x32x32 (it conditions on the whole clip's
-        # actions at once instead; docs/ARCHITECTURE.md "Paper scale"). Causal in time for the dream's sliding
-        # windows (the paper's tokenizer is not). Every layer and width is the paper's.
-        tok = replace(_PAPER_TOKENIZER, resolution=64, stride=(1, 2, 2), causal_time=True)
-        prior = replace(
-            _PAPER_GPT_SMALL,
-            action_kind="discrete",
-            n_actions=n_actions,
-            frames=16,
-            tokens_h=32,
-            tokens_w=32,
-            reward_given_termination=True,
-        )
-        tt = TrainConfig(steps=100_000, batch_size=32, lr=3e-4)
-        pt = TrainConfig(steps=200_000, batch_size=32, lr=3e-4)
-        data = DataConfig(store=f"data/{name}", clip_len=16)
-        episodes = 5000
+        if not paper_arch:  # the paper's widths on our dream geometry
+            tok = replace(tok, channels=240, n_res_layers=4, codebook_size=1024, embedding_dim=256)
+            prior = replace(
+                prior,
+                n_layer=8,
+                n_head=4,
+                n_embd=512,
+                frames=16,
+                vocab_size=1024,
+                dropout=0.2,
+                attn_dropout=0.3,
+            )
+        elif paper_actions == "clip":  # paper: vae_res64_ds222 + gpt_small, the paper's action protocol
+            # 16x64x64 -> 8x32x32 (stride 2, 2, 2; not causal in time) and the whole clip's 15 actions (one-hot
+            # per step) as one affine-norm condition vector, as the paper; a dream env cannot step it (it needs
+            # every action before the first frame): paper_actions="step" is the steppable variant.
+            tok = replace(_PAPER_TOKENIZER, resolution=64, stride=(2, 2, 2))
+            prior = replace(paper_prior, action_cond="clip", clip_actions=15, frames=8)
+        else:  # paper widths and layers, our per-step protocol: temporal stride 1 (see below)
+            # Per-step action conditioning (the dream env steps one action per latent frame) needs temporal
+            # stride 1: 16x32x32 latents where the paper's vae_res64_ds222 has 8x32x32 (it conditions on the
+            # whole clip's actions at once instead; docs/ARCHITECTURE.md "Paper scale"). Causal in time for the
+            # dream's sliding windows (the paper's tokenizer is not). Every layer and width is the paper's.
+            tok = replace(_PAPER_TOKENIZER, resolution=64, stride=(1, 2, 2), causal_time=True)
+            prior = replace(paper_prior, frames=16)
     return ExperimentConfig(
         name=name,
         scale=scale,
@@ -661,10 +654,7 @@ def _bair_paper(scale: str) -> ExperimentConfig:
         )
     else:
         prior = replace(_PAPER_GPT_SMALL, frames=n_latent - 1, tokens_h=32, tokens_w=32, n_cond_frames=1)
-    tt, pt = (
-        TrainConfig(steps=100_000, batch_size=32, lr=3e-4),
-        TrainConfig(steps=200_000, batch_size=32, lr=3e-4),
-    )
+    tt, pt = _PAPER_TOKENIZER_TRAIN, _PAPER_PRIOR_TRAIN
     if not paper:
         tok, prior, tt = _shrunk(tok, prior, scale)
         pt = tt
@@ -699,10 +689,7 @@ def _video(name: str, scale: str, n_classes: int) -> ExperimentConfig:
         tokens_w=res // stride[2],
         n_classes=n_classes,
     )
-    tt, pt = (
-        TrainConfig(steps=100_000, batch_size=32, lr=3e-4),
-        TrainConfig(steps=200_000, batch_size=32, lr=3e-4),
-    )
+    tt, pt = _PAPER_TOKENIZER_TRAIN, _PAPER_PRIOR_TRAIN
     if not paper:
         tok, prior, tt = _shrunk(tok, prior, scale)
         pt = tt
