@@ -37,6 +37,37 @@ from worldmodel.store import EpisodeStore
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_evaluate_cli(checkpoint: Path, out: Path, *flags: str) -> tuple[dict, dict]:
+    """Run experiments/evaluate.py on ``checkpoint`` into ``out`` (one thread, plus ``flags``); check that it
+    succeeds, that its summary line names ``out/eval.json`` and that every plot the report lists is a PNG.
+    Returns (summary line, eval.json)."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "experiments/evaluate.py"),
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(out),
+            *flags,
+            "--threads",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["eval_json"] == str(out / "eval.json")
+    rep = json.loads((out / "eval.json").read_text())
+    for name in rep["plots"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return summary, rep
+
+
 @pytest.fixture(scope="module")
 def dying_store(tmp_path_factory) -> Path:
     """Two whole HGS episodes of a random policy at 32x32 (random agents die: the last transition terminates)."""
@@ -59,35 +90,9 @@ def dying_store(tmp_path_factory) -> Path:
 def test_evaluate_cli_writes_report_with_direct_baselines(tiny_bundle, hgs_store, tmp_path):
     out = tmp_path / "ev"
     horizon, context, n = 16, 4, 2
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "experiments/evaluate.py"),
-            "--checkpoint",
-            str(tiny_bundle),
-            "--out",
-            str(out),
-            "--n-episodes",
-            str(n),
-            "--horizon",
-            str(horizon),
-            "--context",
-            str(context),
-            "--threads",
-            "1",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+    _, rep = run_evaluate_cli(
+        tiny_bundle, out, "--n-episodes", str(n), "--horizon", str(horizon), "--context", str(context)
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["eval_json"] == str(out / "eval.json")
-    rep = json.loads((out / "eval.json").read_text())
-    for name in rep["plots"]:
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".*tmp"))  # atomic writes leave no temporaries
 
     # copy-last baseline and reconstruction ceiling, recomputed directly from the store's frames
@@ -333,33 +338,10 @@ def test_evaluate_cli_clip_report_for_a_whole_clip_conditioned_bundle(
     from worldmodel.video_sampling import sample_videos
 
     out, n = tmp_path / "ev", 2
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "experiments/evaluate.py"),
-            "--checkpoint",
-            str(clip_bundle),
-            "--out",
-            str(out),
-            "--n-episodes",
-            str(n),
-            "--threads",
-            "1",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    rep = json.loads((out / "eval.json").read_text())
-    assert summary["eval_json"] == str(out / "eval.json") and summary["fvd"] == rep["fvd"]
+    summary, rep = run_evaluate_cli(clip_bundle, out, "--n-episodes", str(n))
+    assert summary["fvd"] == rep["fvd"]
     assert rep["protocol"] == "clip" and rep["preset"] == "vizdoom_hgs"
     assert rep["n_clips"] == n and len(rep["clips"]) == n and rep["clip_frames"] == 16
-    for name in rep["plots"]:
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # no open loop, heads, dream episodes or bits: absent, each with the reason
     absent = ("open_loop", "reward", "termination", "dream_episodes", "bits")
