@@ -170,7 +170,8 @@ def test_main_job_writes_bundle_videos_and_summary(hgs_store, tmp_path):
     for section in ("tokenizer", "prior"):
         for k, v in vars(getattr(cfg, section)).items():
             if k not in ("stride", "resolution") and not isinstance(v, bool):
-                args += [f"--config.{section}.{k.replace('_', '-')}", str(v)]
+                values = [str(x) for x in v] if isinstance(v, (tuple, list)) else [str(v)]
+                args += [f"--config.{section}.{k.replace('_', '-')}", *values]
     for section in ("tokenizer-train", "prior-train"):
         args += [
             f"--config.{section}.steps",
