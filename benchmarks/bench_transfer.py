@@ -130,6 +130,19 @@ def main() -> None:
     )
     p.add_argument("--temperature", type=float, default=1.0, help="dream sampling temperature")
     p.add_argument(
+        "--train-start",
+        default="episode_start",
+        choices=["episode_start", "random"],
+        help="where the evolving controllers' dream episodes start: at held-out episodes' starts, or at random "
+        "points of them (short branches from real states, MBPO-style, with --train-max-steps small)",
+    )
+    p.add_argument(
+        "--train-context-frames",
+        type=int,
+        default=1,
+        help="real frames each evolving controller's dream episode starts from",
+    )
+    p.add_argument(
         "--save-dir",
         default=None,
         help="also save each seed's dream-trained controller to SAVE_DIR/seed<S> (envs/controller.py format)",
@@ -198,7 +211,12 @@ def main() -> None:
         "checkpoint": str(wm.path),
         "algo": "cmaes",
         "cmaes": asdict(cfg),
-        "dream": {"temperature": args.temperature, "hazard_scale": args.hazard_scale},
+        "dream": {
+            "temperature": args.temperature,
+            "hazard_scale": args.hazard_scale,
+            "train_start": args.train_start,
+            "train_context_frames": args.train_context_frames,
+        },
         "world_model_real_steps": int(sum(store.length(e) - 1 for e in store.episode_ids())),
     }
     timings = Path(wm.path) / "timings.json"
@@ -226,6 +244,8 @@ def main() -> None:
         temperature=args.temperature,
         hazard_scale=args.hazard_scale,
         termination="never" if cfg.fitness == "expected" else "sample",
+        start=args.train_start,
+        context_frames=args.train_context_frames,
     )
     score_dream = DreamVectorEnv(
         min(args.dream_episodes, 16),

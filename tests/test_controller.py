@@ -317,6 +317,10 @@ def test_train_policy_cmaes_cli_and_bench_transfer(tc_bundle, tmp_path):
             "2",
             "--save-dir",
             str(tmp_path / "ctrls"),
+            "--train-start",
+            "random",
+            "--train-context-frames",
+            "2",
         ],
         capture_output=True,
         text=True,
@@ -336,6 +340,7 @@ def test_train_policy_cmaes_cli_and_bench_transfer(tc_bundle, tmp_path):
     assert 0 < out["real_trained"]["real_agent_steps"] <= 1 * 2 * 1 * 5
     # expected fitness: every dream row runs to the 5-step cap; the real baseline draws its own deaths
     assert out["cmaes"]["fitness"] == "expected" and out["dream"]["hazard_scale"] == 2.0
+    assert (out["dream"]["train_start"], out["dream"]["train_context_frames"]) == ("random", 2)
     assert all(s["dream_agent_steps"] == 1 * 2 * 1 * 5 for s in out["per_seed"])
     wm = WorldModel.from_pretrained(tc_bundle)
     for s in (0, 1):  # each seed's controller saved, loadable, acting
