@@ -439,3 +439,71 @@ def test_rollout_reads_the_history_termination_as_the_full_forward_does(fused):
     assert torch.allclose(
         symexp_(full.reward[:, 2]), got.reward, atol=1e-4
     )  # the reward still reads the new frame
+
+
+@pytest.mark.parametrize("path", ["fused", "general", "per_row", "maskgit", "observe"])
+@pytest.mark.parametrize("kw", [dict(action_cond="cond_ln"), dict(action_cond="add", prev_frame_kernel=3)])
+def test_rollout_latent_is_the_full_forwards_hidden_state(path, kw):
+    """``Rollout.hidden`` (the latent the dream env reports) after start, each step and a slide equals the full
+    forward's hidden state at the last position of the window's newest frame, on every sampling path and under
+    teacher forcing (``observe``)."""
+    cfg = replace(CFG, maskgit_weight=1.0 if path == "maskgit" else 0.0, **kw)
+    p = randomized(cfg)
+    tok, act = clip(T=2, cfg=cfg)
+    r = Rollout(p, 3, keep=1)
+    if path == "general":
+        p.train()  # dropout is 0: same numbers, but the fused single-position path does not apply
+        assert not TokenDecoder.supported(p, r.cache, None)
+    r.start(tok, act[:, :1])
+    win = [[tok[b], act[b, :1]] for b in range(3)]  # each row's window: tokens (n, h, w), actions (n - 1,)
+    if path == "per_row":  # row 1 restarts from one frame: rows step at different cache positions
+        r.start(tok[1:2, :1], None, rows=[1])
+        win[1] = [tok[1, :1], act[1, :0]]
+
+    def check(where: str) -> None:
+        was = p.training
+        p.eval()
+        for b in range(3):
+            ref = p(win[b][0][None], win[b][1][None]).hidden[0, -1]
+            assert torch.allclose(r.hidden[b], ref, atol=1e-4), f"{where}, row {b}"
+        p.train(was)
+
+    check("start")
+    g = torch.Generator().manual_seed(0)
+    for step in range(5):  # frames=4, keep=1: crosses slides
+        for b in range(3):
+            if len(win[b][0]) >= cfg.frames:
+                win[b] = [win[b][0][-1:], win[b][1][:0]]
+        a = torch.randint(0, cfg.n_actions, (3,), generator=g)
+        if path == "observe":
+            new = torch.randint(0, cfg.vocab_size, (3, cfg.tokens_h, cfg.tokens_w), generator=g)
+            got = r.observe(new, a)
+            assert torch.equal(got.tokens, new)
+        elif path == "maskgit":
+            got = r.step(a, temperature=1.0, generator=g, decode="maskgit", maskgit_steps=2)
+        else:
+            got = r.step(a, temperature=1.0, generator=g)
+        for b in range(3):
+            win[b] = [torch.cat([win[b][0], got.tokens[b : b + 1]]), torch.cat([win[b][1], a[b : b + 1]])]
+        assert torch.equal(got.hidden, r.hidden) and got.hidden.dtype == torch.float32
+        check(f"step {step}")
+        if path == "observe":  # teacher forcing reads the heads as the full forward does
+            p.eval()
+            for b in range(3):
+                full = p(win[b][0][None], win[b][1][None])
+                assert torch.allclose(symexp_(full.reward[0, -1]), got.reward[b], atol=1e-4)
+                assert torch.allclose(
+                    torch.sigmoid(full.term_logit[0, -1]), got.terminated_prob[b], atol=1e-5
+                )
+
+
+def test_observe_checks_its_tokens_and_keeps_the_rollout_usable():
+    p = randomized(CFG)
+    tok, act = clip(T=3)
+    r = Rollout(p, 3)
+    r.start(tok[:, :2], act[:, :1])
+    with pytest.raises(ValueError, match="tokens: got"):
+        r.observe(tok[:, 0, :1], act[:, 1])
+    with pytest.raises(ValueError, match="tokens: values"):
+        r.observe(tok[:, 0] + CFG.vocab_size, act[:, 1])
+    assert r.observe(tok[:, 2], act[:, 1]).hidden.shape == (3, CFG.n_embd)

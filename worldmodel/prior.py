@@ -401,6 +401,10 @@ class PriorOutput:
     )  # (B, T) symlog reward of that transition if it ended the episode (== reward
     #                                     for a one-output head, PriorConfig.reward_given_termination False)
     mask_logits: torch.Tensor | None = None  # (B, T, h*w, V): MaskGIT stream's logits (forward with ``mask``)
+    hidden: torch.Tensor | None = (
+        None  # (B, T, C) final normalised hidden state at each block's last position
+    )
+    #                                     (has read frames <= t; what the reward head reads; Rollout.hidden)
 
 
 @dataclass
@@ -960,7 +964,7 @@ class Prior(nn.Module):
             mask_logits = self.head(rearrange(x[:, S:], "b (t n) c -> b t n c", n=self.hw))  # (B, T, hw, V)
         reward, reward_term = self.rewards(last)
         return PriorOutput(
-            logits, reward, self.termination_logit(xc[:, :, 0], last), reward_term, mask_logits
+            logits, reward, self.termination_logit(xc[:, :, 0], last), reward_term, mask_logits, last
         )
 
     def termination_logit(self, h_slot: torch.Tensor, h_last: torch.Tensor) -> torch.Tensor:

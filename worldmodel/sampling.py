@@ -12,6 +12,17 @@ mid-episode.
 Sampling: temperature, top-k, top-p (nucleus), with an optional seeded ``torch.Generator`` for
 exact reproducibility.
 
+Latent state. ``Rollout.hidden`` (B, C) is the prior's final normalised hidden state at the *last position of
+each row's newest frame* (``h_last``): after :meth:`Rollout.start` the context's last frame, after
+:meth:`Rollout.step` the generated frame, after :meth:`Rollout.observe` the given one. It is World Models'
+[z_t, h_t] in one vector: it has read every frame <= t of the window and the actions into them, i.e.
+everything known when the next action a_t is chosen; the reward head reads it, and the slot of the next block
+-- whose hidden state the "history" termination head reads for the transition out of frame t -- attends to it
+and adds only a_t. The slot of the newest block (``h_slot``) would be the state *before* frame t (what decided
+whether frame t ended the episode), one frame stale for choosing a_t, so it is not the one exposed. The full
+forward gives the same vector: ``Prior.forward(...).hidden[:, -1]`` on the window's tokens (tested for the
+cached, fused, per-row and MaskGIT paths and for teacher forcing).
+
 The token loop's one-position forward runs through :class:`~worldmodel.fast_decode.TokenDecoder`
 (fp32 rows in lockstep, no cross-attention memory) and otherwise through ``Prior.forward_cached``;
 both compute the same function (tested).
@@ -55,6 +66,8 @@ class StepResult:
     entropy: torch.Tensor  # (B,) mean entropy (nats) of the sampled tokens' distributions
     reward_if_terminated: torch.Tensor  # (B,) predicted reward if it ended the episode (== reward for a
     #                                     one-output reward head, PriorConfig.reward_given_termination False)
+    hidden: torch.Tensor | None = None  # (B, C) float32 the prior's latent state after the new frame
+    #                                     (:attr:`Rollout.hidden`)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -191,6 +204,9 @@ class Rollout:
         self.decoder = TokenDecoder(prior, torch.bfloat16 if bf16 else torch.float32)
         self.n_frames = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # frames in each window
         self.started = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
+        # (B, C) fp32 latent state of each row's newest frame (module docstring, "Latent state"); zeros for a row
+        # started from nothing (Tc = 0: no frame has been read yet, there is no state to report)
+        self.hidden = torch.zeros(batch_size, cfg.n_embd, device=self.device)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
@@ -263,6 +279,7 @@ class Rollout:
                 )
         self.n_frames[rows_t] = T
         self.started[rows_t] = True
+        self.hidden[rows_t] = 0.0
         self._prefill(rows_t)
 
     def _memory(self, rows: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
@@ -274,7 +291,7 @@ class Rollout:
 
     def _prefill(self, rows: torch.Tensor) -> None:
         """Encode the stored windows of ``rows`` into the cache from position 0 (rows may differ in length:
-        they are grouped by length)."""
+        they are grouped by length); :attr:`hidden` of those rows becomes their window's last position."""
         for T in torch.unique(self.n_frames[rows]).tolist():
             if T == 0:  # started from nothing: no context to encode
                 continue
@@ -288,14 +305,15 @@ class Rollout:
             with self._autocast():
                 cond = self.prior.block_conditions(acts, len(r), T, cls)
                 x = self.prior.embed_blocks(tok, cond)
-                self.prior.forward_cached(
+                h = self.prior.forward_cached(
                     x,
                     self.prior.ln_condition(cond),
                     self.cache,
                     None if every_row else r,
                     0,
                     self._memory(None if every_row else r),
-                )
+                )  # (k, T * (1 + hw), C)
+            self.hidden[r] = h[:, -1].float()
 
     def _slide(self, rows: torch.Tensor) -> None:
         keep, F_ = self.keep, self.cfg.frames
@@ -339,6 +357,34 @@ class Rollout:
             else:
                 frame = self._token_frame(emb, base, sampling)
             return self._finish(t_idx, *frame)
+
+    @torch.inference_mode()
+    def observe(self, tokens: torch.Tensor, actions: torch.Tensor | None) -> StepResult:
+        """Append a *known* next frame to every row (teacher forcing, nothing is sampled): ``tokens`` (B, h, w)
+        reached by ``actions`` (B,) discrete or (B, A) continuous, exactly as :meth:`step` appends a generated
+        frame (the same window, slide and cache), in one forward of the block's 1 + hw positions.
+
+        Returns the model's reading of the transition: its reward and termination predictions, the mean entropy
+        of its token distributions over the given frame, and the latent state after it (:attr:`hidden`). This
+        is how the same world model follows the real game (:class:`envs.latent.LatentTracker`).
+        """
+        shape = (self.B, self.cfg.tokens_h, self.cfg.tokens_w)
+        if tokens.ndim != 3 or tuple(tokens.shape) != shape:
+            raise ValueError(f"tokens: got {tuple(tokens.shape)}, expected {shape} (one frame per row)")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size:
+            raise ValueError(f"tokens: values must lie in [0, {self.cfg.vocab_size})")
+        t_idx = self._advance(self._check_actions(actions))
+        frame = rearrange(tokens.to(self.device).long(), "b h w -> b (h w)")
+        with self._autocast():
+            emb = self._embed_step(t_idx)
+            L = self.prior.block_len
+            base = int(t_idx[0]) * L if bool((t_idx == t_idx[0]).all()) else t_idx * L
+            x = torch.cat([emb.slot_input()[:, None], emb.frame_inputs(frame)], 1)  # (B, 1 + hw, C)
+            h = self.prior.forward_cached(
+                x, emb.ln, self.cache, None, base, self._memory(None)
+            )  # (B, 1+hw, C)
+            entropy = mean_entropy(self.prior.head(h[:, :-1]))  # slot..z[hw-2] predict z[0..hw-1]
+            return self._finish(t_idx, frame, entropy, h[:, -1], h[:, 0])
 
     def _check_decode(self, decode: str, maskgit_steps: int) -> None:
         if decode not in DECODES:
@@ -492,7 +538,8 @@ class Rollout:
         frame = rearrange(out, "b (h w) -> b h w", h=self.cfg.tokens_h)
         self.tokens[torch.arange(self.B, device=self.device), t_idx] = frame
         self.n_frames += 1
-        return StepResult(frame, reward, term, entropy, reward_term)
+        self.hidden.copy_(h_last)  # a copy: the fused decoder may reuse h_last's storage
+        return StepResult(frame, reward, term, entropy, reward_term, self.hidden.clone())
 
     def _maskgit_frame(
         self, emb: StepEmbedding, t_idx: torch.Tensor, base: torch.Tensor | int, steps: int, s: Sampling
