@@ -26,7 +26,10 @@ one the bundle predicts for the outcome drawn: ``reward_if_terminated`` on a ter
 reward (HGS: the death penalty). ``info`` holds ``step`` (steps since reset), ``entropy`` (mean token
 entropy of the new frame in nats: high where the model is unsure, a dream-uncertainty signal),
 ``terminated_prob``, both rewards and ``expected_reward`` (their mix weighted by
-``terminated_prob``, the reward to expect before termination is drawn). Each env draws its
+``terminated_prob``, the reward to expect before termination is drawn) and ``latent``, the world model's
+latent state after the returned frame (float32 (C,) per env, C the prior's width; also in ``reset``'s info: the
+state after the context frames), World Models' [z_t, h_t] for a controller that reads the model's state rather
+than its frames (:mod:`worldmodel.sampling`, "Latent state"; :mod:`envs.latent`). Each env draws its
 samples from its own generator seeded from ``reset(seed=...)``, so the same seed gives the same
 episode, alone or inside a vector env. Continuous actions are exposed normalised to [-1, 1] and
 mapped linearly to the dataset's per-dimension [low, high] (recorded in the bundle); values outside
@@ -511,7 +514,8 @@ class DreamCore:
         """Step every row; rows in ``skip`` (bool (N,)) are stepped with throw-away randomness because
         the caller resets them right after (keeps each row's sample stream equal to a single env's).
 
-        Returns obs (N, H, W, 3) uint8, rewards (N,) float32, terminated (N,) bool, info arrays.
+        Returns obs (N, H, W, 3) uint8, rewards (N,) float32, terminated (N,) bool, info arrays (``latent``
+        (N, C) float32, the others (N,)).
         """
         if not self.started.all():
             raise RuntimeError("reset() must be called before step()")
@@ -528,6 +532,7 @@ class DreamCore:
             expected = ((1.0 - p) * out.rewards + p * out.rewards_if_terminated).astype(np.float32)
         info = {
             "step": self.steps.copy(),
+            "latent": out.latent,
             "entropy": out.entropy,
             "terminated_prob": p,
             "reward_if_terminated": out.rewards_if_terminated,
@@ -676,7 +681,7 @@ class DreamEnv(gym.Env):
         obs = self.core.reset_rows([0], [options])[0]
         if self.render_mode == "human":
             self.render()
-        return obs, {"step": 0}
+        return obs, {"step": 0, "latent": self.core.rollout.latent[0]}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         spec = self.core.spec
@@ -699,7 +704,7 @@ class DreamEnv(gym.Env):
             float(rew[0]),
             bool(term[0]),
             truncated,
-            {"step": step, **{k: float(info[k][0]) for k in STEP_INFO_FLOATS}},
+            {"step": step, "latent": info["latent"][0], **{k: float(info[k][0]) for k in STEP_INFO_FLOATS}},
         )
 
     def render(self) -> np.ndarray | None:
@@ -811,7 +816,11 @@ class DreamVectorEnv(VectorEnv):
                 self.core.seed_row(i, gym.utils.seeding.np_random(seeds[i])[0])
         self.core.reset_rows(rows, [options] * len(rows))
         self._autoreset[rows] = False
-        return self.core.obs.copy(), {"step": self.core.steps.copy(), "_step": mask.copy()}
+        info = {
+            "step": self.core.steps.copy(),
+            "latent": self.core.rollout.latent,
+        }  # every row's current state
+        return self.core.obs.copy(), {**info, "_step": mask.copy(), "_latent": np.ones(N, bool)}
 
     def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         done_before = self._autoreset.copy()
@@ -827,6 +836,7 @@ class DreamVectorEnv(VectorEnv):
             for k in STEP_INFO_FLOATS:
                 info[k][rows] = 0.0
             info["step"][rows] = 0
+            info["latent"][rows] = self.core.rollout.latent[rows]  # the new episode's context state
         self._autoreset = term | trunc
         mask = np.ones(self.num_envs, bool)
         info.update({f"_{k}": mask for k in list(info)})

@@ -571,3 +571,34 @@ def test_termination_threshold(bundles):
     assert p == p2 and 0 < p < 1 and low and not high
     with pytest.raises(ValueError, match="termination_threshold"):
         gym.make(HGS, checkpoint=bundles["VizdoomHGS"], termination_threshold=1.5)
+
+
+@torch.no_grad()
+def test_info_latent_is_the_world_models_state_of_the_returned_frame(tiny_bundle):
+    """``info["latent"]`` (reset, every step, an autoreset, the single env) is the prior's hidden state at the
+    newest frame of the env's window, as a full forward over that window computes it."""
+    from envs.dream import DreamVectorEnv
+
+    vec = DreamVectorEnv(2, checkpoint=tiny_bundle, context_frames=2, max_episode_steps=3)
+    wm, s = vec.world_model, vec.core.rollout.sampler
+    C = wm.cfg.prior.n_embd
+
+    def full(row: int) -> np.ndarray:
+        tok = s.window(row)[None]
+        return wm.prior(tok, s.actions[row, : tok.shape[1] - 1][None]).hidden[0, -1].numpy()
+
+    _, info = vec.reset(seed=3)
+    first = info["latent"].copy()
+    assert first.shape == (2, C) and first.dtype == np.float32 and np.abs(first).sum() > 0
+    for r in range(2):
+        np.testing.assert_allclose(first[r], full(r), atol=1e-4)
+    for t in range(5):  # crosses the 3-step limit: the next step restarts both rows from a new context
+        *_, info = vec.step(np.array([0, 1]))
+        assert info["latent"].shape == (2, C)
+        for r in range(2):
+            np.testing.assert_allclose(info["latent"][r], full(r), atol=1e-4, err_msg=f"step {t}, row {r}")
+    single = DreamEnv(checkpoint=tiny_bundle, context_frames=2)
+    _, info = single.reset(seed=3)
+    np.testing.assert_allclose(info["latent"], first[0], atol=1e-5)  # env 0 of the vector env, alone
+    *_, info = single.step(0)
+    assert info["latent"].shape == (C,) and info["latent"].dtype == np.float32

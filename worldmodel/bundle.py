@@ -118,6 +118,8 @@ class DreamStep:
     entropy: np.ndarray  # (B,) mean token entropy of the new frame, nats
     tokens: np.ndarray  # (B, h, w) int64
     rewards_if_terminated: np.ndarray  # (B,) float32 reward if the step ended the episode
+    latent: np.ndarray | None = None  # (B, C) float32 the prior's latent state after the new frame
+    #                                   (worldmodel.sampling "Latent state": World Models' [z_t, h_t])
 
     @property
     def expected_rewards(self) -> np.ndarray:
@@ -214,7 +216,22 @@ class DreamRollout:
             entropy=out.entropy.cpu().numpy().astype(np.float32),
             tokens=out.tokens.cpu().numpy(),
             rewards_if_terminated=out.reward_if_terminated.cpu().numpy().astype(np.float32),
+            latent=out.hidden.cpu().numpy().astype(np.float32),
         )
+
+    @property
+    def latent(self) -> np.ndarray:
+        """(B, C) float32: each row's latent state after its newest frame (the context's last frame right after
+        :meth:`reset`; see :mod:`worldmodel.sampling`, "Latent state")."""
+        return self.sampler.hidden.cpu().numpy().astype(np.float32)
+
+    @torch.inference_mode()
+    def observe(self, tokens: np.ndarray | torch.Tensor, actions: Any) -> np.ndarray:
+        """Append known frames (teacher forcing, nothing sampled or decoded): ``tokens`` (B, h, w) reached by
+        ``actions`` (B,) or (B, A), as :meth:`step` appends generated ones; returns :attr:`latent` after them."""
+        t = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens)
+        self.sampler.observe(t.to(self.wm.device), self._actions_tensor(actions, 1))
+        return self.latent
 
     def decode_latest(self) -> np.ndarray:
         """Decode the newest frame of every row with up to ``decode_context`` frames of token history."""
