@@ -8,6 +8,9 @@ through the VAE, and the controller reads what the world model makes of it.
 
 :class:`TokenizerView` maps real frames through the bundle's tokenizer (``decode(encode(x))``, each frame a
 one-frame clip); :func:`tokenizer_view` wraps a Gymnasium vector env so that its observations are that view.
+The ``"latent"`` view goes one step further, to World Models' own input: the observation is the world model's
+latent state after the real frame (:class:`envs.latent.LatentObservation`), for controllers with
+``features="latent"``.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import torch
 
 from worldmodel.bundle import WorldModel
 
-VIEWS = ("raw", "tokenized")
-"""Real-game views of a policy: the env's own frames, or :class:`TokenizerView`."""
+VIEWS = ("raw", "tokenized", "latent")
+"""Real-game views of a policy: the env's own frames, :class:`TokenizerView`'s, or the world model's latent state
+(:class:`envs.latent.LatentObservation`: float32 vectors, not frames)."""
 
 
 class TokenizerView:
@@ -52,7 +56,12 @@ def tokenizer_view(venv: gym.vector.VectorEnv, wm: WorldModel) -> gym.vector.Vec
 
 
 def real_view(venv: gym.vector.VectorEnv, wm: WorldModel, view: str) -> gym.vector.VectorEnv:
-    """``venv`` as a policy sees it: ``view`` is ``"raw"`` (unchanged) or ``"tokenized"`` (:func:`tokenizer_view`)."""
+    """``venv`` as a policy sees it: ``view`` is ``"raw"`` (unchanged), ``"tokenized"`` (:func:`tokenizer_view`)
+    or ``"latent"`` (:class:`envs.latent.LatentObservation`)."""
     if view not in VIEWS:
         raise ValueError(f"view: got {view!r}, expected one of {VIEWS}")
+    if view == "latent":
+        from envs.latent import LatentObservation  # the prior's side: loaded only for this view
+
+        return LatentObservation(venv, wm)
     return venv if view == "raw" else tokenizer_view(venv, wm)
