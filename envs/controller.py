@@ -13,6 +13,16 @@ that learner for our world models. Two ways to read a frame (``ControllerConfig.
 * ``"tokens"`` (:class:`TokenFeatures`): each frame encoded to its code grid by the bundle's
   tokenizer, every code projected on the top principal components of the codebook, averaged over
   each grid column (no hand-chosen colours; kept for envs without :data:`COLOR_KEYS`).
+* ``"latent"`` (:class:`LatentFeatures`): World Models' own input, the world model's latent state -- the
+  prior's hidden state after the newest frame (C numbers, the prior's width; :mod:`worldmodel.sampling`,
+  "Latent state") -- normalised by its mean and standard deviation over held-out store episodes. No frame is
+  read: the env's observation *is* that vector (:class:`envs.latent.LatentObservation`), ``info["latent"]`` in
+  the dream and :class:`envs.latent.LatentTracker` (the same world model run teacher-forced on the real frames
+  and actions) in the real game, so the controller sees exactly the state the dream's dynamics and termination
+  head see. Why: the open-loop dream blurs Take Cover's small fireballs away, so frame features see an empty
+  room in the dream while its termination head still "sees" the danger. :func:`train_cmaes` wraps a frame env
+  itself. Not measured yet (docs/ARCHITECTURE.md). All C dimensions are read (C = 128 at the tiny scale: 131
+  weights for two actions, about World Models' 867); no projection.
 
 :class:`LinearController` holds a population of linear policies (one per vector-env row) on
 ``[f_t, (f_t - f_{t-1}), a_{t-1}, 1]``; the previous action lets a policy keep moving one way.
@@ -38,12 +48,15 @@ from gymnasium.vector import VectorEnv
 from safetensors.torch import load_file, save_file
 
 from envs.dream import DreamVectorEnv
+from envs.latent import LatentObservation, LatentTracker
 from worldmodel.atomic import atomic_file, write_json
 from worldmodel.bundle import WorldModel
-from worldmodel.store import EpisodeStore
+from worldmodel.store import EpisodeStore, heldout_episode_ids
 
 CONTROLLER_JSON, CONTROLLER_WEIGHTS = "controller.json", "controller.safetensors"
 FITNESSES = ("sampled", "expected")
+FEATURES = ("auto", "color_keys", "tokens", "latent")
+"""What a controller can read (``CMAESConfig.features``; ``ControllerConfig.features`` takes all but "auto")."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +85,7 @@ COLOR_KEYS: dict[str, tuple[ColorKey, ...]] = {
 
 
 class Features(Protocol):
-    """Frames uint8 (N, H, W, 3) -> features float32 (N, dim)."""
+    """Observations (frames uint8 (N, H, W, 3), or latent states float32 (N, C)) -> features float32 (N, dim)."""
 
     dim: int
 
@@ -165,6 +178,58 @@ class TokenFeatures:
         return self
 
 
+class LatentFeatures:
+    """Latent states float32 (N, C) (the observations of :class:`envs.latent.LatentObservation`) -> their
+    normalisation ``(x - mean) / std`` (N, C); :meth:`fit` measures mean and std on held-out store episodes."""
+
+    def __init__(self, dim: int, mean: np.ndarray | None = None, std: np.ndarray | None = None) -> None:
+        self.dim = int(dim)
+        self.mean = np.zeros(self.dim, np.float32) if mean is None else np.asarray(mean, np.float32)
+        self.std = np.ones(self.dim, np.float32) if std is None else np.asarray(std, np.float32)
+        if self.mean.shape != (self.dim,) or self.std.shape != (self.dim,):
+            raise ValueError(
+                f"mean, std: got shapes {self.mean.shape}, {self.std.shape}, expected ({self.dim},) each"
+            )
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        x = np.asarray(obs)
+        if x.ndim != 2 or x.shape[1] != self.dim or not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(
+                f"observations: got {x.dtype}{x.shape}, expected float32 (N, {self.dim}), the world model's latent "
+                "state (features='latent'); wrap the env in envs.latent.LatentObservation"
+            )
+        return ((x - self.mean) / self.std).astype(np.float32)
+
+    def fit(
+        self, wm: WorldModel, store: EpisodeStore, n_frames: int = 2048, seed: int = 0, rows: int = 8
+    ) -> LatentFeatures:
+        """Set the normalisation from the latents of up to ``n_frames`` frames of held-out store episodes (the
+        validation split, else test, else train: :func:`~worldmodel.store.heldout_episode_ids`), followed by
+        :class:`~envs.latent.LatentTracker` as the real game is, ``rows`` episodes at a time."""
+        rng = np.random.default_rng(seed)
+        ids, _ = heldout_episode_ids(store, "val")
+        ids = [str(i) for i in rng.permutation(ids)]
+        got: list[np.ndarray] = []
+        n = 0
+        for g in range(0, len(ids), rows):
+            eps = [store.load(i) for i in ids[g : g + rows]]
+            T = min(max(len(e.frames) for e in eps), n_frames - n)
+            tracker = LatentTracker(wm, len(eps))
+            lat = [tracker.reset(np.stack([e.frames[0] for e in eps]))]
+            for t in range(1, T):  # an episode that ended repeats its last frame (its latents are dropped)
+                frames = np.stack([e.frames[min(t, len(e.frames) - 1)] for e in eps])
+                acts = np.stack([e.actions[min(t, len(e.frames) - 1) - 1] for e in eps])
+                lat.append(tracker.step(frames, acts))
+            lat_a = np.stack(lat, 1)  # (k, T, C)
+            got += [lat_a[i, : min(T, len(e.frames))] for i, e in enumerate(eps)]
+            n = sum(len(x) for x in got)
+            if n >= n_frames:
+                break
+        f = np.concatenate(got)[:n_frames]
+        self.mean, self.std = f.mean(0).astype(np.float32), (f.std(0) + 1e-3).astype(np.float32)
+        return self
+
+
 @dataclass(frozen=True)
 class ControllerConfig:
     """Shape of a :class:`LinearController` (saved in ``controller.json``)."""
@@ -174,7 +239,8 @@ class ControllerConfig:
     n_actions: int
     """Discrete actions of the env."""
     features: str = "tokens"
-    """"tokens" (TokenFeatures) or "color_keys" (ColorKeyFeatures)."""
+    """"tokens" (TokenFeatures), "color_keys" (ColorKeyFeatures) or "latent" (LatentFeatures: observations are the
+    world model's latent states, n_features = the prior's width)."""
     n_components: int = 4
     """Codebook principal components per code (tokens)."""
     color_keys: tuple[ColorKey, ...] = ()
@@ -292,7 +358,8 @@ class LinearController:
         return a
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        """Actions (N,) int64 for frames uint8 (N, H, W, 3); remembers this frame and action."""
+        """Actions (N,) int64 for observations (frames uint8 (N, H, W, 3), or latent states (N, C) for
+        ``features="latent"``); remembers this observation's features and the action."""
         return self.choose(self.scores(obs))
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
@@ -308,7 +375,7 @@ class LinearController:
         deterministic: bool = True,
     ) -> tuple[np.ndarray, None]:
         obs = np.asarray(obs)
-        single = obs.ndim == 3
+        single = obs.ndim == (1 if self.cfg.features == "latent" else 3)  # one observation, not a batch
         obs = obs[None] if single else obs
         if episode_start is not None and self.prev is not None and len(self.prev) == len(obs):
             self.reset(np.flatnonzero(np.asarray(episode_start, bool)))
@@ -375,7 +442,8 @@ class CMAESConfig:
     max_episode_steps: int = 100
     """Steps per training episode (100 steps = 400 tics at frame skip 4)."""
     features: str = "auto"
-    """"color_keys", "tokens", or "auto": color_keys when COLOR_KEYS has the preset, else tokens."""
+    """"color_keys", "tokens", "latent" (the world model's latent state, LatentFeatures), or "auto": color_keys
+    when COLOR_KEYS has the preset, else tokens."""
     n_components: int = 4
     """Codebook principal components per code (tokens)."""
     motion: bool = False
@@ -391,12 +459,15 @@ class CMAESConfig:
 def make_features(
     wm: WorldModel, cfg: ControllerConfig, mean: np.ndarray | None = None, std: np.ndarray | None = None
 ) -> Features:
-    """The feature reader ``cfg`` names, for ``wm``'s frames (token features use its tokenizer)."""
+    """The feature reader ``cfg`` names, for ``wm``'s frames (token features use its tokenizer) or latent states
+    (``"latent"``: of ``wm``'s prior width)."""
     if cfg.features == "color_keys":
         return ColorKeyFeatures(cfg.color_keys, cfg.strips)
     if cfg.features == "tokens":
         return TokenFeatures(wm, cfg.n_components, mean, std)
-    raise ValueError(f"features: got {cfg.features!r}, expected 'color_keys' or 'tokens'")
+    if cfg.features == "latent":
+        return LatentFeatures(wm.cfg.prior.n_embd, mean, std)
+    raise ValueError(f"features: got {cfg.features!r}, expected one of {FEATURES[1:]}")
 
 
 def controller_config(wm: WorldModel, n_actions: int, cfg: CMAESConfig) -> ControllerConfig:
@@ -419,8 +490,16 @@ def controller_config(wm: WorldModel, n_actions: int, cfg: CMAESConfig) -> Contr
             motion=cfg.motion,
             last_action=cfg.last_action,
         )
+    if kind == "latent":
+        return ControllerConfig(
+            n_features=wm.cfg.prior.n_embd,
+            n_actions=n_actions,
+            features=kind,
+            motion=cfg.motion,
+            last_action=cfg.last_action,
+        )
     if kind != "tokens":
-        raise ValueError(f"features: got {cfg.features!r}, expected 'auto', 'color_keys' or 'tokens'")
+        raise ValueError(f"features: got {cfg.features!r}, expected one of {FEATURES}")
     k = min(cfg.n_components, wm.tokenizer.codebook.embeddings.shape[1])
     return ControllerConfig(
         n_features=wm.tokenizer.grid[1] * k,
@@ -432,6 +511,15 @@ def controller_config(wm: WorldModel, n_actions: int, cfg: CMAESConfig) -> Contr
     )
 
 
+def latent_env(venv: VectorEnv, wm: WorldModel) -> VectorEnv:
+    """``venv`` with the world model's latent states as observations, as a ``features="latent"`` controller reads
+    them: unchanged when they already are (a :class:`~envs.latent.LatentObservation`), else wrapped in one (the
+    dream's ``info["latent"]``, or the real game followed by a :class:`~envs.latent.LatentTracker`)."""
+    if tuple(venv.single_observation_space.shape or ()) == (wm.cfg.prior.n_embd,):
+        return venv
+    return LatentObservation(venv, wm)
+
+
 def train_cmaes(
     wm: WorldModel,
     venv: VectorEnv,
@@ -441,6 +529,10 @@ def train_cmaes(
     log: Callable[[dict[str, float]], None] | None = None,
 ) -> tuple[LinearController, list[dict[str, float]]]:
     """Evolve a :class:`LinearController` in ``venv`` (``popsize × episodes`` rows, e.g. the dream).
+
+    ``cfg.features == "latent"``: a frame env (the dream's or the real game's) is wrapped by :func:`latent_env`
+    here, so ``train_cmaes(wm, real_venv, CMAESConfig(features="latent"))`` evolves a latent controller in the
+    real game (a check that the latent carries what the task needs).
 
     Returns the controller with CMA-ES's distribution mean as weights (it averages out evaluation
     noise better than the single luckiest candidate) and a log of each generation.
@@ -457,6 +549,9 @@ def train_cmaes(
     feats = make_features(wm, ccfg)
     if isinstance(feats, TokenFeatures):
         feats.fit(EpisodeStore(wm.store_path), seed=seed)
+    if isinstance(feats, LatentFeatures):
+        venv = latent_env(venv, wm)
+        feats.fit(wm, EpisodeStore(wm.store_path), seed=seed)
     es = cma.CMAEvolutionStrategy(
         np.zeros(ccfg.n_params), cfg.sigma0, {"popsize": cfg.popsize, "seed": seed + 1, "verbose": -9}
     )
@@ -537,7 +632,7 @@ def save_controller(policy: LinearController, path: str | Path, extra: dict[str,
     path.mkdir(parents=True, exist_ok=True)
     tensors = {"weights": torch.from_numpy(np.ascontiguousarray(policy.W[0].reshape(-1)))}
     f = policy.features
-    if isinstance(f, TokenFeatures):
+    if isinstance(f, (TokenFeatures, LatentFeatures)):
         tensors |= {"feature_mean": torch.from_numpy(f.mean), "feature_std": torch.from_numpy(f.std)}
     with atomic_file(path / CONTROLLER_WEIGHTS) as tmp:
         save_file(tensors, str(tmp))
@@ -552,7 +647,8 @@ def is_controller(path: str | Path) -> bool:
 
 
 def load_controller(path: str | Path, wm: WorldModel) -> LinearController:
-    """Read a controller saved by :func:`save_controller` (token features read frames with ``wm``'s tokenizer)."""
+    """Read a controller saved by :func:`save_controller` (token features read frames with ``wm``'s tokenizer;
+    latent features read ``wm``'s latent states, whose width must be the controller's)."""
     path = Path(path)
     try:
         meta = json.loads((path / CONTROLLER_JSON).read_text())

@@ -390,3 +390,51 @@ def test_tokenizer_view_shows_the_real_game_as_the_tokenizer_draws_it(tc_bundle)
 
 def out_store(bundle: Path) -> str:
     return WorldModel.from_pretrained(bundle).store_path
+
+
+def test_latent_controller_evolves_in_the_dream_plays_the_real_game_and_reloads(tc_bundle, tmp_path):
+    """features="latent": the controller reads the world model's latent state (C numbers): info["latent"] in the
+    dream, the tracker's in the real game; its normalisation is measured on held-out episodes and saved."""
+    from envs.controller import LatentFeatures, episode_returns, train_cmaes_in_dream
+    from envs.latent import LatentObservation
+    from envs.real import make_real_env_fn
+
+    wm = WorldModel.from_pretrained(tc_bundle)
+    C = wm.cfg.prior.n_embd
+    cfg = CMAESConfig(generations=2, popsize=3, episodes=1, max_episode_steps=4, features="latent")
+    ccfg = controller_config(wm, 2, cfg)
+    assert (ccfg.features, ccfg.n_features, ccfg.motion, ccfg.n_inputs) == ("latent", C, False, C + 2)
+    ctrl, hist = train_cmaes_in_dream(wm, cfg, seed=0)
+    assert len(hist) == 2 and isinstance(ctrl.features, LatentFeatures) and ctrl.cfg == ccfg
+    f = ctrl.features
+    assert np.all(f.std > 1e-3) and np.abs(f.mean).sum() > 0  # measured, not the identity
+    real = LatentObservation(
+        gym.vector.SyncVectorEnv(
+            [
+                make_real_env_fn("vizdoom_take_cover", resolution=TINY_RES, max_episode_steps=6)
+                for _ in range(2)
+            ]
+        ),
+        wm,
+    )
+    try:
+        ret, length = episode_returns(real, ctrl, [0, 1], 6)
+        assert np.all(length >= 1) and np.all(ret > 0)  # Take Cover: +1 per tic alive
+        back = load_controller(save_controller(ctrl, tmp_path / "lat"), wm)
+        assert back.cfg == ctrl.cfg
+        np.testing.assert_array_equal(back.features.mean, f.mean)
+        np.testing.assert_array_equal(back.features.std, f.std)
+        obs, _ = real.reset(seed=5)
+        ctrl.reset()
+        for _ in range(4):  # the reloaded controller acts identically on the same latents
+            a = ctrl.act(obs)
+            np.testing.assert_array_equal(back.act(obs), a)
+            obs, *_ = real.step(a)
+        a1, _ = back.predict(obs[0], episode_start=np.array([True]))  # one latent (C,): one action
+        assert np.ndim(a1) == 0
+    finally:
+        real.close()
+    with pytest.raises(ValueError, match="LatentObservation"):
+        back.act(np.zeros((1, *wm.obs_shape), np.uint8))  # frames are not latents: say how to get them
+    with pytest.raises(ValueError, match="'latent'"):
+        controller_config(wm, 2, CMAESConfig(features="latents"))
