@@ -14,6 +14,10 @@ Usage:
         [--seeds 0 1 2] [--real-episodes 100] [--real-baseline]
     python benchmarks/bench_transfer.py --env gym:ALE/Pong-v5 --seeds 0 --real-episodes 10 --max-steps 1000
 
+``--features latent``: the controller reads the world model's latent state (World Models' [z_t, h_t];
+envs/latent.py): ``info["latent"]`` in the dream, the same world model run teacher-forced on the real frames in
+the real game (the only real view then is ``latent``).
+
 Any bundle with a real env works (``gym:<ID>`` too: the real env is rebuilt from the settings its store records);
 the CMA-ES controller needs discrete actions. "alternate every 10 steps" switches between actions 0 and 1.
 """
@@ -31,10 +35,12 @@ import numpy as np
 import torch
 
 from envs.controller import (
+    FEATURES,
     FITNESSES,
     CMAESConfig,
     LinearController,
     cmaes_agent_steps,
+    latent_env,
     save_controller,
     train_cmaes,
 )
@@ -113,8 +119,8 @@ def main() -> None:
     p.add_argument(
         "--features",
         default=CMAESConfig.features,
-        choices=["auto", "color_keys", "tokens"],
-        help="what the controller reads (envs/controller.py)",
+        choices=list(FEATURES),
+        help="what the controller reads (envs/controller.py); 'latent': the world model's latent state",
     )
     p.add_argument(
         "--motion",
@@ -168,10 +174,11 @@ def main() -> None:
         "--real-views",
         nargs="+",
         choices=VIEWS,
-        default=["tokenized", "raw"],
+        default=None,
         help="how dream-trained policies see the real game (envs/views.py): 'tokenized' (each real frame "
         "through the bundle's tokenizer, as the dream draws it) and/or 'raw'; each is scored on the "
-        "same episodes, the first is the headline",
+        "same episodes, the first is the headline (default: tokenized raw); with --features latent only "
+        "'latent' (the world model's latent state of the real frames, the default then)",
     )
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models on 2 cores)"
@@ -187,6 +194,18 @@ def main() -> None:
         p.error(
             f"--env {args.env}: the bundle's actions are {wm.action_spec.kind}; the CMA-ES controller needs "
             "discrete actions (score continuous-action policies with train_policy.py --eval-real)"
+        )
+    latent = args.features == "latent"
+    if args.real_views is None:
+        args.real_views = ["latent"] if latent else ["tokenized", "raw"]
+    if latent and args.real_views != ["latent"]:
+        p.error(
+            f"--real-views: got {args.real_views} with --features latent, which reads latents: expected latent"
+        )
+    if not latent and "latent" in args.real_views:
+        p.error(
+            f"--real-views: 'latent' gives latent states, not frames; got it with --features {args.features}, "
+            "expected tokenized and/or raw (or --features latent)"
         )
     H = wm.obs_shape[0]
     kw = real_env_kwargs(wm)
@@ -254,6 +273,8 @@ def main() -> None:
         temperature=args.temperature,
         hazard_scale=args.hazard_scale,
     )
+    if latent:  # the controller reads info["latent"] (train_cmaes wraps its own dream)
+        score_dream = latent_env(score_dream, wm)
     per_seed = []
     for s in args.seeds:
         t0 = time.process_time()
@@ -306,7 +327,13 @@ def main() -> None:
         )
         # the real game draws its own deaths: its fitness is the sampled return
         ctrl, hist = train_cmaes(wm, rv, replace(cfg, fitness="sampled"), seed=args.seeds[0])
-        r = play(real, _Controller(ctrl), args.real_episodes, 7_000_000, args.max_steps)
+        r = play(
+            views["latent"] if latent else real,
+            _Controller(ctrl),
+            args.real_episodes,
+            7_000_000,
+            args.max_steps,
+        )
         out["real_trained"] = {
             "seed": args.seeds[0],
             "real": _stats(r),

@@ -109,12 +109,14 @@ def score_real(
     *,
     deterministic: bool = False,
     seed: int = 0,
+    wrap: Callable[[VecEnv], VecEnv] | None = None,
     **env_kwargs: Any,
 ) -> Score:
-    """Mean return of ``model`` (None = uniform random actions) in the real env ``env``."""
+    """Mean return of ``model`` (None = uniform random actions) in the real env ``env``, seen through ``wrap``
+    (e.g. :class:`envs.sb3_vec.VecLatentObservation` for a latent-reading controller) when given."""
     venv = real_vec_env(env, resolution, **env_kwargs)
     try:
-        return _score(model, venv, episodes, deterministic, seed)
+        return _score(model, venv if wrap is None else wrap(venv), episodes, deterministic, seed)
     finally:
         venv.close()
 

@@ -3,7 +3,10 @@
 SB3 conventions: same-step autoreset (a finished env is reset inside ``step_wait``; its last
 observation is in ``infos[i]["terminal_observation"]`` and ``infos[i]["TimeLimit.truncated"]`` says
 whether the time limit ended it), seeds from ``VecEnv.seed`` applied at the next ``reset``.
-Observations are channel-last uint8 images; SB3 transposes them for ``CnnPolicy`` itself.
+Observations are channel-last uint8 images; SB3 transposes them for ``CnnPolicy`` itself; ``infos[i]["latent"]``
+is the world model's latent state after the step's frame (:mod:`envs.latent`). :class:`VecLatentObservation`
+makes that state the observation, of the dream or of a real SB3 ``VecEnv`` (a latent-reading controller scored
+by SB3's ``evaluate_policy``).
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+from gymnasium import spaces
 from gymnasium.utils import seeding
-from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
+from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvWrapper
 
 from envs.dream import STEP_INFO_FLOATS, DreamCore, load_world_model
+from envs.latent import LatentTracker
 from worldmodel.bundle import WorldModel
 
 
@@ -86,6 +91,7 @@ class DreamVecEnv(VecEnv):
         infos = [
             {
                 "step": int(info["step"][i]),
+                "latent": info["latent"][i],  # of the step's frame (the terminal one for a finished row)
                 **{k: float(info[k][i]) for k in STEP_INFO_FLOATS},
                 "TimeLimit.truncated": bool(trunc[i]),
             }
@@ -123,3 +129,71 @@ class DreamVecEnv(VecEnv):
 
     def env_is_wrapped(self, wrapper_class: type, indices: VecEnvIndices = None) -> list[bool]:
         return [False for _ in self._indices(indices)]
+
+
+class VecLatentObservation(VecEnvWrapper):
+    """An SB3 ``VecEnv`` whose observations are the world model's latent states, float32 (N, C): a
+    :class:`DreamVecEnv`'s own (its engine's state; a finished row's is its new context's), or for a real
+    ``VecEnv`` of the bundle's frames those of a :class:`~envs.latent.LatentTracker` fed with its frames and the
+    actions taken. A finished row's ``infos[i]["terminal_observation"]`` becomes its terminal latent.
+
+    Args:
+        venv: the dream's or the real game's SB3 ``VecEnv``.
+        wm: the world model (the dream's own for a dream).
+        encode_window: the tracker's (real envs only).
+    """
+
+    def __init__(self, venv: VecEnv, wm: WorldModel, *, encode_window: int | None = None) -> None:
+        C = wm.cfg.prior.n_embd
+        super().__init__(venv, observation_space=spaces.Box(-np.inf, np.inf, (C,), np.float32))
+        base = venv.unwrapped
+        self.dream = base if isinstance(base, DreamVecEnv) else None
+        if self.dream is not None and self.dream.world_model is not wm:
+            raise ValueError(
+                "wm: the dream env runs another world model; pass the dream's own (venv.world_model)"
+            )
+        shape = tuple(venv.observation_space.shape or ())
+        if self.dream is None and shape != tuple(wm.obs_shape):
+            raise ValueError(
+                f"venv: observations of shape {shape}, the bundle's frames are {wm.obs_shape}; make the env at the "
+                "bundle's resolution"
+            )
+        self.tracker = (
+            None if self.dream is not None else LatentTracker(wm, venv.num_envs, encode_window=encode_window)
+        )
+        self._actions: np.ndarray | None = None
+
+    def reset(self) -> np.ndarray:
+        frames = self.venv.reset()
+        if self.dream is not None:
+            return self.dream.core.rollout.latent
+        return self.tracker.reset(np.asarray(frames))
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = np.asarray(actions).reshape(self.num_envs, *np.shape(actions)[1:])
+        self.venv.step_async(actions)
+
+    def step_wait(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        frames, rew, done, infos = self.venv.step_wait()
+        rows = np.flatnonzero(done)
+        if self.dream is not None:
+            for i in rows:
+                infos[i]["terminal_observation"] = infos[i]["latent"]
+            return self.dream.core.rollout.latent, rew, done, infos
+        seen = np.array(frames, copy=True)
+        for i in rows:  # same-step autoreset: the finished rows' last frames are in their infos
+            seen[i] = infos[i]["terminal_observation"]
+        a = self._actions
+        if (
+            a is not None
+            and a.ndim == 2
+            and a.shape[1] == 1
+            and self.tracker.wm.action_spec.kind == "discrete"
+        ):
+            a = a[:, 0]  # SB3 may pass discrete actions as (N, 1)
+        latent = self.tracker.step(seen, a)
+        for i in rows:
+            infos[i]["terminal_observation"] = latent[i].copy()
+        if len(rows):
+            latent[rows] = self.tracker.reset(np.asarray(frames)[rows], rows)
+        return latent, rew, done, infos

@@ -7,8 +7,9 @@ Examples:
     python experiments/train_policy.py --env gym:ALE/Pong-v5 --eval-real      # a bundle of any Gymnasium env
 
 Two learners: ``--algo ppo`` (SB3 PPO ``CnnPolicy`` on the dream's pixels) and ``--algo cmaes`` (World
-Models' recipe: a linear controller on frame features (colour keys or token features), evolved by CMA-ES; see
-envs/controller.py). ``--algo auto`` (default) picks the one measured best for the preset: cmaes for
+Models' recipe: a linear controller on frame features (colour keys or token features) or, with
+``--cmaes.features latent``, on the world model's own latent state (World Models' [z_t, h_t]; in the real game
+the world model follows the real frames, envs/latent.py), evolved by CMA-ES; see envs/controller.py). ``--algo auto`` (default) picks the one measured best for the preset: cmaes for
 vizdoom_take_cover (README Results), ppo otherwise. The PPO policy is saved to
 ``<checkpoint>/policies/ppo_dream.safetensors`` (a policy file: safetensors + JSON settings, no pickle), the controller to ``<checkpoint>/policies/cmaes_dream/``
 (or ``--out``); TensorBoard logs go to ``<checkpoint>/tb_policy``. With ``--eval-real`` the policy
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -37,7 +39,7 @@ from envs.dream import load_world_model
 from envs.follow import has_real_env, make_bundle_real_env
 from envs.policy import PPOConfig, real_env_kwargs, save_policy, score_dream, score_real, train_ppo
 from envs.real import is_real_env
-from envs.sb3_vec import DreamVecEnv
+from envs.sb3_vec import DreamVecEnv, VecLatentObservation
 from envs.vizdoom import sigterm_exits
 from worldmodel.atomic import write_json
 
@@ -164,6 +166,7 @@ def main(args: Args) -> dict:
         "maskgit_steps": args.maskgit_steps,
         "hazard_scale": args.hazard_scale,
     }
+    seen_real = None  # how the trained policy sees the real game (None: its frames)
     if algo == "ppo":
         model, venv = train_ppo(
             wm,
@@ -196,6 +199,11 @@ def main(args: Args) -> dict:
         venv = DreamVecEnv(
             args.num_envs, world_model=wm, max_episode_steps=args.max_episode_steps, **dream_kw
         )
+        if (
+            model.cfg.features == "latent"
+        ):  # it reads the world model's latent state, in the dream and the real game
+            venv = VecLatentObservation(venv, wm)
+            seen_real = partial(VecLatentObservation, wm=wm)
     print(f"policy: {out}")
     report: dict = {"policy": str(out), "algo": algo, "timesteps": args.timesteps}
     if args.eval_real:
@@ -207,7 +215,7 @@ def main(args: Args) -> dict:
         rows = {
             f"{algo} (dream-trained)": (
                 score_dream(model, venv, n, seed=s),
-                score_real(model, args.env, H, n, seed=s, **kw),
+                score_real(model, args.env, H, n, seed=s, wrap=seen_real, **kw),
             ),
             "random": (score_dream(None, venv, n, seed=s), score_real(None, args.env, H, n, seed=s, **kw)),
         }

@@ -438,3 +438,46 @@ def test_latent_controller_evolves_in_the_dream_plays_the_real_game_and_reloads(
         back.act(np.zeros((1, *wm.obs_shape), np.uint8))  # frames are not latents: say how to get them
     with pytest.raises(ValueError, match="'latent'"):
         controller_config(wm, 2, CMAESConfig(features="latents"))
+
+
+def test_latent_controller_clis(tc_bundle, tmp_path):
+    """``train_policy.py --cmaes.features latent --eval-real`` and ``bench_transfer.py --features latent`` run end to
+    end: the dream-trained latent controller is scored in the real game through the tracker."""
+    common = ["--env", "vizdoom_take_cover", "--checkpoint", str(tc_bundle)]
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "train_policy.py"), *common, "--algo", "cmaes"]
+        + ["--out", str(tmp_path / "ctrl"), "--eval-real", "--eval-episodes", "2", "--num-envs", "2"]
+        + [
+            "--max-episode-steps",
+            "6",
+            "--cmaes.generations",
+            "1",
+            "--cmaes.popsize",
+            "2",
+            "--cmaes.episodes",
+            "1",
+        ]
+        + ["--cmaes.max-episode-steps", "4", "--cmaes.features", "latent", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["real_cmaes"] > 0
+    meta = json.loads((tmp_path / "ctrl" / "controller.json").read_text())
+    assert meta["config"]["features"] == "latent"
+    bench = [sys.executable, str(ROOT / "benchmarks" / "bench_transfer.py"), *common, "--seeds", "0"]
+    bench += ["--real-episodes", "2", "--dream-episodes", "2", "--real-envs", "2", "--max-steps", "6"]
+    bench += ["--generations", "1", "--popsize", "2", "--episodes", "1", "--train-max-steps", "4"]
+    res = subprocess.run(
+        [*bench, "--features", "latent", "--real-baseline"], capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["real_view"] == "latent" and out["cmaes"]["features"] == "latent"
+    assert out["real_dream_trained"]["n"] == 1 and out["real_trained"]["real"]["n"] == 2
+    res = subprocess.run(
+        [*bench, "--features", "latent", "--real-views", "raw"], capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 2 and "--real-views" in res.stderr and "expected latent" in res.stderr
