@@ -47,6 +47,17 @@ _GYM_PREFIX = "gym:"  # worldmodel.config.GYM_PREFIX (not imported: importing en
 _ENTRY, _VECTOR_ENTRY = "envs.dream:DreamEnv", "envs.dream:DreamVectorEnv"
 
 
+def episode_limit(preset: str, store_meta: dict | None = None) -> int | None:
+    """Time limit (steps) of a bundle's dream: the fixed id's for a named preset (``DREAM_IDS``), the real env's
+    own for a ``gym:<ID>`` bundle (its store's ``extra.gym.episode_limit``: CarRacing-v3 250 steps at frame skip
+    4), else None (no limit known)."""
+    for p, steps in DREAM_IDS.values():
+        if p == preset:
+            return steps
+    limit = (((store_meta or {}).get("extra") or {}).get("gym") or {}).get("episode_limit")
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+
+
 def dream_id(name: str) -> str:
     return f"VideoGPTDream-{name}-v0"
 
@@ -108,8 +119,7 @@ def register_bundle_ids() -> dict[str, str]:
                     continue
                 if (exp.get("prior") or {}).get("action_kind", "none") == "none":
                     continue
-                limit = ((store.get("extra") or {}).get("gym") or {}).get("episode_limit")
-                found.setdefault(preset, (preset, limit if isinstance(limit, int) and limit > 0 else None))
+                found.setdefault(preset, (preset, episode_limit(preset, store)))
             except Exception as e:  # noqa: BLE001 - discovery must never break `import envs`
                 warnings.warn(f"skipping bundle {d}: {e}", stacklevel=2)
     out: dict[str, str] = {}

@@ -63,7 +63,7 @@ from envs.controller import (
     save_controller,
     train_cmaes_in_dream,
 )
-from envs.policy import PPOConfig, Score, real_vec_env, save_policy, score_dream, score_real
+from envs.policy import PPOConfig, Score, real_vec_env, return_ratio, save_policy, score_dream, score_real
 from envs.policy_file import is_zip, load_algorithm, load_sb3_zip, resolve_in_dir
 from envs.real import is_real_env
 from envs.sb3_vec import DreamVecEnv
@@ -615,9 +615,9 @@ def _report(
     }
     if "direct_ppo" in cached:
         report["direct_ppo"] = cached["direct_ppo"]
-    report["mbrl_vs_random"] = report["mbrl"]["mean"] / max(report["random"]["mean"], 1e-9)
+    report["mbrl_vs_random"] = return_ratio(report["mbrl"]["mean"], report["random"]["mean"])
     if "direct_ppo" in report:
-        report["mbrl_vs_direct_ppo"] = report["mbrl"]["mean"] / max(report["direct_ppo"]["mean"], 1e-9)
+        report["mbrl_vs_direct_ppo"] = return_ratio(report["mbrl"]["mean"], report["direct_ppo"]["mean"])
     return report
 
 

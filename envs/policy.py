@@ -43,6 +43,13 @@ class Score:
         )
 
 
+def return_ratio(ours: float, baseline: float) -> float | None:
+    """``ours / baseline`` of two mean returns, or None when the baseline's mean is not positive: a ratio of
+    returns means nothing where they can be zero or negative (Pong -21..21, CarRacing's per-tile penalties);
+    report the difference there."""
+    return ours / baseline if baseline > 0 else None
+
+
 def _score(model: BaseAlgorithm | None, venv: VecEnv, episodes: int, deterministic: bool, seed: int) -> Score:
     venv.seed(seed)
     if model is None:  # uniform random actions

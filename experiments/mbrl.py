@@ -112,14 +112,17 @@ def print_report(report: dict[str, Any]) -> None:
         "random": round(report["random"]["mean"], 1),
         "direct_ppo": round(report["direct_ppo"]["mean"], 1) if "direct_ppo" in report else None,
         "direct_ppo_steps": report["direct_ppo"]["real_env_steps"] if "direct_ppo" in report else None,
-        "mbrl_vs_random": round(report["mbrl_vs_random"], 3),
-        "mbrl_vs_direct_ppo": round(report["mbrl_vs_direct_ppo"], 3)
-        if "mbrl_vs_direct_ppo" in report
-        else None,
+        "mbrl_vs_random": _round(report["mbrl_vs_random"]),
+        "mbrl_vs_direct_ppo": _round(report.get("mbrl_vs_direct_ppo")),
         "iterations": len(report["iterations"]),
         "minutes": report["minutes"],
     }
     print(json.dumps(summary))
+
+
+def _round(ratio: float | None) -> float | None:
+    """A ratio of returns for the JSON line (None where the baseline's mean return is not positive)."""
+    return None if ratio is None else round(ratio, 3)
 
 
 def default_args(argv: list[str]) -> Args:

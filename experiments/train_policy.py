@@ -33,11 +33,20 @@ from typing import Literal
 import torch
 import tyro
 
+from envs import episode_limit
 from envs.callbacks import LockstepVideoCallback
 from envs.controller import CMAESConfig, save_controller, train_cmaes_in_dream
 from envs.dream import load_world_model
 from envs.follow import has_real_env, make_bundle_real_env
-from envs.policy import PPOConfig, real_env_kwargs, save_policy, score_dream, score_real, train_ppo
+from envs.policy import (
+    PPOConfig,
+    real_env_kwargs,
+    return_ratio,
+    save_policy,
+    score_dream,
+    score_real,
+    train_ppo,
+)
 from envs.real import is_real_env
 from envs.sb3_vec import DreamVecEnv, VecLatentObservation
 from envs.vizdoom import sigterm_exits
@@ -56,8 +65,9 @@ class Args:
     """Dream env steps to train for (all envs together; PPO)."""
     num_envs: int = 16
     """Dream envs stepped together in one model call."""
-    max_episode_steps: int = 525
-    """Truncate dream episodes after this many steps (ViZDoom's 2100-tic timeout at frame skip 4)."""
+    max_episode_steps: int | None = None
+    """Truncate dream episodes after this many steps (default: the bundle's dream time limit: ViZDoom's 2100-tic
+    timeout at frame skip 4, 525; a gym:<ID> bundle's real env's own, e.g. CarRacing-v3 250; else 525)."""
     temperature: float = 1.0
     """Sampling temperature of the dream's frame tokens."""
     top_k: int | None = None
@@ -135,6 +145,12 @@ def main(args: Args) -> dict:
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     run = Path(wm.path)
+    if (
+        args.max_episode_steps is None
+    ):  # the dream's episodes end where the real env's do (an honest dream vs real)
+        args.max_episode_steps = episode_limit(wm.cfg.name, wm.store_meta) or 525
+    elif args.max_episode_steps < 1:
+        sys.exit(f"error: --max-episode-steps {args.max_episode_steps}: expected steps >= 1")
     callbacks = []
     if args.lockstep_every:
         real_env = (
@@ -205,7 +221,12 @@ def main(args: Args) -> dict:
             venv = VecLatentObservation(venv, wm)
             seen_real = partial(VecLatentObservation, wm=wm)
     print(f"policy: {out}")
-    report: dict = {"policy": str(out), "algo": algo, "timesteps": args.timesteps}
+    report: dict = {
+        "policy": str(out),
+        "algo": algo,
+        "timesteps": args.timesteps,
+        "max_episode_steps": args.max_episode_steps,  # the dream's time limit (dream vs real lengths)
+    }
     if args.eval_real:
         H = wm.obs_shape[0]
         kw = real_env_kwargs(wm)  # the real env the bundle's data came from (frame skip, health bar)
@@ -223,8 +244,8 @@ def main(args: Args) -> dict:
         for name, (d, r) in rows.items():
             print(f"{name:22s} {d!s:>40s}   {r!s:>40s}   {d.mean - r.mean:+.1f}")
         report["scores"] = {k: {"dream": vars(d), "real": vars(r)} for k, (d, r) in rows.items()}
-        report["real_return_vs_random"] = rows[f"{algo} (dream-trained)"][1].mean / max(
-            rows["random"][1].mean, 1e-9
+        report["real_return_vs_random"] = return_ratio(
+            rows[f"{algo} (dream-trained)"][1].mean, rows["random"][1].mean
         )
         # the ratio means little where returns can be negative (Pong: -21..21); the difference always does
         report["real_return_minus_random"] = rows[f"{algo} (dream-trained)"][1].mean - rows["random"][1].mean
@@ -236,7 +257,9 @@ def main(args: Args) -> dict:
                     f"real_{algo}": round(trained[1].mean, 1),
                     "real_random": round(rows["random"][1].mean, 1),
                     f"dream_{algo}": round(trained[0].mean, 1),
-                    "real_return_vs_random": round(report["real_return_vs_random"], 2),
+                    "real_return_vs_random": None
+                    if report["real_return_vs_random"] is None
+                    else round(report["real_return_vs_random"], 2),
                     "real_return_minus_random": round(report["real_return_minus_random"], 1),
                 }
             )

@@ -28,7 +28,7 @@ from envs.gym_source import (
     probe_gym_env,
     register_gym_preset,
 )
-from envs.policy import PPOConfig, real_env_kwargs, score_real, train_ppo
+from envs.policy import PPOConfig, real_env_kwargs, return_ratio, score_real, train_ppo
 from envs.real import EnvOptions, make_real_env_fn
 from worldmodel.bundle import WorldModel
 from worldmodel.config import generic_preset, get_preset, safe_name
@@ -384,6 +384,16 @@ def test_generic_preset_from_the_spaces():
 # ---------------------------------------------------------------------------------------------- dream ids
 
 
+def test_dream_time_limits_and_return_ratios():
+    assert envs.episode_limit("vizdoom_take_cover") == 525
+    assert envs.episode_limit("gym:CarRacing-v3", {"extra": {"gym": {"episode_limit": 250}}}) == 250
+    assert envs.episode_limit("gym:X-v0", {"extra": {"gym": {"episode_limit": None}}}) is None
+    assert envs.episode_limit("gym:X-v0") is None
+    # a ratio of returns only where the baseline is positive (CarRacing's random policy scores about -24)
+    assert return_ratio(3.0, 2.0) == 1.5
+    assert return_ratio(-35.4, -24.1) is None and return_ratio(1.0, 0.0) is None
+
+
 def test_dream_names_are_deterministic_and_apart_from_the_fixed_ids():
     assert envs.dream_name("gym:ALE/Pong-v5") == "GymALEPongV5"
     assert envs.id_for_preset("gym:CarRacing-v3") == "VideoGPTDream-GymCarRacingV3-v0"
@@ -497,12 +507,16 @@ def test_cli_train_then_policy_scored_in_the_real_env(tmp_path):
     assert len(store) == 6 and store.meta.obs_shape == (64, 64, 3)
     summary = train.stdout.split("== summary ==")[1]
     assert "VideoGPTDream-GymWorldmodelToyV0-v0" in summary and str(run.resolve()) in summary
-    pol = _run(
-        [str(ROOT / "experiments/train_policy.py"), "--env", TOY, "--eval-real", *POLICY_MICRO], tmp_path
-    )
+    i = POLICY_MICRO.index("--max-episode-steps")  # no cap given: the dream's is the real env's own
+    micro = POLICY_MICRO[:i] + POLICY_MICRO[i + 2 :]
+    pol = _run([str(ROOT / "experiments/train_policy.py"), "--env", TOY, "--eval-real", *micro], tmp_path)
     assert pol.returncode == 0, pol.stdout[-2000:] + pol.stderr[-3000:]
     report = json.loads(pol.stdout.strip().splitlines()[-1])
     assert {"real_ppo", "real_random", "dream_ppo", "real_return_minus_random"} <= set(report)
+    # the dream's episodes end where the real env's do: the toy's TimeLimit, not ViZDoom's 525
+    full = json.loads((run / "policies" / "ppo_dream.eval.json").read_text())
+    assert full["max_episode_steps"] == toy.MAX_STEPS
+    assert all(s["dream"]["mean_length"] <= toy.MAX_STEPS for s in full["scores"].values())
     bad = _run(
         [
             str(ROOT / "experiments/collect.py"),
