@@ -14,7 +14,11 @@ The ``bf16`` path's arrays (and only those) were re-recorded in issue 22, when t
 from autocast through ``Prior.forward_cached`` to the fused bf16 ``TokenDecoder``: its next-token
 distributions are as close to fp32's as the autocast path's were (KL(fp32 || bf16) 9.2e-5 vs 9.0e-5 nats
 mean at the anchor geometry, ``benchmarks/bench_anchor.py --bf16-check``), but single bf16 roundings differ,
-so sampled trajectories do.
+so sampled trajectories do. For the same reason the bf16 arrays are recorded but not compared: bf16 kernels
+differ between CPUs (a recording made on a CPU with native bf16 units gave mean token entropies up to 0.35
+nats apart on an AVX2-only AMD EPYC), so they are not a portable golden output. The bf16 path still runs here
+(it must produce every recorded kind of output); its closeness to fp32 on the machine at hand is
+``tests/test_prior.py::test_bf16_token_decoder_is_close_to_autocast_forward_cached``.
 
 Re-record only for an intended change of the sampler's output::
 
@@ -191,13 +195,14 @@ def test_sampler_outputs_match_the_recording(cfg_name, one_thread):
     assert keys == sorted(got), f"recorded outputs differ in kind: {sorted(set(keys) ^ set(got))}"
     for k in keys:
         w, v = want[f"{cfg_name}/{k}"], got[k]
-        if k.endswith("/tokens"):
+        if "/bf16/" in k:  # CPU-dependent roundings (module docstring): same kind and shape only
+            assert w.shape == v.shape, f"{cfg_name}/{k}: shape {v.shape}, recorded {w.shape}"
+        elif k.endswith("/tokens"):
             assert np.array_equal(w, v), (
                 f"{cfg_name}/{k}: tokens differ at steps {np.nonzero((w != v).any((1, 2, 3)))[0]}"
             )
         else:
-            tol = 2e-2 if "/bf16/" in k else 1e-5
-            assert np.allclose(w, v, atol=tol, rtol=tol), f"{cfg_name}/{k}: max diff {np.abs(w - v).max()}"
+            assert np.allclose(w, v, atol=1e-5, rtol=1e-5), f"{cfg_name}/{k}: max diff {np.abs(w - v).max()}"
 
 
 if __name__ == "__main__":
