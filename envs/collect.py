@@ -35,7 +35,9 @@ Policy = Callable[[np.ndarray], np.ndarray]
 """Maps a batch of observations uint8 ``(N, H, W, 3)`` to actions of the env's (exposed) action space: int64
 ``(N,)`` for discrete actions, float32 ``(N, dim)`` in [-1, 1] for a ``gym:`` env's Box. A policy with memory
 (e.g. :class:`envs.controller.LinearController`) may also have ``reset(rows)``: :func:`collect` calls it with
-``None`` before the first step and with the env rows (int array) whose observation starts a new episode."""
+``None`` before the first step and with the env rows (int array) whose observation starts a new episode; one that
+follows the actions played (e.g. :class:`envs.latent.LatentPolicy`) may have ``taken(actions)``, which
+:class:`EpsilonRandom` calls with the actions that the envs take in its place."""
 
 POLICY_KINDS = ("random", "policy_file", "controller", "callable")
 """``policy_kind`` attr of collected episodes: sticky random actions, an SB3 policy file, a controller
@@ -92,9 +94,13 @@ class EpsilonRandom:
         flip = self.rng.random(n) < self.epsilon  # (N,)
         if self.spec.kind == "continuous":
             rand = self.rng.uniform(-1.0, 1.0, (n, self.spec.dim)).astype(np.float32)
-            return np.where(flip[:, None], rand, a.reshape(n, -1)).astype(np.float32)
-        rand = self.rng.integers(0, self.spec.n, n)
-        return np.where(flip, rand, a.reshape(n)).astype(np.int64)
+            out = np.where(flip[:, None], rand, a.reshape(n, -1)).astype(np.float32)
+        else:
+            out = np.where(flip, self.rng.integers(0, self.spec.n, n), a.reshape(n)).astype(np.int64)
+        taken = getattr(self.policy, "taken", None)
+        if callable(taken):
+            taken(out)
+        return out
 
 
 def reset_policy(policy: Any, rows: np.ndarray | None) -> None:
@@ -133,9 +139,13 @@ def load_collect_policy(
                 "bundle it was trained in (checkpoint=<bundle dir>, collect.py --checkpoint); got none"
             )
         from envs.controller import load_controller
+        from envs.latent import LatentPolicy
         from worldmodel.bundle import WorldModel
 
-        return load_controller(policy, WorldModel.from_pretrained(checkpoint)), policy, "controller"
+        wm = WorldModel.from_pretrained(checkpoint)
+        ctrl = load_controller(policy, wm)
+        # a latent controller reads the world model's state: the bundle follows the real frames for it
+        return (LatentPolicy(ctrl, wm) if ctrl.cfg.features == "latent" else ctrl), policy, "controller"
     if Path(policy).is_dir():
         raise ValueError(
             f"policy: {policy!r} is a directory without a controller.json; expected 'random', a policy file "

@@ -206,3 +206,66 @@ class LatentObservation(gym.vector.VectorWrapper):
             latent = self.tracker.latent
         self._done = done
         return latent.copy(), rew, term, trunc, {**info, "frames": frames}
+
+
+class LatentPolicy:
+    """A policy on latent states as a collection policy on real frames (``envs.collect.Policy``): a
+    :class:`LatentTracker` follows each env row's frames and the actions it took, and ``policy`` acts on the
+    latents. Lets a ``features="latent"`` controller collect the real episodes of a "the policy collects" round.
+
+    Args:
+        policy: latent states float32 (N, C) -> actions (N,), optionally with ``reset(rows)``
+            (e.g. :class:`envs.controller.LinearController`).
+        wm: the world model whose latents ``policy`` reads.
+        encode_window: the tracker's.
+
+    The tracker is made at the first call, with one row per frame given. Collection tells it the actions the
+    envs took through :meth:`taken` (an ``epsilon`` random action replaces the policy's own); without that call
+    the policy's own actions are taken to be the ones played.
+    """
+
+    def __init__(self, policy: Any, wm: WorldModel, *, encode_window: int | None = None) -> None:
+        if not callable(policy):
+            raise TypeError(
+                f"policy: got {type(policy).__name__}, expected a callable latents (N, C) -> actions (N,)"
+            )
+        self.policy, self.wm, self.encode_window = policy, wm, encode_window
+        self.tracker: LatentTracker | None = None
+        self._start = None  # bool (N,): rows whose next frame starts an episode
+        self._actions: np.ndarray | None = None  # (N,) the actions taken after the latest frame
+
+    def reset(self, rows: Any = None) -> None:
+        """``rows`` (all when None) start an episode at their next frame."""
+        if rows is None or self._start is None:
+            self._start = None
+        else:
+            self._start[np.asarray(rows, int)] = True
+        reset = getattr(self.policy, "reset", None)
+        if callable(reset):
+            reset(rows)
+
+    def taken(self, actions: Any) -> None:
+        """The actions (N,) the envs took after the latest frame (replacing the policy's own)."""
+        self._actions = np.asarray(actions).reshape(-1)
+
+    def latents(self, frames: Any) -> np.ndarray:
+        """Latent states (N, C) float32 after each row's newest real frame uint8 (N, H, W, 3)."""
+        x = np.asarray(frames)
+        if self.tracker is None:
+            self.tracker = LatentTracker(self.wm, len(x), encode_window=self.encode_window)
+        if self._start is None:  # every row starts an episode
+            self.tracker.reset(x)
+        else:
+            if self._actions is None:
+                raise RuntimeError("LatentPolicy: no action was taken since the last frame")
+            self.tracker.step(x, self._actions)  # rows that start an episode are started over below
+            if self._start.any():
+                self.tracker.reset(x[self._start], np.flatnonzero(self._start))
+        self._start = np.zeros(len(x), bool)
+        return self.tracker.latent.copy()
+
+    def __call__(self, frames: Any) -> np.ndarray:
+        """Actions (N,) for real frames uint8 (N, H, W, 3)."""
+        a = np.asarray(self.policy(self.latents(frames)))
+        self._actions = a.reshape(-1)
+        return a

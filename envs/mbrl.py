@@ -44,6 +44,7 @@ import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,7 +67,7 @@ from envs.controller import (
 from envs.policy import PPOConfig, Score, real_vec_env, return_ratio, save_policy, score_dream, score_real
 from envs.policy_file import is_zip, load_algorithm, load_sb3_zip, resolve_in_dir
 from envs.real import is_real_env
-from envs.sb3_vec import DreamVecEnv
+from envs.sb3_vec import DreamVecEnv, VecLatentObservation
 from worldmodel.atomic import write_json, write_text
 from worldmodel.bundle import WorldModel
 from worldmodel.config import ExperimentConfig
@@ -505,9 +506,12 @@ def run_mbrl(
             else:
                 policy, history = _dream_cmaes(wm, m, it, progress)
                 venv, agent_steps = _dream_vec_env(wm, m), cmaes_agent_steps(history, m.cmaes)
-            # 4. evaluate in reality and in the dream (the same seeds every round: comparable rows)
-            real = score_real(policy, cfg.env, H, m.eval_episodes, seed=m.seed, **env_kwargs)
-            dream = score_dream(policy, venv, m.eval_episodes, seed=m.seed)
+            # 4. evaluate in reality and in the dream (the same seeds every round: comparable rows); a latent
+            # controller reads the world model's state, tracked on the real frames and the dream's own
+            latent = isinstance(policy, LinearController) and policy.cfg.features == "latent"
+            wrap = partial(VecLatentObservation, wm=wm) if latent else None
+            real = score_real(policy, cfg.env, H, m.eval_episodes, seed=m.seed, wrap=wrap, **env_kwargs)
+            dream = score_dream(policy, wrap(venv) if wrap else venv, m.eval_episodes, seed=m.seed)
             venv.close()
             if dream.mean > m.exploit_factor * real.mean:
                 warnings.warn(

@@ -130,13 +130,14 @@ def score_real(
 
 def score_dream(
     model: BaseAlgorithm | None,
-    venv: DreamVecEnv,
+    venv: VecEnv,
     episodes: int = 10,
     *,
     deterministic: bool = False,
     seed: int = 0,
 ) -> Score:
-    """Mean return of ``model`` (None = random) in the dream."""
+    """Mean return of ``model`` (None = random) in the dream ``venv`` (a :class:`DreamVecEnv`, or one wrapped, e.g.
+    in :class:`envs.sb3_vec.VecLatentObservation`)."""
     return _score(model, venv, episodes, deterministic, seed)
 
 

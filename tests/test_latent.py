@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from envs.dream import DreamVectorEnv
-from envs.latent import LatentObservation, LatentTracker
+from envs.latent import LatentObservation, LatentPolicy, LatentTracker
 from envs.real import make_real_env_fn
 from tests.conftest import TINY_RES
 from worldmodel.bundle import WorldModel
@@ -114,3 +114,42 @@ def test_latent_observation_of_the_dream_is_its_info_latent(tc_bundle):
         assert np.array_equal(obs, info["latent"])
     with pytest.raises(ValueError, match="another world model"):
         LatentObservation(DreamVectorEnv(1, world_model=WorldModel.from_pretrained(tc_bundle)), wm)
+
+
+def test_latent_policy_tracks_the_actions_taken_and_restarted_rows(tc_bundle):
+    """As a collection policy behind epsilon-random replacements: the latents it acts on are the teacher-forced
+    ones of the frames and the actions the envs took (not its own), and a row told to restart starts over."""
+    from envs.collect import EpsilonRandom
+
+    wm = WorldModel.from_pretrained(tc_bundle)
+    store = EpisodeStore(wm.store_path)
+    ep_a, ep_b, ep_c = (store.load(e) for e in store.episode_ids()[:3])
+    seen: list[np.ndarray] = []
+
+    def always_left(latents: np.ndarray) -> np.ndarray:
+        seen.append(latents.copy())
+        return np.zeros(len(latents), np.int64)
+
+    act = EpsilonRandom(LatentPolicy(always_left, wm), wm.action_spec, epsilon=0.5, seed=0)
+    T, cut = 9, 4  # row 1 plays episode B for `cut` frames, then restarts on episode C
+    taken = []
+    act.reset(None)
+    for t in range(T):
+        f1 = ep_b.frames[t] if t < cut else ep_c.frames[t - cut]
+        if t == cut:
+            act.reset(np.array([1]))
+        taken.append(act(np.stack([ep_a.frames[t], f1])))
+    taken = np.stack(taken)  # (T, 2)
+    assert 0 < taken.sum() < taken.size  # the replacements did take the other action
+    got = np.stack(seen)  # (T, 2, C)
+    np.testing.assert_allclose(got[:, 0], reference_latents(wm, ep_a.frames[:T], taken[:-1, 0]), atol=1e-4)
+    np.testing.assert_allclose(
+        got[:cut, 1], reference_latents(wm, ep_b.frames[:cut], taken[: cut - 1, 1]), atol=1e-4
+    )
+    np.testing.assert_allclose(
+        got[cut:, 1], reference_latents(wm, ep_c.frames[: T - cut], taken[cut:-1, 1]), atol=1e-4
+    )
+    own = reference_latents(wm, ep_a.frames[:T], np.zeros(T - 1, np.int64))  # what its own actions would give
+    assert not np.allclose(got[:, 0], own, atol=1e-4)
+    with pytest.raises(TypeError, match="policy: got int"):
+        LatentPolicy(3, wm)

@@ -230,3 +230,31 @@ def test_take_cover_defaults_to_cmaes_unless_the_flags_say_otherwise(monkeypatch
     ):
         with pytest.raises(ValueError, match=match):
             MBRLConfig(**bad).validate()
+
+
+def test_cmaes_loop_with_latent_features_collects_and_scores_through_the_tracker(tmp_path, one_thread):
+    """features="latent": the controller reads the world model's state in the dream, in the real evaluation and
+    while it collects round 1 (the bundle follows the real frames for it)."""
+    run = tmp_path / "run"
+    cfg = tiny_experiment(tmp_path / "data", name="vizdoom_take_cover", steps=3)
+    cfg = replace(cfg, data=replace(cfg.data, resolution=TINY_RES))
+    m = MBRLConfig(
+        algo="cmaes",
+        iterations=2,
+        episodes_per_iteration=2,
+        prior_steps_per_iteration=2,
+        eval_episodes=2,
+        num_envs=2,
+        max_episode_steps=8,
+        direct_ppo_baseline=False,
+        cmaes=CMAESConfig(generations=1, popsize=4, episodes=1, max_episode_steps=6, features="latent"),
+        collect_epsilon=0.2,
+    )
+    report = run_mbrl(cfg, run, m, env_kwargs={"max_episode_steps": 16}, progress=False)
+    for it, row in enumerate(report["iterations"]):
+        meta = json.loads((run / "policies" / f"controller-iter{it:03d}" / "controller.json").read_text())
+        assert meta["config"]["features"] == "latent"
+        assert row["eval_episodes"] == 2 and 1 <= row["real_length"] <= 16 and 1 <= row["dream_length"] <= 8
+    store = EpisodeStore(cfg.data.store)
+    kinds = [store.load(e).attrs["policy_kind"] for e in store.episode_ids()]
+    assert kinds.count("random") == 2 and kinds.count("controller") == 2
