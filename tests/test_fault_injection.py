@@ -24,6 +24,7 @@ import random
 import runpy
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -81,6 +82,12 @@ def _run_script(script: str, argv: list[str], cwd: str, log: str) -> None:  # in
     )  # noqa: SIM115
     os.chdir(cwd)
     torch.set_num_threads(1)
+    # A fresh progress-bar lock of its own: tqdm's default one is a process-shared semaphore inherited through the
+    # fork, and a run SIGKILLed while it held it (drawing a bar) would leave it held for every later run and for
+    # this test process (seen as a hang in tqdm's TqdmDefaultWriteLock.acquire on a fast machine).
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     sys.argv = [script, *argv]
     runpy.run_path(script, run_name="__main__")
 
@@ -272,11 +279,13 @@ def test_convert_killed_at_random_points(tmp_path):
     n = 48
     rng = np.random.default_rng(16)
     src = tmp_path / "lift_image.hdf5"
+    # 64x64 demos of 24-40 steps: each shard's write must take well over the 2 ms progress poll, or on a fast machine
+    # the whole conversion ends between two polls and a kill lands after the last shard
     truth = write_robomimic(
         src,
-        lengths=tuple(int(x) for x in rng.integers(8, 17, n)),
-        H=32,
-        W=32,
+        lengths=tuple(int(x) for x in rng.integers(24, 41, n)),
+        H=64,
+        W=64,
         masks={"train": list(range(n - 4)), "valid": list(range(n - 4, n))},
     )
     store = tmp_path / "store"
@@ -295,7 +304,7 @@ def test_convert_killed_at_random_points(tmp_path):
 
     def check() -> None:
         nonlocal seen
-        seen = check_store(store, seen, (32, 32, 3))
+        seen = check_store(store, seen, (64, 64, 3))
         assert len(seen) < n, "the kills must leave converting to the resumed run"
         if seen:
             same_as_source(seen)
@@ -304,7 +313,7 @@ def test_convert_killed_at_random_points(tmp_path):
         KILLS["convert"], lambda: n_shards(store), n // 2, check, unit_window=0.03, startup_window=0.15
     )
     runner.run_to_end()
-    final = check_store(store, seen, (32, 32, 3))
+    final = check_store(store, seen, (64, 64, 3))
     assert sorted(final) == sorted(f"lift_image-demo_{i}" for i in range(n))  # every demo, once
     same_as_source(final)
 
