@@ -9,6 +9,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from envs.mbrl import CSV_FIELDS, MBRLConfig, run_mbrl, store_transitions
 from envs.policy import PPOConfig
 from tests.conftest import TINY_RES, tiny_experiment
 from worldmodel.checkpoint import trainer_state_path
+from worldmodel.config import ExperimentConfig
 from worldmodel.store import EpisodeStore
 from worldmodel.token_cache import TOKENS_FILE, TokenCache
 
@@ -147,22 +149,30 @@ def test_resume_continues_world_model_and_policy(tmp_path, one_thread):
     assert state["policy"] == "policies/mbrl-iter001.safetensors" and (run / state["policy"]).exists()
 
 
+def _micro_cmaes_loop(tmp_path: Path, **mbrl: Any) -> tuple[Path, ExperimentConfig, MBRLConfig]:
+    """A seconds-long CMA-ES loop on real Take Cover: (run dir, micro preset at TINY_RES, MBRLConfig with
+    ``mbrl`` over the micro budgets)."""
+    cfg = tiny_experiment(tmp_path / "data", name="vizdoom_take_cover", steps=3)
+    cfg = replace(cfg, data=replace(cfg.data, resolution=TINY_RES))
+    base: dict[str, Any] = {
+        "algo": "cmaes",
+        "episodes_per_iteration": 2,
+        "prior_steps_per_iteration": 2,
+        "num_envs": 2,
+        "max_episode_steps": 8,
+        "direct_ppo_baseline": False,
+    }
+    return tmp_path / "run", cfg, MBRLConfig(**{**base, **mbrl})
+
+
 @pytest.mark.filterwarnings("ignore:.*(no held-out episodes)")
 def test_cmaes_loop_saves_a_controller_per_round_and_resumes(tmp_path, one_thread):
     """algo=cmaes on Take Cover: round 0 collects randomly and evolves controller-iter000; a second call with
     iterations=2 (as after a kill) keeps round 0 and lets that controller collect round 1 with epsilon."""
-    run = tmp_path / "run"
-    cfg = tiny_experiment(tmp_path / "data", name="vizdoom_take_cover", steps=3)
-    cfg = replace(cfg, data=replace(cfg.data, resolution=TINY_RES))
-    m = MBRLConfig(
-        algo="cmaes",
+    run, cfg, m = _micro_cmaes_loop(
+        tmp_path,
         iterations=1,
-        episodes_per_iteration=2,
-        prior_steps_per_iteration=2,
         eval_episodes=1,
-        num_envs=2,
-        max_episode_steps=8,
-        direct_ppo_baseline=False,
         cmaes=CMAESConfig(generations=2, popsize=4, episodes=1, max_episode_steps=6, fitness="expected"),
         collect_epsilon=0.5,
         temperature=1.15,
@@ -232,21 +242,14 @@ def test_take_cover_defaults_to_cmaes_unless_the_flags_say_otherwise(monkeypatch
             MBRLConfig(**bad).validate()
 
 
+@pytest.mark.filterwarnings("ignore:.*(no held-out episodes)")
 def test_cmaes_loop_with_latent_features_collects_and_scores_through_the_tracker(tmp_path, one_thread):
     """features="latent": the controller reads the world model's state in the dream, in the real evaluation and
     while it collects round 1 (the bundle follows the real frames for it)."""
-    run = tmp_path / "run"
-    cfg = tiny_experiment(tmp_path / "data", name="vizdoom_take_cover", steps=3)
-    cfg = replace(cfg, data=replace(cfg.data, resolution=TINY_RES))
-    m = MBRLConfig(
-        algo="cmaes",
+    run, cfg, m = _micro_cmaes_loop(
+        tmp_path,
         iterations=2,
-        episodes_per_iteration=2,
-        prior_steps_per_iteration=2,
         eval_episodes=2,
-        num_envs=2,
-        max_episode_steps=8,
-        direct_ppo_baseline=False,
         cmaes=CMAESConfig(generations=1, popsize=4, episodes=1, max_episode_steps=6, features="latent"),
         collect_epsilon=0.2,
     )
