@@ -369,6 +369,9 @@ for _section in ("tokenizer-train", "prior-train"):
         "10",
         f"--config.{_section}.ckpt-every",
         "1",
+        # fixed numerics: the preset's bf16 "auto" probe may choose differently in the reference and the killed run
+        f"--config.{_section}.bf16",
+        "false",
     ]
 
 

@@ -334,6 +334,17 @@ def test_reward_split_is_on_in_the_vizdoom_and_gym_presets_and_off_by_default():
     assert ExperimentConfig.from_dict(d).prior.reward_given_termination is False
 
 
+def test_tiny_and_small_step_presets_probe_bf16_and_the_paper_scale_keeps_fp32():
+    """The main job's presets decide bf16 per device (``"auto"``); the paper scale follows the paper (fp32)."""
+    for name in ("vizdoom_hgs", "vizdoom_take_cover", "vizdoom_battle2", "bair", "robonet"):
+        for scale, expected in (("tiny", "auto"), ("small", "auto"), ("paper", False)):
+            cfg = get_preset(name, scale)
+            assert (cfg.tokenizer_train.bf16, cfg.prior_train.bf16) == (expected, expected), (name, scale)
+            assert (
+                ExperimentConfig.from_dict(cfg.to_dict()).prior_train.bf16 == expected
+            )  # survives config.json
+
+
 def test_validation_averages_a_metric_over_the_batches_that_report_it(clips):
     class Sparse(nn.Module):  # reports "rare" on every other batch only, as the prior's reward_mae_terminal
         def __init__(self) -> None:

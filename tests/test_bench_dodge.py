@@ -1,0 +1,77 @@
+"""benchmarks/bench_dodge.py on real Take Cover (ViZDoom) and a tiny random-weight bundle."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(tc_bundle: Path, *extra: str) -> dict:
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_dodge.py"),
+            "--env",
+            "vizdoom_take_cover",
+            "--checkpoint",
+            str(tc_bundle),
+            "--horizon",
+            "3",
+            "--context",
+            "2",
+            "--samples",
+            "2",
+            "--threads",
+            "1",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_bench_dodge_replays_real_deaths_and_scores_dream_branches(tc_bundle):
+    out = _bench(tc_bundle, "--episodes", "3", "--temperature", "1.15")
+    # random Take Cover episodes end by death long before 525 steps: every one gives a death branch point
+    assert out["death_points"] == 3 and out["control_points"] == 3
+    # the real game replays deterministically from its seed: the recorded frame comes back at every branch
+    # point, the recorded actions die again at the recorded step, and a control point's actions survive
+    assert out["replay_exact"] == 1.0
+    real, dream, forced = out["real"], out["dream"], out["teacher_forced"]
+    assert real["death_taken"]["mean"] == 1.0 and real["control_taken"]["mean"] == 0.0
+    assert real["dodge_value"]["mean"] == 1.0 - real["death_opposite"]["mean"]
+    for world in (dream, forced):
+        assert set(world) == set(real)
+        assert all(0.0 <= v["mean"] <= 1.0 for k, v in world.items() if k != "dodge_value")
+    assert (
+        abs(dream["dodge_value"]["mean"] - (dream["death_taken"]["mean"] - dream["death_opposite"]["mean"]))
+        < 1e-3
+    )
+    # the dream predicts some risk of dying from untrained weights; a hazard scale of 0 removes every death
+    assert dream["death_taken"]["mean"] > 0.0
+    zero = _bench(tc_bundle, "--episodes", "1", "--hazard-scale", "0")
+    assert all(v["mean"] == 0.0 for w in ("dream", "teacher_forced") for v in zero[w].values())
+
+
+def test_bench_dodge_rejects_bad_arguments(tc_bundle):
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_dodge.py"),
+            "--checkpoint",
+            str(tc_bundle),
+            "--context",
+            "99",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2 and "--context: got 99, expected 1.." in res.stderr
