@@ -371,7 +371,7 @@ for _section in ("tokenizer-train", "prior-train"):
         "1",
         # fixed numerics: the preset's bf16 "auto" probe may choose differently in the reference and the killed run
         f"--config.{_section}.bf16",
-        "false",
+        "False",
     ]
 
 
