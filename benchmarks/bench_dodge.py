@@ -158,7 +158,10 @@ def teacher_forced(
         lens = np.array([len(f) for f in branch_frames[i:j]])
         for t in range(int(lens.max(initial=0))):
             # rows whose branch ended repeat their last frame (ViZDoom's own frame at a death); their p is dropped
-            fr = np.stack([f[min(t, len(f) - 1)] for f in branch_frames[i:j]])
+            # (a branch whose replay failed has no frame: its context's last frame stands in, p dropped as well)
+            fr = np.stack(
+                [f[min(t, len(f) - 1)] if len(f) else c[-1] for f, c in zip(branch_frames[i:j], frames[i:j])]
+            )
             tok = wm.tokenizer.encode(torch.from_numpy(fr)[:, None].to(wm.device))[:, 0]  # (k, h, w)
             p = r.sampler.observe(tok, torch.as_tensor(branch[i:j, t]).to(wm.device)).terminated_prob
             out[i:j, t] = np.where(t < lens, p.float().cpu().numpy(), 0.0)

@@ -143,7 +143,11 @@ def test_prepare_run_refuses_another_config_before_touching_the_run(hgs_store, t
         prepare_run(replace(cfg, prior_train=replace(cfg.prior_train, lr=1e-2)), run)
     assert {p.name: p.read_bytes() for p in (run / CONFIG_JSON, run / WEIGHTS)} == before
     WorldModel.from_pretrained(run)  # still a working bundle
-    # budgets may change (a resumed or continued run trains longer)
-    longer = replace(cfg, prior_train=replace(cfg.prior_train, steps=60, eval_every=30, max_minutes=5.0))
+    # budgets may change (a resumed or continued run trains longer), and so may the precision: a run trained in
+    # fp32 before the presets' bf16 "auto" continues under it
+    longer = replace(
+        cfg, prior_train=replace(cfg.prior_train, steps=60, eval_every=30, max_minutes=5.0, bf16="auto")
+    )
     prepare_run(longer, run)
-    assert json.loads((run / CONFIG_JSON).read_text())["experiment"]["prior_train"]["steps"] == 60
+    recorded = json.loads((run / CONFIG_JSON).read_text())["experiment"]["prior_train"]
+    assert recorded["steps"] == 60 and recorded["bf16"] == "auto"

@@ -95,9 +95,10 @@ def _split_with_fallback(source: Any, split: str, clip_len: int) -> ClipDataset 
     return ClipDataset(source, split=used, clip_len=clip_len)
 
 
-_BUDGET_FIELDS = ("steps", "max_minutes", "log_every", "eval_every", "ckpt_every")
-"""Fields of a stage's TrainConfig that a resumed or continued run may change (how long and how often, not
-what is trained: the MBRL loop raises ``steps`` every iteration)."""
+_BUDGET_FIELDS = ("steps", "max_minutes", "log_every", "eval_every", "ckpt_every", "bf16")
+"""Fields of a stage's TrainConfig that a resumed or continued run may change (how long, how often and in which
+precision, not what is trained: the MBRL loop raises ``steps`` every iteration, and a run trained in fp32 before
+the presets' bf16 ``"auto"`` continues under it; a resumed ``"auto"`` run keeps its trainer state's choice)."""
 
 
 def _diff(old: Any, new: Any, prefix: str, out: list[str]) -> None:
