@@ -504,10 +504,11 @@ def _vizdoom(
         prior = replace(
             prior, n_layer=2, n_head=4, n_embd=128, frames=8, vocab_size=256, dropout=0.0, attn_dropout=0.0
         )
-        # bf16 "auto" (both stages, tiny and small; these presets are ViZDoom's, BAIR's and RoboNet's): the start-up probe turns bf16 autocast on where it is >= 10 %
-        # faster. Measured on the HGS main job with AMX (2 threads, same store, held-out test split): 12.7 -> 10.7
-        # min (tokenizer 2.44 -> 1.59, prior 9.27 -> 8.08) at equal quality (reconstruction 29.36 / 29.31 dB,
-        # 3.62 / 3.58 bits per token, open-loop step 1 24.91 / 24.99 dB; README "Results").
+        # bf16 "auto" (both stages, tiny and small; these presets are ViZDoom's, BAIR's and RoboNet's): the
+        # start-up probe turns bf16 autocast on where it is >= 10 % faster. Measured on the HGS main job with
+        # AMX (2 threads, same store, held-out test split): 12.7 -> 10.7 min (tokenizer 2.44 -> 1.59, prior
+        # 9.27 -> 8.08) at equal quality (reconstruction 29.36 / 29.31 dB, 3.62 / 3.58 bits per token,
+        # open-loop step 1 24.91 / 24.99 dB; README "Results").
         tt = TrainConfig(
             steps=600, batch_size=8, lr=1e-3, warmup_steps=20, eval_every=200, ckpt_every=200, bf16="auto"
         )
