@@ -41,17 +41,17 @@ import time
 import numpy as np
 import torch
 
-from envs.dream import load_world_model
+from envs.dream import load_world_model, scale_hazard
 from envs.policy import real_env_kwargs
 from envs.real import check_real_env, make_real_env
 from worldmodel.bundle import WorldModel
 
 
 def within(p: np.ndarray, hazard_scale: float = 1.0) -> np.ndarray:
-    """P(termination within the horizon) from per-step termination probabilities ``p`` (..., H):
-    ``1 - prod_t (1 - p_t)^k`` with k = ``hazard_scale`` (the dream env's scaling of each p_t)."""
-    q = 1.0 - np.clip(np.asarray(p, np.float64), 0.0, 1.0)
-    return 1.0 - np.prod(q**hazard_scale, axis=-1)
+    """P(termination within the horizon) from per-step termination probabilities ``p`` (..., H), each scaled as
+    the dream env scales it (:func:`envs.dream.scale_hazard`): ``1 - prod_t (1 - p'_t)``."""
+    q = 1.0 - scale_hazard(np.clip(p, 0.0, 1.0), hazard_scale).astype(np.float64)
+    return 1.0 - np.prod(q, axis=-1)
 
 
 def opposite(actions: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -264,6 +264,12 @@ def _check_settings(
         raise ValueError(f"temperature: got {temperature}, expected >= 0")
 
 
+def scale_hazard(p: np.ndarray, k: float) -> np.ndarray:
+    """Termination probabilities ``p`` (any shape) with the hazard rate times ``k``: ``1 - (1 - p)^k``, float32
+    (the dream env's ``hazard_scale``)."""
+    return (1.0 - (1.0 - np.asarray(p, np.float64)) ** k).astype(np.float32)
+
+
 class DreamCore:
     """``num_envs`` dream environments over one world model. See the module docstring.
 
@@ -528,7 +534,7 @@ class DreamCore:
         if (
             self.hazard_scale != 1.0
         ):  # hazard rate x k: p -> 1 - (1 - p)^k, and the expected reward's mix with it
-            p = (1.0 - (1.0 - p.astype(np.float64)) ** self.hazard_scale).astype(np.float32)
+            p = scale_hazard(p, self.hazard_scale)
             expected = ((1.0 - p) * out.rewards + p * out.rewards_if_terminated).astype(np.float32)
         info = {
             "step": self.steps.copy(),
