@@ -14,8 +14,8 @@ as ``-``) and trains the generic preset built from its spaces (worldmodel.config
 resolved config is printed and saved as ``<run-dir>/config.json``. Training resumes from the last
 checkpoint of a stage unless ``--no-resume`` is given.
 
-Expected time on 2 CPU cores: ``--scale tiny`` ~10-15 min for the whole pipeline; ``small`` a few
-hours; ``paper`` is meant for GPUs.
+Expected time on 2 CPU cores: ``--scale tiny`` ~10 min for the whole pipeline; ``small`` a few
+hours; ``paper`` is meant for GPUs. ``--budget-minutes M`` sizes both training stages to finish in about M minutes.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -71,6 +71,11 @@ class Args:
     (2, 2, 2) tokenizer, 8x32x32 latents, the whole clip's actions condition the prior; it samples clips and FVD
     but cannot be stepped as a dream env), 'step' ours (per-step causal actions, 16x32x32 latents, steppable).
     The tiny/small scales always use per-step actions."""
+    budget_minutes: float = 0.0
+    """Wall-clock minutes for the whole pipeline (--stage all; 0 = off: the preset's step counts). After collection,
+    the tokenizer gets a share of what is left (worldmodel.stages.stage_minutes) and the prior what is left at its start less a reserve for
+    the videos; each stage times a few of its steps on this device and sizes its step count so that its learning
+    rate schedule ends on time (--config.*-train.fit-minutes, worldmodel.training.plan_steps)."""
     config: ExperimentConfig = ExperimentConfig()
     """The preset's configuration; override any field, e.g. --config.prior-train.steps 500."""
     print_config: bool = False
@@ -191,6 +196,24 @@ def main(args: Args) -> None:
 
     from worldmodel import stages
 
+    if args.budget_minutes < 0 or (args.budget_minutes > 0 and args.stage != "all"):
+        sys.exit(
+            f"--budget-minutes: got {args.budget_minutes:g} with --stage {args.stage}; expected 0 (off), or minutes > 0 "
+            f"for --stage all (single stages: --config.tokenizer-train.fit-minutes / --config.prior-train.fit-minutes)"
+        )
+    t_start = time.monotonic()
+
+    def budgeted(stage: str) -> ExperimentConfig:
+        """``cfg`` with ``stage``'s fit_minutes set from the pipeline budget (unchanged without one)."""
+        if not args.budget_minutes:
+            return cfg
+        try:
+            minutes = stages.stage_minutes(args.budget_minutes, (time.monotonic() - t_start) / 60, stage)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        key = f"{stage}_train"
+        return replace(cfg, **{key: replace(getattr(cfg, key), fit_minutes=round(minutes, 3))})
+
     stage_list = ["collect", "tokenizer", "encode", "prior"] if args.stage == "all" else [args.stage]
     results = {}
     if "collect" in stage_list:
@@ -220,13 +243,15 @@ def main(args: Args) -> None:
             if di.world_size > 1:
                 torch.distributed.barrier()
     if "tokenizer" in stage_list:
-        results["tokenizer"] = stages.train_tokenizer(cfg, run_dir, dist_info=di, resume=args.resume)
+        results["tokenizer"] = stages.train_tokenizer(
+            budgeted("tokenizer"), run_dir, dist_info=di, resume=args.resume
+        )
     if "encode" in stage_list and di.is_main:
         t0 = time.monotonic()
         print(f"token cache: {stages.encode_tokens(cfg, run_dir, device=di.device)}")
         record_minutes(run_dir, "encode", (time.monotonic() - t0) / 60)
     if "prior" in stage_list:
-        results["prior"] = stages.train_prior(cfg, run_dir, dist_info=di, resume=args.resume)
+        results["prior"] = stages.train_prior(budgeted("prior"), run_dir, dist_info=di, resume=args.resume)
     if di.is_main:
         for name, r in results.items():
             record_minutes(run_dir, name, r.minutes)

@@ -210,3 +210,31 @@ def test_cli_missing_store_is_a_clear_error(tmp_path):
         and "store directory does not exist" in res.stderr
         and "Traceback" not in res.stderr
     )
+
+
+def test_budget_minutes_splits_what_is_left_and_refuses_single_stages(tmp_path):
+    from worldmodel.stages import TOKENIZER_SHARE, VIDEO_RESERVE, stage_minutes
+
+    assert stage_minutes(10.0, 0.5, "tokenizer") == pytest.approx(9.5 * TOKENIZER_SHARE)
+    assert stage_minutes(10.0, 2.5, "prior") == pytest.approx(7.5 * (1 - VIDEO_RESERVE))
+    with pytest.raises(ValueError, match="--budget-minutes 3: 3.5 minutes spent before the prior stage"):
+        stage_minutes(3.0, 3.5, "prior")
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "train.py"),
+            "--env",
+            "ucf101",
+            "--stage",
+            "prior",
+            "--budget-minutes",
+            "5",
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode != 0 and "--budget-minutes: got 5 with --stage prior" in res.stderr
+    assert "fit-minutes" in res.stderr and not (tmp_path / "run").exists()

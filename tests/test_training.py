@@ -13,7 +13,7 @@ from torch import nn
 from worldmodel.checkpoint import has_weights, load_weights, read_run_config, write_run_config
 from worldmodel.config import ExperimentConfig, TrainConfig, get_preset, preset_names
 from worldmodel.store import ActionSpec, StoreWriter
-from worldmodel.training import evaluate, fit, lr_at, probe_bf16
+from worldmodel.training import STEP_OVERHEAD, evaluate, fit, lr_at, plan_steps, probe_bf16
 from worldmodel.training_data import ClipDataset
 
 
@@ -445,3 +445,29 @@ def test_bf16_config_accepts_auto_and_names_bad_values():
         ExperimentConfig.from_dict(d)
     with pytest.raises(ValueError, match="bf16"):
         TrainConfig(bf16="on")
+
+
+def test_fit_minutes_replaces_the_step_count_by_a_timed_plan_and_a_resumed_run_keeps_it(tmp_path, clips):
+    # the config asks for 100000 steps; 0.01 minutes at the toy's ~1 ms steps is a few hundred
+    cfg = TrainConfig(steps=100_000, batch_size=4, lr=1e-2, warmup_steps=2, ckpt_every=50, fit_minutes=0.01)
+    torch.manual_seed(0)
+    m = ToyModel()
+    res = fit(m, stage="toy", run_dir=tmp_path, train_set=clips, val_set=None, cfg=cfg, progress=False)
+    state = torch.load(tmp_path / "trainer_state" / "toy.pt", weights_only=False)
+    planned = state["planned_steps"]
+    assert 1 <= planned < 100_000 and res.step == planned == state["step"] == len(m.losses)
+    # resumed with another budget: the recorded plan stands (nothing left to train), no new timing changes it
+    more = replace(cfg, fit_minutes=5.0)
+    m2 = ToyModel()
+    res2 = fit(m2, stage="toy", run_dir=tmp_path, train_set=clips, val_set=None, cfg=more, progress=False)
+    assert res2.step == planned and m2.losses == []
+
+
+def test_plan_steps_divides_the_minutes_by_the_step_time_and_names_bad_values():
+    assert plan_steps(1.0, 0.06, overhead=1.0) == 1000
+    assert plan_steps(1.0, 0.06) == int(60 / (0.06 * STEP_OVERHEAD)) < 1000  # steps inside fit cost more
+    assert plan_steps(1e-6, 10.0) == 1
+    with pytest.raises(ValueError, match="minutes=0.*seconds_per_step=0.1.*both > 0"):
+        plan_steps(0, 0.1)
+    with pytest.raises(ValueError, match="fit_minutes: got -1"):
+        TrainConfig(fit_minutes=-1)

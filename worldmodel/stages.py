@@ -85,6 +85,26 @@ def resolve_config(cfg: ExperimentConfig, meta: StoreMeta) -> ExperimentConfig:
     return replace(cfg, tokenizer=tok, prior=prior, data=replace(cfg.data, resolution=H))
 
 
+TOKENIZER_SHARE = 0.16
+"""--budget-minutes: the tokenizer's share of the time left after collection (the HGS main job at the tiny preset
+spends 1.6 of 10.4 minutes after collection on the tokenizer, 0.4 on encoding, 8 on the prior)."""
+VIDEO_RESERVE = 0.04
+"""--budget-minutes: the share of the prior's time kept for the rollout videos and the summary after it."""
+
+
+def stage_minutes(budget: float, elapsed: float, stage: str) -> float:
+    """Minutes ``stage`` (``"tokenizer"`` or ``"prior"``) may train for under ``--budget-minutes`` ``budget`` when
+    ``elapsed`` minutes of the pipeline have passed. Raises ValueError when nothing is left."""
+    left = budget - elapsed
+    share = {"tokenizer": TOKENIZER_SHARE, "prior": 1 - VIDEO_RESERVE}[stage]
+    if left * share <= 0:
+        raise ValueError(
+            f"--budget-minutes {budget:g}: {elapsed:.1f} minutes spent before the {stage} stage, nothing left for "
+            f"it; raise --budget-minutes or set --config.{stage}-train.steps yourself"
+        )
+    return left * share
+
+
 def _split_with_fallback(source: Any, split: str, clip_len: int) -> ClipDataset | None:
     """Clips of ``split`` (or the split :func:`~worldmodel.store.heldout_episode_ids` falls back to); None when
     no episode has ``clip_len`` frames."""
@@ -95,7 +115,7 @@ def _split_with_fallback(source: Any, split: str, clip_len: int) -> ClipDataset 
     return ClipDataset(source, split=used, clip_len=clip_len)
 
 
-_BUDGET_FIELDS = ("steps", "max_minutes", "log_every", "eval_every", "ckpt_every", "bf16")
+_BUDGET_FIELDS = ("steps", "max_minutes", "fit_minutes", "log_every", "eval_every", "ckpt_every", "bf16")
 """Fields of a stage's TrainConfig that a resumed or continued run may change (how long, how often and in which
 precision, not what is trained: the MBRL loop raises ``steps`` every iteration, and a run trained in fp32 before
 the presets' bf16 ``"auto"`` continues under it; a resumed ``"auto"`` run keeps its trainer state's choice)."""
