@@ -177,33 +177,31 @@ def test_torchrun_two_processes(tmp_path, store):
     assert bool(load_tokenizer(run).codebook.initialized)
 
 
-def test_cli_rejects_unknown_preset():
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "train.py"), "--env", "nope"],
+def _train_cli(*argv: str) -> subprocess.CompletedProcess:
+    """``experiments/train.py`` with ``argv`` in a subprocess, for what it refuses before any training."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "train.py"), *argv],
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_cli_rejects_unknown_preset():
+    res = _train_cli("--env", "nope")
     assert res.returncode != 0 and "unknown preset" in res.stderr
 
 
 def test_cli_missing_store_is_a_clear_error(tmp_path):
-    res = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "experiments" / "train.py"),
-            "--env",
-            "ucf101",
-            "--stage",
-            "tokenizer",
-            "--run-dir",
-            str(tmp_path / "run"),
-            "--config.data.store",
-            str(tmp_path / "nope"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    res = _train_cli(
+        "--env",
+        "ucf101",
+        "--stage",
+        "tokenizer",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--config.data.store",
+        str(tmp_path / "nope"),
     )
     assert (
         res.returncode != 0
@@ -219,22 +217,8 @@ def test_budget_minutes_splits_what_is_left_and_refuses_single_stages(tmp_path):
     assert stage_minutes(10.0, 2.5, "prior") == pytest.approx(7.5 * (1 - VIDEO_RESERVE))
     with pytest.raises(ValueError, match="--budget-minutes 3: 3.5 minutes spent before the prior stage"):
         stage_minutes(3.0, 3.5, "prior")
-    res = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "experiments" / "train.py"),
-            "--env",
-            "ucf101",
-            "--stage",
-            "prior",
-            "--budget-minutes",
-            "5",
-            "--run-dir",
-            str(tmp_path / "run"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    res = _train_cli(
+        "--env", "ucf101", "--stage", "prior", "--budget-minutes", "5", "--run-dir", str(tmp_path / "run")
     )
     assert res.returncode != 0 and "--budget-minutes: got 5 with --stage prior" in res.stderr
     assert "fit-minutes" in res.stderr and not (tmp_path / "run").exists()
