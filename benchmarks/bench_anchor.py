@@ -14,6 +14,9 @@ Measured in one process:
 - ``train_tok_s_{fp32,bf16}``: training positions/s (forward + backward + AdamW, batch 8 whole windows),
   fp32 and under bf16 autocast, interleaved (A, B, A, B...), medians.
 - ``fps_b{B}_bf16``: the same through ``Rollout(bf16=True)`` (the fused bf16 token loop).
+- ``fps_b{B}_maskgit{K}_bf16``: the same geometry carrying the MaskGIT stream, decoded with ``--maskgit-steps``
+  K whole-frame refinements (``decode="maskgit"``, bf16 ``TokenDecoder.block``): K + 1 passes of 64 positions
+  read the cache K + 1 times instead of 65, for ~4.5x the FLOPs (``gflop_per_frame_maskgit{K}``).
 - ``matmul_{fp32,bf16}_gflops``: this process's GEMM peak (2048² matmul; bf16 uses AMX/AVX512-BF16 when
   the CPU has them); ``stream_gbytes_s``: reading a 256 MB fp32 tensor.
 - ``*_frac``: each figure as a fraction of its FLOP limit = peak GFLOP/s / FLOPs per unit (below), fp32
@@ -26,6 +29,8 @@ FLOP count (multiply-adds × 2; C width, V codes, L layers, hw = 64 tokens, n = 
 
 - per generated position and layer: qkv 6C² + proj 2C² + MLP 16C² = 24C², plus attention 4·C·k over the
   k keys it sees (q·K and att·V); the token head 2·C·V at the hw positions that predict a token;
+- MaskGIT with K refinements: the slot, K passes of the hw positions (each sees the prefix and the whole
+  frame; the token head at every position) and one causal pass that writes the finished frame (no head);
 - per generated frame and row, once: the previous-frame 3×3 conv, hw · 2·9C², and the conditional
   LayerNorms' gain/bias, (2L+1) · 2·C·2C;
 - training, per position: 6 × (trunk + head parameters) (forward 2, backward 4) + causal attention
@@ -116,6 +121,21 @@ def frame_flops(cfg: PriorConfig) -> float:
     prev = hw * 2 * cfg.prev_frame_kernel**2 * C * C
     cond_ln = (2 * Lyr + 1) * 2 * C * 2 * C if cfg.action_cond == "cond_ln" else 0
     return n * per_pos + attn + head + prev + cond_ln
+
+
+def maskgit_frame_flops(cfg: PriorConfig, steps: int) -> float:
+    """FLOPs of one new frame per row by MaskGIT decoding with ``steps`` refinements (module docstring): the slot,
+    ``steps`` whole-frame masked passes (every position sees the prefix and the frame; the token head at all hw
+    positions) and the pass that writes the finished frame (causal, no head)."""
+    C, Lyr, V, hw = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.tokens_h * cfg.tokens_w
+    first = (cfg.frames - 1) * (1 + hw)  # cache slot of the new block's slot position
+    per_pos = 24 * C * C * Lyr
+    slot = per_pos + 4 * C * (first + 1) * Lyr
+    masked = steps * hw * (per_pos + 4 * C * (first + 1 + hw) * Lyr + 2 * C * V)
+    clean = hw * per_pos + sum(4 * C * (first + 2 + j) * Lyr for j in range(hw))
+    prev = hw * 2 * cfg.prev_frame_kernel**2 * C * C
+    cond_ln = (2 * Lyr + 1) * 2 * C * 2 * C if cfg.action_cond == "cond_ln" else 0
+    return slot + masked + clean + prev + cond_ln
 
 
 def train_flops_per_position(cfg: PriorConfig) -> float:
@@ -238,7 +258,12 @@ def _divergence(prior: Prior, B: int, contexts: int) -> dict:
 
 
 def measure(
-    cfg: PriorConfig, batches: tuple[int, ...], repeats: int, train_reps: int, peaks: dict[str, float]
+    cfg: PriorConfig,
+    batches: tuple[int, ...],
+    repeats: int,
+    train_reps: int,
+    peaks: dict[str, float],
+    maskgit_steps: int = 4,
 ) -> dict:
     """Every figure of one geometry (module docstring), with fractions of the ``peaks`` (``fp32``, ``bf16``
     GFLOP/s, ``stream`` GB/s)."""
@@ -262,6 +287,15 @@ def measure(
         fps16 = B / generation_step_seconds(prior, B, repeats, bf16=True)
         out[f"fps_b{B}_bf16"] = round(fps16, 1)
         out[f"fps_b{B}_bf16_frac"] = round(fps16 * ff / (peaks["bf16"] * 1e9), 3)
+    if maskgit_steps:  # the same geometry carrying the MaskGIT stream (two more vectors; random weights)
+        mg, K = Prior(replace(cfg, maskgit_weight=1.0)).eval(), maskgit_steps
+        mf = maskgit_frame_flops(cfg, K)
+        out[f"gflop_per_frame_maskgit{K}"] = round(mf / 1e9, 4)
+        for B in batches:
+            kw = {"decode": "maskgit", "maskgit_steps": K}
+            fps = B / generation_step_seconds(mg, B, repeats, bf16=True, **kw)
+            out[f"fps_b{B}_maskgit{K}_bf16"] = round(fps, 1)
+            out[f"fps_b{B}_maskgit{K}_bf16_frac"] = round(fps * mf / (peaks["bf16"] * 1e9), 3)
     tf = train_flops_per_position(cfg)
     positions = 8 * cfg.frames * prior.block_len
     t32, t16 = training_step_seconds(prior, train_reps)
@@ -289,7 +323,17 @@ def main() -> None:
     p.add_argument(
         "--geometry", choices=["anchor", "tiny", "both"], default="both", help="which prior(s) to measure"
     )
+    p.add_argument(
+        "--maskgit-steps",
+        type=int,
+        default=4,
+        help="also measure bf16 MaskGIT decoding with this many refinements per frame (0 = skip)",
+    )
     args = p.parse_args()
+    if args.maskgit_steps < 0:
+        p.error(
+            f"--maskgit-steps: got {args.maskgit_steps}, expected 0 (skip) or a number of refinements >= 1"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = (1, 16) if args.quick else (1, 16, 64)
@@ -306,7 +350,7 @@ def main() -> None:
     geometries = {"anchor": ANCHOR, "tiny": tiny_config()}
     for name, cfg in geometries.items():
         if args.geometry in (name, "both"):
-            out[name] = measure(cfg, batches, repeats, train_reps, peaks)
+            out[name] = measure(cfg, batches, repeats, train_reps, peaks, args.maskgit_steps)
             if args.bf16_check:
                 out[name]["bf16_vs_fp32"] = bf16_divergence(cfg)
     print(json.dumps(out))

@@ -215,3 +215,47 @@ def test_masked_pass_on_a_row_major_cache_attends_in_place_exactly_as_on_a_copy(
     assert torch.equal(r.cache.k[:, :, :, : base + 1], prefix[0]) and torch.equal(
         r.cache.v[:, :, :, : base + 1], prefix[1]
     )
+
+
+def test_fused_bf16_frame_pass_is_close_to_autocast_and_causal_only_when_writing():
+    """bf16 MaskGIT runs its whole-frame passes through ``TokenDecoder.block`` (weights cast once): close to the
+    autocast ``forward_cached`` on the masked and the writing pass, the same keys/values cached, and the writing
+    pass causal while the masked one is not."""
+    import copy
+
+    p = randomized(replace(CFG, maskgit_weight=1.0))
+    B = 3
+    tok, act = clip(B=B, T=3)
+    r = Rollout(p, B, bf16=True)
+    r.start(tok[:, :2], act[:, :1])
+    t_idx = r._advance(act[:, 1])
+    base = int(t_idx[0]) * p.block_len
+    with torch.inference_mode(), r._autocast():
+        emb = r._embed_step(t_idx)
+        p.forward_cached(emb.slot_input()[:, None], emb.ln, r.cache, None, base)
+        norms = r.decoder.frame_norms(emb.ln, B)
+        known = torch.rand(B, 1, p.hw, generator=torch.Generator().manual_seed(0)) < 0.5
+        xm = p.embed_masked(tok[:, 2:3].flatten(2), known, emb.cond, t_idx[:, None], emb.prev[:, None])[:, 0]
+        ref = p.forward_cached(xm, emb.ln, copy.deepcopy(r.cache), None, base + 1, write=False).float()
+        got = r.decoder.block(xm, norms, copy.deepcopy(r.cache), base + 1, causal=False)
+        assert got.dtype == torch.float32 and torch.allclose(got, ref, atol=0.1), (got - ref).abs().max()
+        xc = emb.frame_inputs(tok[:, 2].flatten(1))  # (B, hw, C)
+        ref_cache, got_cache = copy.deepcopy(r.cache), copy.deepcopy(r.cache)
+        ref = p.forward_cached(xc, emb.ln, ref_cache, None, base + 1).float()
+        got = r.decoder.block(xc, norms, got_cache, base + 1, causal=True)
+        assert torch.allclose(got, ref, atol=0.1), (got - ref).abs().max()
+        end = base + 1 + p.hw
+        for a, b in ((ref_cache.k, got_cache.k), (ref_cache.v, got_cache.v)):
+            assert torch.allclose(a[:, :, :, :end].float(), b[:, :, :, :end].float(), atol=0.05)
+        # the last position's input reaches only itself in the writing pass, every position in the masked one
+        xc2 = xc.clone()
+        xc2[:, -1] += torch.randn(
+            xc.shape[-1], generator=torch.Generator().manual_seed(1)
+        )  # not a constant: LN
+        causal2 = r.decoder.block(xc2, norms, copy.deepcopy(r.cache), base + 1, causal=True)
+        assert torch.equal(causal2[:, :-1], got[:, :-1]) and not torch.equal(causal2[:, -1], got[:, -1])
+        masked = r.decoder.block(xc, norms, copy.deepcopy(r.cache), base + 1, causal=False)
+        masked2 = r.decoder.block(xc2, norms, copy.deepcopy(r.cache), base + 1, causal=False)
+        assert not torch.equal(masked2[:, 0], masked[:, 0])
+    with pytest.raises(ValueError, match="bf16"):
+        Rollout(p, B).decoder.block(xc, norms, r.cache, base + 1, causal=True)

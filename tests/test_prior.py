@@ -46,9 +46,12 @@ def clip(B=3, T=4, cfg=CFG, seed=1):
     )
 
 
-@pytest.mark.parametrize("cond", ["cond_ln", "token", "add"])
-def test_cached_generation_equals_full_forward(cond):
-    p = randomized(replace(CFG, action_cond=cond))
+@pytest.mark.parametrize("cond,prev_frames", [("cond_ln", 1), ("token", 1), ("add", 1), ("cond_ln", 2)])
+def test_cached_generation_equals_full_forward(cond, prev_frames):
+    p = randomized(replace(CFG, action_cond=cond, prev_frames=prev_frames))
+    if prev_frames == 2:  # the second previous-frame path must matter for the comparison to test it
+        torch.nn.init.normal_(p.prev2_conv.weight, std=0.3)
+        torch.nn.init.normal_(p.no_prev2, std=0.5)
     tok, act = clip(T=2)
     r = Rollout(p, 3, keep=1)
     r.start(tok, act[:, :1])
@@ -519,3 +522,33 @@ def test_observe_checks_its_tokens_and_keeps_the_rollout_usable():
     with pytest.raises(ValueError, match="tokens: values"):
         r.observe(tok[:, 0] + CFG.vocab_size, act[:, 1])
     assert r.observe(tok[:, 2], act[:, 1]).hidden.shape == (3, CFG.n_embd)
+
+
+def test_second_previous_frame_path_reads_z_t_minus_2_locally_and_names_bad_settings():
+    """prev_frames=2: block t's token inputs get z_{t-2}'s local features (block 1 a learned vector, block 0 none);
+    prev_frames=1 has no such weights, so bundles trained before it load unchanged."""
+    p = randomized(replace(CFG, prev_frames=2))
+    torch.nn.init.normal_(p.no_prev2, std=0.5)
+    tok, _ = clip(T=4)
+    base = p.prev_stream(tok)
+    one = Prior(replace(CFG, prev_frames=1))
+    assert not any("prev2" in k for k in one.state_dict()) and {"prev2_conv.weight", "no_prev2"} <= set(
+        p.state_dict()
+    )
+    with torch.no_grad():
+        first = p.prev_features(tok[:, :-1])  # z_{t-1} features of blocks 1..3
+        assert torch.allclose(base[:, 1], first[:, 0] + p.no_prev2, atol=1e-6)
+        assert torch.allclose(base[:, 0], p.no_prev.expand_as(base[:, 0]))
+        # changing z_1 at one corner changes z_3's block only near that corner (k = 3: within one token)
+        moved = tok.clone()
+        moved[:, 1, 0, 0] = (moved[:, 1, 0, 0] + 1) % CFG.vocab_size
+        diff = (p.prev_stream(moved) - base).abs().sum(-1)  # (B, T, hw)
+    near = torch.tensor([0, 1, 3, 4])  # raster positions of the 2x3 grid within one token of (0, 0)
+    assert diff[:, 3, near].min() > 0 and diff[:, 3, 2].max() == 0 and diff[:, 3, 5].max() == 0
+    assert diff[:, 2, near].min() > 0  # and block 2 through the z_{t-1} path, as before
+    for bad, match in (
+        (dict(prev_frames=3), "prev_frames"),
+        (dict(prev_frames=2, prev_frame_kernel=0), "prev_frame_kernel"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            Prior(replace(CFG, **bad))

@@ -225,6 +225,10 @@ class PriorConfig:
     prev_frame_kernel: int = 3
     """Each position also sees the previous frame's tokens around the location it predicts, through a
     k×k conv over their embeddings (0 = off): a direct path for copying and shifting content."""
+    prev_frames: int = 1
+    """Frames the previous-frame path reads: 1 (z_{t-1}) or 2 (also z_{t-2} through a second k×k conv, so each
+    position sees the local motion of what it predicts -- a small object's velocity, not only its place). A block
+    whose window holds no z_{t-2} gets a learned vector instead, as block 0 does for z_{t-1}."""
     attn_pattern: Literal["full", "strided"] = "full"
     """Self-attention pattern: ``full`` causal, or the paper's ``strided`` sparse pattern (DeepSpeed
     ``StridedSparsityConfig`` semantics as a boolean mask, :mod:`worldmodel.sparse_attention`): blocks of

@@ -482,13 +482,7 @@ class Prior(nn.Module):
         # the condition vector of each block (size d_cond): learned embeddings, or the paper's fixed vector
         d_cond = self._paper_condition(cfg) if cfg.paper_layers else self._our_condition(cfg)
         self.cond_encoder = self._frame_conditioning(cfg)
-        k = cfg.prev_frame_kernel
-        if k and k % 2 == 0:
-            raise ValueError(f"prev_frame_kernel must be odd (or 0 = off), got {k}")
-        # Previous-frame path: position predicting z_t[j] also gets a k×k conv of the embeddings of
-        # z_{t-1} around j; block 0 (no previous frame in the window) gets a learned vector.
-        self.prev_conv = nn.Conv2d(C, C, k, padding=k // 2) if k else None
-        self.no_prev = nn.Parameter(torch.zeros(C)) if k else None
+        self._previous_frame_path(cfg)
         # MaskGIT stream (maskgit_weight > 0): a [MASK] embedding and a marker of masked-stream positions.
         self.maskgit = cfg.maskgit_weight > 0
         self.mask_emb = nn.Parameter(torch.zeros(C)) if self.maskgit else None
@@ -535,6 +529,25 @@ class Prior(nn.Module):
         hh, ww = torch.meshgrid(torch.arange(cfg.tokens_h), torch.arange(cfg.tokens_w), indexing="ij")
         self.register_buffer("_grid_h", hh.flatten(), persistent=False)
         self.register_buffer("_grid_w", ww.flatten(), persistent=False)
+
+    def _previous_frame_path(self, cfg: PriorConfig) -> None:
+        """The previous-frame path's modules (``prev_frame_kernel``, ``prev_frames``; None where off)."""
+        C = cfg.n_embd
+        k = cfg.prev_frame_kernel
+        if k and k % 2 == 0:
+            raise ValueError(f"prev_frame_kernel must be odd (or 0 = off), got {k}")
+        # Previous-frame path: position predicting z_t[j] also gets a k×k conv of the embeddings of
+        # z_{t-1} around j; block 0 (no previous frame in the window) gets a learned vector.
+        self.prev_conv = nn.Conv2d(C, C, k, padding=k // 2) if k else None
+        self.no_prev = nn.Parameter(torch.zeros(C)) if k else None
+        # prev_frames=2: a second k×k conv of z_{t-2}, added (local motion); block 1 gets a learned vector
+        if cfg.prev_frames not in (1, 2):
+            raise ValueError(f"prev_frames: got {cfg.prev_frames}, expected 1 or 2")
+        if cfg.prev_frames == 2 and not k:
+            raise ValueError("prev_frames=2 needs the previous-frame path: set prev_frame_kernel > 0")
+        two = bool(k) and cfg.prev_frames == 2
+        self.prev2_conv = nn.Conv2d(C, C, k, padding=k // 2) if two else None
+        self.no_prev2 = nn.Parameter(torch.zeros(C)) if two else None
 
     def _our_condition(self, cfg: PriorConfig) -> int:
         """Learned start, action and class embeddings of size n_embd, summed into each block's condition."""
@@ -715,16 +728,25 @@ class Prior(nn.Module):
         """Position embedding of each token of a frame, raster order: (hw, C)."""
         return self.pos_h[self._grid_h] + self.pos_w[self._grid_w]
 
-    def prev_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Previous-frame path features of frames ``tokens`` (B, T, h, w) -> (B, T, hw, C), for the next blocks."""
+    def prev_features(self, tokens: torch.Tensor, second: bool = False) -> torch.Tensor:
+        """Previous-frame path features of frames ``tokens`` (B, T, h, w) -> (B, T, hw, C): for the next blocks
+        (``prev_conv``), or with ``second`` for the blocks after those (``prev2_conv``, ``prev_frames=2``)."""
         B, T = tokens.shape[:2]
         e = rearrange(self.tok_emb(tokens.long()), "b t h w c -> (b t) c h w")
-        return rearrange(self.prev_conv(e), "(b t) c h w -> b t (h w) c", b=B, t=T)
+        conv = self.prev2_conv if second else self.prev_conv
+        return rearrange(conv(e), "(b t) c h w -> b t (h w) c", b=B, t=T)
 
     def prev_stream(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Previous-frame features for every block of ``tokens`` (B, T, h, w): (B, T, hw, C), block 0 gets ``no_prev``."""
-        B = tokens.shape[0]
-        return torch.cat([self.no_prev.expand(B, 1, self.hw, -1), self.prev_features(tokens[:, :-1])], dim=1)
+        """Previous-frame features for every block of ``tokens`` (B, T, h, w): (B, T, hw, C), block 0 gets ``no_prev``;
+        with ``prev_frames=2`` block t >= 2 also gets z_{t-2}'s features, block 1 ``no_prev2``."""
+        B, T = tokens.shape[:2]
+        out = torch.cat([self.no_prev.expand(B, 1, self.hw, -1), self.prev_features(tokens[:, :-1])], dim=1)
+        if self.prev2_conv is None or T < 2:
+            return out
+        second = [torch.zeros_like(out[:, :1]), self.no_prev2.expand(B, 1, self.hw, -1)]
+        if T > 2:
+            second.append(self.prev_features(tokens[:, :-2], second=True))
+        return out + torch.cat(second, dim=1)
 
     def embed_masked(
         self,
@@ -804,6 +826,7 @@ class Prior(nn.Module):
         t_idx: torch.Tensor,
         last_tokens: torch.Tensor | None,
         class_ids: torch.Tensor | None = None,
+        second_last_tokens: torch.Tensor | None = None,
     ) -> StepEmbedding:
         """Inputs of one new block per row, for generation (the one-block counterpart of :meth:`block_conditions`
         + :meth:`embed_blocks`, computed once per frame and used by every sampler path).
@@ -812,7 +835,8 @@ class Prior(nn.Module):
         ignored on rows with ``t_idx == 0``, which get the start condition; with ``action_cond="clip"`` the whole
         clip's actions (B, clip_actions[, A])); ``t_idx`` (B,) the new block's
         window index; ``last_tokens`` (B, h, w) the frame before it (previous-frame path; ignored where
-        ``t_idx == 0``); ``class_ids`` (B,) for a class-conditional prior.
+        ``t_idx == 0``); ``class_ids`` (B,) for a class-conditional prior; ``second_last_tokens`` (B, h, w) the frame
+        before ``last_tokens`` (``prev_frames=2`` only; ignored where ``t_idx < 2``).
         """
         B = t_idx.shape[0]
         first = t_idx == 0  # rows started from nothing: block 0 gets the start condition
@@ -842,6 +866,14 @@ class Prior(nn.Module):
             prev = self.prev_features(last_tokens[:, None])[:, 0]  # (B, hw, C)
             if bool(first.any()):  # no previous frame: the learned vector of block 0
                 prev = torch.where(first[:, None, None], self.no_prev.to(prev.dtype).expand_as(prev), prev)
+            if self.prev2_conv is not None:  # z_{t-2}: its features, the learned vector at block 1, none at 0
+                if second_last_tokens is None:
+                    raise ValueError(
+                        "embed_step: prev_frames=2 needs second_last_tokens (the frame before the last)"
+                    )
+                p2 = self.prev_features(second_last_tokens[:, None], second=True)[:, 0]  # (B, hw, C)
+                p2 = torch.where((t_idx == 1)[:, None, None], self.no_prev2.to(p2.dtype).expand_as(p2), p2)
+                prev = prev + torch.where(first[:, None, None], torch.zeros_like(p2), p2)
         return StepEmbedding(
             cond,
             self.ln_params(cond),

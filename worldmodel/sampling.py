@@ -446,13 +446,15 @@ class Rollout:
         return t_idx
 
     def _embed_step(self, t_idx: torch.Tensor) -> StepEmbedding:
-        """The new blocks' inputs (:meth:`Prior.embed_step`) from each row's last action and frame."""
+        """The new blocks' inputs (:meth:`Prior.embed_step`) from each row's last action and frame (and the frame
+        before it for a ``prev_frames=2`` prior)."""
         rows, last = torch.arange(self.B, device=self.device), (t_idx - 1).clamp(min=0)
         action = None
         if self.cfg.action_kind != "none":
             action = self.actions if self.clip else self.actions[rows, last]
         cls = self.class_ids if self.prior.class_emb is not None else None
-        return self.prior.embed_step(action, t_idx, self.tokens[rows, last], cls)
+        second = self.tokens[rows, (t_idx - 2).clamp(min=0)] if self.prior.prev2_conv is not None else None
+        return self.prior.embed_step(action, t_idx, self.tokens[rows, last], cls, second)
 
     def _token_frame(
         self,
@@ -556,10 +558,9 @@ class Rollout:
         Returns tokens (B, hw), mean entropy (B,) of the committed tokens' distributions, h_last (B, C) and
         the slot's hidden state h_slot (B, C).
         """
-        prior, B, hw, memory = self.prior, self.B, self.prior.hw, self._memory(None)
-        h_slot = prior.forward_cached(emb.slot_input()[:, None], emb.ln, self.cache, None, base, memory)[
-            :, 0
-        ]  # (B, C)
+        prior, B, hw = self.prior, self.B, self.prior.hw
+        block, head = self._block_forward(emb, base)
+        h_slot = block(emb.slot_input()[:, None], base, True)[:, 0]  # (B, C)
         out = torch.zeros(B, hw, dtype=torch.long, device=self.device)
         known = torch.zeros(B, hw, dtype=torch.bool, device=self.device)
         ent = torch.zeros(B, device=self.device)
@@ -568,10 +569,8 @@ class Rollout:
             xm = prior.embed_masked(out[:, None], known[:, None], emb.cond, t_idx[:, None], prev_b)[
                 :, 0
             ]  # (B, hw, C)
-            h = prior.forward_cached(
-                xm, emb.ln, self.cache, None, base + 1, memory, write=False
-            )  # (B, hw, C)
-            cand, e, conf = self._maskgit_candidates(prior.head(h).float(), s)
+            h = block(xm, base + 1, False)  # (B, hw, C), nothing written
+            cand, e, conf = self._maskgit_candidates(head(h), s)
             conf = conf.masked_fill(known, float("inf"))  # committed tokens stay
             n_known = (
                 hw
@@ -584,10 +583,29 @@ class Rollout:
             out = torch.where(new, cand, out)
             ent += (e * new).sum(1)
             known |= new
-        h = prior.forward_cached(
-            emb.frame_inputs(out), emb.ln, self.cache, None, base + 1, memory
-        )  # (B, hw, C), cached
+        h = block(emb.frame_inputs(out), base + 1, True)  # (B, hw, C), cached
         return out, ent / hw, h[:, -1], h_slot
+
+    def _block_forward(
+        self, emb: StepEmbedding, base: torch.Tensor | int
+    ) -> tuple[Callable[[torch.Tensor, Any, bool], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+        """MaskGIT's whole-frame forward ``(x (B, n, C), pos, write) -> h (B, n, C)`` (``write=False``: the masked
+        queries, nothing kept in the cache) and token head ``h -> logits (..., V)`` fp32: the fused bf16
+        :meth:`TokenDecoder.block` for bf16 rows in lockstep without memory, else :meth:`Prior.forward_cached`."""
+        prior, memory = self.prior, self._memory(None)
+        fused = self.bf16 and isinstance(base, int) and self.decoder is not None
+        if fused and TokenDecoder.supported(prior, self.cache, memory):
+            norms = self.decoder.frame_norms(emb.ln, self.B)
+
+            def block(x: torch.Tensor, pos: Any, write: bool) -> torch.Tensor:
+                return self.decoder.block(x, norms, self.cache, pos, causal=write)
+
+            return block, self.decoder.head_logits
+
+        def block_general(x: torch.Tensor, pos: Any, write: bool) -> torch.Tensor:
+            return prior.forward_cached(x, emb.ln, self.cache, None, pos, memory, write=write)
+
+        return block_general, lambda h: prior.head(h).float()
 
     def _maskgit_candidates(
         self, logits: torch.Tensor, s: Sampling
