@@ -9,7 +9,12 @@ Bundle: ``--checkpoint`` or the newest vizdoom_hgs bundle under runs/; without o
 vizdoom_hgs preset at ``--scale`` with random weights over a small synthetic 64×64 store (speed does
 not depend on the weights, but termination frequency does: random heads end episodes often).
 
+``--decode maskgit --maskgit-steps K --bf16`` measures the dream with MaskGIT decoding under bf16 (a bundle trained
+with ``--config.prior.maskgit-weight 1.0``; without ``--checkpoint`` a random bundle carrying the MaskGIT stream).
+Every env then takes those settings.
+
 Usage: python benchmarks/bench_dream_env.py [--checkpoint RUN] [--scale tiny] [--steps 16] [--threads 0]
+       [--decode maskgit --maskgit-steps 4 --bf16]
 """
 
 from __future__ import annotations
@@ -37,8 +42,9 @@ from worldmodel.store import ActionSpec, StoreWriter
 ID = envs.id_for_preset("vizdoom_hgs")
 
 
-def random_bundle(root: Path, scale: str) -> Path:
-    """A vizdoom_hgs bundle with random weights over a synthetic 64×64 store (8 episodes of noise)."""
+def random_bundle(root: Path, scale: str, maskgit: bool = False) -> Path:
+    """A vizdoom_hgs bundle with random weights over a synthetic 64×64 store (8 episodes of noise); with
+    ``maskgit`` its prior carries the MaskGIT stream."""
     rng = np.random.default_rng(0)
     with StoreWriter(
         root / "store",
@@ -51,6 +57,8 @@ def random_bundle(root: Path, scale: str) -> Path:
             w.add_episode(rng.integers(0, 256, (20, 64, 64, 3), dtype=np.uint8), rng.integers(0, 5, 19))
     cfg = get_preset("vizdoom_hgs", scale)
     cfg = replace(cfg, data=replace(cfg.data, store=str(root / "store")))
+    if maskgit:
+        cfg = replace(cfg, prior=replace(cfg.prior, maskgit_weight=1.0))
     cfg, _ = prepare_run(cfg, root / "run")
     WorldModel(cfg, read_run_config(root / "run")["store"]).save_pretrained(root / "run")
     return root / "run"
@@ -71,15 +79,27 @@ def main() -> None:
     p.add_argument("--scale", default="tiny", help="preset scale of the random bundle")
     p.add_argument("--steps", type=int, default=16, help="timed vector steps per setting")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument(
+        "--decode",
+        choices=["autoregressive", "maskgit"],
+        default="autoregressive",
+        help="how the dream draws each frame's tokens (maskgit: a bundle trained with the MaskGIT objective)",
+    )
+    p.add_argument(
+        "--maskgit-steps", type=int, default=4, help="MaskGIT refinements per frame (--decode maskgit)"
+    )
+    p.add_argument("--bf16", action="store_true", help="run the prior in bf16 (Rollout(bf16=True))")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
-    found = find_bundles("vizdoom_hgs")
+    mg = args.decode == "maskgit"
+    # the default pipeline's bundles carry no MaskGIT stream: a MaskGIT run measures --checkpoint or a random one
+    found = [] if mg else find_bundles("vizdoom_hgs")
     ckpt = (
         Path(args.checkpoint)
         if args.checkpoint
-        else (found[0] if found else random_bundle(Path(tmp.name), args.scale))
+        else (found[0] if found else random_bundle(Path(tmp.name), args.scale, maskgit=mg))
     )
     wm = WorldModel.from_pretrained(ckpt)
     out = {
@@ -89,9 +109,14 @@ def main() -> None:
         "tokens_per_frame": wm.cfg.prior.tokens_h * wm.cfg.prior.tokens_w,
         "prior": f"{wm.cfg.prior.n_layer}x{wm.cfg.prior.n_embd}",
         "threads": torch.get_num_threads(),
+        "decode": args.decode,
+        "bf16": args.bf16,
     }
+    kw = {"world_model": wm, "max_episode_steps": 10_000, "decode": args.decode, "bf16": args.bf16}
+    if mg:
+        out["maskgit_steps"] = kw["maskgit_steps"] = args.maskgit_steps
 
-    env = gym.make(ID, world_model=wm, max_episode_steps=10_000)
+    env = gym.make(ID, **kw)
     env.reset(seed=0)
     a = env.action_space
 
@@ -103,12 +128,12 @@ def main() -> None:
 
     out["steps_per_s_single_env"] = round(steps_per_s(single, args.steps), 1)
     for N in (1, 16):
-        vec = gym.make_vec(ID, num_envs=N, world_model=wm, max_episode_steps=10_000)
+        vec = gym.make_vec(ID, num_envs=N, **kw)
         vec.reset(seed=0)
         out[f"steps_per_s_make_vec_{N}"] = round(
             steps_per_s(lambda v=vec: v.step(v.action_space.sample()) and v.num_envs, args.steps), 1
         )
-    venv = DreamVecEnv(16, world_model=wm, max_episode_steps=10_000)
+    venv = DreamVecEnv(16, **kw)
     venv.reset()
     out["steps_per_s_sb3_vecenv_16"] = round(
         steps_per_s(
