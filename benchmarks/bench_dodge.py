@@ -40,6 +40,7 @@ import time
 
 import numpy as np
 import torch
+from cli_args import add_decode_arguments, decode_kwargs
 
 from envs.dream import load_world_model, scale_hazard
 from envs.policy import real_env_kwargs
@@ -119,9 +120,11 @@ def dream_branches(
     temperature: float,
     seed: int,
     batch: int = 128,
+    **decode_kw: object,
 ) -> np.ndarray:
     """Predicted termination probabilities of dream branches: from context ``frames`` uint8 (N, C, H, W, 3) and
-    ``ctx_actions`` (N, C-1), ``samples`` dreams per row stepped with ``branch`` (N, Hz). Returns (N, samples, Hz)."""
+    ``ctx_actions`` (N, C-1), ``samples`` dreams per row stepped with ``branch`` (N, Hz); ``decode_kw`` go to
+    :meth:`DreamRollout.step` (e.g. ``decode="maskgit"``). Returns (N, samples, Hz)."""
     n, hz = branch.shape
     f = np.repeat(frames, samples, 0)
     a = np.repeat(ctx_actions, samples, 0)
@@ -133,7 +136,8 @@ def dream_branches(
         r = wm.rollout(j - i)
         r.reset(f[i:j], a[i:j])
         for t in range(hz):
-            out[i:j, t] = r.step(u[i:j, t], temperature=temperature, generator=gen).terminated_prob
+            step = r.step(u[i:j, t], temperature=temperature, generator=gen, **decode_kw)
+            out[i:j, t] = step.terminated_prob
     return out.reshape(n, samples, hz)
 
 
@@ -187,6 +191,7 @@ def main() -> None:
     p.add_argument(
         "--max-steps", type=int, default=525, help="real episode cap (525 = 2100 tics at frame skip 4)"
     )
+    add_decode_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the first real episode and of the dream")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     args = p.parse_args()
@@ -207,6 +212,12 @@ def main() -> None:
         p.error(
             f"--env {args.env}: the bundle's actions are {wm.action_spec.kind}; expected discrete actions"
         )
+    if args.decode == "maskgit" and not wm.prior.maskgit:
+        p.error(
+            "--decode maskgit: this bundle's prior has no MaskGIT stream (train with --config.prior.maskgit-weight 1.0)"
+        )
+    if args.decode == "maskgit" and not 1 <= args.maskgit_steps <= wm.prior.hw:
+        p.error(f"--maskgit-steps: got {args.maskgit_steps}, expected 1..{wm.prior.hw} (tokens per frame)")
     window = wm.cfg.prior.frames
     if not 1 <= args.context < window:
         p.error(
@@ -248,7 +259,7 @@ def main() -> None:
     t0 = time.process_time()
     ctx_f = np.stack([ep["frames"][b - C + 1 : b + 1] for _, _, b, ep in points])  # (P, C, H, W, 3)
     ctx_a = np.stack([ep["actions"][b - C + 1 : b] for _, _, b, ep in points]).reshape(len(points), C - 1)
-    kw = {"samples": args.samples, "temperature": args.temperature, "seed": args.seed}
+    kw = {"samples": args.samples, "temperature": args.temperature, "seed": args.seed, **decode_kwargs(args)}
     dream = {
         name: within(dream_branches(wm, ctx_f, ctx_a, branch, **kw), args.hazard_scale).mean(1)  # (P,)
         for name, branch in (("taken", taken), ("opposite", other))
@@ -267,6 +278,7 @@ def main() -> None:
         "context": C,
         "samples": args.samples,
         "temperature": args.temperature,
+        "decode": args.decode,
         "hazard_scale": args.hazard_scale,
         "episodes": args.episodes,
         "mean_episode_steps": round(float(np.mean(lengths)), 1),

@@ -29,6 +29,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
+from cli_args import add_decode_arguments, decode_kwargs
 
 import envs
 from envs.sb3_vec import DreamVecEnv
@@ -79,15 +80,7 @@ def main() -> None:
     p.add_argument("--scale", default="tiny", help="preset scale of the random bundle")
     p.add_argument("--steps", type=int, default=16, help="timed vector steps per setting")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    p.add_argument(
-        "--decode",
-        choices=["autoregressive", "maskgit"],
-        default="autoregressive",
-        help="how the dream draws each frame's tokens (maskgit: a bundle trained with the MaskGIT objective)",
-    )
-    p.add_argument(
-        "--maskgit-steps", type=int, default=4, help="MaskGIT refinements per frame (--decode maskgit)"
-    )
+    add_decode_arguments(p)
     p.add_argument("--bf16", action="store_true", help="run the prior in bf16 (Rollout(bf16=True))")
     args = p.parse_args()
     if args.threads:
@@ -112,9 +105,9 @@ def main() -> None:
         "decode": args.decode,
         "bf16": args.bf16,
     }
-    kw = {"world_model": wm, "max_episode_steps": 10_000, "decode": args.decode, "bf16": args.bf16}
+    kw = {"world_model": wm, "max_episode_steps": 10_000, "bf16": args.bf16, **decode_kwargs(args)}
     if mg:
-        out["maskgit_steps"] = kw["maskgit_steps"] = args.maskgit_steps
+        out["maskgit_steps"] = args.maskgit_steps
 
     env = gym.make(ID, **kw)
     env.reset(seed=0)

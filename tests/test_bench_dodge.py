@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,18 +62,18 @@ def test_bench_dodge_replays_real_deaths_and_scores_dream_branches(tc_bundle):
     assert all(v["mean"] == 0.0 for w in ("dream", "teacher_forced") for v in zero[w].values())
 
 
-def test_bench_dodge_rejects_bad_arguments(tc_bundle):
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--context", "99"], "--context: got 99, expected 1.."),
+        (["--decode", "maskgit"], "--decode maskgit: this bundle's prior has no MaskGIT stream"),
+    ],
+)
+def test_bench_dodge_rejects_bad_arguments(tc_bundle, args, message):
     res = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "bench_dodge.py"),
-            "--checkpoint",
-            str(tc_bundle),
-            "--context",
-            "99",
-        ],
+        [sys.executable, str(ROOT / "benchmarks" / "bench_dodge.py"), "--checkpoint", str(tc_bundle), *args],
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert res.returncode == 2 and "--context: got 99, expected 1.." in res.stderr
+    assert res.returncode == 2 and message in res.stderr
