@@ -259,3 +259,29 @@ def test_fused_bf16_frame_pass_is_close_to_autocast_and_causal_only_when_writing
         assert not torch.equal(masked2[:, 0], masked[:, 0])
     with pytest.raises(ValueError, match="bf16"):
         Rollout(p, B).decoder.block(xc, norms, r.cache, base + 1, causal=True)
+
+
+def test_bf16_maskgit_step_through_the_fused_passes_draws_what_the_autocast_path_draws(monkeypatch):
+    """A whole bf16 MaskGIT step (fused whole-frame passes) and the token-by-token step after it, which reads the
+    cache those passes wrote, give the tokens the autocast ``forward_cached`` path gives (temperature 0; bf16
+    roundings of the two paths differ, so near-ties may flip: at least 90 % agree)."""
+    from worldmodel.fast_decode import TokenDecoder
+
+    cfg = replace(CFG, maskgit_weight=1.0, tokens_h=4, tokens_w=4)
+    agree = []
+    for seed in range(3):
+        p = randomized(cfg, seed=seed)
+        tok, act = clip(B=4, T=4, cfg=cfg, seed=seed)
+        paths = []
+        for fused in (True, False):
+            if not fused:
+                monkeypatch.setattr(TokenDecoder, "supported", staticmethod(lambda *a: False))
+            r = Rollout(p, 4, bf16=True)
+            r.start(tok[:, :2], act[:, :1])
+            first = r.step(act[:, 1], temperature=0, decode="maskgit", maskgit_steps=3)
+            paths.append((first, r.step(act[:, 2], temperature=0)))
+            monkeypatch.undo()
+        for a, b in zip(*paths):
+            agree.append((a.tokens == b.tokens).float().mean().item())
+            assert torch.allclose(a.reward, b.reward, atol=0.05, rtol=0.05)
+    assert sum(agree) / len(agree) >= 0.9, agree
