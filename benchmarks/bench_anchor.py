@@ -14,8 +14,8 @@ Measured in one process:
 - ``train_tok_s_{fp32,bf16}``: training positions/s (forward + backward + AdamW, batch 8 whole windows),
   fp32 and under bf16 autocast, interleaved (A, B, A, B...), medians.
 - ``fps_b{B}_bf16``: the same through ``Rollout(bf16=True)`` (the fused bf16 token loop).
-- ``fps_b{B}_maskgit{K}_bf16``: the same geometry carrying the MaskGIT stream, decoded with ``--maskgit-steps``
-  K whole-frame refinements (``decode="maskgit"``, bf16 ``TokenDecoder.block``): K + 1 passes of 64 positions
+- ``fps_b{B}_maskgit{K}_bf16``: the same geometry carrying the MaskGIT stream, decoded with each ``--maskgit-steps``
+  K (default 3 and 4) whole-frame refinements (``decode="maskgit"``, bf16 ``TokenDecoder.block``): K + 1 passes of 64 positions
   read the cache K + 1 times instead of 65, for ~4.5x the FLOPs (``gflop_per_frame_maskgit{K}``).
 - ``matmul_{fp32,bf16}_gflops``: this process's GEMM peak (2048² matmul; bf16 uses AMX/AVX512-BF16 when
   the CPU has them); ``stream_gbytes_s``: reading a 256 MB fp32 tensor.
@@ -263,7 +263,7 @@ def measure(
     repeats: int,
     train_reps: int,
     peaks: dict[str, float],
-    maskgit_steps: int = 4,
+    maskgit_steps: tuple[int, ...] = (3, 4),
 ) -> dict:
     """Every figure of one geometry (module docstring), with fractions of the ``peaks`` (``fp32``, ``bf16``
     GFLOP/s, ``stream`` GB/s)."""
@@ -287,8 +287,8 @@ def measure(
         fps16 = B / generation_step_seconds(prior, B, repeats, bf16=True)
         out[f"fps_b{B}_bf16"] = round(fps16, 1)
         out[f"fps_b{B}_bf16_frac"] = round(fps16 * ff / (peaks["bf16"] * 1e9), 3)
-    if maskgit_steps:  # the same geometry carrying the MaskGIT stream (two more vectors; random weights)
-        mg, K = Prior(replace(cfg, maskgit_weight=1.0)).eval(), maskgit_steps
+    mg = Prior(replace(cfg, maskgit_weight=1.0)).eval()  # carries the MaskGIT stream (two more vectors)
+    for K in maskgit_steps:
         mf = maskgit_frame_flops(cfg, K)
         out[f"gflop_per_frame_maskgit{K}"] = round(mf / 1e9, 4)
         for B in batches:
@@ -326,14 +326,13 @@ def main() -> None:
     p.add_argument(
         "--maskgit-steps",
         type=int,
-        default=4,
-        help="also measure bf16 MaskGIT decoding with this many refinements per frame (0 = skip)",
+        nargs="*",
+        default=[3, 4],
+        help="also measure bf16 MaskGIT decoding with each of these numbers of refinements per frame (none: skip)",
     )
     args = p.parse_args()
-    if args.maskgit_steps < 0:
-        p.error(
-            f"--maskgit-steps: got {args.maskgit_steps}, expected 0 (skip) or a number of refinements >= 1"
-        )
+    if any(k < 1 for k in args.maskgit_steps):
+        p.error(f"--maskgit-steps: got {args.maskgit_steps}, expected numbers of refinements >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = (1, 16) if args.quick else (1, 16, 64)
@@ -350,7 +349,7 @@ def main() -> None:
     geometries = {"anchor": ANCHOR, "tiny": tiny_config()}
     for name, cfg in geometries.items():
         if args.geometry in (name, "both"):
-            out[name] = measure(cfg, batches, repeats, train_reps, peaks, args.maskgit_steps)
+            out[name] = measure(cfg, batches, repeats, train_reps, peaks, tuple(args.maskgit_steps))
             if args.bf16_check:
                 out[name]["bf16_vs_fp32"] = bf16_divergence(cfg)
     print(json.dumps(out))
