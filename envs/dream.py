@@ -284,7 +284,7 @@ class DreamCore:
             or ``"threshold"`` (probability > ``termination_threshold``; ``eval.json``'s
             ``termination.tuned.threshold`` is one chosen on validation episodes), or ``"never"`` (episodes
             end only at the time limit; ``info["terminated_prob"]`` tells the caller the hazard).
-        bf16: bf16 autocast for the prior.
+        bf16: the prior and the tokenizer's decoder in bf16 (:class:`worldmodel.bundle.DreamRollout`).
         clip_actions: continuous actions outside [-1, 1] (and reset context actions outside the data's
             range) are clipped; by default they raise ``ValueError``.
         hazard_scale: k >= 0; every predicted termination probability p becomes 1 - (1 - p)^k (the

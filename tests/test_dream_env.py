@@ -602,3 +602,21 @@ def test_info_latent_is_the_world_models_state_of_the_returned_frame(tiny_bundle
     np.testing.assert_allclose(info["latent"], first[0], atol=1e-5)  # env 0 of the vector env, alone
     *_, info = single.step(0)
     assert info["latent"].shape == (C,) and info["latent"].dtype == np.float32
+
+
+def test_bf16_rollout_decodes_frames_within_one_level_of_fp32(tiny_bundle64):
+    """``bf16=True`` also runs the tokenizer's decoder under bf16 autocast: the frames it returns for the same
+    tokens stay within a level or two of fp32's (uint8), and single roundings do differ."""
+    wm = WorldModel.from_pretrained(tiny_bundle64)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (4, 3, *wm.obs_shape), dtype=np.uint8)
+    actions = rng.integers(0, wm.action_spec.n, (4, 2))
+    got = {}
+    for bf16 in (False, True):
+        r = wm.rollout(4, bf16=bf16, decode_context=2)
+        r.reset(frames, actions)
+        got[bf16] = r.decode_latest()
+    assert got[True].dtype == np.uint8 and got[True].shape == got[False].shape
+    diff = np.abs(got[True].astype(int) - got[False].astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.5, (diff.max(), diff.mean())
+    assert diff.any(), "bf16 decoded exactly as fp32: the decoder did not run in bf16"

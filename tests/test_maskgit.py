@@ -262,9 +262,9 @@ def test_fused_bf16_frame_pass_is_close_to_autocast_and_causal_only_when_writing
 
 
 def test_bf16_maskgit_step_through_the_fused_passes_draws_what_the_autocast_path_draws(monkeypatch):
-    """A whole bf16 MaskGIT step (fused whole-frame passes) and the token-by-token step after it, which reads the
-    cache those passes wrote, give the tokens the autocast ``forward_cached`` path gives (temperature 0; bf16
-    roundings of the two paths differ, so near-ties may flip: at least 90 % agree)."""
+    """bf16 MaskGIT steps (fused whole-frame passes), a token-by-token step that reads the cache those passes wrote,
+    and steps after the window slid (a fused re-encoded prefill) give the tokens the autocast ``forward_cached`` path
+    gives (temperature 0; bf16 roundings of the two paths differ, so near-ties may flip: at least 90 % agree)."""
     from worldmodel.fast_decode import TokenDecoder
 
     cfg = replace(CFG, maskgit_weight=1.0, tokens_h=4, tokens_w=4)
@@ -278,8 +278,13 @@ def test_bf16_maskgit_step_through_the_fused_passes_draws_what_the_autocast_path
                 monkeypatch.setattr(TokenDecoder, "supported", staticmethod(lambda *a: False))
             r = Rollout(p, 4, bf16=True)
             r.start(tok[:, :2], act[:, :1])
-            first = r.step(act[:, 1], temperature=0, decode="maskgit", maskgit_steps=3)
-            paths.append((first, r.step(act[:, 2], temperature=0)))
+            mg = {"decode": "maskgit", "maskgit_steps": 3}
+            steps, lengths = [], []
+            for k, kw in enumerate([mg, {}, mg, {}]):  # MaskGIT, then a token step reading the cache it wrote
+                steps.append(r.step(act[:, 1 + k % 2], temperature=0, **kw))
+                lengths.append(int(r.n_frames[0]))
+            assert lengths == [3, 4, 3, 4]  # the 4-frame window slid at the third step: a re-encoded prefill
+            paths.append(steps)
             monkeypatch.undo()
         for a, b in zip(*paths):
             agree.append((a.tokens == b.tokens).float().mean().item())

@@ -134,7 +134,9 @@ class DreamRollout:
     Args:
         wm: the world model.
         batch_size: number of environments.
-        bf16: bf16 autocast for the prior.
+        bf16: the prior in bf16 (``Rollout(bf16=True)``) and the tokenizer's decoder under bf16 autocast (2.4× faster
+            for 16 frames here; the decoded uint8 frames differ from fp32's by at most one level, 0.12–0.15 on average,
+            on the HGS and Take Cover bundles).
         decode_context: frames of token history the decoder sees when decoding a new frame. The
             tokenizer is causal in time, so more history can only refine the newest frame; on the
             tiny vizdoom_hgs bundle 1, 2, 4 and 8 frames gave the same reconstruction PSNR (28.71 dB
@@ -146,6 +148,7 @@ class DreamRollout:
     ) -> None:
         self.wm, self.B = wm, batch_size
         self.sampler = Rollout(wm.prior, batch_size, bf16=bf16)
+        self.bf16 = bf16
         self.decode_context = max(1, decode_context)
         self.spec = wm.action_spec
 
@@ -243,5 +246,6 @@ class DreamRollout:
             rows = torch.nonzero(ctx == c).flatten()
             idx = s.n_frames[rows, None] - c + torch.arange(c, device=rows.device)[None]  # (k, c)
             window = s.tokens[rows[:, None], idx]  # (k, c, h, w)
-            out[rows.cpu().numpy()] = self.wm.tokenizer.decode(window)[:, -1].cpu().numpy()
+            with torch.autocast(self.wm.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                out[rows.cpu().numpy()] = self.wm.tokenizer.decode(window)[:, -1].cpu().numpy()
         return out

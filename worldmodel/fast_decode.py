@@ -124,6 +124,24 @@ class TokenDecoder:
                 out.append(((w * s).reshape(B, -1), torch.addcmul(c, b, s).reshape(B, -1)))
         return out
 
+    def block_norms(
+        self, ln_params: list[tuple[torch.Tensor, torch.Tensor]] | None, B: int, block_len: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-position (gain, bias) of every LayerNorm for whole windows (:meth:`block`'s prefill), the LayerNorm's
+        own affine folded in: ``ln_params`` of the windows' block conditions (scale, bias each (B, T, C)) -> each
+        (B, T * block_len, C); (C,) ones for a prior without conditional LayerNorms."""
+        self._refresh()
+        out = []
+        for i, ln in enumerate(self.prior.layer_norms()):
+            w, b = ln.norm.weight.detach(), ln.norm.bias.detach()
+            if ln_params is None:
+                out.append((w, b))
+                continue
+            s, c = ln_params[i]  # (B, T, C)
+            g, bias = (w * s).reshape(B, -1, w.shape[0]), torch.addcmul(c, b, s).reshape(B, -1, w.shape[0])
+            out.append((g.repeat_interleave(block_len, 1), bias.repeat_interleave(block_len, 1)))
+        return out
+
     def __call__(
         self, x: torch.Tensor, norms: list[tuple[torch.Tensor, torch.Tensor]], cache: KVCache, pos: int
     ) -> torch.Tensor:
@@ -194,8 +212,10 @@ class TokenDecoder:
     ) -> torch.Tensor:
         """``n`` positions of every row at cache slots ``pos..pos+n``: input embeddings ``x`` (B, n, C) -> final
         normalised hidden states (B, n, C). bf16 decoders only (a row-major bf16 cache): MaskGIT's whole-frame
-        passes, whose GEMMs have B * n rows and whose weights are cast once here instead of on every call under
-        autocast (their casts took about a tenth of a bf16 MaskGIT frame at the anchor geometry).
+        passes, and the re-encoding of a slid window, whose GEMMs have B * n rows and whose weights are cast once
+        here instead of on every call under autocast (their casts took about a tenth of a bf16 MaskGIT frame at the
+        anchor geometry). ``norms``: :meth:`frame_norms` (one frame: (B, C) each) or :meth:`block_norms` (whole
+        windows: (B, n, C) each).
 
         The positions' keys/values are written into slots ``pos..pos+n``. They attend to slots ``< pos`` and to
         each other: causally (``causal=True``: the pass that writes a finished frame into the cache) or all to
@@ -209,7 +229,7 @@ class TokenDecoder:
         hs, L = C // nh, pos + n
         eps = self.prior.ln_f.norm.eps
         mask = torch.ones(n, L, dtype=torch.bool, device=x.device).tril(diagonal=pos) if causal else None
-        # per-frame (B, C) LayerNorm gains/biases broadcast over the frame's positions; (C,) ones as they are
+        # per-frame (B, C) LayerNorm gains/biases broadcast over the frame's positions; (B, n, C) and (C,) as they are
         per_pos = [tuple(t[:, None] if t.ndim == 2 else t for t in gc) for gc in norms]
         x = x.float()
         for i, lw in enumerate(self.layers):

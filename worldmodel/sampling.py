@@ -302,17 +302,25 @@ class Rollout:
             every_row = len(r) == self.B and bool(
                 (r == torch.arange(self.B, device=self.device)).all()
             )  # plain slicing
+            # bf16, every row, no memory: the fused whole-window forward (weights cast once)
+            fused = (
+                self.bf16 and every_row and TokenDecoder.supported(self.prior, self.cache, self._memory(None))
+            )
             with self._autocast():
                 cond = self.prior.block_conditions(acts, len(r), T, cls)
                 x = self.prior.embed_blocks(tok, cond)
-                h = self.prior.forward_cached(
-                    x,
-                    self.prior.ln_condition(cond),
-                    self.cache,
-                    None if every_row else r,
-                    0,
-                    self._memory(None if every_row else r),
-                )  # (k, T * (1 + hw), C)
+                if fused:
+                    norms = self.decoder.block_norms(self.prior.ln_params(cond), len(r), self.prior.block_len)
+                    h = self.decoder.block(x, norms, self.cache, 0, causal=True)  # (B, T * (1 + hw), C)
+                else:
+                    h = self.prior.forward_cached(
+                        x,
+                        self.prior.ln_condition(cond),
+                        self.cache,
+                        None if every_row else r,
+                        0,
+                        self._memory(None if every_row else r),
+                    )  # (k, T * (1 + hw), C)
             self.hidden[r] = h[:, -1].float()
 
     def _slide(self, rows: torch.Tensor) -> None:
