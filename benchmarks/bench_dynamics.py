@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cli_args import add_decode_arguments, decode_kwargs
 
 from worldmodel.bundle import WorldModel
 from worldmodel.dynamics_eval import evaluate_dynamics, heldout_nll
@@ -33,19 +34,13 @@ def main() -> None:
     p.add_argument("--context", type=int, default=4, help="real context frames")
     p.add_argument("--horizon", type=int, default=16, help="open-loop steps")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    p.add_argument(
-        "--decode",
-        default="autoregressive",
-        choices=["autoregressive", "maskgit"],
-        help="token-by-token, or MaskGIT (priors trained with prior.maskgit_weight > 0)",
-    )
-    p.add_argument("--maskgit-steps", type=int, default=8, help="MaskGIT refinement steps per frame")
+    add_decode_arguments(p, maskgit_steps=8)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     wm = WorldModel.from_pretrained(args.checkpoint)
     store = EpisodeStore(args.store or wm.store_path)
-    kw = {"decode": "maskgit", "maskgit_steps": args.maskgit_steps} if args.decode == "maskgit" else {}
+    kw = decode_kwargs(args)
     rep = evaluate_dynamics(
         wm, store, split=args.split, n=args.n, context=args.context, horizon=args.horizon, **kw
     )

@@ -8,8 +8,8 @@ import argparse
 from worldmodel.sampling import DECODES
 
 
-def add_decode_arguments(p: argparse.ArgumentParser) -> None:
-    """``--decode`` and ``--maskgit-steps``: how the dream draws each frame's tokens."""
+def add_decode_arguments(p: argparse.ArgumentParser, maskgit_steps: int = 4) -> None:
+    """``--decode`` and ``--maskgit-steps`` (default ``maskgit_steps``): how the dream draws each frame's tokens."""
     p.add_argument(
         "--decode",
         choices=list(DECODES),
@@ -17,7 +17,10 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
         help="how the dream draws each frame's tokens (maskgit: a bundle trained with the MaskGIT objective)",
     )
     p.add_argument(
-        "--maskgit-steps", type=int, default=4, help="MaskGIT refinements per frame (--decode maskgit)"
+        "--maskgit-steps",
+        type=int,
+        default=maskgit_steps,
+        help="MaskGIT refinements per frame (--decode maskgit)",
     )
 
 
