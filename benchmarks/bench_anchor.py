@@ -11,8 +11,8 @@ Measured in one process:
 - ``fps_b{1,16,64}``: new frames/s through :class:`~worldmodel.sampling.Rollout` (KV-cached, token by
   token, temperature 1): each timed step draws one new frame per row after a full context (positions
   ``8*65 .. 9*65-1`` at the anchor); the context's prefill is not timed. Median of ``--repeats`` steps.
-- ``train_tok_s_{fp32,bf16}``: training positions/s (forward + backward + AdamW, batch 8 whole windows),
-  fp32 and under bf16 autocast, interleaved (A, B, A, B...), medians.
+- ``train_tok_s_{fp32,bf16}``: training positions/s (forward + backward + the trainer's AdamW, batch 8 whole
+  windows), fp32 and under bf16 autocast, interleaved (A, B, A, B...), medians (``time_train_steps``).
 - ``fps_b{B}_bf16``: the same through ``Rollout(bf16=True)`` (the fused bf16 token loop).
 - ``fps_b{B}_maskgit{K}_bf16``: the same geometry carrying the MaskGIT stream, decoded with each ``--maskgit-steps``
   K (default 3 and 4) whole-frame refinements (``decode="maskgit"``, bf16 ``TokenDecoder.block``): K + 1 passes of 64 positions
@@ -52,9 +52,10 @@ from dataclasses import replace
 
 import torch
 
-from worldmodel.config import PriorConfig, get_preset
+from worldmodel.config import PriorConfig, TrainConfig, get_preset
 from worldmodel.prior import Prior
 from worldmodel.sampling import Rollout
+from worldmodel.training import time_train_steps
 
 ANCHOR = PriorConfig(
     n_layer=4,
@@ -169,10 +170,10 @@ def generation_step_seconds(prior: Prior, B: int, repeats: int, bf16: bool = Fal
 
 
 def training_step_seconds(prior: Prior, bf16_reps: int, batch: int = 8) -> tuple[float, float]:
-    """Median seconds of one training step (fp32, bf16 autocast), measured interleaved."""
+    """Median seconds of one training step (fp32, bf16 autocast), measured interleaved by the trainer's own
+    probe (:func:`~worldmodel.training.time_train_steps`: the trainer's AdamW, its default settings) on a copy
+    of ``prior``, on ``batch`` random whole windows."""
     cfg = prior.cfg
-    prior.train()
-    opt = torch.optim.AdamW(prior.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     data = {
         "tokens": torch.randint(
@@ -182,23 +183,8 @@ def training_step_seconds(prior: Prior, bf16_reps: int, batch: int = 8) -> tuple
         "rewards": torch.randn(batch, cfg.frames - 1, generator=g),
         "terminated": torch.zeros(batch, cfg.frames - 1, dtype=torch.bool),
     }
-
-    def step(bf16: bool) -> float:
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = prior.compute_loss(data)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return time.perf_counter() - t0
-
-    step(False), step(True)  # warm-up
-    fp32, bf16 = [], []
-    for _ in range(bf16_reps):
-        fp32.append(step(False))
-        bf16.append(step(True))
-    prior.eval()
-    return statistics.median(fp32), statistics.median(bf16)
+    seconds, _ = time_train_steps(prior, data, TrainConfig(), torch.device("cpu"), steps=bf16_reps)
+    return seconds[False], seconds[True]
 
 
 def bf16_divergence(cfg: PriorConfig, B: int = 16, contexts: int = 2) -> dict:

@@ -552,3 +552,22 @@ def test_second_previous_frame_path_reads_z_t_minus_2_locally_and_names_bad_sett
     ):
         with pytest.raises(ValueError, match=match):
             Prior(replace(CFG, **bad))
+
+
+def test_conditional_layernorm_modulates_in_bf16_under_autocast_only():
+    """Under CPU bf16 autocast the conditional LayerNorm hands the next Linear a bf16 tensor (its gain/bias come from a
+    bf16 Linear; no round trip through fp32) within bf16 rounding of the fp32 result; outside autocast it stays fp32,
+    even when given bf16 (scale, bias) made under autocast."""
+    from worldmodel.prior import CondLayerNorm
+
+    torch.manual_seed(0)
+    ln = CondLayerNorm(32, 8)
+    torch.nn.init.normal_(ln.to_gain_bias.weight, std=0.5)
+    x, cond = torch.randn(2, 5, 32), torch.randn(2, 5, 8)
+    ref = ln(x, cond)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ln(x, cond)
+        pair = ln.gain_bias(cond)
+    assert ref.dtype == torch.float32 and y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), ref, atol=0.05, rtol=0.02) and not torch.equal(y.float(), ref)
+    assert ln(x, pair).dtype == torch.float32  # bf16 pair, no autocast: promoted, as before

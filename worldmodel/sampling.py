@@ -116,8 +116,19 @@ def row_gumbel(
     Per-row generators make a row's samples independent of which other rows share the batch, so a
     vector of N envs reproduces N single envs seeded the same way.
     """
-    u = torch.stack([torch.rand(n, vocab, generator=g, device=g.device) for g in generators]).to(device)
-    return -torch.log(-torch.log(u.clamp_(1e-20, 1.0 - 1e-7)))
+    if all(g.device == device for g in generators):
+        u = torch.empty(len(generators), n, vocab, device=device)
+        for b, g in enumerate(generators):  # each row written in place: no stack copy
+            torch.rand(n, vocab, generator=g, device=device, out=u[b])
+    else:
+        u = torch.stack([torch.rand(n, vocab, generator=g, device=g.device) for g in generators]).to(device)
+    return _gumbel_(u)
+
+
+def _gumbel_(u: torch.Tensor) -> torch.Tensor:
+    """Uniform(0, 1) ``u`` turned into Gumbel(0, 1) noise ``-log(-log(u))`` in place (1.6x fewer passes over
+    memory than the out-of-place form, same values): returns ``u``."""
+    return u.clamp_(1e-20, 1.0 - 1e-7).log_().neg_().log_().neg_()
 
 
 def frame_gumbel(
@@ -137,7 +148,7 @@ def frame_gumbel(
     u = torch.rand(
         B, n, vocab, generator=generator, device=device
     )  # (rand is ~5x faster than exponential_ on CPU)
-    return -torch.log(-torch.log(u.clamp_(1e-20, 1.0 - 1e-7)))
+    return _gumbel_(u)
 
 
 def mean_entropy(logits: torch.Tensor) -> torch.Tensor:

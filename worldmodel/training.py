@@ -157,7 +157,10 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimize
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
         clip_sets.append(params)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95)), clip_sets
+    # the fused kernel (one pass over each tensor instead of a dozen elementwise ops) is 3 % of a bf16 prior
+    # step at the anchor geometry on 2 CPU cores; same update, CPU and CUDA
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused), clip_sets
 
 
 def _resume(
