@@ -11,6 +11,7 @@ Conventions: sizes are in pixels / tokens / frames; ``stride`` is (t, h, w).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -72,6 +73,13 @@ class TokenizerConfig:
     """Commitment loss weight."""
     ema_decay: float = 0.99
     """EMA decay of the codebook statistics."""
+    quantizer: Literal["ema", "fsq"] = "ema"
+    """``ema``: the paper's codebook (``codebook_size`` learned codes of ``embedding_dim``, EMA updates, commitment
+    loss ``beta``). ``fsq``: finite scalar quantisation (``worldmodel.fsq``): each of ``embedding_dim`` channels
+    rounded to ``fsq_levels[i]`` values, no codebook to learn; then ``codebook_size`` must be prod(fsq_levels) and
+    ``embedding_dim`` len(fsq_levels)."""
+    fsq_levels: tuple[int, ...] = ()
+    """Values per channel of the FSQ grid (``quantizer="fsq"``), e.g. (8, 5, 5, 5) = 1000 codes of dimension 4."""
     causal_time: bool = True
     """Temporal convs pad from the past only and temporal attention is masked."""
     max_frames: int = 16
@@ -128,6 +136,22 @@ class TokenizerConfig:
             if not getattr(self, name) >= 0:
                 raise ValueError(
                     f"tokenizer.{name}: got {getattr(self, name)}, expected a weight >= 0 (0 = off)"
+                )
+        if self.quantizer not in ("ema", "fsq"):
+            raise ValueError(f"tokenizer.quantizer: got {self.quantizer!r}, expected 'ema' or 'fsq'")
+        if self.quantizer == "fsq":
+            levels = tuple(self.fsq_levels)
+            if not levels or min(levels) < 2:
+                raise ValueError(
+                    f"tokenizer.fsq_levels: got {levels}, expected one or more integers >= 2 with "
+                    "quantizer='fsq' (e.g. 8 5 5 5)"
+                )
+            if self.codebook_size != math.prod(levels) or self.embedding_dim != len(levels):
+                raise ValueError(
+                    f"tokenizer: quantizer='fsq' with fsq_levels={levels} has {math.prod(levels)} codes of dimension "
+                    f"{len(levels)}; got codebook_size={self.codebook_size}, embedding_dim={self.embedding_dim} "
+                    f"(pass --config.tokenizer.codebook-size {math.prod(levels)} "
+                    f"--config.tokenizer.embedding-dim {len(levels)})"
                 )
         if self.adv_start_step < 0:
             raise ValueError(f"tokenizer.adv_start_step: got {self.adv_start_step}, expected a step >= 0")

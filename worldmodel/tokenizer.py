@@ -32,6 +32,7 @@ from worldmodel.attention import AxialBlock, BroadcastPosEmbed
 from worldmodel.codebook import Codebook
 from worldmodel.config import TokenizerConfig
 from worldmodel.discriminator import Adversary
+from worldmodel.fsq import FSQ
 from worldmodel.perceptual import RandomFeatures
 
 
@@ -286,7 +287,11 @@ class VQVAE(nn.Module):
             self.pos = BroadcastPosEmbed(cfg.channels, (T_lat, *self.grid))
         self.encoder = Encoder(cfg, self.pos)
         self.decoder = Decoder(cfg, self.pos)
-        self.codebook = Codebook(cfg.codebook_size, cfg.embedding_dim, cfg.beta, cfg.ema_decay)
+        self.codebook = (
+            FSQ(cfg.fsq_levels)
+            if cfg.quantizer == "fsq"
+            else Codebook(cfg.codebook_size, cfg.embedding_dim, cfg.beta, cfg.ema_decay)
+        )
         self.register_buffer("data_variance", torch.ones(()))
         # Training-only loss modules, built after the autoencoder so that its initial weights do not depend
         # on them; never run by encode/decode (see worldmodel/discriminator.py for the design).
