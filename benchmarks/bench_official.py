@@ -53,7 +53,7 @@ def load_official(root: Path) -> types.ModuleType:
     ``__init__``."""
     pkg_dir = root / "videogpt"
     if not (pkg_dir / "attention.py").is_file():
-        raise SystemExit(
+        raise FileNotFoundError(
             f"--official: {root} has no videogpt/attention.py; expected a checkout of "
             "https://github.com/wilson1yan/VideoGPT"
         )
@@ -147,7 +147,10 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    attention = load_official(args.official)
+    try:
+        attention = load_official(args.official)
+    except FileNotFoundError as e:
+        p.error(str(e))
     gpt = OfficialGPT(attention)
     opt = torch.optim.Adam(gpt.parameters(), lr=3e-4)
     plain, mg = Prior(ANCHOR).eval(), Prior(replace(ANCHOR, maskgit_weight=1.0)).eval()

@@ -42,6 +42,21 @@ def scenes(B: int = 2, T: int = 4, R: int = 16, seed: int = 0) -> torch.Tensor:
     return x
 
 
+def fit_clip(
+    m: VQVAE, frames: torch.Tensor, steps: int = 25, lr: float = 3e-3
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Train ``m`` on one batch of uint8 ``frames`` with Adam: (the first step's metrics, the last step's)."""
+    opt = torch.optim.Adam(m.parameters(), lr=lr)
+    first: dict[str, float] = {}
+    for _ in range(steps):
+        loss, metrics = m.compute_loss({"frames": frames})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first or metrics
+    return first, metrics
+
+
 def blur(video: torch.Tensor) -> torch.Tensor:
     """3x3 box blur of float video (B, 3, T, H, W), per frame."""
     B, C, T, H, W = video.shape
@@ -122,16 +137,7 @@ def test_hard_pixel_term_is_the_mean_of_the_worst_pixels_and_pulls_on_them():
 )
 def test_each_objective_trains(kw):
     torch.manual_seed(0)
-    m = VQVAE(replace(TINY, **kw))
-    x = scenes(B=2, T=4)
-    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
-    first: dict[str, float] = {}
-    for _ in range(25):
-        loss, metrics = m.compute_loss({"frames": x})
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        first = first or metrics
+    first, metrics = fit_clip(VQVAE(replace(TINY, **kw)), scenes(B=2, T=4))
     assert metrics["psnr"] > first["psnr"] + 3.0, (kw, first, metrics)
     # the worst pixels are by definition the slowest to fall: the hard-pixel term is held to less
     assert metrics["recon_loss"] < (0.6 if "hard_pixel_weight" in kw else 0.5) * first["recon_loss"]
