@@ -67,6 +67,19 @@ def make_bundle(cfg: ExperimentConfig, run_dir: str | Path, seed: int = 0) -> Pa
     return Path(run_dir)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def sb3_log_dir(tmp_path_factory):
+    """SB3 makes a fresh ``<tmp>/SB3-<date>`` folder for every model that learns without a logger folder; point it
+    (and the subprocesses' SB3, through the environment) at one pytest temporary folder instead."""
+    old = os.environ.get("SB3_LOGDIR")
+    os.environ["SB3_LOGDIR"] = str(tmp_path_factory.mktemp("sb3-logs"))
+    yield
+    if old is None:
+        os.environ.pop("SB3_LOGDIR", None)
+    else:
+        os.environ["SB3_LOGDIR"] = old
+
+
 @pytest.fixture()
 def one_thread():
     """Tiny models run far faster single-threaded on a shared 2-core machine (no oversubscribed OpenMP)."""
