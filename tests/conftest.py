@@ -194,3 +194,31 @@ def write_continuous_store(
                 frames[t, y : y + 6, x : x + 6] = 255
             w.add_episode(frames, acts)
     return Path(root)
+
+
+def scenes(B: int = 2, T: int = 4, R: int = 16, seed: int = 0) -> torch.Tensor:
+    """uint8 (B, T, R, R, 3): dark floor with a few bright 2x2 'objects' that move one pixel per frame."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.full((B, T, R, R, 3), 40, dtype=torch.uint8)
+    for b in range(B):
+        for _ in range(3):
+            y0, x0 = (int(v) for v in torch.randint(0, R - 2 - T, (2,), generator=g))
+            color = torch.randint(150, 256, (3,), generator=g, dtype=torch.uint8)
+            for t in range(T):
+                x[b, t, y0 : y0 + 2, x0 + t : x0 + t + 2] = color
+    return x
+
+
+def fit_clip(
+    m: torch.nn.Module, frames: torch.Tensor, steps: int = 25, lr: float = 3e-3
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Train ``m`` on one batch of uint8 ``frames`` with Adam: (the first step's metrics, the last step's)."""
+    opt = torch.optim.Adam(m.parameters(), lr=lr)
+    first: dict[str, float] = {}
+    for _ in range(steps):
+        loss, metrics = m.compute_loss({"frames": frames})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first or metrics
+    return first, metrics

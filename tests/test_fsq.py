@@ -3,14 +3,14 @@ config's checks, and a tokenizer with it that trains, round-trips and dreams as 
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_bundle, tiny_experiment
-from tests.test_tokenizer_objectives import TINY, fit_clip, scenes
+from tests.conftest import fit_clip, make_bundle, scenes, tiny_experiment
+from tests.test_tokenizer_objectives import TINY
 from worldmodel.config import TokenizerConfig
 from worldmodel.fsq import FSQ
 from worldmodel.tokenizer import VQVAE
@@ -20,6 +20,7 @@ FSQ_TINY = replace(TINY, quantizer="fsq", fsq_levels=LEVELS, codebook_size=120, 
 
 
 def test_grid_codes_vectors_and_lookup_agree():
+    torch.manual_seed(0)
     q = FSQ(LEVELS)
     assert q.n_codes == 120 and q.embeddings.shape == (120, 3)
     # every code is reachable, each channel takes exactly its number of values, and codes are unique per vector
@@ -36,9 +37,16 @@ def test_grid_codes_vectors_and_lookup_agree():
     assert torch.allclose(q.lookup(out.codes), out.z_q)
     assert torch.allclose(q.embeddings[out.codes.flatten()], out.z_q.permute(0, 2, 3, 4, 1).reshape(-1, 3))
     assert q.embeddings.unique(dim=0).shape[0] == 120
+    # encoding under bf16 autocast (a bf16 encoder output) gives the forward's codes too
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        zb = z.bfloat16()
+        assert torch.equal(
+            q.codes_for(zb.permute(0, 2, 3, 4, 1).reshape(-1, 3)).view(out.codes.shape), q(zb).codes
+        )
 
 
 def test_rounding_passes_the_gradient_straight_through_and_saturates_smoothly():
+    torch.manual_seed(0)
     q = FSQ(LEVELS)
     z = torch.randn(2, 3, 1, 4, 4, requires_grad=True)
     q(z).z_q.sum().backward()
@@ -57,6 +65,12 @@ def test_bad_settings_are_named():
         TokenizerConfig(quantizer="lfq")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="channels"):
         FSQ(LEVELS)(torch.zeros(1, 4, 1, 2, 2))
+    with pytest.raises(ValueError, match=r"flat: got shape \(5, 1\), expected \(N, 3\)"):
+        FSQ(LEVELS).codes_for(torch.zeros(5, 1))
+    with pytest.raises(ValueError, match="fsq_levels.*quantizer='ema'"):
+        replace(TINY, fsq_levels=LEVELS)
+    with pytest.raises(ValueError, match="at most 32767"):
+        replace(TINY, quantizer="fsq", fsq_levels=(8, 8, 8, 8, 8, 8), codebook_size=8**6, embedding_dim=6)
 
 
 def test_fsq_tokenizer_trains_and_encode_decode_match_the_forward():
@@ -70,10 +84,9 @@ def test_fsq_tokenizer_trains_and_encode_decode_match_the_forward():
         out = m(m.to_float(x))
     assert torch.equal(tokens, out.codes)
     assert torch.equal(m.decode(tokens), m.to_uint8(out.recon))
-    assert math.prod(LEVELS) == FSQ_TINY.codebook_size
 
 
-def test_fsq_bundle_loads_and_dreams(tmp_path, hgs_store):
+def test_fsq_bundle_loads_encodes_and_dreams(tmp_path, hgs_store):
     from worldmodel.bundle import WorldModel
 
     cfg = tiny_experiment(hgs_store, steps=3)
@@ -88,3 +101,8 @@ def test_fsq_bundle_loads_and_dreams(tmp_path, hgs_store):
     frames = torch.zeros(1, 4, 32, 32, 3, dtype=torch.uint8)
     tokens = wm.tokenizer.encode(frames)
     assert int(tokens.max()) < 64 and wm.tokenizer.decode(tokens).shape == frames.shape
+    ro = wm.rollout(2)
+    ro.reset(np.zeros((2, 3, 32, 32, 3), np.uint8), np.zeros((2, 2), np.int64))
+    out = ro.step(np.array([0, 1]))
+    assert out.frames.shape == (2, 32, 32, 3) and out.frames.dtype == np.uint8
+    assert out.tokens.shape == (2, *tokens.shape[-2:]) and int(out.tokens.max()) < 64

@@ -555,9 +555,9 @@ def test_second_previous_frame_path_reads_z_t_minus_2_locally_and_names_bad_sett
 
 
 def test_conditional_layernorm_modulates_in_bf16_under_autocast_only():
-    """Under CPU bf16 autocast the conditional LayerNorm hands the next Linear a bf16 tensor (its gain/bias come from a
-    bf16 Linear; no round trip through fp32) within bf16 rounding of the fp32 result; outside autocast it stays fp32,
-    even when given bf16 (scale, bias) made under autocast."""
+    """Training under CPU bf16 autocast, the conditional LayerNorm hands the next Linear a bf16 tensor (its gain/bias
+    come from a bf16 Linear; no round trip through fp32) within bf16 rounding of the fp32 result. In eval (generation,
+    as the fused decoder) and outside autocast it stays fp32, even when given bf16 (scale, bias) made under autocast."""
     from worldmodel.prior import CondLayerNorm
 
     torch.manual_seed(0)
@@ -571,3 +571,6 @@ def test_conditional_layernorm_modulates_in_bf16_under_autocast_only():
     assert ref.dtype == torch.float32 and y.dtype == torch.bfloat16
     assert torch.allclose(y.float(), ref, atol=0.05, rtol=0.02) and not torch.equal(y.float(), ref)
     assert ln(x, pair).dtype == torch.float32  # bf16 pair, no autocast: promoted, as before
+    ln.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ln(x, cond).dtype == torch.float32

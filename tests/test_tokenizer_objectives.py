@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import make_bundle, tiny_experiment
+from tests.conftest import fit_clip, make_bundle, scenes, tiny_experiment
 from worldmodel.config import TokenizerConfig
 from worldmodel.discriminator import Adversary, PatchDiscriminator, adaptive_weight, hinge_d_loss
 from worldmodel.perceptual import RandomFeatures
@@ -27,34 +27,6 @@ TINY = TokenizerConfig(
     disc_channels=8,
     disc_layers=2,
 )
-
-
-def scenes(B: int = 2, T: int = 4, R: int = 16, seed: int = 0) -> torch.Tensor:
-    """uint8 (B, T, R, R, 3): dark floor with a few bright 2x2 'objects' that move one pixel per frame."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.full((B, T, R, R, 3), 40, dtype=torch.uint8)
-    for b in range(B):
-        for _ in range(3):
-            y0, x0 = (int(v) for v in torch.randint(0, R - 2 - T, (2,), generator=g))
-            color = torch.randint(150, 256, (3,), generator=g, dtype=torch.uint8)
-            for t in range(T):
-                x[b, t, y0 : y0 + 2, x0 + t : x0 + t + 2] = color
-    return x
-
-
-def fit_clip(
-    m: VQVAE, frames: torch.Tensor, steps: int = 25, lr: float = 3e-3
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Train ``m`` on one batch of uint8 ``frames`` with Adam: (the first step's metrics, the last step's)."""
-    opt = torch.optim.Adam(m.parameters(), lr=lr)
-    first: dict[str, float] = {}
-    for _ in range(steps):
-        loss, metrics = m.compute_loss({"frames": frames})
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        first = first or metrics
-    return first, metrics
 
 
 def blur(video: torch.Tensor) -> torch.Tensor:

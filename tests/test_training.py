@@ -471,3 +471,33 @@ def test_plan_steps_divides_the_minutes_by_the_step_time_and_names_bad_values():
         plan_steps(0, 0.1)
     with pytest.raises(ValueError, match="fit_minutes: got -1"):
         TrainConfig(fit_minutes=-1)
+
+
+def test_a_checkpoint_from_before_fused_adamw_resumes_with_the_fused_kernel(tmp_path, clips):
+    """The trainer's AdamW is fused on CPU and CUDA; a checkpoint saved by the unfused optimizer (``fused: None`` in its
+    param groups, as before session 12) resumes with the fused kernel, not with the saved group option."""
+    from worldmodel.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = TrainConfig(
+        steps=5, batch_size=4, lr=1e-2, warmup_steps=2, ckpt_every=5, eval_every=100, log_every=1
+    )
+    torch.manual_seed(0)
+    fit(ToyModel(), stage="toy", run_dir=tmp_path, train_set=clips, val_set=None, cfg=cfg, progress=False)
+    state, weights = load_checkpoint(tmp_path, "toy")
+    assert all(g["fused"] for g in state["optimizer"]["param_groups"])
+    for g in state["optimizer"]["param_groups"]:
+        g["fused"] = None
+    save_checkpoint(tmp_path, "toy", weights, {k: v for k, v in state.items() if k != "weights"})
+    m = ToyModel()
+    fit(
+        m,
+        stage="toy",
+        run_dir=tmp_path,
+        train_set=clips,
+        val_set=None,
+        cfg=replace(cfg, steps=8),
+        progress=False,
+    )
+    after, _ = load_checkpoint(tmp_path, "toy")
+    assert len(m.losses) == 3 and all(np.isfinite(m.losses))
+    assert all(g["fused"] for g in after["optimizer"]["param_groups"])

@@ -139,9 +139,18 @@ class TokenizerConfig:
                 )
         if self.quantizer not in ("ema", "fsq"):
             raise ValueError(f"tokenizer.quantizer: got {self.quantizer!r}, expected 'ema' or 'fsq'")
+        if self.codebook_size > 32767:
+            raise ValueError(
+                f"tokenizer.codebook_size: got {self.codebook_size}, expected at most 32767 (token caches store int16)"
+            )
+        if self.fsq_levels and self.quantizer != "fsq":
+            raise ValueError(
+                f"tokenizer.fsq_levels: got {tuple(self.fsq_levels)} with quantizer={self.quantizer!r}; "
+                "pass --config.tokenizer.quantizer fsq, or no levels"
+            )
         if self.quantizer == "fsq":
             levels = tuple(self.fsq_levels)
-            if not levels or min(levels) < 2:
+            if not levels or any(not isinstance(n, int) or n < 2 for n in levels):
                 raise ValueError(
                     f"tokenizer.fsq_levels: got {levels}, expected one or more integers >= 2 with "
                     "quantizer='fsq' (e.g. 8 5 5 5)"

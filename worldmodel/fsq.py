@@ -54,6 +54,10 @@ class FSQ(nn.Module):
 
     def codes_for(self, flat: torch.Tensor) -> torch.Tensor:
         """The code of each row of ``flat`` (N, d): (N,) int64 in [0, n_codes)."""
+        if flat.ndim != 2 or flat.shape[1] != self.dim:
+            raise ValueError(
+                f"flat: got shape {tuple(flat.shape)}, expected (N, {self.dim}) (one column per level)"
+            )
         return self._digits_to_codes(torch.round(self._bound(flat.float())))
 
     def _vectors(self, codes: torch.Tensor) -> torch.Tensor:
@@ -67,6 +71,9 @@ class FSQ(nn.Module):
         return self._vectors(torch.arange(self.n_codes, device=self._L.device))
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """Quantise encoder outputs ``z`` (B, d, T, H, W): grid vectors ``z_q`` (B, d, T, H, W) in [-1, 1] with
+        straight-through gradients, ``codes`` (B, T, H, W) int64, a zero commitment loss, and this batch's code
+        perplexity and fraction of codes used."""
         B, D, T, H, W = z.shape
         if D != self.dim:
             raise ValueError(f"z: got {D} channels, expected {self.dim} (one per FSQ level)")

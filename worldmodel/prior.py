@@ -81,9 +81,10 @@ class CondLayerNorm(nn.Module):
         y = self.norm(x)
         if self.to_gain_bias is not None and cond is not None:
             scale, bias = cond if isinstance(cond, tuple) else self.gain_bias(cond)  # (B, S, C) each
-            if y.dtype != bias.dtype and torch.is_autocast_enabled(y.device.type):
-                # autocast: LayerNorm runs fp32, gain/bias come from a bf16 Linear; modulating in bf16 skips
-                # two casts up and one down (the next Linear would round y to bf16 anyway): 5 % of a bf16 step
+            if self.training and y.dtype != bias.dtype and torch.is_autocast_enabled(y.device.type):
+                # bf16 training: LayerNorm runs fp32, gain/bias come from a bf16 Linear; modulating in bf16 skips
+                # two casts up and one down (the next Linear would round y to bf16 anyway): 5 % of a bf16 step.
+                # Generation keeps the fp32 modulation, as the fused TokenDecoder does.
                 y = y.to(bias.dtype)
             y = torch.addcmul(bias, y, scale)  # y * scale + bias in one op
         return y

@@ -185,7 +185,15 @@ def _resume(
             f"differently shaped: {', '.join(misfit)}"
         )
     model.load_state_dict(saved)
+    fused = [group.get("fused") for group in opt.param_groups]
     opt.load_state_dict(state["optimizer"])
+    for group, f in zip(opt.param_groups, fused, strict=True):
+        # load_state_dict brings back the saved group options: keep this build's kernel choice (a checkpoint from
+        # before fused AdamW, or from a device without it), with the step counters where that kernel wants them
+        group["fused"] = f
+        for p in group["params"]:
+            if f and "step" in opt.state.get(p, {}):
+                opt.state[p]["step"] = opt.state[p]["step"].to(dtype=torch.float32, device=p.device)
     return state
 
 
