@@ -15,7 +15,8 @@ Both sides have latent (9, 8, 8), 512 codes, 4 layers × 264 wide × 4 heads, ra
   (a prior carrying the MaskGIT stream). Medians of ``--repeats`` interleaved rounds.
 - Training, batch 8 windows: forward + backward + optimizer step, tokens/s. Official: ``fc_in`` → ``AttentionStack``
   → ``LayerNorm`` → ``fc_out`` → cross-entropy with Adam, fp32 (its own precision) and under bf16 autocast (which
-  its code never uses); its blocks use activation checkpointing as published, and ``*_no_ckpt`` times them without. Ours: the trainer's own step probe (``bench_anchor.training_step_seconds``), fp32 and bf16.
+  its code never uses); its blocks use activation checkpointing as published, and ``*_no_ckpt`` times them
+  without. Ours: the trainer's own step probe (``bench_anchor.training_step_seconds``), fp32 and bf16.
   Official tokens are the 9 × 64 codes of a window; ours also count each frame's slot position (9 × 65):
   ``ratio_train_bf16_vs_official_fp32_codes_only`` discounts them.
 
@@ -57,9 +58,8 @@ def load_official(root: Path) -> types.ModuleType:
             f"--official: {root} has no videogpt/attention.py; expected a checkout of "
             "https://github.com/wilson1yan/VideoGPT"
         )
-    if (
-        importlib.util.find_spec("skvideo") is None
-    ):  # utils.py imports scikit-video at the top, to save videos
+    # utils.py imports scikit-video at the top, only to save videos
+    if importlib.util.find_spec("skvideo") is None:
         for name in ("skvideo", "skvideo.io"):
             sys.modules[name] = types.ModuleType(name)
     pkg = types.ModuleType("videogpt")
