@@ -42,16 +42,37 @@ KILLS = {"collect": 7, "convert": 7, "train": 6}  # 20 in all
 assert sum(KILLS.values()) == 20
 
 
+def _tqdm_classes() -> list[type]:
+    """The tqdm classes the scripts draw bars with: ``tqdm.auto``'s is a subclass that keeps its own lock and
+    monitor thread once it has drawn a bar, so settings made on the base class alone do not reach it."""
+    import tqdm.auto
+    import tqdm.std
+
+    return [tqdm.std.tqdm, tqdm.auto.tqdm]
+
+
+def _private_tqdm_locks() -> None:
+    """Give every tqdm class a lock of this process alone. tqdm's default lock includes a process-shared semaphore
+    (``multiprocessing.RLock``) inherited through fork: a run SIGKILLed while it drew a bar would leave it held for
+    every later run and for this test process, which then hangs at its next progress bar (even a disabled one)."""
+    for cls in _tqdm_classes():
+        cls.set_lock(threading.RLock())
+
+
 @pytest.fixture(scope="module", autouse=True)
 def warm_imports():
-    """Import, once, what the scripts import (the forked runs then start in milliseconds), and keep tqdm's
-    monitor thread from running in this process (the runs are forked from it: only its main thread should exist)."""
-    from tqdm import tqdm
-
-    interval, tqdm.monitor_interval = tqdm.monitor_interval, 0
-    if tqdm.monitor is not None:
-        tqdm.monitor.exit()
-        tqdm.monitor = None
+    """Import, once, what the scripts import (the forked runs then start in milliseconds); keep tqdm's monitor
+    threads from running in this process (the runs are forked from it: only its main thread should exist) and its
+    locks private to each process."""
+    saved = []
+    for cls in _tqdm_classes():
+        saved.append((cls, cls.monitor_interval, cls.__dict__.get("_lock")))
+        cls.monitor_interval = 0
+        monitor = cls.__dict__.get("monitor")
+        if monitor is not None:
+            monitor.exit()
+            cls.monitor = None
+    _private_tqdm_locks()
     import tyro  # noqa: F401
     from torch.utils.tensorboard import SummaryWriter  # noqa: F401
 
@@ -68,7 +89,12 @@ def warm_imports():
         [torch.nn.Parameter(torch.zeros(1))]
     )  # the first optimizer imports torch._dynamo (~1.5 s)
     yield
-    tqdm.monitor_interval = interval
+    for cls, interval, lock in reversed(saved):
+        cls.monitor_interval = interval
+        if lock is None:
+            del cls._lock
+        else:
+            cls._lock = lock
 
 
 def _run_script(script: str, argv: list[str], cwd: str, log: str) -> None:  # in the forked child
@@ -82,12 +108,7 @@ def _run_script(script: str, argv: list[str], cwd: str, log: str) -> None:  # in
     )  # noqa: SIM115
     os.chdir(cwd)
     torch.set_num_threads(1)
-    # A fresh progress-bar lock of its own: tqdm's default one is a process-shared semaphore inherited through the
-    # fork, and a run SIGKILLed while it held it (drawing a bar) would leave it held for every later run and for
-    # this test process (seen as a hang in tqdm's TqdmDefaultWriteLock.acquire on a fast machine).
-    from tqdm import tqdm
-
-    tqdm.set_lock(threading.RLock())
+    _private_tqdm_locks()  # fresh ones: a lock another thread of the parent held at the fork is never released here
     sys.argv = [script, *argv]
     runpy.run_path(script, run_name="__main__")
 
@@ -194,6 +215,34 @@ class Runner:
             )
             check()
         assert not self.leftovers, f"processes left running after a kill: {self.leftovers}"
+
+
+def _hold_the_bar_lock(ready: int) -> None:
+    """In the forked child: take the lock a bar draws under, say so, and wait to be killed."""
+    from tqdm.auto import tqdm
+
+    tqdm.get_lock().acquire()
+    os.write(ready, b"x")
+    time.sleep(60)
+
+
+def test_a_run_killed_while_drawing_a_bar_leaves_no_lock_held():
+    """The state of a run killed mid-bar: this process (and every later run) can still draw progress bars."""
+    from tqdm.auto import tqdm
+
+    tqdm(total=1, disable=True).close()  # the class has made its lock, as after any earlier test's bar
+    r, w = os.pipe()
+    p = mp.get_context("fork").Process(target=_hold_the_bar_lock, args=(w,))
+    p.start()
+    assert os.read(r, 1) == b"x"
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+    os.close(r)
+    os.close(w)
+    bar = threading.Thread(target=lambda: tqdm(range(3), disable=True).close(), daemon=True)
+    bar.start()
+    bar.join(10)
+    assert not bar.is_alive(), "a progress bar waits for the lock the killed run held"
 
 
 # ---------------------------------------------------------------------------------------------- stores
