@@ -647,15 +647,16 @@ def _take_cover(scale: str) -> ExperimentConfig:
     random episodes and a 4x longer tokenizer schedule. ViZDoom returns the previous frame again at death, so a head
     reading the new frame can end a dream episode only when the sampler happens to draw that frozen frame (README,
     "Take Cover"): on held-out real episodes the history head ranks deaths with AUC 0.90 where the frame head's
-    probability at real deaths was 0.002-0.5. 1000 random episodes (98.5k steps, ~1.3 min to collect) is the measured transfer recipe."""
+    probability at real deaths was 0.002-0.5. 1000 random episodes (98.5k steps, ~1.3 min to collect) is the
+    measured transfer recipe."""
     base = _vizdoom("vizdoom_take_cover", scale, n_actions=2)
     episodes = 1000 if scale == "tiny" else base.collect_episodes
     tt = base.tokenizer_train
     if scale == "tiny":
         # 2400 tokenizer steps at lr 2e-3 (6-7 min on 2 cores, bf16), not the ViZDoom tiny preset's 600 at 1e-3
         # (1.4 min): on the 1900-episode store (held-out clips, benchmarks/bench_tokenizer.py, 3 seeds)
-        # reconstructions 30.9 -> 33.3 dB, SSIM 0.78 -> 0.85, sharpness ratio 0.12 -> 0.31, fvd_recon 1249 -> 724 (real-vs-real
-        # floor 730), and the prior's dream frames are about 3x sharper (README "Sharp tokens").
+        # reconstructions 30.9 -> 33.3 dB, SSIM 0.78 -> 0.85, sharpness ratio 0.12 -> 0.31, fvd_recon 1249 -> 724
+        # (real-vs-real floor 730), and the prior's dream frames are about 3x sharper (README "Sharp tokens").
         tt = replace(tt, steps=2400, lr=2e-3, eval_every=800, ckpt_every=400)
     return replace(
         base,
