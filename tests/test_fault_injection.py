@@ -234,11 +234,13 @@ def test_a_run_killed_while_drawing_a_bar_leaves_no_lock_held():
     r, w = os.pipe()
     p = mp.get_context("fork").Process(target=_hold_the_bar_lock, args=(w,))
     p.start()
-    assert os.read(r, 1) == b"x"
-    os.kill(p.pid, signal.SIGKILL)
-    p.join()
-    os.close(r)
-    os.close(w)
+    try:
+        assert os.read(r, 1) == b"x"
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.join()
+        os.close(r)
+        os.close(w)
     bar = threading.Thread(target=lambda: tqdm(range(3), disable=True).close(), daemon=True)
     bar.start()
     bar.join(10)
