@@ -29,7 +29,7 @@ from envs.gym_source import is_gym_env
 from envs.real import check_real_env, make_real_env_fn, recorded_settings, store_action_spec
 from envs.vizdoom import action_names, exit_if_terminated
 from worldmodel.random_policy import StickyRandomBoxPolicy, StickyRandomPolicy
-from worldmodel.store import STORE_JSON, ActionSpec, EpisodeStore, StoreWriter
+from worldmodel.store import OBJECT_MASK, STORE_JSON, ActionSpec, EpisodeStore, StoreWriter
 
 Policy = Callable[[np.ndarray], np.ndarray]
 """Maps a batch of observations uint8 ``(N, H, W, 3)`` to actions of the env's (exposed) action space: int64
@@ -211,6 +211,18 @@ def _check_counts(episodes: int, num_envs: int, epsilon: float) -> None:
         raise ValueError(f"epsilon: got {epsilon}, expected a probability in [0, 1]")
 
 
+def _episode_buffer(obs: np.ndarray, info: dict[str, Any], i: int, masks: bool) -> dict[str, list]:
+    """A new episode's buffer for env row ``i`` of a vector env's ``obs`` / ``info``: its first frame (and its
+    object mask when ``masks``)."""
+    return {
+        "frames": [obs[i]],
+        "actions": [],
+        "rewards": [],
+        "terminated": [],
+        OBJECT_MASK: [info[OBJECT_MASK][i]] if masks else [],
+    }
+
+
 def collect(
     env: str,
     out: str | os.PathLike,
@@ -326,26 +338,26 @@ def collect(
         run_seed = seed + 100_003 * present  # a resumed run must not replay the episodes it already stored
         act = _acting_policy(loaded, spec, num_envs, mean_repeat, run_seed, epsilon)
         bar = tqdm(total=episodes, initial=present, desc=f"collect {env}", unit="ep", disable=not progress)
-        obs, _ = venv.reset(seed=run_seed)
+        obs, info = venv.reset(seed=run_seed)
         reset_policy(act, None)
-        buf: list[dict[str, list]] = [
-            {"frames": [o], "actions": [], "rewards": [], "terminated": []} for o in obs
-        ]
+        masks = OBJECT_MASK in info  # ViZDoom's env kwarg object_mask: stored with the frames as extras
+        buf = [_episode_buffer(obs, info, i, masks) for i in range(num_envs)]
         fresh = np.zeros(num_envs, bool)  # NEXT_STEP autoreset: this step's obs starts a new episode
         while finished < todo:
             exit_if_terminated()  # a SIGTERM whose SystemExit was dropped (it hit a finalizer) still ends the run
             actions = act(obs)
-            obs, rew, term, trunc, _ = venv.step(actions)
+            obs, rew, term, trunc, info = venv.step(actions)
             stored = (
                 to_store(actions) if to_store is not None else np.asarray(actions, np.int64).reshape(num_envs)
             )
             report.env_steps += int((~fresh).sum())
             for i in range(num_envs):
                 if fresh[i]:  # the vector env ignored our action and reset this env
-                    buf[i] = {"frames": [obs[i]], "actions": [], "rewards": [], "terminated": []}
+                    buf[i] = _episode_buffer(obs, info, i, masks)
                     continue
                 b = buf[i]
                 b["frames"].append(obs[i])
+                b[OBJECT_MASK].extend(info[OBJECT_MASK][i : i + 1] if masks else [])
                 b["actions"].append(stored[i])
                 b["rewards"].append(float(rew[i]))
                 b["terminated"].append(bool(term[i]))
@@ -358,6 +370,7 @@ def collect(
                         np.array(b["terminated"], bool),
                         truncated=bool(trunc[i]) and not bool(term[i]),
                         attrs=attrs,
+                        extras={OBJECT_MASK: np.stack(b[OBJECT_MASK])} if masks else None,
                     )
                     report.returns.append(float(np.sum(b["rewards"])))
                     report.lengths.append(len(b["frames"]))

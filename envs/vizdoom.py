@@ -151,6 +151,10 @@ class VizdoomEnv(gym.Env):
             ``False`` gives the raw scenario frames.
         labels: ViZDoom's labels buffer on; ``info["objects"]`` lists the visible objects' boxes in
             observation pixels (:class:`envs.objects.ObjectBox`).
+        object_mask: ``info["object_mask"]``, uint8 ``(resolution, resolution)``: 1 inside the boxes of the
+            small objects a policy reacts to (:data:`envs.objects.OBJECTS`: medkits, fireballs), else 0. Turns
+            the labels buffer on. Collection stores it per frame (``extras/object_mask``), where the
+            tokenizer's and the prior's object-weighted losses read it.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": TICRATE / 4}
@@ -166,10 +170,12 @@ class VizdoomEnv(gym.Env):
         render_mode: str | None = None,
         health_bar: bool = True,
         labels: bool = False,
+        object_mask: bool = False,
     ) -> None:
         _check_env_args(name, resolution, frame_skip, render_mode)
         self.name, self.resolution, self.frame_skip = name, resolution, frame_skip
-        self.health_bar, self.labels = health_bar, labels
+        self.health_bar, self.object_mask = health_bar, bool(object_mask)
+        self.labels = bool(labels or object_mask)
         self._objects: list = []
         self.max_episode_steps, self.render_mode = max_episode_steps, render_mode
         self.metadata = {**self.metadata, "render_fps": TICRATE / frame_skip}
@@ -193,7 +199,7 @@ class VizdoomEnv(gym.Env):
         game.set_screen_resolution(vzd.ScreenResolution.RES_160X120)
         game.set_window_visible(False)
         game.set_mode(vzd.Mode.PLAYER)
-        game.set_labels_buffer_enabled(labels)
+        game.set_labels_buffer_enabled(self.labels)
         # ViZDoom writes its engine ini into the working directory unless told otherwise.
         game.set_doom_config_path(
             os.path.join(tempfile.gettempdir(), f"worldmodel_vizdoom_{os.getuid()}.ini")
@@ -246,6 +252,11 @@ class VizdoomEnv(gym.Env):
         info = {"step": self._steps, "episode_tic": int(self.game.get_episode_time()), **self._last_vars}
         if self.labels:
             info["objects"] = list(self._objects)  # envs.objects.ObjectBox, observation pixels
+        if self.object_mask:
+            from envs.objects import OBJECTS, box_mask
+
+            wanted = [b for b in self._objects if b.name in OBJECTS[self.name]]
+            info["object_mask"] = box_mask(wanted, self.resolution).astype(np.uint8)
         return info
 
     # -- Gymnasium API --------------------------------------------------------------------------
@@ -358,6 +369,7 @@ def make_real_env(
     render_mode: str | None = None,
     seed: int | None = None,
     health_bar: bool = True,
+    object_mask: bool = False,
 ) -> VizdoomEnv:
     """Create the real env ``name`` (see :class:`VizdoomEnv`); ``seed`` seeds its first reset."""
     env = VizdoomEnv(
@@ -368,6 +380,7 @@ def make_real_env(
         max_episode_steps=max_episode_steps,
         render_mode=render_mode,
         health_bar=health_bar,
+        object_mask=object_mask,
     )
     if seed is not None:
         env.reset(seed=seed)

@@ -74,6 +74,9 @@ class Args:
     health_bar: bool = True
     """Draw the player's health as a red bar over the bottom rows of each frame (a HUD legible at 64×64;
     the dream needs it to predict deaths; ViZDoom presets only). --no-health-bar collects the raw scenario frames."""
+    object_mask: bool = False
+    """Also store each frame's object mask (ViZDoom only: the boxes of the medkits / fireballs from the labels buffer,
+    extras/object_mask), which the tokenizer's and prior's object_weight losses read."""
     merge: bool = False
     """Append to a store collected with other settings (env, frame skip, resolution, health bar); without it
     that is an error naming the differing settings."""
@@ -89,12 +92,14 @@ def main(args: Args) -> None:
         check_real_env(args.env, "--env")
         env_kwargs = {**args.real.env_kwargs_for(args.env), "resolution": args.resolution}
         if is_gym_env(args.env):
-            if args.battle2_path is not None:
-                raise ValueError("--battle2-path applies to vizdoom_battle2 only")
+            if args.battle2_path is not None or args.object_mask:
+                raise ValueError("--battle2-path and --object-mask apply to ViZDoom envs only")
         else:
             env_kwargs = {"frame_skip": 4, **env_kwargs, "health_bar": args.health_bar}
             if args.battle2_path is not None:
                 env_kwargs["battle2_path"] = args.battle2_path
+            if args.object_mask:
+                env_kwargs["object_mask"] = True
         if args.max_episode_steps is not None:
             env_kwargs["max_episode_steps"] = args.max_episode_steps
         out = args.out or f"data/{safe_name(args.env)}"

@@ -236,6 +236,10 @@ def main(args: Args) -> None:
                     kw["battle2_path"] = args.battle2_path
                 if args.real_max_episode_steps is not None:
                     kw["max_episode_steps"] = args.real_max_episode_steps
+                if cfg.collect_object_masks:
+                    if is_gym_env(cfg.env):
+                        sys.exit("error: --config.collect-object-masks applies to ViZDoom envs only")
+                    kw["object_mask"] = True
                 t0 = time.monotonic()
                 r = collect(cfg.env, cfg.data.store, cfg.collect_episodes, env_kwargs=kw)
                 record_minutes(run_dir, "collect", (time.monotonic() - t0) / 60)

@@ -109,6 +109,11 @@ class TokenizerConfig:
     (online hard-example mining on pixels), so their error is not averaged away."""
     hard_pixel_fraction: float = 0.01
     """Share of each clip's pixels (by squared error, channels summed) that the hard-pixel term averages."""
+    object_weight: float = 0.0
+    """Weight of an object term (0 = off): the mean squared error over the pixels inside the boxes of the small
+    objects a policy reacts to (fireballs, medkits), over the data variance. The boxes come from the game
+    (the store's per-frame ``object_mask``, collected with ViZDoom's labels buffer: ``collect_object_masks``),
+    so unlike the hard-pixel term it cannot spend its weight on textured walls. Needs a store with masks."""
     adv_weight: float = 0.0
     """Weight of the adversarial (hinge) term from a 2D PatchGAN discriminator on single frames
     (``worldmodel.discriminator``; 0 = off, no discriminator is built). Trained jointly, from scratch."""
@@ -132,7 +137,7 @@ class TokenizerConfig:
             raise ValueError(
                 f"tokenizer.hard_pixel_fraction: got {self.hard_pixel_fraction}, expected a share in (0, 1]"
             )
-        for name in ("perceptual_weight", "adv_weight", "hard_pixel_weight"):
+        for name in ("perceptual_weight", "adv_weight", "hard_pixel_weight", "object_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(
                     f"tokenizer.{name}: got {getattr(self, name)}, expected a weight >= 0 (0 = off)"
@@ -252,6 +257,11 @@ class PriorConfig:
     validation episodes. Measured on 300 HGS episodes (health bar, tiny scale; README "Results")."""
     maskgit_weight: float = 0.0
     """Weight of the masked-token objective that enables MaskGIT decoding (0 = off)."""
+    object_weight: float = 0.0
+    """Weight of an object term in the token loss (0 = off): the mean cross-entropy of the tokens whose patch
+    holds part of a small object a policy reacts to (a fireball, a medkit; the token cache's ``object_tokens``,
+    from the store's per-frame ``object_mask``). Those tokens are a few percent of a frame, so the plain mean
+    barely sees them; without the term the dream's frames lose the objects first. Needs a store with masks."""
     context_noise: float = 0.0
     """Training only: probability that an *input* token is replaced by a uniformly random one (targets stay
     clean), so the prior learns to predict from imperfect history, as it must in open-loop rollouts."""
@@ -281,7 +291,7 @@ class PriorConfig:
     input embeddings. False: nanoGPT's (biases, exact GELU, embedding dropout)."""
 
     def __post_init__(self) -> None:  # the heads' loss settings; the model's own are checked by Prior
-        for name in ("reward_weight", "termination_weight"):
+        for name in ("reward_weight", "termination_weight", "object_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"prior.{name}: got {getattr(self, name)}, expected a weight >= 0")
         if self.termination_from not in ("frame", "history"):
@@ -373,6 +383,9 @@ class ExperimentConfig:
     prior_train: TrainConfig = field(default_factory=TrainConfig)
     collect_episodes: int = 200
     """Episodes the main job collects when the store is missing (real-env presets)."""
+    collect_object_masks: bool = False
+    """The main job's collection also stores each frame's object mask (ViZDoom envs: the boxes of the medkits /
+    fireballs from the labels buffer), which ``tokenizer.object_weight`` and ``prior.object_weight`` read."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

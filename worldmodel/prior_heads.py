@@ -116,7 +116,10 @@ def prior_loss(prior: Prior, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     if k:
         tokens = tokens[:, k:]
         actions = None if actions is None else actions[:, k:]
-        batch = {**batch, **{n: batch[n][:, k:] for n in ("rewards", "terminated", "valid") if n in batch}}
+        batch = {
+            **batch,
+            **{n: batch[n][:, k:] for n in ("rewards", "terminated", "valid", "object_tokens") if n in batch},
+        }
     B, T = tokens.shape[:2]
     mask = frames = None
     if prior.maskgit:  # the masked stream runs on a random quarter of the frames (it costs ~2.6x when on all)
@@ -142,7 +145,7 @@ def prior_loss(prior: Prior, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     tok_valid = valid  # (B, T) frames whose tokens (and rewards) are scored
     if "termination_only" in batch:  # windows that train the termination head only (end-padded windows)
         tok_valid = valid & ~batch["termination_only"].bool().view(B, 1)
-    loss, metrics = _token_loss(prior, out, tokens, tok_valid, mask, frames)
+    loss, metrics = _token_loss(prior, out, tokens, tok_valid, mask, frames, batch.get("object_tokens"))
     if T > 1:
         tv, rv = (
             valid[:, 1:],
@@ -162,9 +165,11 @@ def _token_loss(
     tok_valid: torch.Tensor,
     mask: torch.Tensor | None,
     frames: torch.Tensor | None,
+    object_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Token cross-entropy over the scored frames ``tok_valid`` (B, T) (+ MaskGIT's over the hidden tokens of
-    ``frames``): the loss and the first metrics."""
+    ``frames``; + ``object_weight`` x the mean over the tokens ``object_tokens`` (B, T, h, w) marks as objects):
+    the loss and the first metrics."""
     B, T = tokens.shape[:2]
     target = rearrange(tokens.long(), "b t h w -> b t (h w)")
     ce = F.cross_entropy(
@@ -177,6 +182,16 @@ def _token_loss(
         "bits_per_token": token_loss.item() / math.log(2),
         "nats_first_frame": masked_mean(ce[:, 0], tok_valid[:, :1]).item(),
     }
+    if prior.cfg.object_weight > 0:
+        if object_tokens is None:
+            raise ValueError(
+                "prior.object_weight > 0 needs batch['object_tokens'] (B, T, h, w): a token cache encoded from a "
+                "store collected with object masks (train.py --config.collect-object-masks)"
+            )
+        obj = rearrange(object_tokens.bool(), "b t h w -> b t (h w)") & tok_valid[..., None]
+        obj_loss = masked_mean(ce, obj)  # 0 when no token holds an object
+        loss = loss + prior.cfg.object_weight * obj_loss
+        metrics["object_nats"] = obj_loss.item()
     if mask is not None:  # MaskGIT objective: cross-entropy of the hidden tokens only
         m = rearrange(mask[:, frames], "b t h w -> b t (h w)") & tok_valid[:, frames, None]
         ce_m = F.cross_entropy(

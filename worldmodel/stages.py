@@ -31,7 +31,7 @@ from worldmodel.checkpoint import (
 from worldmodel.config import ExperimentConfig
 from worldmodel.dynamics_eval import open_loop, render_action_strips, sample_clips
 from worldmodel.prior import Prior
-from worldmodel.store import ActionSpec, EpisodeStore, StoreMeta, heldout_episode_ids
+from worldmodel.store import OBJECT_MASK, ActionSpec, EpisodeStore, StoreMeta, heldout_episode_ids
 from worldmodel.token_cache import TOKENS_FILE, TokenCache, encode_store
 from worldmodel.tokenizer import VQVAE
 from worldmodel.training import DistInfo, FitResult, fit
@@ -210,6 +210,12 @@ def train_tokenizer(
     cfg, store = prepare_run(cfg, run_dir)
     run_dir = Path(run_dir)
     train_set = ClipDataset(store, split="train", clip_len=cfg.data.clip_len)
+    if cfg.tokenizer.object_weight > 0 and OBJECT_MASK not in train_set[0]:
+        raise ValueError(
+            f"tokenizer.object_weight={cfg.tokenizer.object_weight} needs per-frame object masks, and store "
+            f"{store.root} has none: collect it with --config.collect-object-masks (experiments/collect.py "
+            "--object-mask), or pass --config.tokenizer.object-weight 0"
+        )
     val_set = _split_with_fallback(store, "val", cfg.data.clip_len)
     torch.manual_seed(cfg.tokenizer_train.seed)  # initial weights depend on the seed only
     model = VQVAE(cfg.tokenizer)
@@ -455,6 +461,12 @@ def train_prior(
         train_set = EndPaddedClips(cache, "train", clip)
         val = _split_with_fallback(cache, "val", clip)
         val_set = None if val is None else EndPaddedClips(cache, val.split, clip)
+    if cfg.prior.object_weight > 0 and "object_tokens" not in train_set[0]:
+        raise ValueError(
+            f"prior.object_weight={cfg.prior.object_weight} needs the token cache's object_tokens, and {path} has "
+            "none: its store must hold object masks (--config.collect-object-masks); after collecting one, delete "
+            "the cache and re-encode (--stage encode); or pass --config.prior.object-weight 0"
+        )
     torch.manual_seed(cfg.prior_train.seed)
     model = Prior(cfg.prior)
     if (

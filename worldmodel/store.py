@@ -49,6 +49,9 @@ STORE_JSON = "store.json"
 INDEX_JOURNAL = "index.jsonl"
 _SHARD_RE = re.compile(r"^shard-(\d{5})\.h5$")
 SPLITS = ("train", "val", "test")
+OBJECT_MASK = "object_mask"
+"""Name of the optional per-frame extra uint8 ``(T, H, W)``: 1 on the pixels of small objects a policy reacts to
+(collected from ViZDoom's labels buffer); read with the frames by ``read_clip``, weighted by the object losses."""
 LOCK_FILE = ".writer.lock"
 """Lock file of a store directory: a :class:`StoreWriter` holds an exclusive POSIX lock on it (and writes its pid)."""
 
@@ -609,7 +612,10 @@ class StoreWriter:
                     if ep.extras:
                         eg = g.create_group("extras")
                         for k, v in ep.extras.items():
-                            eg.create_dataset(k, data=v, fletcher32=bool(np.asarray(v).ndim))
+                            nd = np.asarray(v).ndim  # per-frame images (object masks) compress ~100x
+                            eg.create_dataset(
+                                k, data=v, fletcher32=bool(nd), compression="lzf" if nd >= 2 else None
+                            )
                 f.flush()
             finish_file(tmp)  # fsync + the user's mode; the name is claimed by a link, never a replace
             name = self._claim_shard_name(tmp)
@@ -836,7 +842,8 @@ class EpisodeStore:
             raise self._read_error(episode_id, "actions", e) from None
 
     def read_clip(self, episode_id: str, start: int, length: int) -> dict[str, np.ndarray]:
-        """Frames ``[start, start+length)`` and the ``length-1`` transitions between them."""
+        """Frames ``[start, start+length)`` and the ``length-1`` transitions between them (and the frames'
+        ``object_mask`` uint8 (length, H, W) when the episode stores one)."""
         T = self.length(episode_id)
         if start < 0 or length < 1 or start + length > T:
             raise ValueError(
@@ -852,6 +859,8 @@ class EpisodeStore:
             }
             if "actions" in g:
                 out["actions"] = g["actions"][s : e - 1]
+            if "extras" in g and OBJECT_MASK in g["extras"]:
+                out[OBJECT_MASK] = g["extras"][OBJECT_MASK][s:e]
         except (OSError, ValueError, RuntimeError) as err:
             raise self._read_error(episode_id, f"frames [{s}, {e})", err) from None
         return out

@@ -10,6 +10,8 @@ File ``<run>/tokens.h5``::
                                s*stride_t .. s*stride_t+k-1 for each latent frame s (pixel frame conditioning)
                  /frame_actions   the store's actions at the pixel frame rate, only if written with
                                ``frame_actions`` (whole-clip action conditioning)
+                 /object_tokens  bool (T', h, w)  only if the store has per-frame ``object_mask``: the tokens
+                               whose patch (over the stride) holds an object pixel (``PriorConfig.object_weight``)
                  attrs: split, label (if the episode has one)
 
 Episodes are encoded in consecutive windows of ``clip_len`` frames, the clip length the tokenizer
@@ -30,10 +32,11 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+from einops import reduce
 from tqdm.auto import tqdm
 
 from worldmodel.atomic import atomic_file
-from worldmodel.store import SPLITS, EpisodeStore
+from worldmodel.store import OBJECT_MASK, SPLITS, EpisodeStore
 
 TOKENS_FILE = "tokens.h5"
 
@@ -104,6 +107,11 @@ def encode_store(
             if cond_frames:  # (T', k, H, W, 3): pixel frames s*st + i, clamped to the episode's last one
                 idx = np.minimum(np.arange(len(tokens))[:, None] * st + np.arange(cond_frames)[None], T - 1)
                 g.create_dataset("cond_frames", data=ep.frames[idx])
+            if OBJECT_MASK in ep.extras:  # (T', h, w): the token's patch holds an object pixel
+                sh, sw = (int(x) for x in tokenizer.cfg.stride[1:])
+                m = np.asarray(ep.extras[OBJECT_MASK][:T]) > 0
+                obj = reduce(m, "(t st) (h sh) (w sw) -> t h w", "max", st=st, sh=sh, sw=sw)
+                g.create_dataset("object_tokens", data=obj[: len(tokens)], compression="lzf")
             # Per latent step: sum of rewards and any termination over the stride's transitions.
             rew = ep.rewards[: T - 1]
             term = ep.terminated[: T - 1]
@@ -126,7 +134,8 @@ class TokenCache:
     ``read_clip`` returns ``tokens`` int64 ``(L, h, w)``, ``rewards``, ``terminated``, ``actions``
     (if any), ``class_ids`` int64 scalar (if episodes carry a ``label``), ``cond_frames`` uint8 (k, H, W, 3) (the
     window's first k pixel frames, if the cache holds them) and ``clip_actions`` (the window's
-    ``L * stride_t - 1`` pixel-rate actions, if the cache holds them).
+    ``L * stride_t - 1`` pixel-rate actions, if the cache holds them) and ``object_tokens`` bool (L, h, w) (the tokens
+    whose patch holds a pixel of the store's ``object_mask``, if the store had masks).
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -186,6 +195,8 @@ class TokenCache:
             out["clip_actions"] = g["frame_actions"][s * st : e * st - 1]
         if "cond_frames" in g:
             out["cond_frames"] = g["cond_frames"][s]
+        if "object_tokens" in g:
+            out["object_tokens"] = g["object_tokens"][s:e]
         if "label" in g.attrs:
             out["class_ids"] = np.array(int(g.attrs["label"]), np.int64)
         return out

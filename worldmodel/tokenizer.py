@@ -379,6 +379,23 @@ class VQVAE(nn.Module):
         k = max(1, round(self.cfg.hard_pixel_fraction * err.shape[1]))
         return err.topk(k, dim=1).values.mean() / 3 / self.data_variance
 
+    def object_loss(self, recon: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Mean squared error (per channel) over the object pixels ``mask`` (B, T, H, W), nonzero inside object
+        boxes, over the data variance; float videos (B, 3, T, H, W) -> scalar (0 when no pixel is marked). See
+        ``TokenizerConfig.object_weight``."""
+        if mask is None:
+            raise ValueError(
+                "tokenizer.object_weight > 0 needs batch['object_mask'] (B, T, H, W): a store collected with "
+                "object masks (train.py --config.collect-object-masks, or collect.py --object-mask)"
+            )
+        m = rearrange(mask.to(recon.device).float(), "b t h w -> b 1 t h w")  # (B, 1, T, H, W)
+        if m.shape[2:] != recon.shape[2:]:
+            raise ValueError(
+                f"object_mask: got {tuple(mask.shape)}, expected (B, T, H, W) = {tuple(x.shape[:1] + x.shape[2:])}"
+            )
+        err = (recon.float() - x.float()).pow(2) * (m > 0)
+        return err.sum() / (3 * (m > 0).sum()).clamp(min=1) / self.data_variance
+
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
         """``x``: float (B, 3, T, H, W) in [-0.5, 0.5]."""
         q = self.codebook(self.encoder(x))
@@ -409,6 +426,10 @@ class VQVAE(nn.Module):
             perc = self.perceptual(out.recon.float(), x)
             rec = rec + self.cfg.perceptual_weight * perc
             metrics["perceptual"] = perc.item()
+        if self.cfg.object_weight > 0:
+            obj = self.object_loss(out.recon, x, batch.get("object_mask"))
+            rec = rec + self.cfg.object_weight * obj
+            metrics["object_loss"] = obj.item()
         loss = rec + out.commitment
         if self.adversary is not None:
             adv, adv_metrics = self.adversary(x, out.recon.float(), rec, self.decoder.last_layer)
