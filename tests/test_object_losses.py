@@ -151,9 +151,56 @@ def test_prior_object_term_is_the_mean_cross_entropy_of_the_object_tokens():
     logits = prior(batch["tokens"], batch["actions"]).logits  # (B, T, h*w, V)
     ce = F.cross_entropy(logits.flatten(0, 2), batch["tokens"].flatten(), reduction="none").view(2, 3, 16)
     want = (ce[0, 1, 2 * 4 + 1] + ce[1, 2, 0 * 4 + 3]) / 2
-    assert metrics["object_nats"] == pytest.approx(float(want), rel=1e-4)
+    assert metrics["object_nats"] == pytest.approx(want.item(), rel=1e-4)
     with pytest.raises(ValueError, match="object_weight.*object_tokens"):
         prior_loss(prior, {k: v for k, v in batch.items() if k != "object_tokens"})
+
+
+def test_auxiliary_object_head_is_a_bce_read_out_and_leaves_the_token_loss_alone():
+    cfg = PriorConfig(
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        frames=3,
+        tokens_h=4,
+        tokens_w=4,
+        vocab_size=16,
+        n_actions=2,
+        dropout=0.0,
+        attn_dropout=0.0,
+    )
+    torch.manual_seed(0)
+    plain = Prior(cfg).eval()
+    assert (
+        plain.object_head is None
+        and plain(
+            torch.zeros(1, 3, 4, 4, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long)
+        ).object_logits
+        is None
+    )
+    torch.manual_seed(0)
+    aux = Prior(replace(cfg, object_aux_weight=0.5)).eval()
+    g = torch.Generator().manual_seed(1)
+    obj = torch.rand(2, 3, 4, 4, generator=g) < 0.2
+    batch = {
+        "tokens": torch.randint(0, 16, (2, 3, 4, 4), generator=g),
+        "actions": torch.randint(0, 2, (2, 2), generator=g),
+        "object_tokens": obj,
+    }
+    out = aux(batch["tokens"], batch["actions"])
+    assert out.object_logits.shape == (2, 3, 16)
+    loss, metrics = prior_loss(aux, batch)
+    want = F.binary_cross_entropy_with_logits(out.object_logits, obj.flatten(2).float())
+    assert metrics["object_aux_bce"] == pytest.approx(want.item(), rel=1e-5)
+    # the token loss is the plain mean: only the auxiliary term is added
+    assert (loss - 0.5 * want).item() == pytest.approx(metrics["nats_per_token"], rel=1e-4)
+    # its gradient reaches the transformer (it shapes the hidden state), not the token head
+    aux.zero_grad()
+    F.binary_cross_entropy_with_logits(
+        aux(batch["tokens"], batch["actions"]).object_logits, obj.flatten(2).float()
+    ).backward()
+    assert aux.head.weight.grad is None or not aux.head.weight.grad.any()
+    assert aux.blocks[0].attn.proj.weight.grad.abs().sum() > 0
 
 
 def test_pipeline_pools_masks_into_object_tokens_and_trains_with_both_terms(masked_store, tmp_path):

@@ -262,6 +262,11 @@ class PriorConfig:
     holds part of a small object a policy reacts to (a fireball, a medkit; the token cache's ``object_tokens``,
     from the store's per-frame ``object_mask``). Those tokens are a few percent of a frame, so the plain mean
     barely sees them; without the term the dream's frames lose the objects first. Needs a store with masks."""
+    object_aux_weight: float = 0.0
+    """Weight of an auxiliary object head (0 = off, no head is built): a linear read-out of every token position's
+    hidden state that predicts whether the token it predicts holds a small object (BCE against the token cache's
+    ``object_tokens``). Unlike ``object_weight`` it leaves the token distribution's weighting alone: it asks the
+    hidden state to track the objects without making the prior draw them more often. Needs a store with masks."""
     context_noise: float = 0.0
     """Training only: probability that an *input* token is replaced by a uniformly random one (targets stay
     clean), so the prior learns to predict from imperfect history, as it must in open-loop rollouts."""
@@ -291,7 +296,7 @@ class PriorConfig:
     input embeddings. False: nanoGPT's (biases, exact GELU, embedding dropout)."""
 
     def __post_init__(self) -> None:  # the heads' loss settings; the model's own are checked by Prior
-        for name in ("reward_weight", "termination_weight", "object_weight"):
+        for name in ("reward_weight", "termination_weight", "object_weight", "object_aux_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"prior.{name}: got {getattr(self, name)}, expected a weight >= 0")
         if self.termination_from not in ("frame", "history"):

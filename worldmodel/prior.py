@@ -410,6 +410,8 @@ class PriorOutput:
         None  # (B, T, C) final normalised hidden state at each block's last position
     )
     #                                     (has read frames <= t; what the reward head reads; Rollout.hidden)
+    object_logits: torch.Tensor | None = None  # (B, T, h*w): logit that token (t, i) holds an object
+    #                                     (the auxiliary object head, PriorConfig.object_aux_weight > 0)
 
 
 @dataclass
@@ -523,6 +525,8 @@ class Prior(nn.Module):
         # outputs: symlog reward [if not terminated, if terminated] (reward_given_termination) or one for both
         self.reward_head = reward_head(C, cfg.reward_given_termination)
         self.term_head = termination_head(C)
+        # reads the same positions as ``head``: does the token it predicts hold a small object?
+        self.object_head = nn.Linear(C, 1) if cfg.object_aux_weight > 0 else None
         self.apply(self._init_weights)
         nn.init.zeros_(self.head.weight)  # uniform logits at the start
         for blk in self.blocks:  # GPT-2 scaling of residual projections
@@ -1000,8 +1004,9 @@ class Prior(nn.Module):
         if mask is not None:
             mask_logits = self.head(rearrange(x[:, S:], "b (t n) c -> b t n c", n=self.hw))  # (B, T, hw, V)
         reward, reward_term = self.rewards(last)
+        obj = None if self.object_head is None else self.object_head(xc[:, :, :-1]).squeeze(-1)  # (B, T, hw)
         return PriorOutput(
-            logits, reward, self.termination_logit(xc[:, :, 0], last), reward_term, mask_logits, last
+            logits, reward, self.termination_logit(xc[:, :, 0], last), reward_term, mask_logits, last, obj
         )
 
     def termination_logit(self, h_slot: torch.Tensor, h_last: torch.Tensor) -> torch.Tensor:

@@ -182,16 +182,23 @@ def _token_loss(
         "bits_per_token": token_loss.item() / math.log(2),
         "nats_first_frame": masked_mean(ce[:, 0], tok_valid[:, :1]).item(),
     }
-    if prior.cfg.object_weight > 0:
+    cfg = prior.cfg
+    if cfg.object_weight > 0 or cfg.object_aux_weight > 0:
         if object_tokens is None:
             raise ValueError(
-                "prior.object_weight > 0 needs batch['object_tokens'] (B, T, h, w): a token cache encoded from a "
-                "store collected with object masks (train.py --config.collect-object-masks)"
+                "prior.object_weight / object_aux_weight > 0 need batch['object_tokens'] (B, T, h, w): a token "
+                "cache encoded from a store collected with object masks (train.py --config.collect-object-masks)"
             )
-        obj = rearrange(object_tokens.bool(), "b t h w -> b t (h w)") & tok_valid[..., None]
-        obj_loss = masked_mean(ce, obj)  # 0 when no token holds an object
-        loss = loss + prior.cfg.object_weight * obj_loss
+        obj = rearrange(object_tokens.bool(), "b t h w -> b t (h w)")
+        obj_loss = masked_mean(ce, obj & tok_valid[..., None])  # 0 when no token holds an object
         metrics["object_nats"] = obj_loss.item()
+        if cfg.object_weight > 0:
+            loss = loss + cfg.object_weight * obj_loss
+        if cfg.object_aux_weight > 0:
+            bce = F.binary_cross_entropy_with_logits(out.object_logits.float(), obj.float(), reduction="none")
+            aux = masked_mean(bce, tok_valid[..., None])
+            loss = loss + cfg.object_aux_weight * aux
+            metrics["object_aux_bce"] = aux.item()
     if mask is not None:  # MaskGIT objective: cross-entropy of the hidden tokens only
         m = rearrange(mask[:, frames], "b t h w -> b t (h w)") & tok_valid[:, frames, None]
         ce_m = F.cross_entropy(
