@@ -22,6 +22,11 @@ This benchmark measures that dependence in the real game and in the dream, at th
    the two ways a dream can miss a death: its termination head cannot tell a lethal approach even on real frames
    (teacher forced ~ dream), or its generated frames do not show the approach (teacher forced >> dream).
 
+Also reported, at the death points: ``fireball_pixels``, Take Cover's fireball colour key counted per branch step
+(:func:`fireball_pixels`: the whole frame and its middle third) in the real branches and the dream's, and in the
+context's last frame. A real fireball grows as it comes; a dream that lets it fade or fills the frame with fire
+cannot make the hit depend on the action.
+
 Reported (mean and standard error over branch points): P(death within H) in each world (``real``, ``dream``,
 ``teacher_forced``) for taken / opposite actions at the death and control points, and the *dodge value*
 P(taken) - P(opposite) at the death points. A dream that a dodging policy can learn in has a dodge value near
@@ -121,15 +126,17 @@ def dream_branches(
     seed: int,
     batch: int = 128,
     **decode_kw: object,
-) -> np.ndarray:
-    """Predicted termination probabilities of dream branches: from context ``frames`` uint8 (N, C, H, W, 3) and
-    ``ctx_actions`` (N, C-1), ``samples`` dreams per row stepped with ``branch`` (N, Hz); ``decode_kw`` go to
-    :meth:`DreamRollout.step` (e.g. ``decode="maskgit"``). Returns (N, samples, Hz)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dream branches: from context ``frames`` uint8 (N, C, H, W, 3) and ``ctx_actions`` (N, C-1), ``samples``
+    dreams per row stepped with ``branch`` (N, Hz); ``decode_kw`` go to :meth:`DreamRollout.step` (e.g.
+    ``decode="maskgit"``). Returns the predicted termination probabilities (N, samples, Hz) and the
+    :func:`fireball_pixels` of every dreamed frame (N, samples, Hz, 2)."""
     n, hz = branch.shape
     f = np.repeat(frames, samples, 0)
     a = np.repeat(ctx_actions, samples, 0)
     u = np.repeat(branch, samples, 0)
     out = np.empty((len(f), hz), np.float32)
+    pix = np.empty((len(f), hz, 2), np.float32)
     gen = torch.Generator().manual_seed(seed)
     for i in range(0, len(f), batch):
         j = min(len(f), i + batch)
@@ -138,7 +145,34 @@ def dream_branches(
         for t in range(hz):
             step = r.step(u[i:j, t], temperature=temperature, generator=gen, **decode_kw)
             out[i:j, t] = step.terminated_prob
-    return out.reshape(n, samples, hz)
+            pix[i:j, t] = fireball_pixels(step.frames)
+    return out.reshape(n, samples, hz), pix.reshape(n, samples, hz, 2)
+
+
+def fireball_pixels(frames: np.ndarray) -> np.ndarray:
+    """Take Cover's fireball colour key: pixels with red > 180 and green > 140 (yellow-white; the walls are brown
+    and the health bar pure red), above the HUD's bottom ``W // 16`` rows. uint8 (..., H, W, 3) -> float32
+    (..., 2): the count in the whole frame and in the middle third of the columns, where a fireball that hits is
+    drawn. The real game's fireballs grow as they come, so these counts say whether a dream brings them closer."""
+    h, w = frames.shape[-3:-1]
+    f = frames[..., : h - max(1, w // 16), :, :].astype(np.int16)
+    key = (f[..., 0] > 180) & (f[..., 1] > 140)  # (..., h', W)
+    centre = key[..., w // 3 : w - w // 3]
+    return np.stack([key.sum((-1, -2)), centre.sum((-1, -2))], -1).astype(np.float32)
+
+
+def per_step_pixels(pix: list[np.ndarray], hz: int) -> dict[str, list[float]]:
+    """Mean fireball pixels per branch step over branches (each (k, 2), k <= hz: a real branch stops at its end):
+    {"total": hz values, "centre": hz values}; a step no branch reached is null."""
+    sums, counts = np.zeros((hz, 2)), np.zeros(hz)
+    for p in pix:
+        sums[: len(p)] += p
+        counts[: len(p)] += 1
+    means = [None if c == 0 else sums[t] / c for t, c in enumerate(counts)]
+    return {
+        name: [None if m is None else round(float(m[k]), 1) for m in means]
+        for k, name in enumerate(("total", "centre"))
+    }
 
 
 @torch.inference_mode()
@@ -260,10 +294,11 @@ def main() -> None:
     ctx_f = np.stack([ep["frames"][b - C + 1 : b + 1] for _, _, b, ep in points])  # (P, C, H, W, 3)
     ctx_a = np.stack([ep["actions"][b - C + 1 : b] for _, _, b, ep in points]).reshape(len(points), C - 1)
     kw = {"samples": args.samples, "temperature": args.temperature, "seed": args.seed, **decode_kwargs(args)}
-    dream = {
-        name: within(dream_branches(wm, ctx_f, ctx_a, branch, **kw), args.hazard_scale).mean(1)  # (P,)
-        for name, branch in (("taken", taken), ("opposite", other))
-    }
+    dream, dream_pix = {}, {}
+    for name, branch in (("taken", taken), ("opposite", other)):
+        probs, pix = dream_branches(wm, ctx_f, ctx_a, branch, **kw)
+        dream[name] = within(probs, args.hazard_scale).mean(1)  # (P,)
+        dream_pix[name] = pix.mean(1)  # (P, H, 2): mean over the samples
     forced = {
         name: within(teacher_forced(wm, ctx_f, ctx_a, branch, real_frames[name]), args.hazard_scale)
         for name, branch in (("taken", taken), ("opposite", other))
@@ -299,6 +334,19 @@ def main() -> None:
             for name in ("taken", "opposite")
         }
         out[world]["dodge_value"] = _stats(res["taken"][death] - res["opposite"][death])
+    # where the fireballs go between a death point and the death: real frames against the dream's
+    dp = np.flatnonzero(death)
+    out["fireball_pixels"] = {
+        "context": per_step_pixels([fireball_pixels(ctx_f[dp, -1])[:, None].mean(0)], 1),
+        **{
+            f"{world}_{name}": per_step_pixels([pix[i] for i in dp], H)
+            for world, source in (
+                ("real", {k: [fireball_pixels(f) for f in v] for k, v in real_frames.items()}),
+                ("dream", dream_pix),
+            )
+            for name, pix in source.items()
+        },
+    }
     out["cpu_minutes"] = {"real": round(real_min, 2), "dream": round(dream_min, 2)}
     print(json.dumps(out))
 

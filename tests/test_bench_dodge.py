@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +57,15 @@ def test_bench_dodge_replays_real_deaths_and_scores_dream_branches(tc_bundle):
         abs(dream["dodge_value"]["mean"] - (dream["death_taken"]["mean"] - dream["death_opposite"]["mean"]))
         < 1e-3
     )
+    # the fireball colour key per branch step, for the real branches and the dream's, at the death points
+    pix = out["fireball_pixels"]
+    assert set(pix) == {"context", "real_taken", "real_opposite", "dream_taken", "dream_opposite"}
+    for name in ("real_taken", "dream_taken", "dream_opposite"):
+        assert len(pix[name]["total"]) == 3 and all(
+            0 <= c <= t for c, t in zip(pix[name]["centre"], pix[name]["total"])
+        )
+    # ViZDoom returns the previous frame again at a death: the taken branches end on a repeated frame
+    assert pix["real_taken"]["total"][-1] == pix["real_taken"]["total"][-2]
     # the dream predicts some risk of dying from untrained weights; a hazard scale of 0 removes every death
     assert dream["death_taken"]["mean"] > 0.0
     zero = _bench(tc_bundle, "--episodes", "1", "--hazard-scale", "0")
@@ -77,3 +87,27 @@ def test_bench_dodge_rejects_bad_arguments(tc_bundle, args, message):
         timeout=300,
     )
     assert res.returncode == 2 and message in res.stderr
+
+
+def test_fireball_pixels_count_the_colour_key_above_the_hud():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_dodge", ROOT / "benchmarks" / "bench_dodge.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    frames = np.full((2, 32, 32, 3), (120, 80, 40), np.uint8)  # brown wall
+    frames[0, 10:12, 2:4] = (255, 220, 120)  # a fireball dot at the left edge: 4 pixels
+    frames[0, 14:17, 14:17] = (250, 200, 90)  # a closer one in the middle: 9 pixels
+    frames[:, 30:] = (255, 0, 0)  # the health bar (the HUD's bottom 32 // 16 = 2 rows) is not a fireball
+    frames[1, 29, :] = (
+        255,
+        255,
+        255,
+    )  # a white row just above the HUD is counted: 32 pixels, 12 of them central
+    assert bench.fireball_pixels(frames).tolist() == [[13.0, 9.0], [32.0, 12.0]]
+    steps = bench.per_step_pixels([np.array([[4.0, 1.0], [6.0, 3.0]]), np.array([[2.0, 1.0]])], 3)
+    assert steps == {"total": [3.0, 6.0, None], "centre": [1.0, 3.0, None]}
