@@ -223,6 +223,17 @@ def _episode_buffer(obs: np.ndarray, info: dict[str, Any], i: int, masks: bool) 
     }
 
 
+def _keep_object_masks(existing: EpisodeStore | None, env: str, env_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``env_kwargs`` with ``object_mask=True`` added when the ``existing`` store was collected with object masks and
+    they do not say: a store whose episodes carry masks keeps getting them (mbrl.py and train.py top a store up
+    without the flag), so that every episode has them."""
+    if existing is None or is_gym_env(env) or "object_mask" in env_kwargs:
+        return env_kwargs
+    if existing.meta.extra.get("env_kwargs", {}).get("object_mask") == "True":
+        return {**env_kwargs, "object_mask": True}
+    return env_kwargs
+
+
 def collect(
     env: str,
     out: str | os.PathLike,
@@ -265,7 +276,8 @@ def collect(
         trust_pickle: also accept an SB3 PPO ``.zip`` as ``policy`` -- loading one unpickles it and runs any
             code it holds; only for zips of trusted origin.
         merge: append to a store collected with other settings (``env``, ``env_kwargs``); without it that
-            is a :class:`~worldmodel.store.StoreError` naming the differing keys.
+            is a :class:`~worldmodel.store.StoreError` naming the differing keys. A ViZDoom store collected with
+            ``object_mask`` keeps collecting masks when ``env_kwargs`` does not mention it.
         epsilon: probability in [0, 1], per env and step, of a uniform random action instead of the policy's
             (:class:`EpsilonRandom`; deterministic under ``seed``). Episodes record it (attr ``epsilon``).
         checkpoint: the world-model bundle a controller directory given as ``policy`` reads frames with
@@ -287,7 +299,9 @@ def collect(
         recorded, described, to_store, spec = _probe_gym_env(env, env_kwargs)
         env_kwargs = dict(recorded)  # the workers make exactly the recorded env (pixels, frame skip resolved)
     # Sizes the vector env only (the writer below recounts under its lock).
-    stored = len(EpisodeStore(out)) if (out / STORE_JSON).exists() else 0
+    existing = EpisodeStore(out) if (out / STORE_JSON).exists() else None
+    stored = len(existing) if existing is not None else 0
+    env_kwargs = _keep_object_masks(existing, env, env_kwargs)
     fns = [
         make_real_env_fn(env, engines_in_workers=asynchronous, **env_kwargs)
         for _ in range(max(1, min(num_envs, episodes - stored)))

@@ -90,6 +90,28 @@ def test_collected_masks_lie_on_the_fireballs_of_their_frames(masked_store):
     assert inside > 0 and outside <= 0.02 * (inside + outside)
 
 
+def test_a_store_with_masks_keeps_getting_them(tmp_path):
+    from envs.collect import collect
+
+    kw = {"resolution": TINY_RES, "max_episode_steps": 6}
+    collect(
+        "vizdoom_take_cover",
+        tmp_path,
+        1,
+        num_envs=1,
+        asynchronous=False,
+        progress=False,
+        env_kwargs={**kw, "object_mask": True},
+    )
+    # topped up without the flag (as mbrl.py and train.py do): the new episode has its masks, and nothing is refused
+    collect("vizdoom_take_cover", tmp_path, 2, num_envs=1, asynchronous=False, progress=False, env_kwargs=kw)
+    store = EpisodeStore(tmp_path)
+    assert len(store) == 2
+    for eid in store.episode_ids():
+        ep = store.load(eid)
+        assert ep.extras[OBJECT_MASK].shape == ep.frames.shape[:3]
+
+
 def test_object_loss_is_the_error_over_the_marked_pixels_and_pulls_only_on_them():
     torch.manual_seed(0)
     m = VQVAE(replace(TINY, object_weight=2.0))
