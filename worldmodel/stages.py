@@ -461,9 +461,8 @@ def train_prior(
         train_set = EndPaddedClips(cache, "train", clip)
         val = _split_with_fallback(cache, "val", clip)
         val_set = None if val is None else EndPaddedClips(cache, val.split, clip)
-    if (cfg.prior.object_weight > 0 or cfg.prior.object_aux_weight > 0) and "object_tokens" not in train_set[
-        0
-    ]:
+    needs_objects = cfg.prior.object_weight > 0 or cfg.prior.object_aux_weight > 0
+    if needs_objects and "object_tokens" not in train_set[0]:
         raise ValueError(
             f"prior.object_weight / object_aux_weight > 0 need the token cache's object_tokens, and {path} has "
             "none: its store must hold object masks (--config.collect-object-masks); after collecting one, delete "

@@ -612,7 +612,9 @@ class StoreWriter:
                     if ep.extras:
                         eg = g.create_group("extras")
                         for k, v in ep.extras.items():
-                            nd = np.asarray(v).ndim  # per-frame images (object masks) compress ~100x
+                            nd = np.asarray(
+                                v
+                            ).ndim  # per-frame images: object masks take 1/45 of their raw size
                             eg.create_dataset(
                                 k, data=v, fletcher32=bool(nd), compression="lzf" if nd >= 2 else None
                             )
