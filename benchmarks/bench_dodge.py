@@ -27,9 +27,17 @@ Also reported, at the death points: ``fireball_pixels``, Take Cover's fireball c
 context's last frame. A real fireball grows as it comes; a dream that lets it fade or fills the frame with fire
 cannot make the hit depend on the action.
 
+Each branch point is also played with every action held for the H steps (``hold_<a>``). Random actions stay
+about where they are; a policy that reacts to a fireball moves one way. In the real game holding either
+direction avoids most deaths that the actions taken met, so this is the comparison a dodging policy lives on.
+
 Reported (mean and standard error over branch points): P(death within H) in each world (``real``, ``dream``,
-``teacher_forced``) for taken / opposite actions at the death and control points, and the *dodge value*
-P(taken) - P(opposite) at the death points. A dream that a dodging policy can learn in has a dodge value near
+``teacher_forced``) for the taken, opposite and held actions at the death and control points; the *dodge value*
+P(taken) - P(opposite) and the *hold value* P(taken) - min_a P(hold_a) at the death points, each world by its
+own numbers; and ``dream_hold_choice``: the hold the dream deems safer, played in the real game (its real
+value, and how often it is the safer one where the real holds differ). With ``--termination-source unroll``
+the dream's probabilities come from the bundle's hazard unroll (:mod:`worldmodel.hazard`); teacher forced is
+always the termination head's. A dream that a dodging policy can learn in has a dodge value near
 the real game's; a dream whose value is near 0 rewards no reaction to danger, however good its frames look.
 
 Usage:
@@ -51,6 +59,7 @@ from envs.dream import load_world_model, scale_hazard
 from envs.policy import real_env_kwargs
 from envs.real import check_real_env, make_real_env
 from worldmodel.bundle import WorldModel
+from worldmodel.hazard import UnrollState
 
 
 def within(p: np.ndarray, hazard_scale: float = 1.0) -> np.ndarray:
@@ -125,12 +134,15 @@ def dream_branches(
     temperature: float,
     seed: int,
     batch: int = 128,
+    termination_source: str = "head",
     **decode_kw: object,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Dream branches: from context ``frames`` uint8 (N, C, H, W, 3) and ``ctx_actions`` (N, C-1), ``samples``
     dreams per row stepped with ``branch`` (N, Hz); ``decode_kw`` go to :meth:`DreamRollout.step` (e.g.
-    ``decode="maskgit"``). Returns the predicted termination probabilities (N, samples, Hz) and the
-    :func:`fireball_pixels` of every dreamed frame (N, samples, Hz, 2)."""
+    ``decode="maskgit"``). ``termination_source="unroll"`` takes the termination probabilities from the bundle's
+    hazard unroll (:mod:`worldmodel.hazard`) rooted at the real context, re-rooted every K steps at the dreamed
+    frames as the dream env does, instead of the termination head on each dreamed frame. Returns the predicted termination
+    probabilities (N, samples, Hz) and the :func:`fireball_pixels` of every dreamed frame (N, samples, Hz, 2)."""
     n, hz = branch.shape
     f = np.repeat(frames, samples, 0)
     a = np.repeat(ctx_actions, samples, 0)
@@ -142,9 +154,13 @@ def dream_branches(
         j = min(len(f), i + batch)
         r = wm.rollout(j - i)
         r.reset(f[i:j], a[i:j])
+        unroll = None
+        if termination_source == "unroll":  # rooted at the real context, as the dream env does
+            unroll = UnrollState(wm.hazard, j - i, wm.device)
+            unroll.root(np.arange(j - i), f[i:j])
         for t in range(hz):
             step = r.step(u[i:j, t], temperature=temperature, generator=gen, **decode_kw)
-            out[i:j, t] = step.terminated_prob
+            out[i:j, t] = step.terminated_prob if unroll is None else unroll.step(u[i:j, t], step.frames)
             pix[i:j, t] = fireball_pixels(step.frames)
     return out.reshape(n, samples, hz), pix.reshape(n, samples, hz, 2)
 
@@ -226,6 +242,13 @@ def main() -> None:
         "--max-steps", type=int, default=525, help="real episode cap (525 = 2100 tics at frame skip 4)"
     )
     add_decode_arguments(p)
+    p.add_argument(
+        "--termination-source",
+        default="head",
+        choices=["head", "unroll"],
+        help="dream termination: the prior's head on each dreamed frame, or the bundle's hazard unroll from the "
+        "real context and the actions since (experiments/train_hazard.py)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the first real episode and of the dream")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     args = p.parse_args()
@@ -252,6 +275,11 @@ def main() -> None:
         )
     if args.decode == "maskgit" and not 1 <= args.maskgit_steps <= wm.prior.hw:
         p.error(f"--maskgit-steps: got {args.maskgit_steps}, expected 1..{wm.prior.hw} (tokens per frame)")
+    if args.termination_source == "unroll" and wm.hazard is None:
+        p.error(
+            "--termination-source unroll: the bundle has no hazard unroll; train one with "
+            "python experiments/train_hazard.py --checkpoint <bundle>"
+        )
     window = wm.cfg.prior.frames
     if not 1 <= args.context < window:
         p.error(
@@ -279,12 +307,19 @@ def main() -> None:
         )
     taken = np.stack([ep["actions"][b : b + H] for _, _, b, ep in points])  # (P, H)
     other = opposite(taken, n_act, rng)
-    real: dict[str, list] = {"taken": [], "opposite": []}
-    real_frames: dict[str, list] = {"taken": [], "opposite": []}
+    # each action held for the whole branch: what a policy that reacts does, where random actions stay put
+    branches = {
+        "taken": taken,
+        "opposite": other,
+        **{f"hold_{k}": np.full_like(taken, k) for k in range(n_act)},
+    }
+    holds = [f"hold_{k}" for k in range(n_act)]
+    real: dict[str, list] = {name: [] for name in branches}
+    real_frames: dict[str, list] = {name: [] for name in branches}
     exact = []
-    for (_, seed, b, ep), tk, op in zip(points, taken, other):
-        for name, branch in (("taken", tk), ("opposite", op)):
-            ok, died, fr = real_branch(env, seed, ep["actions"][:b], ep["frames"][b], branch)
+    for j, (_, seed, b, ep) in enumerate(points):
+        for name, seqs in branches.items():
+            ok, died, fr = real_branch(env, seed, ep["actions"][:b], ep["frames"][b], seqs[j])
             exact.append(ok)
             real[name].append(died)
             real_frames[name].append(fr)
@@ -293,15 +328,21 @@ def main() -> None:
     t0 = time.process_time()
     ctx_f = np.stack([ep["frames"][b - C + 1 : b + 1] for _, _, b, ep in points])  # (P, C, H, W, 3)
     ctx_a = np.stack([ep["actions"][b - C + 1 : b] for _, _, b, ep in points]).reshape(len(points), C - 1)
-    kw = {"samples": args.samples, "temperature": args.temperature, "seed": args.seed, **decode_kwargs(args)}
+    kw = {
+        "samples": args.samples,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "termination_source": args.termination_source,
+        **decode_kwargs(args),
+    }
     dream, dream_pix = {}, {}
-    for name, branch in (("taken", taken), ("opposite", other)):
+    for name, branch in branches.items():
         probs, pix = dream_branches(wm, ctx_f, ctx_a, branch, **kw)
         dream[name] = within(probs, args.hazard_scale).mean(1)  # (P,)
         dream_pix[name] = pix.mean(1)  # (P, H, 2): mean over the samples
     forced = {
         name: within(teacher_forced(wm, ctx_f, ctx_a, branch, real_frames[name]), args.hazard_scale)
-        for name, branch in (("taken", taken), ("opposite", other))
+        for name, branch in branches.items()
     }
     dream_min = (time.process_time() - t0) / 60
     death = np.array([k == "death" for k, *_ in points])
@@ -314,6 +355,7 @@ def main() -> None:
         "samples": args.samples,
         "temperature": args.temperature,
         "decode": args.decode,
+        "termination_source": args.termination_source,
         "hazard_scale": args.hazard_scale,
         "episodes": args.episodes,
         "mean_episode_steps": round(float(np.mean(lengths)), 1),
@@ -321,19 +363,33 @@ def main() -> None:
         "control_points": int((~death).sum()),
         "replay_exact": round(float(np.mean(exact)), 3),
     }
-    worlds = (
-        ("real", {k: np.asarray(v, np.float64) for k, v in real.items()}),
-        ("dream", dream),
-        ("teacher_forced", forced),
-    )
+    real_np = {k: np.asarray(v, np.float64) for k, v in real.items()}
+    worlds = (("real", real_np), ("dream", dream), ("teacher_forced", forced))
     for world, res in worlds:
+        names = [n for n in branches if n in res]
         out[world] = {
             f"{kind}_{name}": _stats(res[name][mask])
             for kind, mask in (("death", death), ("control", ~death))
             if mask.any()
-            for name in ("taken", "opposite")
+            for name in names
         }
         out[world]["dodge_value"] = _stats(res["taken"][death] - res["opposite"][death])
+        # what holding the safer action is worth, by this world's own numbers
+        if all(h in res for h in holds):
+            safest = np.min(np.stack([res[h] for h in holds]), 0)
+            out[world]["hold_value"] = _stats(res["taken"][death] - safest[death])
+    # the hold the dream deems safer, played in the real game: what a policy trained in this dream would gain
+    pick = np.argmin(np.stack([dream[h] for h in holds]), 0)  # (P,)
+    real_pick = np.stack([real_np[h] for h in holds])[pick, np.arange(len(pick))]
+    differ = death & (np.ptp(np.stack([real_np[h] for h in holds]), 0) > 0)
+    out["dream_hold_choice"] = {
+        "real_value": _stats(real_np["taken"][death] - real_pick[death]),
+        "accuracy_where_holds_differ": _stats(
+            (real_pick == np.min(np.stack([real_np[h] for h in holds]), 0))[differ].astype(np.float64)
+        )
+        if differ.sum() > 1
+        else None,
+    }
     # where the fireballs go between a death point and the death: real frames against the dream's
     dp = np.flatnonzero(death)
     out["fireball_pixels"] = {
@@ -345,6 +401,7 @@ def main() -> None:
                 ("dream", dream_pix),
             )
             for name, pix in source.items()
+            if name in ("taken", "opposite")
         },
     }
     out["cpu_minutes"] = {"real": round(real_min, 2), "dream": round(dream_min, 2)}

@@ -161,6 +161,13 @@ def main() -> None:
         "(evolution and dream scoring alike; envs/dream.py)",
     )
     p.add_argument(
+        "--termination-source",
+        default="head",
+        choices=["head", "unroll"],
+        help="dream termination (evolution and dream scoring alike): the prior's head on each generated frame, "
+        "or the bundle's hazard unroll from the real context and the actions since (experiments/train_hazard.py)",
+    )
+    p.add_argument(
         "--fitness",
         default=CMAESConfig.fitness,
         choices=list(FITNESSES),
@@ -194,6 +201,11 @@ def main() -> None:
         p.error(
             f"--env {args.env}: the bundle's actions are {wm.action_spec.kind}; the CMA-ES controller needs "
             "discrete actions (score continuous-action policies with train_policy.py --eval-real)"
+        )
+    if args.termination_source == "unroll" and wm.hazard is None:
+        p.error(
+            "--termination-source unroll: the bundle has no hazard unroll; train one with "
+            "python experiments/train_hazard.py --checkpoint <bundle>"
         )
     latent = args.features == "latent"
     if args.real_views is None:
@@ -233,6 +245,7 @@ def main() -> None:
         "dream": {
             "temperature": args.temperature,
             "hazard_scale": args.hazard_scale,
+            "termination_source": args.termination_source,
             "train_start": args.train_start,
             "train_context_frames": args.train_context_frames,
         },
@@ -262,6 +275,7 @@ def main() -> None:
         max_episode_steps=cfg.max_episode_steps,
         temperature=args.temperature,
         hazard_scale=args.hazard_scale,
+        termination_source=args.termination_source,
         termination="never" if cfg.fitness == "expected" else "sample",
         start=args.train_start,
         context_frames=args.train_context_frames,
@@ -272,6 +286,7 @@ def main() -> None:
         max_episode_steps=args.max_steps,
         temperature=args.temperature,
         hazard_scale=args.hazard_scale,
+        termination_source=args.termination_source,
     )
     if latent:  # the controller reads info["latent"] (train_cmaes wraps its own dream)
         score_dream = latent_env(score_dream, wm)

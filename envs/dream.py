@@ -19,7 +19,10 @@ which for rare, barely predictable events such as an HGS death never happens; ``
 episode to its time limit and leaves the termination to the caller, e.g. a learner that weighs each step
 by the predicted probability of surviving to it). ``hazard_scale`` k turns every predicted termination
 probability p into 1 - (1 - p)^k (the hazard rate times k: k > 1 is a pessimistic dream, calibrated so
-that the data's behaviour policy lives as long in the dream as in the data). The reward is the
+that the data's behaviour policy lives as long in the dream as in the data). ``termination_source="unroll"``
+takes the termination probability from the bundle's hazard unroll (:mod:`worldmodel.hazard`: from the real
+context frames and the actions since, re-rooted every K steps at the newest frames) instead of the prior's termination
+head on each generated frame. The reward is the
 one the bundle predicts for the outcome drawn: ``reward_if_terminated`` on a terminating step,
 ``reward_if_not_terminated`` otherwise (the same value for bundles with a one-output reward head,
 ``PriorConfig.reward_given_termination`` False), so an ending dream episode carries the terminal
@@ -53,12 +56,14 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 
 from worldmodel.bundle import WorldModel
 from worldmodel.checkpoint import CONFIG_JSON, BundleError
+from worldmodel.hazard import UnrollState
 from worldmodel.paths import BundleSkippedWarning, bundle_preset, find_bundles, runs_dir
 from worldmodel.sampling import DECODES
 from worldmodel.store import ActionSpec, EpisodeStore, heldout_episode_ids
 
 STARTS = ("episode_start", "random")
 TERMINATIONS = ("sample", "threshold", "never")
+TERMINATION_SOURCES = ("head", "unroll")
 OPTION_KEYS = ("frames", "actions", "episode_id", "start")
 # per-step float entries of ``info`` besides "step" (see the module docstring)
 STEP_INFO_FLOATS = (
@@ -289,6 +294,10 @@ class DreamCore:
             range) are clipped; by default they raise ``ValueError``.
         hazard_scale: k >= 0; every predicted termination probability p becomes 1 - (1 - p)^k (the
             hazard rate times k) before it is drawn, thresholded or reported.
+        termination_source: where the termination probability comes from: ``"head"`` (the prior's termination
+            head on each generated frame) or ``"unroll"`` (the bundle's hazard unroll, :mod:`worldmodel.hazard`:
+            from the episode's real context frames and the actions since; every K steps, K its
+            horizon, it restarts from the newest generated frame's latent state).
     """
 
     def __init__(
@@ -308,8 +317,18 @@ class DreamCore:
         bf16: bool = False,
         clip_actions: bool = False,
         hazard_scale: float = 1.0,
+        termination_source: str = "head",
     ) -> None:
         refuse_whole_clip_conditioning(wm)
+        if termination_source not in TERMINATION_SOURCES:
+            raise ValueError(
+                f"termination_source: got {termination_source!r}, expected one of {list(TERMINATION_SOURCES)}"
+            )
+        if termination_source == "unroll" and wm.hazard is None:
+            raise ValueError(
+                "termination_source='unroll': the bundle has no hazard unroll; train one with "
+                "python experiments/train_hazard.py --checkpoint <bundle>"
+            )
         _check_sampling_args(
             num_envs,
             context_frames,
@@ -353,6 +372,8 @@ class DreamCore:
             self.sample_kw.update(decode=decode, maskgit_steps=maskgit_steps)
         self.context_frames, self.start = context_frames, start
         self.rollout = wm.rollout(num_envs, bf16=bf16)
+        self.termination_source = termination_source
+        self._unroll = UnrollState(wm.hazard, num_envs, wm.device) if termination_source == "unroll" else None
         self.obs = np.zeros((num_envs, *wm.obs_shape), np.uint8)
         self.steps = np.zeros(num_envs, np.int64)
         self.started = np.zeros(num_envs, bool)
@@ -485,6 +506,9 @@ class DreamCore:
             frames = np.stack([ctx[i][0] for i in idx])
             acts = None if ctx[idx[0]][1] is None else np.stack([ctx[i][1] for i in idx])
             self.rollout.reset(frames, acts, rows=[rows[i] for i in idx])
+        if self._unroll is not None:  # root the hazard unroll at the real context
+            for idx in by_len.values():
+                self._unroll.root([rows[i] for i in idx], np.stack([ctx[i][0] for i in idx]))
         for r, (f, _) in zip(rows, ctx):
             self.obs[r] = f[-1]
             self.steps[r] = 0
@@ -531,8 +555,10 @@ class DreamCore:
         self.obs[:] = out.frames
         self.steps += 1
         p, expected = out.terminated_prob, out.expected_rewards
+        if self._unroll is not None:
+            p = self._unroll.step(a, out.frames)
         if (
-            self.hazard_scale != 1.0
+            self.hazard_scale != 1.0 or self._unroll is not None
         ):  # hazard rate x k: p -> 1 - (1 - p)^k, and the expected reward's mix with it
             p = scale_hazard(p, self.hazard_scale)
             expected = ((1.0 - p) * out.rewards + p * out.rewards_if_terminated).astype(np.float32)
@@ -620,7 +646,7 @@ class DreamEnv(gym.Env):
         preset: the preset this id stands for (set by the registration; checked against the bundle).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         temperature, top_k, top_p, decode, maskgit_steps, context_frames, start, termination,
-            termination_threshold, bf16, clip_actions, hazard_scale: see :class:`DreamCore`.
+            termination_threshold, bf16, clip_actions, hazard_scale, termination_source: see :class:`DreamCore`.
         max_episode_steps: truncate after this many steps (``gym.make`` applies its TimeLimit instead).
         render_mode: ``None``, ``"rgb_array"`` (the current frame) or ``"human"`` (a pygame window).
         world_model: an already loaded :class:`WorldModel` to share (then ``checkpoint`` is ignored).
@@ -648,6 +674,7 @@ class DreamEnv(gym.Env):
         world_model: WorldModel | None = None,
         clip_actions: bool = False,
         hazard_scale: float = 1.0,
+        termination_source: str = "head",
     ) -> None:
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(
@@ -669,6 +696,7 @@ class DreamEnv(gym.Env):
             bf16=bf16,
             clip_actions=clip_actions,
             hazard_scale=hazard_scale,
+            termination_source=termination_source,
         )
         self.world_model = wm
         self.observation_space = self.core.observation_space
@@ -760,6 +788,7 @@ class DreamVectorEnv(VectorEnv):
         world_model: WorldModel | None = None,
         clip_actions: bool = False,
         hazard_scale: float = 1.0,
+        termination_source: str = "head",
     ) -> None:
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode: got {render_mode!r}, expected None or 'rgb_array'")
@@ -779,6 +808,7 @@ class DreamVectorEnv(VectorEnv):
             bf16=bf16,
             clip_actions=clip_actions,
             hazard_scale=hazard_scale,
+            termination_source=termination_source,
         )
         self.world_model = wm
         self.num_envs = num_envs

@@ -28,6 +28,7 @@ from worldmodel.checkpoint import (
     write_run_config,
 )
 from worldmodel.config import ExperimentConfig
+from worldmodel.hazard import HazardConfig, HazardUnroll, load_hazard
 from worldmodel.prior import Prior
 from worldmodel.sampling import Rollout
 from worldmodel.store import ActionSpec
@@ -43,6 +44,9 @@ class WorldModel(nn.Module):
         self.store_meta = dict(store_meta or {})
         self.tokenizer = VQVAE(cfg.tokenizer)
         self.prior = Prior(cfg.prior)
+        # optional: termination unrolled from a root state (worldmodel/hazard.py; train_hazard.py writes it)
+        self.hazard: HazardUnroll | None = None
+        self.hazard_cfg: HazardConfig | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> WorldModel:
@@ -61,6 +65,9 @@ class WorldModel(nn.Module):
                     f"{Path(path) / WEIGHTS}: the {name} weights do not fit the {name} config in "
                     f"{Path(path) / CONFIG_JSON} ({str(e)[:300]})"
                 ) from None
+        loaded = load_hazard(path, wm.obs_shape[0])
+        if loaded is not None:
+            wm.hazard, wm.hazard_cfg = loaded
         wm.path = Path(path)
         return wm.to(device).eval()
 
