@@ -165,14 +165,19 @@ def dream_branches(
     return out.reshape(n, samples, hz), pix.reshape(n, samples, hz, 2)
 
 
+def fireball_key(frames: np.ndarray) -> np.ndarray:
+    """Take Cover's fireball colour key, uint8 (..., H, W, 3) -> bool (..., H, W): red > 180 and green > 140
+    (yellow-white; the walls are brown and the health bar pure red)."""
+    f = frames.astype(np.int16)
+    return (f[..., 0] > 180) & (f[..., 1] > 140)
+
+
 def fireball_pixels(frames: np.ndarray) -> np.ndarray:
-    """Take Cover's fireball colour key: pixels with red > 180 and green > 140 (yellow-white; the walls are brown
-    and the health bar pure red), above the HUD's bottom ``W // 16`` rows. uint8 (..., H, W, 3) -> float32
+    """:func:`fireball_key` counted above the HUD's bottom ``W // 16`` rows. uint8 (..., H, W, 3) -> float32
     (..., 2): the count in the whole frame and in the middle third of the columns, where a fireball that hits is
     drawn. The real game's fireballs grow as they come, so these counts say whether a dream brings them closer."""
     h, w = frames.shape[-3:-1]
-    f = frames[..., : h - max(1, w // 16), :, :].astype(np.int16)
-    key = (f[..., 0] > 180) & (f[..., 1] > 140)  # (..., h', W)
+    key = fireball_key(frames[..., : h - max(1, w // 16), :, :])  # (..., h', W)
     centre = key[..., w // 3 : w - w // 3]
     return np.stack([key.sum((-1, -2)), centre.sum((-1, -2))], -1).astype(np.float32)
 
@@ -393,7 +398,10 @@ def main() -> None:
     # where the fireballs go between a death point and the death: real frames against the dream's
     dp = np.flatnonzero(death)
     out["fireball_pixels"] = {
-        "context": per_step_pixels([fireball_pixels(ctx_f[dp, -1])[:, None].mean(0)], 1),
+        "context": {
+            name: [round(float(v), 1)]
+            for name, v in zip(("total", "centre"), fireball_pixels(ctx_f[dp, -1]).mean(0))
+        },
         **{
             f"{world}_{name}": per_step_pixels([pix[i] for i in dp], H)
             for world, source in (

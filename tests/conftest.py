@@ -52,6 +52,23 @@ def tiny_experiment(
     )
 
 
+def load_benchmark(name: str):
+    """The module ``benchmarks/<name>.py`` (benchmarks are scripts, not a package; they import their sibling
+    ``cli_args``), for tests of its functions."""
+    import importlib.util
+    import sys
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location(name, bench_dir / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(bench_dir))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(bench_dir))
+    return mod
+
+
 def make_bundle(cfg: ExperimentConfig, run_dir: str | Path, seed: int = 0) -> Path:
     """Write a bundle with randomly initialised (seeded) weights for ``cfg`` at ``run_dir``."""
     import torch

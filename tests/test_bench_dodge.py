@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,11 +54,20 @@ def test_bench_dodge_replays_real_deaths_and_scores_dream_branches(tc_bundle):
     assert real["dodge_value"]["mean"] == 1.0 - real["death_opposite"]["mean"]
     for world in (dream, forced):
         assert set(world) == set(real)
-        assert all(0.0 <= v["mean"] <= 1.0 for k, v in world.items() if k != "dodge_value")
+        assert all(
+            0.0 <= v["mean"] <= 1.0 for k, v in world.items() if k not in ("dodge_value", "hold_value")
+        )
     assert (
         abs(dream["dodge_value"]["mean"] - (dream["death_taken"]["mean"] - dream["death_opposite"]["mean"]))
         < 1e-3
     )
+    # holding one action for the branch: the real hold value takes each point's safer hold, so it is at least
+    # what the safer hold on average gives; the hold the dream picks cannot beat each point's safer one
+    assert (
+        real["hold_value"]["mean"]
+        >= 1.0 - min(real["death_hold_0"]["mean"], real["death_hold_1"]["mean"]) - 1e-9
+    )
+    assert -1.0 <= out["dream_hold_choice"]["real_value"]["mean"] <= real["hold_value"]["mean"] + 1e-9
     # the fireball colour key per branch step, for the real branches and the dream's, at the death points
     pix = out["fireball_pixels"]
     assert set(pix) == {"context", "real_taken", "real_opposite", "dream_taken", "dream_opposite"}
@@ -77,6 +88,7 @@ def test_bench_dodge_replays_real_deaths_and_scores_dream_branches(tc_bundle):
     [
         (["--context", "99"], "--context: got 99, expected 1.."),
         (["--decode", "maskgit"], "--decode maskgit: this bundle's prior has no MaskGIT stream"),
+        (["--termination-source", "unroll"], "--termination-source unroll: the bundle has no hazard unroll"),
     ],
 )
 def test_bench_dodge_rejects_bad_arguments(tc_bundle, args, message):
@@ -90,15 +102,7 @@ def test_bench_dodge_rejects_bad_arguments(tc_bundle, args, message):
 
 
 def test_fireball_pixels_count_the_colour_key_above_the_hud():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_dodge", ROOT / "benchmarks" / "bench_dodge.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec.loader.exec_module(bench)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    bench = load_benchmark("bench_dodge")
     frames = np.full((2, 32, 32, 3), (120, 80, 40), np.uint8)  # brown wall
     frames[0, 10:12, 2:4] = (255, 220, 120)  # a fireball dot at the left edge: 4 pixels
     frames[0, 14:17, 14:17] = (250, 200, 90)  # a closer one in the middle: 9 pixels

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import TINY_RES, scenes, tiny_experiment
+from tests.conftest import TINY_RES, load_benchmark, scenes, tiny_experiment
 from worldmodel.config import PriorConfig, TokenizerConfig
 from worldmodel.prior import Prior
 from worldmodel.prior_heads import prior_loss
@@ -36,9 +36,8 @@ TINY = TokenizerConfig(
 
 
 def _bright(frames: np.ndarray) -> np.ndarray:
-    """bool (..., H, W): the yellow-white pixels of an imp's fireball (the walls are brown, the health bar pure red)."""
-    f = frames.astype(np.int32)
-    return (f[..., 0] > 180) & (f[..., 1] > 140)
+    """bool (..., H, W): the yellow-white pixels of an imp's fireball, by ``bench_dodge.fireball_key``."""
+    return load_benchmark("bench_dodge").fireball_key(frames)
 
 
 @pytest.fixture(scope="module")
