@@ -106,7 +106,7 @@ class HazardUnroll(nn.Module):
             raise ValueError(f"action_kind: got {action_kind!r}, expected 'discrete' or 'continuous'")
         if resolution % 8:
             raise ValueError(f"resolution: got {resolution}, expected a multiple of 8")
-        self.n_frames, self.resolution = int(n_frames), int(resolution)
+        self.n_frames, self.resolution, self.hidden = int(n_frames), int(resolution), int(hidden)
         self.action_kind, self.n, self.horizon = action_kind, int(n), int(horizon)
         self.encoder = nn.Sequential(  # (B, 3C, R, R) -> (B, hidden)
             nn.Conv2d(3 * n_frames, 32, 4, 2, 1),
@@ -181,7 +181,7 @@ class UnrollState:
         R, C, K = unroll.resolution, unroll.n_frames, unroll.horizon
         self.frames = np.zeros((num_rows, C, R, R, 3), np.uint8)  # each row's newest C frames
         self.k = np.zeros(num_rows, np.int64)  # steps since the root
-        self.e = torch.zeros(num_rows, self.u.mlp[0].in_features - K * (unroll.feat + 1), device=self.device)
+        self.e = torch.zeros(num_rows, unroll.hidden, device=self.device)  # each row's root embedding
         self.feats = torch.zeros(num_rows, K, unroll.feat, device=self.device)
 
     @torch.inference_mode()
@@ -217,7 +217,7 @@ class UnrollState:
 
 
 def build_hazard(wm: WorldModel, cfg: HazardConfig) -> HazardUnroll:
-    """An untrained :class:`HazardUnroll` for ``wm``'s prior width and action space."""
+    """An untrained :class:`HazardUnroll` for ``wm``'s frame size and action space."""
     spec = wm.action_spec
     if spec.kind not in ("discrete", "continuous"):
         raise ValueError(f"wm: the bundle has no actions ({spec.kind}); a hazard unroll reads actions")
