@@ -297,7 +297,7 @@ class DreamCore:
         termination_source: where the termination probability comes from: ``"head"`` (the prior's termination
             head on each generated frame) or ``"unroll"`` (the bundle's hazard unroll, :mod:`worldmodel.hazard`:
             from the episode's real context frames and the actions since; every K steps, K its
-            horizon, it restarts from the newest generated frame's latent state).
+            horizon, it restarts from the newest generated frames).
     """
 
     def __init__(

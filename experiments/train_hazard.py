@@ -1,12 +1,12 @@
-"""Train a bundle's hazard unroll: termination predicted from a real root state and the actions since.
+"""Train a bundle's hazard unroll: termination predicted from a root's real frames and the actions since.
 
 Examples:
     python experiments/train_hazard.py --env vizdoom_take_cover --checkpoint runs/vizdoom_take_cover-tiny
     python experiments/train_hazard.py --env vizdoom_take_cover --hazard.steps 6000 --hazard.horizon 8
 
-The unroll (worldmodel/hazard.py) reads the prior's latent state after ``--hazard.context`` real frames of the
-bundle's store and predicts, for each of the next ``--hazard.horizon`` actions, the probability that the step
-ends the episode; the tokenizer and prior stay frozen. It is written into the bundle (``hazard.*`` tensors of
+The unroll (worldmodel/hazard.py) reads ``--hazard.context`` real frames of the bundle's store (a root) and
+predicts, for each k of the next ``--hazard.horizon`` actions, the probability that the episode has ended by
+step k; the tokenizer and prior are not touched. It is written into the bundle (``hazard.*`` tensors of
 ``model.safetensors`` and ``hazard.json``, with held-out metrics). Dream envs use it with
 ``termination_source="unroll"`` (``bench_transfer.py --termination-source unroll``, ``bench_dodge.py
 --termination-source unroll``).
