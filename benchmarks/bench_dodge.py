@@ -371,27 +371,24 @@ def main() -> None:
     real_np = {k: np.asarray(v, np.float64) for k, v in real.items()}
     worlds = (("real", real_np), ("dream", dream), ("teacher_forced", forced))
     for world, res in worlds:
-        names = [n for n in branches if n in res]
         out[world] = {
             f"{kind}_{name}": _stats(res[name][mask])
             for kind, mask in (("death", death), ("control", ~death))
             if mask.any()
-            for name in names
+            for name in branches
         }
         out[world]["dodge_value"] = _stats(res["taken"][death] - res["opposite"][death])
         # what holding the safer action is worth, by this world's own numbers
-        if all(h in res for h in holds):
-            safest = np.min(np.stack([res[h] for h in holds]), 0)
-            out[world]["hold_value"] = _stats(res["taken"][death] - safest[death])
+        safest = np.min(np.stack([res[h] for h in holds]), 0)
+        out[world]["hold_value"] = _stats(res["taken"][death] - safest[death])
     # the hold the dream deems safer, played in the real game: what a policy trained in this dream would gain
+    real_holds = np.stack([real_np[h] for h in holds])  # (n_act, P)
     pick = np.argmin(np.stack([dream[h] for h in holds]), 0)  # (P,)
-    real_pick = np.stack([real_np[h] for h in holds])[pick, np.arange(len(pick))]
-    differ = death & (np.ptp(np.stack([real_np[h] for h in holds]), 0) > 0)
+    real_pick = real_holds[pick, np.arange(len(pick))]
+    differ = death & (np.ptp(real_holds, 0) > 0)
     out["dream_hold_choice"] = {
         "real_value": _stats(real_np["taken"][death] - real_pick[death]),
-        "accuracy_where_holds_differ": _stats(
-            (real_pick == np.min(np.stack([real_np[h] for h in holds]), 0))[differ].astype(np.float64)
-        )
+        "accuracy_where_holds_differ": _stats((real_pick == real_holds.min(0))[differ].astype(np.float64))
         if differ.sum() > 1
         else None,
     }

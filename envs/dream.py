@@ -372,7 +372,6 @@ class DreamCore:
             self.sample_kw.update(decode=decode, maskgit_steps=maskgit_steps)
         self.context_frames, self.start = context_frames, start
         self.rollout = wm.rollout(num_envs, bf16=bf16)
-        self.termination_source = termination_source
         self._unroll = UnrollState(wm.hazard, num_envs, wm.device) if termination_source == "unroll" else None
         self.obs = np.zeros((num_envs, *wm.obs_shape), np.uint8)
         self.steps = np.zeros(num_envs, np.int64)
