@@ -1,8 +1,12 @@
 """Dream-to-real transfer: policies trained only in a bundle's dream, scored in the real game. One JSON line.
 
-For each seed, the learner (``--algo cmaes``: World Models' linear controller on frame features,
-evolved by CMA-ES; envs/controller.py) trains in the dream only, then plays ``--real-episodes``
-real episodes and ``--dream-episodes`` dream episodes. In the same run: a uniform random policy,
+For each seed, the learner trains from the world model only, then plays ``--real-episodes`` real episodes and
+``--dream-episodes`` dream episodes. ``--learner cmaes`` (default): World Models' linear controller on frame
+features, evolved by CMA-ES in the dream (envs/controller.py). ``--learner distill``: a small CNN policy on the
+newest frames, trained to choose what a planner over the bundle's hazard unroll chooses at the stored states
+(envs/planner.py; the planner imagines K-step branches from each state, the policy never meets the real env while
+it learns). ``--planner`` also scores that planner itself (model-predictive control: the world model acts at
+every step, nothing is trained). In the same run: a uniform random policy,
 an "alternate every 10 steps" policy, and (``--real-baseline``) the same learner with the same
 budget trained directly in the real game. Reported: real and dream return per seed (mean ± standard
 error), their mean over seeds (± standard error over seeds), real/dream ratio, the real env steps
@@ -19,7 +23,12 @@ envs/latent.py): ``info["latent"]`` in the dream, the same world model run teach
 the real game (the only real view then is ``latent``).
 
 Any bundle with a real env works (``gym:<ID>`` too: the real env is rebuilt from the settings its store records);
-the CMA-ES controller needs discrete actions. "alternate every 10 steps" switches between actions 0 and 1.
+the CMA-ES controller and the planner need discrete actions. "alternate every 10 steps" switches between actions 0
+and 1.
+
+Example (Take Cover, the distilled planner; needs a hazard unroll: experiments/train_hazard.py):
+    python benchmarks/bench_transfer.py --env vizdoom_take_cover --learner distill --planner \
+        --termination-source unroll --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from envs.controller import (
     train_cmaes,
 )
 from envs.dream import DreamVectorEnv, load_world_model
+from envs.planner import DistillConfig, FrameStackActor, HazardPlanner, distill_planner, save_frame_policy
 from envs.policy import real_env_kwargs
 from envs.real import check_real_env, make_real_env_fn
 from envs.views import VIEWS, real_view
@@ -92,6 +102,19 @@ class _Controller:
         return self.c.act(obs)
 
 
+class _Actor:
+    """``play``'s interface over a :class:`~envs.planner.FrameStackActor`."""
+
+    def __init__(self, actor: FrameStackActor) -> None:
+        self.actor = actor
+
+    def reset(self) -> None:
+        self.actor.reset()
+
+    def __call__(self, obs: np.ndarray, t: int) -> np.ndarray:
+        return self.actor(obs)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -101,6 +124,21 @@ def main() -> None:
     )
     p.add_argument("--checkpoint", help="bundle (default: the newest bundle of --env under runs/)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="learner seeds")
+    p.add_argument(
+        "--learner",
+        default="cmaes",
+        choices=["cmaes", "distill"],
+        help="cmaes: a linear controller evolved in the dream (envs/controller.py); distill: a CNN policy trained "
+        "on the choices of the planner over the bundle's hazard unroll (envs/planner.py)",
+    )
+    p.add_argument(
+        "--distill-steps", type=int, default=DistillConfig.steps, help="--learner distill: optimiser steps"
+    )
+    p.add_argument(
+        "--planner",
+        action="store_true",
+        help="also score the planner over the hazard unroll (it acts with the world model at every step)",
+    )
     p.add_argument("--real-episodes", type=int, default=100, help="real episodes per policy")
     p.add_argument("--dream-episodes", type=int, default=32, help="dream episodes per dream-trained policy")
     p.add_argument("--real-envs", type=int, default=4, help="real envs played in parallel during scoring")
@@ -202,11 +240,28 @@ def main() -> None:
             f"--env {args.env}: the bundle's actions are {wm.action_spec.kind}; the CMA-ES controller needs "
             "discrete actions (score continuous-action policies with train_policy.py --eval-real)"
         )
-    if args.termination_source == "unroll" and wm.hazard is None:
+    for flag, needed in (
+        ("--termination-source unroll", args.termination_source == "unroll"),
+        ("--learner distill", args.learner == "distill"),
+        ("--planner", args.planner),
+    ):
+        if needed and wm.hazard is None:
+            p.error(
+                f"{flag}: the bundle has no hazard unroll; train one with "
+                "python experiments/train_hazard.py --checkpoint <bundle>"
+            )
+    distill = args.learner == "distill"
+    if distill and (args.real_baseline or args.features == "latent"):
         p.error(
-            "--termination-source unroll: the bundle has no hazard unroll; train one with "
-            "python experiments/train_hazard.py --checkpoint <bundle>"
+            "--learner distill: the distilled policy reads raw frames and has no real-game counterpart; "
+            "drop --real-baseline and --features latent (they are the CMA-ES controller's)"
         )
+    if distill and args.real_views not in (None, ["raw"]):
+        p.error(
+            f"--real-views: got {args.real_views} with --learner distill, which reads raw frames: expected raw"
+        )
+    if distill:
+        args.real_views = ["raw"]
     latent = args.features == "latent"
     if args.real_views is None:
         args.real_views = ["latent"] if latent else ["tokenized", "raw"]
@@ -240,8 +295,9 @@ def main() -> None:
         "bench": "transfer",
         "env": args.env,
         "checkpoint": str(wm.path),
-        "algo": "cmaes",
-        "cmaes": asdict(cfg),
+        "algo": args.learner,
+        "cmaes": asdict(cfg) if not distill else None,
+        "distill": asdict(DistillConfig(steps=args.distill_steps)) if distill else None,
         "dream": {
             "temperature": args.temperature,
             "hazard_scale": args.hazard_scale,
@@ -268,6 +324,14 @@ def main() -> None:
         play(real, lambda o, t: np.full(len(o), (t // 10) % 2), args.real_episodes, 20_000, args.max_steps)
     )
     out["baselines_cpu_minutes"] = round((time.process_time() - t0) / 60, 2)
+    if args.planner:
+        t0 = time.process_time()
+        planner = HazardPlanner(wm.hazard)
+        out["real_planner"] = _stats(
+            play(real, _Actor(FrameStackActor(planner)), args.real_episodes, 30_000, args.max_steps)
+        )
+        out["planner_sequences"] = len(planner.sequences)
+        out["planner_cpu_minutes"] = round((time.process_time() - t0) / 60, 2)
 
     dream = DreamVectorEnv(
         cfg.popsize * cfg.episodes,
@@ -288,24 +352,34 @@ def main() -> None:
         hazard_scale=args.hazard_scale,
         termination_source=args.termination_source,
     )
-    if latent:  # the controller reads info["latent"] (train_cmaes wraps its own dream)
+    if latent and not distill:  # the controller reads info["latent"] (train_cmaes wraps its own dream)
         score_dream = latent_env(score_dream, wm)
     per_seed = []
     for s in args.seeds:
         t0 = time.process_time()
-        ctrl, hist = train_cmaes(wm, dream, cfg, seed=s)
+        if distill:
+            dcfg = DistillConfig(steps=args.distill_steps, seed=s)
+            fp, hist = distill_planner(wm, store, dcfg, progress=False)
+            act = _Actor(FrameStackActor(fp))
+            # imagined steps behind the targets: every root's scored sequences, K steps each
+            steps = hist["train_roots"] + hist["val_roots"]
+            steps *= len(HazardPlanner(wm.hazard, dcfg.max_sequences).sequences) * wm.hazard.horizon
+            if args.save_dir:
+                save_frame_policy(Path(args.save_dir) / f"seed{s}.safetensors", fp, {"distill": hist})
+        else:
+            ctrl, hists = train_cmaes(wm, dream, cfg, seed=s)
+            hist, act, steps = hists[-1], _Controller(ctrl), cmaes_agent_steps(hists, cfg)
+            if args.save_dir:  # each seed's controller, for rollout.py videos or collection
+                save_controller(
+                    ctrl, Path(args.save_dir) / f"seed{s}", {"history": hists, "bench": vars(args)}
+                )
         train_min = (time.process_time() - t0) / 60
-        steps = cmaes_agent_steps(hist, cfg)
-        if args.save_dir:  # each seed's controller, for rollout.py videos or collection
-            save_controller(ctrl, Path(args.save_dir) / f"seed{s}", {"history": hist, "bench": vars(args)})
         t0 = time.process_time()
         by_view = {
-            v: _stats(
-                play(views[v], _Controller(ctrl), args.real_episodes, 1_000_000 * (s + 1), args.max_steps)
-            )
+            v: _stats(play(views[v], act, args.real_episodes, 1_000_000 * (s + 1), args.max_steps))
             for v in args.real_views
         }
-        d = play(score_dream, _Controller(ctrl), args.dream_episodes, 1_000_000 * (s + 1), args.max_steps)
+        d = play(score_dream, act, args.dream_episodes, 1_000_000 * (s + 1), args.max_steps)
         per_seed.append(
             {
                 "seed": s,
@@ -315,7 +389,7 @@ def main() -> None:
                 "dream_agent_steps": steps,
                 "train_cpu_minutes": round(train_min, 2),
                 "score_cpu_minutes": round((time.process_time() - t0) / 60, 2),
-                "last_generation": hist[-1],
+                ("distill_metrics" if distill else "last_generation"): hist,
             }
         )
         print(json.dumps({"seed_done": per_seed[-1]}), flush=True)

@@ -82,6 +82,28 @@ class HazardConfig:
                 raise ValueError(f"hazard.{f.name}: got {v!r}, expected an integer >= {low}")
 
 
+def frame_encoder(n_frames: int, resolution: int, hidden: int) -> nn.Sequential:
+    """The small conv net that embeds a window of ``n_frames`` RGB frames stacked on channels, (B, 3C, R, R)
+    floats in [0, 1] -> (B, hidden): three stride-2 4×4 convs (32, 64, 64 channels) and a linear layer, ReLUs.
+    ``resolution`` R must be a multiple of 8."""
+    return nn.Sequential(
+        nn.Conv2d(3 * n_frames, 32, 4, 2, 1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 4, 2, 1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 4, 2, 1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64 * (resolution // 8) ** 2, hidden),
+        nn.ReLU(),
+    )
+
+
+def frames_input(frames: torch.Tensor) -> torch.Tensor:
+    """Frame windows uint8 (B, C, R, R, 3) -> the input of :func:`frame_encoder`, float (B, 3C, R, R) in [0, 1]."""
+    return rearrange(frames.float() / 255.0, "b c h w rgb -> b (c rgb) h w")
+
+
 class HazardUnroll(nn.Module):
     """Logits of P(ended by step k), k = 1..K, for K actions from a root's real frames (module docstring).
 
@@ -108,17 +130,7 @@ class HazardUnroll(nn.Module):
             raise ValueError(f"resolution: got {resolution}, expected a multiple of 8")
         self.n_frames, self.resolution, self.hidden = int(n_frames), int(resolution), int(hidden)
         self.action_kind, self.n, self.horizon = action_kind, int(n), int(horizon)
-        self.encoder = nn.Sequential(  # (B, 3C, R, R) -> (B, hidden)
-            nn.Conv2d(3 * n_frames, 32, 4, 2, 1),
-            nn.ReLU(),
-            nn.Conv2d(32, 64, 4, 2, 1),
-            nn.ReLU(),
-            nn.Conv2d(64, 64, 4, 2, 1),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(64 * (resolution // 8) ** 2, hidden),
-            nn.ReLU(),
-        )
+        self.encoder = frame_encoder(n_frames, resolution, hidden)  # (B, 3C, R, R) -> (B, hidden)
         # per action: a one-hot (discrete; all zeros = not taken yet), or the vector and a taken flag
         self.feat = self.n if action_kind == "discrete" else self.n + 1
         self.mlp = nn.Sequential(
@@ -129,8 +141,7 @@ class HazardUnroll(nn.Module):
 
     def embed(self, frames: torch.Tensor) -> torch.Tensor:
         """Root frames uint8 (B, C, R, R, 3) -> (B, hidden)."""
-        x = rearrange(frames.float() / 255.0, "b c h w rgb -> b (c rgb) h w")
-        return self.encoder(x)
+        return self.encoder(frames_input(frames))
 
     def action_features(self, actions: torch.Tensor) -> torch.Tensor:
         """actions (B, K) long or (B, K, n) float -> (B, K, feat) float."""
