@@ -166,6 +166,27 @@ class FrameStackActor:
                 self._fresh[:] = False
         return self.policy.act(self.window)
 
+    def predict(
+        self,
+        obs: np.ndarray,
+        state: Any = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = True,
+    ) -> tuple[np.ndarray, None]:
+        """SB3's ``predict`` (``evaluate_policy``, :func:`envs.policy.score_real`): frames (N, R, R, 3) or one frame;
+        the rows flagged in ``episode_start`` start a new window. Always greedy."""
+        obs = np.asarray(obs)
+        single = obs.ndim == 3
+        obs = obs[None] if single else obs
+        if self.window is not None and len(self.window) != len(obs):
+            self.reset()
+        elif episode_start is not None and self.window is not None:
+            starts = np.flatnonzero(np.asarray(episode_start, bool))
+            if len(starts):
+                self.reset(starts)
+        a = self(obs)
+        return (a[0] if single else a), None
+
 
 @dataclass
 class DistillConfig:

@@ -6,12 +6,14 @@ Examples:
     python experiments/train_policy.py --env vizdoom_take_cover --algo cmaes --eval-real
     python experiments/train_policy.py --env gym:ALE/Pong-v5 --eval-real      # a bundle of any Gymnasium env
 
-Two learners: ``--algo ppo`` (SB3 PPO ``CnnPolicy`` on the dream's pixels) and ``--algo cmaes`` (World
+Three learners: ``--algo ppo`` (SB3 PPO ``CnnPolicy`` on the dream's pixels) and ``--algo cmaes`` (World
 Models' recipe: a linear controller on frame features (colour keys or token features) or, with
 ``--cmaes.features latent``, on the world model's own latent state (World Models' [z_t, h_t]; in the real game
-the world model follows the real frames, envs/latent.py), evolved by CMA-ES; see envs/controller.py). ``--algo auto`` (default) picks the one measured best for the preset: cmaes for
+the world model follows the real frames, envs/latent.py), evolved by CMA-ES; see envs/controller.py); ``--algo distill`` (a small CNN on the newest frames trained on the choices of a planner
+over the bundle's hazard unroll at the stored states, envs/planner.py; the bundle needs one:
+experiments/train_hazard.py). ``--algo auto`` (default) picks the one measured best for the preset: cmaes for
 vizdoom_take_cover (README Results), ppo otherwise. The PPO policy is saved to
-``<checkpoint>/policies/ppo_dream.safetensors`` (a policy file: safetensors + JSON settings, no pickle), the controller to ``<checkpoint>/policies/cmaes_dream/``
+``<checkpoint>/policies/ppo_dream.safetensors``, the distilled one to ``<checkpoint>/policies/distill_dream.safetensors`` (a policy file: safetensors + JSON settings, no pickle), the controller to ``<checkpoint>/policies/cmaes_dream/``
 (or ``--out``); TensorBoard logs go to ``<checkpoint>/tb_policy``. With ``--eval-real`` the policy
 and a uniform random policy are scored in the dream and in the real env, side by side (the
 dream–real gap): the real env the bundle's store was collected in, rebuilt from the settings the store
@@ -38,6 +40,7 @@ from envs.callbacks import LockstepVideoCallback
 from envs.controller import CMAESConfig, save_controller, train_cmaes_in_dream
 from envs.dream import load_world_model
 from envs.follow import has_real_env, make_bundle_real_env
+from envs.planner import DistillConfig, FrameStackActor, distill_planner, save_frame_policy
 from envs.policy import (
     PPOConfig,
     real_env_kwargs,
@@ -51,6 +54,7 @@ from envs.real import is_real_env
 from envs.sb3_vec import DreamVecEnv, VecLatentObservation
 from envs.vizdoom import sigterm_exits
 from worldmodel.atomic import write_json
+from worldmodel.store import EpisodeStore
 
 
 @dataclass
@@ -59,8 +63,9 @@ class Args:
     """Preset of the bundle (vizdoom_hgs, vizdoom_battle2, ..., or gym:<Gymnasium id>)."""
     checkpoint: str | None = None
     """Bundle directory (default: the newest bundle of --env under runs/ or $WORLDMODEL_HOME/runs)."""
-    algo: Literal["auto", "ppo", "cmaes"] = "auto"
-    """Learner: PPO on pixels, CMA-ES linear controller on frame features (envs/controller.py), or auto (cmaes for vizdoom_take_cover)."""
+    algo: Literal["auto", "ppo", "cmaes", "distill"] = "auto"
+    """Learner: PPO on pixels, CMA-ES linear controller on frame features (envs/controller.py), a CNN distilled
+    from the planner over the bundle's hazard unroll (envs/planner.py), or auto (cmaes for vizdoom_take_cover)."""
     timesteps: int = 50_000
     """Dream env steps to train for (all envs together; PPO)."""
     num_envs: int = 16
@@ -103,6 +108,8 @@ class Args:
     """Directory with D4_battle2.wad/.cfg (real-env evaluation of vizdoom_battle2) (default: the map shipped with the package)."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """PPO hyper-parameters."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Distillation settings (--algo distill)."""
     cmaes: CMAESConfig = field(default_factory=CMAESConfig)
     """CMA-ES hyper-parameters (--algo cmaes); its max_episode_steps caps dream episodes during evolution."""
     progress: bool = True
@@ -123,10 +130,10 @@ def main(args: Args) -> dict:
         torch.set_num_threads(args.threads)
     algo = args.algo if args.algo != "auto" else ("cmaes" if args.env == "vizdoom_take_cover" else "ppo")
     if (
-        algo == "ppo" and args.out is not None and not args.out.endswith(".safetensors")
+        algo in ("ppo", "distill") and args.out is not None and not args.out.endswith(".safetensors")
     ):  # checked before training
         sys.exit(
-            f"error: --out {args.out!r}: a PPO policy file is safetensors; expected a name ending in "
+            f"error: --out {args.out!r}: a {algo} policy file is safetensors; expected a name ending in "
             "'.safetensors' (--algo cmaes saves a directory)"
         )
     if args.eval_real and not is_real_env(args.env):  # checked before training
@@ -145,6 +152,11 @@ def main(args: Args) -> dict:
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     run = Path(wm.path)
+    if algo == "distill" and wm.hazard is None:
+        sys.exit(
+            f"error: --algo distill: the bundle {run} has no hazard unroll to distil; train one with "
+            f"python experiments/train_hazard.py --checkpoint {run}"
+        )
     if (
         args.max_episode_steps is None
     ):  # the dream's episodes end where the real env's do (an honest dream vs real)
@@ -197,6 +209,18 @@ def main(args: Args) -> dict:
             **dream_kw,
         )
         out = save_policy(model, args.out or run / "policies" / "ppo_dream.safetensors")
+    elif algo == "distill":
+        policy, metrics = distill_planner(
+            wm, EpisodeStore(wm.store_path), args.distill, progress=args.progress
+        )
+        out = save_frame_policy(
+            args.out or run / "policies" / "distill_dream.safetensors", policy, {"distill": metrics}
+        )
+        print(json.dumps({"distill": metrics}))
+        model = FrameStackActor(policy)
+        venv = DreamVecEnv(
+            args.num_envs, world_model=wm, max_episode_steps=args.max_episode_steps, **dream_kw
+        )
     else:
 
         def log(row: dict[str, float]) -> None:

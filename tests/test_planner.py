@@ -208,3 +208,45 @@ def test_bench_transfer_needs_the_unroll(shade_bundle, tmp_path):
     (dst / "hazard.json").unlink()
     res = _bench(dst, "--learner", "distill", "--seeds", "0")
     assert res.returncode == 2 and "train_hazard.py" in res.stderr and "--learner distill" in res.stderr
+
+
+def test_train_policy_distill_cli(shade_bundle, tmp_path):
+    out = tmp_path / "d.safetensors"
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / "train_policy.py"),
+        "--env",
+        "vizdoom_take_cover",
+        "--checkpoint",
+        str(shade_bundle),
+        "--algo",
+        "distill",
+        "--distill.steps",
+        "150",
+        "--distill.batch",
+        "64",
+        "--distill.hidden",
+        "32",
+        "--out",
+        str(out),
+        "--eval-real",
+        "--eval-episodes",
+        "2",
+        "--num-envs",
+        "2",
+        "--max-episode-steps",
+        "6",
+        "--no-progress",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert {"real_distill", "dream_distill", "real_random"} <= set(report)
+    policy, doc = load_frame_policy(out)
+    assert doc["extra"]["distill"]["val_agreement"] > 0.9
+    assert policy.act(shade_frames(0)).tolist() == [1]
+    assert json.loads(out.with_suffix(".eval.json").read_text())["algo"] == "distill"
+    bad = subprocess.run(
+        cmd[:-10] + ["--out", str(tmp_path / "d.pt")], capture_output=True, text=True, timeout=600
+    )
+    assert bad.returncode != 0 and "'.safetensors'" in bad.stderr
