@@ -220,7 +220,7 @@ def test_train_policy_distill_cli(shade_bundle, tmp_path):
         "--checkpoint",
         str(shade_bundle),
         "--algo",
-        "distill",
+        "auto",  # Take Cover with a hazard unroll: distill
         "--distill.steps",
         "150",
         "--distill.batch",
