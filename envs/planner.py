@@ -21,9 +21,8 @@ game where random plays 290 and the CMA-ES controller evolved in the dream 305.
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from worldmodel.atomic import atomic_file
-from worldmodel.hazard import HazardUnroll, frame_encoder, frames_input, root_window
+from worldmodel.hazard import HazardUnroll, check_fields, frame_encoder, frames_input, root_window
 
 if TYPE_CHECKING:
     from worldmodel.bundle import WorldModel
@@ -208,18 +207,7 @@ class DistillConfig:
     """Seed of the initialisation and of the batches."""
 
     def check(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name == "lr":
-                if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
-                    raise ValueError(f"distill.lr: got {v!r}, expected a number > 0")
-            elif f.name == "bf16":
-                if not isinstance(v, bool):
-                    raise ValueError(f"distill.bf16: got {v!r}, expected True or False")
-            elif not isinstance(v, int) or isinstance(v, bool) or v < (0 if f.name == "seed" else 1):
-                raise ValueError(
-                    f"distill.{f.name}: got {v!r}, expected an integer >= {0 if f.name == 'seed' else 1}"
-                )
+        check_fields(self, "distill")
 
 
 class _Roots:

@@ -8,6 +8,7 @@ unless a test trains them; shapes, spaces, determinism and error paths do not ne
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -211,6 +212,43 @@ def write_continuous_store(
                 frames[t, y : y + 6, x : x + 6] = 255
             w.add_episode(frames, acts)
     return Path(root)
+
+
+def write_rule_store(
+    root: Path,
+    ends: Callable[[int, int, int], bool],
+    shade: Callable[[int], int] = lambda i: 128,
+    episodes: int = 40,
+    seed: int = 0,
+) -> Path:
+    """A Take Cover-shaped store of uniform random actions (2) ruled by ``ends(episode, t, action)``: episode ``i``
+    ends at the first transition ``t`` where it is true; all its frames are grey level ``shade(i)``."""
+    import numpy as np
+
+    from worldmodel.store import ActionSpec, StoreWriter
+
+    rng = np.random.default_rng(seed)
+    with StoreWriter(
+        root,
+        source="vizdoom_take_cover",
+        obs_shape=(TINY_RES, TINY_RES, 3),
+        action_spec=ActionSpec.discrete(2),
+        fps=8.75,
+        val_fraction=0.2,
+        test_fraction=0.1,
+    ) as w:
+        for i in range(episodes):
+            acts: list[int] = []
+            while True:
+                acts.append(int(rng.integers(0, 2)))
+                if ends(i, len(acts) - 1, acts[-1]):
+                    break
+            T = len(acts)
+            frames = np.full((T + 1, TINY_RES, TINY_RES, 3), shade(i), np.uint8)
+            term = np.zeros(T, bool)
+            term[-1] = True
+            w.add_episode(frames, np.array(acts), np.ones(T, np.float32), term)
+    return root
 
 
 def scenes(B: int = 2, T: int = 4, R: int = 16, seed: int = 0) -> torch.Tensor:

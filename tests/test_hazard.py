@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from envs.dream import DreamVectorEnv
-from tests.conftest import TINY_RES, make_bundle, tiny_experiment
+from tests.conftest import TINY_RES, make_bundle, tiny_experiment, write_rule_store
 from worldmodel.bundle import WorldModel
 from worldmodel.hazard import (
     HazardConfig,
@@ -24,44 +24,16 @@ from worldmodel.hazard import (
     step_hazards,
     train_hazard,
 )
-from worldmodel.store import ActionSpec, EpisodeStore, StoreWriter
+from worldmodel.store import EpisodeStore
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 5  # from this transition on, action 1 ends the episode
 
 
-def write_rule_store(root: Path, episodes: int = 40, seed: int = 0) -> Path:
-    """Episodes of random actions that end at the first action 1 taken at transition >= WARMUP (grey frames: only
-    the actions tell the end)."""
-    rng = np.random.default_rng(seed)
-    with StoreWriter(
-        root,
-        source="vizdoom_take_cover",
-        obs_shape=(TINY_RES, TINY_RES, 3),
-        action_spec=ActionSpec.discrete(2),
-        fps=8.75,
-        val_fraction=0.2,
-        test_fraction=0.1,
-    ) as w:
-        for _ in range(episodes):
-            acts = []
-            while True:
-                a = int(rng.integers(0, 2))
-                acts.append(a)
-                if a == 1 and len(acts) - 1 >= WARMUP:
-                    break
-            T = len(acts)
-            frames = np.full((T + 1, TINY_RES, TINY_RES, 3), 128, np.uint8)
-            term = np.zeros(T, bool)
-            term[-1] = True
-            w.add_episode(frames, np.array(acts), np.ones(T, np.float32), term)
-    return root
-
-
 @pytest.fixture(scope="module")
 def rule_bundle(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hazard")
-    store = write_rule_store(root / "store")
+    store = write_rule_store(root / "store", lambda i, t, a: a == 1 and t >= WARMUP)
     return make_bundle(tiny_experiment(store, name="vizdoom_take_cover", clip_len=4), root / "bundle")
 
 

@@ -23,10 +23,10 @@ from envs.planner import (
     load_frame_policy,
     save_frame_policy,
 )
-from tests.conftest import TINY_RES, make_bundle, tiny_experiment
+from tests.conftest import TINY_RES, make_bundle, tiny_experiment, write_rule_store
 from worldmodel.bundle import WorldModel
 from worldmodel.hazard import HazardConfig, HazardUnroll, save_hazard, train_hazard
-from worldmodel.store import ActionSpec, EpisodeStore, StoreWriter
+from worldmodel.store import EpisodeStore
 
 ROOT = Path(__file__).resolve().parents[1]
 SHADES = (
@@ -35,39 +35,14 @@ SHADES = (
 )  # an episode's frames are one of two shades; from transition 2 on, action i ends a shade-i episode
 
 
-def write_shade_store(root: Path, episodes: int = 80, seed: int = 0) -> Path:
-    """Random-action episodes whose frames show which action is deadly: the frames of an episode are all of shade
-    ``SHADES[c]``, and from transition 2 on, taking action ``c`` ends it."""
-    rng = np.random.default_rng(seed)
-    with StoreWriter(
-        root,
-        source="vizdoom_take_cover",
-        obs_shape=(TINY_RES, TINY_RES, 3),
-        action_spec=ActionSpec.discrete(2),
-        fps=8.75,
-        val_fraction=0.2,
-        test_fraction=0.1,
-    ) as w:
-        for i in range(episodes):
-            c, acts = i % 2, []
-            while True:
-                a = int(rng.integers(0, 2))
-                acts.append(a)
-                if a == c and len(acts) - 1 >= 2:
-                    break
-            T = len(acts)
-            term = np.zeros(T, bool)
-            term[-1] = True
-            frames = np.full((T + 1, TINY_RES, TINY_RES, 3), SHADES[c], np.uint8)
-            w.add_episode(frames, np.array(acts), np.ones(T, np.float32), term)
-    return root
-
-
 @pytest.fixture(scope="module")
 def shade_bundle(tmp_path_factory) -> Path:
     """A bundle of the shade store with a trained hazard unroll (context 2, horizon 2)."""
     root = tmp_path_factory.mktemp("planner")
-    store = write_shade_store(root / "store")
+    # from transition 2 on, action c ends an episode of shade c; the frames show c
+    store = write_rule_store(
+        root / "store", lambda i, t, a: a == i % 2 and t >= 2, lambda i: SHADES[i % 2], episodes=80
+    )
     run = make_bundle(tiny_experiment(store, name="vizdoom_take_cover", clip_len=4), root / "bundle")
     wm = WorldModel.from_pretrained(run)
     cfg = HazardConfig(horizon=2, context=2, hidden=32, roots_per_episode=8, steps=400, batch=64, lr=2e-3)

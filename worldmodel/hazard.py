@@ -75,17 +75,23 @@ class HazardConfig:
     """Seed of the root sample and of the initialisation."""
 
     def check(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            low = 0 if f.name == "seed" else 1
-            if f.name == "lr":
-                if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
-                    raise ValueError(f"hazard.lr: got {v!r}, expected a number > 0")
-            elif f.name == "bf16":
-                if not isinstance(v, bool):
-                    raise ValueError(f"hazard.bf16: got {v!r}, expected True or False")
-            elif not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise ValueError(f"hazard.{f.name}: got {v!r}, expected an integer >= {low}")
+        check_fields(self, "hazard")
+
+
+def check_fields(cfg: Any, prefix: str) -> None:
+    """Validate a small training config dataclass: ``lr`` a finite number > 0, ``bf16`` a bool, ``seed`` an integer
+    >= 0, every other field an integer >= 1; ValueError naming ``<prefix>.<field>`` and what is accepted."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        low = 0 if f.name == "seed" else 1
+        if f.name == "lr":
+            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+                raise ValueError(f"{prefix}.lr: got {v!r}, expected a number > 0")
+        elif f.name == "bf16":
+            if not isinstance(v, bool):
+                raise ValueError(f"{prefix}.bf16: got {v!r}, expected True or False")
+        elif not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise ValueError(f"{prefix}.{f.name}: got {v!r}, expected an integer >= {low}")
 
 
 def frame_encoder(n_frames: int, resolution: int, hidden: int) -> nn.Sequential:
