@@ -14,8 +14,9 @@ and a policy can be read from it without drawing a single frame:
   K-step branches imagined from stored states; the policy never meets the real env while it learns.
 
 Both act through :class:`FrameStackActor`, which keeps the newest C frames of each row of a vector env.
-Measured on Take Cover (README, Take Cover): the planner plays 603 tics and the distilled policy 446 in the real
-game where random plays 290 and the CMA-ES controller evolved in the dream 305.
+Measured on Take Cover (README, Take Cover; 3 seeds, 100 real episodes each): with an unroll fitted on 4000 random
+episodes the distilled policy lives over 750 tics in the real game, where random lives 301 and the CMA-ES controller
+evolved in the dream 305.
 """
 
 from __future__ import annotations
