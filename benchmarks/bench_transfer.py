@@ -333,16 +333,21 @@ def main() -> None:
         out["planner_sequences"] = len(planner.sequences)
         out["planner_cpu_minutes"] = round((time.process_time() - t0) / 60, 2)
 
-    dream = DreamVectorEnv(
-        cfg.popsize * cfg.episodes,
-        world_model=wm,
-        max_episode_steps=cfg.max_episode_steps,
-        temperature=args.temperature,
-        hazard_scale=args.hazard_scale,
-        termination_source=args.termination_source,
-        termination="never" if cfg.fitness == "expected" else "sample",
-        start=args.train_start,
-        context_frames=args.train_context_frames,
+    # the CMA-ES learner's evolution dream (the distilled policy learns from stored states, no dream)
+    dream = (
+        None
+        if distill
+        else DreamVectorEnv(
+            cfg.popsize * cfg.episodes,
+            world_model=wm,
+            max_episode_steps=cfg.max_episode_steps,
+            temperature=args.temperature,
+            hazard_scale=args.hazard_scale,
+            termination_source=args.termination_source,
+            termination="never" if cfg.fitness == "expected" else "sample",
+            start=args.train_start,
+            context_frames=args.train_context_frames,
+        )
     )
     score_dream = DreamVectorEnv(
         min(args.dream_episodes, 16),
@@ -361,9 +366,7 @@ def main() -> None:
             dcfg = DistillConfig(steps=args.distill_steps, seed=s)
             fp, hist = distill_planner(wm, store, dcfg, progress=False)
             act = _Actor(FrameStackActor(fp))
-            # imagined steps behind the targets: every root's scored sequences, K steps each
-            steps = hist["train_roots"] + hist["val_roots"]
-            steps *= len(HazardPlanner(wm.hazard, dcfg.max_sequences).sequences) * wm.hazard.horizon
+            steps = hist["imagined_steps"]
             if args.save_dir:
                 save_frame_policy(Path(args.save_dir) / f"seed{s}.safetensors", fp, {"distill": hist})
         else:

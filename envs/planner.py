@@ -149,8 +149,7 @@ class FrameStackActor:
         """Forget the windows of ``rows`` (default: all)."""
         if rows is None or self.window is None:
             self.window = None
-        else:
-            self.window[np.asarray(rows)] = 0
+        else:  # refilled with the row's next frame
             self._fresh[np.asarray(rows)] = True
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
@@ -270,7 +269,7 @@ def distill_planner(
     va = _Roots(store, heldout_episode_ids(store, "val", 2)[0], c)
     if not len(tr):
         raise ValueError("store: its training episodes have no step with an action; nothing to distil")
-    q_tr, y_tr = tr.labels(planner)
+    _, y_tr = tr.labels(planner)
     q_va, y_va = va.labels(planner)
     label_minutes = (time.time() - t0) / 60
     torch.manual_seed(cfg.seed)
@@ -302,6 +301,8 @@ def distill_planner(
     metrics = {
         "train_roots": len(tr),
         "val_roots": len(va),
+        # imagined steps behind the targets: every labelled root's scored sequences, K steps each
+        "imagined_steps": (len(tr) + len(va)) * len(planner.sequences) * planner.u.horizon,
         "label_share": [round(float((y_tr == a).mean()), 4) for a in range(planner.n_actions)],
         "val_agreement": round(float((chosen == y_va).mean()), 4) if len(va) else None,
         "val_roots_where_choice_matters": int(matters.sum()),
