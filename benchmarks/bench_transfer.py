@@ -58,6 +58,7 @@ from envs.planner import DistillConfig, FrameStackActor, HazardPlanner, distill_
 from envs.policy import real_env_kwargs
 from envs.real import check_real_env, make_real_env_fn
 from envs.views import VIEWS, real_view
+from worldmodel.memory import keep_freed_memory
 from worldmodel.store import EpisodeStore
 
 
@@ -230,6 +231,7 @@ def main() -> None:
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # faster large-batch steps on CPU (worldmodel/memory.py)
     try:
         check_real_env(args.env, "--env")
     except ValueError as e:

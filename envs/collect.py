@@ -6,7 +6,8 @@ after a kill counts the episodes already stored and collects only the rest, so t
 exactly the requested number: episodes that were in flight or buffered at the kill are dropped
 whole, never half-written or duplicated.
 
-The acting policy is sticky random actions, a saved SB3 policy file, a World Models controller directory
+The acting policy is sticky random actions, a saved SB3 policy file, a frame-policy file (:mod:`envs.planner`,
+greedy over each env's newest frames), a World Models controller directory
 (:mod:`envs.controller`; read with the world-model bundle it was trained in), or any callable; with
 ``epsilon > 0`` each env takes a uniform random action instead of the policy's with that probability per
 step (the exploration of "the policy collects" rounds, :mod:`envs.mbrl`). Every episode records the policy's
@@ -39,9 +40,9 @@ Policy = Callable[[np.ndarray], np.ndarray]
 follows the actions played (e.g. :class:`envs.latent.LatentPolicy`) may have ``taken(actions)``, which
 :class:`EpsilonRandom` calls with the actions that the envs take in its place."""
 
-POLICY_KINDS = ("random", "policy_file", "controller", "callable")
-"""``policy_kind`` attr of collected episodes: sticky random actions, an SB3 policy file, a controller
-directory, or a callable given by the caller."""
+POLICY_KINDS = ("random", "policy_file", "frame_policy", "controller", "callable")
+"""``policy_kind`` attr of collected episodes: sticky random actions, an SB3 policy file, a frame-policy file
+(``train_policy.py --algo distill``), a controller directory, or a callable given by the caller."""
 
 
 class SB3Policy:
@@ -156,6 +157,10 @@ def load_collect_policy(
             f"checkpoint: policy {policy!r} is a policy file, which does not read a bundle; "
             "give checkpoint only with a controller directory"
         )
+    from envs.planner import FrameStackActor, is_frame_policy, load_frame_policy
+
+    if is_frame_policy(policy):  # greedy over each env row's newest frames (reset per row by the collector)
+        return FrameStackActor(load_frame_policy(policy)[0]), policy, "frame_policy"
     return SB3Policy(policy, trust_pickle=trust_pickle), policy, "policy_file"
 
 

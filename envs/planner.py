@@ -154,6 +154,10 @@ class FrameStackActor:
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         """Observations uint8 (N, R, R, 3) -> actions int64 (N,)."""
+        return self.policy.act(self.push(obs))
+
+    def push(self, obs: np.ndarray) -> np.ndarray:
+        """Add each row's newest frame, uint8 (N, R, R, 3), to its window; returns the windows (N, C, R, R, 3)."""
         obs = np.asarray(obs)
         if self.window is None:
             self.window = np.repeat(obs[:, None], self.c, 1)
@@ -163,7 +167,14 @@ class FrameStackActor:
             if self._fresh.any():
                 self.window[self._fresh] = obs[self._fresh][:, None]
                 self._fresh[:] = False
-        return self.policy.act(self.window)
+        return self.window
+
+    def copy(self) -> FrameStackActor:
+        """A twin with the same policy and a copy of the windows."""
+        twin = FrameStackActor(self.policy)
+        if self.window is not None:
+            twin.window, twin._fresh = self.window.copy(), self._fresh.copy()
+        return twin
 
     def predict(
         self,
@@ -334,6 +345,20 @@ def save_frame_policy(path: str | Path, policy: FramePolicy, extra: dict[str, An
     with atomic_file(path, suffix=".tmp.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"json": json.dumps(doc)})
     return path
+
+
+def is_frame_policy(path: str | Path) -> bool:
+    """Whether ``path`` is a file written by :func:`save_frame_policy` (its header's metadata is read, not the
+    tensors; False for anything else: a missing file, a directory, an SB3 policy file, a zip)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), "pt", device="cpu") as f:
+            doc = json.loads((f.metadata() or {}).get("json", "{}"))
+    except (OSError, SafetensorError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("format") == FORMAT
 
 
 def load_frame_policy(

@@ -21,6 +21,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecNormalize
 
 from envs.dream import DreamEnv
 from envs.gym_source import GYM_KWARGS
+from envs.planner import FrameStackActor, is_frame_policy, load_frame_policy
 from envs.policy_file import open_policy, save_policy_file
 from envs.real import check_real_env, make_real_env_fn
 from envs.sb3_vec import DreamVecEnv
@@ -205,13 +206,18 @@ def save_policy(model: BaseAlgorithm, path: str | os.PathLike) -> Path:
 def load_policy(
     spec: str, action_space: Any, seed: int = 0, *, trust_pickle: bool = False
 ) -> Callable[[np.ndarray], Any]:
-    """An ``obs (H, W, 3) -> action`` function: ``"random"`` or the path of a policy file (stochastic actions).
+    """An ``obs (H, W, 3) -> action`` function for one episode: ``"random"``, the path of an SB3 policy file
+    (stochastic actions) or of a frame-policy file (:mod:`envs.planner`: greedy over its window of the newest
+    frames, which the first frame fills).
 
     An SB3 PPO ``.zip`` is accepted only with ``trust_pickle=True``: loading it runs any code it holds.
     """
     if spec == "random":
         action_space.seed(seed)
         return lambda obs: action_space.sample()
+    if is_frame_policy(spec):
+        actor = FrameStackActor(load_frame_policy(spec)[0])
+        return lambda obs: actor.predict(obs)[0]
     pol = open_policy(spec, trust_pickle=trust_pickle)
     return lambda obs: pol.predict(obs, deterministic=False)[0]
 

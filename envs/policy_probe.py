@@ -7,9 +7,12 @@ for any frame (real or dreamt), the same questions of each:
   trained): the probabilities of its categorical action distribution and its critic's value estimate;
 * :class:`ControllerProbe` — a CMA-ES :class:`~envs.controller.LinearController`: deterministic, so its
   "probabilities" are the one-hot of its choice; its linear outputs are kept as ``scores``; no value estimate;
+* :class:`FramePolicyProbe` — a :class:`~envs.planner.FramePolicy` distilled from the hazard planner
+  (``train_policy.py --algo distill``): the softmax of its logits over its window of the newest frames; it acts
+  greedily, as it was trained and scored; no value estimate;
 * :class:`RandomProbe` — uniform random actions (a baseline).
 
-A probe may carry per-episode state (the controller's previous frame): :meth:`PolicyProbe.fork` gives a twin
+A probe may carry per-episode state (the controller's previous frame, the frame policy's window): :meth:`PolicyProbe.fork` gives a twin
 with a copy of that state, so a second stream of frames (the dream's) is read as if the policy lived there.
 """
 
@@ -27,6 +30,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 
 from envs.controller import LinearController, is_controller, load_controller
+from envs.planner import FramePolicy, FrameStackActor, is_frame_policy, load_frame_policy
 from envs.policy_file import open_policy
 from worldmodel.bundle import WorldModel
 
@@ -139,6 +143,33 @@ class ControllerProbe:
         return ControllerProbe(self.controller.copy(), name=self.name)
 
 
+class FramePolicyProbe:
+    """A :class:`~envs.planner.FramePolicy` over its window of the newest ``n_frames`` frames (the first frame of
+    an episode fills the window). Greedy: ``action`` is always ``choice``, its most likely action."""
+
+    def __init__(self, policy: FramePolicy, *, name: str = "frame-policy") -> None:
+        self.policy, self.name = policy, name
+        self.n_actions = policy.n_actions
+        self.actor = FrameStackActor(policy)  # one row: this probe's episode
+
+    @torch.no_grad()
+    def read(self, obs: np.ndarray, rng: np.random.Generator) -> PolicyReading:
+        window = self.actor.push(np.asarray(obs)[None])  # (1, C, H, W, 3)
+        dev = next(self.policy.parameters()).device
+        logits = self.policy(torch.as_tensor(window, device=dev))[0]  # (n_actions,)
+        probs = torch.softmax(logits.float(), 0).cpu().numpy().astype(np.float32)
+        choice = int(probs.argmax())
+        return PolicyReading(action=choice, choice=choice, probs=probs, value=None)
+
+    def reset(self) -> None:
+        self.actor.reset()
+
+    def fork(self) -> FramePolicyProbe:
+        twin = FramePolicyProbe(self.policy, name=self.name)
+        twin.actor = self.actor.copy()
+        return twin
+
+
 class RandomProbe:
     """Uniform random actions over ``n_actions``."""
 
@@ -163,8 +194,8 @@ class RandomProbe:
 def open_probe(
     spec: str | os.PathLike, wm: WorldModel, *, deterministic: bool = False, trust_pickle: bool = False
 ) -> PolicyProbe:
-    """A probe for ``spec``: ``"random"``, a controller directory (:func:`envs.controller.save_controller`),
-    or an SB3 policy file (``.safetensors``; a PPO ``.zip`` only with ``trust_pickle=True``, as loading it runs
+    """A probe for ``spec``: ``"random"``, a controller directory (:func:`envs.controller.save_controller`), a
+    frame-policy file (:func:`envs.planner.save_frame_policy`), or an SB3 policy file (``.safetensors``; a PPO ``.zip`` only with ``trust_pickle=True``, as loading it runs
     any code it holds). Its actions must be the bundle's: ``ValueError`` otherwise."""
     spec_s = str(spec)
     spec_n = wm.action_spec
@@ -178,6 +209,8 @@ def open_probe(
     path = Path(spec_s)
     if is_controller(path):
         probe: PolicyProbe = ControllerProbe(load_controller(path, wm), name=path.name)
+    elif is_frame_policy(path):
+        probe = FramePolicyProbe(load_frame_policy(path, device=wm.device)[0], name=path.stem)
     else:
         pol = open_policy(path, trust_pickle=trust_pickle, device=wm.device)
         probe = SB3Probe(

@@ -14,7 +14,7 @@ Examples:
 observation, or render_mode='rgb_array'; envs/gym_source.py); the store records the env id, the gym.make
 kwargs and the wrapper settings, so a policy trained in its dream is later scored in the same real env.
 
-``--policy`` is ``random``, a policy file (train_policy.py --algo ppo) or a controller directory
+``--policy`` is ``random``, a policy file (train_policy.py --algo ppo or --algo distill) or a controller directory
 (train_policy.py --algo cmaes; it reads frames with its world-model bundle: give ``--checkpoint``). ``--epsilon``
 replaces the policy's action by a uniform random one with that probability per step. Each episode records
 the policy, its kind and epsilon in its attrs.
@@ -48,8 +48,9 @@ class Args:
     """Episode store directory (created, or appended to when it exists; default: data/<env>, the store
     experiments/train.py reads, with ':' and '/' of gym: ids as '-')."""
     policy: str = "random"
-    """'random' (sticky random actions), the path of a policy file (train_policy.py's .safetensors) or a
-    controller directory (train_policy.py --algo cmaes; needs --checkpoint)."""
+    """'random' (sticky random actions), the path of a policy file (train_policy.py's .safetensors: --algo ppo,
+    or --algo distill, which acts greedily on the newest frames) or a controller directory (train_policy.py
+    --algo cmaes; needs --checkpoint)."""
     checkpoint: str | None = None
     """World-model bundle directory a controller directory given as --policy reads frames with (required for a
     controller, refused with any other policy)."""

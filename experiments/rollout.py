@@ -50,7 +50,8 @@ class Args:
     """Bundle directory (default: the newest bundle of --env under runs/ or $WORLDMODEL_HOME/runs)."""
     policy: str = "episode"
     """'episode' (lockstep replay of a recorded real episode), 'random', the path of a policy file
-    (train_policy.py's .safetensors) or of a CMA-ES controller directory (train_policy.py --algo cmaes)."""
+    (train_policy.py's .safetensors: --algo ppo, or --algo distill, which acts greedily on its newest frames) or
+    of a CMA-ES controller directory (train_policy.py --algo cmaes)."""
     mode: Literal["auto", "follow", "episode", "dream"] = "auto"
     """'follow': the policy drives the real game, the dream follows (ViZDoom bundles; dataset-only bundles
     fall back to 'episode' with a message); 'episode': replay a recorded episode's actions; 'dream': the

@@ -24,7 +24,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -32,10 +32,13 @@ import torch
 import tyro
 
 from envs.gym_source import is_gym_env, register_gym_preset
+from envs.planner import DistillConfig
 from envs.real import EnvOptions, is_real_env
 from envs.vizdoom import sigterm_exits
 from worldmodel.atomic import write_json
 from worldmodel.config import SCALES, ExperimentConfig, get_preset, is_preset, preset_names
+from worldmodel.hazard import HazardConfig
+from worldmodel.memory import keep_freed_memory
 from worldmodel.paths import default_run_dir
 from worldmodel.training import setup_distributed
 
@@ -47,8 +50,10 @@ class Args:
     for any Gymnasium env with pixels (e.g. gym:ALE/Pong-v5, gym:CarRacing-v3, gym:VizdoomDefendCenter-v1)."""
     scale: Literal["tiny", "small", "paper"] = "tiny"
     """Size axis of the preset: tiny (minutes on 2 CPU cores), small (CPU quality), paper (the paper's)."""
-    stage: Literal["all", "collect", "tokenizer", "encode", "prior"] = "all"
-    """Which stage to run; 'all' runs every stage in order (collecting first if the store is missing)."""
+    stage: Literal["all", "collect", "tokenizer", "encode", "prior", "hazard", "policy"] = "all"
+    """Which stage to run; 'all' runs every stage in order (collecting first if the store is missing; then, for presets
+    with --config.dream-policy distill, such as vizdoom_take_cover, 'hazard' (the termination unroll) and 'policy'
+    (the planner distilled into policies/distill_dream.safetensors))."""
     run_dir: str | None = None
     """Run directory = world-model bundle (default: runs/<env>-<scale>, under $WORLDMODEL_HOME if set)."""
     resume: bool = True
@@ -78,14 +83,54 @@ class Args:
     rate schedule ends on time (--config.*-train.fit-minutes, worldmodel.training.plan_steps)."""
     config: ExperimentConfig = ExperimentConfig()
     """The preset's configuration; override any field, e.g. --config.prior-train.steps 500."""
+    hazard: HazardConfig = field(default_factory=HazardConfig)
+    """The hazard unroll's stage (--stage hazard; part of 'all' with --config.dream-policy distill)."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """The distilled policy's stage (--stage policy; part of 'all' with --config.dream-policy distill)."""
     print_config: bool = False
     """Print the resolved config and exit (nothing is trained). At --scale paper also print, side by side, every
     hyperparameter ours vs the paper's code (wilson1yan/VideoGPT-Paper) with the reason of each difference, and
     the parameter counts of tokenizer and prior, ours and the paper code's."""
 
 
-def render_rollouts(run_dir: Path, seed: int = 0, steps: int = 64) -> dict[str, Path]:
-    """Lockstep and random-policy rollout videos of a finished bundle (see experiments/rollout.py)."""
+def train_hazard_stage(run_dir: Path, cfg: HazardConfig, device: str | torch.device) -> dict:
+    """Fit the bundle's hazard unroll on its store and write it into the bundle (experiments/train_hazard.py's work);
+    returns its held-out metrics."""
+    from worldmodel.bundle import WorldModel
+    from worldmodel.hazard import save_hazard, train_hazard
+    from worldmodel.store import EpisodeStore
+
+    wm = WorldModel.from_pretrained(run_dir, device=device)
+    unroll, metrics = train_hazard(wm, EpisodeStore(wm.store_path), cfg)
+    save_hazard(run_dir, unroll, cfg, metrics)
+    record_minutes(run_dir, "hazard", metrics["minutes"])
+    return metrics
+
+
+def distill_stage(run_dir: Path, cfg: DistillConfig, device: str | torch.device) -> tuple[Path, dict]:
+    """Distil the planner over the bundle's hazard unroll into a frame policy, saved to
+    ``<run_dir>/policies/distill_dream.safetensors`` (train_policy.py --algo distill's work); returns (path, metrics)."""
+    from envs.planner import distill_planner, save_frame_policy
+    from worldmodel.bundle import WorldModel
+    from worldmodel.store import EpisodeStore
+
+    wm = WorldModel.from_pretrained(run_dir, device=device)
+    if wm.hazard is None:
+        sys.exit(
+            f"error: --stage policy: the bundle {run_dir} has no hazard unroll yet; run --stage hazard first"
+        )
+    policy, metrics = distill_planner(wm, EpisodeStore(wm.store_path), cfg)
+    extra = {"config": asdict(cfg), "distill": metrics}
+    path = save_frame_policy(run_dir / "policies" / "distill_dream.safetensors", policy, extra)
+    record_minutes(run_dir, "policy", metrics["minutes"])
+    return path, metrics
+
+
+def render_rollouts(
+    run_dir: Path, seed: int = 0, steps: int = 64, policy: Path | None = None
+) -> dict[str, Path]:
+    """Lockstep and random-policy rollout videos of a finished bundle (see experiments/rollout.py), and with
+    ``policy`` (a policy file) that policy driving the real game with the dream following (``--mode follow``)."""
     from envs.dream import DreamEnv
     from envs.policy import dream_trace, load_policy
     from worldmodel.bundle import WorldModel
@@ -106,6 +151,18 @@ def render_rollouts(run_dir: Path, seed: int = 0, steps: int = 64) -> dict[str, 
     out["random policy in the dream"] = render_trace(
         trace, run_dir / "rollouts" / f"random-{seed}", fps=wm.fps
     )["mp4"]
+    if policy is not None:
+        from envs.follow import follow_trace, make_bundle_real_env
+        from envs.policy_probe import open_probe
+
+        real = make_bundle_real_env(wm)
+        try:
+            trace = follow_trace(wm, real, open_probe(policy, wm), steps=steps, context=1, seed=seed)
+        finally:
+            real.close()
+        out[f"{policy.stem} in the real game, the dream following"] = render_trace(
+            trace, run_dir / "rollouts" / f"follow-{policy.stem}-{seed}", fps=wm.fps
+        )["mp4"]
     return out
 
 
@@ -214,7 +271,21 @@ def main(args: Args) -> None:
         key = f"{stage}_train"
         return replace(cfg, **{key: replace(getattr(cfg, key), fit_minutes=round(minutes, 3))})
 
+    distill = cfg.dream_policy == "distill"
+    if (distill or args.stage in ("hazard", "policy")) and cfg.prior.action_kind != "discrete":
+        sys.exit(
+            f"error: --stage {args.stage} with --config.dream-policy {cfg.dream_policy}: the hazard unroll and the "
+            f"distilled policy need discrete actions; preset {cfg.name!r} has {cfg.prior.action_kind} actions "
+            "(use --config.dream-policy none)"
+        )
+    try:
+        args.hazard.check()
+        args.distill.check()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     stage_list = ["collect", "tokenizer", "encode", "prior"] if args.stage == "all" else [args.stage]
+    if args.stage == "all" and distill:
+        stage_list += ["hazard", "policy"]
     results = {}
     if "collect" in stage_list:
         if args.stage == "collect" or not (Path(cfg.data.store) / "store.json").exists():
@@ -259,10 +330,19 @@ def main(args: Args) -> None:
     if di.is_main:
         for name, r in results.items():
             record_minutes(run_dir, name, r.minutes)
+    dream_policy = None
+    if ("hazard" in stage_list or "policy" in stage_list) and di.is_main:
+        keep_freed_memory()  # 1.5x faster unroll steps on CPU (worldmodel/memory.py)
+        if "hazard" in stage_list:
+            hazard_metrics = train_hazard_stage(run_dir, args.hazard, di.device)
+            print(f"hazard unroll: {json.dumps(hazard_metrics)}")
+        if "policy" in stage_list:
+            dream_policy, distill_metrics = distill_stage(run_dir, args.distill, di.device)
+            print(f"distilled policy: {dream_policy}\n{json.dumps(distill_metrics)}")
     videos: dict[str, Path] = {}
     steppable = cfg.prior.action_kind != "none" and cfg.prior.action_cond != "clip"  # a dream env can step it
     if args.stage == "all" and di.is_main and args.rollout_videos and steppable:
-        videos = render_rollouts(run_dir, seed=cfg.prior_train.seed)
+        videos = render_rollouts(run_dir, seed=cfg.prior_train.seed, policy=dream_policy)
     if di.is_main:
         print("\n== summary ==")
         print(f"bundle:      {run_dir.resolve()}")
@@ -283,7 +363,12 @@ def main(args: Args) -> None:
                 f"dream env:   import envs, gymnasium as gym; env = gym.make({dream_id!r}, "
                 f"checkpoint={str(run_dir.resolve())!r})"
             )
-            if is_real_env(cfg.env):
+            if dream_policy is not None:
+                print(
+                    f"policy:      {dream_policy}  (trained in the dream; debug it in the real game: python "
+                    f"experiments/rollout.py --env {cfg.name} --checkpoint {run_dir} --policy {dream_policy} --mode follow)"
+                )
+            elif is_real_env(cfg.env):
                 print(
                     f"policy:      python experiments/train_policy.py --env {cfg.name} --checkpoint {run_dir} --eval-real"
                 )

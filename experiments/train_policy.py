@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -54,6 +54,7 @@ from envs.real import is_real_env
 from envs.sb3_vec import DreamVecEnv, VecLatentObservation
 from envs.vizdoom import sigterm_exits
 from worldmodel.atomic import write_json
+from worldmodel.memory import keep_freed_memory
 from worldmodel.store import EpisodeStore
 
 
@@ -129,6 +130,7 @@ def main(args: Args) -> dict:
     sigterm_exits()  # SIGTERM runs the cleanup (every ViZDoom engine closed) instead of killing outright
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # faster large-batch steps on CPU (worldmodel/memory.py)
     algo = args.algo if args.algo != "auto" else ("cmaes" if args.env == "vizdoom_take_cover" else "ppo")
     if (
         algo in ("ppo", "distill") and args.out is not None and not args.out.endswith(".safetensors")
@@ -228,7 +230,9 @@ def main(args: Args) -> dict:
             wm, EpisodeStore(wm.store_path), args.distill, progress=args.progress
         )
         out = save_frame_policy(
-            args.out or run / "policies" / "distill_dream.safetensors", policy, {"distill": metrics}
+            args.out or run / "policies" / "distill_dream.safetensors",
+            policy,
+            {"config": asdict(args.distill), "distill": metrics},
         )
         print(json.dumps({"distill": metrics}))
         model = FrameStackActor(policy)

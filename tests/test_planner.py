@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gymnasium import spaces
 
+from envs.collect import collect, load_collect_policy
 from envs.planner import (
     DistillConfig,
     FramePolicy,
@@ -20,10 +22,14 @@ from envs.planner import (
     HazardPlanner,
     action_sequences,
     distill_planner,
+    is_frame_policy,
     load_frame_policy,
     save_frame_policy,
 )
+from envs.policy import load_policy
+from envs.policy_probe import FramePolicyProbe, open_probe
 from tests.conftest import TINY_RES, make_bundle, tiny_experiment, write_rule_store
+from tests.test_readme_commands import train_micro
 from worldmodel.bundle import WorldModel
 from worldmodel.hazard import HazardConfig, HazardUnroll, save_hazard, train_hazard
 from worldmodel.store import EpisodeStore
@@ -49,6 +55,15 @@ def shade_bundle(tmp_path_factory) -> Path:
     unroll, metrics = train_hazard(wm, EpisodeStore(wm.store_path), cfg, progress=False)
     save_hazard(run, unroll, cfg, metrics)
     return run
+
+
+@pytest.fixture(scope="module")
+def shade_policy(shade_bundle, tmp_path_factory) -> Path:
+    """A frame-policy file distilled from the shade bundle's planner (it picks the action that does not kill)."""
+    wm = WorldModel.from_pretrained(shade_bundle)
+    cfg = DistillConfig(steps=150, batch=64, hidden=32, bf16=False)
+    policy, _ = distill_planner(wm, EpisodeStore(wm.store_path), cfg, progress=False)
+    return save_frame_policy(tmp_path_factory.mktemp("frame_policy") / "distill.safetensors", policy)
 
 
 def shade_frames(c: int, n: int = 1, frames: int = 2) -> np.ndarray:
@@ -225,3 +240,96 @@ def test_train_policy_distill_cli(shade_bundle, tmp_path):
         cmd[:-10] + ["--out", str(tmp_path / "d.pt")], capture_output=True, text=True, timeout=600
     )
     assert bad.returncode != 0 and "'.safetensors'" in bad.stderr
+
+
+def test_a_frame_policy_file_loads_wherever_a_policy_file_does(shade_bundle, shade_policy):
+    assert is_frame_policy(shade_policy)
+    assert not is_frame_policy(shade_bundle / "model.safetensors") and not is_frame_policy(shade_bundle)
+    wm = WorldModel.from_pretrained(shade_bundle)
+    frame = {c: shade_frames(c)[0, 0] for c in (0, 1)}  # one (R, R, 3) frame of each shade
+    rng = np.random.default_rng(0)
+    # the debugging probe (rollout.py --mode follow): greedy, with its action probabilities
+    probe = open_probe(shade_policy, wm)
+    assert isinstance(probe, FramePolicyProbe) and probe.n_actions == 2
+    r = probe.read(frame[0], rng)
+    assert r.action == r.choice == 1 and r.value is None
+    assert r.probs[1] > 0.5 and abs(float(r.probs.sum()) - 1) < 1e-5
+    twin = probe.fork()  # the dream's copy: its window moves on, the real one's does not
+    twin.read(frame[1], rng)
+    assert twin.read(frame[1], rng).choice == 0
+    assert (probe.actor.window == SHADES[0]).all() and (twin.actor.window == SHADES[1]).all()
+    probe.reset()  # a new episode: its first frame fills the window
+    assert probe.read(frame[1], rng).choice == 0 and (probe.actor.window == SHADES[1]).all()
+    # collection (collect.py --policy): one window per env row
+    act, name, kind = load_collect_policy(str(shade_policy))
+    assert kind == "frame_policy" and name == str(shade_policy)
+    assert act(np.stack([frame[0], frame[1]])).tolist() == [1, 0]
+    # one episode's function (rollout.py's dream mode, the main job's videos)
+    one = load_policy(str(shade_policy), spaces.Discrete(2))
+    assert int(one(frame[1])) == 0
+
+
+def test_collect_with_a_frame_policy_replays_its_choices(shade_policy, tmp_path):
+    kw = {"num_envs": 2, "asynchronous": False, "progress": False}
+    # 3 episodes in 2 envs: one env starts a second episode, whose window must start afresh
+    collect(
+        "vizdoom_take_cover",
+        tmp_path / "s",
+        3,
+        policy=str(shade_policy),
+        seed=2,
+        env_kwargs={"resolution": TINY_RES, "max_episode_steps": 10},
+        **kw,
+    )
+    store = EpisodeStore(tmp_path / "s")
+    policy, _ = load_frame_policy(shade_policy)
+    assert len(store.episode_ids()) == 3
+    for eid in store.episode_ids():
+        ep = store.load(eid)
+        assert ep.attrs["policy_kind"] == "frame_policy" and ep.attrs["policy"] == str(shade_policy)
+        actor = FrameStackActor(policy)  # a fresh window per episode
+        replay = np.concatenate([actor(ep.frames[t : t + 1]) for t in range(len(ep.frames) - 1)])
+        np.testing.assert_array_equal(ep.actions, replay)
+
+
+def test_take_cover_main_job_trains_the_unroll_and_the_distilled_policy(tmp_path):
+    """``train.py --env vizdoom_take_cover`` at micro scale: collect (live ViZDoom) -> tokenizer -> prior -> hazard
+    unroll -> distilled policy -> videos, one of them the policy in the real game with the dream following."""
+    run = tmp_path / "runs" / "tc"
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / "train.py"),
+        "--env",
+        "vizdoom_take_cover",
+        "--run-dir",
+        str(run),
+        "--config.data.store",
+        str(tmp_path / "data"),
+        "--real-max-episode-steps",
+        "24",
+        *train_micro(2),
+        *("--hazard.steps", "3", "--hazard.context", "2", "--hazard.horizon", "2", "--hazard.batch", "8"),
+        *("--distill.steps", "3", "--distill.batch", "8", "--distill.hidden", "16"),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(EpisodeStore(tmp_path / "data").episode_ids()) == 4
+    wm = WorldModel.from_pretrained(run)
+    assert wm.hazard is not None and json.loads((run / "hazard.json").read_text())["config"]["steps"] == 3
+    policy_file = run / "policies" / "distill_dream.safetensors"
+    policy, doc = load_frame_policy(policy_file)
+    assert policy.n_frames == 2 and doc["extra"]["config"]["steps"] == 3
+    timings = json.loads((run / "timings.json").read_text())
+    assert {"collect", "tokenizer", "prior", "hazard", "policy"} <= set(timings)
+    summary = res.stdout.split("== summary ==")[1]
+    assert f"policy:      {policy_file}" in summary and "--mode follow" in summary
+    follow = run / "rollouts" / "follow-distill_dream-0.mp4"
+    assert follow.stat().st_size > 1000 and str(follow) in summary
+    # a bundle without the unroll: the policy stage refuses, naming the stage to run first
+    bare = tmp_path / "runs" / "bare"
+    shutil.copytree(run, bare)
+    (bare / "hazard.json").unlink()
+    bad = subprocess.run(
+        [*cmd, "--stage", "policy", "--run-dir", str(bare)], capture_output=True, text=True, timeout=600
+    )
+    assert bad.returncode != 0 and "run --stage hazard first" in bad.stderr
