@@ -1,11 +1,12 @@
 """Model-based RL loop: collect real data with the current policy -> update the world model ->
-train a policy in the batched dream (PPO or World Models' CMA-ES controller) -> score it in the real env; repeat.
+train a policy in the batched dream (PPO, World Models' CMA-ES controller, or a frame policy distilled from the
+planner over a hazard unroll) -> score it in the real env; repeat.
 
 One iteration ``k`` (0-based) of :func:`run_mbrl`:
 
 1. collect ``episodes_per_iteration`` real episodes into the store (iteration 0: sticky random
-   actions; later: the current policy -- PPO's, stochastic; or the previous round's controller, with
-   ``collect_epsilon`` uniform random actions);
+   actions; later: the current policy -- PPO's, stochastic; or the previous round's controller or distilled
+   policy, with ``collect_epsilon`` uniform random actions);
 2. continue the world model on the grown store: the tokenizer is trained once (its preset budget)
    and optionally continued for ``tokenizer_steps_per_iteration`` more steps per later iteration;
    the token cache is re-encoded (it is keyed to the tokenizer's weights and the store's size); the
@@ -14,7 +15,10 @@ One iteration ``k`` (0-based) of :func:`run_mbrl`:
 3. the learner (``algo``), in the batched dream of the updated model sampled at ``temperature``:
    ``"ppo"`` continues the same PPO model for ``ppo_steps_per_iteration`` steps (reward-normalisation
    statistics carried over); ``"cmaes"`` evolves a fresh :class:`~envs.controller.LinearController` with
-   CMA-ES (``cmaes``; seed ``seed + k``; :func:`envs.controller.train_cmaes_in_dream`);
+   CMA-ES (``cmaes``; seed ``seed + k``; :func:`envs.controller.train_cmaes_in_dream`); ``"distill"`` fits a
+   fresh hazard unroll on the grown store (``hazard``; written into the bundle) and distils the planner over it
+   into a fresh :class:`~envs.planner.FramePolicy` (``distill``; seed ``distill.seed + k``), whose dream scores use
+   the unroll as the dream's termination;
 4. score the policy in the real env and in the dream (``eval_episodes`` each).
 
 At the end the loop's policy is compared with a uniform random policy and with PPO trained
@@ -29,7 +33,8 @@ the learner's agent steps in the dream: PPO's cumulative timesteps, or for cmaes
 controller was evolved with), TensorBoard scalars under ``tb_mbrl/`` (PPO's own curves under ``tb_mbrl/PPO_0``),
 the policy after each iteration: ``policies/mbrl-iterNNN.safetensors`` (PPO; policy files of
 :mod:`envs.policy_file`: safetensors + JSON, no pickle; final copy ``policies/ppo_mbrl.safetensors``) or
-``policies/controller-iterNNN/`` (cmaes; :func:`envs.controller.save_controller`, with the generation log),
+``policies/controller-iterNNN/`` (cmaes; :func:`envs.controller.save_controller`, with the generation log) or
+``policies/distill-iterNNN.safetensors`` (distill; :func:`envs.planner.save_frame_policy`, with both metrics),
 ``mbrl_state.json`` (what a killed run resumes from) and ``mbrl_report.json`` (the final report).
 Re-running with the same run directory and budgets resumes after the last finished iteration;
 raising ``iterations`` continues a finished run.
@@ -43,6 +48,7 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -64,6 +70,14 @@ from envs.controller import (
     save_controller,
     train_cmaes_in_dream,
 )
+from envs.planner import (
+    DistillConfig,
+    FramePolicy,
+    FrameStackActor,
+    distill_planner,
+    is_frame_policy,
+    save_frame_policy,
+)
 from envs.policy import PPOConfig, Score, real_vec_env, return_ratio, save_policy, score_dream, score_real
 from envs.policy_file import is_zip, load_algorithm, load_sb3_zip, resolve_in_dir
 from envs.real import is_real_env
@@ -71,6 +85,7 @@ from envs.sb3_vec import DreamVecEnv, VecLatentObservation
 from worldmodel.atomic import write_json, write_text
 from worldmodel.bundle import WorldModel
 from worldmodel.config import ExperimentConfig
+from worldmodel.hazard import HazardConfig, save_hazard, train_hazard
 from worldmodel.stages import encode_tokens, train_prior, train_tokenizer
 from worldmodel.store import EpisodeStore
 
@@ -134,16 +149,21 @@ class MBRLConfig:
     """Warn when the dream return exceeds this many times the real return (the policy may exploit the model)."""
     seed: int = 0
     """Seed of collection, PPO and evaluation episodes."""
-    algo: Literal["ppo", "cmaes"] = "ppo"
-    """Learner in the dream: PPO (continued across rounds) or a CMA-ES linear controller (a fresh one each round;
-    World Models' recipe). experiments/mbrl.py defaults to cmaes for vizdoom_take_cover (ENV_DEFAULTS)."""
+    algo: Literal["ppo", "cmaes", "distill"] = "ppo"
+    """Learner in the dream: PPO (continued across rounds), a CMA-ES linear controller (a fresh one each round;
+    World Models' recipe) or the planner over a hazard unroll distilled into a frame policy (both fresh each round;
+    discrete actions). experiments/mbrl.py defaults to distill for vizdoom_take_cover (ENV_DEFAULTS)."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """PPO hyperparameters (used in the dream and by the direct baseline)."""
     cmaes: CMAESConfig = field(default_factory=CMAESConfig)
     """CMA-ES hyperparameters (algo cmaes); its max_episode_steps caps dream episodes during evolution."""
+    hazard: HazardConfig = field(default_factory=HazardConfig)
+    """The hazard unroll fitted each round (algo distill)."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """The distillation each round (algo distill; round k seeds it ``distill.seed + k``)."""
     collect_epsilon: float = 0.2
-    """algo cmaes: probability per step of a uniform random action while the controller collects (rounds >= 1;
-    PPO's own policy is stochastic and collects without it)."""
+    """algo cmaes / distill: probability per step of a uniform random action while the controller or the
+    distilled policy collects (rounds >= 1; PPO's own policy is stochastic and collects without it)."""
     temperature: float = 1.0
     """Sampling temperature of the dream's frame tokens, for the learner and the dream scores (World Models
     used 1.15 for Take Cover: a harder dream whose policy transfers better)."""
@@ -158,8 +178,10 @@ class MBRLConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first budget out of range."""
-        if self.algo not in ("ppo", "cmaes"):
-            raise ValueError(f"mbrl.algo: got {self.algo!r}, expected 'ppo' or 'cmaes'")
+        if self.algo not in ("ppo", "cmaes", "distill"):
+            raise ValueError(f"mbrl.algo: got {self.algo!r}, expected 'ppo', 'cmaes' or 'distill'")
+        self.hazard.check()
+        self.distill.check()
         if not 0.0 <= self.collect_epsilon <= 1.0:
             raise ValueError(
                 f"mbrl.collect_epsilon: got {self.collect_epsilon}, expected a probability in [0, 1]"
@@ -191,9 +213,10 @@ class MBRLConfig:
 
 
 ENV_DEFAULTS: dict[str, dict[str, Any]] = {
-    # CMA-ES in the dream is the learner measured best on Take Cover (README Results; train_policy.py --algo
-    # auto picks it too), at World Models' temperature
-    "vizdoom_take_cover": {"algo": "cmaes", "temperature": 1.15},
+    # the distilled planner is the learner measured best on Take Cover (README, Take Cover: 767 real tics against
+    # CMA-ES's 305; train_policy.py --algo auto and the main job pick it too), at World Models' temperature for
+    # its dream scores; it needs thousands of deaths, so a round collects 1000 episodes
+    "vizdoom_take_cover": {"algo": "distill", "temperature": 1.15, "episodes_per_iteration": 1000},
 }
 """Per real env, the :class:`MBRLConfig` fields whose default differs (:meth:`MBRLConfig.for_env`)."""
 
@@ -210,7 +233,11 @@ _FIXED_BUDGETS = (
     "temperature",
     "hazard_scale",
 )
-_LEARNER_BUDGETS = {"ppo": ("ppo_steps_per_iteration", "ppo"), "cmaes": ("cmaes", "collect_epsilon")}
+_LEARNER_BUDGETS = {
+    "ppo": ("ppo_steps_per_iteration", "ppo"),
+    "cmaes": ("cmaes", "collect_epsilon"),
+    "distill": ("hazard", "distill", "collect_epsilon"),
+}
 # what a state written before a budget existed ran with
 _BUDGETS_BEFORE = {"algo": "ppo", "temperature": 1.0, "hazard_scale": 1.0}
 
@@ -310,6 +337,8 @@ def _dream_vec_env(wm: WorldModel, m: MBRLConfig) -> DreamVecEnv:
         max_episode_steps=m.max_episode_steps,
         temperature=m.temperature,
         hazard_scale=m.hazard_scale,
+        # the distilled policy's dream ends episodes with the unroll it was distilled from
+        termination_source="unroll" if m.algo == "distill" else "head",
     )
 
 
@@ -391,8 +420,91 @@ def _loop_controller(run: Path, rel: str) -> Path:
     return path
 
 
+def _loop_frame_policy(run: Path, rel: str) -> Path:
+    """The frame-policy file named by the run state: a path inside ``run`` holding one."""
+    path = resolve_in_dir(run, rel, f"{run / STATE_FILE}: 'policy'")
+    if not is_frame_policy(path):
+        raise FileNotFoundError(
+            f"{run / STATE_FILE}: 'policy' names {rel!r}, which is not a frame-policy file in {run}"
+        )
+    return path
+
+
+def _dream_distill(
+    wm: WorldModel, store: str | os.PathLike, run: Path, m: MBRLConfig, it: int, progress: bool
+) -> tuple[FramePolicy, dict[str, Any]]:
+    """A fresh hazard unroll fitted on ``store`` (written into the bundle ``run``) and a fresh frame policy distilled
+    from the planner over it (seed ``m.distill.seed + it``); returns the policy and both metrics."""
+    unroll, hazard_metrics = train_hazard(wm, EpisodeStore(store), m.hazard, progress=progress)
+    save_hazard(run, unroll, m.hazard, hazard_metrics)
+    wm = WorldModel.from_pretrained(run)
+    dcfg = replace(m.distill, seed=m.distill.seed + it)
+    policy, metrics = distill_planner(wm, EpisodeStore(store), dcfg, progress=progress)
+    return policy, {"hazard": hazard_metrics, "distill": metrics}
+
+
+@dataclass
+class _Learned:
+    """One round's learner: what the real and dream scores call, and how its policy file is written."""
+
+    policy: Any  # SB3's predict(): the PPO model, a controller or a FrameStackActor
+    venv: DreamVecEnv  # the dream it is scored in
+    agent_steps: int  # the learner's agent steps in the dream (the CSV's ppo_timesteps)
+    wm: WorldModel  # the bundle as the round left it (distill: with the round's unroll)
+    save: Callable[[], Path]  # writes the round's policy (and, for PPO, its return statistics into the state)
+    model: PPO | None = None  # PPO: the model the next round continues
+
+
+def _learn(
+    model: PPO | None,
+    wm: WorldModel,
+    store: str,
+    run: Path,
+    m: MBRLConfig,
+    it: int,
+    state: dict[str, Any],
+    progress: bool,
+) -> _Learned:
+    """Round ``it``'s learner in the dream of ``wm`` (step 3 of the module docstring)."""
+    policies = run / "policies"
+    if m.algo == "ppo":
+        model, venv, norm = _dream_ppo(model, wm, m, it, run / "tb_mbrl", state["ret_rms"], progress)
+
+        def save_ppo() -> Path:
+            r = norm.ret_rms
+            state["ret_rms"] = {"mean": float(r.mean), "var": float(r.var), "count": float(r.count)}
+            return save_policy(model, policies / f"mbrl-iter{it:03d}.safetensors")
+
+        return _Learned(model, venv, int(model.num_timesteps), wm, save_ppo, model)
+    if m.algo == "distill":
+        fp, metrics = _dream_distill(wm, store, run, m, it, progress)
+        wm = WorldModel.from_pretrained(run)  # with the round's unroll, for the dream score
+        path = policies / f"distill-iter{it:03d}.safetensors"
+        return _Learned(
+            FrameStackActor(fp),
+            _dream_vec_env(wm, m),
+            int(metrics["distill"]["imagined_steps"]),
+            wm,
+            lambda: save_frame_policy(path, fp, {"round": it, **metrics}),
+        )
+    ctrl, history = _dream_cmaes(wm, m, it, progress)
+    return _Learned(
+        ctrl,
+        _dream_vec_env(wm, m),
+        cmaes_agent_steps(history, m.cmaes),
+        wm,
+        lambda: save_controller(
+            ctrl, policies / f"controller-iter{it:03d}", {"round": it, "history": history}
+        ),
+    )
+
+
 def _collect_args(run: Path, state: dict[str, Any], m: MBRLConfig, model: PPO | None) -> dict[str, Any]:
     """collect()'s policy arguments for this round: random in round 0, then the loop's current policy."""
+    if m.algo == "distill":
+        if not state["policy"]:
+            return {"policy": "random"}
+        return {"policy": str(_loop_frame_policy(run, state["policy"])), "epsilon": m.collect_epsilon}
     if m.algo == "cmaes":
         if not state["policy"]:
             return {"policy": "random"}
@@ -498,14 +610,15 @@ def run_mbrl(
             )  # re-encodes: the store grew (or the tokenizer changed)
             train_prior(cfg_it, run, progress=progress)
             wm = WorldModel.from_pretrained(run)
-            # 3. the learner in the dream of the updated model (PPO continues; CMA-ES starts afresh)
-            policy: Any
-            if m.algo == "ppo":
-                model, venv, norm = _dream_ppo(model, wm, m, it, run / "tb_mbrl", state["ret_rms"], progress)
-                policy, agent_steps = model, int(model.num_timesteps)
-            else:
-                policy, history = _dream_cmaes(wm, m, it, progress)
-                venv, agent_steps = _dream_vec_env(wm, m), cmaes_agent_steps(history, m.cmaes)
+            # 3. the learner in the dream of the updated model (PPO continues; CMA-ES and distill start afresh)
+            learned = _learn(model, wm, store, run, m, it, state, progress)
+            model, policy, venv, agent_steps = (
+                learned.model,
+                learned.policy,
+                learned.venv,
+                learned.agent_steps,
+            )
+            wm = learned.wm
             # 4. evaluate in reality and in the dream (the same seeds every round: comparable rows); a latent
             # controller reads the world model's state, tracked on the real frames and the dream's own
             latent = isinstance(policy, LinearController) and policy.cfg.features == "latent"
@@ -542,17 +655,7 @@ def run_mbrl(
             }
             # the policy file first, then the state naming it: a kill in between repeats this round's learner
             # from the previous policy instead of training it twice
-            if m.algo == "ppo":
-                saved = save_policy(model, run / "policies" / f"mbrl-iter{it:03d}.safetensors")
-                state["ret_rms"] = {
-                    "mean": float(norm.ret_rms.mean),
-                    "var": float(norm.ret_rms.var),
-                    "count": float(norm.ret_rms.count),
-                }
-            else:
-                saved = save_controller(
-                    policy, run / "policies" / f"controller-iter{it:03d}", {"round": it, "history": history}
-                )
+            saved = learned.save()
             state["policy"] = str(saved.relative_to(run))
             rows.append(row)
             _save_state(run, state)

@@ -277,7 +277,8 @@ def distill_planner(
     planner = HazardPlanner(wm.hazard, cfg.max_sequences)
     c = planner.n_frames
     tr = _Roots(store, store.episode_ids("train"), c)
-    va = _Roots(store, heldout_episode_ids(store, "val", 2)[0], c)
+    held_ids, held_split = heldout_episode_ids(store, "val", 2)
+    va = _Roots(store, held_ids, c)
     if not len(tr):
         raise ValueError("store: its training episodes have no step with an action; nothing to distil")
     _, y_tr = tr.labels(planner)
@@ -309,11 +310,13 @@ def distill_planner(
     )
     qs = np.sort(q_va, 1) if len(va) else np.zeros((0, 2))
     matters = (qs[:, 1] - qs[:, 0]) > 0.05 if qs.shape[1] > 1 else np.zeros(len(va), bool)
+    labelled = len(tr) + (len(va) if held_split != "train" else 0)  # a store without held-out episodes: once
     metrics = {
         "train_roots": len(tr),
+        "val_split": held_split,
         "val_roots": len(va),
         # imagined steps behind the targets: every labelled root's scored sequences, K steps each
-        "imagined_steps": (len(tr) + len(va)) * len(planner.sequences) * planner.u.horizon,
+        "imagined_steps": labelled * len(planner.sequences) * planner.u.horizon,
         "label_share": [round(float((y_tr == a).mean()), 4) for a in range(planner.n_actions)],
         "val_agreement": round(float((chosen == y_va).mean()), 4) if len(va) else None,
         "val_roots_where_choice_matters": int(matters.sum()),

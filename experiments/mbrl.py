@@ -1,19 +1,22 @@
-"""Model-based RL loop on a real env: collect -> world model -> PPO or CMA-ES in the dream -> real eval.
+"""Model-based RL loop on a real env: collect -> world model -> PPO, CMA-ES or a distilled planner -> real eval.
 
 Examples:
     python experiments/mbrl.py --env vizdoom_hgs
     python experiments/mbrl.py --env vizdoom_hgs --health-bar --mbrl.iterations 5 --mbrl.ppo-steps-per-iteration 20000
     python experiments/mbrl.py --env gym:ALE/Pong-v5 --real-max-episode-steps 500     # any Gymnasium id with pixels
-    python experiments/mbrl.py --env vizdoom_take_cover --mbrl.episodes-per-iteration 300   # CMA-ES controller
+    python experiments/mbrl.py --env vizdoom_take_cover                      # the distilled planner
+    python experiments/mbrl.py --env vizdoom_take_cover --mbrl.algo cmaes --mbrl.episodes-per-iteration 300
     python experiments/mbrl.py --env vizdoom_take_cover --mbrl.algo ppo --mbrl.temperature 1.0
 
 Each iteration collects real episodes with the current policy (the first with random actions),
 continues the world model on the grown store (prior resumed, token cache re-encoded), trains the
 learner in the batched dream and scores it in the real env and in the dream. Learners (--mbrl.algo):
 ppo continues the same PPO policy; cmaes evolves a fresh World Models linear controller each round
-(--mbrl.cmaes.*), which then collects the next round's episodes with --mbrl.collect-epsilon random actions.
-Per-env defaults (envs.mbrl.ENV_DEFAULTS), used for the flags not given: vizdoom_take_cover runs cmaes at
-dream temperature 1.15 (World Models' recipe, measured best there); every other env runs ppo at 1.0.
+(--mbrl.cmaes.*); distill fits a fresh hazard unroll on the grown store (--mbrl.hazard.*) and distils the
+planner over it into a fresh frame policy (--mbrl.distill.*). The controller or the frame policy then collects
+the next round's episodes with --mbrl.collect-epsilon random actions. Per-env defaults (envs.mbrl.ENV_DEFAULTS),
+used for the flags not given: vizdoom_take_cover runs distill with 1000 episodes per round and dream scores at
+temperature 1.15 (measured best there, README "Take Cover"); every other env runs ppo at 1.0.
 ``--env vizdoom_take_cover --help`` shows the defaults so resolved. Writes
 ``<run-dir>/mbrl.csv`` (one row per iteration: real env steps, real and dream return, gap),
 TensorBoard scalars under ``<run-dir>/tb_mbrl`` and ``<run-dir>/mbrl_report.json`` comparing the
@@ -44,6 +47,7 @@ from envs.mbrl import MBRLConfig, run_mbrl
 from envs.real import EnvOptions, check_real_env
 from envs.vizdoom import sigterm_exits
 from worldmodel.config import get_preset, safe_name
+from worldmodel.memory import keep_freed_memory
 from worldmodel.paths import runs_dir
 
 
@@ -78,8 +82,8 @@ class Args:
     """Resume a run whose state names an SB3 .zip policy (runs from before safetensors policy files). Loading a
     zip unpickles it: it RUNS ANY CODE the file holds. Only for runs of trusted origin."""
     mbrl: MBRLConfig = field(default_factory=MBRLConfig)
-    """Loop budgets and learner (defaults per --env: vizdoom_take_cover --mbrl.algo cmaes --mbrl.temperature 1.15;
-    otherwise ppo at 1.0)."""
+    """Loop budgets and learner (defaults per --env: vizdoom_take_cover --mbrl.algo distill --mbrl.temperature 1.15
+    --mbrl.episodes-per-iteration 1000; otherwise ppo at 1.0)."""
     real: Annotated[EnvOptions, tyro.conf.arg(name="")] = field(default_factory=EnvOptions)
     """How to make the real env (--frame-skip; gym:<ID> envs: --env-module, --env-kwargs, --pixels, --sticky-actions)."""
 
@@ -94,7 +98,7 @@ def print_report(report: dict[str, Any]) -> None:
         )
     n = report["real_env_steps"]
     print(f"\n{'policy (real env)':<34} {'real steps':>10} {'return':>18} {'length':>7}")
-    learner = "PPO" if report.get("algo", "ppo") == "ppo" else "CMA-ES"
+    learner = {"ppo": "PPO", "cmaes": "CMA-ES", "distill": "distilled planner"}[report.get("algo", "ppo")]
     lines = [
         (f"model-based loop ({learner} in the dream)", n, report["mbrl"]),
         ("random", 0, report["random"]),
@@ -138,6 +142,7 @@ def main(args: Args) -> dict[str, Any]:
     sigterm_exits()  # SIGTERM runs the cleanup (every ViZDoom engine closed) instead of killing outright
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # faster large-batch steps on CPU (worldmodel/memory.py)
     try:
         check_real_env(args.env, "--env")
         env_kw = args.real.env_kwargs_for(args.env)

@@ -1,7 +1,8 @@
-"""Train a VideoGPT world model: collect (real envs) -> tokenizer -> token cache -> prior.
+"""Train a VideoGPT world model: collect (real envs) -> tokenizer -> token cache -> prior (-> hazard unroll -> policy).
 
 Examples:
     python experiments/train.py --env vizdoom_hgs --scale tiny                 # the whole pipeline
+    python experiments/train.py --env vizdoom_take_cover                       # ... and a policy trained in the dream
     python experiments/train.py --env gym:ALE/Pong-v5 --scale tiny             # any Gymnasium id with pixels
     python experiments/train.py --env gym:MyEnv-v0 --env-module my_package --pixels key:camera
     python experiments/train.py --env vizdoom_hgs --stage tokenizer --scale tiny
@@ -14,8 +15,12 @@ as ``-``) and trains the generic preset built from its spaces (worldmodel.config
 resolved config is printed and saved as ``<run-dir>/config.json``. Training resumes from the last
 checkpoint of a stage unless ``--no-resume`` is given.
 
-Expected time on 2 CPU cores: ``--scale tiny`` ~10 min for the whole pipeline; ``small`` a few
-hours; ``paper`` is meant for GPUs. ``--budget-minutes M`` sizes both training stages to finish in about M minutes.
+Presets with ``--config.dream-policy distill`` (``vizdoom_take_cover``) then fit the hazard unroll
+(worldmodel/hazard.py) and distil the planner over it into ``<run-dir>/policies/distill_dream.safetensors``
+(envs/planner.py), and render that policy in the real game with the dream following.
+
+Expected time on 2 CPU cores: ``--scale tiny`` ~10 min for the whole pipeline (vizdoom_take_cover, with its
+4000 episodes and the policy: ~40 min); ``small`` a few hours; ``paper`` is meant for GPUs. ``--budget-minutes M`` sizes both training stages to finish in about M minutes.
 """
 
 from __future__ import annotations
@@ -80,7 +85,8 @@ class Args:
     """Wall-clock minutes for the whole pipeline (--stage all; 0 = off: the preset's step counts). After collection,
     the tokenizer gets a share of what is left (worldmodel.stages.stage_minutes) and the prior what is left at its start less a reserve for
     the videos; each stage times a few of its steps on this device and sizes its step count so that its learning
-    rate schedule ends on time (--config.*-train.fit-minutes, worldmodel.training.plan_steps)."""
+    rate schedule ends on time (--config.*-train.fit-minutes, worldmodel.training.plan_steps). The hazard and policy
+    stages (--config.dream-policy distill) keep their step counts and are not part of the budget."""
     config: ExperimentConfig = ExperimentConfig()
     """The preset's configuration; override any field, e.g. --config.prior-train.steps 500."""
     hazard: HazardConfig = field(default_factory=HazardConfig)

@@ -17,10 +17,12 @@ import tyro
 
 from envs.controller import CMAESConfig, cmaes_agent_steps, is_controller
 from envs.mbrl import CSV_FIELDS, MBRLConfig, run_mbrl, store_transitions
+from envs.planner import DistillConfig, is_frame_policy, load_frame_policy
 from envs.policy import PPOConfig
 from tests.conftest import TINY_RES, tiny_experiment
 from worldmodel.checkpoint import trainer_state_path
 from worldmodel.config import ExperimentConfig
+from worldmodel.hazard import HazardConfig
 from worldmodel.store import EpisodeStore
 from worldmodel.token_cache import TOKENS_FILE, TokenCache
 
@@ -214,7 +216,53 @@ def test_cmaes_loop_saves_a_controller_per_round_and_resumes(tmp_path, one_threa
         assert [int(r["iteration"]) for r in csv.DictReader(fh)] == [0, 1]
 
 
-def test_take_cover_defaults_to_cmaes_unless_the_flags_say_otherwise(monkeypatch):
+@pytest.mark.filterwarnings("ignore:.*(no held-out episodes)")
+def test_distill_loop_refits_the_unroll_and_lets_the_policy_collect(tmp_path, one_thread):
+    """algo=distill on Take Cover: each round fits the unroll on the grown store and distils a fresh frame policy;
+    round 1's episodes are collected by round 0's policy with epsilon; its dream score ends episodes by the unroll."""
+    run, cfg, m = _micro_cmaes_loop(
+        tmp_path,
+        algo="distill",
+        iterations=2,
+        episodes_per_iteration=3,
+        eval_episodes=1,
+        collect_epsilon=0.3,
+        hazard=HazardConfig(horizon=2, context=2, hidden=16, roots_per_episode=4, steps=4, batch=8),
+        distill=DistillConfig(steps=3, batch=8, hidden=16, bf16=False, seed=7),
+    )
+    report = run_mbrl(cfg, run, m, env_kwargs={"max_episode_steps": 16}, progress=False)
+    assert report["algo"] == "distill"
+    r0, r1 = report["iterations"]
+    store = EpisodeStore(cfg.data.store)
+    attrs = [store.load(e).attrs for e in store.episode_ids()]
+    assert [a["policy_kind"] for a in attrs].count("random") == 3  # round 0
+    by_policy = [a for a in attrs if a["policy_kind"] == "frame_policy"]
+    assert len(by_policy) == 3 and all(a["epsilon"] == 0.3 for a in by_policy)
+    assert all(Path(a["policy"]) == run / "policies" / "distill-iter000.safetensors" for a in by_policy)
+    metas = []
+    for it, row in enumerate((r0, r1)):
+        policy, doc = load_frame_policy(run / "policies" / f"distill-iter{it:03d}.safetensors")
+        meta = doc["extra"]
+        assert meta["round"] == it and policy.n_frames == 2
+        d = meta["distill"]  # every labelled root (held-out ones once) x 4 sequences x 2 steps
+        unique = d["train_roots"] + (d["val_roots"] if d["val_split"] != "train" else 0)
+        assert row["ppo_timesteps"] == d["imagined_steps"] == unique * 4 * 2
+        metas.append(meta)
+    # round 1 refitted the unroll and relabelled on the grown store: more roots for both
+    assert metas[1]["distill"]["train_roots"] > metas[0]["distill"]["train_roots"]
+    assert metas[1]["hazard"]["train_roots"] > metas[0]["hazard"]["train_roots"]
+    hazard = json.loads((run / "hazard.json").read_text())  # the bundle holds the last round's unroll
+    assert hazard["config"]["steps"] == 4 and is_frame_policy(
+        run / "policies" / "distill-iter001.safetensors"
+    )
+    assert (
+        json.loads((run / "mbrl_state.json").read_text())["policy"] == "policies/distill-iter001.safetensors"
+    )
+    with pytest.raises(ValueError, match="distill"):  # a resumed run keeps the learner's budgets
+        run_mbrl(cfg, run, replace(m, iterations=3, distill=replace(m.distill, steps=5)), progress=False)
+
+
+def test_take_cover_defaults_to_distill_unless_the_flags_say_otherwise(monkeypatch):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("mbrl_cli", ROOT / "experiments" / "mbrl.py")
@@ -227,12 +275,19 @@ def test_take_cover_defaults_to_cmaes_unless_the_flags_say_otherwise(monkeypatch
 
     assert MBRLConfig().algo == "ppo" and MBRLConfig().temperature == 1.0
     tc = parse("--env", "vizdoom_take_cover")
-    assert (tc.algo, tc.temperature, tc.collect_epsilon) == ("cmaes", 1.15, 0.2)
+    assert (tc.algo, tc.temperature, tc.collect_epsilon, tc.episodes_per_iteration) == (
+        "distill",
+        1.15,
+        0.2,
+        1000,
+    )
     assert (parse("--env=vizdoom_take_cover", "--mbrl.algo", "ppo").algo) == "ppo"
     assert parse("--env", "vizdoom_take_cover", "--mbrl.temperature", "1.0").temperature == 1.0
     assert (parse("--env", "vizdoom_hgs").algo, parse().algo) == ("ppo", "ppo")
     for bad, match in (
-        ({"algo": "sac"}, "mbrl.algo: got 'sac', expected 'ppo' or 'cmaes'"),
+        ({"algo": "sac"}, "mbrl.algo: got 'sac', expected 'ppo', 'cmaes' or 'distill'"),
+        ({"distill": DistillConfig(steps=0)}, "distill.steps"),
+        ({"hazard": HazardConfig(lr=-1.0)}, "hazard.lr"),
         ({"collect_epsilon": 2.0}, r"mbrl.collect_epsilon: got 2.0, expected a probability in \[0, 1\]"),
         ({"temperature": 0.0}, "mbrl.temperature"),
         ({"hazard_scale": -1.0}, "mbrl.hazard_scale"),
