@@ -432,15 +432,16 @@ def _loop_frame_policy(run: Path, rel: str) -> Path:
 
 def _dream_distill(
     wm: WorldModel, store: str | os.PathLike, run: Path, m: MBRLConfig, it: int, progress: bool
-) -> tuple[FramePolicy, dict[str, Any]]:
+) -> tuple[FramePolicy, dict[str, Any], WorldModel]:
     """A fresh hazard unroll fitted on ``store`` (written into the bundle ``run``) and a fresh frame policy distilled
-    from the planner over it (seed ``m.distill.seed + it``); returns the policy and both metrics."""
+    from the planner over it (seed ``m.distill.seed + it``); returns the policy, both metrics and the bundle with
+    the new unroll."""
     unroll, hazard_metrics = train_hazard(wm, EpisodeStore(store), m.hazard, progress=progress)
     save_hazard(run, unroll, m.hazard, hazard_metrics)
     wm = WorldModel.from_pretrained(run)
     dcfg = replace(m.distill, seed=m.distill.seed + it)
     policy, metrics = distill_planner(wm, EpisodeStore(store), dcfg, progress=progress)
-    return policy, {"hazard": hazard_metrics, "distill": metrics}
+    return policy, {"hazard": hazard_metrics, "distill": metrics}, wm
 
 
 @dataclass
@@ -477,8 +478,7 @@ def _learn(
 
         return _Learned(model, venv, int(model.num_timesteps), wm, save_ppo, model)
     if m.algo == "distill":
-        fp, metrics = _dream_distill(wm, store, run, m, it, progress)
-        wm = WorldModel.from_pretrained(run)  # with the round's unroll, for the dream score
+        fp, metrics, wm = _dream_distill(wm, store, run, m, it, progress)  # wm: with the round's unroll
         path = policies / f"distill-iter{it:03d}.safetensors"
         return _Learned(
             FrameStackActor(fp),
