@@ -410,23 +410,15 @@ def _load_loop_policy(run: Path, rel: str, trust_pickle: bool) -> PPO:
     return model
 
 
-def _loop_controller(run: Path, rel: str) -> Path:
-    """The controller directory named by the run state: a path inside ``run`` holding a controller."""
+def _loop_policy_path(run: Path, rel: str, algo: str) -> Path:
+    """The round policy named by the run state: a path inside ``run`` holding a controller directory (cmaes) or a
+    frame-policy file (distill)."""
     path = resolve_in_dir(run, rel, f"{run / STATE_FILE}: 'policy'")
-    if not is_controller(path):
-        raise FileNotFoundError(
-            f"{run / STATE_FILE}: 'policy' names {rel!r}, which is not a controller directory in {run}"
-        )
-    return path
-
-
-def _loop_frame_policy(run: Path, rel: str) -> Path:
-    """The frame-policy file named by the run state: a path inside ``run`` holding one."""
-    path = resolve_in_dir(run, rel, f"{run / STATE_FILE}: 'policy'")
-    if not is_frame_policy(path):
-        raise FileNotFoundError(
-            f"{run / STATE_FILE}: 'policy' names {rel!r}, which is not a frame-policy file in {run}"
-        )
+    ok, what = (
+        (is_controller, "controller directory") if algo == "cmaes" else (is_frame_policy, "frame-policy file")
+    )
+    if not ok(path):
+        raise FileNotFoundError(f"{run / STATE_FILE}: 'policy' names {rel!r}, which is not a {what} in {run}")
     return path
 
 
@@ -501,15 +493,13 @@ def _learn(
 
 def _collect_args(run: Path, state: dict[str, Any], m: MBRLConfig, model: PPO | None) -> dict[str, Any]:
     """collect()'s policy arguments for this round: random in round 0, then the loop's current policy."""
-    if m.algo == "distill":
+    if m.algo in ("cmaes", "distill"):
         if not state["policy"]:
             return {"policy": "random"}
-        return {"policy": str(_loop_frame_policy(run, state["policy"])), "epsilon": m.collect_epsilon}
-    if m.algo == "cmaes":
-        if not state["policy"]:
-            return {"policy": "random"}
-        path = _loop_controller(run, state["policy"])
-        return {"policy": str(path), "checkpoint": run, "epsilon": m.collect_epsilon}
+        path = _loop_policy_path(run, state["policy"], m.algo)
+        # a controller reads frames through the bundle; a frame policy reads them itself
+        bundle = {"checkpoint": run} if m.algo == "cmaes" else {}
+        return {"policy": str(path), **bundle, "epsilon": m.collect_epsilon}
     if model is None:
         return {"policy": "random"}
     return {"policy": lambda obs, mdl=model: mdl.predict(obs, deterministic=False)[0]}

@@ -12,8 +12,9 @@ for any frame (real or dreamt), the same questions of each:
   greedily, as it was trained and scored; no value estimate;
 * :class:`RandomProbe` — uniform random actions (a baseline).
 
-A probe may carry per-episode state (the controller's previous frame, the frame policy's window): :meth:`PolicyProbe.fork` gives a twin
-with a copy of that state, so a second stream of frames (the dream's) is read as if the policy lived there.
+A probe may carry per-episode state (the controller's previous frame, the frame policy's window):
+:meth:`PolicyProbe.fork` gives a twin with a copy of that state, so a second stream of frames (the dream's) is read
+as if the policy lived there.
 """
 
 from __future__ import annotations
@@ -195,8 +196,9 @@ def open_probe(
     spec: str | os.PathLike, wm: WorldModel, *, deterministic: bool = False, trust_pickle: bool = False
 ) -> PolicyProbe:
     """A probe for ``spec``: ``"random"``, a controller directory (:func:`envs.controller.save_controller`), a
-    frame-policy file (:func:`envs.planner.save_frame_policy`), or an SB3 policy file (``.safetensors``; a PPO ``.zip`` only with ``trust_pickle=True``, as loading it runs
-    any code it holds). Its actions must be the bundle's: ``ValueError`` otherwise."""
+    frame-policy file (:func:`envs.planner.save_frame_policy`), or an SB3 policy file (``.safetensors``; a PPO
+    ``.zip`` only with ``trust_pickle=True``, as loading it runs any code it holds). Its actions (and a frame
+    policy's frame size) must be the bundle's: ``ValueError`` otherwise."""
     spec_s = str(spec)
     spec_n = wm.action_spec
     if spec_n.kind != "discrete":
@@ -210,7 +212,13 @@ def open_probe(
     if is_controller(path):
         probe: PolicyProbe = ControllerProbe(load_controller(path, wm), name=path.name)
     elif is_frame_policy(path):
-        probe = FramePolicyProbe(load_frame_policy(path, device=wm.device)[0], name=path.stem)
+        frame_policy = load_frame_policy(path, device=wm.device)[0]
+        if frame_policy.resolution != wm.obs_shape[0]:
+            raise ValueError(
+                f"policy {path}: reads {frame_policy.resolution}x{frame_policy.resolution} frames, the bundle "
+                f"{wm.path} has {wm.obs_shape[0]}x{wm.obs_shape[1]}"
+            )
+        probe = FramePolicyProbe(frame_policy, name=path.stem)
     else:
         pol = open_policy(path, trust_pickle=trust_pickle, device=wm.device)
         probe = SB3Probe(

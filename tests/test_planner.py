@@ -260,6 +260,9 @@ def test_a_frame_policy_file_loads_wherever_a_policy_file_does(shade_bundle, sha
     assert (probe.actor.window == SHADES[0]).all() and (twin.actor.window == SHADES[1]).all()
     probe.reset()  # a new episode: its first frame fills the window
     assert probe.read(frame[1], rng).choice == 0 and (probe.actor.window == SHADES[1]).all()
+    other = save_frame_policy(shade_policy.parent / "r16.safetensors", FramePolicy(2, 16, 2, hidden=8))
+    with pytest.raises(ValueError, match="reads 16x16 frames"):  # a policy for other frames than the bundle's
+        open_probe(other, wm)
     # collection (collect.py --policy): one window per env row
     act, name, kind = load_collect_policy(str(shade_policy))
     assert kind == "frame_policy" and name == str(shade_policy)
