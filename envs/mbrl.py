@@ -85,7 +85,7 @@ from envs.sb3_vec import DreamVecEnv, VecLatentObservation
 from worldmodel.atomic import write_json, write_text
 from worldmodel.bundle import WorldModel
 from worldmodel.config import ExperimentConfig
-from worldmodel.hazard import HazardConfig, save_hazard, train_hazard
+from worldmodel.hazard import HazardConfig, fit_hazard
 from worldmodel.stages import encode_tokens, train_prior, train_tokenizer
 from worldmodel.store import EpisodeStore
 
@@ -428,8 +428,7 @@ def _dream_distill(
     """A fresh hazard unroll fitted on ``store`` (written into the bundle ``run``) and a fresh frame policy distilled
     from the planner over it (seed ``m.distill.seed + it``); returns the policy, both metrics and the bundle with
     the new unroll."""
-    unroll, hazard_metrics = train_hazard(wm, EpisodeStore(store), m.hazard, progress=progress)
-    save_hazard(run, unroll, m.hazard, hazard_metrics)
+    hazard_metrics = fit_hazard(wm, EpisodeStore(store), m.hazard, progress=progress)
     wm = WorldModel.from_pretrained(run)
     dcfg = replace(m.distill, seed=m.distill.seed + it)
     policy, metrics = distill_planner(wm, EpisodeStore(store), dcfg, progress=progress)

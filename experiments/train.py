@@ -103,12 +103,11 @@ def train_hazard_stage(run_dir: Path, cfg: HazardConfig, device: str | torch.dev
     """Fit the bundle's hazard unroll on its store and write it into the bundle (experiments/train_hazard.py's work);
     returns its held-out metrics."""
     from worldmodel.bundle import WorldModel
-    from worldmodel.hazard import save_hazard, train_hazard
+    from worldmodel.hazard import fit_hazard
     from worldmodel.store import EpisodeStore
 
     wm = WorldModel.from_pretrained(run_dir, device=device)
-    unroll, metrics = train_hazard(wm, EpisodeStore(wm.store_path), cfg)
-    save_hazard(run_dir, unroll, cfg, metrics)
+    metrics = fit_hazard(wm, EpisodeStore(wm.store_path), cfg)
     record_minutes(run_dir, "hazard", metrics["minutes"])
     return metrics
 

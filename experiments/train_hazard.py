@@ -21,7 +21,7 @@ import torch
 import tyro
 
 from envs.dream import load_world_model
-from worldmodel.hazard import HazardConfig, save_hazard, train_hazard
+from worldmodel.hazard import HazardConfig, fit_hazard
 from worldmodel.memory import keep_freed_memory
 from worldmodel.store import EpisodeStore
 
@@ -53,8 +53,7 @@ def main(args: Args) -> dict:
         raise SystemExit(
             "error: --store: the bundle records no store; pass the store the bundle was trained on"
         )
-    unroll, metrics = train_hazard(wm, EpisodeStore(path), args.hazard, progress=args.progress)
-    save_hazard(wm.path, unroll, args.hazard, metrics)
+    metrics = fit_hazard(wm, EpisodeStore(path), args.hazard, progress=args.progress)
     out = {"checkpoint": str(wm.path), "store": str(path), **metrics}
     print(json.dumps(out))
     return out

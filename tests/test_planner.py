@@ -31,7 +31,7 @@ from envs.policy_probe import FramePolicyProbe, open_probe
 from tests.conftest import TINY_RES, make_bundle, tiny_experiment, write_rule_store
 from tests.test_readme_commands import train_micro
 from worldmodel.bundle import WorldModel
-from worldmodel.hazard import HazardConfig, HazardUnroll, save_hazard, train_hazard
+from worldmodel.hazard import HazardConfig, HazardUnroll, fit_hazard
 from worldmodel.store import EpisodeStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +52,7 @@ def shade_bundle(tmp_path_factory) -> Path:
     run = make_bundle(tiny_experiment(store, name="vizdoom_take_cover", clip_len=4), root / "bundle")
     wm = WorldModel.from_pretrained(run)
     cfg = HazardConfig(horizon=2, context=2, hidden=32, roots_per_episode=8, steps=400, batch=64, lr=2e-3)
-    unroll, metrics = train_hazard(wm, EpisodeStore(wm.store_path), cfg, progress=False)
-    save_hazard(run, unroll, cfg, metrics)
+    fit_hazard(wm, EpisodeStore(wm.store_path), cfg, progress=False)  # trained and written into the bundle
     return run
 
 

@@ -70,7 +70,8 @@ class HazardConfig:
     """AdamW learning rate."""
     bf16: bool = True
     """bf16 autocast for the training steps on CPU (held-out metrics are computed in fp32). Measured on 2 cores
-    with glibc told to keep freed memory (README, Take Cover): 7.7 steps/s, against 2.2 in fp32 without that."""
+    with glibc told to keep freed memory (worldmodel/memory.py, which the training CLIs call; README, Take Cover):
+    7.7 steps/s, against 2.2 in fp32 without that."""
     seed: int = 0
     """Seed of the root sample and of the initialisation."""
 
@@ -387,6 +388,17 @@ def train_hazard(
         "minutes": round((time.time() - t0) / 60, 2),
     }
     return unroll, metrics
+
+
+def fit_hazard(
+    wm: WorldModel, store: EpisodeStore, cfg: HazardConfig | None = None, *, progress: bool = True
+) -> dict[str, Any]:
+    """:func:`train_hazard` on ``store``, then :func:`save_hazard` into ``wm``'s bundle directory (a
+    :class:`~worldmodel.bundle.WorldModel` loaded afterwards has the unroll); returns the held-out metrics."""
+    cfg = cfg or HazardConfig()
+    unroll, metrics = train_hazard(wm, store, cfg, progress=progress)
+    save_hazard(wm.path, unroll, cfg, metrics)
+    return metrics
 
 
 def save_hazard(
